@@ -1,0 +1,82 @@
+"""The ``taskmllm`` console script. Each subcommand parses its arguments and calls one library function.
+
+``HF_HUB_OFFLINE=1`` is set here, before transformers is imported: nothing taskmllm runs downloads weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from taskmllm.model.io import import_llava_hf
+
+    if args.format != "llava-hf":
+        raise SystemExit(f"unknown source format {args.format!r}; supported: llava-hf")
+    model = import_llava_hf(args.src)
+    model.save_pretrained(args.dst)
+    print(f"converted {args.src} -> {args.dst}")
+    return 0
+
+
+def _data_preview(args: argparse.Namespace) -> int:
+    from taskmllm.data.preview import preview_main
+
+    preview_main(n=args.n, out=args.out, seed=args.seed)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _data_tokenizer(args: argparse.Namespace) -> int:
+    from taskmllm.recipes import build_tiny_tokenizer
+
+    build_tiny_tokenizer(args.out, vocab_size=args.vocab_size)
+    print(f"wrote tokenizer to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand (also used to render ``--help``)."""
+    parser = argparse.ArgumentParser(prog="taskmllm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="import a local checkpoint of another format")
+    p.add_argument("format", choices=["llava-hf"], help="source format")
+    p.add_argument("src", help="local transformers LLaVA checkpoint directory")
+    p.add_argument("dst", help="output taskmllm checkpoint directory")
+    p.set_defaults(func=_convert)
+
+    data = sub.add_parser("data", help="ShapesWorld data tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("preview", help="render samples with masks, boxes and text to a PNG grid")
+    p.add_argument("--n", type=int, default=16, help="number of samples")
+    p.add_argument("--out", default="grid.png", help="output PNG path")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_data_preview)
+    p = data.add_parser("tokenizer", help="train the tiny recipe's BPE tokenizer on the ShapesWorld corpus")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--vocab-size", type=int, default=1024)
+    p.set_defaults(func=_data_tokenizer)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``taskmllm`` console script."""
+    from taskmllm.errors import TaskMLLMError
+
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except TaskMLLMError as exc:
+        print(f"taskmllm: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

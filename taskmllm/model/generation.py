@@ -1,0 +1,206 @@
+"""Our decode loop over a transformers causal LM: KV cache, greedy or sampled, batch > 1 with left padding.
+
+After a sampled task token the loop feeds that token **and** its K query embeddings in the same step, so the
+queries' last-layer hidden states (what the router hands to the expert) are computed exactly as in teacher
+forcing. Samples in a batch feed chunks of different lengths; shorter chunks are padded with masked positions
+that nothing attends to, and position ids skip them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional, Protocol
+
+import torch
+
+from taskmllm.errors import InputError
+from taskmllm.model.processor import Batch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from taskmllm.model.mllm import TaskMLLM
+
+
+@dataclass
+class GenerationContext:
+    """What an intervention sees of one ``generate`` call (no global state: one object per call).
+
+    Attributes:
+        input_ids: ``(B, L)`` prompt ids (left padded); attention_mask ``(B, L)``.
+        image_mask: ``(B, L)`` True at visual-token positions of the prompt.
+        inputs_embeds: ``(B, L, H)`` merged prompt embeddings.
+        step: index of the token being produced (0 during the prefill).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    image_mask: torch.Tensor
+    inputs_embeds: torch.Tensor
+    step: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Intervention(Protocol):
+    """An inference-time change to the LLM (VAR, VHR): ``attach`` returns a context manager."""
+
+    def attach(self, model: "TaskMLLM", context: GenerationContext) -> contextlib.AbstractContextManager: ...
+
+
+@dataclass
+class GenerationOutput:
+    """Result of :func:`generate`.
+
+    Attributes:
+        sequences: per sample, the new ids (``<query>`` ids after each task token; EOS last if it stopped).
+        text: per sample, the decoded new text (protocol tokens kept, ``<query>`` dropped).
+        hidden_states: per sample ``(len(sequences[b]), H)``: the last-layer hidden state at the position where
+            each new id was the input (zeros for a final id that was never fed).
+        vision_features: ``(F, N, C)`` vision features of the batch's frames (None for text-only).
+    """
+
+    sequences: list[list[int]]
+    text: list[str]
+    hidden_states: list[torch.Tensor]
+    vision_features: Optional[torch.Tensor]
+
+
+def pick_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """``(B, V)`` logits -> ``(B,)`` ids: argmax, or sampling with temperature and nucleus (top-p)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise InputError(f"temperature must be > 0 when sampling, got {temperature}")
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix with mass >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class _Decoder:
+    """Feeds chunks to the LLM, with a KV cache or by recomputing the whole sequence."""
+
+    def __init__(self, model: "TaskMLLM", use_cache: bool) -> None:
+        from transformers import DynamicCache
+
+        self.model = model
+        self.cache = DynamicCache(config=model.llm.config) if use_cache else None
+        self.mask: Optional[torch.Tensor] = None  # (B, T) of everything fed so far
+        self.emb: Optional[torch.Tensor] = None  # (B, T, H), only without cache
+        self.pos: Optional[torch.Tensor] = None
+
+    def feed(self, emb: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed ``(B, C, H)`` embeddings; returns logits ``(B, C, V)`` and last hidden ``(B, C, H)`` of the chunk."""
+        self.mask = mask if self.mask is None else torch.cat([self.mask, mask], 1)
+        if self.cache is None:
+            self.emb = emb if self.emb is None else torch.cat([self.emb, emb], 1)
+            self.pos = pos if self.pos is None else torch.cat([self.pos, pos], 1)
+            emb, pos = self.emb, self.pos
+        out = self.model.llm(inputs_embeds=emb, attention_mask=self.mask, position_ids=pos,
+                             past_key_values=self.cache, use_cache=self.cache is not None,
+                             output_hidden_states=True)
+        c = mask.shape[1]
+        return out.logits[:, -c:], out.hidden_states[-1][:, -c:]
+
+
+def generate(model: "TaskMLLM", batch: Batch, max_new_tokens: int = 64, do_sample: bool = False,
+             temperature: float = 1.0, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
+             use_cache: bool = True, intervention: Optional[Intervention] = None) -> GenerationOutput:
+    """Generate up to ``max_new_tokens`` sampled tokens per sample (query ids not counted).
+
+    Args:
+        model: the TaskMLLM.
+        batch: prompts from ``model.processor`` (left padded; labels ignored).
+        do_sample, temperature, top_p, generator: sampling settings; greedy when ``do_sample`` is False.
+        use_cache: False recomputes the whole sequence at every step (a reference for the cached path).
+        intervention: a VAR/VHR object; attached for the duration of the call.
+    """
+    from taskmllm.model.mllm import positions
+
+    model.eval()
+    batch = batch.to(model.device)
+    feats, visual = (None, None) if batch.pixel_values is None else model.encode_images(batch.pixel_values)
+    emb = model.embed(batch.input_ids, visual)
+    mask = batch.attention_mask
+    ctx = GenerationContext(batch.input_ids, mask, batch.input_ids == model.image_id, emb)
+    eos = model.tokenizer.eos_token_id
+    pad_emb = model.llm.get_input_embeddings()(torch.tensor([model.processor.pad_id], device=model.device))[0]
+    bsz = mask.shape[0]
+    seqs: list[list[int]] = [[] for _ in range(bsz)]
+    hids: list[list[torch.Tensor]] = [[] for _ in range(bsz)]
+    done = [False] * bsz
+    next_pos = mask.sum(-1).tolist()
+    decoder = _Decoder(model, use_cache)
+    attach = intervention.attach(model, ctx) if intervention is not None else contextlib.nullcontext()
+    with attach:
+        logits, _ = decoder.feed(emb, mask, positions(mask))
+        last = [mask.shape[1] - 1] * bsz
+        while True:
+            step_logits = logits[torch.arange(bsz), torch.tensor(last)]  # (B, V)
+            toks = pick_tokens(step_logits, do_sample, temperature, top_p, generator).tolist()
+            items: list[list[torch.Tensor]] = []
+            for b in range(bsz):
+                items.append(_advance(model, b, toks[b], seqs, hids, done, eos, max_new_tokens))
+            ctx.step += 1
+            needs_feed = [b for b in range(bsz) if items[b] and (not done[b] or len(items[b]) > 1)]
+            if not needs_feed:
+                break
+            chunk, cmask, cpos = _chunk(items, pad_emb, next_pos)
+            logits, hidden = decoder.feed(chunk, cmask, cpos)
+            for b in range(bsz):
+                hids[b] += list(hidden[b, : len(items[b])])
+                next_pos[b] += len(items[b])
+                last[b] = max(len(items[b]) - 1, 0)
+            if all(done):
+                break
+    return _output(model, seqs, hids, feats)
+
+
+def _advance(model: "TaskMLLM", b: int, tok: int, seqs, hids, done, eos: int, max_new: int) -> list[torch.Tensor]:
+    """Append the sampled token of sample ``b``; return the embeddings to feed next (token + queries)."""
+    if done[b]:
+        return []
+    n_sampled = sum(1 for i in seqs[b] if i != model.query_id)
+    seqs[b].append(tok)
+    if tok == eos:
+        done[b] = True
+        return []
+    if n_sampled + 1 >= max_new:
+        done[b] = True
+    feed = [model.llm.get_input_embeddings().weight[tok]]
+    task = model.task_ids.get(tok)
+    if task is not None:
+        queries = model.queries[task]
+        seqs[b] += [model.query_id] * queries.shape[0]
+        feed += list(queries.to(feed[0].dtype))
+    return feed
+
+
+def _chunk(items: list[list[torch.Tensor]], pad_emb: torch.Tensor, next_pos: list[int]):
+    """Right-pad per-sample items to ``(B, C, H)`` with masked pad positions; positions continue per sample."""
+    c = max(len(x) for x in items)
+    bsz = len(items)
+    emb = pad_emb.expand(bsz, c, -1).clone()
+    mask = torch.zeros(bsz, c, dtype=torch.long, device=pad_emb.device)
+    pos = torch.zeros(bsz, c, dtype=torch.long, device=pad_emb.device)
+    for b, row in enumerate(items):
+        if row:
+            emb[b, : len(row)] = torch.stack(row)
+            mask[b, : len(row)] = 1
+        pos[b] = next_pos[b] + torch.arange(c).clamp(max=max(len(row) - 1, 0))
+    return emb, mask, pos
+
+
+def _output(model: "TaskMLLM", seqs, hids, feats) -> GenerationOutput:
+    hidden = []
+    size = model.hidden_size
+    for b, seq in enumerate(seqs):
+        h = torch.zeros(len(seq), size)
+        if hids[b]:
+            h[: len(hids[b])] = torch.stack(hids[b]).float().cpu()
+        hidden.append(h)
+    text = [model.processor.decode(s) for s in seqs]
+    return GenerationOutput(seqs, text, hidden, feats)

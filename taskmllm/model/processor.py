@@ -1,0 +1,253 @@
+"""Processor: images / videos + text -> a padded :class:`Batch`; token ids -> text.
+
+Images are accepted as a path, a PIL image or a numpy array (RGB, RGBA, grayscale, 16-bit, float 0-1), are
+converted to RGB and resized to the model's square input. A video is a sequence of frames (or a ``(T,H,W,3)``
+array), uniformly sampled down to ``max_frames``. ``<image>`` expands to one frame's visual tokens and
+``<video>`` to every frame's, in order; answers get K ``<query>`` ids after each task token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from taskmllm.errors import ImageError, InputError, PromptTooLongError, VideoError
+from taskmllm.model.config import MLLMConfig
+from taskmllm.model.tokens import IMAGE, QUERY, VIDEO, ChatTemplate, task_token
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
+VisualInput = Union[ImageInput, Sequence[ImageInput], None]
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    """A padded batch.
+
+    Attributes:
+        input_ids: ``(B, L)`` token ids; visual tokens are ``<image>`` placeholder ids.
+        attention_mask: ``(B, L)`` 1 for real tokens, 0 for padding.
+        labels: ``(B, L)`` targets for the LM loss (``-100`` where not supervised) or None.
+        pixel_values: ``(F, 3, S, S)`` all frames of all samples in sample order, or None.
+        frames_per_sample: frames each sample contributes (0 for text-only samples).
+        image_sizes: per sample, the original ``(height, width)`` of its first frame (None if no image).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: Optional[torch.Tensor] = None
+    pixel_values: Optional[torch.Tensor] = None
+    frames_per_sample: list[int] = field(default_factory=list)
+    image_sizes: list[Optional[tuple[int, int]]] = field(default_factory=list)
+
+    def to(self, device: Union[str, torch.device], dtype: Optional[torch.dtype] = None) -> "Batch":
+        pv = self.pixel_values
+        if pv is not None:
+            pv = pv.to(device=device, dtype=dtype or pv.dtype)
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device),
+                     None if self.labels is None else self.labels.to(device), pv,
+                     list(self.frames_per_sample), list(self.image_sizes))
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """Any supported image input -> an RGB PIL image. Raises :class:`ImageError` naming the problem."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise ImageError(f"image file not found: {path}")
+        if path.stat().st_size == 0:
+            raise ImageError(f"image file is empty: {path}")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                image = im.copy()
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise ImageError(f"cannot decode image file {path}: {exc}") from exc
+    if isinstance(image, np.ndarray):
+        image = _array_to_pil(image)
+    if not isinstance(image, Image.Image):
+        raise ImageError(f"unsupported image type {type(image).__name__}; use a path, PIL image or numpy array")
+    if image.width == 0 or image.height == 0:
+        raise ImageError(f"image has zero size ({image.width}x{image.height})")
+    return _to_rgb(image)
+
+
+def _array_to_pil(arr: np.ndarray) -> Image.Image:
+    if arr.size == 0:
+        raise ImageError(f"image array has zero size (shape {arr.shape})")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise ImageError(f"image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {arr.shape}")
+    if arr.dtype == np.uint16:
+        arr = (arr // 257).astype(np.uint8)
+    elif np.issubdtype(arr.dtype, np.floating):
+        arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        image = Image.fromarray((arr / peak * 255.0 + 0.5).clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def sample_frames(frames: Sequence[ImageInput], max_frames: int) -> list[ImageInput]:
+    """Uniformly sample at most ``max_frames`` frames (first and last kept). Raises on zero frames."""
+    n = len(frames)
+    if n == 0:
+        raise VideoError("video has zero frames")
+    if n <= max_frames:
+        return list(frames)
+    idx = np.linspace(0, n - 1, max_frames).round().astype(int)
+    return [frames[i] for i in idx]
+
+
+class Processor:
+    """Turns prompts, answers and images into :class:`Batch` objects for a :class:`TaskMLLM`."""
+
+    def __init__(self, tokenizer, config: MLLMConfig, tokens_per_frame: int, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+        self.tokens_per_frame = tokens_per_frame
+        self.max_length = max_length
+        self.chat = ChatTemplate(**config.tokens.chat)
+        ids = tokenizer.convert_tokens_to_ids
+        self.image_id, self.video_id, self.query_id = ids(IMAGE), ids(VIDEO), ids(QUERY)
+        self.task_ids = {ids(task_token(t)): k for t, k in config.tokens.tasks.items()}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        mean = torch.tensor(config.vision.mean).view(3, 1, 1)
+        std = torch.tensor(config.vision.std).view(3, 1, 1)
+        self._norm = (mean, std)
+
+    # ------------------------------------------------------------------------------------------ images
+    def pixels(self, image: ImageInput) -> tuple[torch.Tensor, tuple[int, int]]:
+        """One image -> ``(3, S, S)`` normalized pixels and its original ``(height, width)``."""
+        pil = load_image(image)
+        size = self.config.vision.image_size
+        arr = np.asarray(pil.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+        x = torch.from_numpy(arr).permute(2, 0, 1)
+        mean, std = self._norm
+        return (x - mean) / std, (pil.height, pil.width)
+
+    def frames(self, visual: VisualInput) -> list[ImageInput]:
+        """A sample's visual input as a list of frames (empty for text-only)."""
+        if visual is None:
+            return []
+        if isinstance(visual, np.ndarray) and visual.ndim == 4:
+            visual = list(visual)
+        if isinstance(visual, (list, tuple)):
+            return sample_frames(visual, self.config.max_frames)
+        return [visual]
+
+    # -------------------------------------------------------------------------------------------- text
+    def format_prompt(self, text: str, num_frames: int, is_video: bool) -> str:
+        """Chat-formatted prompt; adds ``<image>`` / ``<video>`` when the text has no placeholder."""
+        has_marker = IMAGE in text or VIDEO in text
+        if num_frames and not has_marker:
+            text = (VIDEO if is_video else IMAGE) + "\n" + text
+        elif not num_frames and has_marker:
+            raise InputError("the prompt has an <image>/<video> placeholder but no image was given")
+        return self.chat.prompt(text)
+
+    def encode(self, prompt: str, num_frames: int, is_video: bool, answer: Optional[str] = None,
+               add_eos: bool = True) -> tuple[list[int], list[int]]:
+        """Token ids and labels of one sample, visual placeholders expanded, queries after task tokens."""
+        tok = self.tokenizer
+        head = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        p_ids = head + tok.encode(self.format_prompt(prompt, num_frames, is_video), add_special_tokens=False)
+        p_ids = self._expand_visual(p_ids, num_frames)
+        labels = [IGNORE] * len(p_ids)
+        ids = list(p_ids)
+        if answer is not None:
+            a_ids = tok.encode(self.chat.answer_sep + answer, add_special_tokens=False)
+            a_ids = self.insert_queries(a_ids) + ([tok.eos_token_id] if add_eos else [])
+            ids += a_ids
+            labels += [IGNORE if i == self.query_id else i for i in a_ids]
+        if len(ids) > self.max_length:
+            raise PromptTooLongError(
+                f"the sample needs {len(ids)} tokens (with {num_frames} frame(s) of {self.tokens_per_frame} visual "
+                f"tokens) but the language model's context holds {self.max_length}")
+        return ids, labels
+
+    def _expand_visual(self, ids: list[int], num_frames: int) -> list[int]:
+        out: list[int] = []
+        markers = 0
+        for i in ids:
+            if i == self.image_id:
+                out += [self.image_id] * self.tokens_per_frame
+                markers += 1
+            elif i == self.video_id:
+                out += [self.image_id] * (self.tokens_per_frame * num_frames)
+                markers += num_frames
+            else:
+                out.append(i)
+        if markers != num_frames:
+            raise InputError(f"the prompt's <image>/<video> placeholders cover {markers} frame(s) "
+                             f"but {num_frames} were given")
+        return out
+
+    def insert_queries(self, ids: Sequence[int]) -> list[int]:
+        """Drop any ``<query>`` ids and put exactly K after each task token."""
+        out: list[int] = []
+        for i in ids:
+            if i == self.query_id:
+                continue
+            out.append(i)
+            if i in self.task_ids:
+                out += [self.query_id] * self.task_ids[i]
+        return out
+
+    def __call__(self, prompts: Union[str, Sequence[str]], images: Union[VisualInput, Sequence[VisualInput]] = None,
+                 answers: Optional[Sequence[Optional[str]]] = None, padding_side: str = "left") -> Batch:
+        """Build a batch. ``images[i]`` is an image, a list of frames (a video) or None for sample ``i``."""
+        if isinstance(prompts, str):
+            prompts, images = [prompts], [images]
+            answers = None if answers is None else [answers] if isinstance(answers, str) else answers
+        images = [None] * len(prompts) if images is None else list(images)
+        if len(images) != len(prompts):
+            raise InputError(f"{len(prompts)} prompts but {len(images)} images")
+        rows, pix, counts, sizes = [], [], [], []
+        for i, prompt in enumerate(prompts):
+            visual = images[i]
+            is_video = isinstance(visual, (list, tuple)) or (isinstance(visual, np.ndarray) and visual.ndim == 4)
+            frames = self.frames(visual)
+            tensors = [self.pixels(f) for f in frames]
+            pix += [t for t, _ in tensors]
+            counts.append(len(frames))
+            sizes.append(tensors[0][1] if tensors else None)
+            rows.append(self.encode(prompt, len(frames), is_video, None if answers is None else answers[i]))
+        return self._pad(rows, pix, counts, sizes, padding_side, with_labels=answers is not None)
+
+    def _pad(self, rows, pix, counts, sizes, side: str, with_labels: bool) -> Batch:
+        length = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for b, (ids, lab) in enumerate(rows):
+            sl = slice(length - len(ids), length) if side == "left" else slice(0, len(ids))
+            input_ids[b, sl] = torch.tensor(ids)
+            labels[b, sl] = torch.tensor(lab)
+            mask[b, sl] = 1
+        pixel_values = torch.stack(pix) if pix else None
+        return Batch(input_ids, mask, labels if with_labels else None, pixel_values, counts, sizes)
+
+    def decode(self, ids: Sequence[int], keep_queries: bool = False) -> str:
+        """Text of generated ids: BOS/EOS/PAD dropped, protocol tokens kept (``<query>`` only if asked)."""
+        drop = {self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self.pad_id}
+        if not keep_queries:
+            drop.add(self.query_id)
+        return self.tokenizer.decode([int(i) for i in ids if int(i) not in drop], skip_special_tokens=False)

@@ -1,0 +1,114 @@
+"""Vision tower adapters: every tower maps ``(F, 3, S, S)`` pixels to ``(F, N, C)`` patch features on a grid.
+
+Adapters (chosen by ``VisionConfig.kind`` through the explicit ``VISION_TOWERS`` dict):
+
+- ``open_clip``: open_clip's ``VisionTransformer`` built from a tiny config (no weights are downloaded).
+- ``hf_clip`` / ``hf_siglip``: transformers' ``CLIPVisionModel`` / ``SiglipVisionModel`` from a config dict;
+  LLaVA's feature selection (hidden state ``feature_layer``, class token dropped).
+- ``mobilenet_v2``: torchvision's MobileNetV2 ``features`` (the grid before pooling), for ImageNet weights.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from taskmllm.model.config import VisionConfig
+
+
+class VisionTower(nn.Module):
+    """Base class: ``forward(pixels (F,3,S,S)) -> (F, N, C)`` with ``N = grid[0] * grid[1]``."""
+
+    config: VisionConfig
+    width: int
+    grid: tuple[int, int]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class OpenClipVisionTower(VisionTower):
+    """open_clip ``VisionTransformer`` (class token dropped, tokens after ``ln_post``)."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        from open_clip.transformer import VisionTransformer
+
+        self.config = config
+        self.vit = VisionTransformer(
+            image_size=config.image_size, patch_size=config.patch_size, width=config.width,
+            layers=config.layers, heads=config.heads, mlp_ratio=config.mlp_ratio, output_dim=config.width)
+        self.vit.proj = None  # the pooled projection is unused: keep every parameter on the gradient path
+        self.width = config.width
+        side = config.image_size // config.patch_size
+        self.grid = (side, side)
+        self._index = config.feature_layer % config.layers
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.vit.forward_intermediates(
+            pixel_values, indices=[self._index], stop_early=True, normalize_intermediates=True,
+            intermediates_only=True, output_fmt="NLC")
+        return out["image_intermediates"][0]  # (F, N, C), class token already split off
+
+
+class HFVisionTower(VisionTower):
+    """transformers CLIP/SigLIP vision model with LLaVA's feature selection."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+        if config.hf_config is None:
+            raise ValueError(f"vision kind {config.kind!r} needs vision.hf_config")
+        hf = dict(config.hf_config)
+        hf.pop("model_type", None)
+        if config.kind == "hf_clip":
+            self.model = CLIPVisionModel(CLIPVisionConfig(**hf))
+            has_cls = True
+        else:
+            self.model = SiglipVisionModel(SiglipVisionConfig(**hf))
+            has_cls = False
+        self.config = config
+        vc = self.model.config
+        self.width = vc.hidden_size
+        side = vc.image_size // vc.patch_size
+        self.grid = (side, side)
+        self._skip = 1 if (has_cls and config.drop_cls) else 0
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixel_values, output_hidden_states=True)
+        feats = out.hidden_states[self.config.feature_layer]  # (F, [1+]N, C)
+        return feats[:, self._skip:]
+
+
+class MobileNetV2Tower(VisionTower):
+    """torchvision MobileNetV2 ``features``: ``(F, 1280, h, w)`` flattened to ``(F, h*w, 1280)``."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        from torchvision.models import mobilenet_v2
+
+        self.config = config
+        self.features = mobilenet_v2(weights=None).features
+        self.width = 1280
+        side = -(-config.image_size // 32)
+        self.grid = (side, side)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.features(pixel_values)  # (F, 1280, h, w)
+        return x.flatten(2).transpose(1, 2)  # (F, h*w, 1280)
+
+
+VISION_TOWERS: dict[str, Callable[[VisionConfig], VisionTower]] = {
+    "open_clip": OpenClipVisionTower,
+    "hf_clip": HFVisionTower,
+    "hf_siglip": HFVisionTower,
+    "mobilenet_v2": MobileNetV2Tower,
+}
+
+
+def build_vision_tower(config: VisionConfig) -> VisionTower:
+    """The adapter named by ``config.kind``."""
+    return VISION_TOWERS[config.kind](config)

@@ -1,0 +1,78 @@
+"""Processor: image formats are converted; bad input raises a typed error that names the problem."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from taskmllm.errors import ImageError, InputError, PromptTooLongError, VideoError
+from taskmllm.model.processor import load_image
+
+
+def test_accepts_path_pil_numpy_and_converts_modes(tmp_path, rgb_image):
+    path = tmp_path / "x.png"
+    Image.fromarray(rgb_image).save(path)
+    ref = np.asarray(load_image(rgb_image))
+    assert np.array_equal(np.asarray(load_image(path)), ref)
+    assert np.array_equal(np.asarray(load_image(Image.fromarray(rgb_image))), ref)
+    gray = load_image(rgb_image[..., 0])
+    assert gray.mode == "RGB" and np.array_equal(np.asarray(gray)[..., 1], rgb_image[..., 0])
+    rgba = np.dstack([rgb_image, np.zeros(rgb_image.shape[:2], np.uint8)])  # fully transparent -> white
+    assert (np.asarray(load_image(rgba)) == 255).all()
+    sixteen = (rgb_image[..., 0].astype(np.uint16) * 257)
+    assert np.array_equal(np.asarray(load_image(sixteen))[..., 0], rgb_image[..., 0])
+    Image.fromarray(sixteen).save(tmp_path / "16.png")
+    assert np.abs(np.asarray(load_image(tmp_path / "16.png"))[..., 0].astype(int) - rgb_image[..., 0]).max() <= 1
+    assert np.asarray(load_image(np.ones((4, 4, 3), np.float32))).max() == 255
+
+
+def test_corrupt_file(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(ImageError, match="cannot decode image file .*bad.png"):
+        load_image(tmp_path / "bad.png")
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ImageError, match="empty"):
+        load_image(tmp_path / "empty.jpg")
+
+
+def test_zero_size_image():
+    with pytest.raises(ImageError, match="zero size"):
+        load_image(np.zeros((0, 5, 3), np.uint8))
+
+
+def test_zero_video_frames(tiny_model):
+    with pytest.raises(VideoError, match="zero frames"):
+        tiny_model.processor("What happens?", [], answers=None)
+
+
+def test_prompt_longer_than_context(tiny_model):
+    with pytest.raises(PromptTooLongError, match="context holds 512"):
+        tiny_model.processor("red circle " * 400)
+
+
+def test_placeholder_without_image(tiny_model):
+    with pytest.raises(InputError, match="no image"):
+        tiny_model.processor("<image> what is it?")
+
+
+def test_batch_layout(tiny_model, rgb_image):
+    proc = tiny_model.processor
+    frames = [rgb_image] * 3
+    batch = proc(["one", "two words here", "video"], [rgb_image, None, frames],
+                 answers=["<ref>it</ref><seg>", "no", "<ref>x</ref><track>"])
+    assert batch.pixel_values.shape == (4, 3, 48, 48)
+    assert batch.frames_per_sample == [1, 0, 3]
+    n_visual = (batch.input_ids == tiny_model.image_id).sum(-1).tolist()
+    assert n_visual == [9, 0, 27]
+    assert (batch.attention_mask[:, -1] == 1).all()  # left padding
+    queries = batch.input_ids == tiny_model.query_id
+    assert queries.sum().item() == 2 and (batch.labels[queries] == -100).all()
+    assert (batch.labels[batch.input_ids == tiny_model.image_id] == -100).all()
+    eos = tiny_model.tokenizer.eos_token_id
+    assert (batch.labels[:, -1] == eos).all()
+    assert torch.equal(batch.pixel_values[1], batch.pixel_values[2])
