@@ -1,0 +1,188 @@
+"""VHR against a straightforward reference (separate full forwards per layer, explicit loops) and hand-built cases."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+
+from taskmllm.model.interventions import VHR, default_layers, select_heads
+from taskmllm.model.interventions.hooks import decoder_layers, output_projection
+from tests.model.intervention_models import PROMPTS, images, varied_model
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return varied_model(tokenizer)
+
+
+# ------------------------------------------------------------------------------------------ reference
+def _ref_last_head_outputs(model, emb, layer, selection, alpha):
+    """One full forward of one unpadded prompt ``emb (1, T, H)``; the heads in ``selection[l]`` are multiplied by
+    ``alpha`` before ``o_proj`` at every position; returns ``layer``'s head outputs at the last position."""
+    heads = model.llm.config.num_attention_heads
+    hd = model.hidden_size // heads
+    captured = []
+    handles = []
+    for l, dec in enumerate(decoder_layers(model.llm)):
+        def hook(mod, args, l=l):
+            x = args[0].clone()
+            if l == layer:
+                captured.append([[float(x[0, -1, h * hd + d]) for d in range(hd)] for h in range(heads)])
+            for h in selection.get(l, []):
+                x[..., h * hd:(h + 1) * hd] = x[..., h * hd:(h + 1) * hd] * alpha
+            return (x,)
+        handles.append(output_projection(dec).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model.llm(inputs_embeds=emb, position_ids=torch.arange(emb.shape[1])[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured[0]
+
+
+def _median(values):
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def _ref_select(vhd, ta):
+    n = len(vhd)
+    mean_v, mean_t = sum(vhd) / n, sum(ta) / n
+    std_v = math.sqrt(sum((v - mean_v) ** 2 for v in vhd) / n)
+    std_t = math.sqrt(sum((t - mean_t) ** 2 for t in ta) / n)
+    kept = [0.0 if (vhd[h] > mean_v + std_v and ta[h] > mean_t + std_t) else vhd[h] for h in range(n)]
+    med = _median(kept)
+    return [h for h in range(n) if kept[h] > med]
+
+
+def reference_vhr(model, prompt, image, layers, alpha):
+    """Per layer in order: a full forward with and one without the image, earlier layers reinforced."""
+    single = model.processor(prompt, image)
+    with torch.no_grad():
+        visual = None if single.pixel_values is None else model.encode_images(single.pixel_values)[1]
+        emb = model.embed(single.input_ids, visual)
+    keep = [i for i, t in enumerate(single.input_ids[0].tolist()) if t != model.image_id]
+    emb_no = emb[:, keep]
+    selection, vhds = {}, {}
+    for layer in layers:
+        a = _ref_last_head_outputs(model, emb, layer, selection, alpha)
+        b = _ref_last_head_outputs(model, emb_no, layer, selection, alpha)
+        vhd = [math.sqrt(sum((x - y) ** 2 for x, y in zip(a[h], b[h]))) for h in range(len(a))]
+        ta = [sum(y * y for y in b[h]) for h in range(len(b))]
+        vhds[layer] = vhd
+        selection[layer] = _ref_select(vhd, ta)
+    return vhds, selection, single
+
+
+def _generate_with_fixed_heads(model, single, selection, alpha, max_new_tokens):
+    heads = model.llm.config.num_attention_heads
+    hd = model.hidden_size // heads
+    handles = []
+    for l, dec in enumerate(decoder_layers(model.llm)):
+        def hook(mod, args, l=l):
+            x = args[0].clone()
+            for h in selection.get(l, []):
+                x[..., h * hd:(h + 1) * hd] *= alpha
+            return (x,)
+        handles.append(output_projection(dec).register_forward_pre_hook(hook))
+    try:
+        return model.generate(single, max_new_tokens=max_new_tokens).sequences[0]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------------------------- tests
+def test_outlier_rule_hand_built():
+    # head 3: VHD and TA both far above mean + std -> outlier (VHD zeroed); head 0: huge VHD but ordinary TA -> kept
+    vhd = torch.tensor([[9.0, 2.0, 3.0, 10.0, 4.0, 1.0]])
+    ta = torch.tensor([[1.0, 1.0, 1.0, 50.0, 1.2, 0.9]])
+    outliers, selected = select_heads(vhd, ta)
+    assert outliers[0].tolist() == [False, False, False, True, False, False]
+    # kept = [9, 2, 3, 0, 4, 1] -> median 2.5 -> heads 0, 2, 4
+    assert selected[0].nonzero().flatten().tolist() == [0, 2, 4]
+    _, no_removal = select_heads(vhd, ta, remove_outliers=False)
+    assert no_removal[0].nonzero().flatten().tolist() == [0, 3, 4]  # median 3.5
+    assert _ref_select(vhd[0].tolist(), ta[0].tolist()) == [0, 2, 4]
+
+
+def test_default_layers_scale_with_depth():
+    assert default_layers(32) == [1] + list(range(18, 32))
+    assert default_layers(4) == [1, 2, 3]
+    assert default_layers(2) == [1]
+    assert default_layers(1) == [0]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_alpha_one_is_bit_identical(tokenizer, attn):
+    m = varied_model(tokenizer, attn=attn)
+    batch = m.processor(PROMPTS, images())
+    base = m.generate(batch, max_new_tokens=10)
+    vhr = VHR(alpha=1.0)
+    out = m.generate(batch, max_new_tokens=10, intervention=vhr)
+    assert out.sequences == base.sequences
+    assert all(torch.equal(a, b) for a, b in zip(out.hidden_states, base.hidden_states))
+    assert any(s.any() for s in vhr.selected_heads.values()), "the selection still runs at alpha = 1"
+    with torch.no_grad():
+        want = m(batch).logits
+        with VHR(alpha=1.0).attach(m, batch):
+            got = m(batch).logits
+    assert torch.equal(got, want)
+
+
+def test_matches_reference_vhd_heads_and_tokens(model):
+    layers, alpha = [0, 2, 3], 2.0
+    ims = images()
+    batch = model.processor(PROMPTS, ims)
+    vhr = VHR(alpha=alpha, layers=layers)
+    out = model.generate(batch, max_new_tokens=10, intervention=vhr)
+    assert vhr.layers == layers
+    changed = False
+    for b, prompt in enumerate(PROMPTS):
+        vhds, selection, single = reference_vhr(model, prompt, ims[b], layers, alpha)
+        for layer in layers:
+            torch.testing.assert_close(vhr.vhd[layer][b], torch.tensor(vhds[layer]), rtol=1e-5, atol=1e-5)
+            assert vhr.selected_heads[layer][b].nonzero().flatten().tolist() == selection[layer], (b, layer)
+        if ims[b] is None:
+            assert not any(vhr.selected_heads[l][b].any() for l in layers), "text only: nothing to reinforce"
+        else:
+            assert all(len(selection[l]) == 2 for l in layers)  # 4 heads, distinct VHDs -> 2 above the median
+        want = _generate_with_fixed_heads(model, single, selection, alpha, 10)
+        assert out.sequences[b] == want
+        changed |= want != model.generate(single, max_new_tokens=10).sequences[0]
+    assert changed, "reinforcement should change some generation (else the token check is weak)"
+
+
+def test_cache_equals_recompute(model):
+    batch = model.processor(PROMPTS, images())
+    vhr = VHR()
+    cached = model.generate(batch, max_new_tokens=10, intervention=vhr)
+    heads = {k: v.clone() for k, v in vhr.selected_heads.items()}
+    full = model.generate(batch, max_new_tokens=10, intervention=vhr, use_cache=False)
+    assert cached.sequences == full.sequences
+    assert all(torch.equal(heads[k], vhr.selected_heads[k]) for k in heads)
+
+
+def test_hooks_removed_and_worker_ended_after_exception(model):
+    batch = model.processor(PROMPTS, images())
+    projections = [output_projection(d) for d in decoder_layers(model.llm)]
+    with torch.no_grad():
+        want = model(batch).logits
+    with pytest.raises(KeyError):
+        with VHR().attach(model, batch):
+            assert any(p._forward_pre_hooks for p in projections)
+            raise KeyError("boom")
+    # a first forward that does not match the attached prompt fails clearly instead of hanging
+    other = model.processor(PROMPTS[:1], images()[:1])
+    with pytest.raises(Exception, match="attached for a prompt"):
+        with VHR().attach(model, batch), torch.no_grad():
+            model(other)
+    assert not any(p._forward_pre_hooks for p in projections)
+    assert not [t for t in threading.enumerate() if t.name == "taskmllm-vhr-no-image"]
+    with torch.no_grad():
+        assert torch.equal(model(batch).logits, want)
