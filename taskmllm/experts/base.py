@@ -1,0 +1,305 @@
+"""Types shared by every expert: its inputs (vision features, prompts) and its training targets.
+
+The data engine produces :class:`TaskTarget` objects aligned with the task tokens of an answer; the router
+hands each expert the query hidden states of its calls together with :class:`VisionFeatures` and
+:class:`ExpertPrompt` objects. This module imports nothing from the rest of taskmllm but ``errors``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import MISSING, dataclass, field, fields
+from typing import ClassVar, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from taskmllm.errors import ConfigError, TargetError
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+
+@dataclass
+class VisionFeatures:
+    """Per-call visual features handed to an expert.
+
+    Attributes:
+        features: ``(M, T, N, C)`` — M calls, T frames (1 for an image), N = h*w patch tokens in row-major
+            order, C the vision tower's width.
+        grid: ``(h, w)`` of the patch grid.
+        image_size: side of the square image the model saw, in pixels.
+    """
+
+    features: torch.Tensor
+    grid: tuple[int, int]
+    image_size: int
+
+
+@dataclass
+class ExpertPrompt:
+    """What the transcript says about one call besides its query states.
+
+    Attributes:
+        phrase: the ``<ref>`` phrase that names the target, if any.
+        box: ``(4,)`` normalized ``x1, y1, x2, y2`` given in the prompt (e.g. a tracking target), if any.
+    """
+
+    phrase: Optional[str] = None
+    box: Optional[ArrayLike] = None
+
+
+@dataclass
+class TaskTarget:
+    """Ground truth for one task token in an answer (numpy or torch arrays).
+
+    Attributes:
+        task: expert name (``"seg"``, ``"det"``, ``"track"``).
+        phrase: the ``<ref>`` phrase in the answer, if any.
+        mask: ``(H, W)`` bool instance mask at the source image's resolution (segmentation).
+        boxes: normalized ``x1, y1, x2, y2``: ``(M, 4)`` all target boxes (detection, M may be 0) or
+            ``(T, 4)`` one box per frame (tracking; rows of invisible frames are ignored).
+        visible: ``(T,)`` bool per-frame visibility (tracking).
+        prompt_box: ``(4,)`` normalized box given in the prompt (tracking from a box), if any.
+    """
+
+    task: str
+    phrase: Optional[str] = None
+    mask: Optional[ArrayLike] = None
+    boxes: Optional[ArrayLike] = None
+    visible: Optional[ArrayLike] = None
+    prompt_box: Optional[ArrayLike] = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+JsonScalar = Union[int, float, str, bool, None]
+
+
+@dataclass
+class ExpertSpec:
+    """What an expert is built from; stored as ``experts/<name>/config.json`` beside its safetensors.
+
+    Attributes:
+        hidden_size: H, the LLM hidden size of the query states the expert receives.
+        vision_dim: C, the width of the vision features (before the MLLM's projector).
+        grid: ``(h, w)`` patch grid the vision tower produces at ``image_size``. The experts compute their
+            positional encodings from the grid of the features they are given, so another grid works too.
+        image_size: side of the square model input in pixels (losses on masks are computed at this size).
+        num_queries: K, query states per call. The MLLM must insert exactly K query embeddings after the
+            expert's task token.
+        options: expert-specific options (widths, depths, loss weights), JSON scalars only; each expert
+            parses them into its own typed ``Options`` dataclass and rejects unknown keys.
+    """
+
+    hidden_size: int
+    vision_dim: int
+    grid: tuple[int, int]
+    image_size: int
+    num_queries: int
+    options: dict[str, JsonScalar] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.grid, (tuple, list)):
+            raise ConfigError(f"ExpertSpec.grid must be (h, w), got {self.grid!r}")
+        if len(self.grid) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in self.grid):
+            self.grid = (int(self.grid[0]), int(self.grid[1]))
+        else:
+            raise ConfigError(f"ExpertSpec.grid must be (h, w) ints, got {self.grid!r}")
+        for key in ("hidden_size", "vision_dim", "image_size", "num_queries"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"ExpertSpec.{key} must be a positive int, got {value!r}")
+        if min(self.grid) <= 0:
+            raise ConfigError(f"ExpertSpec.grid must be (h, w) with positive sides, got {self.grid!r}")
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"ExpertSpec.options must be a dict, got {type(self.options).__name__}")
+        for key, value in self.options.items():
+            if not isinstance(key, str) or not isinstance(value, (int, float, str, bool, type(None))):
+                raise ConfigError(f"ExpertSpec.options[{key!r}] must be a JSON scalar, got {value!r}")
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-serialisable dict (``grid`` as a list)."""
+        return {
+            "hidden_size": self.hidden_size,
+            "vision_dim": self.vision_dim,
+            "grid": [self.grid[0], self.grid[1]],
+            "image_size": self.image_size,
+            "num_queries": self.num_queries,
+            "options": dict(self.options),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> "ExpertSpec":
+        """Inverse of :meth:`to_dict`; unknown or missing keys raise :class:`ConfigError`."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown ExpertSpec keys {unknown}; valid keys: {sorted(names)}")
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing = sorted(required - set(data))
+        if missing:
+            raise ConfigError(f"ExpertSpec is missing keys {missing}")
+        grid = data["grid"]
+        if not isinstance(grid, (list, tuple)) or len(grid) != 2:
+            raise ConfigError(f"ExpertSpec.grid must be a pair (h, w), got {grid!r}")
+        kwargs = dict(data)
+        kwargs["grid"] = (grid[0], grid[1])
+        kwargs["options"] = dict(data.get("options") or {})  # type: ignore[call-overload]
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+
+@dataclass
+class ExpertOptions:
+    """Base of each expert's typed options; built from ``ExpertSpec.options`` with strict key checking."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, JsonScalar]) -> "ExpertOptions":
+        valid = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(valid))
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} keys {unknown}; valid keys: {sorted(valid)}")
+        kwargs: dict[str, JsonScalar] = {}
+        for key, value in data.items():
+            default = getattr(cls, key, None)
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif isinstance(default, float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                value = float(value) if ok else value  # type: ignore[arg-type]
+            else:
+                ok = True
+            if not ok:
+                raise ConfigError(f"{cls.__name__}.{key} must be {type(default).__name__}, got {value!r}")
+            kwargs[key] = value
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, JsonScalar]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def check_widths(owner: str, dim: int, num_heads: int, depth: int, multiple: int) -> None:
+    """Raise :class:`ConfigError` unless ``dim`` is a positive multiple of ``multiple`` and of ``num_heads`` times
+    the attention downsampling (``multiple // 2`` in SAM's TwoWayTransformer cross-attention)."""
+    if dim <= 0 or num_heads <= 0 or depth <= 0:
+        raise ConfigError(f"{owner}: dim, num_heads and depth must be positive, got {dim}, {num_heads}, {depth}")
+    if dim % multiple or dim % (2 * num_heads):
+        raise ConfigError(f"{owner}: dim={dim} must be divisible by {multiple} and by 2 * num_heads={2 * num_heads}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The expert protocol
+# --------------------------------------------------------------------------------------------------
+
+
+class Expert(nn.Module, ABC):
+    """A differentiable task head driven by the LLM hidden states of K task queries.
+
+    Subclasses set the class attributes ``name`` (the registry key and task token, e.g. ``"seg"``),
+    ``default_num_queries`` and ``options_cls``, and implement :meth:`forward`, :meth:`loss` and
+    :meth:`postprocess`. Each expert owns its projection from the LLM hidden size H; the learnable query
+    embeddings themselves belong to the MLLM.
+
+    Calling convention (M calls, K queries, T frames, N = h*w patches, C vision width):
+        ``forward(query_states (M, K, H), features: VisionFeatures (M, T, N, C), prompts: list[ExpertPrompt]
+        of length M or None) -> <Name>Output``;
+        ``loss(outputs, targets: list[TaskTarget] of length M) -> dict[str, Tensor]`` with the expert's
+        own loss weights already applied (their sum is the expert's loss);
+        ``postprocess(outputs, sizes: list[(H, W)] original image sizes) -> list[<Name>Result]``.
+    """
+
+    name: ClassVar[str] = ""
+    default_num_queries: ClassVar[int] = 1
+    options_cls: ClassVar[type[ExpertOptions]] = ExpertOptions
+
+    def __init__(self, spec: ExpertSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.options = self.options_cls.from_dict(spec.options)
+        self.num_queries = spec.num_queries
+        self.hidden_size = spec.hidden_size
+        self.vision_dim = spec.vision_dim
+
+    @abstractmethod
+    def forward(
+        self,
+        query_states: torch.Tensor,
+        features: VisionFeatures,
+        prompts: Optional[Sequence[ExpertPrompt]] = None,
+    ) -> object:
+        """Run the head; see the class docstring."""
+
+    @abstractmethod
+    def loss(self, outputs: object, targets: Sequence[TaskTarget]) -> dict[str, torch.Tensor]:
+        """Named, weighted loss terms (scalars) against the targets of the same calls."""
+
+    @abstractmethod
+    def postprocess(self, outputs: object, sizes: Sequence[tuple[int, int]]) -> list:
+        """User-facing results at each call's original ``(H, W)``."""
+
+    # ---------------------------------------------------------------------------------------------
+    # Shared checks
+    # ---------------------------------------------------------------------------------------------
+
+    def check_inputs(
+        self,
+        query_states: torch.Tensor,
+        features: VisionFeatures,
+        prompts: Optional[Sequence[ExpertPrompt]],
+        single_frame: bool,
+    ) -> None:
+        """Raise :class:`ConfigError` when the inputs do not fit this expert's spec."""
+        if query_states.dim() != 3:
+            raise ConfigError(f"{self.name}: query_states must be (M, K, H), got {tuple(query_states.shape)}")
+        m, k, h = query_states.shape
+        if k != self.num_queries:
+            raise ConfigError(
+                f"{self.name}: expected {self.num_queries} query states per call (num_queries), got {k}"
+            )
+        if h != self.hidden_size:
+            raise ConfigError(f"{self.name}: query states have hidden size {h}, expert expects {self.hidden_size}")
+        x = features.features
+        if x.dim() != 4:
+            raise ConfigError(f"{self.name}: vision features must be (M, T, N, C), got {tuple(x.shape)}")
+        if x.shape[0] != m:
+            raise ConfigError(f"{self.name}: {m} query calls but vision features for {x.shape[0]} calls")
+        gh, gw = features.grid
+        if x.shape[2] != gh * gw:
+            raise ConfigError(f"{self.name}: features have N={x.shape[2]} tokens, grid {gh}x{gw} needs {gh * gw}")
+        if x.shape[3] != self.vision_dim:
+            raise ConfigError(f"{self.name}: features have width C={x.shape[3]}, expert expects {self.vision_dim}")
+        if single_frame and x.shape[1] != 1:
+            raise ConfigError(f"{self.name}: expects single-frame features (T=1), got T={x.shape[1]}")
+        if x.shape[1] < 1:
+            raise ConfigError(f"{self.name}: features have zero frames")
+        if prompts is not None and len(prompts) != m:
+            raise ConfigError(f"{self.name}: {m} calls but {len(prompts)} prompts")
+
+    def check_targets(self, targets: Sequence[TaskTarget], num_calls: int) -> None:
+        """Raise :class:`TargetError` for a wrong count or another task's targets."""
+        if len(targets) != num_calls:
+            raise TargetError(f"{self.name}: {num_calls} outputs but {len(targets)} targets")
+        for i, target in enumerate(targets):
+            if not isinstance(target, TaskTarget):
+                raise TargetError(f"{self.name}: target {i} is a {type(target).__name__}, not a TaskTarget")
+            if target.task != self.name:
+                raise TargetError(f"{self.name}: target {i} is for task {target.task!r}, not {self.name!r}")
+
+
+def zero_terms(names: Sequence[str], reference: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Zero loss terms still attached to ``reference``'s graph (for a batch with no calls of this task)."""
+    zero = reference.float().sum() * 0.0
+    return {name: zero for name in names}
+
+
+def as_tensor(value: ArrayLike, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A numpy array or tensor as a tensor of ``dtype`` on ``device`` (no copy when it already is)."""
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, torch.Tensor):
+        value = torch.as_tensor(value)
+    return value.to(device=device, dtype=dtype)

@@ -1,0 +1,188 @@
+"""Detection expert: set prediction of up to K boxes with objectness from K task queries (DETR-style).
+
+The K projected query states (plus a learned per-slot embedding that keeps the slots distinct) attend to
+the projected patch features with SAM's positional encoding through segment_anything's
+``TwoWayTransformer`` (query self-attention, query->image and image->query cross-attention). Each slot
+predicts a normalized xyxy box and an objectness logit. Training matches slots to target boxes with the
+Hungarian algorithm (scipy) on DETR costs; the loss is ``5 * L1 + 2 * (1 - GIoU)`` over matched slots
+(normalized by the number of target boxes) plus a BCE on objectness (matched slots 1, the others 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import TwoWayTransformer
+from torch import nn
+
+from taskmllm.errors import InputError, TargetError
+from taskmllm.experts.base import (
+    Expert,
+    ExpertOptions,
+    ExpertPrompt,
+    ExpertSpec,
+    TaskTarget,
+    VisionFeatures,
+    as_tensor,
+    check_widths,
+    zero_terms,
+)
+from taskmllm.experts.boxes import elementwise_generalized_box_iou
+from taskmllm.experts.common import BoxHead, FeatureProjection, GridPositionalEncoding, QueryProjection
+from taskmllm.experts.matching import HungarianMatcher, MatchCosts
+
+
+@dataclass
+class DetectionOptions(ExpertOptions):
+    """Options of :class:`DetectionExpert` (``ExpertSpec.options``).
+
+    Attributes:
+        dim, depth, num_heads, mlp_dim: the TwoWayTransformer decoder.
+        l1_weight, giou_weight, obj_weight: loss weights (DETR: 5, 2, 1).
+        cost_l1, cost_giou, cost_obj: matching cost weights (DETR: 5, 2, 1).
+        score_threshold: objectness probability above which :meth:`DetectionExpert.postprocess` keeps a box.
+    """
+
+    dim: int = 64
+    depth: int = 2
+    num_heads: int = 4
+    mlp_dim: int = 256
+    l1_weight: float = 5.0
+    giou_weight: float = 2.0
+    obj_weight: float = 1.0
+    cost_l1: float = 5.0
+    cost_giou: float = 2.0
+    cost_obj: float = 1.0
+    score_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_widths("DetectionOptions", self.dim, self.num_heads, self.depth, multiple=2)
+
+
+@dataclass
+class DetectionOutput:
+    """Attributes:
+    boxes: ``(M, K, 4)`` normalized xyxy, one per slot.
+    logits: ``(M, K)`` objectness logits (``sigmoid`` gives the score).
+    """
+
+    boxes: torch.Tensor
+    logits: torch.Tensor
+
+
+@dataclass
+class DetectionResult:
+    """Attributes: boxes ``(n, 4)`` float32 pixel xyxy at the original size, scores ``(n,)``, best first."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+
+
+class DetectionExpert(Expert):
+    """``<det>``: up to K boxes with scores per call (K = num_queries, default 8)."""
+
+    name = "det"
+    default_num_queries = 8
+    options_cls = DetectionOptions
+
+    def __init__(self, spec: ExpertSpec) -> None:
+        super().__init__(spec)
+        opts: DetectionOptions = self.options  # type: ignore[assignment]
+        d = opts.dim
+        self.query_proj = QueryProjection(spec.hidden_size, d)
+        self.slot_embed = nn.Embedding(spec.num_queries, d)
+        self.feature_proj = FeatureProjection(spec.vision_dim, d)
+        self.pe = GridPositionalEncoding(d)
+        self.decoder = TwoWayTransformer(depth=opts.depth, embedding_dim=d, num_heads=opts.num_heads, mlp_dim=opts.mlp_dim)
+        self.box_head = BoxHead(d)
+        self.obj_head = nn.Linear(d, 1)
+        self.matcher = HungarianMatcher(MatchCosts(objectness=opts.cost_obj, l1=opts.cost_l1, giou=opts.cost_giou))
+
+    def forward(
+        self,
+        query_states: torch.Tensor,
+        features: VisionFeatures,
+        prompts: Optional[Sequence[ExpertPrompt]] = None,
+    ) -> DetectionOutput:
+        """``query_states (M, K, H)``, ``features (M, 1, h*w, C)`` -> :class:`DetectionOutput`."""
+        self.check_inputs(query_states, features, prompts, single_frame=True)
+        dtype = self.slot_embed.weight.dtype
+        m = query_states.shape[0]
+        h, w = features.grid
+        d = self.slot_embed.embedding_dim
+        image = self.feature_proj(features.features[:, 0].to(dtype)).transpose(1, 2).reshape(m, d, h, w)
+        image_pe = self.pe.grid((h, w)).transpose(0, 1).reshape(1, d, h, w).to(dtype).expand(m, -1, -1, -1)
+        queries = self.query_proj(query_states.to(dtype)) + self.slot_embed.weight[None]
+        hs, _ = self.decoder(image, image_pe, queries)  # (M, K, D)
+        return DetectionOutput(boxes=self.box_head(hs), logits=self.obj_head(hs)[..., 0])
+
+    def _target_boxes(self, target: TaskTarget, index: int, device: torch.device) -> torch.Tensor:
+        if target.boxes is None:
+            raise TargetError(f"det: target {index} has no boxes (use an empty (0, 4) array for none)")
+        boxes = as_tensor(target.boxes, torch.float32, device)
+        if boxes.numel() == 0:
+            return boxes.reshape(0, 4)
+        if boxes.dim() != 2 or boxes.shape[1] != 4:
+            raise TargetError(f"det: target {index} boxes must be (n, 4) normalized xyxy, got {tuple(boxes.shape)}")
+        if boxes.shape[0] > self.num_queries:
+            raise TargetError(
+                f"det: target {index} has {boxes.shape[0]} boxes but the expert predicts at most "
+                f"{self.num_queries} (num_queries)"
+            )
+        if not torch.isfinite(boxes).all() or (boxes[:, 2:] < boxes[:, :2]).any():
+            raise TargetError(f"det: target {index} boxes must be finite xyxy with x2 >= x1 and y2 >= y1")
+        return boxes
+
+    def loss(self, outputs: DetectionOutput, targets: Sequence[TaskTarget]) -> dict[str, torch.Tensor]:
+        """Terms ``det_l1``, ``det_giou``, ``det_obj`` (weighted) after Hungarian matching per call."""
+        if not isinstance(outputs, DetectionOutput):
+            raise TargetError(f"det: loss needs a DetectionOutput, got {type(outputs).__name__}")
+        self.check_targets(targets, outputs.boxes.shape[0])
+        if outputs.boxes.shape[0] == 0:
+            return zero_terms(("det_l1", "det_giou", "det_obj"), outputs.boxes)
+        opts: DetectionOptions = self.options  # type: ignore[assignment]
+        boxes, logits = outputs.boxes.float(), outputs.logits.float()
+        obj_target = torch.zeros_like(logits)
+        matched_pred, matched_tgt = [], []
+        for i, target in enumerate(targets):
+            tgt = self._target_boxes(target, i, boxes.device)
+            pred_idx, tgt_idx = self.matcher.match(boxes[i].detach(), logits[i].detach(), tgt)
+            obj_target[i, pred_idx] = 1.0
+            matched_pred.append(boxes[i, pred_idx])
+            matched_tgt.append(tgt[tgt_idx])
+        pred = torch.cat(matched_pred)
+        tgt = torch.cat(matched_tgt)
+        num = max(pred.shape[0], 1)
+        l1 = (pred - tgt).abs().sum() / num
+        giou = (1 - elementwise_generalized_box_iou(pred, tgt)).sum() / num
+        obj = F.binary_cross_entropy_with_logits(logits, obj_target)
+        return {
+            "det_l1": opts.l1_weight * l1,
+            "det_giou": opts.giou_weight * giou,
+            "det_obj": opts.obj_weight * obj,
+        }
+
+    @torch.no_grad()
+    def postprocess(
+        self,
+        outputs: DetectionOutput,
+        sizes: Sequence[tuple[int, int]],
+        score_threshold: Optional[float] = None,
+    ) -> list[DetectionResult]:
+        """Boxes scoring above the threshold, in pixels of each original ``(H, W)``, sorted by score."""
+        if len(sizes) != outputs.boxes.shape[0]:
+            raise InputError(f"det: {outputs.boxes.shape[0]} outputs but {len(sizes)} sizes")
+        threshold = self.options.score_threshold if score_threshold is None else score_threshold  # type: ignore[attr-defined]
+        results = []
+        for boxes, logits, (height, width) in zip(outputs.boxes.float(), outputs.logits.float(), sizes):
+            scores = logits.sigmoid()
+            keep = torch.nonzero(scores > threshold).flatten()
+            keep = keep[torch.argsort(scores[keep], descending=True)]
+            scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=boxes.device)
+            pixels = boxes[keep].clamp(0, 1) * scale
+            results.append(DetectionResult(boxes=pixels.cpu().numpy(), scores=scores[keep].cpu().numpy()))
+        return results

@@ -1,0 +1,104 @@
+"""Detection expert: set loss is permutation invariant and zero for a perfect set; postprocess; bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from taskmllm.errors import ConfigError, TargetError
+from taskmllm.experts import DetectionOutput, TaskTarget, VisionFeatures, build_expert, default_spec
+
+H, C, GRID, SIZE, K = 32, 24, (6, 6), 96, 4
+TARGET = np.array([[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.8]], dtype=np.float32)
+
+
+@pytest.fixture()
+def expert():
+    torch.manual_seed(0)
+    return build_expert("det", default_spec("det", H, C, GRID, SIZE, num_queries=K, dim=32))
+
+
+def _features(m: int) -> VisionFeatures:
+    return VisionFeatures(torch.randn(m, 1, GRID[0] * GRID[1], C), GRID, SIZE)
+
+
+def test_outputs_are_valid_normalized_boxes(expert):
+    out = expert(torch.randn(2, K, H), _features(2))
+    assert out.boxes.shape == (2, K, 4) and out.logits.shape == (2, K)
+    assert (out.boxes[..., 2:] >= out.boxes[..., :2]).all()
+    assert out.boxes[..., 0].min() > -0.5 and out.boxes[..., 2].max() < 1.5  # cx, w in (0, 1)
+
+
+def _perfect(order: list[int]) -> DetectionOutput:
+    boxes = torch.tensor([[0.3, 0.3, 0.6, 0.6]] * K)
+    logits = torch.full((K,), -20.0)
+    for slot, j in zip(order, range(len(TARGET))):
+        boxes[slot] = torch.from_numpy(TARGET[j])
+        logits[slot] = 20.0
+    return DetectionOutput(boxes=boxes[None], logits=logits[None])
+
+
+@pytest.mark.parametrize("order", [[0, 1], [3, 1], [2, 0]])
+def test_perfect_set_in_any_slot_order_has_zero_loss(expert, order):
+    losses = expert.loss(_perfect(order), [TaskTarget("det", boxes=TARGET)])
+    assert losses["det_l1"].item() == pytest.approx(0, abs=1e-6)
+    assert losses["det_giou"].item() == pytest.approx(0, abs=1e-6)
+    assert losses["det_obj"].item() == pytest.approx(0, abs=1e-6)
+
+
+def test_loss_values_by_hand(expert):
+    # one target, every slot at one box: L1 = 0.1 + 0.1 = 0.2 (x2, y2 off by 0.1), IoU = GIoU = 0.09 / 0.16
+    boxes = torch.tensor([[[0.1, 0.1, 0.4, 0.4]] * K])
+    out = DetectionOutput(boxes=boxes, logits=torch.zeros(1, K))
+    losses = expert.loss(out, [TaskTarget("det", boxes=np.array([[0.1, 0.1, 0.5, 0.5]]))])
+    assert losses["det_l1"].item() == pytest.approx(5 * 0.2, rel=1e-5)
+    assert losses["det_giou"].item() == pytest.approx(2 * (1 - 0.09 / 0.16), rel=1e-5)
+    assert losses["det_obj"].item() == pytest.approx(np.log(2), rel=1e-5)
+
+
+def test_loss_is_invariant_to_target_order(expert):
+    out = expert(torch.randn(1, K, H), _features(1))
+    a = expert.loss(out, [TaskTarget("det", boxes=TARGET)])
+    b = expert.loss(out, [TaskTarget("det", boxes=TARGET[::-1].copy())])
+    for key in a:
+        assert a[key].item() == pytest.approx(b[key].item(), rel=1e-6)
+
+
+def test_empty_target_only_trains_objectness(expert):
+    out = expert(torch.randn(1, K, H), _features(1))
+    losses = expert.loss(out, [TaskTarget("det", boxes=np.zeros((0, 4)))])
+    assert losses["det_l1"].item() == 0 and losses["det_giou"].item() == 0
+    expected = torch.nn.functional.softplus(out.logits).mean().item()  # BCE with all-zero labels
+    assert losses["det_obj"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_postprocess_thresholds_sorts_and_scales(expert):
+    boxes = torch.tensor([[[0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 1.2, 0.9], [0.0, 0.0, 0.1, 0.1], [0.2, 0.2, 0.3, 0.3]]])
+    logits = torch.tensor([[0.5, 3.0, -1.0, 1.0]])
+    (res,) = expert.postprocess(DetectionOutput(boxes, logits), [(100, 200)])
+    np.testing.assert_allclose(res.scores, torch.sigmoid(torch.tensor([3.0, 1.0, 0.5])).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(res.boxes, [[100, 50, 200, 90], [40, 20, 60, 30], [20, 20, 60, 40]], rtol=1e-5)
+    (low,) = expert.postprocess(DetectionOutput(boxes, logits), [(100, 200)], score_threshold=0.0)
+    assert len(low.boxes) == 4
+
+
+def test_bad_targets_are_target_errors(expert):
+    out = expert(torch.randn(1, K, H), _features(1))
+    with pytest.raises(TargetError, match="for task 'seg', not 'det'"):
+        expert.loss(out, [TaskTarget("seg", mask=np.ones((4, 4), bool))])
+    with pytest.raises(TargetError, match="has no boxes"):
+        expert.loss(out, [TaskTarget("det")])
+    with pytest.raises(TargetError, match=r"\(n, 4\)"):
+        expert.loss(out, [TaskTarget("det", boxes=np.ones((2, 5)))])
+    with pytest.raises(TargetError, match="5 boxes but the expert predicts at most 4"):
+        expert.loss(out, [TaskTarget("det", boxes=np.tile([[0.1, 0.1, 0.2, 0.2]], (5, 1)))])
+    with pytest.raises(TargetError, match="x2 >= x1"):
+        expert.loss(out, [TaskTarget("det", boxes=np.array([[0.5, 0.1, 0.2, 0.2]]))])
+    with pytest.raises(TargetError, match="needs a DetectionOutput"):
+        expert.loss(object(), [TaskTarget("det", boxes=TARGET)])
+
+
+def test_video_features_are_rejected(expert):
+    with pytest.raises(ConfigError, match="T=1"):
+        expert(torch.randn(1, K, H), VisionFeatures(torch.randn(1, 3, 36, C), GRID, SIZE))

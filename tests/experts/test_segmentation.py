@@ -1,0 +1,133 @@
+"""Segmentation expert: batched decoding equals SAM's MaskDecoder, loss terms, postprocess, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from taskmllm.errors import ConfigError, InputError, TargetError
+from taskmllm.experts import SegmentationOutput, TaskTarget, VisionFeatures, build_expert, default_spec
+from taskmllm.experts.segmentation import batched_predict_masks, dice_loss
+
+H, C, GRID, SIZE = 32, 24, (6, 6), 96
+
+
+@pytest.fixture()
+def expert():
+    torch.manual_seed(0)
+    return build_expert("seg", default_spec("seg", H, C, GRID, SIZE, dim=32)).eval()
+
+
+def _features(m: int, t: int = 1, c: int = C) -> VisionFeatures:
+    return VisionFeatures(torch.randn(m, t, GRID[0] * GRID[1], c), GRID, SIZE)
+
+
+def test_output_shapes_and_batched_decoder_equals_per_call_mask_decoder(expert):
+    torch.manual_seed(1)
+    expert.num_queries = 2  # K = 2 sparse prompts per call
+    q = torch.randn(3, 2, H)
+    feats = _features(3)
+    out = expert(q, feats)
+    assert out.mask_logits.shape == (3, 4 * GRID[0], 4 * GRID[1]) and out.iou_scores.shape == (3,)
+    assert ((out.iou_scores >= 0) & (out.iou_scores <= 1)).all()
+
+    d = 32
+    image = expert.feature_proj(feats.features[:, 0]).transpose(1, 2).reshape(3, d, *GRID)
+    pe = expert.pe.grid(GRID).transpose(0, 1).reshape(1, d, *GRID)
+    sparse = expert.query_proj(q)
+    dense = expert.no_mask_embed.weight.reshape(1, d, 1, 1).expand(1, d, *GRID)
+    batched, batched_iou = batched_predict_masks(expert.mask_decoder, image, pe, sparse, dense)
+    for i in range(3):  # the reference: segment_anything's own forward, one image at a time
+        mask, iou = expert.mask_decoder(image[i : i + 1], pe, sparse[i : i + 1], dense, multimask_output=False)
+        torch.testing.assert_close(batched[i], mask[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(batched_iou[i], iou[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.mask_logits, batched[:, 0])
+
+
+def test_calls_are_independent(expert):
+    torch.manual_seed(2)
+    q, feats = torch.randn(2, 1, H), _features(2)
+    both = expert(q, feats)
+    alone = expert(q[1:], VisionFeatures(feats.features[1:], GRID, SIZE))
+    torch.testing.assert_close(both.mask_logits[1], alone.mask_logits[0], atol=1e-5, rtol=1e-4)
+
+
+def test_dice_by_hand():
+    logits = torch.tensor([[[0.0, 0.0]]])  # p = 0.5, 0.5
+    target = torch.tensor([[[1.0, 0.0]]])
+    # 1 - (2 * 0.5 + 1) / (1.0 + 1.0 + 1)
+    assert dice_loss(logits, target).item() == pytest.approx(1 - 2 / 3)
+    big = torch.tensor([[[50.0, -50.0]]])
+    assert dice_loss(big, target).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_loss_weights_and_perfect_prediction(expert):
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[:, : SIZE // 2] = True
+    logits = torch.full((1, 24, 24), -30.0)
+    logits[:, :, :12] = 30.0
+    perfect = SegmentationOutput(mask_logits=logits, iou_scores=torch.ones(1))
+    losses = expert.loss(perfect, [TaskTarget("seg", mask=mask)])
+    assert losses["seg_bce"].item() < 0.01 and losses["seg_dice"].item() < 0.01 and losses["seg_iou"].item() < 1e-6
+
+    flat = SegmentationOutput(mask_logits=torch.zeros(1, 24, 24), iou_scores=torch.zeros(1))
+    losses = expert.loss(flat, [TaskTarget("seg", mask=mask)])
+    assert losses["seg_bce"].item() == pytest.approx(2.0 * np.log(2), rel=1e-5)  # 2 * BCE(p=0.5)
+    assert losses["seg_dice"].item() == pytest.approx(0.5 * (1 - (2 * 0.5 * 4608 + 1) / (4608 + 4608 + 1)), rel=1e-5)
+    # threshold at 0 predicts nothing: IoU reached 0, predicted 0
+    assert losses["seg_iou"].item() == pytest.approx(0.0)
+
+
+def test_loss_accepts_targets_at_another_resolution(expert):
+    small = np.zeros((48, 48), bool)
+    small[:, :24] = True
+    logits = torch.full((1, 24, 24), -30.0)
+    logits[:, :, :12] = 30.0
+    losses = expert.loss(SegmentationOutput(logits, torch.ones(1)), [TaskTarget("seg", mask=torch.from_numpy(small))])
+    assert losses["seg_bce"].item() < 0.01
+
+
+def test_postprocess_to_original_non_square_size(expert):
+    logits = torch.full((2, 24, 24), -5.0)
+    logits[0, :, :12] = 5.0  # left half
+    out = SegmentationOutput(mask_logits=logits, iou_scores=torch.tensor([0.9, 0.1]))
+    res = expert.postprocess(out, [(50, 70), (20, 30)])
+    assert res[0].mask.shape == (50, 70) and res[0].mask.dtype == np.bool_
+    assert res[0].mask[:, :35].all() and not res[0].mask[:, 35:].any()
+    assert not res[1].mask.any() and res[1].mask.shape == (20, 30)
+    assert res[0].score == pytest.approx(0.9)
+    with pytest.raises(InputError, match="2 outputs but 1 sizes"):
+        expert.postprocess(out, [(50, 70)])
+
+
+def test_bad_targets_are_target_errors(expert):
+    out = expert(torch.randn(1, 1, H), _features(1))
+    with pytest.raises(TargetError, match="target 0 is for task 'det', not 'seg'"):
+        expert.loss(out, [TaskTarget("det", boxes=np.zeros((0, 4)))])
+    with pytest.raises(TargetError, match="has no mask"):
+        expert.loss(out, [TaskTarget("seg")])
+    with pytest.raises(TargetError, match=r"\(H, W\)"):
+        expert.loss(out, [TaskTarget("seg", mask=np.ones((2, 8, 8), bool))])
+    with pytest.raises(TargetError, match="1 outputs but 2 targets"):
+        expert.loss(out, [TaskTarget("seg", mask=np.ones((8, 8), bool))] * 2)
+
+
+def test_bad_inputs_are_config_errors(expert):
+    with pytest.raises(ConfigError, match="T=1"):
+        expert(torch.randn(1, 1, H), _features(1, t=2))
+    with pytest.raises(ConfigError, match="width C=7"):
+        expert(torch.randn(1, 1, H), _features(1, c=7))
+    with pytest.raises(ConfigError, match="expected 1 query states"):
+        expert(torch.randn(1, 3, H), _features(1))
+    with pytest.raises(ConfigError, match="hidden size 5"):
+        expert(torch.randn(1, 1, 5), _features(1))
+    with pytest.raises(ConfigError, match="grid 5x5"):
+        expert(torch.randn(1, 1, H), VisionFeatures(torch.randn(1, 1, 36, C), (5, 5), SIZE))
+    with pytest.raises(ConfigError, match="2 query calls but vision features for 1"):
+        expert(torch.randn(2, 1, H), _features(1))
+
+
+def test_other_grids_work(expert):
+    out = expert(torch.randn(1, 1, H), VisionFeatures(torch.randn(1, 1, 64, C), (8, 8), 128))
+    assert out.mask_logits.shape == (1, 32, 32)
