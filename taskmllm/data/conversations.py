@@ -1,0 +1,291 @@
+"""Ground truth -> conversations in the token protocol, with the expert targets of every task token.
+
+Text conventions (all ShapesWorld texts follow them; the tokenizer corpus is :func:`corpus`):
+
+- A question holds the visual placeholder once: ``"Segment the red circle.\\n<image>"`` with the question
+  first (default, ``ConversationConfig.question_first``) or ``"<image>\\nSegment the red circle."``; videos use
+  ``<video>``.
+- Answers carry task tokens **without** ``<query>`` placeholders (the processor inserts the K queries):
+  ``"Sure, <ref>the red circle</ref><seg>."`` (referring segmentation), ``"<ref>the red circle</ref><det>."``
+  (referring detection, one box), ``"<ref>triangles</ref><det>."`` (all triangles, possibly none),
+  ``"<ref>the blue square</ref><track>."`` (tracking, also from a ``<box>`` in the prompt).
+  With ``boxes_in_answer=True`` detection answers also write the boxes back after the task token:
+  ``"<ref>triangles</ref><det> <box>..</box><box>..</box>."`` (sorted by x1, then y1).
+- ``Sample.targets[i]`` is the :class:`TaskTarget` of the i-th task token in the answers. Boxes in targets
+  are normalized 0-1 ``x1, y1, x2, y2``; masks are bool at the sample's resolution; tracking boxes are
+  ``(T, 4)`` with ``visible (T,)``; a prompt box is the target's box in frame 0.
+- Yes/no answers are ``"Yes."`` / ``"No."``; counts are number words (``"Two."``); colors ``"Red."``;
+  shapes ``"A circle."``; frame intervals are 0-based digits: ``"From frame 2 to frame 6."``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from taskmllm.data.referring import RELATIONS, expressions, relation_holds
+from taskmllm.data.sample import ObjectGT, Sample
+from taskmllm.data.vocab import SHAPES, number_word, plural
+from taskmllm.errors import UnknownTaskError
+from taskmllm.experts.base import TaskTarget
+from taskmllm.model.tokens import IMAGE, REF_CLOSE, REF_OPEN, TASK_TOKENS, VIDEO, encode_box
+
+IMAGE_TASKS: tuple[str, ...] = ("caption", "exist", "color", "shape", "count", "relation", "seg", "rec", "det")
+VIDEO_TASKS: tuple[str, ...] = ("track", "track_box", "temporal")
+
+Q_CAPTION = ("Describe the image.", "What is in the image?", "Write a short caption.")
+Q_SEG = ("Segment {}.", "Please segment {}.", "Can you segment {}?")
+Q_REC = ("Where is {}?", "Find {}.", "Locate {}.")
+Q_DET = ("Find all {}.", "Detect all {}.", "Where are all {}?")
+Q_TRACK = ("Track {}.", "Follow {} through the video.")
+Q_TRACK_BOX = ("Track the object in {} of the first frame.", "Follow the object at {} in the first frame.")
+Q_TEMPORAL = ("When is {} visible?", "In which frames does {} appear?")
+
+
+@dataclass(frozen=True)
+class ConversationConfig:
+    """Text options.
+
+    Attributes:
+        question_first: put the question text before the ``<image>`` / ``<video>`` placeholder.
+        boxes_in_answer: write detection boxes as ``<box>`` text after the ``<det>`` token.
+        positional: allow leftmost/rightmost/... in image referring expressions.
+    """
+
+    question_first: bool = True
+    boxes_in_answer: bool = False
+    positional: bool = True
+
+
+class NoQuestion(Exception):
+    """Internal: this scene cannot support the asked task (e.g. no object has a unique expression)."""
+
+
+def _pick(rng: np.random.Generator, items):
+    return items[int(rng.integers(len(items)))]
+
+
+def _norm(box: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    h, w = hw
+    return (np.asarray(box, np.float64) / np.array([w, h, w, h])).astype(np.float32)
+
+
+def _ref(phrase: str) -> str:
+    return f"{REF_OPEN}{phrase}{REF_CLOSE}"
+
+
+class ConversationBuilder:
+    """Writes one conversation of a given task about a scene sample (``Sample.task == "scene"``)."""
+
+    def __init__(self, config: Optional[ConversationConfig] = None) -> None:
+        self.config = config or ConversationConfig()
+        self._tasks: dict[str, Callable] = {t: getattr(self, f"_{t}") for t in IMAGE_TASKS + VIDEO_TASKS}
+
+    def question(self, text: str, video: bool = False) -> str:
+        """Place the visual placeholder around the question text."""
+        ph = VIDEO if video else IMAGE
+        return f"{text}\n{ph}" if self.config.question_first else f"{ph}\n{text}"
+
+    def build(self, scene: Sample, task: str, rng: np.random.Generator) -> Optional[Sample]:
+        """A sample of ``task`` about ``scene``; ``None`` when the scene cannot support the task.
+
+        Raises:
+            UnknownTaskError: ``task`` is not one of :data:`IMAGE_TASKS` or :data:`VIDEO_TASKS`.
+        """
+        if task not in self._tasks:
+            raise UnknownTaskError(f"unknown conversation task {task!r}; known: {IMAGE_TASKS + VIDEO_TASKS}")
+        if (task in VIDEO_TASKS) != scene.is_video or not scene.objects:
+            return None
+        try:
+            question, answer, targets = self._tasks[task](scene, rng)
+        except NoQuestion:
+            return None
+        return scene.with_turns(task, [(self.question(question, scene.is_video), answer)], targets, task)
+
+    # ------------------------------------------------------------------------------------- helpers
+    def _unique(self, scene: Sample, rng, omit=(), candidates=None) -> tuple[ObjectGT, str]:
+        """A random object with a random expression naming only it."""
+        objs = list(candidates if candidates is not None else scene.objects)
+        side = scene.hw[1]
+        for k in rng.permutation(len(objs)):
+            exprs = expressions(scene.objects, objs[k], side, self.config.positional and not scene.is_video,
+                                omit)
+            if exprs:
+                return objs[k], _pick(rng, exprs)
+        raise NoQuestion
+
+    # --------------------------------------------------------------------------------- image tasks
+    def _caption(self, scene: Sample, rng):
+        groups: dict[tuple[str, str], list[ObjectGT]] = {}
+        for o in sorted(scene.objects, key=lambda o: o.box[0]):
+            groups.setdefault((o.color, o.category), []).append(o)
+        items = []
+        for (color, shape), objs in groups.items():
+            if len(objs) == 1:
+                items.append(f"{'an' if objs[0].size[0] in 'aeiou' else 'a'} {objs[0].size} {color} {shape}")
+            else:
+                items.append(f"{number_word(len(objs))} {color} {plural(shape)}")
+        listed = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+        bg = scene.meta.get("background", "plain")
+        text = f"{listed} on a {bg} background."
+        return _pick(rng, Q_CAPTION), text[0].upper() + text[1:], []
+
+    def _exist(self, scene: Sample, rng):
+        shapes = self._shape_vocab(scene)
+        present = sorted({o.category for o in scene.objects})
+        yes = bool(rng.random() < 0.5)
+        if rng.random() < 0.5:  # "a red circle" (a present shape in another color makes a hard negative)
+            pairs = {(o.color, o.category) for o in scene.objects}
+            if yes:
+                color, shape = sorted(pairs)[int(rng.integers(len(pairs)))]
+            else:
+                colors = scene.meta.get("colors") or sorted({o.color for o in scene.objects})
+                banned = pairs | {tuple(p) for p in scene.meta.get("unseen", ())}  # never name held-out pairs
+                options = [(c, s) for c in colors for s in shapes if (c, s) not in banned]
+                if not options:
+                    raise NoQuestion
+                color, shape = _pick(rng, options)
+            noun = f"{color} {shape}"
+        else:
+            absent = [s for s in shapes if s not in present]
+            if not yes and not absent:
+                yes = True
+            noun = _pick(rng, present if yes else absent)
+        return f"Is there a {noun} in the image?", "Yes." if yes else "No.", []
+
+    def _color(self, scene: Sample, rng):
+        obj, phrase = self._unique(scene, rng, omit=("color",))
+        return f"What color is {phrase}?", f"{obj.color.capitalize()}.", []
+
+    def _shape(self, scene: Sample, rng):
+        obj, phrase = self._unique(scene, rng, omit=("shape",))
+        return f"What shape is {phrase}?", f"A {obj.category}.", []
+
+    def _count(self, scene: Sample, rng):
+        if rng.random() < 0.7:
+            shape = _pick(rng, self._shape_vocab(scene))
+            n = sum(o.category == shape for o in scene.objects)
+            noun = plural(shape)
+        else:
+            color = _pick(rng, sorted({o.color for o in scene.objects}))
+            n = sum(o.color == color for o in scene.objects)
+            noun = f"{color} objects"
+        return f"How many {noun} are there?", f"{number_word(n).capitalize()}.", []
+
+    def _relation(self, scene: Sample, rng):
+        side = scene.hw[1]
+        named = [(o, e) for o in scene.objects for e in expressions(scene.objects, o, side, False)[:2]]
+        order = rng.permutation(len(named) * len(named) * len(RELATIONS)) if named else []
+        rels = list(RELATIONS)
+        for k in order:
+            i, rest = divmod(int(k), len(named) * len(rels))
+            j, r = divmod(rest, len(rels))
+            (a, ea), (b, eb) = named[i], named[j]
+            if a is b:
+                continue
+            holds = relation_holds(a, b, rels[r], side)
+            if holds is not None:
+                return f"Is {ea} {rels[r]} {eb}?", "Yes." if holds else "No.", []
+        raise NoQuestion
+
+    def _seg(self, scene: Sample, rng):
+        obj, phrase = self._unique(scene, rng)
+        target = TaskTarget("seg", phrase, mask=obj.mask, boxes=_norm(obj.box, scene.hw)[None])
+        return _pick(rng, Q_SEG).format(phrase), f"Sure, {_ref(phrase)}{TASK_TOKENS['seg']}.", [target]
+
+    def _rec(self, scene: Sample, rng):
+        obj, phrase = self._unique(scene, rng)
+        boxes = _norm(obj.box, scene.hw)[None]
+        return _pick(rng, Q_REC).format(phrase), self._det_answer(phrase, boxes), [
+            TaskTarget("det", phrase, boxes=boxes)]
+
+    def _det(self, scene: Sample, rng):
+        colors = sorted({o.color for o in scene.objects})
+        kind = rng.random()
+        if kind < 0.6:
+            shape = _pick(rng, self._shape_vocab(scene)) if rng.random() < 0.15 else _pick(
+                rng, sorted({o.category for o in scene.objects}))
+            phrase, hits = plural(shape), [o for o in scene.objects if o.category == shape]
+        elif kind < 0.85:
+            o = _pick(rng, scene.objects)
+            phrase = f"{o.color} {plural(o.category)}"
+            hits = [x for x in scene.objects if x.color == o.color and x.category == o.category]
+        else:
+            color = _pick(rng, colors)
+            phrase, hits = f"{color} objects", [o for o in scene.objects if o.color == color]
+        hits.sort(key=lambda o: (o.box[0], o.box[1]))
+        boxes = np.stack([_norm(o.box, scene.hw) for o in hits]) if hits else np.zeros((0, 4), np.float32)
+        return _pick(rng, Q_DET).format(phrase), self._det_answer(phrase, boxes), [
+            TaskTarget("det", phrase, boxes=boxes)]
+
+    def _det_answer(self, phrase: str, boxes: np.ndarray) -> str:
+        text = f"{_ref(phrase)}{TASK_TOKENS['det']}"
+        if self.config.boxes_in_answer and len(boxes):
+            text += " " + "".join(encode_box(b) for b in boxes)
+        return text + "."
+
+    @staticmethod
+    def _shape_vocab(scene: Sample) -> list[str]:
+        return list(scene.meta.get("shapes") or SHAPES)
+
+    # --------------------------------------------------------------------------------- video tasks
+    def _track_target(self, scene: Sample, obj: ObjectGT, phrase: str, prompt_box=None) -> TaskTarget:
+        boxes = _norm(obj.boxes, scene.hw)
+        return TaskTarget("track", phrase, boxes=boxes, visible=obj.visible.copy(), prompt_box=prompt_box)
+
+    def _track(self, scene: Sample, rng):
+        obj, phrase = self._unique(scene, rng)
+        answer = f"{_ref(phrase)}{TASK_TOKENS['track']}."
+        return _pick(rng, Q_TRACK).format(phrase), answer, [self._track_target(scene, obj, phrase)]
+
+    def _track_box(self, scene: Sample, rng):
+        first = [o for o in scene.objects if o.visible[0]]
+        if not first:
+            raise NoQuestion
+        obj = _pick(rng, first)
+        exprs = expressions(scene.objects, obj, scene.hw[1], positional=False)
+        phrase = _pick(rng, exprs) if exprs else "the object"
+        prompt_box = _norm(obj.boxes[0], scene.hw)
+        question = _pick(rng, Q_TRACK_BOX).format(encode_box(prompt_box))
+        answer = f"{_ref(phrase)}{TASK_TOKENS['track']}."
+        return question, answer, [self._track_target(scene, obj, phrase, prompt_box)]
+
+    def _temporal(self, scene: Sample, rng):
+        obj, phrase = self._unique(scene, rng)
+        first, last = obj.interval
+        return _pick(rng, Q_TEMPORAL).format(phrase), f"From frame {first} to frame {last}.", []
+
+
+def corpus(n: int, seed: int = 0) -> Iterator[str]:
+    """``n`` texts (questions and answers, alternating) covering every template, for tokenizer training.
+
+    Includes POPE questions and detection answers with ``<box>`` text; built from small 64 px scenes.
+    """
+    from taskmllm.data.pope import pope_question
+    from taskmllm.data.shapesworld import ShapesWorld, WorldConfig
+
+    world = ShapesWorld(WorldConfig(image_size=64, num_frames=4, backgrounds=("plain",), use_photos=False),
+                        seed=seed)
+    builders = [ConversationBuilder(ConversationConfig(question_first=qf, boxes_in_answer=bx))
+                for qf in (True, False) for bx in (False, True)]
+    tasks = IMAGE_TASKS + VIDEO_TASKS + ("pope",)
+    rng = np.random.default_rng([seed, 7])
+    count, i = 0, 0
+    while count < n:
+        task = tasks[i % len(tasks)]
+        builder = builders[(i // len(tasks)) % len(builders)]
+        if task == "pope":
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+            texts = [builder.question(pope_question(shape)), _pick(rng, ("Yes.", "No."))]
+        else:
+            scene = world.video(i) if task in VIDEO_TASKS else world.image(i)
+            sample = builder.build(scene, task, rng)
+            texts = [t for turn in sample.turns for t in turn] if sample is not None else []
+        for text in texts:
+            if count >= n:
+                return
+            yield text
+            count += 1
+        i += 1
