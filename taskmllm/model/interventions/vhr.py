@@ -1,0 +1,244 @@
+"""VHR — Vision-aware Head Reinforcement (arXiv 2412.13949), on any attention backend.
+
+At the first generation step (the prefill), a second forward of the prompt **without its visual tokens** runs
+in lockstep with the real prefill, in a worker thread: at every configured layer both passes stop before
+``o_proj``, the per-head outputs at the step's query position (the last prompt position) give
+
+    VHD[b, h] = || A_h(image pass)[b] - A_h(no-image pass)[b] ||_2 ,   TA[b, h] = || A_h(no-image pass)[b] ||^2
+
+heads whose VHD **and** TA are both above the layer's mean + std (population std over the layer's heads) are
+outliers and get VHD 0; heads with VHD above the layer's median are selected; both passes then multiply the
+selected heads' outputs by ``alpha`` before ``o_proj`` and continue — so a layer's VHD is computed after the
+earlier layers were reinforced. Each sample has its own heads. The selection is kept for every later forward.
+
+Reinforcement positions: the selected heads are reinforced at **every position** of every forward (prompt
+included). With a KV cache this equals reinforcing each step's query position, since every cached position was
+a query position once — except the prompt, which the paper's KV-cache reuse also leaves reinforced. Applying
+it everywhere makes the cached path equal to recomputation and lets the real prefill *be* the image pass of
+the selection (the only extra cost is the text-only no-image pass).
+
+Default layers: layer 1 plus the last ``round(14/32 * N)`` of an ``N``-layer LM (the paper's "1 + last 14 of
+32" for LLaVA-1.5-7B, scaled with depth).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import TYPE_CHECKING, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from taskmllm.errors import ConfigError, InputError
+from taskmllm.model.generation import GenerationContext
+from taskmllm.model.interventions.hooks import (HookSet, as_context, decoder_layers, head_layout,
+                                                output_projection, resolve_layers)
+from taskmllm.model.processor import Batch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from taskmllm.model.mllm import TaskMLLM
+
+LAST_FRACTION = 14 / 32
+
+
+def default_layers(num_layers: int) -> list[int]:
+    """Layer 1 plus the last ``round(14/32 * num_layers)`` layers (``[1] + 18..31`` for 32 layers)."""
+    last = max(1, round(LAST_FRACTION * num_layers))
+    return sorted({min(1, num_layers - 1)} | set(range(num_layers - last, num_layers)))
+
+
+def select_heads(vhd: torch.Tensor, ta: torch.Tensor, remove_outliers: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-layer VHR rule.
+
+    Args:
+        vhd: ``(B, heads)`` head divergences of one layer.
+        ta: ``(B, heads)`` squared norms of the heads' no-image outputs.
+        remove_outliers: zero the VHD of heads whose VHD and TA are both above mean + std.
+
+    Returns:
+        ``(outliers (B, heads) bool, selected (B, heads) bool)``: selected = VHD (outliers zeroed) > median.
+    """
+    vhd, ta = vhd.float(), ta.float()
+    outliers = torch.zeros_like(vhd, dtype=torch.bool)
+    if remove_outliers:
+        v_thr = vhd.mean(-1, keepdim=True) + vhd.std(-1, unbiased=False, keepdim=True)
+        t_thr = ta.mean(-1, keepdim=True) + ta.std(-1, unbiased=False, keepdim=True)
+        outliers = (vhd > v_thr) & (ta > t_thr)
+    kept = vhd.masked_fill(outliers, 0.0)
+    median = kept.quantile(0.5, dim=-1, keepdim=True)
+    return outliers, kept > median
+
+
+def no_image_inputs(ctx: GenerationContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt with its visual tokens removed, left padded: embeddings ``(B, L0, H)`` and mask ``(B, L0)``."""
+    keep = ctx.attention_mask.bool() & ~ctx.image_mask
+    lengths = keep.sum(-1)
+    length = int(lengths.max())
+    bsz, _, hidden = ctx.inputs_embeds.shape
+    emb = ctx.inputs_embeds.new_zeros(bsz, length, hidden)
+    mask = torch.zeros(bsz, length, dtype=ctx.attention_mask.dtype, device=ctx.attention_mask.device)
+    for b in range(bsz):
+        n = int(lengths[b])
+        emb[b, length - n:] = ctx.inputs_embeds[b][keep[b]]
+        mask[b, length - n:] = 1
+    return emb, mask
+
+
+class VHR:
+    """Vision-aware Head Reinforcement: pass as ``intervention=`` to ``generate``, or ``with vhr.attach(...)``.
+
+    Args:
+        alpha: factor on the selected heads' outputs (paper: 2; 1 is the identity).
+        layers: decoder layers to reinforce (negative indices allowed); None = :func:`default_layers`.
+        remove_outliers: apply the outlier rule (VHD and TA both above mean + std -> VHD 0).
+
+    After a generation, for inspection (from the most recent attach):
+        ``selected_heads``: ``{layer: (B, heads) bool}``; ``vhd``: ``{layer: (B, heads)}`` raw VHD;
+        ``outliers``: ``{layer: (B, heads) bool}``; ``layers``: the layers used.
+    """
+
+    def __init__(self, alpha: float = 2.0, layers: Optional[Sequence[int]] = None,
+                 remove_outliers: bool = True) -> None:
+        if alpha <= 0:
+            raise ConfigError(f"VHR alpha must be > 0, got {alpha}")
+        self.alpha = float(alpha)
+        self.layer_spec = None if layers is None else list(layers)
+        self.remove_outliers = remove_outliers
+        self.selected_heads: dict[int, torch.Tensor] = {}
+        self.vhd: dict[int, torch.Tensor] = {}
+        self.outliers: dict[int, torch.Tensor] = {}
+        self.layers: list[int] = []
+
+    def __repr__(self) -> str:
+        return f"VHR(alpha={self.alpha}, layers={self.layer_spec}, remove_outliers={self.remove_outliers})"
+
+    def attach(self, model: "TaskMLLM", context: Union[GenerationContext, Batch]) -> "VHRSession":
+        """A context manager applying VHR to ``model``'s LM; its first forward must be the prompt's prefill."""
+        return VHRSession(self, model, as_context(model, context))
+
+
+class VHRSession(contextlib.AbstractContextManager):
+    """One VHR attach: the lockstep selection at the first forward, then the kept reinforcement."""
+
+    def __init__(self, vhr: VHR, model: "TaskMLLM", ctx: GenerationContext) -> None:
+        self.vhr = vhr
+        self.model = model
+        self.ctx = ctx
+        layers = decoder_layers(model.llm)
+        spec = vhr.layer_spec if vhr.layer_spec is not None else default_layers(len(layers))
+        self.layers = resolve_layers(spec, len(layers))
+        self.modules = {i: output_projection(layers[i]) for i in self.layers}
+        self.heads, self.head_dim = head_layout(model.llm)
+        self.hooks = HookSet()
+        self.scales: dict[int, torch.Tensor] = {}  # layer -> (B, 1, heads * head_dim)
+        self.vhd: dict[int, torch.Tensor] = {}
+        self.outliers: dict[int, torch.Tensor] = {}
+        self.selected: dict[int, torch.Tensor] = {}
+        self._deposit: dict[str, torch.Tensor] = {}
+        self._barrier = threading.Barrier(2, action=self._select)
+        self._select_error: Optional[BaseException] = None
+        self._worker: Optional[threading.Thread] = None
+        self._worker_error: Optional[BaseException] = None
+        self._worker_ident: Optional[int] = None
+        self._pending = list(self.layers)  # layers whose selection is still to be made
+
+    # ------------------------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "VHRSession":
+        try:
+            for i in self.layers:
+                self.hooks.forward_pre(self.modules[i], self._hook(i))
+            if self._pending:
+                emb, mask = no_image_inputs(self.ctx)
+                self._worker = threading.Thread(target=self._no_image_pass, args=(emb, mask), daemon=True,
+                                                name="taskmllm-vhr-no-image")
+                self._worker.start()
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._close()
+        self.vhr.layers = list(self.layers)
+        self.vhr.selected_heads = dict(self.selected)
+        self.vhr.vhd = dict(self.vhd)
+        self.vhr.outliers = dict(self.outliers)
+        return None
+
+    def _close(self) -> None:
+        self._barrier.abort()  # releases a worker still waiting for the image pass
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
+        self.hooks.remove()
+
+    # ------------------------------------------------------------------------------- no-image pass
+    class _Done(Exception):
+        """Raised inside the worker's forward once the last configured layer has been selected."""
+
+    def _no_image_pass(self, emb: torch.Tensor, mask: torch.Tensor) -> None:
+        from taskmllm.model.mllm import positions
+
+        self._worker_ident = threading.get_ident()
+        try:
+            with torch.no_grad():
+                self.model.llm.get_decoder()(inputs_embeds=emb, attention_mask=mask, position_ids=positions(mask),
+                                             use_cache=False)
+        except (VHRSession._Done, threading.BrokenBarrierError):
+            pass
+        except Exception as exc:  # reported to the image pass, which raises it
+            self._worker_error = exc
+            self._barrier.abort()
+
+    # ---------------------------------------------------------------------------------------- hooks
+    def _hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple) -> tuple:
+            x = args[0]  # (B, T, heads * head_dim): the concatenated head outputs
+            if layer in self.scales:
+                return (x * self.scales[layer],) + tuple(args[1:])
+            return self._rendezvous(layer, x, args)
+
+        return hook
+
+    def _rendezvous(self, layer: int, x: torch.Tensor, args: tuple) -> tuple:
+        """Both passes meet at ``layer``: deposit the query-position head outputs, select, reinforce."""
+        in_worker = threading.get_ident() == self._worker_ident
+        if in_worker:
+            query = x[:, -1]
+        else:
+            bsz, length = self.ctx.attention_mask.shape
+            if x.shape[0] != bsz or x.shape[1] < length:
+                raise InputError(f"VHR was attached for a prompt of shape {(bsz, length)} but the first forward "
+                                 f"has {tuple(x.shape[:2])}")
+            query = x[:, length - 1]
+        self._deposit["no_image" if in_worker else "image"] = query.reshape(x.shape[0], self.heads, self.head_dim)
+        try:
+            self._barrier.wait()
+        except threading.BrokenBarrierError as exc:
+            if in_worker:
+                raise
+            cause = self._worker_error or self._select_error
+            raise RuntimeError(f"VHR's no-image pass failed at layer {layer}") from (cause or exc)
+        if in_worker and layer == self.layers[-1]:
+            raise VHRSession._Done()
+        return (x * self.scales[layer],) + tuple(args[1:])
+
+    def _select(self) -> None:
+        """Barrier action (runs once per layer, in one of the two threads)."""
+        try:
+            layer = self._pending.pop(0)
+            img, no = self._deposit["image"].float(), self._deposit["no_image"].float()
+            vhd = (img - no).norm(dim=-1)  # (B, heads)
+            # a sample without visual tokens has VHD 0 by definition (both passes are the same prompt; only
+            # rounding from the different padding differs) -> no head is selected for it
+            vhd = vhd * self.ctx.image_mask.any(-1, keepdim=True).to(vhd.device)
+            ta = no.pow(2).sum(-1)
+            outliers, selected = select_heads(vhd, ta, self.vhr.remove_outliers)
+            self.vhd[layer], self.outliers[layer], self.selected[layer] = vhd, outliers, selected
+            scale = torch.where(selected, self.vhr.alpha, 1.0).to(self._deposit["image"].dtype)  # (B, heads)
+            self.scales[layer] = scale.repeat_interleave(self.head_dim, dim=-1).unsqueeze(1)
+        except Exception as exc:
+            self._select_error = exc
+            raise
