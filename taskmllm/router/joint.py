@@ -1,0 +1,172 @@
+"""JointModel: the MLLM, its experts and the router as one module — the joint forward used for training.
+
+``JointModel.forward(batch, targets)`` runs the MLLM with teacher-forced task tokens and queries, routes the
+query states, runs every expert on its calls (batched across samples; samples without a call skip that expert)
+and returns the LM loss and every expert's named loss terms. Expert losses reach the queries, the projector
+and the LLM through the query hidden states. A checkpoint is the MLLM's directory plus ``experts/<name>/``
+(``config.json`` with the :class:`ExpertSpec` + ``model.safetensors``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from taskmllm.errors import CheckpointError, ConfigError, RegistryError
+from taskmllm.experts import EXPERTS, build_expert, default_spec
+from taskmllm.experts.base import Expert, ExpertPrompt, ExpertSpec, TaskTarget, VisionFeatures
+from taskmllm.model.io import atomic_directory_write, load_pretrained, save_pretrained
+from taskmllm.model.mllm import TaskMLLM
+from taskmllm.model.processor import Batch
+from taskmllm.router.router import Router, TaskCall, group_calls
+
+EXPERTS_DIR = "experts"
+
+
+@dataclass
+class JointOutput:
+    """Losses of one joint forward: ``loss`` = LM loss + sum of expert terms (weights applied by experts)."""
+
+    loss: torch.Tensor
+    lm_loss: torch.Tensor
+    expert_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    calls: list[TaskCall] = field(default_factory=list)
+
+
+class JointModel(nn.Module):
+    """MLLM + experts (``nn.ModuleDict`` keyed by task name) + a parameter-free router.
+
+    Raises:
+        RegistryError: an expert's ``num_queries`` differs from the MLLM's query count for its task.
+        UnknownTaskError: a task token of the MLLM has no expert.
+    """
+
+    def __init__(self, mllm: TaskMLLM, experts: Mapping[str, Expert]) -> None:
+        super().__init__()
+        self.mllm = mllm
+        self.experts = nn.ModuleDict(dict(experts))
+        self.router = Router(mllm.tokenizer, mllm.config.tokens.tasks)
+        self.router.check_tasks(list(self.experts))
+        for name, expert in self.experts.items():
+            k = mllm.queries[name].shape[0]
+            if expert.num_queries != k:
+                raise RegistryError(f"expert {name!r} expects {expert.num_queries} queries but the model inserts {k} "
+                                    f"after <{name}>")
+
+    @classmethod
+    def build(cls, mllm: TaskMLLM, options: Optional[Mapping[str, dict]] = None,
+              registry: Optional[Mapping[str, type[Expert]]] = None) -> "JointModel":
+        """Fresh experts for every task of ``mllm`` with their default options (or ``options[name]``)."""
+        experts = {}
+        for name, k in mllm.config.tokens.tasks.items():
+            spec = default_spec(name, mllm.hidden_size, mllm.vision.width, mllm.vision.grid,
+                                mllm.config.vision.image_size, num_queries=k, registry=registry,
+                                **(options or {}).get(name, {}))
+            experts[name] = build_expert(name, spec, registry)
+        return cls(mllm, experts)
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, batch: Batch, targets: Sequence[Sequence[TaskTarget]]) -> JointOutput:
+        """Joint teacher-forced forward. ``targets[b]`` are sample b's targets in task-token order."""
+        out = self.mllm(batch)
+        calls = self.router.route(batch.input_ids, out.hidden_states, batch.attention_mask)
+        flat = _match_targets(calls, targets)
+        lm = out.loss if out.loss is not None else out.logits.sum() * 0.0
+        total, terms = lm, {}
+        for task, group in group_calls(calls).items():
+            for same_t in _by_frames(group, batch.frames_per_sample).values():
+                outputs = self.run_expert(task, same_t, out.vision_features, batch)
+                for name, value in self.experts[task].loss(outputs, [flat[id(c)] for c in same_t]).items():
+                    terms[name] = terms.get(name, 0.0) + value * len(same_t) / len(group)
+        for value in terms.values():
+            total = total + value
+        return JointOutput(total, lm, terms, calls)
+
+    def run_expert(self, task: str, calls: Sequence[TaskCall], vision_features: torch.Tensor, batch: Batch,
+                   prompt_boxes: Optional[Sequence[Optional[torch.Tensor]]] = None):
+        """Run expert ``task`` on ``calls`` whose samples all have the same number of frames."""
+        features = torch.stack([frames_of(vision_features, batch.frames_per_sample, c.sample) for c in calls])
+        queries = torch.stack([c.query_states for c in calls]).to(features.dtype)
+        prompts = [ExpertPrompt(c.phrase, None if prompt_boxes is None else prompt_boxes[c.sample]) for c in calls]
+        vf = VisionFeatures(features, self.mllm.vision.grid, self.mllm.config.vision.image_size)
+        return self.experts[task](queries, vf, prompts)
+
+    # ----------------------------------------------------------------------------------------------- i/o
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Atomically write the MLLM checkpoint plus ``experts/<name>/{config.json, model.safetensors}``."""
+        from safetensors.torch import save_model
+
+        def write(tmp: Path) -> None:
+            save_pretrained(self.mllm, tmp / "_mllm")
+            for item in (tmp / "_mllm").iterdir():
+                item.rename(tmp / item.name)
+            (tmp / "_mllm").rmdir()
+            for name, expert in self.experts.items():
+                d = tmp / EXPERTS_DIR / name
+                d.mkdir(parents=True)
+                (d / "config.json").write_text(json.dumps(expert.spec.to_dict(), indent=2))
+                save_model(expert, str(d / "model.safetensors"))
+
+        return atomic_directory_write(path, write)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        registry: Optional[Mapping[str, type[Expert]]] = None) -> "JointModel":
+        """Load a directory written by :meth:`save_pretrained` (typed errors name the bad file)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_model
+
+        path = Path(path)
+        mllm = load_pretrained(path, device=device)
+        experts = {}
+        for name in mllm.config.tokens.tasks:
+            d = path / EXPERTS_DIR / name
+            for f in ("config.json", "model.safetensors"):
+                if not (d / f).is_file():
+                    raise CheckpointError(d / f, f"missing: the checkpoint has task <{name}> but no expert weights")
+            try:
+                spec = ExpertSpec.from_dict(json.loads((d / "config.json").read_text()))
+            except (ValueError, ConfigError) as exc:
+                raise CheckpointError(d / "config.json", str(exc)) from exc
+            expert = build_expert(name, spec, registry if registry is not None else EXPERTS)
+            try:
+                load_model(expert, str(d / "model.safetensors"), strict=True, device=str(device))
+            except (SafetensorError, OSError, RuntimeError) as exc:
+                raise CheckpointError(d / "model.safetensors", f"cannot load expert weights: {exc}") from exc
+            experts[name] = expert
+        return cls(mllm, experts).to(device).eval()
+
+
+def frames_of(vision_features: torch.Tensor, frames_per_sample: Sequence[int], sample: int) -> torch.Tensor:
+    """Sample ``sample``'s ``(T, N, C)`` slice of the batch's ``(F, N, C)`` vision features."""
+    if frames_per_sample[sample] == 0:
+        raise ConfigError(f"sample {sample} has a task call but no image")
+    start = sum(frames_per_sample[:sample])
+    return vision_features[start: start + frames_per_sample[sample]]
+
+
+def _by_frames(calls: Sequence[TaskCall], frames_per_sample: Sequence[int]) -> dict[int, list[TaskCall]]:
+    groups: dict[int, list[TaskCall]] = {}
+    for c in calls:
+        groups.setdefault(frames_per_sample[c.sample], []).append(c)
+    return groups
+
+
+def _match_targets(calls: Sequence[TaskCall], targets: Sequence[Sequence[TaskTarget]]) -> dict[int, TaskTarget]:
+    """Pair each call with its sample's target of the same order; task names must agree."""
+    per_sample: dict[int, list[TaskCall]] = {}
+    for c in calls:
+        per_sample.setdefault(c.sample, []).append(c)
+    matched = {}
+    for b in range(len(targets)):
+        got, want = per_sample.get(b, []), list(targets[b])
+        if [c.task for c in got] != [t.task for t in want]:
+            raise ConfigError(f"sample {b}: the answer's task tokens {[c.task for c in got]} do not match its "
+                              f"targets {[t.task for t in want]}")
+        matched.update({id(c): t for c, t in zip(got, want)})
+    return matched

@@ -1,0 +1,102 @@
+"""Pipeline: image or video + instruction -> :class:`Result` (text, masks, boxes, tracks).
+
+    pipe = Pipeline.from_pretrained("path/to/checkpoint")
+    result = pipe(image, "Segment the red circle.")
+    result.text, result.calls[0].mask, result.draw()
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from taskmllm.model.generation import Intervention
+from taskmllm.model.processor import VisualInput, load_image
+from taskmllm.model.tokens import decode_boxes, strip_protocol
+from taskmllm.router.joint import JointModel
+from taskmllm.router.result import CallResult, Result
+from taskmllm.router.router import TaskCall, group_calls
+
+
+class Pipeline:
+    """Inference over a :class:`JointModel`: generate, route the task calls, run the experts, postprocess."""
+
+    def __init__(self, model: JointModel) -> None:
+        self.model = model.eval()
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "Pipeline":
+        """Load a checkpoint directory written by ``JointModel.save_pretrained``."""
+        return cls(JointModel.from_pretrained(path, device=device))
+
+    @property
+    def processor(self):
+        return self.model.mllm.processor
+
+    @torch.no_grad()
+    def __call__(self, visual: Union[VisualInput, Sequence[VisualInput]], prompt: Union[str, Sequence[str]],
+                 max_new_tokens: int = 64, intervention: Optional[Intervention] = None,
+                 **generation) -> Union[Result, list[Result]]:
+        """Answer ``prompt`` about ``visual`` (an image, a list of frames, or None).
+
+        Lists of prompts (with a list of visuals) run as one batch and return a list of results.
+        ``generation`` is passed to ``TaskMLLM.generate`` (``do_sample``, ``temperature``, ``top_p``, ...).
+        """
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        visuals = [visual] if single else list(visual)
+        mllm = self.model.mllm
+        batch = self.processor(prompts, visuals)
+        out = mllm.generate(batch, max_new_tokens=max_new_tokens, intervention=intervention, **generation)
+        calls = self.model.router.route_generation(out)
+        prompt_boxes = [_prompt_box(p) for p in prompts]
+        per_call = self._run_experts(calls, out.vision_features, batch, prompt_boxes)
+        results = []
+        for b, prompt_text in enumerate(prompts):
+            raw = mllm.processor.decode(out.sequences[b])
+            results.append(Result(text=strip_protocol(raw), raw_text=raw,
+                                  calls=[per_call[id(c)] for c in calls if c.sample == b], **_pictures(visuals[b])))
+        return results[0] if single else results
+
+    def _run_experts(self, calls: list[TaskCall], vision_features, batch, prompt_boxes) -> dict[int, CallResult]:
+        results: dict[int, CallResult] = {}
+        for task, group in group_calls(calls).items():
+            if any(batch.frames_per_sample[c.sample] == 0 for c in group):
+                for c in group:  # a task token about no image: keep the text, no expert output
+                    results[id(c)] = CallResult(task, c.phrase)
+                group = [c for c in group if batch.frames_per_sample[c.sample] > 0]
+            by_frames: dict[int, list[TaskCall]] = {}
+            for c in group:
+                by_frames.setdefault(batch.frames_per_sample[c.sample], []).append(c)
+            for same in by_frames.values():
+                outputs = self.model.run_expert(task, same, vision_features, batch, prompt_boxes)
+                sizes = [batch.image_sizes[c.sample] for c in same]
+                for c, r in zip(same, self.model.experts[task].postprocess(outputs, sizes)):
+                    results[id(c)] = _call_result(task, c.phrase, r)
+        return results
+
+
+def _prompt_box(prompt: str) -> Optional[torch.Tensor]:
+    """The first ``<box>`` of a prompt as a normalized ``(4,)`` tensor (a tracking target), if any."""
+    boxes = decode_boxes(prompt)
+    return torch.tensor(boxes[0], dtype=torch.float32) if boxes else None
+
+
+def _pictures(visual: VisualInput) -> dict:
+    if visual is None:
+        return {}
+    if isinstance(visual, (list, tuple)) or (isinstance(visual, np.ndarray) and visual.ndim == 4):
+        return {"frames": [load_image(f) for f in visual]}
+    return {"image": load_image(visual)}
+
+
+def _call_result(task: str, phrase: Optional[str], r) -> CallResult:
+    """An expert's postprocessed result as a :class:`CallResult` (numpy arrays in pixels)."""
+    def arr(name):
+        value = getattr(r, name, None)
+        return None if value is None else np.asarray(value.detach().cpu() if torch.is_tensor(value) else value)
+
+    return CallResult(task, phrase, mask=arr("mask"), boxes=arr("boxes"), scores=arr("scores"))

@@ -1,0 +1,105 @@
+"""JointModel (joint forward, gradients, checkpoint) and Pipeline end to end on a tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from taskmllm.errors import CheckpointError, RegistryError, UnknownTaskError
+from taskmllm.experts.base import TaskTarget
+from taskmllm.model.mllm import TaskMLLM
+from taskmllm.router.joint import JointModel
+from taskmllm.router.pipeline import Pipeline
+from tests.conftest import tiny_config
+
+
+@pytest.fixture()
+def joint(tokenizer):
+    torch.manual_seed(0)
+    return JointModel.build(TaskMLLM(tiny_config(tokenizer), tokenizer))
+
+
+def _sample_batch(joint, rgb_image):
+    mask = np.zeros((40, 56), bool)
+    mask[5:20, 10:30] = True
+    video = [rgb_image] * 3
+    prompts = ["Segment the green star.", "Find all hexagons.", "Track the yellow heart.", "What color?"]
+    answers = ["Sure, <ref>the green star</ref><seg>.", "<ref>hexagons</ref><det>", "<ref>the heart</ref><track>",
+               "Red."]
+    targets = [[TaskTarget("seg", mask=mask)],
+               [TaskTarget("det", boxes=np.array([[0.1, 0.1, 0.4, 0.5], [0.5, 0.5, 0.9, 0.9]], np.float32))],
+               [TaskTarget("track", boxes=np.tile(np.array([[0.2, 0.2, 0.6, 0.6]], np.float32), (3, 1)),
+                           visible=np.array([True, True, False]))],
+               []]
+    batch = joint.mllm.processor(prompts, [rgb_image, rgb_image, video, None], answers=answers)
+    return batch, targets
+
+
+@pytest.mark.parametrize("task", ["seg", "det", "track"])
+def test_each_expert_loss_reaches_queries_projector_and_llm(joint, rgb_image, task):
+    batch, targets = _sample_batch(joint, rgb_image)
+    out = joint(batch, targets)
+    assert out.lm_loss.item() > 0 and {c.task for c in out.calls} == {"seg", "det", "track"}
+    expert_loss = sum(v for k, v in out.expert_losses.items() if k.startswith(task))
+    expert_loss.backward()
+    mllm = joint.mllm
+    for name, params in {"queries": [mllm.queries[task]], "projector": list(mllm.projector.parameters()),
+                         "llm": list(mllm.llm.parameters())}.items():
+        grad = sum(p.grad.abs().sum().item() for p in params if p.grad is not None)
+        assert grad > 0, f"{task} loss gives no gradient in {name}"
+
+
+def test_checkpoint_round_trip_and_typed_errors(joint, tmp_path, rgb_image):
+    joint.save_pretrained(tmp_path / "ck")
+    loaded = JointModel.from_pretrained(tmp_path / "ck")
+    batch, targets = _sample_batch(joint, rgb_image)
+    joint.eval()
+    with torch.no_grad():
+        a, b = joint(batch, targets), loaded(batch, targets)
+    assert torch.equal(a.loss, b.loss)
+    (tmp_path / "ck" / "experts" / "det" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="det.*model.safetensors"):
+        JointModel.from_pretrained(tmp_path / "ck")
+
+
+def test_task_without_expert_and_query_mismatch(joint):
+    experts = dict(joint.experts)
+    with pytest.raises(UnknownTaskError, match="<track>"):
+        JointModel(joint.mllm, {k: v for k, v in experts.items() if k != "track"})
+    experts["det"].num_queries = 2
+    with pytest.raises(RegistryError, match="expects 2 queries but the model inserts 4"):
+        JointModel(joint.mllm, experts)
+
+
+def test_pipeline_end_to_end(overfit, rgb_image):
+    """The overfit model emits <seg> / <det>; the pipeline returns a mask of the image's size and an overlay."""
+    model, prompts, images, _ = overfit
+    pipe = Pipeline(JointModel.build(model))
+    result = pipe(images[0], prompts[0], max_new_tokens=24)
+    assert result.text == "Sure, the green star."
+    assert [c.task for c in result.calls] == ["seg"] and result.calls[0].phrase == "the green star"
+    assert result.calls[0].mask.shape == images[0].shape[:2] and result.calls[0].mask.dtype == bool
+    overlay = result.draw()
+    assert overlay.size == (images[0].shape[1], images[0].shape[0])
+    data = result.to_dict()
+    assert data["calls"][0]["mask_rle"]["size"] == list(images[0].shape[:2])
+
+
+def test_pipeline_video_tracking_box_per_frame(tokenizer, rgb_image):
+    """A model overfit to answer with <track> returns one box per frame of the video."""
+    torch.manual_seed(0)
+    joint = JointModel.build(TaskMLLM(tiny_config(tokenizer), tokenizer))
+    video = [rgb_image, rgb_image[::-1].copy(), rgb_image[:, ::-1].copy()]
+    prompt, answer = "Track the object in <box>100,100,500,500</box>.", "<ref>the object</ref><track>."
+    batch = joint.mllm.processor([prompt], [video], answers=[answer])
+    opt = torch.optim.AdamW(joint.mllm.parameters(), lr=3e-3)
+    for _ in range(40):
+        loss = joint.mllm(batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    result = Pipeline(joint)(video, prompt, max_new_tokens=16)
+    assert [c.task for c in result.calls] == ["track"]
+    assert result.calls[0].boxes.shape == (3, 4)
+    assert len(result.draw()) == 3
