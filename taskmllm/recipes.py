@@ -22,7 +22,7 @@ def tiny_config(tokenizer, max_frames: int = 8) -> MLLMConfig:
                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, rope_theta=10000.0)
     vision = VisionConfig(kind="open_clip", image_size=96, patch_size=16, width=192, layers=4, heads=4)
     return MLLMConfig(vision=vision, projector=ProjectorConfig(), llm=llm,
-                      tokens=TokenConfig(tasks={"seg": 1, "det": 4, "track": 1}), max_frames=max_frames)
+                      tokens=TokenConfig(tasks={"seg": 1, "det": 8, "track": 1}), max_frames=max_frames)
 
 
 def tiny_corpus(n: int = 20000, seed: int = 0):
