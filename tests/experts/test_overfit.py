@@ -1,5 +1,6 @@
-"""Each expert overfits a few shape scenes on CPU, trained jointly with a patch embedding and free query states
-(standing in for the vision tower and the LLM). Single-threaded so that a busy machine does not slow it down."""
+"""Each expert overfits a small batch of ShapesWorld samples on CPU, trained jointly with a patch embedding and
+free query states (standing in for the vision tower and the LLM). Single-threaded so that a busy machine does
+not slow it down."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch
 from taskmllm.experts import ExpertPrompt, TaskTarget, build_expert, default_spec
 from taskmllm.experts.boxes import box_iou, elementwise_box_iou
 from tests.experts.harness import overfit
-from tests.experts.shapes import draw_clip, draw_scene, mask_iou
+from taskmllm.data.conversations import ConversationBuilder, ConversationConfig
+from taskmllm.data.shapesworld import ShapesWorld, WorldConfig
+from tests.experts.shapes import mask_iou
 
 SIZE, PATCH, C, H, M = 96, 12, 64, 64, 8
 GRID = (SIZE // PATCH, SIZE // PATCH)
@@ -24,16 +27,33 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def shapesworld(task: str, n: int, seed: int = 0, frames: int = 6) -> list:
+    """The first ``n`` ShapesWorld training samples of ``task`` (one target each), at the test's image size."""
+    world = ShapesWorld(WorldConfig(image_size=SIZE, num_frames=frames, max_objects=4), seed=seed)
+    builder, rng, samples, i = ConversationBuilder(ConversationConfig()), np.random.default_rng(seed), [], 0
+    while len(samples) < n:
+        scene = world.video(i, "train") if task == "track" else world.image(i, "train")
+        sample = builder.build(scene, task, rng)
+        if sample is not None and (task != "det" or len(sample.targets[0].boxes) > 0):
+            samples.append(sample)
+        i += 1
+    return samples
+
+
+def to_pixels(frames: np.ndarray) -> torch.Tensor:
+    """``(M, T, S, S, 3)`` uint8 -> ``(M, T, 3, S, S)`` float in [0, 1]."""
+    return torch.from_numpy(frames).permute(0, 1, 4, 2, 3).float() / 255.0
+
+
 def _report(name, run):
     print(f"\n{name}: metric {run.metric:.3f} after {run.steps} steps, {run.cpu_seconds:.1f} s CPU, "
           f"{run.wall_seconds:.1f} s wall; history {[(s, round(v, 2)) for s, v in run.history]}")
 
 
 def test_segmentation_overfits_to_iou_above_0_9():
-    rng = np.random.default_rng(0)
-    scenes = [draw_scene(rng, SIZE, 3) for _ in range(M)]
-    pixels = torch.tensor(np.stack([s.image for s in scenes]))[:, None]
-    targets = [TaskTarget("seg", phrase=f"shape {i % 3}", mask=s.masks[i % 3]) for i, s in enumerate(scenes)]
+    samples = shapesworld("seg", M)
+    pixels = to_pixels(np.stack([s.image for s in samples])[:, None])
+    targets = [s.targets[0] for s in samples]
     torch.manual_seed(0)
     expert = build_expert("seg", default_spec("seg", H, C, GRID, SIZE))
 
@@ -47,10 +67,9 @@ def test_segmentation_overfits_to_iou_above_0_9():
 
 
 def test_detection_overfits_all_boxes_iou_above_0_8():
-    rng = np.random.default_rng(0)
-    scenes = [draw_scene(rng, SIZE, 1 + i % 4) for i in range(M)]  # 1-4 objects, K = 8 slots (the default)
-    pixels = torch.tensor(np.stack([s.image for s in scenes]))[:, None]
-    targets = [TaskTarget("det", boxes=s.boxes) for s in scenes]
+    samples = shapesworld("det", M)  # "find all <shape>": 1-4 boxes, K = 8 slots (the default)
+    pixels = to_pixels(np.stack([s.image for s in samples])[:, None])
+    targets = [s.targets[0] for s in samples]
     torch.manual_seed(0)
     expert = build_expert("det", default_spec("det", H, C, GRID, SIZE))
 
@@ -78,17 +97,16 @@ def test_detection_overfits_all_boxes_iou_above_0_8():
 
 
 def test_tracking_overfits_mean_iou_above_0_8():
-    rng = np.random.default_rng(0)
-    frames = 6
-    clips = [draw_clip(rng, SIZE, frames, hidden=(2,) if i % 2 else ()) for i in range(M)]
-    pixels = torch.tensor(np.stack([c.frames for c in clips]))
-    targets = [TaskTarget("track", boxes=c.boxes, visible=c.visible) for c in clips]
-    # half the targets are given by a box in the prompt (their first-frame box), half by the query alone
-    prompts = [ExpertPrompt(box=c.boxes[0]) if i % 2 == 0 else ExpertPrompt(phrase="the target") for i, c in enumerate(clips)]
+    samples = shapesworld("track", M)
+    pixels = to_pixels(np.stack([np.stack(s.frames) for s in samples]))
+    targets = [s.targets[0] for s in samples]
+    # half the targets are given by a box in the prompt (their first-frame box), half by the phrase alone
+    prompts = [ExpertPrompt(box=t.prompt_box) if i % 2 == 0 else ExpertPrompt(phrase=t.phrase)
+               for i, t in enumerate(targets)]
     torch.manual_seed(0)
     expert = build_expert("track", default_spec("track", H, C, GRID, SIZE))
-    visible = torch.from_numpy(np.stack([c.visible for c in clips]))
-    truth = torch.from_numpy(np.stack([c.boxes for c in clips]))
+    visible = torch.from_numpy(np.stack([t.visible for t in targets]))
+    truth = torch.from_numpy(np.stack([t.boxes for t in targets]).astype(np.float32))
 
     def mean_iou(out):
         """Mean IoU over visible frames; 0 unless every frame's visibility is right."""
