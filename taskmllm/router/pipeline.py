@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -49,16 +50,21 @@ class Pipeline:
         prompts = [prompt] if single else list(prompt)
         visuals = [visual] if single else list(visual)
         mllm = self.model.mllm
+        t0 = time.perf_counter()
         batch = self.processor(prompts, visuals)
+        t1 = time.perf_counter()
         out = mllm.generate(batch, max_new_tokens=max_new_tokens, intervention=intervention, **generation)
+        t2 = time.perf_counter()
         calls = self.model.router.route_generation(out)
         prompt_boxes = [_prompt_box(p) for p in prompts]
         per_call = self._run_experts(calls, out.vision_features, batch, prompt_boxes)
+        timings = {"preprocess": t1 - t0, "generate": t2 - t1, "experts": time.perf_counter() - t2}
         results = []
         for b, prompt_text in enumerate(prompts):
             raw = mllm.processor.decode(out.sequences[b])
             results.append(Result(text=strip_protocol(raw), raw_text=raw,
-                                  calls=[per_call[id(c)] for c in calls if c.sample == b], **_pictures(visuals[b])))
+                                  calls=[per_call[id(c)] for c in calls if c.sample == b], timings=timings,
+                                  **_pictures(visuals[b])))
         return results[0] if single else results
 
     def _run_experts(self, calls: list[TaskCall], vision_features, batch, prompt_boxes) -> dict[int, CallResult]:

@@ -36,13 +36,18 @@ class CallResult:
 
 @dataclass
 class Result:
-    """Answer of :class:`~taskmllm.router.pipeline.Pipeline` for one image or video."""
+    """Answer of :class:`~taskmllm.router.pipeline.Pipeline` for one image or video.
+
+    ``timings`` holds seconds spent by the whole batch in ``preprocess``, ``generate`` and ``experts``
+    (routing + expert heads + postprocessing).
+    """
 
     text: str
     raw_text: str
     calls: list[CallResult] = field(default_factory=list)
     image: Optional[Image.Image] = None
     frames: list[Image.Image] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: masks as COCO RLE (pycocotools), boxes in pixels."""
@@ -59,7 +64,7 @@ class Result:
             if c.scores is not None:
                 item["scores" if c.task != "track" else "visibility"] = np.round(c.scores, 4).tolist()
             calls.append(item)
-        return {"text": self.text, "raw_text": self.raw_text, "calls": calls}
+        return {"text": self.text, "raw_text": self.raw_text, "calls": calls, "timings": self.timings}
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
