@@ -91,6 +91,8 @@ class _Decoder:
         self.mask: Optional[torch.Tensor] = None  # (B, T) of everything fed so far
         self.emb: Optional[torch.Tensor] = None  # (B, T, H), only without cache
         self.pos: Optional[torch.Tensor] = None
+        cfg = model.llm.config  # logits = lm_head(hidden) unless the LM scales or soft-caps them
+        self.plain_head = getattr(cfg, "final_logit_softcapping", None) is None and not hasattr(cfg, "logit_scale")
 
     def feed(self, emb: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed ``(B, C, H)`` embeddings; returns logits ``(B, C, V)`` and last hidden ``(B, C, H)`` of the chunk."""
@@ -99,10 +101,13 @@ class _Decoder:
             self.emb = emb if self.emb is None else torch.cat([self.emb, emb], 1)
             self.pos = pos if self.pos is None else torch.cat([self.pos, pos], 1)
             emb, pos = self.emb, self.pos
-        out = self.model.llm(inputs_embeds=emb, attention_mask=self.mask, position_ids=pos,
-                             past_key_values=self.cache, use_cache=self.cache is not None,
-                             output_hidden_states=True)
-        c = mask.shape[1]
+        llm, c = self.model.llm, mask.shape[1]
+        kwargs = dict(inputs_embeds=emb, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
+                      use_cache=self.cache is not None)
+        if self.plain_head:  # decoder + lm_head on the chunk: no hidden-state capture of every layer
+            hidden = llm.get_decoder()(**kwargs).last_hidden_state[:, -c:]  # (B, C, H) after the final norm
+            return llm.get_output_embeddings()(hidden), hidden
+        out = llm(**kwargs, output_hidden_states=True)
         return out.logits[:, -c:], out.hidden_states[-1][:, -c:]
 
 
