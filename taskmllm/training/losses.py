@@ -1,0 +1,121 @@
+"""Weights and sums the training losses: LM cross-entropy, expert terms, and the dense per-patch loss.
+
+Experts already weight their own terms (e.g. ``2·L1 + GIoU/5``); a stage adds one weight per expert
+(``stage.expert_weights[name]``, default 1) and one LM weight (``stage.lm_weight``). Expert term names are
+prefixed with the expert's name (``seg_bce``, ``det_giou``), which is how a term finds its expert.
+
+:class:`PatchHead` is the ``pretrain`` stage's direct supervision of a from-scratch vision tower (DESIGN,
+"Measured before building"): a linear shape classifier and a linear color classifier on every vision token,
+with per-patch labels from the ShapesWorld masks (the object covering most of the patch, else background).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from taskmllm.data.vocab import COLORS, SHAPES
+from taskmllm.errors import ConfigError
+from taskmllm.model.processor import sample_frames
+
+
+def expert_of(term: str, experts: Sequence[str]) -> str:
+    """The expert a loss term belongs to (longest name that prefixes ``term``)."""
+    owners = [e for e in experts if term == e or term.startswith(e + "_")]
+    if not owners:
+        raise ConfigError(f"loss term {term!r} does not start with an expert name of {list(experts)}")
+    return max(owners, key=len)
+
+
+def total_loss(lm_loss: torch.Tensor, expert_losses: Mapping[str, torch.Tensor], experts: Sequence[str],
+               lm_weight: float = 1.0, expert_weights: Optional[Mapping[str, float]] = None,
+               extra: Optional[Mapping[str, tuple[float, torch.Tensor]]] = None
+               ) -> tuple[torch.Tensor, dict[str, float]]:
+    """``lm_weight·LM + Σ_e w_e·Σ terms_e + Σ w·extra`` and the weighted parts as floats for logging."""
+    weights = dict(expert_weights or {})
+    unknown = sorted(set(weights) - set(experts))
+    if unknown:
+        raise ConfigError(f"stage.expert_weights names unknown experts {unknown}; experts: {list(experts)}")
+    total = lm_loss * lm_weight
+    parts = {"lm": float(lm_loss.detach())}
+    for term, value in expert_losses.items():
+        w = weights.get(expert_of(term, experts), 1.0)
+        if w:
+            total = total + w * value
+        parts[term] = float(value.detach())
+    for name, (w, value) in (extra or {}).items():
+        if w:
+            total = total + w * value
+        parts[name] = float(value.detach())
+    return total, parts
+
+
+class PatchHead(nn.Module):
+    """Linear shape and color classifiers over vision tokens ``(F, N, C)`` (index 0 = background)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.shape = nn.Linear(width, len(SHAPES) + 1)
+        self.color = nn.Linear(width, len(COLORS) + 1)
+
+    def loss(self, features: torch.Tensor, shape_labels: torch.Tensor, color_labels: torch.Tensor) -> torch.Tensor:
+        feats = features.float()
+        return (F.cross_entropy(self.shape(feats).flatten(0, 1), shape_labels.flatten())
+                + F.cross_entropy(self.color(feats).flatten(0, 1), color_labels.flatten()))
+
+
+def patch_labels(samples: Sequence, grid: tuple[int, int], max_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch ``(F, gh*gw)`` shape and color labels of every frame of ``samples``, in the processor's order.
+
+    A patch gets the class of the object covering the largest fraction of it when that fraction is >= 0.5,
+    else 0 (background). Objects without masks or with unknown categories count as background.
+    """
+    shapes, colors = [], []
+    shape_ids = {s: i + 1 for i, s in enumerate(SHAPES)}
+    color_ids = {c: i + 1 for i, c in enumerate(COLORS)}
+    for s in samples:
+        if s.frames is None and s.image is None:
+            continue
+        n = s.frames.shape[0] if s.frames is not None else 1
+        for t in sample_frames(list(range(n)), max_frames):
+            masks, sid, cid = [], [], []
+            for obj in s.objects:
+                m = obj.masks[t] if obj.masks is not None else obj.mask
+                if m is None:
+                    continue
+                masks.append(np.asarray(m, dtype=np.float32))
+                sid.append(shape_ids.get(obj.category, 0))
+                cid.append(color_ids.get(obj.color, 0))
+            sl, cl = torch.zeros(grid[0] * grid[1], dtype=torch.long), torch.zeros(grid[0] * grid[1], dtype=torch.long)
+            if masks:
+                cover = F.adaptive_avg_pool2d(torch.from_numpy(np.stack(masks))[None], grid)[0].flatten(1)
+                frac, which = cover.max(0)
+                keep = frac >= 0.5
+                sl[keep] = torch.tensor(sid)[which[keep]]
+                cl[keep] = torch.tensor(cid)[which[keep]]
+            shapes.append(sl)
+            colors.append(cl)
+    if not shapes:
+        return torch.zeros(0, grid[0] * grid[1], dtype=torch.long), torch.zeros(0, grid[0] * grid[1], dtype=torch.long)
+    return torch.stack(shapes), torch.stack(colors)
+
+
+class CaptureOutput:
+    """``with CaptureOutput(module) as got: ...`` -> ``got.value`` is the module's last output (scoped hook)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module, self.value, self._handle = module, None, None
+
+    def __enter__(self) -> "CaptureOutput":
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.value = output
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()

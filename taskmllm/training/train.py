@@ -1,0 +1,311 @@
+"""One training loop for every stage: ``taskmllm train RECIPE/STAGE.yaml [--a.b=c ...]``.
+
+Read top to bottom: set up (distributed, config checks, model, stage, optimizer, schedule, resume), then a loop
+of ``grad_accum`` micro-batches through the joint forward (:meth:`JointModel.forward`), the weighted loss,
+gradient averaging over ranks, clipping, an AdamW step and a checkpoint every ``save_every`` steps. Launch
+with ``taskmllm train``, ``torchrun --nproc-per-node N -m taskmllm.cli train ...`` (gloo on CPU, nccl on
+GPU) or ``deepspeed``. The data order is a pure function of ``(seed, position)`` so a resumed run sees the
+same batches; global batch = ``batch_size * grad_accum * world_size``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from taskmllm.errors import ConfigError
+from taskmllm.training.checkpoint import Checkpointer
+from taskmllm.training.config import TrainConfig, check_paths, save_config
+from taskmllm.training.losses import CaptureOutput, PatchHead, patch_labels, total_loss
+from taskmllm.training.stages import apply_stage, merge_lora, protocol_token_ids
+
+log = logging.getLogger(__name__)
+
+
+class Trainee(nn.Module):
+    """What trains: the joint model plus auxiliary heads (``patch_head`` when the stage uses it)."""
+
+    def __init__(self, joint: nn.Module, aux: nn.ModuleDict) -> None:
+        super().__init__()
+        self.joint, self.aux = joint, aux
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run one stage; returns ``<out_dir>/final`` (a JointModel directory the next stage can ``init`` from)."""
+    cfg.validate()
+    check_paths(cfg)
+    rank, world, device = setup_distributed(cfg.device)
+    out = Path(cfg.out_dir)
+    torch.manual_seed(cfg.seed)
+
+    # ---- model, stage, optimizer, schedule
+    joint = build_joint(cfg)
+    aux = nn.ModuleDict({"patch_head": PatchHead(joint.mllm.vision.width)} if cfg.stage.patch_weight else {})
+    report = apply_stage(joint, cfg.stage, aux, protocol_token_ids(joint.mllm.tokenizer))
+    if cfg.stage.patch_weight and cfg.data.source != "shapesworld":
+        raise ConfigError("stage.patch_weight needs ShapesWorld data (per-patch labels come from its masks)")
+    trainee = Trainee(joint, aux).to(device)
+    params = [p for p in trainee.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg))
+    engine = deepspeed_engine(cfg, trainee, optimizer, scheduler) if cfg.deepspeed else None
+
+    # ---- resume (every compatibility check happens here, before the first forward)
+    ckpt = Checkpointer(out / "checkpoints", cfg.keep_last, rank, world)
+    start_step, position = 0, 0
+    resume_from = ckpt.resolve(cfg.resume)
+    if resume_from is not None:
+        state = ckpt.check(resume_from, trainee)
+        ckpt.load(resume_from, state, trainee, optimizer, scheduler)
+        start_step, position = state["step"], state["data_position"]
+        log.info("resumed from %s at step %d", resume_from, start_step)
+    dataset = build_dataset(cfg)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "train_config.yaml")
+        (out / "trainable.json").write_text(json.dumps([dataclasses.asdict(r) for r in report], indent=1))
+    metrics = MetricsLog(out / "metrics.jsonl", start_step, enabled=rank == 0)
+    autocast = autocast_context(cfg.precision, device)
+
+    # ---- the loop
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
+               disable=rank != 0 or not cfg.progress, desc=cfg.stage.name)
+    trainee.train()
+    for step in bar:
+        sums: dict[str, float] = {}
+        for _ in range(cfg.grad_accum):
+            samples = micro_batch(dataset, cfg, position, rank, world)
+            position += 1
+            with autocast:
+                loss, parts = forward_loss(trainee, samples, cfg, device)
+            loss = loss / cfg.grad_accum
+            (engine.backward(loss) if engine is not None else loss.backward())
+            if engine is not None:
+                engine.step()  # DeepSpeed accumulates, clips and steps at the boundary itself
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+        if engine is None:
+            average_gradients(params, world)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            grad_norm = float(engine.get_global_grad_norm() or 0.0)
+        row = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+               **average_scalars(sums, world, device)}
+        row["loss_weighted"] = row.pop("total")
+        metrics.write(row)
+        bar.set_postfix(loss=f"{row['loss_weighted']:.4f}")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+            ckpt.save(step + 1, trainee, optimizer, scheduler, position, cfg,
+                      partitioned_optimizer=engine is not None)
+            metrics.plot(out / "loss.png")
+
+    # ---- export: LoRA merged, a plain JointModel directory
+    final = out / "final"
+    if rank == 0:
+        merge_lora(joint, aux)
+        joint.save_pretrained(final)
+        save_config(cfg, final / "train_config.yaml")
+    if world > 1:
+        torch.distributed.barrier()
+    return final
+
+
+# ----------------------------------------------------------------------------------------- pieces
+def forward_loss(trainee: Trainee, samples: list, cfg: TrainConfig, device: torch.device):
+    """Joint forward of one micro-batch -> (weighted total loss, floats per part incl. ``total``)."""
+    joint = trainee.joint
+    visuals = [s.frames if s.frames is not None else s.image for s in samples]
+    batch = joint.mllm.processor([s.turns[0][0] for s in samples], visuals,
+                                 answers=[s.turns[0][1] for s in samples], padding_side="right").to(device)
+    extra = {}
+    if "patch_head" in trainee.aux:
+        with CaptureOutput(joint.mllm.vision) as feats:
+            out = joint(batch, [s.targets for s in samples])
+        shape, color = patch_labels(samples, joint.mllm.vision.grid, joint.mllm.config.max_frames)
+        extra["patch"] = (cfg.stage.patch_weight, trainee.aux["patch_head"].loss(feats.value, shape.to(device),
+                                                                                  color.to(device)))
+    else:
+        out = joint(batch, [s.targets for s in samples])
+    loss, parts = total_loss(out.lm_loss, out.expert_losses, list(joint.experts), cfg.stage.lm_weight,
+                             cfg.stage.expert_weights, extra)
+    parts["total"] = float(loss.detach())
+    return loss, parts
+
+
+def micro_batch(dataset, cfg: TrainConfig, position: int, rank: int, world: int) -> list:
+    """Samples of micro-batch ``position`` for ``rank``: a seeded permutation per epoch, sliced by rank."""
+    n, bs = len(dataset), cfg.data.batch_size
+    start = (position * world + rank) * bs
+    out = []
+    for g in range(start, start + bs):
+        epoch, i = divmod(g, n)
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(n) if n <= 1_000_000 else None
+        out.append(dataset[int(order[i]) if order is not None else (i * 2654435761 + epoch) % n])
+    return out
+
+
+def build_joint(cfg: TrainConfig):
+    """The tiny recipe built fresh (with ``model.*`` overrides) or a JointModel directory."""
+    from taskmllm.router.joint import JointModel
+
+    mc = cfg.model
+    if mc.init != "tiny":
+        if mc.llm or mc.vision or mc.tasks:
+            raise ConfigError("model.llm / model.vision / model.tasks override only a fresh 'tiny' model")
+        return JointModel.from_pretrained(mc.init)
+    from taskmllm.model.mllm import TaskMLLM
+    from taskmllm.recipes import load_tiny_tokenizer, tiny_config
+
+    tok = load_tiny_tokenizer()
+    base = tiny_config(tok, mc.max_frames)
+    vision_fields = {f.name for f in dataclasses.fields(base.vision)}
+    unknown = sorted(set(mc.vision) - vision_fields)
+    if unknown:
+        raise ConfigError(f"model.vision: unknown keys {unknown}; known: {sorted(vision_fields)}")
+    tokens = dataclasses.replace(base.tokens, tasks={**base.tokens.tasks, **mc.tasks})
+    mcfg = dataclasses.replace(base, llm={**base.llm, **mc.llm}, vision=dataclasses.replace(base.vision, **mc.vision),
+                               tokens=tokens)
+    return JointModel.build(TaskMLLM(mcfg, tok))
+
+
+def build_dataset(cfg: TrainConfig):
+    """ShapesWorld on the fly, or a LLaVA conversation JSON through the mixed dataset."""
+    from taskmllm.data.dataset import MixedDataset, shapesworld_dataset
+    from taskmllm.data.shapesworld import WorldConfig
+
+    dc = cfg.data
+    if dc.source == "shapesworld":
+        world = WorldConfig(image_size=dc.image_size, num_frames=dc.num_frames)
+        return shapesworld_dataset(dc.mix, dc.length, dc.seed, dc.split, world)
+    from taskmllm.data.formats import load_llava
+
+    samples = load_llava(dc.path, dc.image_root or None).samples
+    return MixedDataset({"llava": samples}, {"llava": 1.0}, dc.length, dc.seed)
+
+
+def cosine_with_warmup(cfg: TrainConfig):
+    """LR multiplier: linear warmup to 1, then cosine down to ``min_lr_ratio`` at ``max_steps``."""
+    warm, total, floor = cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def setup_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun/deepspeed env vars; gloo on CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world, dev
+
+
+def average_gradients(params: list, world: int) -> None:
+    """All-reduce mean of gradients (a parameter unused on one rank counts as zero there)."""
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+        p.grad /= world
+
+
+def average_scalars(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
+    """Mean over ranks of each logged scalar (a term absent on a rank counts as 0 there)."""
+    if world == 1:
+        return values
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, sorted(values))
+    keys = sorted(set().union(*gathered))
+    t = torch.tensor([values.get(k, 0.0) for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t)}
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bf16 autocast on CUDA devices that support it (``auto``/``bf16``); full precision otherwise."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda"
+                                       and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+
+def deepspeed_engine(cfg: TrainConfig, trainee: nn.Module, optimizer, scheduler):
+    """A DeepSpeed engine from the recipe's ZeRO JSON (batch sizes and clipping taken from ``cfg``)."""
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ConfigError(f"deepspeed: {cfg.deepspeed} is configured but DeepSpeed is not installed; "
+                          "install it with `pip install 'taskmllm[train]'` or set --deepspeed=''") from exc
+    ds = json.loads(Path(cfg.deepspeed).read_text())
+    ds.update(train_micro_batch_size_per_gpu=cfg.data.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+              gradient_clipping=cfg.optim.grad_clip)
+    engine, *_ = deepspeed.initialize(model=trainee, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    return engine
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one row per step; rows past a resume point are dropped) and a loss-curve PNG."""
+
+    def __init__(self, path: Path, start_step: int, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        self.rows: list[dict] = []
+        if enabled and path.exists():
+            self.rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= start_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            self.rows.append(row)
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def plot(self, png: Path) -> Optional[Path]:
+        if not self.enabled or not self.rows:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        steps = [r["step"] for r in self.rows]
+        for key in ("loss_weighted", "lm"):
+            ax.plot(steps, [r.get(key, float("nan")) for r in self.rows], label=key)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(png, dpi=100)
+        plt.close(fig)
+        return png
