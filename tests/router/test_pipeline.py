@@ -103,3 +103,15 @@ def test_pipeline_video_tracking_box_per_frame(tokenizer, rgb_image):
     assert [c.task for c in result.calls] == ["track"]
     assert result.calls[0].boxes.shape == (3, 4)
     assert len(result.draw()) == 3
+
+
+def test_public_api_load_model(joint, tmp_path):
+    import taskmllm
+
+    joint.save_pretrained(tmp_path / "joint")
+    joint.mllm.save_pretrained(tmp_path / "mllm")
+    assert isinstance(taskmllm.load_model(tmp_path / "joint"), taskmllm.JointModel)
+    assert isinstance(taskmllm.load_model(tmp_path / "mllm"), taskmllm.TaskMLLM)
+    assert isinstance(taskmllm.Pipeline(taskmllm.load_model(tmp_path / "joint")), taskmllm.Pipeline)
+    with pytest.raises(AttributeError):
+        taskmllm.NotAThing  # noqa: B018
