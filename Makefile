@@ -29,6 +29,9 @@ test-e2e: install  ## browser end-to-end tests (needs Debian's chromium)
 bench: install  ## benchmarks; each writes JSON to bench/results/
 	mkdir -p bench/results
 	$(BIN)/python bench/generate.py --out bench/results/generate.json
+	$(BIN)/python bench/pipeline.py --out bench/results/pipeline.json
+	$(BIN)/python bench/interventions.py > bench/results/interventions.json
+	$(BIN)/python bench/data.py > bench/results/data.json
 
 demo: install  ## until the Gradio demo exists: a ShapesWorld preview and a generation on the tiny model
 	$(BIN)/taskmllm data preview --n 16 --out demo-preview.png
