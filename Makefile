@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # The tested torch pair (pyproject keeps open ranges); pip takes it from local disk on the project's machines.
 TORCH  := torch==2.14.1 torchvision==0.29.1
-EXTRAS := dev
+EXTRAS := dev,train
 
 .PHONY: install test test-slow test-e2e bench demo clean
 

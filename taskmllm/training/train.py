@@ -266,7 +266,7 @@ def deepspeed_engine(cfg: TrainConfig, trainee: nn.Module, optimizer, scheduler)
         import deepspeed
     except ImportError as exc:
         raise ConfigError(f"deepspeed: {cfg.deepspeed} is configured but DeepSpeed is not installed; "
-                          "install it with `pip install 'taskmllm[train]'` or set --deepspeed=''") from exc
+                          "install it with `pip install 'taskmllm[deepspeed]'` or set --deepspeed=''") from exc
     ds = json.loads(Path(cfg.deepspeed).read_text())
     ds.update(train_micro_batch_size_per_gpu=cfg.data.batch_size, gradient_accumulation_steps=cfg.grad_accum,
               gradient_clipping=cfg.optim.grad_clip)
