@@ -41,6 +41,29 @@ def _data_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from taskmllm.eval.benchmarks import EvalOptions, evaluate
+
+    seed = {} if args.seed is None else {"seed": args.seed}
+    options = EvalOptions(n=args.n, batch_size=args.batch_size, progress=not args.no_progress,
+                          pope_questions=tuple(args.pope_questions or ()), images=args.images,
+                          instances=args.instances, captions=args.captions, **seed)
+    report = evaluate(args.model, args.suite, args.out, options, intervention=args.intervention, tau=args.tau,
+                      max_new_tokens=args.max_new_tokens, device=args.device)
+    print(report.markdown_path.read_text(), end="")
+    print(f"wrote {report.json_path}, {report.markdown_path} and {len(report.plot_paths)} plot(s) to {args.out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from taskmllm.training.config import load_config
+    from taskmllm.training.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    print(f"trained {cfg.stage.name}: {train(cfg)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (also used to render ``--help``)."""
     parser = argparse.ArgumentParser(prog="taskmllm", description=__doc__.splitlines()[0])
@@ -51,6 +74,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="local transformers LLaVA checkpoint directory")
     p.add_argument("dst", help="output taskmllm checkpoint directory")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("eval", help="run a named evaluation suite; writes results.json, results.md and PNG plots")
+    p.add_argument("--model", required=True, help="checkpoint directory (JointModel.save_pretrained)")
+    p.add_argument("--suite", required=True, choices=["shapes", "pope-shapes", "chair-shapes", "pope", "chair"])
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--n", type=int, default=None,
+                   help="questions per task (shapes) / images (pope-shapes, chair-shapes, chair) / questions per "
+                        "file (pope); default 200 for ShapesWorld suites, everything for real data")
+    p.add_argument("--intervention", choices=["vhr", "var"], default=None, help="training-free head reweighting")
+    p.add_argument("--tau", type=float, default=None,
+                   help="VAR sink threshold (default min(20, 0.5*sqrt(hidden size)); must be < sqrt(hidden size))")
+    p.add_argument("--seed", type=int, default=None,
+                   help="evaluation world / image-sample seed (default: one never used for training)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the suite's")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--pope-questions", nargs="+", help="POPE question files, one per split (suite pope)")
+    p.add_argument("--images", help="image folder (suites pope, chair)")
+    p.add_argument("--instances", help="COCO instances JSON (suite chair)")
+    p.add_argument("--captions", help="COCO captions JSON (suite chair)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("train", help="run one training stage: taskmllm train RECIPE/STAGE.yaml [--a.b=c ...]")
+    p.add_argument("config", help="stage YAML, e.g. taskmllm/training/recipes/tiny/pretrain.yaml")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--a.b=value config overrides")
+    p.set_defaults(func=_train)
 
     data = sub.add_parser("data", help="ShapesWorld data tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("preview", help="render samples with masks, boxes and text to a PNG grid")

@@ -1,0 +1,184 @@
+"""Named evaluation suites over a :class:`~taskmllm.router.pipeline.Pipeline`, with a JSON + markdown + PNG report.
+
+    taskmllm eval --model DIR --suite shapes --n 200 --out runs/eval
+
+=================  ===================================================================================
+suite              what it runs
+=================  ===================================================================================
+``shapes``         every ShapesWorld task (``n`` questions each) on a fresh test world + held-out compositions
+``pope-shapes``    POPE random / popular / adversarial on ``n`` ShapesWorld test images
+``chair-shapes``   CHAIR of captions of ``n`` ShapesWorld test images
+``pope``           POPE question files of the POPE repository (``--pope-questions``, ``--images``)
+``chair``          CHAIR on COCO (``--instances``, ``--captions``, ``--images``)
+=================  ===================================================================================
+
+Library use: :func:`run_suite` takes any answer function (see :mod:`taskmllm.eval.suites`), so a stub or
+another model can be evaluated without a Pipeline; :func:`evaluate` loads a checkpoint, runs a suite and
+writes the report. Interventions: ``"vhr"`` is ``VHR()``; ``"var"`` is ``VAR(tau=...)`` where the default
+``tau = min(20, 0.5 * sqrt(hidden_size))`` — VAR's published tau=20 is unreachable on models with
+``sqrt(hidden_size) <= 20`` (the massive-activation ratio phi is at most sqrt(hidden_size)); pass ``tau`` to set it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Optional, Union
+
+from taskmllm.data.shapesworld import WorldConfig
+from taskmllm.errors import CheckpointError, ConfigError
+from taskmllm.eval.realdata import run_chair, run_pope
+from taskmllm.eval.report import Report, write_report
+from taskmllm.eval.suites import (DEFAULT_EVAL_SEED, Answerer, SuiteOutput, pipeline_answerer, run_chair_shapes,
+                                  run_pope_shapes, run_shapes)
+
+__all__ = ["INTERVENTIONS", "SUITES", "EvalOptions", "Suite", "evaluate", "make_intervention", "report_suite",
+           "run_suite"]
+
+INTERVENTIONS: tuple[str, ...] = ("vhr", "var")
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Options of a suite run (each suite reads the ones it needs).
+
+    Attributes:
+        n: questions per task (``shapes``), images (``pope-shapes``, ``chair-shapes``, ``chair``), questions
+            per file (``pope``); ``None`` = the suite's default (200 for ShapesWorld suites, all for real data).
+        seed: seed of the evaluation world (ShapesWorld) or of the CHAIR image sample.
+        world: ShapesWorld scene parameters (default ``WorldConfig()``).
+        batch_size: questions per model call.
+        progress: show tqdm progress bars.
+        pope_questions: POPE question files (``pope``).
+        images: image folder (``pope``, ``chair``).
+        instances, captions: COCO instances / captions files (``chair``).
+        synonyms: extra CHAIR synonyms ``{category: [word, ...]}`` (``chair``).
+    """
+
+    n: Optional[int] = None
+    seed: int = DEFAULT_EVAL_SEED
+    world: Optional[WorldConfig] = None
+    batch_size: int = 16
+    progress: bool = True
+    pope_questions: Sequence[Union[str, Path]] = ()
+    images: Optional[Union[str, Path]] = None
+    instances: Optional[Union[str, Path]] = None
+    captions: Optional[Union[str, Path]] = None
+    synonyms: Optional[Mapping[str, Collection[str]]] = field(default=None)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A registered suite: how to run it and how long answers may be."""
+
+    name: str
+    description: str
+    run: Callable[[Answerer, EvalOptions], SuiteOutput]
+    max_new_tokens: int
+
+
+def _shapes(answer: Answerer, o: EvalOptions) -> SuiteOutput:
+    return run_shapes(answer, o.n or 200, o.seed, o.world, o.batch_size, progress=o.progress)
+
+
+def _pope_shapes(answer: Answerer, o: EvalOptions) -> SuiteOutput:
+    return run_pope_shapes(answer, o.n or 200, o.seed, o.world, o.batch_size, progress=o.progress)
+
+
+def _chair_shapes(answer: Answerer, o: EvalOptions) -> SuiteOutput:
+    return run_chair_shapes(answer, o.n or 200, o.seed, o.world, o.batch_size, progress=o.progress)
+
+
+def _pope(answer: Answerer, o: EvalOptions) -> SuiteOutput:
+    if not o.pope_questions:
+        raise ConfigError("suite 'pope' needs POPE question files (--pope-questions FILE [FILE ...])")
+    return run_pope(answer, list(o.pope_questions), o.images, o.n, o.batch_size, o.progress)
+
+
+def _chair(answer: Answerer, o: EvalOptions) -> SuiteOutput:
+    if o.instances is None:
+        raise ConfigError("suite 'chair' needs a COCO instances file (--instances FILE)")
+    return run_chair(answer, o.instances, o.captions, o.images, o.n, seed=o.seed, synonyms=o.synonyms,
+                     batch_size=o.batch_size, progress=o.progress)
+
+
+SUITES: Mapping[str, Suite] = MappingProxyType({
+    "shapes": Suite("shapes", "all ShapesWorld tasks on a fresh test world + held-out compositions", _shapes, 48),
+    "pope-shapes": Suite("pope-shapes", "POPE random/popular/adversarial on ShapesWorld", _pope_shapes, 8),
+    "chair-shapes": Suite("chair-shapes", "CHAIR of ShapesWorld captions", _chair_shapes, 64),
+    "pope": Suite("pope", "POPE question files (COCO) of the POPE repository", _pope, 8),
+    "chair": Suite("chair", "CHAIR on COCO instances + captions", _chair, 128),
+})
+
+
+def run_suite(name: str, answer: Answerer, options: Optional[EvalOptions] = None) -> SuiteOutput:
+    """Run suite ``name`` with ``answer`` (see :mod:`taskmllm.eval.suites` for the answer contract).
+
+    Raises:
+        ConfigError: unknown suite or missing files for a real-data suite.
+    """
+    if name not in SUITES:
+        raise ConfigError(f"unknown suite {name!r}; known: {sorted(SUITES)}")
+    return SUITES[name].run(answer, options or EvalOptions())
+
+
+def report_suite(name: str, answer: Answerer, out: Union[str, Path], options: Optional[EvalOptions] = None,
+                 meta: Optional[Mapping[str, Any]] = None) -> Report:
+    """:func:`run_suite` then write ``results.json``, ``results.md`` and the suite's plots into ``out``.
+
+    ``meta`` (model, intervention, ...) is written first in the results; ``wall_s`` is the suite's run time.
+    """
+    start = time.perf_counter()
+    output = run_suite(name, answer, options)
+    results = {"suite": name, **(meta or {}), "wall_s": round(time.perf_counter() - start, 2), **output.results}
+    return write_report(results, Path(out), output.plots, title=f"taskmllm eval: {name}")
+
+
+def make_intervention(name: Optional[str], hidden_size: int, tau: Optional[float] = None) -> Any:
+    """``None`` / ``"none"``, ``"vhr"`` -> ``VHR()``, ``"var"`` -> ``VAR(tau=tau or min(20, 0.5*sqrt(hidden)))``.
+
+    Raises:
+        ConfigError: an unknown name, or a ``tau`` the model cannot reach.
+    """
+    if name is None or name == "none":
+        return None
+    from taskmllm.model.interventions import VAR, VHR
+
+    if name == "vhr":
+        return VHR()
+    if name == "var":
+        return VAR(tau=tau if tau is not None else min(20.0, 0.5 * math.sqrt(hidden_size)))
+    raise ConfigError(f"unknown intervention {name!r}; known: {INTERVENTIONS}")
+
+
+def evaluate(model: Union[str, Path], suite: str, out: Union[str, Path], options: Optional[EvalOptions] = None,
+             intervention: Optional[str] = None, tau: Optional[float] = None,
+             max_new_tokens: Optional[int] = None, device: str = "cpu") -> Report:
+    """Load the checkpoint directory ``model`` into a Pipeline, run ``suite`` on it and write the report to ``out``.
+
+    Raises:
+        CheckpointError: ``model`` is not a checkpoint directory.
+        ConfigError: unknown suite / intervention, or missing real-data files.
+    """
+    from taskmllm.router.pipeline import Pipeline
+
+    if suite not in SUITES:  # fail before loading the model
+        raise ConfigError(f"unknown suite {suite!r}; known: {sorted(SUITES)}")
+    path = Path(model)
+    if not path.is_dir():
+        raise CheckpointError(path, "not a checkpoint directory (write one with JointModel.save_pretrained)")
+    pipe = Pipeline.from_pretrained(path, device=device)
+    mllm = pipe.model.mllm
+    hook = make_intervention(intervention, mllm.hidden_size, tau)
+    options = options or EvalOptions()
+    if options.world is None:
+        base = WorldConfig()
+        options = replace(options, world=WorldConfig(num_frames=min(base.num_frames, mllm.config.max_frames)))
+    answer = pipeline_answerer(pipe, max_new_tokens or SUITES[suite].max_new_tokens, hook)
+    meta = {"model": str(path), "intervention": repr(hook) if hook is not None else "none", "device": device,
+            "seed": options.seed}
+    return report_suite(suite, answer, out, options, meta)

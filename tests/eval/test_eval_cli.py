@@ -1,0 +1,66 @@
+"""``taskmllm eval`` end to end on a randomly initialised tiny checkpoint (CPU): JSON, markdown table, PNG plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from taskmllm.cli import main
+from taskmllm.errors import ConfigError
+from taskmllm.eval.benchmarks import make_intervention
+from taskmllm.eval.suites import HELDOUT_TASKS, SHAPES_TASKS
+from taskmllm.model.interventions import VAR, VHR
+from taskmllm.model.mllm import TaskMLLM
+from taskmllm.router.joint import JointModel
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tokenizer, tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-random"
+    JointModel.build(TaskMLLM(tiny_config(tokenizer), tokenizer)).save_pretrained(path)
+    return path
+
+
+def test_eval_shapes_writes_json_table_and_readable_plots(checkpoint, tmp_path, capsys):
+    out = tmp_path / "eval"
+    rc = main(["eval", "--model", str(checkpoint), "--suite", "shapes", "--n", "2", "--out", str(out),
+               "--max-new-tokens", "12", "--no-progress"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["suite"] == "shapes" and results["model"] == str(checkpoint) and results["n_per_task"] == 2
+    assert set(results["summary"]) == set(SHAPES_TASKS) and set(results["heldout_summary"]) == set(HELDOUT_TASKS)
+    for row in results["summary"].values():
+        assert row["n"] == 2 and 0.0 <= row["routing"] <= 1.0
+    table = (out / "results.md").read_text()
+    assert "| summary | n | routing | metric | score |" in table and "| track_box | 2 |" in table
+    assert table in capsys.readouterr().out
+    for name in ("tracking_success.png", "tracking_precision.png"):
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and min(im.size) > 200
+
+
+def test_eval_pope_with_var_intervention(checkpoint, tmp_path):
+    out = tmp_path / "pope"
+    rc = main(["eval", "--model", str(checkpoint), "--suite", "pope-shapes", "--n", "2", "--out", str(out),
+               "--intervention", "var", "--seed", "5", "--no-progress"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["intervention"].startswith("VAR(") and "tau=4.0" in results["intervention"]  # 0.5*sqrt(64)
+    assert results["seed"] == 5 and set(results["pope"]["splits"]) == {"random", "popular", "adversarial"}
+    with Image.open(out / "pope_yes_ratio.png") as im:
+        assert im.format == "PNG"
+
+
+def test_eval_errors_are_typed(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path / "missing"), "--suite", "shapes", "--out", str(tmp_path)]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
+    assert isinstance(make_intervention("vhr", 64), VHR) and make_intervention(None, 64) is None
+    assert make_intervention("var", 4096).tau == 20.0 and make_intervention("var", 64, tau=3.0).tau == 3.0
+    assert isinstance(make_intervention("var", 256), VAR)
+    with pytest.raises(ConfigError, match="unknown intervention"):
+        make_intervention("dola", 64)
