@@ -50,13 +50,13 @@ class Pipeline:
         prompts = [prompt] if single else list(prompt)
         visuals = [visual] if single else list(visual)
         mllm = self.model.mllm
+        prompt_boxes = [_prompt_box(p) for p in prompts]  # a malformed <box> fails before any compute
         t0 = time.perf_counter()
         batch = self.processor(prompts, visuals)
         t1 = time.perf_counter()
         out = mllm.generate(batch, max_new_tokens=max_new_tokens, intervention=intervention, **generation)
         t2 = time.perf_counter()
         calls = self.model.router.route_generation(out)
-        prompt_boxes = [_prompt_box(p) for p in prompts]
         per_call = self._run_experts(calls, out.vision_features, batch, prompt_boxes)
         timings = {"preprocess": t1 - t0, "generate": t2 - t1, "experts": time.perf_counter() - t2}
         results = []

@@ -115,3 +115,11 @@ def test_public_api_load_model(joint, tmp_path):
     assert isinstance(taskmllm.Pipeline(taskmllm.load_model(tmp_path / "joint")), taskmllm.Pipeline)
     with pytest.raises(AttributeError):
         taskmllm.NotAThing  # noqa: B018
+
+
+@pytest.mark.parametrize("box", ["<box>10,20,300,1000</box>", "<box>10,20,300</box>"])
+def test_prompt_box_outside_range_is_a_typed_error(joint, rgb_image, box):
+    from taskmllm.errors import BoxFormatError
+
+    with pytest.raises(BoxFormatError, match="box"):
+        Pipeline(joint)([rgb_image] * 2, f"Track the object in {box}.")
