@@ -110,6 +110,7 @@ def to_jsonable(obj: Any, where: str = "results") -> Any:
 def _atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file in the same directory, fsync it, then ``os.replace`` it into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o644)  # mkstemp creates 0600; reports are meant to be shared
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)

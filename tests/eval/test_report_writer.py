@@ -103,6 +103,8 @@ def test_write_report_produces_json_markdown_and_pngs(tmp_path: Path) -> None:
         assert pixels.std() > 10  # not blank
         assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # lines, text and colours were drawn
     assert not list((tmp_path / "out").glob("*.tmp"))  # atomic writes leave no temporary files
+    for path in [report.json_path, report.markdown_path, *report.plot_paths]:
+        assert path.stat().st_mode & 0o777 == 0o644, path  # readable by others, like any report
 
 
 def test_rewriting_replaces_files(tmp_path: Path) -> None:
