@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol, Union
 
 import torch
 
@@ -132,11 +132,11 @@ def generate(model: "TaskMLLM", batch: Batch, max_new_tokens: int = 64, do_sampl
     mask = batch.attention_mask
     ctx = GenerationContext(batch.input_ids, mask, batch.input_ids == model.image_id, emb)
     eos = model.tokenizer.eos_token_id
-    pad_emb = model.llm.get_input_embeddings()(torch.tensor([model.processor.pad_id], device=model.device))[0]
     bsz = mask.shape[0]
     seqs: list[list[int]] = [[] for _ in range(bsz)]
     hids: list[list[torch.Tensor]] = [[] for _ in range(bsz)]
     done = [False] * bsz
+    counts = [0] * bsz  # sampled tokens per sample (query ids not counted)
     next_pos = mask.sum(-1).tolist()
     decoder = _Decoder(model, use_cache)
     attach = intervention.attach(model, ctx) if intervention is not None else contextlib.nullcontext()
@@ -148,12 +148,12 @@ def generate(model: "TaskMLLM", batch: Batch, max_new_tokens: int = 64, do_sampl
             toks = pick_tokens(step_logits, do_sample, temperature, top_p, generator).tolist()
             items: list[list[torch.Tensor]] = []
             for b in range(bsz):
-                items.append(_advance(model, b, toks[b], seqs, hids, done, eos, max_new_tokens))
+                items.append(_advance(model, b, toks[b], seqs, counts, done, eos, max_new_tokens))
             ctx.step += 1
             needs_feed = [b for b in range(bsz) if items[b] and (not done[b] or len(items[b]) > 1)]
             if not needs_feed:
                 break
-            chunk, cmask, cpos = _chunk(items, pad_emb, next_pos)
+            chunk, cmask, cpos = _chunk(model, items, next_pos)
             logits, hidden = decoder.feed(chunk, cmask, cpos)
             for b in range(bsz):
                 hids[b] += list(hidden[b, : len(items[b])])
@@ -164,38 +164,44 @@ def generate(model: "TaskMLLM", batch: Batch, max_new_tokens: int = 64, do_sampl
     return _output(model, seqs, hids, feats)
 
 
-def _advance(model: "TaskMLLM", b: int, tok: int, seqs, hids, done, eos: int, max_new: int) -> list[torch.Tensor]:
-    """Append the sampled token of sample ``b``; return the embeddings to feed next (token + queries)."""
+def _advance(model: "TaskMLLM", b: int, tok: int, seqs, counts, done, eos: int,
+             max_new: int) -> list[Union[int, torch.Tensor]]:
+    """Append the sampled token of sample ``b``; return what to feed next: the token id, then its queries."""
     if done[b]:
         return []
-    n_sampled = sum(1 for i in seqs[b] if i != model.query_id)
     seqs[b].append(tok)
+    counts[b] += 1
     if tok == eos:
         done[b] = True
         return []
-    if n_sampled + 1 >= max_new:
+    if counts[b] >= max_new:
         done[b] = True
-    feed = [model.llm.get_input_embeddings().weight[tok]]
+    feed: list[Union[int, torch.Tensor]] = [tok]
     task = model.task_ids.get(tok)
     if task is not None:
         queries = model.queries[task]
         seqs[b] += [model.query_id] * queries.shape[0]
-        feed += list(queries.to(feed[0].dtype))
+        feed += list(queries)
     return feed
 
 
-def _chunk(items: list[list[torch.Tensor]], pad_emb: torch.Tensor, next_pos: list[int]):
+def _chunk(model: "TaskMLLM", items: list[list[Union[int, torch.Tensor]]], next_pos: list[int]):
     """Right-pad per-sample items to ``(B, C, H)`` with masked pad positions; positions continue per sample."""
+    embed = model.llm.get_input_embeddings()
+    pad_id = model.processor.pad_id
+    device = embed.weight.device
     c = max(len(x) for x in items)
-    bsz = len(items)
-    emb = pad_emb.expand(bsz, c, -1).clone()
-    mask = torch.zeros(bsz, c, dtype=torch.long, device=pad_emb.device)
-    pos = torch.zeros(bsz, c, dtype=torch.long, device=pad_emb.device)
-    for b, row in enumerate(items):
-        if row:
-            emb[b, : len(row)] = torch.stack(row)
-            mask[b, : len(row)] = 1
-        pos[b] = next_pos[b] + torch.arange(c).clamp(max=max(len(row) - 1, 0))
+    lengths = torch.tensor([len(x) for x in items], device=device)
+    ids = torch.tensor([[x[0] if x else pad_id] for x in items], device=device)  # every row starts with a token
+    emb = embed(ids)  # (B, 1, H)
+    if c > 1:  # query embeddings follow a task token; pad the other rows
+        emb = torch.cat([emb, embed.weight[pad_id].expand(len(items), c - 1, -1).clone()], 1)
+        for b, row in enumerate(items):
+            if len(row) > 1:
+                emb[b, 1: len(row)] = torch.stack(row[1:]).to(emb.dtype)
+    mask = (torch.arange(c, device=device)[None] < lengths[:, None]).long()  # (B, C)
+    offsets = torch.minimum(torch.arange(c, device=device)[None], (lengths - 1).clamp(min=0)[:, None])
+    pos = torch.tensor(next_pos, device=device)[:, None] + offsets  # (B, C)
     return emb, mask, pos
 
 
