@@ -182,6 +182,20 @@ class ExpertOptions:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+@dataclass
+class DecoderOptions(ExpertOptions):
+    """Options every built-in expert shares: the width and depth of its attention decoder.
+
+    Attributes:
+        dim: decoder width; depth: layers; num_heads: attention heads; mlp_dim: MLP hidden width.
+    """
+
+    dim: int = 64
+    depth: int = 2
+    num_heads: int = 4
+    mlp_dim: int = 256
+
+
 def check_widths(owner: str, dim: int, num_heads: int, depth: int, multiple: int) -> None:
     """Raise :class:`ConfigError` unless ``dim`` is a positive multiple of ``multiple`` and of ``num_heads`` times
     the attention downsampling (``multiple // 2`` in SAM's TwoWayTransformer cross-attention)."""

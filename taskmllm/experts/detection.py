@@ -21,8 +21,8 @@ from torch import nn
 
 from taskmllm.errors import InputError, TargetError
 from taskmllm.experts.base import (
+    DecoderOptions,
     Expert,
-    ExpertOptions,
     ExpertPrompt,
     ExpertSpec,
     TaskTarget,
@@ -37,7 +37,7 @@ from taskmllm.experts.matching import HungarianMatcher, MatchCosts
 
 
 @dataclass
-class DetectionOptions(ExpertOptions):
+class DetectionOptions(DecoderOptions):
     """Options of :class:`DetectionExpert` (``ExpertSpec.options``).
 
     Attributes:
@@ -47,10 +47,6 @@ class DetectionOptions(ExpertOptions):
         score_threshold: objectness probability above which :meth:`DetectionExpert.postprocess` keeps a box.
     """
 
-    dim: int = 64
-    depth: int = 2
-    num_heads: int = 4
-    mlp_dim: int = 256
     l1_weight: float = 5.0
     giou_weight: float = 2.0
     obj_weight: float = 1.0

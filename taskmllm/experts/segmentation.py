@@ -20,8 +20,8 @@ from torch import nn
 
 from taskmllm.errors import InputError, TargetError
 from taskmllm.experts.base import (
+    DecoderOptions,
     Expert,
-    ExpertOptions,
     ExpertPrompt,
     ExpertSpec,
     TaskTarget,
@@ -34,7 +34,7 @@ from taskmllm.experts.common import FeatureProjection, GridPositionalEncoding, Q
 
 
 @dataclass
-class SegmentationOptions(ExpertOptions):
+class SegmentationOptions(DecoderOptions):
     """Options of :class:`SegmentationExpert` (``ExpertSpec.options``).
 
     Attributes:
@@ -47,10 +47,6 @@ class SegmentationOptions(ExpertOptions):
         mask_threshold: logit threshold that binarizes masks in :meth:`SegmentationExpert.postprocess`.
     """
 
-    dim: int = 64
-    depth: int = 2
-    num_heads: int = 4
-    mlp_dim: int = 256
     bce_weight: float = 2.0
     dice_weight: float = 0.5
     iou_weight: float = 1.0

@@ -21,8 +21,8 @@ from torch import nn
 
 from taskmllm.errors import InputError, TargetError
 from taskmllm.experts.base import (
+    DecoderOptions,
     Expert,
-    ExpertOptions,
     ExpertPrompt,
     ExpertSpec,
     TaskTarget,
@@ -37,7 +37,7 @@ from taskmllm.experts.temporal import CausalFrameLayer, frame_time_encoding
 
 
 @dataclass
-class TrackingOptions(ExpertOptions):
+class TrackingOptions(DecoderOptions):
     """Options of :class:`TrackingExpert` (``ExpertSpec.options``).
 
     Attributes:
@@ -46,10 +46,6 @@ class TrackingOptions(ExpertOptions):
         visibility_threshold: probability above which :meth:`TrackingExpert.postprocess` calls a frame visible.
     """
 
-    dim: int = 64
-    depth: int = 2
-    num_heads: int = 4
-    mlp_dim: int = 256
     l1_weight: float = 5.0
     giou_weight: float = 2.0
     vis_weight: float = 1.0
