@@ -35,10 +35,11 @@ def __getattr__(name: str) -> Any:
 
 
 def load_model(path: str, device: str = "cpu"):
-    """Load a checkpoint directory: a :class:`JointModel` when it has ``experts/``, else a :class:`TaskMLLM`."""
-    from pathlib import Path
+    """Load a checkpoint directory (or a shipped model by name, ``"tiny"``): a :class:`JointModel` when it has ``experts/``, else a :class:`TaskMLLM`."""
+    from taskmllm.recipes import resolve_checkpoint
 
-    if (Path(path) / "experts").is_dir():
+    path = resolve_checkpoint(path)
+    if (path / "experts").is_dir():
         from taskmllm.router.joint import JointModel
 
         return JointModel.from_pretrained(path, device=device)

@@ -12,6 +12,25 @@ from taskmllm.model.config import MLLMConfig, ProjectorConfig, TokenConfig, Visi
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_TOKENIZER = ASSETS / "tiny" / "tokenizer"
+# Checkpoints shipped as package data, loadable by name: ``Pipeline.from_pretrained("tiny")``.
+SHIPPED = {"tiny": ASSETS / "tiny" / "model"}
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """A shipped model's name (``"tiny"``) -> its package-data directory; any other value is a path.
+
+    Raises :class:`~taskmllm.errors.CheckpointError` when a shipped name has no weights in this install.
+    """
+    key = str(name_or_path)
+    if key not in SHIPPED:
+        return Path(name_or_path)
+    path = SHIPPED[key]
+    if not (path / "config.json").is_file():
+        from taskmllm.errors import CheckpointError
+
+        raise CheckpointError(path / "config.json", f"the shipped model {key!r} is not in this install; "
+                              "train it with `make train-default`")
+    return path
 
 
 def tiny_config(tokenizer, max_frames: int = 8) -> MLLMConfig:

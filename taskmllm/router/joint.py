@@ -117,11 +117,15 @@ class JointModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
                         registry: Optional[Mapping[str, type[Expert]]] = None) -> "JointModel":
-        """Load a directory written by :meth:`save_pretrained` (typed errors name the bad file)."""
+        """Load a directory written by :meth:`save_pretrained`, or a shipped model by name (``"tiny"``).
+
+        Typed errors name the bad file."""
         from safetensors import SafetensorError
         from safetensors.torch import load_model
 
-        path = Path(path)
+        from taskmllm.recipes import resolve_checkpoint
+
+        path = resolve_checkpoint(path)
         mllm = load_pretrained(path, device=device)
         experts = {}
         for name in mllm.config.tokens.tasks:

@@ -30,7 +30,8 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "Pipeline":
-        """Load a checkpoint directory written by ``JointModel.save_pretrained``."""
+        """Load a checkpoint directory written by ``JointModel.save_pretrained``, or a shipped model by name
+        (``"tiny"``, the embedded default)."""
         return cls(JointModel.from_pretrained(path, device=device))
 
     @property

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -87,6 +89,7 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                disable=rank != 0 or not cfg.progress, desc=cfg.stage.name)
     trainee.train()
+    t0 = time.perf_counter()
     for step in bar:
         sums: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
@@ -109,7 +112,7 @@ def train(cfg: TrainConfig) -> Path:
         else:
             grad_norm = float(engine.get_global_grad_norm() or 0.0)
         row = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-               **average_scalars(sums, world, device)}
+               "time_s": round(time.perf_counter() - t0, 3), **average_scalars(sums, world, device)}
         row["loss_weighted"] = row.pop("total")
         metrics.write(row)
         bar.set_postfix(loss=f"{row['loss_weighted']:.4f}")
@@ -158,9 +161,15 @@ def micro_batch(dataset, cfg: TrainConfig, position: int, rank: int, world: int)
     out = []
     for g in range(start, start + bs):
         epoch, i = divmod(g, n)
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(n) if n <= 1_000_000 else None
+        order = epoch_order(cfg.seed, epoch, n) if n <= 1_000_000 else None
         out.append(dataset[int(order[i]) if order is not None else (i * 2654435761 + epoch) % n])
     return out
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The seeded permutation of ``range(n)`` for one epoch (computed once per epoch, not per sample)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def build_joint(cfg: TrainConfig):
