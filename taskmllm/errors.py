@@ -78,3 +78,14 @@ class DataFormatError(TaskMLLMError, ValueError):
         self.errors = tuple(errors)
         self.partial = partial
         super().__init__(f"{self.source}: {self.entry}: {message}")
+
+
+class MissingPackageError(TaskMLLMError, ImportError):
+    """An optional package that a feature needs is not installed; the message has the install command.
+
+    ``package`` is the distribution name to install.
+    """
+
+    def __init__(self, package: str, message: str) -> None:
+        self.package = package
+        super().__init__(message)

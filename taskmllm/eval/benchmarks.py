@@ -168,7 +168,9 @@ def evaluate(model: Union[str, Path], suite: str, out: Union[str, Path], options
 
     if suite not in SUITES:  # fail before loading the model
         raise ConfigError(f"unknown suite {suite!r}; known: {sorted(SUITES)}")
-    path = Path(model)
+    from taskmllm.recipes import resolve_checkpoint
+
+    path = resolve_checkpoint(model)
     if not path.is_dir():
         raise CheckpointError(path, "not a checkpoint directory (write one with JointModel.save_pretrained)")
     pipe = Pipeline.from_pretrained(path, device=device)

@@ -134,7 +134,7 @@ def generate(model: "TaskMLLM", batch: Batch, max_new_tokens: int = 64, do_sampl
     eos = model.tokenizer.eos_token_id
     bsz = mask.shape[0]
     seqs: list[list[int]] = [[] for _ in range(bsz)]
-    hids: list[list[torch.Tensor]] = [[] for _ in range(bsz)]
+    fed: list[tuple[torch.Tensor, list[int]]] = []  # per step: chunk hidden (B, C, H), rows fed per sample
     done = [False] * bsz
     counts = [0] * bsz  # sampled tokens per sample (query ids not counted)
     next_pos = mask.sum(-1).tolist()
@@ -155,13 +155,13 @@ def generate(model: "TaskMLLM", batch: Batch, max_new_tokens: int = 64, do_sampl
                 break
             chunk, cmask, cpos = _chunk(model, items, next_pos)
             logits, hidden = decoder.feed(chunk, cmask, cpos)
-            for b in range(bsz):
-                hids[b] += list(hidden[b, : len(items[b])])
-                next_pos[b] += len(items[b])
-                last[b] = max(len(items[b]) - 1, 0)
+            lengths = [len(x) for x in items]
+            fed.append((hidden, lengths))  # sliced once at the end, not per sample per step
+            next_pos = [p + n for p, n in zip(next_pos, lengths)]
+            last = [max(n - 1, 0) for n in lengths]
             if all(done):
                 break
-    return _output(model, seqs, hids, feats)
+    return _output(model, seqs, fed, feats)
 
 
 def _advance(model: "TaskMLLM", b: int, tok: int, seqs, counts, done, eos: int,
@@ -205,13 +205,19 @@ def _chunk(model: "TaskMLLM", items: list[list[Union[int, torch.Tensor]]], next_
     return emb, mask, pos
 
 
-def _output(model: "TaskMLLM", seqs, hids, feats) -> GenerationOutput:
+def _output(model: "TaskMLLM", seqs, fed: list[tuple[torch.Tensor, list[int]]], feats) -> GenerationOutput:
+    """Assemble per-sample hidden states from the per-step chunks (one gather per sample)."""
     hidden = []
     size = model.hidden_size
+    every = torch.cat([h for h, _ in fed], 1).float().cpu() if fed else None  # (B, sum C, H)
     for b, seq in enumerate(seqs):
-        h = torch.zeros(len(seq), size)
-        if hids[b]:
-            h[: len(hids[b])] = torch.stack(hids[b]).float().cpu()
-        hidden.append(h)
+        index, offset = [], 0
+        for h, lengths in fed:
+            index += range(offset, offset + lengths[b])
+            offset += h.shape[1]
+        out = torch.zeros(len(seq), size)
+        if index:
+            out[: len(index)] = every[b, index]
+        hidden.append(out)
     text = [model.processor.decode(s) for s in seqs]
     return GenerationOutput(seqs, text, hidden, feats)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -266,6 +267,9 @@ def from_dict(cls: type, raw: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
@@ -301,6 +305,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return origin(_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
     if tp in (int, float, str, bool):
         if type(value) is not tp:
             raise ConfigError(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
