@@ -96,6 +96,42 @@ def _plain(x: Any) -> Any:
     return x.item() if hasattr(x, "item") else x
 
 
+def tied_names(module: nn.Module) -> dict[str, str]:
+    """Each state entry that is a second name of an earlier entry's tensor (tied weights) -> that earlier name."""
+    first: dict[tuple, str] = {}
+    tied = {}
+    for name, t in module.state_dict().items():
+        key = (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
+        if t.numel() and key in first:
+            tied[name] = first[key]
+        else:
+            first.setdefault(key, name)
+    return tied
+
+
+def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state to save: tied entries once, each tensor copied into its own storage.
+
+    (Under DeepSpeed ZeRO every trainable parameter is a view into one flat buffer, which safetensors'
+    ``save_model`` refuses to write.)
+    """
+    tied = tied_names(module)
+    return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+            for k, v in module.state_dict().items() if k not in tied}
+
+
+def load_module_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy ``tensors`` into ``module`` in place (so ZeRO's flat buffers stay intact); every entry must be
+    covered, a tied entry by any one of its names."""
+    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    tied = tied_names(module)
+    present = {tied.get(k, k) for k in tensors}
+    missing = [k for k in missing if tied.get(k, k) not in present]
+    if missing or unexpected:
+        raise CheckpointError(path, f"model.safetensors does not fit: missing {missing[:3]}, "
+                                    f"unexpected {unexpected[:3]}")
+
+
 def model_signature(module: nn.Module) -> dict[str, list[int]]:
     """Name -> shape of every entry of the module's state (what a compatible checkpoint must match)."""
     return {k: list(v.shape) for k, v in module.state_dict().items()}
@@ -137,14 +173,14 @@ class Checkpointer:
 
     def _write(self, path: Path, step: int, module: nn.Module, opt_skeleton: Any, opt_tensors: dict,
                scheduler: Any, data_position: int, cfg: TrainConfig, partitioned_optimizer: bool) -> None:
-        from safetensors.torch import save_file, save_model
+        from safetensors.torch import save_file
 
         self.root.mkdir(parents=True, exist_ok=True)
         for stale in self.root.glob(".step-*"):  # temp dirs of a save that was killed
             shutil.rmtree(stale, ignore_errors=True)
 
         def write(tmp: Path) -> None:
-            save_model(module, str(tmp / "model.safetensors"))
+            save_file(module_tensors(module), str(tmp / "model.safetensors"))
             if partitioned_optimizer and self.world_size > 1:
                 for r in range(self.world_size):
                     src = self.root / f".opt-step-{step:08d}.rank{r}.safetensors"
@@ -201,11 +237,11 @@ class Checkpointer:
     def load(self, path: Path, state: dict, module: nn.Module, optimizer: Any, scheduler: Any) -> dict:
         """Restore module, optimizer, scheduler and RNG from a checked checkpoint; returns ``state``."""
         from safetensors import SafetensorError
-        from safetensors.torch import load_file, load_model
+        from safetensors.torch import load_file
 
         try:
-            load_model(module, str(path / "model.safetensors"), strict=True,
-                       device=str(next(module.parameters()).device))
+            load_module_tensors(module, load_file(str(path / "model.safetensors"),
+                                                  device=str(next(module.parameters()).device)), path)
             name = (f"optimizer.rank{self.rank}.safetensors" if state["partitioned_optimizer"]
                     else "optimizer.safetensors")
             tensors = load_file(str(path / name))

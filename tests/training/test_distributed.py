@@ -1,0 +1,134 @@
+"""Two gloo processes (torchrun DDP, DeepSpeed ZeRO-2) train exactly like one process with the same global batch.
+
+The oracle is a single-process run of the same global batch made of the same micro-batches: world 1 with
+``grad_accum`` = 2x the per-rank ``grad_accum``. A single batch of 2x the size would be a *different* objective:
+the LM loss is a per-token mean and each expert's loss a mean over its calls, so the mean of two half-batch
+losses (what data parallelism and gradient accumulation both compute) differs from the loss of the whole batch.
+The data order makes the micro-batches identical: rank ``r`` of ``w`` at position ``p`` reads samples
+``(p*w + r)*bs ...``, which is micro-batch ``p*w + r`` of a single process (checked directly below).
+LoRA dropout is 0 and precision fp32, so nothing random or rounded differs between the runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from taskmllm.training.config import load_config
+from taskmllm.training.train import micro_batch, train
+from tests.training.helpers import RECIPE, overrides
+
+STAGE = RECIPE / "joint.yaml"  # every component trains: vision, projector, LLM LoRA, queries, experts
+COMMON = ["--max_steps=3", "--save_every=3", "--stage.lora.dropout=0.0", "--precision=fp32", "--device=cpu"]
+TOL = 1e-4
+
+
+def run_config(out: Path, batch: int, accum: int, *extra: str) -> list[str]:
+    return overrides(out, *COMMON, f"--data.batch_size={batch}", f"--grad_accum={accum}", *extra)
+
+
+def reference(root: str, batch: int, accum: int) -> Path:
+    """The single-process oracle, run in this process."""
+    out = Path(root) / f"ref-b{batch}-a{accum}"
+    train(load_config(STAGE, run_config(out, batch, accum)))
+    return out
+
+
+def torchrun(out: Path, batch: int, accum: int, extra: tuple[str, ...] = ()) -> None:
+    """``torchrun --nproc-per-node 2 -m taskmllm.cli train ...`` on CPU (gloo), one thread per process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "taskmllm.cli", "train", str(STAGE), *run_config(out, batch, accum, *extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the exported ``final/`` model (MLLM and experts), keyed by file and name."""
+    final = out / "final"
+    return {f"{f.parent.relative_to(final)}/{k}": v
+            for f in sorted(final.rglob("model.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def assert_same_training(got: Path, ref: Path) -> None:
+    """Same steps, same per-step losses (every logged term), lr and grad norm; same final weights."""
+    a, b = rows(got), rows(ref)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        assert set(x) == set(y), f"step {y['step']}: logged terms differ"
+        for key in sorted(set(y) - {"step", "time_s"}):
+            tol = TOL * max(1.0, abs(y[key])) if key == "grad_norm" else TOL
+            assert x[key] == pytest.approx(y[key], abs=tol), f"step {y['step']}: {key}"
+    wa, wb = weights(got), weights(ref)
+    assert wa.keys() == wb.keys()
+    worst = max(wa, key=lambda k: float((wa[k] - wb[k]).abs().max()))
+    assert torch.allclose(wa[worst], wb[worst], rtol=0, atol=TOL), worst
+
+
+def test_two_ranks_read_the_single_process_micro_batches(tmp_path):
+    cfg = load_config(STAGE, overrides(tmp_path))
+    data = list(range(50))  # positions past 50 samples wrap into a second, differently shuffled epoch
+
+    def read(position: int, rank: int, world: int, batch: int) -> list:
+        cfg.data.batch_size = batch
+        return micro_batch(data, cfg, position, rank, world)
+
+    for p in range(10):
+        two_ranks = read(p, 0, 2, 3) + read(p, 1, 2, 3)
+        assert two_ranks == read(2 * p, 0, 1, 3) + read(2 * p + 1, 0, 1, 3)  # 2 accumulated micro-batches
+        assert two_ranks == read(p, 0, 1, 6)  # ... and one batch of twice the size
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("distributed"))
+
+
+def test_torchrun_ddp_matches_single_process(root):
+    """2 ranks x batch 2 against 1 process x 2 micro-batches of 2."""
+    out = Path(root) / "ddp"
+    torchrun(out, batch=2, accum=1)
+    assert_same_training(out, reference(root, batch=2, accum=2))
+
+
+def test_deepspeed_zero2_matches_single_process(root):
+    """2 ranks x 2 accumulated micro-batches of 1 under ZeRO-2 against 1 process x 4 micro-batches of 1.
+
+    Per-rank gradient accumulation is part of the check (DeepSpeed must not divide the loss twice); batches of
+    one sample make an expert present on one rank and absent on the other in most steps (ZeRO-2 must still
+    reduce the same gradients in the same order on both ranks).
+    """
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'taskmllm[deepspeed]')")
+    out = Path(root) / "zero2"
+    torchrun(out, batch=1, accum=2, extra=(f"--deepspeed={RECIPE / 'ds_zero2.json'}",))
+    assert sorted(p.name for p in (out / "checkpoints" / "step-00000003").glob("optimizer*")) == [
+        "optimizer.rank0.safetensors", "optimizer.rank1.safetensors"]  # the optimizer really was partitioned
+    assert_same_training(out, reference(root, batch=1, accum=4))
+
+
+@pytest.mark.slow  # ~50 s: two more 2-process runs
+def test_deepspeed_zero2_resume_matches_uninterrupted_run(tmp_path):
+    """Resuming a ZeRO-2 run from its step-1 checkpoint ends bit-identical to the uninterrupted run (the fp32
+    master weights ZeRO steps are refreshed from the loaded weights; each rank reloads its optimizer slice)."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'taskmllm[deepspeed]')")
+    ds = f"--deepspeed={RECIPE / 'ds_zero2.json'}"
+    torchrun(tmp_path / "full", batch=1, accum=1, extra=(ds, "--save_every=1", "--keep_last=3"))
+    resume = f"--resume={tmp_path / 'full' / 'checkpoints' / 'step-00000001'}"
+    torchrun(tmp_path / "resumed", batch=1, accum=1, extra=(ds, resume))
+    full, resumed = rows(tmp_path / "full"), rows(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [2, 3]
+    for x, y in zip(resumed, full[1:]):
+        assert {k: v for k, v in x.items() if k != "time_s"} == {k: v for k, v in y.items() if k != "time_s"}
+    wa, wb = weights(tmp_path / "resumed"), weights(tmp_path / "full")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
