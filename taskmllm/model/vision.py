@@ -84,7 +84,14 @@ class HFVisionTower(VisionTower):
 
 
 class MobileNetV2Tower(VisionTower):
-    """torchvision MobileNetV2 ``features``: ``(F, 1280, h, w)`` flattened to ``(F, h*w, 1280)``."""
+    """torchvision MobileNetV2 ``features``: ``(F, 1280, h, w)`` flattened to ``(F, h*w, 1280)``.
+
+    The state dict is torchvision's (``features.*`` keys without the prefix, e.g. the ImageNet weights of
+    ``model/packaged.py``). BatchNorm always normalizes with its running statistics, in training too (the
+    usual frozen-statistics fine-tuning of a pretrained CNN): small batches of synthetic images would
+    otherwise overwrite the ImageNet statistics and make training and inference features differ. The
+    BatchNorm affine weights still train when the tower does.
+    """
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
@@ -95,6 +102,13 @@ class MobileNetV2Tower(VisionTower):
         self.width = 1280
         side = -(-config.image_size // 32)
         self.grid = (side, side)
+
+    def train(self, mode: bool = True) -> "MobileNetV2Tower":
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+        return self
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.features(pixel_values)  # (F, 1280, h, w)

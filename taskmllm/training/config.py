@@ -62,8 +62,9 @@ class StageConfig:
 
 @dataclass
 class ModelConfig:
-    """Where the model comes from: ``init: tiny`` builds the tiny recipe fresh (with the size overrides
-    below), anything else is a :class:`~taskmllm.router.joint.JointModel` directory (a stage's ``final/``)."""
+    """Where the model comes from: ``init: tiny`` or ``init: smol`` builds that recipe fresh (with the
+    overrides below; see ``taskmllm.recipes.BUILDERS``), anything else is a
+    :class:`~taskmllm.router.joint.JointModel` directory (a stage's ``final/``)."""
 
     init: str = "tiny"
     llm: dict[str, Any] = field(default_factory=dict)
@@ -153,9 +154,11 @@ def check_paths(cfg: TrainConfig) -> None:
             raise ConfigError(f"data.path: {cfg.data.path!r} does not exist (data.source={cfg.data.source})")
         if cfg.data.image_root and not Path(cfg.data.image_root).is_dir():
             raise ConfigError(f"data.image_root: {cfg.data.image_root!r} is not a directory")
-    if cfg.model.init != "tiny" and not Path(cfg.model.init).is_dir():
-        raise ConfigError(f"model.init: {cfg.model.init!r} is neither 'tiny' nor an existing model directory "
-                          "(run the previous stage first)")
+    from taskmllm.recipes import BUILDERS
+
+    if cfg.model.init not in BUILDERS and not Path(cfg.model.init).is_dir():
+        raise ConfigError(f"model.init: {cfg.model.init!r} is neither a recipe ({', '.join(BUILDERS)}) nor an "
+                          "existing model directory (run the previous stage first)")
     if cfg.deepspeed and not Path(cfg.deepspeed).is_file():
         raise ConfigError(f"deepspeed: config {cfg.deepspeed!r} does not exist")
     if cfg.resume not in ("auto", "none") and not Path(cfg.resume).is_dir():

@@ -73,6 +73,8 @@ def train(cfg: TrainConfig) -> Path:
     if resume_from is not None:
         state = ckpt.check(resume_from, trainee)
         ckpt.load(resume_from, state, trainee, optimizer, scheduler)
+        if engine is not None:  # ZeRO steps fp32 master copies of the weights: refresh them from the loaded ones
+            engine.optimizer.refresh_fp32_params()
         start_step, position = state["step"], state["data_position"]
         log.info("resumed from %s at step %d", resume_from, start_step)
     dataset = build_dataset(cfg)
@@ -98,7 +100,7 @@ def train(cfg: TrainConfig) -> Path:
             with autocast:
                 loss, parts = forward_loss(trainee, samples, cfg, device)
             loss = loss / cfg.grad_accum
-            (engine.backward(loss) if engine is not None else loss.backward())
+            (deepspeed_backward(engine, loss, params) if engine is not None else loss.backward())
             if engine is not None:
                 engine.step()  # DeepSpeed accumulates, clips and steps at the boundary itself
             for k, v in parts.items():
@@ -123,6 +125,9 @@ def train(cfg: TrainConfig) -> Path:
 
     # ---- export: LoRA merged, a plain JointModel directory
     final = out / "final"
+    if engine is not None:  # ZeRO's parameters are views into one flat buffer, which safetensors will not save
+        for p in trainee.parameters():
+            p.data = p.data.clone()
     if rank == 0:
         merge_lora(joint, aux)
         joint.save_pretrained(final)
@@ -173,27 +178,18 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 def build_joint(cfg: TrainConfig):
-    """The tiny recipe built fresh (with ``model.*`` overrides) or a JointModel directory."""
+    """A recipe's model built fresh (``model.init: tiny | smol``, with ``model.*`` overrides) or a JointModel
+    directory."""
+    from taskmllm.recipes import BUILDERS
     from taskmllm.router.joint import JointModel
 
     mc = cfg.model
-    if mc.init != "tiny":
+    if mc.init not in BUILDERS:
         if mc.llm or mc.vision or mc.tasks:
-            raise ConfigError("model.llm / model.vision / model.tasks override only a fresh 'tiny' model")
+            raise ConfigError(f"model.llm / model.vision / model.tasks override only a fresh recipe model "
+                              f"({', '.join(BUILDERS)})")
         return JointModel.from_pretrained(mc.init)
-    from taskmllm.model.mllm import TaskMLLM
-    from taskmllm.recipes import load_tiny_tokenizer, tiny_config
-
-    tok = load_tiny_tokenizer()
-    base = tiny_config(tok, mc.max_frames)
-    vision_fields = {f.name for f in dataclasses.fields(base.vision)}
-    unknown = sorted(set(mc.vision) - vision_fields)
-    if unknown:
-        raise ConfigError(f"model.vision: unknown keys {unknown}; known: {sorted(vision_fields)}")
-    tokens = dataclasses.replace(base.tokens, tasks={**base.tokens.tasks, **mc.tasks})
-    mcfg = dataclasses.replace(base, llm={**base.llm, **mc.llm}, vision=dataclasses.replace(base.vision, **mc.vision),
-                               tokens=tokens)
-    return JointModel.build(TaskMLLM(mcfg, tok))
+    return JointModel.build(BUILDERS[mc.init](max_frames=mc.max_frames, llm=mc.llm, vision=mc.vision, tasks=mc.tasks))
 
 
 def build_dataset(cfg: TrainConfig):
@@ -267,6 +263,22 @@ def autocast_context(precision: str, device: torch.device):
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda"
                                        and torch.cuda.is_bf16_supported())
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+
+def deepspeed_backward(engine, loss: torch.Tensor, params: list) -> None:
+    """``engine.backward(loss)`` with every rank handing DeepSpeed its gradients in the same order.
+
+    ZeRO-2 fills its reduction buckets in the order its per-parameter hooks fire, i.e. the order backward
+    reaches each parameter. The joint graph depends on the data (an expert runs only on the samples that call
+    it), so two ranks would fill their buckets differently: a collective mismatch, or silently summed gradients
+    of different parameters. So the gradients are computed here (``autograd.grad`` fires no hooks) and handed to
+    DeepSpeed through the surrogate ``sum <p, g>``, whose graph is the same on every rank and whose gradient
+    with respect to ``p`` is exactly ``g`` (zero for a parameter unused on this rank). ``loss`` is already
+    divided by ``grad_accum``, so DeepSpeed must not divide again (``scale_wrt_gas=False``).
+    """
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    surrogate = sum((p * (g if g is not None else torch.zeros_like(p))).sum() for p, g in zip(params, grads))
+    engine.backward(surrogate, scale_wrt_gas=False)
 
 
 def deepspeed_engine(cfg: TrainConfig, trainee: nn.Module, optimizer, scheduler):

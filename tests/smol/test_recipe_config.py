@@ -1,0 +1,38 @@
+"""The smol stage YAMLs load strictly and name the right components (no packages needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import taskmllm
+from taskmllm.training.config import check_paths, load_config
+
+RECIPE = Path(taskmllm.__file__).parent / "training" / "recipes" / "smol"
+
+
+@pytest.mark.parametrize("stage,trainable", [
+    ("align", {"projector": "full"}),
+    ("heads", {"experts": "full", "queries": "full"}),
+    ("joint", {"projector": "full", "llm": "lora", "queries": "full", "experts": "full"}),
+])
+def test_stage_yamls_load(stage, trainable):
+    cfg = load_config(RECIPE / f"{stage}.yaml")
+    assert cfg.stage.name == stage and cfg.stage.trainable == trainable
+    assert cfg.data.image_size == 256 and cfg.model.max_frames == cfg.data.num_frames == 4
+    assert cfg.out_dir == f"runs/smol/{stage}"
+
+
+def test_align_starts_from_the_recipe_and_deepspeed_config_resolves_beside_it():
+    cfg = load_config(RECIPE / "align.yaml", ["--deepspeed=ds_zero2.json"])
+    assert cfg.model.init == "smol"
+    assert Path(cfg.deepspeed) == RECIPE / "ds_zero2.json"
+    check_paths(cfg)  # 'smol' is a recipe name, not a directory
+
+
+def test_later_stages_need_the_previous_final_directory():
+    from taskmllm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="neither a recipe"):
+        check_paths(load_config(RECIPE / "heads.yaml", ["--model.init=/nonexistent/final"]))

@@ -1,0 +1,77 @@
+"""SmolLM2-135M-Instruct inside TaskMLLM against transformers' own model on the converted weights.
+
+Oracle: ``AutoModelForCausalLM.from_pretrained(converted_dir)`` with the tokenizer's ``apply_chat_template``.
+Our processor must produce the same prompt ids (the smol recipe's ChatML template) and our KV-cache
+``generate`` with no image the same greedy tokens; the logits over the original vocabulary agree.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.smol.conftest import require_smol_packages
+
+require_smol_packages()
+
+QUESTIONS = ["What is the capital of France?", "Explain what a neural network is."]
+NEW_TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from taskmllm.model.packaged import smollm2_dir
+
+    path = smollm2_dir()
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+    return tok, model.eval()
+
+
+def _reference_ids(tok, question: str) -> list[int]:
+    messages = [{"role": "user", "content": question}]
+    return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+                ["input_ids"])
+
+
+@pytest.mark.parametrize("question", QUESTIONS)
+def test_prompt_ids_and_greedy_tokens_match_transformers(smol_model, reference, question):
+    tok, hf = reference
+    ids = _reference_ids(tok, question)
+    batch = smol_model.processor([question], [None])
+    assert batch.input_ids[0].tolist() == ids  # the ChatML template, no extra BOS
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                               max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids):].tolist()
+    out = smol_model.generate(batch, max_new_tokens=NEW_TOKENS)
+    print(f"{question!r} -> {out.text[0]!r}")
+    assert out.sequences[0] == expected
+    assert len(expected) == NEW_TOKENS or expected[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_logits_match_transformers_on_the_original_vocabulary(smol_model, reference):
+    tok, hf = reference
+    ids = torch.tensor([_reference_ids(tok, QUESTIONS[0])])
+    with torch.no_grad():
+        ours = smol_model(smol_model.processor([QUESTIONS[0]], [None])).logits
+        theirs = hf(ids).logits
+    vocab = theirs.shape[-1]
+    assert ours.shape[-1] == len(smol_model.tokenizer) > vocab  # the protocol tokens were added
+    torch.testing.assert_close(ours[..., :vocab], theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_left_padded_generation_matches_one_by_one(smol_model):
+    batch = smol_model.processor(QUESTIONS, [None, None])
+    together = smol_model.generate(batch, max_new_tokens=8).sequences
+    alone = [smol_model.generate(smol_model.processor([q], [None]), max_new_tokens=8).sequences[0] for q in QUESTIONS]
+    assert together == alone
+
+
+def test_converted_directory_is_reused():
+    from taskmllm.model import packaged
+
+    first = packaged.smollm2_dir()
+    assert packaged.is_converted(first, packaged.locate(packaged.SMOLLM2))
+    assert packaged.smollm2_dir() == first

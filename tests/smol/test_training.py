@@ -1,0 +1,72 @@
+"""Two steps of each smol stage (align -> heads -> joint), chained through each stage's ``final/``, from the
+recipe YAMLs with a small batch: the real pretrained weights, the real stage settings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import taskmllm
+from tests.smol.conftest import require_smol_packages
+
+require_smol_packages()
+
+RECIPE = Path(taskmllm.__file__).parent / "training" / "recipes" / "smol"
+SMALL = ["--max_steps=2", "--save_every=2", "--data.batch_size=2", "--model.max_frames=2", "--data.num_frames=2",
+         "--optim.warmup_steps=1", "--progress=false"]
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    """Run align, heads and joint for two steps each; yields ``{stage: (config, out_dir)}``."""
+    from taskmllm.training.config import load_config
+    from taskmllm.training.train import train
+
+    root = tmp_path_factory.mktemp("smol")
+    done, init = {}, None
+    for stage in ("align", "heads", "joint"):
+        extra = [f"--out_dir={root / stage}"] + ([f"--model.init={init}"] if init else [])
+        cfg = load_config(RECIPE / f"{stage}.yaml", SMALL + extra)
+        init = train(cfg)
+        done[stage] = (cfg, root / stage)
+    yield done
+    shutil.rmtree(root)  # ~1 GB per stage (fp32 SmolLM2 in each checkpoint and final/)
+
+
+@pytest.mark.parametrize("stage", ["align", "heads", "joint"])
+def test_two_steps_of_each_stage(stages, stage):
+    cfg, out = stages[stage]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss_weighted"])) and r["loss_weighted"] > 0 for r in rows)
+    print(f"{stage}: {rows}")
+    trainable = {r["name"]: r for r in json.loads((out / "trainable.json").read_text())}
+    assert trainable["vision"]["trainable"] == 0  # MobileNetV2 stays frozen in every smol stage
+    assert {n for n, r in trainable.items() if r["trainable"]} == {
+        "align": {"projector"},
+        "heads": {"queries", "experts.seg", "experts.det", "experts.track"},
+        "joint": {"projector", "llm", "queries", "experts.seg", "experts.det", "experts.track"},
+    }[stage]
+    assert (out / "final" / "config.json").is_file()
+
+
+def test_final_model_keeps_the_pretrained_parts(stages, smol_model):
+    """After align (projector only) the LLM and the vision tower are bit-identical to the packaged weights."""
+    from taskmllm.router.joint import JointModel
+
+    joint = JointModel.from_pretrained(stages["align"][1] / "final")
+    mllm = joint.mllm
+    assert mllm.config.tokens.chat == smol_model.config.tokens.chat
+    assert mllm.tokenizer.bos_token is None and len(mllm.tokenizer) == len(smol_model.tokenizer)
+    for name, p in smol_model.vision.state_dict().items():
+        torch.testing.assert_close(mllm.vision.state_dict()[name], p, rtol=0, atol=0)
+    for name, p in smol_model.llm.state_dict().items():
+        if "embed_tokens" not in name and "lm_head" not in name:  # new protocol rows are random per build
+            torch.testing.assert_close(mllm.llm.state_dict()[name], p, rtol=0, atol=0)
+    vocab = 49152
+    torch.testing.assert_close(mllm.llm.get_input_embeddings().weight[:vocab],
+                               smol_model.llm.get_input_embeddings().weight[:vocab], rtol=0, atol=0)
