@@ -1,0 +1,145 @@
+"""The served demo driven with gradio_client as a person's script would: answers equal the Pipeline's own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from taskmllm.demo.examples import example_file
+from tests.demo.conftest import DET, SEG, TEXT, TRACK, assert_same_answer, oracle
+
+pytest.importorskip("gradio_client")
+from gradio_client import handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+
+def ask(client, name=None, instruction="", video=False, **settings):
+    """One /answer call: a bundled file as the image (or the video) -> (chat, overlay, record, raw, latency)."""
+    file = None if name is None else handle_file(str(example_file(name)))
+    return client.predict(image=None if video else file, video=[file] if video and file else None,
+                          instruction=instruction, api_name="/answer", **settings)
+
+
+def test_image_task_segmentation_matches_pipeline(client, demo_pipeline):
+    chat, overlay, record, raw, latency = ask(client, SEG[0], SEG[1])
+    want = oracle(demo_pipeline, SEG[0], SEG[1])
+    assert_same_answer(record, want)
+    assert [c["task"] for c in record["calls"]] == ["seg"]
+    assert record["calls"][0]["phrase"] == "the bottommost blue object"
+    picture = Image.open(example_file(SEG[0]))
+    assert record["calls"][0]["mask_rle"]["size"] == [picture.height, picture.width]
+    assert raw == want["raw_text"] and "<seg>" in raw and "<seg>" not in record["text"]
+    assert chat[-1]["role"] == "assistant" and chat[-1]["content"][0]["text"] == want["text"]
+    assert Image.open(overlay).size == picture.size
+    assert latency.startswith("**Latency") and "generate" in latency
+
+
+def test_video_task_tracking_matches_pipeline(client, demo_pipeline):
+    _, overlay, record, raw, _ = ask(client, TRACK[0], TRACK[1], video=True)
+    assert_same_answer(record, oracle(demo_pipeline, TRACK[0], TRACK[1]))
+    assert [c["task"] for c in record["calls"]] == ["track"]
+    assert np.asarray(record["calls"][0]["boxes"]).shape == (8, 4) and len(record["calls"][0]["visibility"]) == 8
+    gif = Image.open(overlay)
+    assert gif.format == "GIF" and gif.n_frames == 8
+
+
+def test_text_only_question_matches_pipeline(client, demo_pipeline):
+    chat, overlay, record, _, _ = ask(client, None, TEXT[1])
+    assert_same_answer(record, oracle(demo_pipeline, None, TEXT[1]))
+    assert record["text"] == "A round shape." and record["calls"] == [] and overlay is None
+
+
+def test_detection_and_vhr_setting_reach_the_pipeline(client, demo_pipeline):
+    from taskmllm.model.interventions import VHR
+
+    _, _, record, _, _ = ask(client, DET[0], DET[1], intervention="vhr", vhr_alpha=3.0)
+    assert_same_answer(record, oracle(demo_pipeline, DET[0], DET[1], intervention=VHR(alpha=3.0)))
+    assert record["intervention"].startswith("VHR(alpha=3.0")
+    boxes = np.asarray(record["calls"][0]["boxes"])
+    w, h = Image.open(example_file(DET[0])).size
+    assert boxes.ndim == 2 and boxes.shape[1] == 4 and (boxes[:, [0, 2]] <= w + 1e-6).all()  # pixels, not 0-999
+    assert (boxes[:, [1, 3]] <= h + 1e-6).all() and len(record["calls"][0]["scores"]) == len(boxes)
+
+
+def test_var_setting_reaches_the_pipeline(client, demo_pipeline):
+    from taskmllm.model.interventions import VAR
+
+    _, _, record, _, _ = ask(client, SEG[0], SEG[1], intervention="var", var_p=0.8, var_rho=0.4, var_tau=3.5)
+    assert_same_answer(record, oracle(demo_pipeline, SEG[0], SEG[1], intervention=VAR(p=0.8, rho=0.4, tau=3.5)))
+    assert record["intervention"].startswith("VAR(p=0.8, rho=0.4, tau=3.5")
+
+
+def test_server_limits_uploads_and_binds_localhost(client, demo_url):
+    assert demo_url.startswith("http://127.0.0.1:")
+    assert client.config["max_file_size"] == 20 * 2**20  # DemoOptions' default; gradio refuses larger uploads
+
+
+def test_chat_history_grows_within_a_session(demo_url):
+    from gradio_client import Client
+
+    client = Client(demo_url, verbose=False)  # its own session
+    ask(client, None, TEXT[1])
+    chat, *_ = ask(client, SEG[0], SEG[1])
+    assert [m["role"] for m in chat] == ["user", "assistant", "user", "assistant"]
+    assert chat[0]["content"][0]["text"] == TEXT[1] and chat[2]["content"][0]["text"] == SEG[1] + " [image]"
+
+
+def _corrupt(tmp_path):
+    path = tmp_path / "photo.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 20)
+    return path
+
+
+def _one_pixel(tmp_path):
+    path = tmp_path / "dot.png"
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(path)
+    return path
+
+
+def _zero_frames(tmp_path):
+    import av
+
+    path = tmp_path / "empty.mp4"
+    with av.open(str(path), "w") as container:  # a valid mp4 container that never received a frame
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        container.start_encoding()
+    assert path.stat().st_size > 0
+    return path
+
+
+@pytest.mark.parametrize("case, slot, instruction, message", [
+    ("corrupt image", "image", "Describe it.", r"cannot decode image file photo\.png: it is not a readable image"),
+    ("corrupt video", "video", "Describe it.", r"cannot decode video file photo\.png"),
+    ("1x1 image", "image", "Describe it.", r"dot\.png is 1x1 pixels; images must be at least 8 pixels"),
+    ("0-frame video", "video", "Describe it.", r"empty\.mp4 has zero frames"),
+    ("empty instruction", None, "   ", r"the instruction is empty"),
+])
+def test_bad_input_gives_a_readable_error_and_the_server_keeps_answering(client, demo_pipeline, tmp_path, case,
+                                                                         slot, instruction, message):
+    make = {"corrupt image": _corrupt, "corrupt video": _corrupt, "1x1 image": _one_pixel,
+            "0-frame video": _zero_frames, "empty instruction": None}[case]
+    file = handle_file(str(make(tmp_path))) if make else None
+    with pytest.raises(AppError, match=message):
+        client.predict(image=file if slot == "image" else None, video=[file] if slot == "video" else None,
+                       instruction=instruction, api_name="/answer")
+    _, _, record, _, _ = ask(client, None, TEXT[1])  # the next request is served normally
+    assert record["text"] == "A round shape."
+
+
+def test_eight_concurrent_requests_all_complete_correctly(demo_url, demo_pipeline):
+    from gradio_client import Client
+
+    client = Client(demo_url, verbose=False)
+    requests = [SEG, DET, TRACK, TEXT] * 2
+    jobs = []
+    for name, instruction, _ in requests:
+        file = None if name is None else handle_file(str(example_file(name)))
+        video = name is not None and name.endswith(".gif")
+        jobs.append(client.submit(image=None if video else file, video=[file] if video else None,
+                                  instruction=instruction, api_name="/answer"))
+    results = [job.result(timeout=120) for job in jobs]
+    wants = {name: oracle(demo_pipeline, name, instruction) for name, instruction, _ in requests[:4]}
+    for (name, _, _), (_, _, record, _, _) in zip(requests, results):
+        assert_same_answer(record, wants[name])
