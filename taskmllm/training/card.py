@@ -1,0 +1,131 @@
+"""The model card of a recipe run: what was trained, how long each stage took, learning curves, the metrics.
+
+Written by :func:`~taskmllm.training.recipe_run.run_recipe` as ``<run>/MODEL_CARD.md`` beside
+``<run>/learning_curves.png``; everything in it is read from the run's files (``recipe.json``, each stage's
+``metrics.jsonl`` and ``train_config.yaml``, the evaluation ``results.json``), nothing is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+#: (task, summary key) rows of the headline table and the floor issue #6 sets for the shipped default.
+FLOORS = {"routing": 0.95, "vqa": 0.75, "seg": 0.55, "rec": 0.50, "det": 0.40, "track": 0.40, "pope_f1": 0.75}
+
+
+def headline(shapes: dict[str, Any], pope: dict[str, Any] | None) -> dict[str, float | None]:
+    """The headline numbers of a ``shapes`` (and ``pope-shapes``) result: routing, VQA, seg, REC, det, track, POPE.
+
+    ``vqa`` is the mean accuracy of existence, color and count questions (each also returned).
+    """
+    summary = shapes.get("summary", {})
+    score = {t: row.get("score") for t, row in summary.items()}
+    routed = [row["routing"] for row in summary.values() if row.get("routing") is not None]
+    vqa = [score[t] for t in ("exist", "color", "count") if score.get(t) is not None]
+    out = {"routing": min(routed) if routed else None, "vqa": sum(vqa) / len(vqa) if vqa else None,
+           "exist": score.get("exist"), "color": score.get("color"), "count": score.get("count"),
+           "seg": score.get("seg"), "rec": score.get("rec"), "det": score.get("det"), "track": score.get("track")}
+    if pope is not None:
+        out["pope_f1"] = pope["pope"]["splits"]["random"]["f1"]
+    return out
+
+
+def write_model_card(run: Path, plan, configs: Sequence, log: dict) -> Path:
+    """Write ``<run>/MODEL_CARD.md`` and ``<run>/learning_curves.png``; returns the card's path."""
+    curves = plot_learning_curves(run, plan.stages)
+    lines = [f"# `{plan.name}` — model card", "", plan.description, "",
+             f"Reproduce: `taskmllm train-recipe {plan.name} --out {run}` (`make train-default` for `tiny`).", "",
+             "## Training", "", "| stage | trainable | steps × batch | lr | wall time | final loss |",
+             "|---|---|---|---|---|---|"]
+    total = 0.0
+    for stage, cfg in zip(plan.stages, configs):
+        info = log["stages"].get(stage, {})
+        total += info.get("wall_s", 0.0)
+        rows = _metrics(run / stage / "metrics.jsonl")
+        loss = f"{rows[-1]['loss_weighted']:.3f}" if rows else "–"
+        trainable = ", ".join(f"{k}: {v}" for k, v in cfg.stage.trainable.items())
+        lines.append(f"| {stage} | {trainable} | {cfg.max_steps} × {cfg.data.batch_size} | {cfg.optim.lr:g} | "
+                     f"{info.get('wall_s', 0) / 60:.1f} min | {loss} |")
+    first = configs[0]
+    lines += ["", f"Total training wall time: **{total / 60:.1f} min** on the machine that ran it. Data: ShapesWorld "
+              f"`train` split generated on the fly (world seed {first.data.seed}); training seed {first.seed}. "
+              "Evaluation uses a world seed never used in training (`DEFAULT_EVAL_SEED`).", "",
+              "![learning curves](curves/learning_curves.png)" if curves else "", ""]
+    lines += _metrics_section(log.get("eval", {}))
+    path = run / "MODEL_CARD.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _metrics_section(evals: dict) -> list[str]:
+    if "shapes" not in evals:
+        return ["## Metrics", "", "Not evaluated yet."]
+    shapes = json.loads(Path(evals["shapes"]["json"]).read_text())
+    pope = json.loads(Path(evals["pope-shapes"]["json"]).read_text()) if "pope-shapes" in evals else None
+    numbers = headline(shapes, pope)
+    n = shapes.get("n_per_task")
+    lines = ["## Metrics", "", f"`taskmllm eval --suite shapes --n {n}` (and `--suite pope-shapes`) on the test "
+             f"world (seed {shapes.get('seed')}):", "", "| metric | value | floor |", "|---|---|---|"]
+    names = {"routing": "task-token routing accuracy (min over tasks)", "vqa": "VQA accuracy (exist/color/count)",
+             "exist": "  existence", "color": "  color", "count": "  count", "seg": "referring segmentation gIoU",
+             "rec": "REC Acc@0.5", "det": "detection AP50", "track": "tracking success AUC",
+             "pope_f1": "POPE-random F1"}
+    for key, label in names.items():
+        value = numbers.get(key)
+        floor = FLOORS.get(key)
+        lines.append(f"| {label} | {'–' if value is None else f'{value:.3f}'} | "
+                     f"{'' if floor is None else f'≥ {floor:.2f}'} |")
+    lines += ["", "Every task (test split):", "", "| task | n | routing | metric | score |", "|---|---|---|---|---|"]
+    for task, row in shapes.get("summary", {}).items():
+        score = row.get("score")
+        lines.append(f"| {task} | {row['n']} | {row['routing']:.3f} | {row['metric']} | "
+                     f"{'–' if score is None else f'{score:.3f}'} |")
+    return lines
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def plot_learning_curves(run: Path, stages: Sequence[str]) -> Path | None:
+    """One figure: every loss term of every stage against cumulative training wall time (minutes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.2), squeeze=False)
+    offset, drew = 0.0, False
+    for ax, stage in zip(axes[0], stages):
+        rows = _metrics(run / stage / "metrics.jsonl")
+        if not rows:
+            continue
+        minutes = [(offset + r.get("time_s", r["step"])) / 60 for r in rows]
+        skip = {"step", "lr", "grad_norm", "time_s"}
+        for key in sorted({k for r in rows for k in r} - skip):
+            ax.plot(minutes, _smooth([r.get(key, float("nan")) for r in rows]), label=key, lw=1)
+        ax.set_title(stage)
+        ax.set_xlabel("minutes (cumulative)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=6)
+        offset += rows[-1].get("time_s", 0.0)
+        drew = True
+    if not drew:
+        plt.close(fig)
+        return None
+    axes[0][0].set_ylabel("loss (smoothed)")
+    fig.tight_layout()
+    path = run / "learning_curves.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _smooth(values: list[float], k: int = 20) -> list[float]:
+    out, acc = [], []
+    for v in values:
+        acc = (acc + [v])[-k:]
+        out.append(sum(acc) / len(acc))
+    return out

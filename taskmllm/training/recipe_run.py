@@ -1,0 +1,136 @@
+"""Run a whole recipe: every stage in order, the evaluation suites, the model card, and (optionally) ship it.
+
+``taskmllm train-recipe tiny --out runs/tiny [--ship DIR]`` (``make train-default``) reads
+``training/recipes/<name>/recipe.yaml`` (the stage order and the evaluation), trains each stage from the
+previous stage's ``final/`` and evaluates the last one. It is resumable at two levels: a stage whose
+``final/`` exists is skipped, and a stage killed mid-way resumes from its own last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import yaml
+
+from taskmllm.errors import ConfigError
+
+RECIPES = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class RecipePlan:
+    """``recipe.yaml``: the stages in order and what evaluates the result.
+
+    Attributes:
+        name: the recipe's name (its folder under ``training/recipes``).
+        stages: stage YAML names (without ``.yaml``), trained in this order.
+        eval_suites: evaluation suites run on the last stage's model (``taskmllm eval --suite``).
+        eval_n: questions per task / images per suite.
+        description: one paragraph for the model card.
+    """
+
+    name: str
+    stages: list[str]
+    eval_suites: list[str] = field(default_factory=lambda: ["shapes"])
+    eval_n: int = 100
+    description: str = ""
+
+
+def load_plan(name: str) -> RecipePlan:
+    """The plan of recipe ``name`` (a folder of ``training/recipes``) or of a recipe folder path."""
+    folder = RECIPES / name if (RECIPES / name).is_dir() else Path(name)
+    path = folder / "recipe.yaml"
+    if not path.is_file():
+        known = sorted(p.parent.name for p in RECIPES.glob("*/recipe.yaml"))
+        raise ConfigError(f"recipe {name!r}: no {path}; known recipes: {known}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(raw) - {"stages", "eval", "description"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {unknown}; known: ['description', 'eval', 'stages']")
+    ev = raw.get("eval", {})
+    plan = RecipePlan(folder.name, list(raw.get("stages", [])), list(ev.get("suites", ["shapes"])),
+                      int(ev.get("n", 100)), str(raw.get("description", "")).strip())
+    missing = [s for s in plan.stages if not (folder / f"{s}.yaml").is_file()]
+    if not plan.stages or missing:
+        raise ConfigError(f"{path}: stages must name YAML files in {folder}; missing: {missing or 'all'}")
+    return plan
+
+
+def run_recipe(name: str, out: str | Path, overrides: Sequence[str] = (), ship: Optional[str | Path] = None,
+               skip_eval: bool = False) -> Path:
+    """Train every stage of recipe ``name`` under ``out``, evaluate, write ``MODEL_CARD.md``; return the model dir.
+
+    ``overrides`` (``--a.b=c``) apply to every stage. With ``ship``, the final model, its card and learning
+    curves are copied there atomically (the package-data directory of a shipped model).
+    """
+    from taskmllm.training.card import write_model_card
+    from taskmllm.training.config import load_config
+    from taskmllm.training.train import train
+
+    plan, out = load_plan(name), Path(out)
+    folder = RECIPES / plan.name if (RECIPES / plan.name).is_dir() else Path(name)
+    configs = []
+    for i, stage in enumerate(plan.stages):  # every config is checked before any stage trains
+        init = [f"--model.init={out / plan.stages[i - 1] / 'final'}"] if i else []
+        configs.append(load_config(folder / f"{stage}.yaml", [f"--out_dir={out / stage}", *init, *overrides]))
+    log = _read_json(out / "recipe.json") or {"stages": {}}
+    for stage, cfg in zip(plan.stages, configs):
+        final = out / stage / "final"
+        if (final / "config.json").is_file() and stage in log["stages"]:
+            print(f"[{plan.name}] {stage}: done already ({final})")
+            continue
+        t0 = time.perf_counter()
+        train(cfg)
+        log["stages"][stage] = {"wall_s": round(time.perf_counter() - t0, 1), "steps": cfg.max_steps,
+                                "batch_size": cfg.data.batch_size}
+        _write_json(out / "recipe.json", log)
+    model = out / plan.stages[-1] / "final"
+    if not skip_eval:
+        log["eval"] = _evaluate(model, plan, out / "eval")
+        _write_json(out / "recipe.json", log)
+    card = write_model_card(out, plan, configs, log)
+    if ship is not None:
+        ship_model(model, card, out, Path(ship))
+    return model
+
+
+def _evaluate(model: Path, plan: RecipePlan, out: Path) -> dict:
+    from taskmllm.eval.benchmarks import EvalOptions, evaluate
+
+    done = {}
+    for suite in plan.eval_suites:
+        t0 = time.perf_counter()
+        report = evaluate(model, suite, out / suite, EvalOptions(n=plan.eval_n))
+        done[suite] = {"json": str(report.json_path), "wall_s": round(time.perf_counter() - t0, 1)}
+    return done
+
+
+def ship_model(model: Path, card: Path, run: Path, dest: Path) -> Path:
+    """Copy the model directory, its card and the learning curves to ``dest`` in one rename."""
+    from taskmllm.model.io import atomic_directory_write
+
+    def write(tmp: Path) -> None:
+        shutil.copytree(model, tmp, dirs_exist_ok=True)
+        shutil.copy(card, tmp / "MODEL_CARD.md")
+        curves = tmp / "curves"
+        curves.mkdir()
+        for png in sorted(run.glob("*.png")) + sorted(run.glob("*/loss.png")):
+            shutil.copy(png, curves / (png.name if png.parent == run else f"{png.parent.name}.png"))
+
+    return atomic_directory_write(dest, write)
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
