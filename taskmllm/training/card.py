@@ -18,13 +18,15 @@ FLOORS = {"routing": 0.95, "vqa": 0.75, "seg": 0.55, "rec": 0.50, "det": 0.40, "
 def headline(shapes: dict[str, Any], pope: dict[str, Any] | None) -> dict[str, float | None]:
     """The headline numbers of a ``shapes`` (and ``pope-shapes``) result: routing, VQA, seg, REC, det, track, POPE.
 
+    ``routing`` is the fraction of questions whose emitted task tokens equal the reference's (all tasks);
     ``vqa`` is the mean accuracy of existence, color and count questions (each also returned).
     """
     summary = shapes.get("summary", {})
     score = {t: row.get("score") for t, row in summary.items()}
-    routed = [row["routing"] for row in summary.values() if row.get("routing") is not None]
+    routed = [(row["routing"], row["n"]) for row in summary.values() if row.get("routing") is not None]
     vqa = [score[t] for t in ("exist", "color", "count") if score.get(t) is not None]
-    out = {"routing": min(routed) if routed else None, "vqa": sum(vqa) / len(vqa) if vqa else None,
+    routing = sum(r * n for r, n in routed) / sum(n for _, n in routed) if routed else None
+    out = {"routing": routing, "vqa": sum(vqa) / len(vqa) if vqa else None,
            "exist": score.get("exist"), "color": score.get("color"), "count": score.get("count"),
            "seg": score.get("seg"), "rec": score.get("rec"), "det": score.get("det"), "track": score.get("track")}
     if pope is not None:
@@ -36,7 +38,8 @@ def write_model_card(run: Path, plan, configs: Sequence, log: dict) -> Path:
     """Write ``<run>/MODEL_CARD.md`` and ``<run>/learning_curves.png``; returns the card's path."""
     curves = plot_learning_curves(run, plan.stages)
     lines = [f"# `{plan.name}` — model card", "", plan.description, "",
-             f"Reproduce: `taskmllm train-recipe {plan.name} --out {run}` (`make train-default` for `tiny`).", "",
+             "Reproduce: `" + f"taskmllm train-recipe --out {run} {plan.name} {' '.join(log.get('overrides', []))}".rstrip()
+             + "`", "",
              "## Training", "", "| stage | trainable | steps × batch | lr | wall time | final loss |",
              "|---|---|---|---|---|---|"]
     total = 0.0
@@ -68,7 +71,7 @@ def _metrics_section(evals: dict) -> list[str]:
     n = shapes.get("n_per_task")
     lines = ["## Metrics", "", f"`taskmllm eval --suite shapes --n {n}` (and `--suite pope-shapes`) on the test "
              f"world (seed {shapes.get('seed')}):", "", "| metric | value | floor |", "|---|---|---|"]
-    names = {"routing": "task-token routing accuracy (min over tasks)", "vqa": "VQA accuracy (exist/color/count)",
+    names = {"routing": "task-token routing accuracy (all questions)", "vqa": "VQA accuracy (exist/color/count)",
              "exist": "  existence", "color": "  color", "count": "  count", "seg": "referring segmentation gIoU",
              "rec": "REC Acc@0.5", "det": "detection AP50", "track": "tracking success AUC",
              "pope_f1": "POPE-random F1"}

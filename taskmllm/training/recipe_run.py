@@ -79,6 +79,7 @@ def run_recipe(name: str, out: str | Path, overrides: Sequence[str] = (), ship: 
         init = [f"--model.init={out / plan.stages[i - 1] / 'final'}"] if i else []
         configs.append(load_config(folder / f"{stage}.yaml", [f"--out_dir={out / stage}", *init, *overrides]))
     log = _read_json(out / "recipe.json") or {"stages": {}}
+    log["overrides"] = list(overrides)
     for stage, cfg in zip(plan.stages, configs):
         final = out / stage / "final"
         if (final / "config.json").is_file() and stage in log["stages"]:

@@ -73,11 +73,10 @@ def test_demo_cli_defaults_and_missing_model(tmp_path, capsys):
     assert "absent" in capsys.readouterr().err
 
 
-def test_demo_cli_tiny_absent_is_a_clear_error(capsys):
+def test_demo_cli_tiny_absent_is_a_clear_error(capsys, monkeypatch, tmp_path):
     from taskmllm.recipes import SHIPPED
 
-    if (SHIPPED["tiny"] / "config.json").is_file():
-        pytest.skip("the tiny model ships in this install")
+    monkeypatch.setitem(SHIPPED, "tiny", tmp_path / "not-installed")  # an install without the shipped weights
     assert main(["demo", "--model", "tiny"]) == 2
     err = capsys.readouterr().err
     assert "the shipped model 'tiny' is not in this install" in err
