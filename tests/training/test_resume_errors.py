@@ -94,7 +94,7 @@ def test_bad_components_and_paths_fail_before_compute(tmp_path):
     with pytest.raises(ConfigError, match="data.path.*/nope.json.*does not exist"):
         train(cfg)
     with pytest.raises(ConfigError, match="model.init"):
-        train(load_config(RECIPE / "heads.yaml", [f"--out_dir={tmp_path}"]))  # runs/tiny/assign/final absent
+        train(load_config(RECIPE / "heads.yaml", [f"--out_dir={tmp_path}", f"--model.init={tmp_path / 'absent'}"]))
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
