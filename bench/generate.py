@@ -10,7 +10,6 @@ batch 1 and batch ``--batch``. Prints JSON with tokens/s of each and ours/theirs
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
 
 
 def build_llava(path: Path, hidden: int, layers: int, vocab: int):
@@ -90,11 +90,7 @@ def main() -> None:
                 "batch": bsz, "ours_tokens_per_s": round(bsz * n / t_ours, 1),
                 "transformers_tokens_per_s": round(bsz * n / t_ref, 1), "ratio_ours_over_transformers":
                 round(t_ref / t_ours, 3)})
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

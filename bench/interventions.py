@@ -14,7 +14,6 @@ Targets (issue): VHR <= 1.15 x none; VAR <= 1.4 x none with eager attention.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
 
 
 def tokenizer():
@@ -107,11 +107,7 @@ def main() -> None:
         run["targets_met"] = {"vhr<=1.15": run["ratio_vhr_over_none"] <= 1.15,
                               "var<=1.4_eager": run["ratio_var_over_none_eager"] <= 1.4}
         results["runs"].append(run)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ per-stage seconds and the routing + experts share; target <= 0.20.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -18,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
 
 REQUESTS = [
     ("image", "Segment the red circle.", "Sure, <ref>the red circle</ref><seg>."),
@@ -74,11 +74,7 @@ def main() -> None:
                      "routing_experts_share": round(median["experts"] / total, 4)})
     report = {"device": "cpu", "threads": torch.get_num_threads(), "runs": runs,
               "max_routing_experts_share": max(r["routing_experts_share"] for r in runs), "target": 0.2}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

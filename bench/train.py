@@ -30,6 +30,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from taskmllm.training import train as train_module
 from taskmllm.training.config import load_config
+from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
 
 RECIPE = Path(train_module.__file__).parent / "recipes" / "tiny"
 
@@ -121,11 +122,7 @@ def main() -> None:
         "final_loss": rows[-1]["loss_weighted"],
         "cpu": platform.processor() or platform.machine(), "load_avg": os.getloadavg()[0],
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from taskmllm.data.shapesworld import ShapesWorld, WorldConfig
 from taskmllm.model.config import VisionConfig
 from taskmllm.model.vision import build_vision_tower
 from taskmllm.training.losses import PatchHead, patch_labels
+from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
 
 SIZE, GRID = 96, (6, 6)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -127,11 +127,8 @@ def main() -> None:
     held = [batch(ShapesWorld(WorldConfig(image_size=SIZE), seed=1_000_003), i * 64, 64, "test") for i in range(4)]
     results = {name: run(name, args.seconds, args.batch_size, args.lr, world, held)
                for name in args.candidates.split(",")}
-    text = json.dumps({"benchmark": "vision_probe", "seconds_cpu": args.seconds, "batch_size": args.batch_size,
-                       "lr": args.lr, "threads": torch.get_num_threads(), "results": results}, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit({"benchmark": "vision_probe", "seconds_cpu": args.seconds, "batch_size": args.batch_size,
+          "lr": args.lr, "threads": torch.get_num_threads(), "results": results}, args.out)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ class RecipePlan:
         eval_suites: evaluation suites run on the last stage's model (``taskmllm eval --suite``).
         eval_n: questions per task / images per suite.
         description: one paragraph for the model card.
+        folder: the folder holding ``recipe.yaml`` and the stage YAMLs.
     """
 
     name: str
@@ -39,6 +40,7 @@ class RecipePlan:
     eval_suites: list[str] = field(default_factory=lambda: ["shapes"])
     eval_n: int = 100
     description: str = ""
+    folder: Path = RECIPES
 
 
 def load_plan(name: str) -> RecipePlan:
@@ -54,7 +56,7 @@ def load_plan(name: str) -> RecipePlan:
         raise ConfigError(f"{path}: unknown keys {unknown}; known: ['description', 'eval', 'stages']")
     ev = raw.get("eval", {})
     plan = RecipePlan(folder.name, list(raw.get("stages", [])), list(ev.get("suites", ["shapes"])),
-                      int(ev.get("n", 100)), str(raw.get("description", "")).strip())
+                      int(ev.get("n", 100)), str(raw.get("description", "")).strip(), folder)
     missing = [s for s in plan.stages if not (folder / f"{s}.yaml").is_file()]
     if not plan.stages or missing:
         raise ConfigError(f"{path}: stages must name YAML files in {folder}; missing: {missing or 'all'}")
@@ -73,11 +75,10 @@ def run_recipe(name: str, out: str | Path, overrides: Sequence[str] = (), ship: 
     from taskmllm.training.train import train
 
     plan, out = load_plan(name), Path(out)
-    folder = RECIPES / plan.name if (RECIPES / plan.name).is_dir() else Path(name)
     configs = []
     for i, stage in enumerate(plan.stages):  # every config is checked before any stage trains
         init = [f"--model.init={out / plan.stages[i - 1] / 'final'}"] if i else []
-        configs.append(load_config(folder / f"{stage}.yaml", [f"--out_dir={out / stage}", *init, *overrides]))
+        configs.append(load_config(plan.folder / f"{stage}.yaml", [f"--out_dir={out / stage}", *init, *overrides]))
     log = _read_json(out / "recipe.json") or {"stages": {}}
     log["overrides"] = list(overrides)
     for stage, cfg in zip(plan.stages, configs):
