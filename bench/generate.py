@@ -40,14 +40,17 @@ def build_llava(path: Path, hidden: int, layers: int, vocab: int):
     tok.save_pretrained(path)
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
+def timed_pair(first, second, repeats: int) -> tuple[float, float]:
+    """Best wall time of each function; runs alternate (first, second, first, ...) so that machine drift
+    during the measurement affects both alike."""
+    first(), second()  # warm-up
+    best = [float("inf"), float("inf")]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        for i, fn in enumerate((first, second)):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0], best[1]
 
 
 def main() -> None:
@@ -71,7 +74,7 @@ def main() -> None:
         ours = import_llava_hf(tmp)
         ours.tokenizer.eos_token = None  # no early stop: both produce exactly new_tokens
         for bsz in (1, args.batch):
-            prompts = [f"Describe image {i} in detail." for i in range(bsz)]
+            prompts = [f"Describe image {i} in detail." + " Be brief." * (i % 4) for i in range(bsz)]  # padded batch
             batch = ours.processor(prompts, [torch.rand(96, 96, 3).numpy() for _ in range(bsz)])
             n = args.new_tokens
 
@@ -85,7 +88,7 @@ def main() -> None:
                                  pixel_values=batch.pixel_values, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                  pad_token_id=ours.processor.pad_id)
 
-            t_ours, t_ref = timed(run_ours, args.repeats), timed(run_ref, args.repeats)
+            t_ours, t_ref = timed_pair(run_ours, run_ref, args.repeats)
             results["runs"].append({
                 "batch": bsz, "ours_tokens_per_s": round(bsz * n / t_ours, 1),
                 "transformers_tokens_per_s": round(bsz * n / t_ref, 1), "ratio_ours_over_transformers":

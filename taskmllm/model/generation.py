@@ -94,21 +94,36 @@ class _Decoder:
         cfg = model.llm.config  # logits = lm_head(hidden) unless the LM scales or soft-caps them
         self.plain_head = getattr(cfg, "final_logit_softcapping", None) is None and not hasattr(cfg, "logit_scale")
 
-    def feed(self, emb: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed ``(B, C, H)`` embeddings; returns logits ``(B, C, V)`` and last hidden ``(B, C, H)`` of the chunk."""
+    def feed(self, emb: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+             last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed ``(B, C, H)`` embeddings; returns logits ``(B, C, V)`` and last hidden ``(B, C, H)`` of the chunk.
+
+        ``last_only`` (the left-padded prefill, whose rows all end in the last column): logits ``(B, 1, V)`` of
+        the last position only, as transformers' ``logits_to_keep=1``.
+        """
         self.mask = mask if self.mask is None else torch.cat([self.mask, mask], 1)
         if self.cache is None:
             self.emb = emb if self.emb is None else torch.cat([self.emb, emb], 1)
             self.pos = pos if self.pos is None else torch.cat([self.pos, pos], 1)
             emb, pos = self.emb, self.pos
         llm, c = self.model.llm, mask.shape[1]
-        kwargs = dict(inputs_embeds=emb, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
-                      use_cache=self.cache is not None)
+        kwargs = dict(inputs_embeds=emb, attention_mask=self._attention_mask(c), position_ids=pos,
+                      past_key_values=self.cache, use_cache=self.cache is not None)
         if self.plain_head:  # decoder + lm_head on the chunk: no hidden-state capture of every layer
             hidden = llm.get_decoder()(**kwargs).last_hidden_state[:, -c:]  # (B, C, H) after the final norm
-            return llm.get_output_embeddings()(hidden), hidden
+            return llm.get_output_embeddings()(hidden[:, -1:] if last_only else hidden), hidden
         out = llm(**kwargs, output_hidden_states=True)
         return out.logits[:, -c:], out.hidden_states[-1][:, -c:]
+
+
+    def _attention_mask(self, c: int) -> torch.Tensor:
+        """The 2D mask of everything fed, or for a one-token SDPA decode step on a padded batch the ready
+        ``(B, 1, 1, T)`` boolean mask (one query row attends to every valid key: no causal part to build), which
+        spares transformers rebuilding a 4D mask from the 2D one at every step."""
+        sdpa = self.model.llm.config._attn_implementation == "sdpa"
+        if self.cache is None or c != 1 or not sdpa or bool(self.mask.all()):
+            return self.mask
+        return self.mask.bool()[:, None, None, :]
 
 
 def generate(model: "TaskMLLM", batch: Batch, max_new_tokens: int = 64, do_sample: bool = False,
@@ -141,10 +156,11 @@ def generate(model: "TaskMLLM", batch: Batch, max_new_tokens: int = 64, do_sampl
     decoder = _Decoder(model, use_cache)
     attach = intervention.attach(model, ctx) if intervention is not None else contextlib.nullcontext()
     with attach:
-        logits, _ = decoder.feed(emb, mask, positions(mask))
-        last = [mask.shape[1] - 1] * bsz
+        logits, _ = decoder.feed(emb, mask, positions(mask), last_only=True)
+        last = [logits.shape[1] - 1] * bsz
         while True:
-            step_logits = logits[torch.arange(bsz), torch.tensor(last)]  # (B, V)
+            # (B, V): the last fed position of each sample
+            step_logits = logits[:, 0] if logits.shape[1] == 1 else logits[torch.arange(bsz), torch.tensor(last)]
             toks = pick_tokens(step_logits, do_sample, temperature, top_p, generator).tolist()
             items: list[list[torch.Tensor]] = []
             for b in range(bsz):
@@ -191,14 +207,17 @@ def _chunk(model: "TaskMLLM", items: list[list[Union[int, torch.Tensor]]], next_
     pad_id = model.processor.pad_id
     device = embed.weight.device
     c = max(len(x) for x in items)
-    lengths = torch.tensor([len(x) for x in items], device=device)
     ids = torch.tensor([[x[0] if x else pad_id] for x in items], device=device)  # every row starts with a token
     emb = embed(ids)  # (B, 1, H)
-    if c > 1:  # query embeddings follow a task token; pad the other rows
-        emb = torch.cat([emb, embed.weight[pad_id].expand(len(items), c - 1, -1).clone()], 1)
-        for b, row in enumerate(items):
-            if len(row) > 1:
-                emb[b, 1: len(row)] = torch.stack(row[1:]).to(emb.dtype)
+    if c == 1:  # the common decode step: one token per sample
+        mask = torch.tensor([[1 if x else 0] for x in items], device=device)  # a finished sample feeds nothing
+        return emb, mask, torch.tensor(next_pos, device=device)[:, None]
+    lengths = torch.tensor([len(x) for x in items], device=device)
+    # query embeddings follow a task token; pad the other rows
+    emb = torch.cat([emb, embed.weight[pad_id].expand(len(items), c - 1, -1).clone()], 1)
+    for b, row in enumerate(items):
+        if len(row) > 1:
+            emb[b, 1: len(row)] = torch.stack(row[1:]).to(emb.dtype)
     mask = (torch.arange(c, device=device)[None] < lengths[:, None]).long()  # (B, C)
     offsets = torch.minimum(torch.arange(c, device=device)[None], (lengths - 1).clamp(min=0)[:, None])
     pos = torch.tensor(next_pos, device=device)[:, None] + offsets  # (B, C)
