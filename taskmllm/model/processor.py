@@ -155,10 +155,11 @@ class Processor:
 
     # -------------------------------------------------------------------------------------------- text
     def format_prompt(self, text: str, num_frames: int, is_video: bool) -> str:
-        """Chat-formatted prompt; adds ``<image>`` / ``<video>`` when the text has no placeholder."""
+        """Chat-formatted prompt; adds ``<image>`` / ``<video>`` after the text when it has no placeholder
+        (question first: the order of the ShapesWorld training conversations, ``ConversationConfig``)."""
         has_marker = IMAGE in text or VIDEO in text
         if num_frames and not has_marker:
-            text = (VIDEO if is_video else IMAGE) + "\n" + text
+            text = text + "\n" + (VIDEO if is_video else IMAGE)
         elif not num_frames and has_marker:
             raise InputError("the prompt has an <image>/<video> placeholder but no image was given")
         return self.chat.prompt(text)

@@ -15,7 +15,9 @@ from tests.model.intervention_models import PROMPTS, images, varied_model
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return varied_model(tokenizer)
+    # float64: the padded batched passes and the unpadded reference sum in different orders; in float32 that
+    # alone moves a VHD of ~2 by up to 6e-5, more than the 1e-5 the comparison asks for
+    return varied_model(tokenizer).double()
 
 
 # ------------------------------------------------------------------------------------------ reference
