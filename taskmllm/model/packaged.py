@@ -130,10 +130,12 @@ def mobilenet_v2_state_dict() -> dict[str, torch.Tensor]:
 
 def load_mobilenet_v2_features(features: torch.nn.Module, state: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Load the ImageNet weights (``state``, default :func:`mobilenet_v2_state_dict`) into torchvision's
-    ``mobilenet_v2().features`` (strict)."""
+    ``mobilenet_v2().features`` or a prefix of its blocks (``features[:k]``, strict on the blocks it has)."""
     state = mobilenet_v2_state_dict() if state is None else state
     prefix = "features."
-    features.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    blocks = {str(i) for i in range(len(features))}
+    features.load_state_dict({k[len(prefix):]: v for k, v in state.items()
+                              if k.startswith(prefix) and k[len(prefix):].split(".")[0] in blocks})
 
 
 # ---------------------------------------------------------------------------------------------- SmolLM2

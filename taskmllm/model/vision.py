@@ -84,10 +84,12 @@ class HFVisionTower(VisionTower):
 
 
 class MobileNetV2Tower(VisionTower):
-    """torchvision MobileNetV2 ``features``: ``(F, 1280, h, w)`` flattened to ``(F, h*w, 1280)``.
+    """torchvision MobileNetV2 ``features`` up to block ``feature_layer``: ``(F, C, h, w)`` -> ``(F, h*w, C)``.
 
-    The state dict is torchvision's (``features.*`` keys without the prefix, e.g. the ImageNet weights of
-    ``model/packaged.py``). BatchNorm always normalizes with its running statistics, in training too (the
+    ``feature_layer`` -1 keeps all 19 blocks (1280 channels, stride 32); 13 keeps ``features[:14]`` (96
+    channels, stride 16: a 6 x 6 grid at 96 px, what ``bench/vision_probe.py`` found to learn ShapesWorld
+    fastest). The state dict is torchvision's (``features.*`` keys without the prefix, e.g. the ImageNet weights
+    of ``model/packaged.py``). BatchNorm always normalizes with its running statistics, in training too (the
     usual frozen-statistics fine-tuning of a pretrained CNN): small batches of synthetic images would
     otherwise overwrite the ImageNet statistics and make training and inference features differ. The
     BatchNorm affine weights still train when the tower does.
@@ -98,10 +100,12 @@ class MobileNetV2Tower(VisionTower):
         from torchvision.models import mobilenet_v2
 
         self.config = config
-        self.features = mobilenet_v2(weights=None).features
-        self.width = 1280
-        side = -(-config.image_size // 32)
-        self.grid = (side, side)
+        blocks = mobilenet_v2(weights=None).features
+        self.features = blocks[: config.feature_layer % len(blocks) + 1]
+        with torch.no_grad():  # channels and grid of the cut, from a shape-only pass
+            probe = self.features.eval()(torch.zeros(1, 3, config.image_size, config.image_size))
+        self.width = probe.shape[1]
+        self.grid = (probe.shape[2], probe.shape[3])
 
     def train(self, mode: bool = True) -> "MobileNetV2Tower":
         super().train(mode)

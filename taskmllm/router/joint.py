@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Collection, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -71,14 +71,21 @@ class JointModel(nn.Module):
         return cls(mllm, experts)
 
     # ------------------------------------------------------------------------------------------ forward
-    def forward(self, batch: Batch, targets: Sequence[Sequence[TaskTarget]]) -> JointOutput:
-        """Joint teacher-forced forward. ``targets[b]`` are sample b's targets in task-token order."""
+    def forward(self, batch: Batch, targets: Sequence[Sequence[TaskTarget]],
+                tasks: Optional[Collection[str]] = None) -> JointOutput:
+        """Joint teacher-forced forward. ``targets[b]`` are sample b's targets in task-token order.
+
+        ``tasks``: the experts to run (default all); a stage whose expert weight is 0 skips that expert's
+        forward instead of computing a loss it multiplies by 0.
+        """
         out = self.mllm(batch)
         calls = self.router.route(batch.input_ids, out.hidden_states, batch.attention_mask)
         flat = _match_targets(calls, targets)
         lm = out.loss if out.loss is not None else out.logits.sum() * 0.0
         total, terms = lm, {}
         for task, group in group_calls(calls).items():
+            if tasks is not None and task not in tasks:
+                continue
             for same_t in _by_frames(group, batch.frames_per_sample).values():
                 outputs = self.run_expert(task, same_t, out.vision_features, batch)
                 for name, value in self.experts[task].loss(outputs, [flat[id(c)] for c in same_t]).items():

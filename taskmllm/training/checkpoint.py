@@ -137,6 +137,11 @@ def model_signature(module: nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in module.state_dict().items()}
 
 
+def trainable_names(module: nn.Module) -> list[str]:
+    """Names of the parameters the stage trains (what the optimizer state is about)."""
+    return sorted(n for n, p in module.named_parameters() if p.requires_grad)
+
+
 # ----------------------------------------------------------------------------------------- checkpoints
 class Checkpointer:
     """Saves and finds checkpoints under ``root`` (``<out_dir>/checkpoints``)."""
@@ -190,7 +195,7 @@ class Checkpointer:
             state = {"format": FORMAT, "step": step, "data_position": data_position,
                      "world_size": self.world_size, "partitioned_optimizer": partitioned_optimizer,
                      "optimizer": opt_skeleton, "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                     "signature": model_signature(module)}
+                     "signature": model_signature(module), "trainable": trainable_names(module)}
             (tmp / "state.json").write_text(json.dumps(state))
             save_config(cfg, tmp / "train_config.yaml")
 
@@ -229,6 +234,13 @@ class Checkpointer:
             shapes = [k for k in set(want) & set(got) if want[k] != got[k]][:3]
             raise CheckpointError(path, "incompatible with this run's model/stage: "
                                   f"missing {missing}, unexpected {extra}, other shapes {shapes}")
+        trained = state.get("trainable")
+        if trained is not None and trained != trainable_names(module):  # same model, another stage's optimizer
+            now = set(trainable_names(module))
+            raise CheckpointError(path, "incompatible with this run's stage: it trained "
+                                  f"{len(trained)} parameter tensors, this stage trains {len(now)} "
+                                  f"(e.g. only there: {sorted(set(trained) - now)[:2]}, only here: "
+                                  f"{sorted(now - set(trained))[:2]})")
         if state["partitioned_optimizer"] and state["world_size"] != self.world_size:
             raise CheckpointError(path, f"optimizer partitioned over {state['world_size']} ranks, "
                                   f"this run has {self.world_size}")

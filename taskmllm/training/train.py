@@ -28,7 +28,8 @@ from torch import nn
 from taskmllm.errors import ConfigError
 from taskmllm.training.checkpoint import Checkpointer
 from taskmllm.training.config import TrainConfig, check_paths, save_config
-from taskmllm.training.losses import CaptureOutput, PatchHead, patch_labels, total_loss
+from taskmllm.model.processor import IGNORE
+from taskmllm.training.losses import CaptureOutput, PatchHead, expert_of, patch_labels, total_loss
 from taskmllm.training.stages import apply_stage, merge_lora, protocol_token_ids
 
 log = logging.getLogger(__name__)
@@ -139,24 +140,58 @@ def train(cfg: TrainConfig) -> Path:
 
 # ----------------------------------------------------------------------------------------- pieces
 def forward_loss(trainee: Trainee, samples: list, cfg: TrainConfig, device: torch.device):
-    """Joint forward of one micro-batch -> (weighted total loss, floats per part incl. ``total``)."""
+    """Joint forward of one micro-batch -> (weighted total loss, floats per part incl. ``total``).
+
+    Video samples and the rest run as two forwards, so that images are not padded to a video's length (8
+    frames x 36 tokens: padding a batch to it cost 4x the compute); the parts are recombined with the weights
+    one forward of the whole batch gives them: LM by supervised tokens, each expert's terms by its calls.
+    """
+    groups = [g for g in ([s for s in samples if s.frames is None], [s for s in samples if s.frames is not None]) if g]
+    runs = [_group_forward(trainee, group, cfg, device) for group in groups]
+    experts = list(trainee.joint.experts)
+    lm = _weighted([(r["lm"], r["tokens"]) for r in runs])
+    terms: dict[str, torch.Tensor] = {}
+    for term in dict.fromkeys(t for r in runs for t in r["experts"]):
+        task = expert_of(term, experts)
+        terms[term] = _weighted([(r["experts"][term], r["calls"].get(task, 0)) for r in runs if term in r["experts"]])
+    extra = {name: (w, _weighted([(r["extra"][name][1], r["n"]) for r in runs]))
+             for name, (w, _) in runs[0]["extra"].items()}
+    loss, parts = total_loss(lm, terms, experts, cfg.stage.lm_weight, cfg.stage.expert_weights, extra)
+    parts["total"] = float(loss.detach())
+    return loss, parts
+
+
+def _weighted(pairs: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """``Σ value·count / Σ count`` (the plain value when there is one pair)."""
+    if len(pairs) == 1:
+        return pairs[0][0]
+    total = sum(c for _, c in pairs) or 1
+    return sum(v * (c / total) for v, c in pairs)
+
+
+def _group_forward(trainee: Trainee, samples: list, cfg: TrainConfig, device: torch.device) -> dict:
+    """One joint forward: its LM loss and supervised-token count, expert terms and calls per task, extras."""
     joint = trainee.joint
     visuals = [s.frames if s.frames is not None else s.image for s in samples]
     batch = joint.mllm.processor([s.turns[0][0] for s in samples], visuals,
                                  answers=[s.turns[0][1] for s in samples], padding_side="right").to(device)
+    weights = cfg.stage.expert_weights
+    active = [name for name in joint.experts if weights.get(name, 1.0) != 0]  # weight 0: skip the forward
     extra = {}
     if "patch_head" in trainee.aux:
         with CaptureOutput(joint.mllm.vision) as feats:
-            out = joint(batch, [s.targets for s in samples])
+            out = joint(batch, [s.targets for s in samples], active)
         shape, color = patch_labels(samples, joint.mllm.vision.grid, joint.mllm.config.max_frames)
         extra["patch"] = (cfg.stage.patch_weight, trainee.aux["patch_head"].loss(feats.value, shape.to(device),
                                                                                   color.to(device)))
     else:
-        out = joint(batch, [s.targets for s in samples])
-    loss, parts = total_loss(out.lm_loss, out.expert_losses, list(joint.experts), cfg.stage.lm_weight,
-                             cfg.stage.expert_weights, extra)
-    parts["total"] = float(loss.detach())
-    return loss, parts
+        out = joint(batch, [s.targets for s in samples], active)
+    calls: dict[str, int] = {}
+    for call in out.calls:
+        calls[call.task] = calls.get(call.task, 0) + 1
+    tokens = int((batch.labels[:, 1:] != IGNORE).sum()) if batch.labels is not None else 0
+    return {"lm": out.lm_loss, "tokens": tokens, "experts": out.expert_losses, "calls": calls, "extra": extra,
+            "n": len(samples)}
 
 
 def micro_batch(dataset, cfg: TrainConfig, position: int, rank: int, world: int) -> list:

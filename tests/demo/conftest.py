@@ -3,6 +3,8 @@ Pipeline (the oracle), and the demo served on a free localhost port."""
 
 from __future__ import annotations
 
+import os
+
 import socket
 from pathlib import Path
 
@@ -46,7 +48,15 @@ def visual_of(name):
 
 @pytest.fixture(scope="session")
 def demo_checkpoint(tokenizer, tmp_path_factory) -> Path:
-    """A random tiny JointModel whose LLM is overfit (60 AdamW steps) to :data:`TRAIN`; experts stay random."""
+    """A random tiny JointModel whose LLM is overfit (60 AdamW steps) to :data:`TRAIN`; experts stay random.
+
+    ``TASKMLLM_E2E_MODEL=tiny`` (or a checkpoint directory) uses that model instead, for the README's
+    screenshot: ``TASKMLLM_E2E_MODEL=tiny TASKMLLM_E2E_SCREENSHOT=docs/demo.png make test-e2e``.
+    """
+    if os.environ.get("TASKMLLM_E2E_MODEL"):
+        from taskmllm.recipes import resolve_checkpoint
+
+        return resolve_checkpoint(os.environ["TASKMLLM_E2E_MODEL"])
     from taskmllm.model.mllm import TaskMLLM
     from taskmllm.router.joint import JointModel
 
