@@ -115,7 +115,6 @@ class _Decoder:
         out = llm(**kwargs, output_hidden_states=True)
         return out.logits[:, -c:], out.hidden_states[-1][:, -c:]
 
-
     def _attention_mask(self, c: int) -> torch.Tensor:
         """The 2D mask of everything fed, or for a one-token SDPA decode step on a padded batch the ready
         ``(B, 1, 1, T)`` boolean mask (one query row attends to every valid key: no causal part to build), which

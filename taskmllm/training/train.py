@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from taskmllm.errors import ConfigError
+from taskmllm.model.processor import IGNORE
 from taskmllm.training.checkpoint import Checkpointer
 from taskmllm.training.config import TrainConfig, check_paths, save_config
-from taskmllm.model.processor import IGNORE
 from taskmllm.training.losses import CaptureOutput, PatchHead, expert_of, patch_labels, total_loss
 from taskmllm.training.stages import apply_stage, merge_lora, protocol_token_ids
 
