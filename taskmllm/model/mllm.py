@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,8 @@ class MLLMOutput:
     """Result of a teacher-forced forward.
 
     Attributes:
-        logits: ``(B, L, V)``.
+        logits: ``(B, L, V)``; ``(B, K, V)`` at the K positions ``forward(..., logits="supervised")`` kept
+            (``(B, 0, V)`` for ``logits="none"``).
         loss: mean next-token cross-entropy over supervised labels (None without labels).
         hidden_states: ``(B, L, H)`` last-layer hidden states (after the LM's final norm).
         vision_features: ``(F, N, C)`` vision tower patch features of every frame (None for text-only).
@@ -143,14 +144,29 @@ class TaskMLLM(nn.Module):
         return task, k
 
     # ---------------------------------------------------------------------------------------- forward
-    def forward(self, batch: Batch) -> MLLMOutput:
-        """Teacher-forced forward: logits, LM loss (if ``batch.labels``), last-layer hidden states."""
+    def forward(self, batch: Batch, logits: Literal["all", "supervised", "none"] = "all") -> MLLMOutput:
+        """Teacher-forced forward: logits, LM loss (if ``batch.labels``), last-layer hidden states.
+
+        ``logits``: ``"all"`` positions; ``"supervised"``: only positions whose next label some row of the
+        batch supervises (the LM loss is the same; training skips the LM head on prompts and visual tokens,
+        a fifth of SmolLM2's forward); ``"none"``: no LM head at all (a stage whose LM weight is 0; loss None).
+        """
+        if logits not in ("all", "supervised", "none"):
+            raise InputError(f"logits must be 'all', 'supervised' or 'none', got {logits!r}")
         feats, visual = (None, None) if batch.pixel_values is None else self.encode_images(batch.pixel_values)
         emb = self.embed(batch.input_ids, visual)
-        out = self.llm(inputs_embeds=emb, attention_mask=batch.attention_mask,
+        keep, targets = 0, None  # transformers' logits_to_keep: 0 = every position, or an index tensor
+        if logits == "none":
+            keep = torch.zeros(0, dtype=torch.long, device=emb.device)
+        elif logits == "supervised" and batch.labels is not None:
+            keep = (batch.labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)  # (K,) t: some row supervises t+1
+            targets = batch.labels[:, keep + 1]  # (B, K) the token position t predicts
+        out = self.llm(inputs_embeds=emb, attention_mask=batch.attention_mask, logits_to_keep=keep,
                        position_ids=positions(batch.attention_mask), output_hidden_states=True, use_cache=False)
         loss = None
-        if batch.labels is not None:
+        if targets is not None:
+            loss = _cross_entropy(out.logits, targets)
+        elif batch.labels is not None and logits == "all":
             loss = lm_loss(out.logits, batch.labels)
         return MLLMOutput(out.logits, loss, out.hidden_states[-1], feats)
 
@@ -181,8 +197,12 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy: position t predicts ``labels[t+1]``; ``-100`` is ignored."""
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1)
-    if not bool((shift_labels != IGNORE).any()):
-        return shift_logits.sum() * 0.0
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE)
+    return _cross_entropy(logits[:, :-1], labels[:, 1:])
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``(B, K, V)`` logits against ``(B, K)`` targets; ``-100`` is ignored (0 if all are)."""
+    flat_logits, flat = logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
+    if not bool((flat != IGNORE).any()):
+        return flat_logits.sum() * 0.0
+    return F.cross_entropy(flat_logits, flat, ignore_index=IGNORE)

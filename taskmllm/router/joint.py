@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection, Mapping, Optional, Sequence
+from typing import Collection, Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -72,13 +72,15 @@ class JointModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, batch: Batch, targets: Sequence[Sequence[TaskTarget]],
-                tasks: Optional[Collection[str]] = None) -> JointOutput:
+                tasks: Optional[Collection[str]] = None,
+                logits: Literal["all", "supervised", "none"] = "all") -> JointOutput:
         """Joint teacher-forced forward. ``targets[b]`` are sample b's targets in task-token order.
 
         ``tasks``: the experts to run (default all); a stage whose expert weight is 0 skips that expert's
-        forward instead of computing a loss it multiplies by 0.
+        forward instead of computing a loss it multiplies by 0. ``logits``: where the LM head runs (see
+        :meth:`TaskMLLM.forward`); training passes ``"supervised"``, or ``"none"`` when the LM weight is 0.
         """
-        out = self.mllm(batch)
+        out = self.mllm(batch, logits)
         calls = self.router.route(batch.input_ids, out.hidden_states, batch.attention_mask)
         flat = _match_targets(calls, targets)
         lm = out.loss if out.loss is not None else out.logits.sum() * 0.0
@@ -130,10 +132,10 @@ class JointModel(nn.Module):
         from safetensors import SafetensorError
         from safetensors.torch import load_model
 
-        from taskmllm.recipes import resolve_checkpoint
+        from taskmllm.recipes import BUILDERS, resolve_checkpoint
 
         path = resolve_checkpoint(path)
-        mllm = load_pretrained(path, device=device)
+        mllm = load_pretrained(path, device=device, bases=BUILDERS)
         experts = {}
         for name in mllm.config.tokens.tasks:
             d = path / EXPERTS_DIR / name

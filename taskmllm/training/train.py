@@ -177,15 +177,16 @@ def _group_forward(trainee: Trainee, samples: list, cfg: TrainConfig, device: to
                                  answers=[s.turns[0][1] for s in samples], padding_side="right").to(device)
     weights = cfg.stage.expert_weights
     active = [name for name in joint.experts if weights.get(name, 1.0) != 0]  # weight 0: skip the forward
+    logits = "supervised" if cfg.stage.lm_weight != 0 else "none"  # the LM head only where a loss needs it
     extra = {}
     if "patch_head" in trainee.aux:
         with CaptureOutput(joint.mllm.vision) as feats:
-            out = joint(batch, [s.targets for s in samples], active)
+            out = joint(batch, [s.targets for s in samples], active, logits)
         shape, color = patch_labels(samples, joint.mllm.vision.grid, joint.mllm.config.max_frames)
         extra["patch"] = (cfg.stage.patch_weight, trainee.aux["patch_head"].loss(feats.value, shape.to(device),
                                                                                   color.to(device)))
     else:
-        out = joint(batch, [s.targets for s in samples], active)
+        out = joint(batch, [s.targets for s in samples], active, logits)
     calls: dict[str, int] = {}
     for call in out.calls:
         calls[call.task] = calls.get(call.task, 0) + 1

@@ -72,3 +72,28 @@ def test_lm_loss_reaches_projector_llm_and_vision(tiny_model, rgb_image):
 def test_overfit_one_batch_below_ten_percent(overfit):
     losses = overfit[0].losses
     assert len(losses) <= 60 and min(losses[-5:]) < 0.1 * losses[0], (losses[0], losses[-5:])
+
+
+def test_supervised_logits_give_the_same_loss_and_gradients(tiny_model, rgb_image):
+    """``logits="supervised"`` (the LM head on answer positions only) = the full-sequence LM loss, oracle
+    ``lm_loss`` over all positions; ``"none"`` runs no LM head and gives the same hidden states."""
+    batch = tiny_model.processor(["Is there a red circle?", "Describe the image in detail."], [rgb_image, None],
+                                 answers=["Yes", "a small picture"], padding_side="right")
+    grads = []
+    for mode in ("all", "supervised"):
+        tiny_model.zero_grad()
+        out = tiny_model(batch, logits=mode)
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None})
+        if mode == "supervised":
+            assert out.logits.shape[1] < batch.input_ids.shape[1]
+            torch.testing.assert_close(out.loss, full_loss)
+        full_loss = out.loss.detach()
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():
+        none = tiny_model(batch, logits="none")
+        assert none.loss is None and none.logits.shape[1] == 0
+        torch.testing.assert_close(none.hidden_states, tiny_model(batch).hidden_states)
+    tiny_model.zero_grad()
