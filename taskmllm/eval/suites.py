@@ -101,12 +101,18 @@ class SuiteOutput:
     plots: list[PlotSpec] = field(default_factory=list)
 
 
-def pipeline_answerer(pipe: Any, max_new_tokens: int = 48, intervention: Any = None) -> Answerer:
-    """The answer function of a :class:`~taskmllm.router.pipeline.Pipeline` (one batched call per batch)."""
+def pipeline_answerer(pipe: Any, max_new_tokens: int = 48, intervention: Any = None,
+                      score_threshold: float = 0.0) -> Answerer:
+    """The answer function of a :class:`~taskmllm.router.pipeline.Pipeline` (one batched call per batch).
+
+    Every detection slot is kept with its score (``score_threshold`` 0): COCO AP ranks them, as DETR's
+    evaluation does, and REC takes the top-scoring box; a user-facing threshold would only remove recall.
+    """
     def answer(batch: Sequence[tuple[Any, str]]) -> Sequence[ResultLike]:
         visuals = [v for v, _ in batch]
         prompts = [p for _, p in batch]
-        return pipe(visuals, prompts, max_new_tokens=max_new_tokens, intervention=intervention)
+        return pipe(visuals, prompts, max_new_tokens=max_new_tokens, intervention=intervention,
+                    score_threshold=score_threshold)
 
     return answer
 

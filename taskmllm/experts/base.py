@@ -252,8 +252,13 @@ class Expert(nn.Module, ABC):
         """Named, weighted loss terms (scalars) against the targets of the same calls."""
 
     @abstractmethod
-    def postprocess(self, outputs: object, sizes: Sequence[tuple[int, int]]) -> list:
-        """User-facing results at each call's original ``(H, W)``."""
+    def postprocess(self, outputs: object, sizes: Sequence[tuple[int, int]],
+                    score_threshold: Optional[float] = None) -> list:
+        """User-facing results at each call's original ``(H, W)``.
+
+        ``score_threshold``: for experts whose outputs carry scores (detection), the lowest score kept (None:
+        the expert's own option); experts without scores ignore it.
+        """
 
     # ---------------------------------------------------------------------------------------------
     # Shared checks

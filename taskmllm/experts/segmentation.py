@@ -199,8 +199,10 @@ class SegmentationExpert(Expert):
         }
 
     @torch.no_grad()
-    def postprocess(self, outputs: SegmentationOutput, sizes: Sequence[tuple[int, int]]) -> list[SegmentationResult]:
-        """Masks upsampled to each original ``(H, W)`` and thresholded; one :class:`SegmentationResult` per call."""
+    def postprocess(self, outputs: SegmentationOutput, sizes: Sequence[tuple[int, int]],
+                    score_threshold: Optional[float] = None) -> list[SegmentationResult]:
+        """Masks upsampled to each original ``(H, W)`` and thresholded; one :class:`SegmentationResult` per call
+        (masks carry no score: ``score_threshold`` is ignored)."""
         if len(sizes) != outputs.mask_logits.shape[0]:
             raise InputError(f"seg: {outputs.mask_logits.shape[0]} outputs but {len(sizes)} sizes")
         threshold = self.options.mask_threshold  # type: ignore[attr-defined]

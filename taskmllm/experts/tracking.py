@@ -177,8 +177,10 @@ class TrackingExpert(Expert):
         }
 
     @torch.no_grad()
-    def postprocess(self, outputs: TrackingOutput, sizes: Sequence[tuple[int, int]]) -> list[TrackResult]:
-        """Per-frame boxes in pixels of each original ``(H, W)`` with visibility; one :class:`TrackResult` per call."""
+    def postprocess(self, outputs: TrackingOutput, sizes: Sequence[tuple[int, int]],
+                    score_threshold: Optional[float] = None) -> list[TrackResult]:
+        """Per-frame boxes in pixels of each original ``(H, W)`` with visibility; one :class:`TrackResult` per call
+        (``score_threshold`` is ignored: visibility has its own option)."""
         if len(sizes) != outputs.boxes.shape[0]:
             raise InputError(f"track: {outputs.boxes.shape[0]} outputs but {len(sizes)} sizes")
         threshold = self.options.visibility_threshold  # type: ignore[attr-defined]

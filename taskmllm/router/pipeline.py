@@ -41,8 +41,11 @@ class Pipeline:
     @torch.no_grad()
     def __call__(self, visual: Union[VisualInput, Sequence[VisualInput]], prompt: Union[str, Sequence[str]],
                  max_new_tokens: int = 64, intervention: Optional[Intervention] = None,
-                 **generation) -> Union[Result, list[Result]]:
+                 score_threshold: Optional[float] = None, **generation) -> Union[Result, list[Result]]:
         """Answer ``prompt`` about ``visual`` (an image, a list of frames, or None).
+
+        ``score_threshold``: the lowest detection score kept (None: the detection expert's option, 0.5);
+        evaluation passes 0 so that COCO AP ranks every slot, as DETR's evaluation does.
 
         Lists of prompts (with a list of visuals) run as one batch and return a list of results.
         ``generation`` is passed to ``TaskMLLM.generate`` (``do_sample``, ``temperature``, ``top_p``, ...).
@@ -58,7 +61,7 @@ class Pipeline:
         out = mllm.generate(batch, max_new_tokens=max_new_tokens, intervention=intervention, **generation)
         t2 = time.perf_counter()
         calls = self.model.router.route_generation(out)
-        per_call = self._run_experts(calls, out.vision_features, batch, prompt_boxes)
+        per_call = self._run_experts(calls, out.vision_features, batch, prompt_boxes, score_threshold)
         timings = {"preprocess": t1 - t0, "generate": t2 - t1, "experts": time.perf_counter() - t2}
         results = []
         for b, prompt_text in enumerate(prompts):
@@ -68,8 +71,10 @@ class Pipeline:
                                   **_pictures(visuals[b])))
         return results[0] if single else results
 
-    def _run_experts(self, calls: list[TaskCall], vision_features, batch, prompt_boxes) -> dict[int, CallResult]:
+    def _run_experts(self, calls: list[TaskCall], vision_features, batch, prompt_boxes,
+                     score_threshold: Optional[float] = None) -> dict[int, CallResult]:
         results: dict[int, CallResult] = {}
+        options = {} if score_threshold is None else {"score_threshold": score_threshold}
         for task, group in group_calls(calls).items():
             if any(batch.frames_per_sample[c.sample] == 0 for c in group):
                 for c in group:  # a task token about no image: keep the text, no expert output
@@ -81,7 +86,7 @@ class Pipeline:
             for same in by_frames.values():
                 outputs = self.model.run_expert(task, same, vision_features, batch, prompt_boxes)
                 sizes = [batch.image_sizes[c.sample] for c in same]
-                for c, r in zip(same, self.model.experts[task].postprocess(outputs, sizes)):
+                for c, r in zip(same, self.model.experts[task].postprocess(outputs, sizes, **options)):
                     results[id(c)] = _call_result(task, c.phrase, r)
         return results
 

@@ -165,3 +165,17 @@ def test_chair_shapes_counts_hallucinations():
     gts = [{o.category for o in it.sample.objects} for it in items]
     assert metrics["recall"] == pytest.approx(sum(len(g & said) for g in gts) / sum(len(g) for g in gts))
     assert metrics["mean_length"] == 7 and metrics["routing"] == 1.0
+
+
+def test_pipeline_answerer_keeps_every_detection_for_ap():
+    """Evaluation ranks every detection slot (COCO AP / DETR protocol): the answerer asks for threshold 0."""
+    from taskmllm.eval.suites import pipeline_answerer
+
+    seen = {}
+
+    def pipe(visuals, prompts, **kwargs):
+        seen.update(kwargs)
+        return ["r"] * len(prompts)
+
+    assert pipeline_answerer(pipe, 12)([(None, "a"), (None, "b")]) == ["r", "r"]
+    assert seen == {"max_new_tokens": 12, "intervention": None, "score_threshold": 0.0}

@@ -123,3 +123,27 @@ def test_prompt_box_outside_range_is_a_typed_error(joint, rgb_image, box):
 
     with pytest.raises(BoxFormatError, match="box"):
         Pipeline(joint)([rgb_image] * 2, f"Track the object in {box}.")
+
+
+def test_score_threshold_keeps_every_detection_slot(tokenizer, rgb_image):
+    """``score_threshold=0`` (what evaluation passes) returns all K slots ranked by score; the default keeps
+    exactly the slots scoring above the detection expert's 0.5."""
+    torch.manual_seed(0)
+    joint = JointModel.build(TaskMLLM(tiny_config(tokenizer), tokenizer))
+    prompt = "Find all hexagons."
+    batch = joint.mllm.processor([prompt], [rgb_image], answers=["<ref>hexagons</ref><det>."])
+    opt = torch.optim.AdamW(joint.mllm.parameters(), lr=3e-3)
+    for _ in range(40):
+        loss = joint.mllm(batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pipe = Pipeline(joint)
+    every = pipe(rgb_image, prompt, max_new_tokens=16, score_threshold=0.0).calls
+    kept = pipe(rgb_image, prompt, max_new_tokens=16).calls
+    assert [c.task for c in every] == [c.task for c in kept] == ["det"]
+    k = joint.mllm.queries["det"].shape[0]
+    assert every[0].boxes.shape == (k, 4) and np.all(np.diff(every[0].scores) <= 0)
+    n_above = int((every[0].scores > 0.5).sum())
+    assert len(kept[0].boxes) == n_above
+    np.testing.assert_allclose(kept[0].boxes, every[0].boxes[:n_above])
