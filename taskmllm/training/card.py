@@ -28,10 +28,16 @@ def headline(shapes: dict[str, Any], pope: dict[str, Any] | None) -> dict[str, f
     routing = sum(r * n for r, n in routed) / sum(n for _, n in routed) if routed else None
     out = {"routing": routing, "vqa": sum(vqa) / len(vqa) if vqa else None,
            "exist": score.get("exist"), "color": score.get("color"), "count": score.get("count"),
-           "seg": score.get("seg"), "rec": score.get("rec"), "det": score.get("det"), "track": score.get("track")}
+           "seg": _seg_giou(shapes), "rec": score.get("rec"), "det": shapes.get("tasks", {}).get("det", {}).get("AP50"),
+           "track": score.get("track")}
     if pope is not None:
         out["pope_f1"] = pope["pope"]["splits"]["random"]["f1"]
     return out
+
+
+def _seg_giou(shapes: dict[str, Any]) -> float | None:
+    """Referring segmentation gIoU (the floor's metric; the summary's headline is cIoU)."""
+    return shapes.get("tasks", {}).get("seg", {}).get("giou")
 
 
 def write_model_card(run: Path, plan, configs: Sequence, log: dict) -> Path:
@@ -56,21 +62,43 @@ def write_model_card(run: Path, plan, configs: Sequence, log: dict) -> Path:
               f"`train` split generated on the fly (world seed {first.data.seed}); training seed {first.seed}. "
               "Evaluation uses a world seed never used in training (`DEFAULT_EVAL_SEED`).", "",
               "![learning curves](curves/learning_curves.png)" if curves else "", ""]
-    lines += _metrics_section(log.get("eval", {}))
+    lines += _metrics_section(log.get("eval", {}), _compared(getattr(plan, "compare", [])))
     path = run / "MODEL_CARD.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def _metrics_section(evals: dict) -> list[str]:
+def _compared(names: Sequence[str]) -> dict[str, dict]:
+    """Headline numbers and per-task summary of shipped models ``names`` (their ``eval/<suite>.json``)."""
+    from taskmllm.recipes import SHIPPED
+
+    out = {}
+    for name in names:
+        folder = SHIPPED.get(name, Path(name)) / "eval"
+        if (folder / "shapes.json").is_file():
+            shapes = json.loads((folder / "shapes.json").read_text())
+            pope = json.loads((folder / "pope-shapes.json").read_text()) if (folder / "pope-shapes.json").is_file() else None
+            out[name] = {"headline": headline(shapes, pope), "summary": shapes.get("summary", {})}
+    return out
+
+
+def _fmt(value: Any) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _metrics_section(evals: dict, compared: dict[str, dict] | None = None) -> list[str]:
     if "shapes" not in evals:
         return ["## Metrics", "", "Not evaluated yet."]
+    compared = compared or {}
     shapes = json.loads(Path(evals["shapes"]["json"]).read_text())
     pope = json.loads(Path(evals["pope-shapes"]["json"]).read_text()) if "pope-shapes" in evals else None
     numbers = headline(shapes, pope)
     n = shapes.get("n_per_task")
+    others = "".join(f" | shipped `{name}`" for name in compared)
     lines = ["## Metrics", "", f"`taskmllm eval --suite shapes --n {n}` (and `--suite pope-shapes`) on the test "
-             f"world (seed {shapes.get('seed')}):", "", "| metric | value | floor |", "|---|---|---|"]
+             f"world (seed {shapes.get('seed')})" + (", beside the shipped " + ", ".join(f"`{c}`" for c in compared)
+                                                     + " (same command)" if compared else "") + ":", "",
+             f"| metric | value{others} | floor |", "|---|---|" + "---|" * len(compared) + "---|"]
     names = {"routing": "task-token routing accuracy (all questions)", "vqa": "VQA accuracy (exist/color/count)",
              "exist": "  existence", "color": "  color", "count": "  count", "seg": "referring segmentation gIoU",
              "rec": "REC Acc@0.5", "det": "detection AP50", "track": "tracking success AUC",
@@ -78,13 +106,14 @@ def _metrics_section(evals: dict) -> list[str]:
     for key, label in names.items():
         value = numbers.get(key)
         floor = FLOORS.get(key)
-        lines.append(f"| {label} | {'–' if value is None else f'{value:.3f}'} | "
-                     f"{'' if floor is None else f'≥ {floor:.2f}'} |")
-    lines += ["", "Every task (test split):", "", "| task | n | routing | metric | score |", "|---|---|---|---|---|"]
+        beside = "".join(f" | {_fmt(c['headline'].get(key))}" for c in compared.values())
+        lines.append(f"| {label} | {_fmt(value)}{beside} | {'' if floor is None else f'≥ {floor:.2f}'} |")
+    lines += ["", "Every task (test split):", "", f"| task | n | routing | metric | score{others} |",
+              "|---|---|---|---|---|" + "---|" * len(compared)]
     for task, row in shapes.get("summary", {}).items():
-        score = row.get("score")
-        lines.append(f"| {task} | {row['n']} | {row['routing']:.3f} | {row['metric']} | "
-                     f"{'–' if score is None else f'{score:.3f}'} |")
+        beside = "".join(f" | {_fmt(c['summary'].get(task, {}).get('score'))}" for c in compared.values())
+        lines.append(f"| {task} | {row['n']} | {row['routing']:.3f} | {row['metric']} | {_fmt(row.get('score'))}"
+                     f"{beside} |")
     return lines
 
 

@@ -28,7 +28,42 @@ def test_headline_weights_routing_by_questions_and_averages_vqa():
     summary = {"exist": {"n": 100, "routing": 1.0, "score": 0.9}, "color": {"n": 100, "routing": 1.0, "score": 0.6},
                "count": {"n": 100, "routing": 1.0, "score": 0.75}, "seg": {"n": 100, "routing": 0.5, "score": 0.4}}
     pope = {"pope": {"splits": {"random": {"f1": 0.8}}}}
-    got = headline({"summary": summary}, pope)
+    tasks = {"seg": {"ciou": 0.4, "giou": 0.35}}  # the floors name gIoU and AP50, not the summary's cIoU / AP
+    got = headline({"summary": summary, "tasks": tasks}, pope)
     assert got["routing"] == pytest.approx(3.5 / 4)  # (1 + 1 + 1 + 0.5) / 4 questions-weighted
     assert got["vqa"] == pytest.approx((0.9 + 0.6 + 0.75) / 3)
-    assert got["seg"] == 0.4 and got["pope_f1"] == 0.8 and got["det"] is None
+    assert got["seg"] == 0.35 and got["pope_f1"] == 0.8 and got["det"] is None
+    summary["det"] = {"n": 10, "routing": 1.0, "metric": "AP", "score": 0.2}
+    assert headline({"summary": summary, "tasks": tasks | {"det": {"AP": 0.2, "AP50": 0.45}}}, None)["det"] == 0.45
+
+
+def test_smol_plan_ships_an_adapter_and_compares_with_tiny(tmp_path):
+    plan = load_plan("smol")
+    assert plan.stages == ["align", "heads", "joint"] and plan.ship == "adapter" and plan.compare == ["tiny"]
+    (tmp_path / "a.yaml").write_text("{}")
+    (tmp_path / "recipe.yaml").write_text("stages: [a]\nship: zip\n")
+    with pytest.raises(ConfigError, match="ship must be"):
+        load_plan(str(tmp_path))
+    (tmp_path / "recipe.yaml").write_text("stages: [a]\neval: {suits: [shapes]}\n")
+    with pytest.raises(ConfigError, match="unknown eval keys"):
+        load_plan(str(tmp_path))
+
+
+def test_card_shows_a_compared_model_beside_this_one(tmp_path):
+    import json
+
+    from taskmllm.training.card import _compared, _metrics_section
+
+    def results(score: float) -> dict:
+        return {"seed": 5, "n_per_task": 10, "summary": {"seg": {"n": 10, "routing": 1.0, "metric": "cIoU",
+                                                                "score": score}},
+                "tasks": {"seg": {"ciou": score, "giou": score + 0.01}}}
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "shapes.json").write_text(json.dumps(results(0.5)))
+    (tmp_path / "other" / "eval").mkdir(parents=True)  # a shipped model's directory holds eval/<suite>.json
+    (tmp_path / "other" / "eval" / "shapes.json").write_text(json.dumps(results(0.2)))
+    lines = _metrics_section({"shapes": {"json": str(tmp_path / "run" / "shapes.json")}},
+                             _compared([str(tmp_path / "other")]))
+    assert "| referring segmentation gIoU | 0.510 | 0.210 | ≥ 0.55 |" in lines
+    assert "| seg | 10 | 1.000 | cIoU | 0.500 | 0.200 |" in lines
