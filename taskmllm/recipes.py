@@ -26,7 +26,9 @@ if TYPE_CHECKING:  # pragma: no cover
 ASSETS = Path(__file__).parent / "assets"
 TINY_TOKENIZER = ASSETS / "tiny" / "tokenizer"
 # Checkpoints shipped as package data, loadable by name: ``Pipeline.from_pretrained("tiny")``.
-SHIPPED = {"tiny": ASSETS / "tiny" / "model"}
+SHIPPED = {"tiny": ASSETS / "tiny" / "model", "smol": ASSETS / "smol" / "model"}
+# How to produce a shipped model that is missing from an install.
+_TRAIN_COMMAND = {"tiny": "make train-default", "smol": "make smol-deps train-smol"}
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
@@ -42,7 +44,7 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         from taskmllm.errors import CheckpointError
 
         raise CheckpointError(path / "config.json", f"the shipped model {key!r} is not in this install; "
-                              "train it with `make train-default`")
+                              f"train it with `{_TRAIN_COMMAND[key]}`")
     return path
 
 

@@ -11,7 +11,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
 import torch
 
@@ -59,8 +59,10 @@ def save_pretrained(model: "TaskMLLM", path: str | Path) -> Path:
     return atomic_directory_write(path, write)
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> "TaskMLLM":
-    """Load a directory written by :func:`save_pretrained`.
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
+                    bases: Optional[Mapping[str, Callable[..., "TaskMLLM"]]] = None) -> "TaskMLLM":
+    """Load a directory written by :func:`save_pretrained`, or an adapter directory (``adapter.json``, see
+    :mod:`taskmllm.model.adapter`) whose base ``bases[name](**base_args)`` rebuilds.
 
     Raises:
         CheckpointError: a missing file, a config of another format version, or corrupt weights;
@@ -69,12 +71,18 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> "Ta
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
+    from taskmllm.model.adapter import ADAPTER_META, load_adapter
     from taskmllm.model.mllm import TaskMLLM
     from taskmllm.model.tokenizer import load_tokenizer
 
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(path, "checkpoint directory not found")
+    if (path / ADAPTER_META).is_file():
+        if not bases:
+            raise CheckpointError(path / ADAPTER_META, "an adapter checkpoint: its base model is rebuilt by "
+                                  "JointModel.from_pretrained / Pipeline.from_pretrained (or pass bases=)")
+        return load_adapter(path, bases).to(device).eval()
     for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR):
         if not (path / name).exists():
             raise CheckpointError(path / name, "missing from the checkpoint directory")

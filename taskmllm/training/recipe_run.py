@@ -31,16 +31,21 @@ class RecipePlan:
         stages: stage YAML names (without ``.yaml``), trained in this order.
         eval_suites: evaluation suites run on the last stage's model (``taskmllm eval --suite``).
         eval_n: questions per task / images per suite.
+        compare: shipped models whose evaluation the card shows beside this one's (``eval.compare``).
         description: one paragraph for the model card.
         folder: the folder holding ``recipe.yaml`` and the stage YAMLs.
+        ship: ``full`` (every weight) or ``adapter`` (the difference from the first stage's pretrained base,
+            rebuilt from installed packages at load time; see :mod:`taskmllm.model.adapter`).
     """
 
     name: str
     stages: list[str]
     eval_suites: list[str] = field(default_factory=lambda: ["shapes"])
     eval_n: int = 100
+    compare: list[str] = field(default_factory=list)
     description: str = ""
     folder: Path = RECIPES
+    ship: str = "full"
 
 
 def load_plan(name: str) -> RecipePlan:
@@ -51,12 +56,18 @@ def load_plan(name: str) -> RecipePlan:
         known = sorted(p.parent.name for p in RECIPES.glob("*/recipe.yaml"))
         raise ConfigError(f"recipe {name!r}: no {path}; known recipes: {known}")
     raw = yaml.safe_load(path.read_text()) or {}
-    unknown = sorted(set(raw) - {"stages", "eval", "description"})
+    unknown = sorted(set(raw) - {"stages", "eval", "description", "ship"})
     if unknown:
-        raise ConfigError(f"{path}: unknown keys {unknown}; known: ['description', 'eval', 'stages']")
+        raise ConfigError(f"{path}: unknown keys {unknown}; known: ['description', 'eval', 'ship', 'stages']")
+    if raw.get("ship", "full") not in ("full", "adapter"):
+        raise ConfigError(f"{path}: ship must be 'full' or 'adapter', got {raw['ship']!r}")
     ev = raw.get("eval", {})
+    unknown = sorted(set(ev) - {"suites", "n", "compare"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown eval keys {unknown}; known: ['compare', 'n', 'suites']")
     plan = RecipePlan(folder.name, list(raw.get("stages", [])), list(ev.get("suites", ["shapes"])),
-                      int(ev.get("n", 100)), str(raw.get("description", "")).strip(), folder)
+                      int(ev.get("n", 100)), list(ev.get("compare", [])), str(raw.get("description", "")).strip(),
+                      folder, str(raw.get("ship", "full")))
     missing = [s for s in plan.stages if not (folder / f"{s}.yaml").is_file()]
     if not plan.stages or missing:
         raise ConfigError(f"{path}: stages must name YAML files in {folder}; missing: {missing or 'all'}")
@@ -97,7 +108,11 @@ def run_recipe(name: str, out: str | Path, overrides: Sequence[str] = (), ship: 
         _write_json(out / "recipe.json", log)
     card = write_model_card(out, plan, configs, log)
     if ship is not None:
-        ship_model(model, card, out, Path(ship))
+        base = None
+        if plan.ship == "adapter":
+            mc = configs[0].model
+            base = (mc.init, {"max_frames": mc.max_frames, "llm": mc.llm, "vision": mc.vision, "tasks": mc.tasks})
+        ship_model(model, card, out, Path(ship), base, log.get("eval", {}))
     return model
 
 
@@ -112,19 +127,47 @@ def _evaluate(model: Path, plan: RecipePlan, out: Path) -> dict:
     return done
 
 
-def ship_model(model: Path, card: Path, run: Path, dest: Path) -> Path:
-    """Copy the model directory, its card and the learning curves to ``dest`` in one rename."""
+def ship_model(model: Path, card: Path, run: Path, dest: Path, base: Optional[tuple[str, dict]] = None,
+               evals: Optional[dict] = None) -> Path:
+    """Copy the model directory, its card, the learning curves and the evaluation results (``eval/<suite>.json``,
+    what other cards compare against) to ``dest`` in one rename.
+
+    ``base = (builder name, its arguments)``: ship an adapter (the difference from that rebuilt base) instead
+    of the full weights.
+    """
     from taskmllm.model.io import atomic_directory_write
 
     def write(tmp: Path) -> None:
-        shutil.copytree(model, tmp, dirs_exist_ok=True)
+        shutil.copytree(model, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("model.safetensors")
+                        if base else None)
+        if base:
+            error = write_adapter_of(model, tmp, *base)
+            print(f"adapter of {base[0]!r}: {sum(f.stat().st_size for f in tmp.rglob('*')) / 2**20:.1f} MB, "
+                  f"largest weight difference after reloading {error:.2e}")
         shutil.copy(card, tmp / "MODEL_CARD.md")
+        for suite, info in (evals or {}).items():
+            (tmp / "eval").mkdir(exist_ok=True)
+            shutil.copy(info["json"], tmp / "eval" / f"{suite}.json")
         curves = tmp / "curves"
         curves.mkdir()
         for png in sorted(run.glob("*.png")) + sorted(run.glob("*/loss.png")):
             shutil.copy(png, curves / (png.name if png.parent == run else f"{png.parent.name}.png"))
 
     return atomic_directory_write(dest, write)
+
+
+def write_adapter_of(model: Path, dest: Path, base: str, base_args: dict) -> float:
+    """Write the adapter of checkpoint ``model`` against ``BUILDERS[base](**base_args)`` into ``dest``.
+
+    Returns the largest absolute weight difference between ``model`` and the adapter loaded back.
+    """
+    from taskmllm.model.adapter import adapter_error, diff_state, load_adapter, write_adapter
+    from taskmllm.model.io import load_pretrained
+    from taskmllm.recipes import BUILDERS
+
+    tuned = load_pretrained(model).state_dict()
+    write_adapter(dest, diff_state(tuned, BUILDERS[base](**base_args).state_dict()), base, base_args)
+    return adapter_error(tuned, load_adapter(dest, BUILDERS).state_dict())
 
 
 def _read_json(path: Path) -> Optional[dict]:
