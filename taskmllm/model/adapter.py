@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -29,12 +29,14 @@ ADAPTER_META = "adapter.json"
 FORMAT = 1
 
 
-def diff_state(tuned: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor],
-               rel_tol: float = 1e-5) -> dict[str, torch.Tensor]:
+def diff_state(tuned: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], rel_tol: float = 1e-5,
+               factor_dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     """The tensors of :data:`ADAPTER_FILE` that turn ``base`` into ``tuned`` (see the module docstring).
 
     A 2-D difference is stored low-rank when the singular values above ``rel_tol`` x the largest make it
     smaller than the dense tensor, as changed rows when fewer than half the rows changed, else dense.
+    ``factor_dtype`` (e.g. ``torch.float16``) stores the low-rank factors at lower precision: the error is
+    relative to the small difference, not to the weight.
     """
     out: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
@@ -57,8 +59,9 @@ def diff_state(tuned: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tenso
             u, s, v = torch.linalg.svd(delta.double(), full_matrices=False)
             rank = int((s > rel_tol * s[0]).sum())
             if rank * sum(delta.shape) < delta.numel():
-                out[f"lowrank.{name}.u"] = (u[:, :rank] * s[:rank]).to(value.dtype)
-                out[f"lowrank.{name}.v"] = v[:rank].to(value.dtype)
+                dtype = factor_dtype or value.dtype
+                out[f"lowrank.{name}.u"] = (u[:, :rank] * s[:rank].sqrt()).to(dtype)  # both factors ~ sqrt(s)
+                out[f"lowrank.{name}.v"] = (s[:rank].sqrt()[:, None] * v[:rank]).to(dtype)
                 continue
         out[f"full.{name}"] = value
     return {k: v.contiguous() for k, v in out.items()}
@@ -82,7 +85,8 @@ def apply_diff(state: dict[str, torch.Tensor], diff: Mapping[str, torch.Tensor])
             state[name] = state[name].clone()
             state[name][value] = diff[f"rows.{name}.values"]
         elif kind == "lowrank":
-            state[name] = state[name] + diff[f"lowrank.{name}.u"] @ diff[f"lowrank.{name}.v"]
+            base = state[name]
+            state[name] = base + diff[f"lowrank.{name}.u"].to(base.dtype) @ diff[f"lowrank.{name}.v"].to(base.dtype)
         else:
             raise CheckpointError(ADAPTER_FILE, f"unknown entry kind {kind!r} in {key!r}")
     return state

@@ -138,8 +138,10 @@ def ship_model(model: Path, card: Path, run: Path, dest: Path, base: Optional[tu
     from taskmllm.model.io import atomic_directory_write
 
     def write(tmp: Path) -> None:
-        shutil.copytree(model, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("model.safetensors")
-                        if base else None)
+        def full_weights(folder: str, names: list[str]) -> list[str]:  # an adapter replaces them (experts stay)
+            return ["model.safetensors"] if base and Path(folder) == model else []
+
+        shutil.copytree(model, tmp, dirs_exist_ok=True, ignore=full_weights)
         if base:
             error = write_adapter_of(model, tmp, *base)
             print(f"adapter of {base[0]!r}: {sum(f.stat().st_size for f in tmp.rglob('*')) / 2**20:.1f} MB, "
@@ -165,8 +167,11 @@ def write_adapter_of(model: Path, dest: Path, base: str, base_args: dict) -> flo
     from taskmllm.model.io import load_pretrained
     from taskmllm.recipes import BUILDERS
 
-    tuned = load_pretrained(model).state_dict()
-    write_adapter(dest, diff_state(tuned, BUILDERS[base](**base_args).state_dict()), base, base_args)
+    import torch
+
+    tuned = load_pretrained(model).state_dict()  # LoRA factors in float16: a shipped smol fits in 30 MB
+    diff = diff_state(tuned, BUILDERS[base](**base_args).state_dict(), factor_dtype=torch.float16)
+    write_adapter(dest, diff, base, base_args)
     return adapter_error(tuned, load_adapter(dest, BUILDERS).state_dict())
 
 

@@ -71,3 +71,16 @@ def test_load_pretrained_reads_an_adapter_directory(base_builder, tmp_path):
     assert adapter_error(tuned.state_dict(), loaded.state_dict()) < 1e-5
     with pytest.raises(CheckpointError, match="does not fit"):  # a base of another shape
         load_adapter(tmp_path, {"t": lambda seed: TaskMLLM(tiny_config(tuned.tokenizer, hidden=32), tuned.tokenizer)})
+
+
+def test_half_precision_factors_halve_the_low_rank_part(base_builder, tmp_path):
+    tuned = _tune(base_builder())
+    base = base_builder().state_dict()
+    full, half = diff_state(tuned.state_dict(), base), diff_state(tuned.state_dict(), base, factor_dtype=torch.float16)
+    low = [k for k in full if k.startswith("lowrank.")]
+    assert all(half[k].dtype == torch.float16 for k in low)
+    assert sum(half[k].numel() * 2 for k in low) * 2 == sum(full[k].numel() * 4 for k in low)
+    write_adapter(tmp_path, half, "t", {"seed": 0})
+    restored = load_adapter(tmp_path, {"t": base_builder})
+    assert all(v.dtype == torch.float32 for v in restored.state_dict().values() if v.is_floating_point())
+    assert adapter_error(tuned.state_dict(), restored.state_dict()) < 1e-4  # float16 of a ~0.1 difference

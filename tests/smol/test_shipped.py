@@ -32,6 +32,8 @@ def test_text_only_question_is_answered_fluently(pipe):
     assert "Paris" in result.text and not result.calls
 
 
+@pytest.mark.xfail(strict=True, reason="issue #9: the shipped smol ends task answers before the protocol token "
+                   "('Sure, ' + <|im_end|>); its token rows need an assign stage")
 @pytest.mark.parametrize(("prompt", "task"), [("Please segment the {}.", "seg"), ("Detect all {}s.", "det")])
 def test_shapesworld_task_is_routed_to_its_expert(pipe, prompt, task):
     from taskmllm.data.shapesworld import ShapesWorld, WorldConfig
