@@ -20,6 +20,17 @@ def joint(tokenizer):
     return JointModel.build(TaskMLLM(tiny_config(tokenizer), tokenizer))
 
 
+def _teach_answer(joint, prompt, visual, answer: str, steps: int = 40) -> None:
+    """Overfit the MLLM to answer ``prompt`` about ``visual`` with ``answer`` (AdamW, lr 3e-3)."""
+    batch = joint.mllm.processor([prompt], [visual], answers=[answer])
+    opt = torch.optim.AdamW(joint.mllm.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = joint.mllm(batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def _sample_batch(joint, rgb_image):
     mask = np.zeros((40, 56), bool)
     mask[5:20, 10:30] = True
@@ -92,13 +103,7 @@ def test_pipeline_video_tracking_box_per_frame(tokenizer, rgb_image):
     joint = JointModel.build(TaskMLLM(tiny_config(tokenizer), tokenizer))
     video = [rgb_image, rgb_image[::-1].copy(), rgb_image[:, ::-1].copy()]
     prompt, answer = "Track the object in <box>100,100,500,500</box>.", "<ref>the object</ref><track>."
-    batch = joint.mllm.processor([prompt], [video], answers=[answer])
-    opt = torch.optim.AdamW(joint.mllm.parameters(), lr=3e-3)
-    for _ in range(40):
-        loss = joint.mllm(batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _teach_answer(joint, prompt, video, answer)
     result = Pipeline(joint)(video, prompt, max_new_tokens=16)
     assert [c.task for c in result.calls] == ["track"]
     assert result.calls[0].boxes.shape == (3, 4)
@@ -131,13 +136,7 @@ def test_score_threshold_keeps_every_detection_slot(tokenizer, rgb_image):
     torch.manual_seed(0)
     joint = JointModel.build(TaskMLLM(tiny_config(tokenizer), tokenizer))
     prompt = "Find all hexagons."
-    batch = joint.mllm.processor([prompt], [rgb_image], answers=["<ref>hexagons</ref><det>."])
-    opt = torch.optim.AdamW(joint.mllm.parameters(), lr=3e-3)
-    for _ in range(40):
-        loss = joint.mllm(batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _teach_answer(joint, prompt, rgb_image, "<ref>hexagons</ref><det>.")
     pipe = Pipeline(joint)
     every = pipe(rgb_image, prompt, max_new_tokens=16, score_threshold=0.0).calls
     kept = pipe(rgb_image, prompt, max_new_tokens=16).calls
