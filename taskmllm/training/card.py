@@ -62,7 +62,7 @@ def write_model_card(run: Path, plan, configs: Sequence, log: dict) -> Path:
               f"`train` split generated on the fly (world seed {first.data.seed}); training seed {first.seed}. "
               "Evaluation uses a world seed never used in training (`DEFAULT_EVAL_SEED`).", "",
               "![learning curves](curves/learning_curves.png)" if curves else "", ""]
-    lines += _metrics_section(log.get("eval", {}), _compared(getattr(plan, "compare", [])))
+    lines += _metrics_section(log.get("eval", {}), _compared(plan.compare))
     path = run / "MODEL_CARD.md"
     path.write_text("\n".join(lines) + "\n")
     return path
