@@ -55,7 +55,8 @@ def write_model_card(run: Path, plan, configs: Sequence, log: dict) -> Path:
         rows = _metrics(run / stage / "metrics.jsonl")
         loss = f"{rows[-1]['loss_weighted']:.3f}" if rows else "–"
         trainable = ", ".join(f"{k}: {v}" for k, v in cfg.stage.trainable.items())
-        lines.append(f"| {stage} | {trainable} | {cfg.max_steps} × {cfg.data.batch_size} | {cfg.optim.lr:g} | "
+        lr = f"{cfg.optim.lr:g}" + ("" if cfg.optim.token_lr is None else f" (token rows {cfg.optim.token_lr:g})")
+        lines.append(f"| {stage} | {trainable} | {cfg.max_steps} × {cfg.data.batch_size} | {lr} | "
                      f"{info.get('wall_s', 0) / 60:.1f} min | {loss} |")
     first = configs[0]
     lines += ["", f"Total training wall time: **{total / 60:.1f} min** on the machine that ran it. Data: ShapesWorld "

@@ -91,9 +91,14 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW + cosine schedule with linear warmup down to ``min_lr_ratio * lr``; global-norm clipping."""
+    """AdamW + cosine schedule with linear warmup down to ``min_lr_ratio * lr``; global-norm clipping.
+
+    ``token_lr``: the learning rate of the protocol tokens' embedding rows when the LLM trains through LoRA
+    (peft's trainable token rows; None: ``lr``). Those few rows start from the vocabulary's mean and must move
+    far for a pretrained LLM to emit them, so they want a larger rate than the low-rank updates."""
 
     lr: float = 2e-5
+    token_lr: Optional[float] = None
     weight_decay: float = 0.02
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional
 
 from torch import nn
 
 from taskmllm.errors import ConfigError
+from taskmllm.model.tokens import PROTOCOL_TOKENS, task_token
 from taskmllm.training.config import StageConfig
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,10 @@ def merge_lora(joint: nn.Module, aux: Optional[nn.ModuleDict] = None) -> None:
                 setattr(parent, attr, merged)
 
 
-def protocol_token_ids(tokenizer) -> list[int]:
-    """Ids of the tokens added to the base vocabulary (task, query, image, box, ref ... tokens)."""
-    return sorted(int(i) for i in tokenizer.added_tokens_decoder)
+def protocol_token_ids(tokenizer, tasks: Iterable[str] = ()) -> list[int]:
+    """Ids of taskmllm's protocol tokens (image, query, ref, box and the task tokens of ``tasks``) in
+    ``tokenizer``: the rows a LoRA stage trains in full. A pretrained LLM's own special tokens (ChatML's
+    ``<|im_end|>`` ...) are not among them: it already knows them."""
+    vocab = tokenizer.get_vocab()
+    names = dict.fromkeys([*PROTOCOL_TOKENS, *(task_token(t) for t in tasks)])
+    return sorted(vocab[n] for n in names if n in vocab)

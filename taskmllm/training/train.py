@@ -19,7 +19,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from torch import nn
 from taskmllm.errors import ConfigError
 from taskmllm.model.processor import IGNORE
 from taskmllm.training.checkpoint import Checkpointer
-from taskmllm.training.config import TrainConfig, check_paths, save_config
+from taskmllm.training.config import OptimConfig, TrainConfig, check_paths, save_config
 from taskmllm.training.losses import CaptureOutput, PatchHead, expert_of, patch_labels, total_loss
 from taskmllm.training.stages import apply_stage, merge_lora, protocol_token_ids
 
@@ -54,16 +54,13 @@ def train(cfg: TrainConfig) -> Path:
     # ---- model, stage, optimizer, schedule
     joint = build_joint(cfg)
     aux = nn.ModuleDict({"patch_head": PatchHead(joint.mllm.vision.width)} if cfg.stage.patch_weight else {})
-    report = apply_stage(joint, cfg.stage, aux, protocol_token_ids(joint.mllm.tokenizer))
+    report = apply_stage(joint, cfg.stage, aux, protocol_token_ids(joint.mllm.tokenizer, joint.mllm.config.tokens.tasks))
     if cfg.stage.patch_weight and cfg.data.source != "shapesworld":
         raise ConfigError("stage.patch_weight needs ShapesWorld data (per-patch labels come from its masks)")
     trainee = Trainee(joint, aux).to(device)
     params = [p for p in trainee.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    optimizer = torch.optim.AdamW(param_groups(trainee, cfg.optim), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                  eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg))
     engine = deepspeed_engine(cfg, trainee, optimizer, scheduler) if cfg.deepspeed else None
 
@@ -241,6 +238,24 @@ def build_dataset(cfg: TrainConfig):
 
     samples = load_llava(dc.path, dc.image_root or None).samples
     return MixedDataset({"llava": samples}, {"llava": 1.0}, dc.length, dc.seed)
+
+
+TOKEN_ROWS = "trainable_tokens_delta"  # peft's name of the trainable embedding rows
+
+
+def param_groups(trainee: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
+    """AdamW groups of the trainable parameters: matrices with weight decay, vectors without, and the protocol
+    tokens' rows (peft ``trainable_tokens_delta``) at ``optim.token_lr`` without decay. Empty groups dropped."""
+    groups = {"decay": [], "no_decay": [], "tokens": []}
+    for name, p in trainee.named_parameters():
+        if p.requires_grad:
+            kind = "tokens" if TOKEN_ROWS in name else "decay" if p.ndim >= 2 else "no_decay"
+            groups[kind].append(p)
+    token_lr = optim.lr if optim.token_lr is None else optim.token_lr
+    spec = [{"params": groups["decay"], "weight_decay": optim.weight_decay},
+            {"params": groups["no_decay"], "weight_decay": 0.0},
+            {"params": groups["tokens"], "weight_decay": 0.0, "lr": token_lr}]
+    return [g for g in spec if g["params"]]
 
 
 def cosine_with_warmup(cfg: TrainConfig):

@@ -8,10 +8,11 @@ import pytest
 import torch
 import yaml
 
+from taskmllm.model.tokens import PROTOCOL_TOKENS
 from taskmllm.training.config import load_config
 from taskmllm.training.losses import PatchHead
 from taskmllm.training.stages import apply_stage, merge_lora, protocol_token_ids
-from taskmllm.training.train import build_joint, train
+from taskmllm.training.train import build_joint, param_groups, train
 from tests.training.helpers import RECIPE, STAGES, overrides
 
 
@@ -58,3 +59,24 @@ def test_two_training_steps(stage, tmp_path):
     from taskmllm.router.joint import JointModel
 
     assert isinstance(JointModel.from_pretrained(final), JointModel)
+
+
+def test_protocol_token_rows_get_their_own_learning_rate(tmp_path):
+    cfg = load_config(RECIPE / "joint.yaml", overrides(tmp_path, "--optim.token_lr=0.01", "--stage.trainable.llm=lora"))
+    joint = build_joint(cfg)
+    tok = joint.mllm.tokenizer
+    ids = protocol_token_ids(tok, joint.mllm.config.tokens.tasks)
+    # taskmllm's own tokens, not the LLM's BOS/EOS/PAD
+    assert sorted(tok.convert_ids_to_tokens(ids)) == sorted(PROTOCOL_TOKENS)
+    assert tok.eos_token_id not in ids and tok.pad_token_id not in ids
+    apply_stage(joint, cfg.stage, None, ids)
+    groups = param_groups(joint, cfg.optim)
+    token_group = [g for g in groups if g.get("lr") == 0.01]
+    assert len(token_group) == 1 and token_group[0]["weight_decay"] == 0.0
+    rows = [p for n, p in joint.named_parameters() if "trainable_tokens_delta" in n]
+    assert {id(p) for p in token_group[0]["params"]} == {id(p) for p in rows}
+    assert sum(p.shape[0] for p in rows) == len(ids)
+    # every other trainable parameter is in exactly one of the remaining groups, at the base rate
+    rest = [p for g in groups if g.get("lr") != 0.01 for p in g["params"]]
+    assert all(g.get("lr", cfg.optim.lr) == cfg.optim.lr for g in groups if g is not token_group[0])
+    assert len(rest) + len(rows) == sum(1 for p in joint.parameters() if p.requires_grad)
