@@ -65,3 +65,51 @@ class BoxHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return box_cxcywh_to_xyxy(self.mlp(x).sigmoid())
+
+
+def cell_centers(grid: tuple[int, int], device=None, dtype=None) -> torch.Tensor:
+    """Normalized ``(x, y)`` centers of a row-major ``(h, w)`` patch grid: ``(h*w, 2)``."""
+    h, w = grid
+    ys = (torch.arange(h, device=device, dtype=dtype) + 0.5) / h
+    xs = (torch.arange(w, device=device, dtype=dtype) + 0.5) / w
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(h * w, 2)
+
+
+class LocalizingBoxHead(nn.Module):
+    """A box from where a token looks (DAB/anchor-free style, for fast convergence on small data).
+
+    Each token scores every patch (scaled dot product of projections): the softmax over patches is a
+    heatmap whose expected cell center is the box center, refined by an offset of at most one cell; width
+    and height come from an MLP on the token and the heatmap-weighted patch feature.
+
+    ``tokens (..., K, D)``, ``patches (..., N, D)``, ``grid (h, w)`` with ``h*w = N`` ->
+    ``boxes (..., K, 4)`` normalized xyxy and ``heat_logits (..., K, N)`` (targets for an auxiliary loss:
+    :func:`heatmap_loss`).
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.mlp = MLP(2 * dim, dim, 4, 3)
+
+    def forward(self, tokens: torch.Tensor, patches: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        d = tokens.shape[-1]
+        heat = self.q(tokens) @ self.k(patches).transpose(-1, -2) / d ** 0.5  # (..., K, N)
+        attn = heat.softmax(-1)
+        center = attn @ cell_centers(grid, tokens.device, tokens.dtype)  # (..., K, 2)
+        out = self.mlp(torch.cat([tokens, attn @ patches], -1))  # (..., K, 4)
+        cell = torch.tensor([1.0 / grid[1], 1.0 / grid[0]], device=tokens.device, dtype=tokens.dtype)
+        cxcy = center + out[..., :2].tanh() * cell
+        return box_cxcywh_to_xyxy(torch.cat([cxcy, out[..., 2:].sigmoid()], -1)), heat
+
+
+def heatmap_loss(heat_logits: torch.Tensor, boxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Cross-entropy of each token's patch heatmap ``(n, N)`` against the patch holding the center of its
+    target box ``(n, 4)`` normalized xyxy; 0 for ``n = 0``."""
+    if boxes.shape[0] == 0:
+        return heat_logits.sum() * 0.0
+    h, w = grid
+    cx = ((boxes[:, 0] + boxes[:, 2]) / 2 * w).long().clamp(0, w - 1)
+    cy = ((boxes[:, 1] + boxes[:, 3]) / 2 * h).long().clamp(0, h - 1)
+    return torch.nn.functional.cross_entropy(heat_logits.float(), cy * w + cx)

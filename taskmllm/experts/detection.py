@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import TwoWayTransformer
 from torch import nn
 
-from taskmllm.errors import InputError, TargetError
+from taskmllm.errors import ConfigError, InputError, TargetError
 from taskmllm.experts.base import (
     DecoderOptions,
     Expert,
@@ -32,8 +32,18 @@ from taskmllm.experts.base import (
     zero_terms,
 )
 from taskmllm.experts.boxes import elementwise_generalized_box_iou
-from taskmllm.experts.common import BoxHead, FeatureProjection, GridPositionalEncoding, QueryProjection
+from taskmllm.experts.common import (
+    BoxHead,
+    FeatureProjection,
+    GridPositionalEncoding,
+    LocalizingBoxHead,
+    QueryProjection,
+    heatmap_loss,
+)
 from taskmllm.experts.matching import HungarianMatcher, MatchCosts
+
+
+BOX_HEADS = ("mlp", "localizing")
 
 
 @dataclass
@@ -45,6 +55,10 @@ class DetectionOptions(DecoderOptions):
         l1_weight, giou_weight, obj_weight: loss weights (DETR: 5, 2, 1).
         cost_l1, cost_giou, cost_obj: matching cost weights (DETR: 5, 2, 1).
         score_threshold: objectness probability above which :meth:`DetectionExpert.postprocess` keeps a box.
+        box_head: ``mlp`` (DETR: each slot's box regressed from its state) or ``localizing`` (each slot's
+            box centered where its patch heatmap points, :class:`LocalizingBoxHead`; learns far faster from
+            little data, see ``bench/expert_probe.py``).
+        heat_weight: weight of the heatmap cross-entropy of matched slots (``localizing`` only).
     """
 
     l1_weight: float = 5.0
@@ -54,9 +68,13 @@ class DetectionOptions(DecoderOptions):
     cost_giou: float = 2.0
     cost_obj: float = 1.0
     score_threshold: float = 0.5
+    box_head: str = "mlp"
+    heat_weight: float = 1.0
 
     def __post_init__(self) -> None:
         check_widths("DetectionOptions", self.dim, self.num_heads, self.depth, multiple=2)
+        if self.box_head not in BOX_HEADS:
+            raise ConfigError(f"DetectionOptions.box_head must be one of {BOX_HEADS}, got {self.box_head!r}")
 
 
 @dataclass
@@ -64,10 +82,14 @@ class DetectionOutput:
     """Attributes:
     boxes: ``(M, K, 4)`` normalized xyxy, one per slot.
     logits: ``(M, K)`` objectness logits (``sigmoid`` gives the score).
+
+    heat: ``(M, K, h*w)`` patch heatmap logits of each slot (``localizing`` box head), else None.
     """
 
     boxes: torch.Tensor
     logits: torch.Tensor
+    heat: Optional[torch.Tensor] = None
+    grid: Optional[tuple[int, int]] = None
 
 
 @dataclass
@@ -94,7 +116,7 @@ class DetectionExpert(Expert):
         self.feature_proj = FeatureProjection(spec.vision_dim, d)
         self.pe = GridPositionalEncoding(d)
         self.decoder = TwoWayTransformer(depth=opts.depth, embedding_dim=d, num_heads=opts.num_heads, mlp_dim=opts.mlp_dim)
-        self.box_head = BoxHead(d)
+        self.box_head = BoxHead(d) if opts.box_head == "mlp" else LocalizingBoxHead(d)
         self.obj_head = nn.Linear(d, 1)
         self.matcher = HungarianMatcher(MatchCosts(objectness=opts.cost_obj, l1=opts.cost_l1, giou=opts.cost_giou))
 
@@ -113,8 +135,12 @@ class DetectionExpert(Expert):
         image = self.feature_proj(features.features[:, 0].to(dtype)).transpose(1, 2).reshape(m, d, h, w)
         image_pe = self.pe.grid((h, w)).transpose(0, 1).reshape(1, d, h, w).to(dtype).expand(m, -1, -1, -1)
         queries = self.query_proj(query_states.to(dtype)) + self.slot_embed.weight[None]
-        hs, _ = self.decoder(image, image_pe, queries)  # (M, K, D)
-        return DetectionOutput(boxes=self.box_head(hs), logits=self.obj_head(hs)[..., 0])
+        hs, patches = self.decoder(image, image_pe, queries)  # (M, K, D), (M, h*w, D)
+        logits = self.obj_head(hs)[..., 0]
+        if isinstance(self.box_head, BoxHead):
+            return DetectionOutput(boxes=self.box_head(hs), logits=logits)
+        boxes, heat = self.box_head(hs, patches + image_pe.flatten(2).transpose(1, 2), (h, w))
+        return DetectionOutput(boxes=boxes, logits=logits, heat=heat, grid=(h, w))
 
     def _target_boxes(self, target: TaskTarget, index: int, device: torch.device) -> torch.Tensor:
         if target.boxes is None:
@@ -139,28 +165,34 @@ class DetectionExpert(Expert):
             raise TargetError(f"det: loss needs a DetectionOutput, got {type(outputs).__name__}")
         self.check_targets(targets, outputs.boxes.shape[0])
         if outputs.boxes.shape[0] == 0:
-            return zero_terms(("det_l1", "det_giou", "det_obj"), outputs.boxes)
+            names = ("det_l1", "det_giou", "det_obj") + (("det_heat",) if outputs.heat is not None else ())
+            return zero_terms(names, outputs.boxes)
         opts: DetectionOptions = self.options  # type: ignore[assignment]
         boxes, logits = outputs.boxes.float(), outputs.logits.float()
         obj_target = torch.zeros_like(logits)
-        matched_pred, matched_tgt = [], []
+        matched_pred, matched_tgt, matched_heat = [], [], []
         for i, target in enumerate(targets):
             tgt = self._target_boxes(target, i, boxes.device)
             pred_idx, tgt_idx = self.matcher.match(boxes[i].detach(), logits[i].detach(), tgt)
             obj_target[i, pred_idx] = 1.0
             matched_pred.append(boxes[i, pred_idx])
             matched_tgt.append(tgt[tgt_idx])
+            if outputs.heat is not None:
+                matched_heat.append(outputs.heat[i, pred_idx])
         pred = torch.cat(matched_pred)
         tgt = torch.cat(matched_tgt)
         num = max(pred.shape[0], 1)
         l1 = (pred - tgt).abs().sum() / num
         giou = (1 - elementwise_generalized_box_iou(pred, tgt)).sum() / num
         obj = F.binary_cross_entropy_with_logits(logits, obj_target)
-        return {
+        terms = {
             "det_l1": opts.l1_weight * l1,
             "det_giou": opts.giou_weight * giou,
             "det_obj": opts.obj_weight * obj,
         }
+        if outputs.heat is not None:
+            terms["det_heat"] = opts.heat_weight * heatmap_loss(torch.cat(matched_heat), tgt, outputs.grid)
+        return terms
 
     @torch.no_grad()
     def postprocess(

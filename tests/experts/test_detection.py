@@ -8,15 +8,16 @@ import torch
 
 from taskmllm.errors import ConfigError, TargetError
 from taskmllm.experts import DetectionOutput, TaskTarget, VisionFeatures, build_expert, default_spec
+from taskmllm.experts.common import LocalizingBoxHead, cell_centers, heatmap_loss
 
 H, C, GRID, SIZE, K = 32, 24, (6, 6), 96, 4
 TARGET = np.array([[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.8]], dtype=np.float32)
 
 
-@pytest.fixture()
-def expert():
+@pytest.fixture(params=["mlp", "localizing"])
+def expert(request):
     torch.manual_seed(0)
-    return build_expert("det", default_spec("det", H, C, GRID, SIZE, num_queries=K, dim=32))
+    return build_expert("det", default_spec("det", H, C, GRID, SIZE, num_queries=K, dim=32, box_head=request.param))
 
 
 def _features(m: int) -> VisionFeatures:
@@ -26,6 +27,10 @@ def _features(m: int) -> VisionFeatures:
 def test_outputs_are_valid_normalized_boxes(expert):
     out = expert(torch.randn(2, K, H), _features(2))
     assert out.boxes.shape == (2, K, 4) and out.logits.shape == (2, K)
+    if expert.options.box_head == "localizing":
+        assert out.heat.shape == (2, K, GRID[0] * GRID[1]) and out.grid == GRID
+        assert set(expert.loss(out, [TaskTarget("det", boxes=TARGET)] * 2)) == {"det_l1", "det_giou", "det_obj",
+                                                                                 "det_heat"}
     assert (out.boxes[..., 2:] >= out.boxes[..., :2]).all()
     assert out.boxes[..., 0].min() > -0.5 and out.boxes[..., 2].max() < 1.5  # cx, w in (0, 1)
 
@@ -102,3 +107,42 @@ def test_bad_targets_are_target_errors(expert):
 def test_video_features_are_rejected(expert):
     with pytest.raises(ConfigError, match="T=1"):
         expert(torch.randn(1, K, H), VisionFeatures(torch.randn(1, 3, 36, C), GRID, SIZE))
+
+
+def test_unknown_box_head_is_a_config_error():
+    with pytest.raises(ConfigError, match="box_head must be one of"):
+        build_expert("det", default_spec("det", H, C, GRID, SIZE, box_head="conv"))
+
+
+def test_cell_centers_by_hand():
+    np.testing.assert_allclose(cell_centers((2, 3)).numpy(),
+                               [[1 / 6, 0.25], [0.5, 0.25], [5 / 6, 0.25], [1 / 6, 0.75], [0.5, 0.75], [5 / 6, 0.75]])
+
+
+def test_heatmap_loss_targets_the_cell_of_the_box_center():
+    # center (0.25, 0.55) on a 6 x 6 grid: column int(1.5) = 1, row int(3.3) = 3 -> patch 3 * 6 + 1 = 19
+    box = torch.tensor([[0.1, 0.4, 0.4, 0.7]])
+    uniform = torch.zeros(1, 36)
+    assert heatmap_loss(uniform, box, (6, 6)).item() == pytest.approx(np.log(36), rel=1e-6)
+    peaked = torch.zeros(1, 36)
+    peaked[0, 19] = 30.0
+    assert heatmap_loss(peaked, box, (6, 6)).item() < 1e-6
+    assert heatmap_loss(torch.zeros(0, 36), torch.zeros(0, 4), (6, 6)).item() == 0.0
+
+
+def test_localizing_head_centers_the_box_on_the_patch_it_looks_at():
+    d, grid = 8, (2, 3)
+    head = LocalizingBoxHead(d)
+    with torch.no_grad():
+        for lin in (head.q, head.k):
+            lin.weight.copy_(torch.eye(d) * 10)
+            lin.bias.zero_()
+        head.mlp.layers[-1].weight.zero_()
+        head.mlp.layers[-1].bias.zero_()  # no offset, w = h = sigmoid(0) = 0.5
+    patches = torch.eye(d)[:6][None]  # patch j is the unit vector e_j
+    tokens = torch.eye(d)[[4, 0]][None]  # token 0 looks at patch 4, token 1 at patch 0
+    boxes, heat = head(tokens, patches, grid)
+    assert heat.shape == (1, 2, 6) and heat[0].argmax(-1).tolist() == [4, 0]
+    centers = (boxes[0, :, :2] + boxes[0, :, 2:]) / 2
+    np.testing.assert_allclose(centers.detach().numpy(), [[0.5, 0.75], [1 / 6, 0.25]], atol=1e-4)
+    np.testing.assert_allclose((boxes[0, :, 2:] - boxes[0, :, :2]).detach().numpy(), 0.5, atol=1e-6)

@@ -1,0 +1,229 @@
+"""Where does referring detection (REC) fail: in the query states or in the detection expert?
+
+A trained model's REC is the chain tower -> LLM query states -> detection expert. This probe freezes a model's
+MLLM, caches for ShapesWorld REC samples (train split, and the held-out eval seed) the frozen vision features
+and the ``<det>`` query states the MLLM computes on the teacher-forced answer, and trains a FRESH detection
+expert on them from three query sources, same features, same batches, same steps:
+
+- ``llm``: the model's own query states (what the joint model trains on);
+- ``oracle``: a learned bag-of-words encoding of the ``<ref>`` phrase (a perfect reader of the phrase);
+- ``none``: one learned constant (the expert sees only the image: a floor that shows how far the features alone
+  get, e.g. by always boxing the largest object).
+
+If ``oracle`` learns REC and ``llm`` does not, the LLM's query states do not carry the phrase; if neither
+does, the expert or the features are the bottleneck. Reports held-out Acc@0.5 (the top-scoring slot's IoU with
+the target >= 0.5) and mean IoU against the step count, plus the model's own trained expert on ``llm``.
+
+    python bench/expert_probe.py --model tiny --steps 600 --out bench/results/expert_probe_tiny.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
+
+
+def cache(joint, samples, batch_size: int = 32):
+    """``(features (N, 1, n, C), queries (N, K, H), phrase ids list, boxes (N, 4))`` of REC samples."""
+    from taskmllm.router.joint import frames_of
+
+    proc = joint.mllm.processor
+    feats, queries, phrases, boxes = [], [], [], []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start: start + batch_size]
+        batch = proc([s.turns[0][0] for s in chunk], [s.image for s in chunk], answers=[s.turns[0][1] for s in chunk])
+        with torch.no_grad():
+            out = joint.mllm(batch, "none")
+            calls = joint.router.route(batch.input_ids, out.hidden_states, batch.attention_mask)
+        for c in calls:
+            s = chunk[c.sample]
+            feats.append(frames_of(out.vision_features, batch.frames_per_sample, c.sample))
+            queries.append(c.query_states)
+            phrases.append(proc.tokenizer.encode(c.phrase or "", add_special_tokens=False) or [0])
+            boxes.append(torch.as_tensor(s.targets[0].boxes, dtype=torch.float32).reshape(-1, 4)[0])
+    return torch.stack(feats), torch.stack(queries), phrases, torch.stack(boxes)
+
+
+def tower_features(samples, layer: int, size: int, batch_size: int = 64):
+    """``(N, 1, h*w, C)`` features of the samples' images from ImageNet MobileNetV2 cut after block ``layer``
+    at ``size`` px (the experts' alternative inputs; the MLLM keeps its own), and the tower's grid."""
+    from taskmllm.model.config import VisionConfig
+    from taskmllm.model.packaged import load_mobilenet_v2_features
+    from taskmllm.model.vision import build_vision_tower
+
+    cfg = VisionConfig(kind="mobilenet_v2", feature_layer=layer, image_size=size, pretrained="imagenet",
+                       mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    tower = build_vision_tower(cfg).eval()
+    load_mobilenet_v2_features(tower.features)
+    mean, std = torch.tensor(cfg.mean).view(3, 1, 1), torch.tensor(cfg.std).view(3, 1, 1)
+
+    def pixels(image: np.ndarray) -> torch.Tensor:  # as the Processor does: bicubic resize, ImageNet normalization
+        arr = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+        return (torch.from_numpy(arr).permute(2, 0, 1) - mean) / std
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(samples), batch_size):
+            out.append(tower(torch.stack([pixels(s.image) for s in samples[start: start + batch_size]])))
+    return torch.cat(out)[:, None], tower.grid
+
+
+def cached(folder: Optional[Path], name: str, compute):
+    """``compute()``'s tensors, read from / written to ``folder/name.safetensors`` when ``folder`` is given."""
+    from safetensors.torch import load_file, save_file
+
+    path = None if folder is None else folder / f"{name}.safetensors"
+    if path is not None and path.is_file():
+        t = load_file(str(path))
+        phrases = [[i for i in row.tolist() if i >= 0] for row in t["phrases"]]
+        return t["features"], t["queries"], phrases, t["boxes"]
+    feats, queries, phrases, boxes = compute()
+    if path is not None:
+        width = max(len(p) for p in phrases)
+        padded = torch.tensor([p + [-1] * (width - len(p)) for p in phrases])
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"features": feats.contiguous(), "queries": queries.contiguous(), "phrases": padded,
+                   "boxes": boxes.contiguous()}, str(path))
+    return feats, queries, phrases, boxes
+
+
+class PhraseEncoder(nn.Module):
+    """Oracle query source: mean of learned token embeddings of the phrase -> MLP -> K query states."""
+
+    def __init__(self, vocab: int, hidden: int, k: int) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(vocab, hidden, mode="mean")
+        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden * k))
+        self.k, self.hidden = k, hidden
+
+    def forward(self, phrases: list[list[int]]) -> torch.Tensor:
+        flat = torch.tensor([i for p in phrases for i in p])
+        offsets = torch.tensor([0] + [len(p) for p in phrases[:-1]]).cumsum(0)
+        return self.mlp(self.bag(flat, offsets)).view(len(phrases), self.k, self.hidden)
+
+
+def evaluate(expert, features, queries, boxes, vf) -> dict[str, float]:
+    """Acc@0.5 and mean IoU of the top-scoring slot."""
+    from torchvision.ops import box_iou
+
+    from taskmllm.experts.base import VisionFeatures
+
+    with torch.no_grad():
+        out = expert(queries, VisionFeatures(features, *vf))
+    top = out.logits.argmax(1)
+    pred = out.boxes[torch.arange(len(top)), top]
+    iou = box_iou(pred, boxes).diagonal()
+    return {"acc50": float((iou >= 0.5).float().mean()), "miou": float(iou.mean())}
+
+
+def train_probe(source: str, joint, spec, data, val, vf, steps: int, lr: float, batch: int, seed: int,
+                options: dict) -> dict:
+    from taskmllm.experts import build_expert
+    from taskmllm.experts.base import TaskTarget, VisionFeatures
+
+    torch.manual_seed(seed)
+    expert = build_expert("det", dataclasses.replace(spec, options=options))
+    feats, llm_q, phrases, boxes = data
+    k, hidden = llm_q.shape[1:]
+    encoder = {"llm": None, "oracle": PhraseEncoder(len(joint.mllm.tokenizer), hidden, k),
+               "none": nn.ParameterList([nn.Parameter(torch.randn(1, k, hidden) * 0.02)])}[source]
+    params = list(expert.parameters()) + (list(encoder.parameters()) if encoder is not None else [])
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+    def queries_of(idx, q, ph):
+        if source == "llm":
+            return q[idx]
+        if source == "oracle":
+            return encoder([ph[i] for i in idx.tolist()])
+        return encoder[0].expand(len(idx), -1, -1)
+
+    curve, start = [], time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    for step in range(1, steps + 1):
+        idx = torch.randint(len(boxes), (batch,), generator=g)
+        out = expert(queries_of(idx, llm_q, phrases), VisionFeatures(feats[idx], *vf))
+        terms = expert.loss(out, [TaskTarget("det", boxes=boxes[i:i + 1].numpy()) for i in idx.tolist()])
+        loss = sum(terms.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % max(steps // 6, 1) == 0 or step == steps:
+            expert.eval()
+            with torch.no_grad():
+                q = queries_of(torch.arange(len(val[3])), val[1], val[2])
+                seen = torch.arange(min(300, len(boxes)))
+                train_acc = evaluate(expert, feats[seen], queries_of(seen, llm_q, phrases), boxes[seen], vf)["acc50"]
+            curve.append({"step": step, "wall_s": round(time.perf_counter() - start, 1),
+                          **evaluate(expert, val[0], q, val[3], vf), "train_acc50": train_acc})
+            expert.train()
+            print(f"[expert_probe] {source} {curve[-1]}", flush=True)
+    return {"source": source, "curve": curve, **{k: v for k, v in curve[-1].items() if k != "step"}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="a checkpoint directory or a shipped model's name")
+    parser.add_argument("--train", type=int, default=2000, help="REC training samples to cache")
+    parser.add_argument("--val", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--sources", nargs="+", default=["llm", "oracle", "none"])
+    parser.add_argument("--options", type=json.loads, default={},
+                        help='the fresh detection expert\'s options as JSON, e.g. \'{"box_head": "localizing"}\'')
+    parser.add_argument("--tower", default=None, metavar="LAYER:SIZE",
+                        help="give the expert ImageNet MobileNetV2 features cut after block LAYER at SIZE px "
+                             "instead of the model's own (the queries stay the model's)")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="keep the cached features and query states in this folder (safetensors) for later runs")
+    args = parser.parse_args()
+
+    from taskmllm.data.dataset import shapesworld_dataset
+    from taskmllm.eval.suites import DEFAULT_EVAL_SEED
+    from taskmllm.router.joint import JointModel
+
+    joint = JointModel.from_pretrained(args.model).eval()
+    start = time.perf_counter()
+    train_ds = shapesworld_dataset({"rec": 1.0}, length=args.train, seed=0)
+    val_ds = shapesworld_dataset({"rec": 1.0}, length=args.val, seed=DEFAULT_EVAL_SEED, split="val")
+    data = cached(args.cache, "train", lambda: cache(joint, [train_ds[i] for i in range(args.train)]))
+    val = cached(args.cache, "val", lambda: cache(joint, [val_ds[i] for i in range(args.val)]))
+    cache_s = time.perf_counter() - start
+    vf = (joint.mllm.vision.grid, joint.mllm.config.vision.image_size)
+    shipped = evaluate(joint.experts["det"].eval(), val[0], val[1], val[3], vf)
+    spec = joint.experts["det"].spec
+    if args.tower:
+        layer, size = (int(v) for v in args.tower.split(":"))
+        train_f, grid = tower_features([train_ds[i] for i in range(args.train)], layer, size)
+        val_f, _ = tower_features([val_ds[i] for i in range(args.val)], layer, size)
+        data, val = (train_f, *data[1:]), (val_f, *val[1:])
+        spec = dataclasses.replace(spec, vision_dim=train_f.shape[-1], grid=grid, image_size=size)
+        vf = (grid, size)
+    spread = float(data[1][:, 0].std(0).mean() / data[1][:, 0].abs().mean())  # query variation across prompts
+    results = {s: train_probe(s, joint, spec, data, val, vf, args.steps, args.lr, args.batch, seed=0,
+                              options=args.options) for s in args.sources}
+    ratio = None
+    if {"llm", "oracle"} <= results.keys():
+        ratio = results["oracle"]["acc50"] / max(results["llm"]["acc50"], 1e-9)
+    emit({"model": str(args.model), "train": len(data[3]), "val": len(val[3]), "steps": args.steps, "lr": args.lr,
+          "batch": args.batch, "options": args.options, "cache_s": round(cache_s, 1), "query_relative_std": spread,
+          "shipped_expert_on_llm_queries": shipped, "probes": results, "oracle_over_llm_acc50": ratio}, args.out)
+
+
+if __name__ == "__main__":
+    main()
