@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -86,6 +87,7 @@ def main() -> None:
                               options).results["chair"]
             runs.append({"seed": options.seed, "wall_s": round(time.perf_counter() - start, 1),
                          **metrics_of(pope, chair)})
+            print(f"[hallucination] {name} seed {options.seed}: {runs[-1]}", file=sys.stderr, flush=True)
         per_run[name] = runs
         summary[name] = {key: {"mean": statistics.fmean(r[key] for r in runs),
                                "std": statistics.pstdev([r[key] for r in runs])} for _, key, _ in COLUMNS}
