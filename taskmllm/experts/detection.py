@@ -6,6 +6,9 @@ the projected patch features with SAM's positional encoding through segment_anyt
 predicts a normalized xyxy box and an objectness logit. Training matches slots to target boxes with the
 Hungarian algorithm (scipy) on DETR costs; the loss is ``5 * L1 + 2 * (1 - GIoU)`` over matched slots
 (normalized by the number of target boxes) plus a BCE on objectness (matched slots 1, the others 0).
+With ``box_head="localizing"`` each slot's box is centered where its heatmap over the decoded patches points
+(:class:`~taskmllm.experts.common.LocalizingBoxHead`) and matched slots add a heatmap cross-entropy towards
+the patch holding their target's center (``det_heat``).
 """
 
 from __future__ import annotations
@@ -82,8 +85,8 @@ class DetectionOutput:
     """Attributes:
     boxes: ``(M, K, 4)`` normalized xyxy, one per slot.
     logits: ``(M, K)`` objectness logits (``sigmoid`` gives the score).
-
     heat: ``(M, K, h*w)`` patch heatmap logits of each slot (``localizing`` box head), else None.
+    grid: the ``(h, w)`` patch grid of ``heat``.
     """
 
     boxes: torch.Tensor
