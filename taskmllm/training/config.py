@@ -64,12 +64,14 @@ class StageConfig:
 class ModelConfig:
     """Where the model comes from: ``init: tiny`` or ``init: smol`` builds that recipe fresh (with the
     overrides below; see ``taskmllm.recipes.BUILDERS``), anything else is a
-    :class:`~taskmllm.router.joint.JointModel` directory (a stage's ``final/``)."""
+    :class:`~taskmllm.router.joint.JointModel` directory (a stage's ``final/``). ``experts``: options of the
+    fresh experts by task name (e.g. ``{det: {box_head: localizing}}``; each expert's ``Options`` checks them)."""
 
     init: str = "tiny"
     llm: dict[str, Any] = field(default_factory=dict)
     vision: dict[str, Any] = field(default_factory=dict)
     tasks: dict[str, int] = field(default_factory=dict)
+    experts: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_frames: int = 8
 
 

@@ -218,11 +218,12 @@ def build_joint(cfg: TrainConfig):
 
     mc = cfg.model
     if mc.init not in BUILDERS:
-        if mc.llm or mc.vision or mc.tasks:
-            raise ConfigError(f"model.llm / model.vision / model.tasks override only a fresh recipe model "
-                              f"({', '.join(BUILDERS)})")
+        if mc.llm or mc.vision or mc.tasks or mc.experts:
+            raise ConfigError(f"model.llm / model.vision / model.tasks / model.experts override only a fresh recipe "
+                              f"model ({', '.join(BUILDERS)})")
         return JointModel.from_pretrained(mc.init)
-    return JointModel.build(BUILDERS[mc.init](max_frames=mc.max_frames, llm=mc.llm, vision=mc.vision, tasks=mc.tasks))
+    mllm = BUILDERS[mc.init](max_frames=mc.max_frames, llm=mc.llm, vision=mc.vision, tasks=mc.tasks)
+    return JointModel.build(mllm, options=mc.experts)
 
 
 def build_dataset(cfg: TrainConfig):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from taskmllm.errors import ConfigError
 from taskmllm.model.tokens import PROTOCOL_TOKENS
 from taskmllm.training.config import load_config
 from taskmllm.training.losses import PatchHead
@@ -80,3 +81,18 @@ def test_protocol_token_rows_get_their_own_learning_rate(tmp_path):
     rest = [p for g in groups if g.get("lr") != 0.01 for p in g["params"]]
     assert all(g.get("lr", cfg.optim.lr) == cfg.optim.lr for g in groups if g is not token_group[0])
     assert len(rest) + len(rows) == sum(1 for p in joint.parameters() if p.requires_grad)
+
+
+def test_recipe_sets_expert_options_of_a_fresh_model(tmp_path):
+    stage = tmp_path / "stage.yaml"
+    stage.write_text(f"inherit: {RECIPE / 'pretrain.yaml'}\nmodel: {{experts: {{det: {{box_head: localizing}}}}}}\n")
+    joint = build_joint(load_config(stage, overrides(tmp_path)))
+    assert joint.experts["det"].options.box_head == "localizing"
+    assert joint.experts["seg"].spec.options == {}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"inherit: {RECIPE / 'pretrain.yaml'}\nmodel: {{experts: {{det: {{box_head: conv}}}}}}\n")
+    with pytest.raises(ConfigError, match="box_head must be one of"):
+        build_joint(load_config(bad, overrides(tmp_path)))
+    # a checkpoint directory keeps the options it was trained with
+    with pytest.raises(ConfigError, match="model.experts override only a fresh"):
+        build_joint(load_config(stage, overrides(tmp_path, f"--model.init={tmp_path}")))
