@@ -81,22 +81,27 @@ def tower_features(samples, layer: int, size: int, batch_size: int = 64):
     return torch.cat(out)[:, None], tower.grid
 
 
-def cached(folder: Optional[Path], name: str, compute):
-    """``compute()``'s tensors, read from / written to ``folder/name.safetensors`` when ``folder`` is given."""
+def cached(folder: Optional[Path], name: str, key: str, compute):
+    """``compute()``'s tensors, read from / written to ``folder/name.safetensors`` when ``folder`` is given;
+    a file written for another ``key`` (model, sample count) is recomputed, not reused."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     path = None if folder is None else folder / f"{name}.safetensors"
     if path is not None and path.is_file():
-        t = load_file(str(path))
-        phrases = [[i for i in row.tolist() if i >= 0] for row in t["phrases"]]
-        return t["features"], t["queries"], phrases, t["boxes"]
+        with safe_open(str(path), "pt") as f:
+            same = (f.metadata() or {}).get("key") == key
+        if same:
+            t = load_file(str(path))
+            phrases = [[i for i in row.tolist() if i >= 0] for row in t["phrases"]]
+            return t["features"], t["queries"], phrases, t["boxes"]
     feats, queries, phrases, boxes = compute()
     if path is not None:
         width = max(len(p) for p in phrases)
         padded = torch.tensor([p + [-1] * (width - len(p)) for p in phrases])
         folder.mkdir(parents=True, exist_ok=True)
         save_file({"features": feats.contiguous(), "queries": queries.contiguous(), "phrases": padded,
-                   "boxes": boxes.contiguous()}, str(path))
+                   "boxes": boxes.contiguous()}, str(path), metadata={"key": key})
     return feats, queries, phrases, boxes
 
 
@@ -117,15 +122,14 @@ class PhraseEncoder(nn.Module):
 
 def evaluate(expert, features, queries, boxes, vf) -> dict[str, float]:
     """Acc@0.5 and mean IoU of the top-scoring slot."""
-    from torchvision.ops import box_iou
-
     from taskmllm.experts.base import VisionFeatures
+    from taskmllm.experts.boxes import elementwise_box_iou
 
     with torch.no_grad():
         out = expert(queries, VisionFeatures(features, *vf))
     top = out.logits.argmax(1)
     pred = out.boxes[torch.arange(len(top)), top]
-    iou = box_iou(pred, boxes).diagonal()
+    iou = elementwise_box_iou(pred, boxes)
     return {"acc50": float((iou >= 0.5).float().mean()), "miou": float(iou.mean())}
 
 
@@ -201,16 +205,18 @@ def main() -> None:
     start = time.perf_counter()
     train_ds = shapesworld_dataset({"rec": 1.0}, length=args.train, seed=0)
     val_ds = shapesworld_dataset({"rec": 1.0}, length=args.val, seed=DEFAULT_EVAL_SEED, split="val")
-    data = cached(args.cache, "train", lambda: cache(joint, [train_ds[i] for i in range(args.train)]))
-    val = cached(args.cache, "val", lambda: cache(joint, [val_ds[i] for i in range(args.val)]))
+    train_samples = [train_ds[i] for i in range(args.train)]
+    val_samples = [val_ds[i] for i in range(args.val)]
+    data = cached(args.cache, "train", f"{args.model}:{args.train}", lambda: cache(joint, train_samples))
+    val = cached(args.cache, "val", f"{args.model}:{args.val}", lambda: cache(joint, val_samples))
     cache_s = time.perf_counter() - start
     vf = (joint.mllm.vision.grid, joint.mllm.config.vision.image_size)
     shipped = evaluate(joint.experts["det"].eval(), val[0], val[1], val[3], vf)
     spec = joint.experts["det"].spec
     if args.tower:
         layer, size = (int(v) for v in args.tower.split(":"))
-        train_f, grid = tower_features([train_ds[i] for i in range(args.train)], layer, size)
-        val_f, _ = tower_features([val_ds[i] for i in range(args.val)], layer, size)
+        train_f, grid = tower_features(train_samples, layer, size)
+        val_f, _ = tower_features(val_samples, layer, size)
         data, val = (train_f, *data[1:]), (val_f, *val[1:])
         spec = dataclasses.replace(spec, vision_dim=train_f.shape[-1], grid=grid, image_size=size)
         vf = (grid, size)
