@@ -115,6 +115,18 @@ def _metrics_section(evals: dict, compared: dict[str, dict] | None = None) -> li
         beside = "".join(f" | {_fmt(c['summary'].get(task, {}).get('score'))}" for c in compared.values())
         lines.append(f"| {task} | {row['n']} | {row['routing']:.3f} | {row['metric']} | {_fmt(row.get('score'))}"
                      f"{beside} |")
+    if "image_reliance" in evals:
+        lines += _reliance_section(json.loads(Path(evals["image_reliance"]["json"]).read_text()))
+    return lines
+
+
+def _reliance_section(per_task: dict[str, dict]) -> list[str]:
+    """The image-reliance table (:mod:`taskmllm.eval.reliance`): 0 nats = the answers ignore the image."""
+    lines = ["", "Image reliance (`python bench/image_reliance.py`): teacher-forced answer NLL in nats with the "
+             "question's own image vs. another scene's; a gap of 0 means the answers ignore the image.", "",
+             "| task | n | NLL own image | NLL other image | gap |", "|---|---|---|---|---|"]
+    for task, row in per_task.items():
+        lines.append(f"| {task} | {row['n']} | {row['own_nll']:.3f} | {row['other_nll']:.3f} | {row['gap']:.3f} |")
     return lines
 
 

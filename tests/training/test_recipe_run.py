@@ -67,3 +67,19 @@ def test_card_shows_a_compared_model_beside_this_one(tmp_path):
                              _compared([str(tmp_path / "other")]))
     assert "| referring segmentation gIoU | 0.510 | 0.210 | ≥ 0.55 |" in lines
     assert "| seg | 10 | 1.000 | cIoU | 0.500 | 0.200 |" in lines
+
+
+def test_card_shows_the_image_reliance_table(tmp_path):
+    import json
+
+    from taskmllm.training.card import _metrics_section
+
+    shapes = {"seed": 5, "n_per_task": 10, "summary": {}, "tasks": {}}
+    reliance = {"exist": {"own_nll": 0.7, "other_nll": 0.7, "gap": 0.0, "n": 64},
+                "caption": {"own_nll": 19.9, "other_nll": 27.3, "gap": 7.4, "n": 64}}
+    (tmp_path / "shapes.json").write_text(json.dumps(shapes))
+    (tmp_path / "image_reliance.json").write_text(json.dumps(reliance))
+    lines = _metrics_section({"shapes": {"json": str(tmp_path / "shapes.json")},
+                              "image_reliance": {"json": str(tmp_path / "image_reliance.json")}})
+    assert "| exist | 64 | 0.700 | 0.700 | 0.000 |" in lines
+    assert "| caption | 64 | 19.900 | 27.300 | 7.400 |" in lines
