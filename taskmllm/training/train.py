@@ -218,11 +218,12 @@ def build_joint(cfg: TrainConfig):
 
     mc = cfg.model
     if mc.init not in BUILDERS:
-        if mc.llm or mc.vision or mc.tasks or mc.experts:
-            raise ConfigError(f"model.llm / model.vision / model.tasks / model.experts override only a fresh recipe "
-                              f"model ({', '.join(BUILDERS)})")
+        if mc.llm or mc.vision or mc.tasks or mc.projector or mc.experts:
+            raise ConfigError(f"model.llm / model.vision / model.tasks / model.projector / model.experts override "
+                              f"only a fresh recipe model ({', '.join(BUILDERS)})")
         return JointModel.from_pretrained(mc.init)
-    mllm = BUILDERS[mc.init](max_frames=mc.max_frames, llm=mc.llm, vision=mc.vision, tasks=mc.tasks)
+    mllm = BUILDERS[mc.init](max_frames=mc.max_frames, llm=mc.llm, vision=mc.vision, tasks=mc.tasks,
+                            projector=mc.projector)
     return JointModel.build(mllm, options=mc.experts)
 
 

@@ -96,3 +96,19 @@ def test_recipe_sets_expert_options_of_a_fresh_model(tmp_path):
     # a checkpoint directory keeps the options it was trained with
     with pytest.raises(ConfigError, match="model.experts override only a fresh"):
         build_joint(load_config(stage, overrides(tmp_path, f"--model.init={tmp_path}")))
+
+
+def test_recipe_projector_pools_the_llms_tokens_while_experts_read_the_full_grid(tmp_path):
+    stage = tmp_path / "stage.yaml"
+    stage.write_text(f"inherit: {RECIPE / 'pretrain.yaml'}\nmodel: {{projector: {{pool: 2}}}}\n")
+    joint = build_joint(load_config(stage, overrides(tmp_path)))  # 48 px: a 3 x 3 stride-16 grid
+    mllm = joint.mllm
+    assert mllm.vision.grid == (3, 3) and mllm.config.projector.pool == 2
+    feats, visual = mllm.encode_images(torch.zeros(1, 3, 48, 48))
+    assert feats.shape[1] == 9 and visual.shape[1] == 4  # 3 x 3 patches for the experts, 2 x 2 tokens for the LLM
+    assert mllm.processor.tokens_per_frame == 4
+    assert joint.experts["det"].spec.grid == (3, 3)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"inherit: {RECIPE / 'pretrain.yaml'}\nmodel: {{projector: {{pooling: 2}}}}\n")
+    with pytest.raises(ConfigError, match=r"model.projector: unknown keys \['pooling'\]"):
+        build_joint(load_config(bad, overrides(tmp_path)))
