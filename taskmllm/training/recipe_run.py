@@ -111,7 +111,8 @@ def run_recipe(name: str, out: str | Path, overrides: Sequence[str] = (), ship: 
         base = None
         if plan.ship == "adapter":
             mc = configs[0].model
-            base = (mc.init, {"max_frames": mc.max_frames, "llm": mc.llm, "vision": mc.vision, "tasks": mc.tasks})
+            base = (mc.init, {"max_frames": mc.max_frames, "llm": mc.llm, "vision": mc.vision, "tasks": mc.tasks,
+                              "projector": mc.projector})
         ship_model(model, card, out, Path(ship), base, log.get("eval", {}))
     return model
 
@@ -124,7 +125,17 @@ def _evaluate(model: Path, plan: RecipePlan, out: Path) -> dict:
         t0 = time.perf_counter()
         report = evaluate(model, suite, out / suite, EvalOptions(n=plan.eval_n))
         done[suite] = {"json": str(report.json_path), "wall_s": round(time.perf_counter() - t0, 1)}
+    done["image_reliance"] = {"json": str(_image_reliance(model, plan.eval_n, out / "image_reliance.json"))}
     return done
+
+
+def _image_reliance(model: Path, n: int, dest: Path) -> Path:
+    """Answer nats the right image is worth, per question task (:mod:`taskmllm.eval.reliance`) -> ``dest``."""
+    from taskmllm.eval.reliance import reliance_by_task
+    from taskmllm.router.pipeline import Pipeline
+
+    _write_json(dest, reliance_by_task(Pipeline.from_pretrained(model).model.mllm, n=n))
+    return dest
 
 
 def ship_model(model: Path, card: Path, run: Path, dest: Path, base: Optional[tuple[str, dict]] = None,
