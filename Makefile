@@ -38,6 +38,7 @@ bench: install  ## benchmarks; each writes JSON to bench/results/
 	$(BIN)/python bench/data.py > bench/results/data.json
 	$(BIN)/python bench/train.py --out bench/results/train.json
 	$(BIN)/python bench/image_reliance.py --out bench/results/image_reliance.json
+	$(BIN)/python bench/vqa_probe.py --features patches --tasks exist --steps 500 --out bench/results/vqa_probe.json
 	$(BIN)/python bench/expert_probe.py --options '{"box_head": "localizing"}' --tower 13:192 --out bench/results/expert_probe.json
 
 train-default: install  ## train the embedded default (tiny recipe, CPU), evaluate it, ship it to the package

@@ -1,0 +1,134 @@
+"""Can a fresh tiny LLM learn to answer from the image? VQA training on cached features, three feature kinds.
+
+The shipped ``tiny`` reads the image for captions but its VQA answers ignore it (``bench/image_reliance.py``:
+gap ~0 nats). This probe separates "the features lack the answer" from "the LLM does not learn to look": a
+fresh ``tiny`` projector + LLM (the recipe's pretrain model) trains on ShapesWorld questions with the tower's
+features cached once, and the held-out image-reliance gap (answer NLL with another scene's image minus with
+its own, nats per answer; :mod:`taskmllm.eval.reliance`) is logged as it trains. Features:
+
+- ``tower``: the recipe's frozen MobileNetV2 features (what the model sees);
+- ``patches``: an oracle per-patch one-hot of the shape and color covering >= half of each patch (the answer is
+  in the features, but must be looked up where the question points);
+- ``answer``: an oracle that writes "yes"/"no" into every patch (exist only; the answer needs no lookup).
+
+    python bench/vqa_probe.py --features patches --tasks exist --steps 1000 --out bench/results/vqa_probe.json
+    python bench/vqa_probe.py --image-size 96 --pool 1 ...   # the previous recipe's 6 x 6 grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from taskmllm.data.conversations import ConversationConfig
+from taskmllm.data.dataset import shapesworld_dataset
+from taskmllm.data.shapesworld import WorldConfig
+from taskmllm.eval.suites import DEFAULT_EVAL_SEED
+from taskmllm.model.mllm import lm_loss, positions
+from taskmllm.training.recipe_run import RECIPES
+from taskmllm.training.config import load_config
+from taskmllm.training.losses import patch_labels
+from taskmllm.training.train import build_joint
+from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
+
+FEATURES = ("tower", "patches", "answer")
+
+
+def cached_batches(mllm, tasks, n, split, seed, features, image_first, batch_size=16):
+    """``[(batch, features (B, N, C))]`` of ``n`` questions: the processor's batches, the tower run once."""
+    mix = {t: 1.0 for t in tasks}
+    data = shapesworld_dataset(mix, n, seed=seed, split=split, config=WorldConfig(image_size=mllm.config.vision.image_size),
+                               conversation=ConversationConfig(question_first=not image_first))
+    out = []
+    for start in range(0, n, batch_size):
+        samples = [data[i] for i in range(start, min(n, start + batch_size))]
+        batch = mllm.processor([s.turns[0][0] for s in samples], [s.image for s in samples],
+                               answers=[s.turns[0][1] for s in samples], padding_side="right")
+        with torch.no_grad():
+            feats = mllm.vision(batch.pixel_values)  # (B, N, C)
+        if features == "patches":
+            shape, color = patch_labels(samples, mllm.vision.grid, 1)  # (B, N) class ids, 0 = background
+            feats = torch.zeros_like(feats)
+            feats.scatter_(2, shape.unsqueeze(-1), 1.0)
+            feats.scatter_(2, 16 + color.unsqueeze(-1), 1.0)
+        elif features == "answer":
+            yes = torch.tensor([s.turns[0][1] == "Yes." for s in samples], dtype=feats.dtype)
+            feats = torch.randn_like(feats) * 0.1 + (2 * yes - 1)[:, None, None]
+        out.append((batch, feats))
+    return out
+
+
+def answer_loss(mllm, batch, feats, reduce: bool = True):
+    """LM loss of the answers given cached features (mean over tokens, or summed per sample)."""
+    pooled, _ = mllm.projector.pool(feats, mllm.vision.grid)
+    emb = mllm.embed(batch.input_ids, mllm.projector(pooled))
+    logits = mllm.llm(inputs_embeds=emb, attention_mask=batch.attention_mask,
+                      position_ids=positions(batch.attention_mask), use_cache=False).logits
+    if reduce:
+        return lm_loss(logits, batch.labels)
+    targets = batch.labels[:, 1:]
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return -(logp * (targets != -100)).sum(1)
+
+
+@torch.no_grad()
+def reliance_gap(mllm, batches) -> float:
+    """Mean over held-out answers of NLL(another scene's features) - NLL(own features), nats."""
+    mllm.eval()
+    gaps = [answer_loss(mllm, b, f.roll(1, 0), False) - answer_loss(mllm, b, f, False) for b, f in batches]
+    mllm.train()
+    return float(torch.cat(gaps).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--features", choices=FEATURES, default="tower")
+    parser.add_argument("--tasks", nargs="+", default=["exist", "color", "count"])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--n", type=int, default=4000, help="training questions (cycled)")
+    parser.add_argument("--image-first", action="store_true", help="<image> before the question text")
+    parser.add_argument("--image-size", type=int, default=None, help="input size (default: the recipe's)")
+    parser.add_argument("--pool", type=int, default=None, help="projector pooling (default: the recipe's)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.features == "answer" and args.tasks != ["exist"]:
+        parser.error("--features answer writes yes/no into the features: use it with --tasks exist")
+    torch.manual_seed(0)
+    overrides = ["--out_dir=/tmp/vqa_probe"]
+    if args.image_size:
+        overrides += [f"--model.vision.image_size={args.image_size}", f"--data.image_size={args.image_size}"]
+    if args.pool:
+        overrides.append(f"--model.projector.pool={args.pool}")
+    cfg = load_config(RECIPES / "tiny" / "pretrain.yaml", overrides)
+    mllm = build_joint(cfg).mllm.train()
+    t0 = time.perf_counter()
+    train = cached_batches(mllm, args.tasks, args.n, "train", 0, args.features, args.image_first)
+    held = cached_batches(mllm, args.tasks, 256, "test", DEFAULT_EVAL_SEED, args.features, args.image_first)
+    cache_s = time.perf_counter() - t0
+    params = [p for name, p in mllm.named_parameters() if not name.startswith("vision")]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=cfg.optim.weight_decay)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.optim.warmup_steps))
+    curve, t0 = [], time.perf_counter()
+    for step in range(1, args.steps + 1):
+        batch, feats = train[(step - 1) % len(train)]
+        loss = answer_loss(mllm, batch, feats)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        opt.step()
+        warmup.step()
+        if step % args.every == 0 or step == args.steps:
+            row = {"step": step, "train_loss": round(float(loss), 4), "gap": round(reliance_gap(mllm, held), 4),
+                   "wall_s": round(time.perf_counter() - t0, 1)}
+            curve.append(row)
+            print(row, flush=True)
+    emit({"features": args.features, "tasks": args.tasks, "lr": args.lr, "image_first": args.image_first,
+          "cache_s": round(cache_s, 1), "curve": curve}, args.out)
+
+
+if __name__ == "__main__":
+    main()
