@@ -122,7 +122,7 @@ def main() -> None:
         opt.step()
         warmup.step()
         if step % args.every == 0 or step == args.steps:
-            row = {"step": step, "train_loss": round(float(loss), 4), "gap": round(reliance_gap(mllm, held), 4),
+            row = {"step": step, "train_loss": round(loss.item(), 4), "gap": round(reliance_gap(mllm, held), 4),
                    "wall_s": round(time.perf_counter() - t0, 1)}
             curve.append(row)
             print(row, flush=True)
