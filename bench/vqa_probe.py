@@ -25,6 +25,7 @@ import torch
 from taskmllm.data.conversations import ConversationConfig
 from taskmllm.data.dataset import shapesworld_dataset
 from taskmllm.data.shapesworld import WorldConfig
+from taskmllm.eval.reliance import sequence_nll
 from taskmllm.eval.suites import DEFAULT_EVAL_SEED
 from taskmllm.model.mllm import lm_loss, positions
 from taskmllm.training.recipe_run import RECIPES
@@ -66,11 +67,7 @@ def answer_loss(mllm, batch, feats, reduce: bool = True):
     emb = mllm.embed(batch.input_ids, mllm.projector(pooled))
     logits = mllm.llm(inputs_embeds=emb, attention_mask=batch.attention_mask,
                       position_ids=positions(batch.attention_mask), use_cache=False).logits
-    if reduce:
-        return lm_loss(logits, batch.labels)
-    targets = batch.labels[:, 1:]
-    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return -(logp * (targets != -100)).sum(1)
+    return lm_loss(logits, batch.labels) if reduce else sequence_nll(logits, batch.labels)
 
 
 @torch.no_grad()

@@ -23,10 +23,19 @@ import torch
 from taskmllm.errors import InputError
 from taskmllm.model.processor import IGNORE
 
-__all__ = ["RELIANCE_TASKS", "answer_nll", "image_reliance", "reliance_by_task"]
+__all__ = ["RELIANCE_TASKS", "answer_nll", "image_reliance", "reliance_by_task", "sequence_nll"]
 
 #: The ShapesWorld question tasks whose answers depend on the image (captions: the objects; the rest: VQA).
 RELIANCE_TASKS: tuple[str, ...] = ("caption", "exist", "color", "shape", "count", "relation")
+
+
+def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(B, L, V)`` logits (position t predicts token t + 1), ``(B, L)`` labels -> ``(B,)`` NLL summed over
+    each row's supervised tokens (labels != ``IGNORE``)."""
+    targets = labels[:, 1:]  # (B, L-1)
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, L-1)
+    return -(picked * (targets != IGNORE)).sum(1)
 
 
 @torch.no_grad()
@@ -38,11 +47,7 @@ def answer_nll(mllm: Any, prompts: Sequence[str], visuals: Sequence[Any], answer
     """
     batch = mllm.processor(list(prompts), list(visuals), answers=list(answers), padding_side="right")
     batch = batch.to(mllm.device)
-    logits = mllm(batch, logits="all").logits  # (B, L, V): position t predicts token t + 1
-    targets = batch.labels[:, 1:]  # (B, L-1)
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, L-1)
-    return -(picked * (targets != IGNORE)).sum(1)
+    return sequence_nll(mllm(batch, logits="all").logits, batch.labels)
 
 
 def image_reliance(mllm: Any, samples: Sequence[Any], batch_size: int = 16) -> dict[str, float]:
