@@ -1,4 +1,4 @@
-"""Small building blocks shared by the experts: query and feature projections, positional encoding, box head."""
+"""Small building blocks shared by the experts: query and feature projections, positional encoding, box heads."""
 
 from __future__ import annotations
 
@@ -7,7 +7,19 @@ from segment_anything.modeling.mask_decoder import MLP
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from torch import nn
 
+from taskmllm.errors import ConfigError
 from taskmllm.experts.boxes import box_cxcywh_to_xyxy
+
+
+BOX_HEADS = ("mlp", "localizing")
+"""The box heads an expert's ``box_head`` option names: :class:`BoxHead` and :class:`LocalizingBoxHead`."""
+
+
+def check_box_head(owner: str, box_head: str) -> None:
+    """Raise :class:`~taskmllm.errors.ConfigError` unless ``box_head`` is one of :data:`BOX_HEADS`
+    (``owner``: the options class, for the message)."""
+    if box_head not in BOX_HEADS:
+        raise ConfigError(f"{owner}.box_head must be one of {BOX_HEADS}, got {box_head!r}")
 
 
 class QueryProjection(nn.Module):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import TwoWayTransformer
 from torch import nn
 
-from taskmllm.errors import ConfigError, InputError, TargetError
+from taskmllm.errors import InputError, TargetError
 from taskmllm.experts.base import (
     DecoderOptions,
     Expert,
@@ -36,17 +36,16 @@ from taskmllm.experts.base import (
 )
 from taskmllm.experts.boxes import elementwise_generalized_box_iou
 from taskmllm.experts.common import (
+    BOX_HEADS,  # noqa: F401 (was defined here; kept importable from detection)
     BoxHead,
     FeatureProjection,
     GridPositionalEncoding,
     LocalizingBoxHead,
     QueryProjection,
+    check_box_head,
     heatmap_loss,
 )
 from taskmllm.experts.matching import HungarianMatcher, MatchCosts
-
-
-BOX_HEADS = ("mlp", "localizing")
 
 
 @dataclass
@@ -76,8 +75,7 @@ class DetectionOptions(DecoderOptions):
 
     def __post_init__(self) -> None:
         check_widths("DetectionOptions", self.dim, self.num_heads, self.depth, multiple=2)
-        if self.box_head not in BOX_HEADS:
-            raise ConfigError(f"DetectionOptions.box_head must be one of {BOX_HEADS}, got {self.box_head!r}")
+        check_box_head("DetectionOptions", self.box_head)
 
 
 @dataclass

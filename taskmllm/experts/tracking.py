@@ -7,6 +7,10 @@ the K projected query tokens plus a sinusoidal frame-time encoding; ``CausalFram
 cross-attend to their frame's patches and attend causally to earlier frames' states (memory). A box head
 (normalized xyxy) and a visibility logit read the mean of the K tokens per frame.
 Loss: ``5 * L1 + 2 * (1 - GIoU)`` on visible frames and BCE on visibility over all frames.
+With ``box_head="mlp"`` (the default) the box is regressed from that per-frame state alone; with
+``box_head="localizing"`` the state scores its frame's projected patches (plus the grid positional encoding)
+and the box is centered where that heatmap points (:class:`~taskmllm.experts.common.LocalizingBoxHead`), and
+visible frames add a heatmap cross-entropy towards the patch holding the target box's center (``track_heat``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,15 @@ from taskmllm.experts.base import (
     zero_terms,
 )
 from taskmllm.experts.boxes import elementwise_generalized_box_iou
-from taskmllm.experts.common import BoxHead, FeatureProjection, GridPositionalEncoding, QueryProjection
+from taskmllm.experts.common import (
+    BoxHead,
+    FeatureProjection,
+    GridPositionalEncoding,
+    LocalizingBoxHead,
+    QueryProjection,
+    check_box_head,
+    heatmap_loss,
+)
 from taskmllm.experts.temporal import CausalFrameLayer, frame_time_encoding
 
 
@@ -44,15 +56,22 @@ class TrackingOptions(DecoderOptions):
         dim, depth, num_heads, mlp_dim: the stack of :class:`CausalFrameLayer`.
         l1_weight, giou_weight, vis_weight: loss weights.
         visibility_threshold: probability above which :meth:`TrackingExpert.postprocess` calls a frame visible.
+        box_head: ``mlp`` (each frame's box regressed from its pooled state) or ``localizing`` (each frame's
+            box centered where the pooled state's heatmap over that frame's patches points,
+            :class:`LocalizingBoxHead`); one of :data:`~taskmllm.experts.common.BOX_HEADS`.
+        heat_weight: weight of the heatmap cross-entropy on visible frames (``localizing`` only).
     """
 
     l1_weight: float = 5.0
     giou_weight: float = 2.0
     vis_weight: float = 1.0
     visibility_threshold: float = 0.5
+    box_head: str = "mlp"
+    heat_weight: float = 1.0
 
     def __post_init__(self) -> None:
         check_widths("TrackingOptions", self.dim, self.num_heads, self.depth, multiple=2)
+        check_box_head("TrackingOptions", self.box_head)
 
 
 @dataclass
@@ -60,10 +79,14 @@ class TrackingOutput:
     """Attributes:
     boxes: ``(M, T, 4)`` normalized xyxy per frame.
     visibility_logits: ``(M, T)`` logits that the target is visible in the frame.
+    heat: ``(M, T, h*w)`` patch heatmap logits of each frame (``localizing`` box head), else None.
+    grid: the ``(h, w)`` patch grid of ``heat``.
     """
 
     boxes: torch.Tensor
     visibility_logits: torch.Tensor
+    heat: Optional[torch.Tensor] = None
+    grid: Optional[tuple[int, int]] = None
 
 
 @dataclass
@@ -95,7 +118,7 @@ class TrackingExpert(Expert):
         self.no_box_embed = nn.Embedding(1, d)
         self.layers = nn.ModuleList(CausalFrameLayer(d, opts.num_heads, opts.mlp_dim) for _ in range(opts.depth))
         self.norm = nn.LayerNorm(d)
-        self.box_head = BoxHead(d)
+        self.box_head = BoxHead(d) if opts.box_head == "mlp" else LocalizingBoxHead(d)
         self.vis_head = nn.Linear(d, 1)
 
     def embed_prompt_boxes(self, prompts: Optional[Sequence[ExpertPrompt]], m: int) -> torch.Tensor:
@@ -121,7 +144,8 @@ class TrackingExpert(Expert):
         features: VisionFeatures,
         prompts: Optional[Sequence[ExpertPrompt]] = None,
     ) -> TrackingOutput:
-        """``query_states (M, K, H)``, ``features (M, T, h*w, C)``, optional prompt boxes -> :class:`TrackingOutput`."""
+        """``query_states (M, K, H)``, ``features (M, T, h*w, C)``, optional prompt boxes -> :class:`TrackingOutput`
+        (with ``heat`` and ``grid`` for the ``localizing`` box head)."""
         self.check_inputs(query_states, features, prompts, single_frame=False)
         dtype = self.no_box_embed.weight.dtype
         m, t = features.features.shape[:2]
@@ -133,7 +157,13 @@ class TrackingExpert(Expert):
         for layer in self.layers:
             states = layer(states, frames, frame_pe)
         pooled = self.norm(states).mean(dim=2)  # (M, T, D)
-        return TrackingOutput(boxes=self.box_head(pooled), visibility_logits=self.vis_head(pooled)[..., 0])
+        visibility_logits = self.vis_head(pooled)[..., 0]
+        if isinstance(self.box_head, BoxHead):
+            return TrackingOutput(boxes=self.box_head(pooled), visibility_logits=visibility_logits)
+        # the layers read the patches without updating them: the head scores the projected frames + PE
+        boxes, heat = self.box_head(pooled[:, :, None], frames + frame_pe, features.grid)  # (M, T, 1, 4), (M, T, 1, N)
+        return TrackingOutput(boxes=boxes[:, :, 0], visibility_logits=visibility_logits, heat=heat[:, :, 0],
+                              grid=tuple(features.grid))
 
     def _target_track(self, target: TaskTarget, index: int, frames: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if target.boxes is None:
@@ -153,13 +183,15 @@ class TrackingExpert(Expert):
         return boxes, visible
 
     def loss(self, outputs: TrackingOutput, targets: Sequence[TaskTarget]) -> dict[str, torch.Tensor]:
-        """Terms ``track_l1``, ``track_giou`` (visible frames) and ``track_vis`` (all frames), weighted."""
+        """Terms ``track_l1``, ``track_giou`` (visible frames) and ``track_vis`` (all frames), weighted; plus
+        ``track_heat`` (visible frames) when the outputs carry a heatmap."""
         if not isinstance(outputs, TrackingOutput):
             raise TargetError(f"track: loss needs a TrackingOutput, got {type(outputs).__name__}")
         m, t = outputs.visibility_logits.shape
         self.check_targets(targets, m)
         if m == 0:
-            return zero_terms(("track_l1", "track_giou", "track_vis"), outputs.boxes)
+            names = ("track_l1", "track_giou", "track_vis") + (("track_heat",) if outputs.heat is not None else ())
+            return zero_terms(names, outputs.boxes)
         opts: TrackingOptions = self.options  # type: ignore[assignment]
         pred = outputs.boxes.float()
         pairs = [self._target_track(target, i, t, pred.device) for i, target in enumerate(targets)]
@@ -170,11 +202,14 @@ class TrackingExpert(Expert):
         l1 = (vis_pred - vis_tgt).abs().sum() / num
         giou = (1 - elementwise_generalized_box_iou(vis_pred, vis_tgt)).sum() / num
         vis = F.binary_cross_entropy_with_logits(outputs.visibility_logits.float(), visible.float())
-        return {
+        terms = {
             "track_l1": opts.l1_weight * l1,
             "track_giou": opts.giou_weight * giou,
             "track_vis": opts.vis_weight * vis,
         }
+        if outputs.heat is not None:
+            terms["track_heat"] = opts.heat_weight * heatmap_loss(outputs.heat[visible], vis_tgt, outputs.grid)
+        return terms
 
     @torch.no_grad()
     def postprocess(self, outputs: TrackingOutput, sizes: Sequence[tuple[int, int]],

@@ -1,4 +1,5 @@
-"""Differentiability: each expert's loss alone reaches the query states, the vision features and every parameter."""
+"""Differentiability: each expert's loss alone reaches the query states, the vision features and every parameter
+(each expert with its default options and, for det and track, with the ``localizing`` box head)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 from taskmllm.experts import EXPERTS, ExpertPrompt, TaskTarget, VisionFeatures, build_expert, default_spec
 
 H, C, GRID, SIZE, M, T = 48, 40, (6, 6), 96, 3, 4
+CONFIGS = [(name, {}) for name in sorted(EXPERTS)] + [(name, {"box_head": "localizing"}) for name in ("det", "track")]
+IDS = [name + ("-" + "-".join(map(str, opts.values())) if opts else "") for name, opts in CONFIGS]
 
 
 def _targets(name: str) -> tuple[list[TaskTarget], int, list[ExpertPrompt] | None]:
@@ -30,10 +33,10 @@ def _targets(name: str) -> tuple[list[TaskTarget], int, list[ExpertPrompt] | Non
     return targets, T, prompts
 
 
-@pytest.mark.parametrize("name", sorted(EXPERTS))
-def test_loss_alone_gives_gradients_everywhere(name):
+@pytest.mark.parametrize(("name", "options"), CONFIGS, ids=IDS)
+def test_loss_alone_gives_gradients_everywhere(name, options):
     torch.manual_seed(0)
-    expert = build_expert(name, default_spec(name, H, C, GRID, SIZE, dim=32))
+    expert = build_expert(name, default_spec(name, H, C, GRID, SIZE, dim=32, **options))
     targets, frames, prompts = _targets(name)
     queries = torch.randn(M, expert.num_queries, H, requires_grad=True)
     features = torch.randn(M, frames, GRID[0] * GRID[1], C, requires_grad=True)
@@ -49,28 +52,30 @@ def test_loss_alone_gives_gradients_everywhere(name):
     assert all(p.requires_grad for p in expert.parameters())
 
 
-@pytest.mark.parametrize("name", sorted(EXPERTS))
-def test_each_loss_term_is_named_and_differentiable(name):
+@pytest.mark.parametrize(("name", "options"), CONFIGS, ids=IDS)
+def test_each_loss_term_is_named_and_differentiable(name, options):
     torch.manual_seed(0)
-    expert = build_expert(name, default_spec(name, H, C, GRID, SIZE, dim=32))
+    expert = build_expert(name, default_spec(name, H, C, GRID, SIZE, dim=32, **options))
     targets, frames, prompts = _targets(name)
     queries = torch.randn(M, expert.num_queries, H, requires_grad=True)
     features = VisionFeatures(torch.randn(M, frames, GRID[0] * GRID[1], C), GRID, SIZE)
     losses = expert.loss(expert(queries, features, prompts), targets)
     expected = {"seg": {"seg_bce", "seg_dice", "seg_iou"}, "det": {"det_l1", "det_giou", "det_obj"},
                 "track": {"track_l1", "track_giou", "track_vis"}}[name]
+    if options.get("box_head") == "localizing":
+        expected = expected | {f"{name}_heat"}
     assert set(losses) == expected
     for key, value in losses.items():
         (grad,) = torch.autograd.grad(value, queries, retain_graph=True)
         assert grad.abs().sum() > 0, f"{key} does not reach the query states"
 
 
-@pytest.mark.parametrize("name", sorted(EXPERTS))
-def test_a_batch_without_calls_gives_zero_terms(name):
-    expert = build_expert(name, default_spec(name, H, C, GRID, SIZE, dim=32))
+@pytest.mark.parametrize(("name", "options"), CONFIGS, ids=IDS)
+def test_a_batch_without_calls_gives_zero_terms(name, options):
+    expert = build_expert(name, default_spec(name, H, C, GRID, SIZE, dim=32, **options))
     queries = torch.randn(0, expert.num_queries, H, requires_grad=True)
     frames = T if name == "track" else 1
     outputs = expert(queries, VisionFeatures(torch.randn(0, frames, GRID[0] * GRID[1], C), GRID, SIZE))
     losses = expert.loss(outputs, [])
-    assert len(losses) == 3 and all(v.item() == 0.0 and v.requires_grad for v in losses.values())
+    assert len(losses) == (4 if options else 3) and all(v.item() == 0.0 and v.requires_grad for v in losses.values())
     assert expert.postprocess(outputs, []) == []

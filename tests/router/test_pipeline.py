@@ -74,6 +74,27 @@ def test_checkpoint_round_trip_and_typed_errors(joint, tmp_path, rgb_image):
         JointModel.from_pretrained(tmp_path / "ck")
 
 
+def test_localizing_box_heads_round_trip(tokenizer, tmp_path, rgb_image):
+    """det and track built with ``box_head: localizing`` train a heat term and reload with the same head."""
+    torch.manual_seed(0)
+    options = {"det": {"box_head": "localizing"}, "track": {"box_head": "localizing"}}
+    joint = JointModel.build(TaskMLLM(tiny_config(tokenizer), tokenizer), options=options)
+    batch, targets = _sample_batch(joint, rgb_image)
+    joint.eval()
+    with torch.no_grad():
+        a = joint(batch, targets)
+    assert {"det_heat", "track_heat"} <= set(a.expert_losses)
+    assert all(torch.isfinite(v) for v in a.expert_losses.values())
+    joint.save_pretrained(tmp_path / "ck")
+    loaded = JointModel.from_pretrained(tmp_path / "ck")
+    for name in ("det", "track"):
+        assert loaded.experts[name].options.box_head == "localizing"
+        assert type(loaded.experts[name].box_head) is type(joint.experts[name].box_head)
+    with torch.no_grad():
+        b = loaded(batch, targets)
+    assert torch.equal(a.loss, b.loss) and a.expert_losses.keys() == b.expert_losses.keys()
+
+
 def test_task_without_expert_and_query_mismatch(joint):
     experts = dict(joint.experts)
     with pytest.raises(UnknownTaskError, match="<track>"):

@@ -85,13 +85,18 @@ def test_protocol_token_rows_get_their_own_learning_rate(tmp_path):
 
 def test_recipe_sets_expert_options_of_a_fresh_model(tmp_path):
     stage = tmp_path / "stage.yaml"
-    stage.write_text(f"inherit: {RECIPE / 'pretrain.yaml'}\nmodel: {{experts: {{det: {{box_head: localizing}}}}}}\n")
+    stage.write_text(f"inherit: {RECIPE / 'pretrain.yaml'}\n"
+                     "model: {experts: {det: {box_head: localizing}, track: {box_head: localizing, heat_weight: 2.0}}}\n")
     joint = build_joint(load_config(stage, overrides(tmp_path)))
     assert joint.experts["det"].options.box_head == "localizing"
+    assert joint.experts["track"].options.box_head == "localizing" and joint.experts["track"].options.heat_weight == 2.0
     assert joint.experts["seg"].spec.options == {}
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"inherit: {RECIPE / 'pretrain.yaml'}\nmodel: {{experts: {{det: {{box_head: conv}}}}}}\n")
     with pytest.raises(ConfigError, match="box_head must be one of"):
+        build_joint(load_config(bad, overrides(tmp_path)))
+    bad.write_text(f"inherit: {RECIPE / 'pretrain.yaml'}\nmodel: {{experts: {{track: {{box_head: conv}}}}}}\n")
+    with pytest.raises(ConfigError, match="TrackingOptions.box_head must be one of"):
         build_joint(load_config(bad, overrides(tmp_path)))
     # a checkpoint directory keeps the options it was trained with
     with pytest.raises(ConfigError, match="model.experts override only a fresh"):
