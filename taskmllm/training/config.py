@@ -78,7 +78,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Training data: ShapesWorld on the fly (``mix`` of tasks) or a LLaVA conversation JSON at ``path``."""
+    """Training data: ShapesWorld on the fly (``mix`` of tasks) or a LLaVA conversation JSON at ``path``.
+
+    ``world``: ShapesWorld scene overrides, any :class:`~taskmllm.data.shapesworld.WorldConfig` field but
+    ``image_size`` / ``num_frames`` (set above), e.g. ``{max_objects: 1}`` for a stage on one-object scenes."""
 
     source: str = "shapesworld"
     path: str = ""
@@ -90,6 +93,7 @@ class DataConfig:
     image_size: int = 128
     num_frames: int = 8
     batch_size: int = 8
+    world: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -143,6 +147,7 @@ class TrainConfig:
                 raise ConfigError(f"stage.trainable.{key}: mode {mode!r} is not one of {MODES}")
         if not any(m != "frozen" for m in self.stage.trainable.values()):
             raise ConfigError(f"stage {self.stage.name!r} freezes every component: nothing would train")
+        world_config(self.data)
         if self.data.source not in DATA_SOURCES:
             raise ConfigError(f"data.source {self.data.source!r}{_suggest(self.data.source, DATA_SOURCES)}; "
                               f"known: {DATA_SOURCES}")
@@ -153,6 +158,33 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
         if self.optim.lr <= 0 or not 0 <= self.optim.min_lr_ratio <= 1:
             raise ConfigError("optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
+
+
+def world_config(data: DataConfig):
+    """The :class:`~taskmllm.data.shapesworld.WorldConfig` of ``data`` (``image_size``, ``num_frames``, ``world``).
+
+    Raises:
+        ConfigError: an unknown ``data.world`` key (with the closest match), ``image_size`` / ``num_frames``
+            given there, or a value ``WorldConfig`` rejects.
+    """
+    from taskmllm.data.shapesworld import WorldConfig
+
+    known = [f.name for f in dataclasses.fields(WorldConfig) if f.name not in ("image_size", "num_frames")]
+    for key in data.world:
+        if key in ("image_size", "num_frames"):
+            raise ConfigError(f"data.world.{key}: set data.{key} instead")
+        if key not in known:
+            raise ConfigError(f"data.world: unknown key {key!r}{_suggest(key, known)}; known: {', '.join(known)}")
+    world = {k: _tuples(v) for k, v in data.world.items()}
+    try:
+        return WorldConfig(image_size=data.image_size, num_frames=data.num_frames, **world)
+    except ConfigError as err:
+        raise ConfigError(f"data.world: {err}") from err
+
+
+def _tuples(value: Any) -> Any:
+    """YAML lists -> tuples (WorldConfig's sequence fields are tuples, nested for pairs)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def check_paths(cfg: TrainConfig) -> None:

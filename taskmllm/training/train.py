@@ -28,7 +28,7 @@ from torch import nn
 from taskmllm.errors import ConfigError
 from taskmllm.model.processor import IGNORE
 from taskmllm.training.checkpoint import Checkpointer
-from taskmllm.training.config import OptimConfig, TrainConfig, check_paths, save_config
+from taskmllm.training.config import OptimConfig, TrainConfig, check_paths, save_config, world_config
 from taskmllm.training.losses import CaptureOutput, PatchHead, expert_of, patch_labels, total_loss
 from taskmllm.training.stages import apply_stage, merge_lora, protocol_token_ids
 
@@ -230,12 +230,10 @@ def build_joint(cfg: TrainConfig):
 def build_dataset(cfg: TrainConfig):
     """ShapesWorld on the fly, or a LLaVA conversation JSON through the mixed dataset."""
     from taskmllm.data.dataset import MixedDataset, shapesworld_dataset
-    from taskmllm.data.shapesworld import WorldConfig
 
     dc = cfg.data
     if dc.source == "shapesworld":
-        world = WorldConfig(image_size=dc.image_size, num_frames=dc.num_frames)
-        return shapesworld_dataset(dc.mix, dc.length, dc.seed, dc.split, world)
+        return shapesworld_dataset(dc.mix, dc.length, dc.seed, dc.split, world_config(dc))
     from taskmllm.data.formats import load_llava
 
     samples = load_llava(dc.path, dc.image_root or None).samples

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from taskmllm.errors import CheckpointError, ConfigError
 from taskmllm.training.checkpoint import Checkpointer
 from taskmllm.training.config import load_config
-from taskmllm.training.train import train
+from taskmllm.training.train import build_dataset, train
 from tests.training.helpers import RECIPE, overrides
 
 STEPS = ["--max_steps=6", "--save_every=1", "--keep_last=2"]
@@ -80,6 +80,21 @@ def test_unknown_key_suggests_and_types_are_checked(tmp_path):
         load_config(RECIPE / "heads.yaml", ["--precision=fp8"])
     cfg = load_config(RECIPE / "heads.yaml", ["--optim.lr=1", "--stage.trainable.experts.seg=frozen"])
     assert cfg.optim.lr == 1.0 and cfg.stage.trainable["experts.seg"] == "frozen"
+
+
+def test_data_world_overrides_the_scenes_and_is_checked():
+    cfg = load_config(RECIPE / "heads.yaml", ["--data.world.max_objects=1", "--data.world.cooccurrence=[]",
+                                              "--data.mix={exist: 1.0}"])
+    data = build_dataset(cfg)
+    assert [len(data[i].objects) for i in range(8)] == [1] * 8
+    assert max(len(build_dataset(load_config(RECIPE / "heads.yaml", ["--data.mix={exist: 1.0}"]))[i].objects)
+               for i in range(8)) > 1
+    with pytest.raises(ConfigError, match="data.world: unknown key 'max_object'.*did you mean 'max_objects'"):
+        load_config(RECIPE / "heads.yaml", ["--data.world.max_object=1"])
+    with pytest.raises(ConfigError, match="data.world.image_size: set data.image_size instead"):
+        load_config(RECIPE / "heads.yaml", ["--data.world.image_size=64"])
+    with pytest.raises(ConfigError, match="data.world: need 1 <= min_objects <= max_objects"):
+        load_config(RECIPE / "heads.yaml", ["--data.world.max_objects=0"])
 
 
 def test_bad_components_and_paths_fail_before_compute(tmp_path):
