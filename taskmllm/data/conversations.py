@@ -28,12 +28,16 @@ import numpy as np
 from taskmllm.data.referring import RELATIONS, expressions, relation_holds
 from taskmllm.data.sample import ObjectGT, Sample
 from taskmllm.data.vocab import SHAPES, number_word, plural
-from taskmllm.errors import UnknownTaskError
+from taskmllm.errors import ConfigError, UnknownTaskError
 from taskmllm.experts.base import TaskTarget
 from taskmllm.model.tokens import IMAGE, REF_CLOSE, REF_OPEN, TASK_TOKENS, VIDEO, encode_box
 
 IMAGE_TASKS: tuple[str, ...] = ("caption", "exist", "color", "shape", "count", "relation", "seg", "rec", "det")
 VIDEO_TASKS: tuple[str, ...] = ("track", "track_box", "temporal")
+#: Multi-turn image tasks: ``qa`` asks ``ConversationConfig.qa_turns`` different questions of :data:`QA_TASKS`
+#: about one image (LLaVA-style multi-turn; every answer is supervised, so one forward trains several answers).
+DIALOG_TASKS: tuple[str, ...] = ("qa",)
+QA_TASKS: tuple[str, ...] = ("exist", "color", "shape", "count", "relation")
 
 Q_CAPTION = ("Describe the image.", "What is in the image?", "Write a short caption.")
 Q_SEG = ("Segment {}.", "Please segment {}.", "Can you segment {}?")
@@ -52,11 +56,17 @@ class ConversationConfig:
         question_first: put the question text before the ``<image>`` / ``<video>`` placeholder.
         boxes_in_answer: write detection boxes as ``<box>`` text after the ``<det>`` token.
         positional: allow leftmost/rightmost/... in image referring expressions.
+        qa_turns: questions per ``qa`` conversation (fewer when the scene supports fewer distinct ones).
     """
 
     question_first: bool = True
     boxes_in_answer: bool = False
     positional: bool = True
+    qa_turns: int = 4
+
+    def __post_init__(self) -> None:
+        if self.qa_turns < 1:
+            raise ConfigError(f"ConversationConfig.qa_turns must be >= 1, got {self.qa_turns}")
 
 
 class NoQuestion(Exception):
@@ -92,12 +102,16 @@ class ConversationBuilder:
         """A sample of ``task`` about ``scene``; ``None`` when the scene cannot support the task.
 
         Raises:
-            UnknownTaskError: ``task`` is not one of :data:`IMAGE_TASKS` or :data:`VIDEO_TASKS`.
+            UnknownTaskError: ``task`` is not one of :data:`IMAGE_TASKS`, :data:`VIDEO_TASKS`, :data:`DIALOG_TASKS`.
         """
-        if task not in self._tasks:
-            raise UnknownTaskError(f"unknown conversation task {task!r}; known: {IMAGE_TASKS + VIDEO_TASKS}")
+        if task not in self._tasks and task not in DIALOG_TASKS:
+            raise UnknownTaskError(f"unknown conversation task {task!r}; "
+                                   f"known: {IMAGE_TASKS + VIDEO_TASKS + DIALOG_TASKS}")
         if (task in VIDEO_TASKS) != scene.is_video or not scene.objects:
             return None
+        if task == "qa":
+            turns = self._qa_turns(scene, rng)
+            return scene.with_turns(task, turns, [], task) if turns else None
         try:
             question, answer, targets = self._tasks[task](scene, rng)
         except NoQuestion:
@@ -115,6 +129,22 @@ class ConversationBuilder:
             if exprs:
                 return objs[k], _pick(rng, exprs)
         raise NoQuestion
+
+    def _qa_turns(self, scene: Sample, rng) -> list[tuple[str, str]]:
+        """Up to ``qa_turns`` distinct questions of random :data:`QA_TASKS`; the first holds the placeholder."""
+        turns: list[tuple[str, str]] = []
+        asked: set[str] = set()
+        for _ in range(3 * self.config.qa_turns):
+            if len(turns) == self.config.qa_turns:
+                break
+            try:
+                question, answer, _ = self._tasks[_pick(rng, QA_TASKS)](scene, rng)
+            except NoQuestion:
+                continue
+            if question not in asked:
+                asked.add(question)
+                turns.append((self.question(question) if len(turns) == 0 else question, answer))
+        return turns
 
     # --------------------------------------------------------------------------------- image tasks
     def _caption(self, scene: Sample, rng):

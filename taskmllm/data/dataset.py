@@ -14,7 +14,7 @@ from typing import Mapping, Optional, Protocol, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from taskmllm.data.conversations import IMAGE_TASKS, VIDEO_TASKS, ConversationBuilder, ConversationConfig
+from taskmllm.data.conversations import DIALOG_TASKS, IMAGE_TASKS, VIDEO_TASKS, ConversationBuilder, ConversationConfig
 from taskmllm.data.sample import Sample
 from taskmllm.data.shapesworld import SPLITS, ShapesWorld, WorldConfig
 from taskmllm.errors import ConfigError
@@ -23,7 +23,7 @@ from taskmllm.errors import ConfigError
 DEFAULT_MIX: Mapping[str, float] = {"caption": 1.0, "exist": 1.0, "color": 1.0, "shape": 1.0, "count": 1.0,
                                     "relation": 1.0, "seg": 2.0, "rec": 1.0, "det": 2.0, "track": 1.0,
                                     "track_box": 0.5, "temporal": 0.5}
-_ALL_TASKS = IMAGE_TASKS + VIDEO_TASKS
+_ALL_TASKS = IMAGE_TASKS + VIDEO_TASKS + DIALOG_TASKS
 _VIRTUAL_LEN = 2**31 - 1
 
 

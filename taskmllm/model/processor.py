@@ -167,35 +167,64 @@ class Processor:
     def encode(self, prompt: str, num_frames: int, is_video: bool, answer: Optional[str] = None,
                add_eos: bool = True) -> tuple[list[int], list[int]]:
         """Token ids and labels of one sample, visual placeholders expanded, queries after task tokens."""
+        if answer is not None:
+            return self.encode_turns([(prompt, answer)], num_frames, is_video, add_eos)
         tok = self.tokenizer
         head = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        p_ids = head + tok.encode(self.format_prompt(prompt, num_frames, is_video), add_special_tokens=False)
-        p_ids = self._expand_visual(p_ids, num_frames)
-        labels = [IGNORE] * len(p_ids)
-        ids = list(p_ids)
-        if answer is not None:
-            a_ids = tok.encode(self.chat.answer_sep + answer, add_special_tokens=False)
-            a_ids = self.insert_queries(a_ids) + ([tok.eos_token_id] if add_eos else [])
-            ids += a_ids
-            labels += [IGNORE if i == self.query_id else i for i in a_ids]
+        ids = self._expand_visual(head + tok.encode(self.format_prompt(prompt, num_frames, is_video),
+                                                    add_special_tokens=False), num_frames)
+        self._check_length(ids, num_frames)
+        return ids, [IGNORE] * len(ids)
+
+    def encode_turns(self, turns: Sequence[tuple[str, str]], num_frames: int, is_video: bool,
+                     add_eos: bool = True) -> tuple[list[int], list[int]]:
+        """Ids and labels of a conversation ``[(question, answer), ...]``: every answer is supervised (LLaVA's
+        multi-turn training), each followed by EOS; the visual placeholder (added after the first question when
+        no question has one) is expanded; queries follow task tokens and are not supervised."""
+        if not turns:
+            raise InputError("a conversation needs at least one (question, answer) turn")
+        tok = self.tokenizer
+        ids = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        labels = [IGNORE] * len(ids)
+        has_marker = any(IMAGE in q or VIDEO in q for q, _ in turns)
+        for k, (question, answer) in enumerate(turns):
+            if k == 0 and not has_marker:
+                text = self.format_prompt(question, num_frames, is_video)
+            else:
+                text = (self.chat.system if k == 0 else "") + self.chat.user_prefix + question + self.chat.assistant_prefix
+            q_ids = tok.encode(text, add_special_tokens=False)
+            a_ids = self.insert_queries(tok.encode(self.chat.answer_sep + answer, add_special_tokens=False))
+            a_ids += [tok.eos_token_id] if add_eos else []
+            ids += q_ids + a_ids
+            labels += [IGNORE] * len(q_ids) + [IGNORE if i == self.query_id else i for i in a_ids]
+        if num_frames == 0 and (has_marker or self.image_id in ids or self.video_id in ids):
+            raise InputError("the prompt has an <image>/<video> placeholder but no image was given")
+        expanded = self._expand_visual(ids, num_frames)
+        labels = self._expand_visual(labels, num_frames, like=ids)
+        self._check_length(expanded, num_frames)
+        return expanded, labels
+
+    def _check_length(self, ids: list[int], num_frames: int) -> None:
         if len(ids) > self.max_length:
             raise PromptTooLongError(
                 f"the sample needs {len(ids)} tokens (with {num_frames} frame(s) of {self.tokens_per_frame} visual "
                 f"tokens) but the language model's context holds {self.max_length}")
-        return ids, labels
 
-    def _expand_visual(self, ids: list[int], num_frames: int) -> list[int]:
+    def _expand_visual(self, ids: list[int], num_frames: int, like: Optional[list[int]] = None) -> list[int]:
+        """``<image>`` -> one frame's visual tokens, ``<video>`` -> every frame's. With ``like`` (the ids),
+        ``ids`` are values aligned with it (labels) and are repeated where ``like`` expands."""
         out: list[int] = []
         markers = 0
-        for i in ids:
+        for i, value in zip(like if like is not None else ids, ids):
+            fill = self.image_id if like is None else value
             if i == self.image_id:
-                out += [self.image_id] * self.tokens_per_frame
+                out += [fill] * self.tokens_per_frame
                 markers += 1
             elif i == self.video_id:
-                out += [self.image_id] * (self.tokens_per_frame * num_frames)
+                out += [fill] * (self.tokens_per_frame * num_frames)
                 markers += num_frames
             else:
-                out.append(i)
+                out.append(value)
         if markers != num_frames:
             raise InputError(f"the prompt's <image>/<video> placeholders cover {markers} frame(s) "
                              f"but {num_frames} were given")
@@ -223,15 +252,33 @@ class Processor:
             raise InputError(f"{len(prompts)} prompts but {len(images)} images")
         rows, pix, counts, sizes = [], [], [], []
         for i, prompt in enumerate(prompts):
-            visual = images[i]
-            is_video = isinstance(visual, (list, tuple)) or (isinstance(visual, np.ndarray) and visual.ndim == 4)
-            frames = self.frames(visual)
-            tensors = [self.pixels(f) for f in frames]
+            is_video, frames, tensors = self._visual(images[i])
             pix += [t for t, _ in tensors]
             counts.append(len(frames))
             sizes.append(tensors[0][1] if tensors else None)
             rows.append(self.encode(prompt, len(frames), is_video, None if answers is None else answers[i]))
         return self._pad(rows, pix, counts, sizes, padding_side, with_labels=answers is not None)
+
+    def conversations(self, turns: Sequence[Sequence[tuple[str, str]]], images: Sequence[VisualInput],
+                      padding_side: str = "right") -> Batch:
+        """A training batch of multi-turn conversations (:meth:`encode_turns`): ``turns[i]`` is sample ``i``'s
+        ``[(question, answer), ...]`` about ``images[i]`` (an image, a list of frames, or None)."""
+        if len(images) != len(turns):
+            raise InputError(f"{len(turns)} conversations but {len(images)} images")
+        rows, pix, counts, sizes = [], [], [], []
+        for conv, visual in zip(turns, images):
+            is_video, frames, tensors = self._visual(visual)
+            pix += [t for t, _ in tensors]
+            counts.append(len(frames))
+            sizes.append(tensors[0][1] if tensors else None)
+            rows.append(self.encode_turns(conv, len(frames), is_video))
+        return self._pad(rows, pix, counts, sizes, padding_side, with_labels=True)
+
+    def _visual(self, visual: VisualInput) -> tuple[bool, list, list]:
+        """``(is_video, frames, [(pixels, (H, W)), ...])`` of one sample's visual input."""
+        is_video = isinstance(visual, (list, tuple)) or (isinstance(visual, np.ndarray) and visual.ndim == 4)
+        frames = self.frames(visual)
+        return is_video, frames, [self.pixels(f) for f in frames]
 
     def _pad(self, rows, pix, counts, sizes, side: str, with_labels: bool) -> Batch:
         length = max(len(ids) for ids, _ in rows)

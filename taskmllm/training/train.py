@@ -170,8 +170,7 @@ def _group_forward(trainee: Trainee, samples: list, cfg: TrainConfig, device: to
     """One joint forward: its LM loss and supervised-token count, expert terms and calls per task, extras."""
     joint = trainee.joint
     visuals = [s.frames if s.frames is not None else s.image for s in samples]
-    batch = joint.mllm.processor([s.turns[0][0] for s in samples], visuals,
-                                 answers=[s.turns[0][1] for s in samples], padding_side="right").to(device)
+    batch = joint.mllm.processor.conversations([s.turns for s in samples], visuals).to(device)  # every turn
     weights = cfg.stage.expert_weights
     active = [name for name in joint.experts if weights.get(name, 1.0) != 0]  # weight 0: skip the forward
     logits = "supervised" if cfg.stage.lm_weight != 0 else "none"  # the LM head only where a loss needs it

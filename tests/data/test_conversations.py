@@ -6,11 +6,13 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pytest
 
 from taskmllm.data.chair import chair_counts, chair_ground_truth, mentioned_objects
 from taskmllm.data.conversations import ConversationBuilder, ConversationConfig, corpus
 from taskmllm.data.dataset import ShapesWorldSource
 from taskmllm.data.shapesworld import ShapesWorld, WorldConfig
+from taskmllm.errors import ConfigError
 from taskmllm.model.tokens import TASK_TOKENS, decode_boxes, find_refs
 
 SHAPES = {"circle", "square", "triangle", "star", "hexagon", "heart"}
@@ -184,3 +186,30 @@ def test_corpus_covers_templates():
     for marker in ("<seg>", "<det>", "<track>", "<box>", "<ref>", "<image>", "<video>", "From frame",
                    "How many", "Is there", "What color", "What shape", "Describe", "Track", "to the left of"):
         assert marker in blob, marker
+
+
+def test_qa_asks_distinct_questions_each_true_to_its_own_task():
+    """``qa``: up to qa_turns distinct VQA questions about one image, the placeholder in the first only; each
+    turn is exactly what its own task's builder writes for the same scene (same question -> same answer)."""
+    builder = ConversationBuilder(ConversationConfig(qa_turns=5))
+    singles = {}
+    for task in ("exist", "color", "shape", "count", "relation"):
+        for k in range(40):
+            s = builder.build(WORLD.image(3), task, np.random.default_rng(k))
+            if s is not None:
+                singles[s.turns[0][0].replace("\n<image>", "")] = s.turns[0][1]
+    lengths = []
+    for i in range(30):
+        s = builder.build(WORLD.image(i), "qa", np.random.default_rng(i))
+        questions = [q.replace("\n<image>", "") for q, _ in s.turns]
+        assert s.task == "qa" and s.targets == [] and len(set(questions)) == len(questions) <= 5
+        assert s.turns[0][0].endswith("\n<image>") and all("<image>" not in q for q, _ in s.turns[1:])
+        lengths.append(len(s.turns))
+    assert max(lengths) == 5
+    s = builder.build(WORLD.image(3), "qa", np.random.default_rng(0))
+    for q, a in s.turns:  # every qa turn on scene 3 agrees with the single-task answer to the same question
+        q = q.replace("\n<image>", "")
+        assert singles.get(q, a) == a
+    assert builder.build(WORLD.video(0), "qa", np.random.default_rng(0)) is None
+    with pytest.raises(ConfigError, match="qa_turns must be >= 1"):
+        ConversationConfig(qa_turns=0)

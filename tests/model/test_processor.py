@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -76,3 +78,32 @@ def test_batch_layout(tiny_model, rgb_image):
     eos = tiny_model.tokenizer.eos_token_id
     assert (batch.labels[:, -1] == eos).all()
     assert torch.equal(batch.pixel_values[1], batch.pixel_values[2])
+
+
+def test_conversations_supervise_every_answer(tiny_model, rgb_image):
+    """A one-turn conversation is exactly the single-turn batch; a multi-turn one supervises each answer + EOS
+    (queries excluded), expands the image once, and its text is the chat template's ``prompt(q, history)``."""
+    proc, tok = tiny_model.processor, tiny_model.tokenizer
+    turns = [("What is it?", "<ref>it</ref><seg>."), ("And now?", "No.")]
+    single = proc(["What is it?"], [rgb_image], answers=["<ref>it</ref><seg>."], padding_side="right")
+    one = proc.conversations([turns[:1]], [rgb_image])
+    assert torch.equal(one.input_ids, single.input_ids) and torch.equal(one.labels, single.labels)
+    batch = proc.conversations([turns, [("hi", "hello")]], [rgb_image, None])
+    ids, labels = batch.input_ids[0], batch.labels[0]
+    assert (ids == tiny_model.image_id).sum() == 9 and batch.frames_per_sample == [1, 0]
+    eos = tok.eos_token_id
+    want = []
+    for _, answer in turns:
+        want += [i for i in proc.insert_queries(tok.encode(proc.chat.answer_sep + answer, add_special_tokens=False))
+                 if i != tiny_model.query_id] + [eos]
+    assert labels[labels != -100].tolist() == want
+    assert (ids == tiny_model.query_id).sum() == 1 and (labels[ids == tiny_model.query_id] == -100).all()
+    text = tok.decode(ids[batch.attention_mask[0] == 1].tolist())
+    assert re.sub("(<image>)+", "<image>", text) == (
+        "<s>USER: What is it?\n<image> ASSISTANT: <ref>it</ref><seg><query>.</s>USER: And now? ASSISTANT: No.</s>")
+    with pytest.raises(InputError, match="at least one"):
+        proc.conversations([[]], [rgb_image])
+    with pytest.raises(InputError, match="placeholder but no image"):
+        proc.conversations([[("Look <image>", "ok")]], [None])
+    with pytest.raises(InputError, match="2 conversations but 1 images"):
+        proc.conversations([turns, turns], [rgb_image])
