@@ -188,16 +188,16 @@ class Processor:
         labels = [IGNORE] * len(ids)
         has_marker = any(IMAGE in q or VIDEO in q for q, _ in turns)
         for k, (question, answer) in enumerate(turns):
-            if k == 0 and not has_marker:
-                text = self.format_prompt(question, num_frames, is_video)
+            if k == 0:  # the system text, and the placeholder added when no question has one
+                text = self.chat.prompt(question) if has_marker else self.format_prompt(question, num_frames, is_video)
             else:
-                text = (self.chat.system if k == 0 else "") + self.chat.user_prefix + question + self.chat.assistant_prefix
+                text = self.chat.user_prefix + question + self.chat.assistant_prefix
             q_ids = tok.encode(text, add_special_tokens=False)
             a_ids = self.insert_queries(tok.encode(self.chat.answer_sep + answer, add_special_tokens=False))
             a_ids += [tok.eos_token_id] if add_eos else []
             ids += q_ids + a_ids
             labels += [IGNORE] * len(q_ids) + [IGNORE if i == self.query_id else i for i in a_ids]
-        if num_frames == 0 and (has_marker or self.image_id in ids or self.video_id in ids):
+        if num_frames == 0 and has_marker:
             raise InputError("the prompt has an <image>/<video> placeholder but no image was given")
         expanded = self._expand_visual(ids, num_frames)
         labels = self._expand_visual(labels, num_frames, like=ids)
