@@ -178,7 +178,7 @@ def world_config(data: DataConfig):
     world = {k: _tuples(v) for k, v in data.world.items()}
     try:
         return WorldConfig(image_size=data.image_size, num_frames=data.num_frames, **world)
-    except ConfigError as err:
+    except (ConfigError, TypeError, ValueError) as err:  # TypeError: a value of the wrong type (max_objects: "a")
         raise ConfigError(f"data.world: {err}") from err
 
 
