@@ -10,7 +10,7 @@ and the LLM through the query hidden states. A checkpoint is the MLLM's director
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Collection, Literal, Mapping, Optional, Sequence
 
@@ -69,6 +69,32 @@ class JointModel(nn.Module):
                                 **(options or {}).get(name, {}))
             experts[name] = build_expert(name, spec, registry)
         return cls(mllm, experts)
+
+    def set_expert_options(self, options: Mapping[str, Mapping[str, object]]) -> "JointModel":
+        """Change options of trained experts that leave their parameters as they are (loss weights, matching
+        costs, thresholds); each expert is rebuilt from its new spec and given its weights back. Returns self.
+
+        Raises:
+            ConfigError: an unknown expert or option, a bad value, or an option that changes the expert's
+                parameters (a width, depth or box head: train a fresh model for those).
+        """
+        for name, opts in options.items():
+            if name not in self.experts:
+                raise ConfigError(f"expert options for {name!r}: the model has experts {sorted(self.experts)}")
+            old = self.experts[name]
+            spec = replace(old.spec, options={**old.spec.options, **dict(opts)})
+            with torch.random.fork_rng(devices=[]):  # building the new module must not shift training's RNG
+                new = type(old)(spec)
+            shapes = {k: tuple(v.shape) for k, v in old.state_dict().items()}
+            if {k: tuple(v.shape) for k, v in new.state_dict().items()} != shapes:
+                raise ConfigError(f"expert options {sorted(opts)} of {name!r} change its parameters; a trained "
+                                  f"expert can change only options that keep them (loss weights, thresholds)")
+            ref = next(old.parameters(), None)
+            if ref is not None:
+                new.to(ref.device, ref.dtype)
+            new.load_state_dict(old.state_dict())
+            self.experts[name] = new.train(old.training)
+        return self
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, batch: Batch, targets: Sequence[Sequence[TaskTarget]],

@@ -211,16 +211,17 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 def build_joint(cfg: TrainConfig):
     """A recipe's model built fresh (``model.init: tiny | smol``, with ``model.*`` overrides) or a JointModel
-    directory."""
+    directory (``model.experts`` may then change its experts' loss weights and thresholds)."""
     from taskmllm.recipes import BUILDERS
     from taskmllm.router.joint import JointModel
 
     mc = cfg.model
     if mc.init not in BUILDERS:
-        if mc.llm or mc.vision or mc.tasks or mc.projector or mc.experts:
-            raise ConfigError(f"model.llm / model.vision / model.tasks / model.projector / model.experts override "
-                              f"only a fresh recipe model ({', '.join(BUILDERS)})")
-        return JointModel.from_pretrained(mc.init)
+        if mc.llm or mc.vision or mc.tasks or mc.projector:
+            raise ConfigError(f"model.llm / model.vision / model.tasks / model.projector override only a fresh "
+                              f"recipe model ({', '.join(BUILDERS)})")
+        # a checkpoint's experts may change options that keep their parameters (a stage's loss weights)
+        return JointModel.from_pretrained(mc.init).set_expert_options(mc.experts)
     mllm = BUILDERS[mc.init](max_frames=mc.max_frames, llm=mc.llm, vision=mc.vision, tasks=mc.tasks,
                             projector=mc.projector)
     return JointModel.build(mllm, options=mc.experts)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from taskmllm.errors import CheckpointError, RegistryError, UnknownTaskError
+from taskmllm.errors import CheckpointError, ConfigError, RegistryError, UnknownTaskError
 from taskmllm.experts.base import TaskTarget
 from taskmllm.model.mllm import TaskMLLM
 from taskmllm.router.joint import JointModel
@@ -93,6 +93,26 @@ def test_localizing_box_heads_round_trip(tokenizer, tmp_path, rgb_image):
     with torch.no_grad():
         b = loaded(batch, targets)
     assert torch.equal(a.loss, b.loss) and a.expert_losses.keys() == b.expert_losses.keys()
+
+
+def test_set_expert_options_reweights_losses_and_keeps_weights(joint, rgb_image):
+    batch, targets = _sample_batch(joint, rgb_image)
+    joint.eval()
+    with torch.no_grad():
+        before = joint(batch, targets).expert_losses
+        weights = {k: v.clone() for k, v in joint.experts["seg"].state_dict().items()}
+        joint.set_expert_options({"seg": {"dice_weight": 2.0, "bce_weight": 0.5}, "det": {"obj_weight": 3.0}})
+        after = joint(batch, targets).expert_losses
+    # defaults: LISA's 2 BCE + 0.5 Dice, DETR's objectness weight 1: each term scales by the new / old weight
+    assert torch.allclose(after["seg_dice"], before["seg_dice"] * 4)
+    assert torch.allclose(after["seg_bce"], before["seg_bce"] / 4)
+    assert torch.allclose(after["det_obj"], before["det_obj"] * 3) and torch.equal(after["det_l1"], before["det_l1"])
+    assert all(torch.equal(v, weights[k]) for k, v in joint.experts["seg"].state_dict().items())
+    assert joint.experts["seg"].spec.options == {"dice_weight": 2.0, "bce_weight": 0.5}
+    with pytest.raises(ConfigError, match="change its parameters"):
+        joint.set_expert_options({"det": {"box_head": "localizing"}})
+    with pytest.raises(ConfigError, match="the model has experts"):
+        joint.set_expert_options({"sgm": {"dice_weight": 2.0}})
 
 
 def test_task_without_expert_and_query_mismatch(joint):

@@ -90,7 +90,7 @@ def test_recipe_sets_expert_options_of_a_fresh_model(tmp_path):
     joint = build_joint(load_config(stage, overrides(tmp_path)))
     assert joint.experts["det"].options.box_head == "localizing"
     assert joint.experts["track"].options.box_head == "localizing" and joint.experts["track"].options.heat_weight == 2.0
-    assert joint.experts["seg"].spec.options == {}
+    assert joint.experts["seg"].spec.options == {"bce_weight": 0.5, "dice_weight": 2.0}  # pretrain.yaml's
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"inherit: {RECIPE / 'pretrain.yaml'}\nmodel: {{experts: {{det: {{box_head: conv}}}}}}\n")
     with pytest.raises(ConfigError, match="box_head must be one of"):
@@ -98,9 +98,31 @@ def test_recipe_sets_expert_options_of_a_fresh_model(tmp_path):
     bad.write_text(f"inherit: {RECIPE / 'pretrain.yaml'}\nmodel: {{experts: {{track: {{box_head: conv}}}}}}\n")
     with pytest.raises(ConfigError, match="TrackingOptions.box_head must be one of"):
         build_joint(load_config(bad, overrides(tmp_path)))
-    # a checkpoint directory keeps the options it was trained with
-    with pytest.raises(ConfigError, match="model.experts override only a fresh"):
-        build_joint(load_config(stage, overrides(tmp_path, f"--model.init={tmp_path}")))
+    # a checkpoint's experts keep their weights; options that keep the parameters (loss weights) may change
+    ckpt = joint.save_pretrained(tmp_path / "ckpt")
+
+    def from_ckpt(experts: str):
+        stage.write_text(f"inherit: {RECIPE / 'heads.yaml'}\nmodel: {{experts: {experts}}}\n")
+        return build_joint(load_config(stage, [f"--out_dir={tmp_path}", f"--model.init={ckpt}"]))
+
+    torch.manual_seed(0)
+    from_ckpt("{}")
+    state = torch.get_rng_state()
+    torch.manual_seed(0)
+    loaded = from_ckpt("{seg: {dice_weight: 3.0}}")
+    assert torch.equal(torch.get_rng_state(), state)  # rebuilding the expert drew no extra random numbers
+    assert loaded.experts["seg"].spec.options == {"bce_weight": 0.5, "dice_weight": 3.0}  # saved with it
+    assert loaded.experts["seg"].options.dice_weight == 3.0
+    assert loaded.experts["det"].options.box_head == "localizing"
+    for name, expert in joint.experts.items():
+        for key, value in expert.state_dict().items():
+            assert torch.equal(loaded.experts[name].state_dict()[key], value), (name, key)
+    with pytest.raises(ConfigError, match="change its parameters"):  # the box head is architecture
+        from_ckpt("{det: {box_head: mlp}}")
+    with pytest.raises(ConfigError, match="dice_wieght"):
+        from_ckpt("{seg: {dice_wieght: 2.0}}")
+    with pytest.raises(ConfigError, match="experts \\['det', 'seg', 'track'\\]"):
+        from_ckpt("{sag: {dice_weight: 2.0}}")
 
 
 def test_recipe_projector_pools_the_llms_tokens_while_experts_read_the_full_grid(tmp_path):
