@@ -8,7 +8,7 @@ size) against the step count.
 
 ShapesWorld objects cover ~2% of the image; with LISA's ``2 BCE + 0.5 Dice`` the per-pixel BCE pays most for
 the background and the masks shrink towards empty (the session-7 ``smol`` predicted empty masks on every test
-question). Measured on the tiny recipe's assign checkpoint (400 steps, batch 16): LISA 0.15, ``dice 2`` 0.25,
+question). Measured on the tiny recipe's assign checkpoint (400 steps, batch 16): LISA 0.16, ``dice 2`` 0.25,
 ``bce 0.5 + dice 2`` 0.29 (1,200 steps: dice only 0.31, bce 0.2 + dice 2 0.28-0.31; it plateaus by 300).
 
     python bench/seg_loss_probe.py --model runs/tiny/assign/final --steps 400 --out bench/results/seg_loss.json
