@@ -21,7 +21,6 @@ writes the report. Interventions: ``"vhr"`` is ``VHR()``; ``"var"`` is ``VAR(tau
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -35,11 +34,10 @@ from taskmllm.eval.realdata import run_chair, run_pope
 from taskmllm.eval.report import Report, write_report
 from taskmllm.eval.suites import (DEFAULT_EVAL_SEED, Answerer, SuiteOutput, pipeline_answerer, run_chair_shapes,
                                   run_pope_shapes, run_shapes)
+from taskmllm.predict import INTERVENTIONS, make_intervention  # one constructor for the CLI, eval and demo
 
 __all__ = ["INTERVENTIONS", "SUITES", "EvalOptions", "Suite", "evaluate", "make_intervention", "report_suite",
            "run_suite"]
-
-INTERVENTIONS: tuple[str, ...] = ("vhr", "var")
 
 
 @dataclass(frozen=True)
@@ -138,23 +136,6 @@ def report_suite(name: str, answer: Answerer, out: Union[str, Path], options: Op
     return write_report(results, Path(out), output.plots, title=f"taskmllm eval: {name}")
 
 
-def make_intervention(name: Optional[str], hidden_size: int, tau: Optional[float] = None) -> Any:
-    """``None`` / ``"none"``, ``"vhr"`` -> ``VHR()``, ``"var"`` -> ``VAR(tau=tau or min(20, 0.5*sqrt(hidden)))``.
-
-    Raises:
-        ConfigError: an unknown name, or a ``tau`` the model cannot reach.
-    """
-    if name is None or name == "none":
-        return None
-    from taskmllm.model.interventions import VAR, VHR
-
-    if name == "vhr":
-        return VHR()
-    if name == "var":
-        return VAR(tau=tau if tau is not None else min(20.0, 0.5 * math.sqrt(hidden_size)))
-    raise ConfigError(f"unknown intervention {name!r}; known: {INTERVENTIONS}")
-
-
 def evaluate(model: Union[str, Path], suite: str, out: Union[str, Path], options: Optional[EvalOptions] = None,
              intervention: Optional[str] = None, tau: Optional[float] = None,
              max_new_tokens: Optional[int] = None, device: str = "cpu") -> Report:
@@ -175,7 +156,7 @@ def evaluate(model: Union[str, Path], suite: str, out: Union[str, Path], options
         raise CheckpointError(path, "not a checkpoint directory (write one with JointModel.save_pretrained)")
     pipe = Pipeline.from_pretrained(path, device=device)
     mllm = pipe.model.mllm
-    hook = make_intervention(intervention, mllm.hidden_size, tau)
+    hook = make_intervention(intervention, mllm.hidden_size, tau=tau)
     options = options or EvalOptions()
     if options.world is None:
         base = WorldConfig()
