@@ -121,7 +121,12 @@ def heatmap_loss(heat_logits: torch.Tensor, boxes: torch.Tensor, grid: tuple[int
     target box ``(n, 4)`` normalized xyxy; 0 for ``n = 0``."""
     if boxes.shape[0] == 0:
         return heat_logits.sum() * 0.0
+    return torch.nn.functional.cross_entropy(heat_logits.float(), center_cells(boxes, grid))
+
+
+def center_cells(boxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Row-major index of the patch holding each box's center: ``(n, 4)`` normalized xyxy -> ``(n,)`` long."""
     h, w = grid
     cx = ((boxes[:, 0] + boxes[:, 2]) / 2 * w).long().clamp(0, w - 1)
     cy = ((boxes[:, 1] + boxes[:, 3]) / 2 * h).long().clamp(0, h - 1)
-    return torch.nn.functional.cross_entropy(heat_logits.float(), cy * w + cx)
+    return cy * w + cx

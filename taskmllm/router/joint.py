@@ -71,12 +71,13 @@ class JointModel(nn.Module):
         return cls(mllm, experts)
 
     def set_expert_options(self, options: Mapping[str, Mapping[str, object]]) -> "JointModel":
-        """Change options of trained experts that leave their parameters as they are (loss weights, matching
-        costs, thresholds); each expert is rebuilt from its new spec and given its weights back. Returns self.
+        """Change options of trained experts that keep their parameters (loss weights, matching costs,
+        thresholds) or only add new ones (a detection ``score_head="center"``: the new head starts from its
+        initialization); each expert is rebuilt from its new spec and given its weights back. Returns self.
 
         Raises:
-            ConfigError: an unknown expert or option, a bad value, or an option that changes the expert's
-                parameters (a width, depth or box head: train a fresh model for those).
+            ConfigError: an unknown expert or option, a bad value, or an option that changes or removes the
+                expert's parameters (a width, depth or box head: train a fresh model for those).
         """
         for name, opts in options.items():
             if name not in self.experts:
@@ -85,14 +86,15 @@ class JointModel(nn.Module):
             spec = replace(old.spec, options={**old.spec.options, **dict(opts)})
             with torch.random.fork_rng(devices=[]):  # building the new module must not shift training's RNG
                 new = type(old)(spec)
-            shapes = {k: tuple(v.shape) for k, v in old.state_dict().items()}
-            if {k: tuple(v.shape) for k, v in new.state_dict().items()} != shapes:
+            fresh = {k: tuple(v.shape) for k, v in new.state_dict().items()}
+            if any(fresh.get(k) != tuple(v.shape) for k, v in old.state_dict().items()):
                 raise ConfigError(f"expert options {sorted(opts)} of {name!r} change its parameters; a trained "
-                                  f"expert can change only options that keep them (loss weights, thresholds)")
+                                  f"expert can change only options that keep them (loss weights, thresholds) or "
+                                  f"add new ones")
             ref = next(old.parameters(), None)
             if ref is not None:
                 new.to(ref.device, ref.dtype)
-            new.load_state_dict(old.state_dict())
+            new.load_state_dict(old.state_dict(), strict=False)  # keys checked above: only new ones are missing
             self.experts[name] = new.train(old.training)
         return self
 

@@ -146,3 +146,55 @@ def test_localizing_head_centers_the_box_on_the_patch_it_looks_at():
     centers = (boxes[0, :, :2] + boxes[0, :, 2:]) / 2
     np.testing.assert_allclose(centers.detach().numpy(), [[0.5, 0.75], [1 / 6, 0.25]], atol=1e-4)
     np.testing.assert_allclose((boxes[0, :, 2:] - boxes[0, :, :2]).detach().numpy(), 0.5, atol=1e-6)
+
+
+def _center_expert():
+    torch.manual_seed(0)
+    return build_expert("det", default_spec("det", H, C, GRID, SIZE, num_queries=K, dim=32, box_head="localizing",
+                                            score_head="center"))
+
+
+def test_center_targets_mark_the_cells_of_every_box_center():
+    from taskmllm.experts.detection import center_targets
+
+    # TARGET centers (0.25, 0.3) and (0.7, 0.5) on 6 x 6: cells 1 * 6 + 1 = 7 and 3 * 6 + 4 = 22
+    t = center_targets([torch.from_numpy(TARGET), torch.zeros(0, 4)], GRID)
+    assert t.shape == (2, 36) and t[0].nonzero().flatten().tolist() == [7, 22] and t[1].sum() == 0
+
+
+def test_center_score_is_objectness_plus_the_center_map_under_the_heatmap():
+    expert = _center_expert()
+    q, f = torch.randn(2, K, H), _features(2)
+    with torch.no_grad():
+        out = expert(q, f)
+        expert.center_head = None  # the same forward without the center map: objectness alone
+        slot_only = expert(q, f)
+    assert out.center.shape == (2, 36)
+    expected = slot_only.logits + (out.heat.softmax(-1) * out.center[:, None]).sum(-1)
+    torch.testing.assert_close(out.logits, expected)
+    torch.testing.assert_close(out.boxes, slot_only.boxes)
+
+
+def test_center_loss_is_retinanets_focal_loss_per_target():
+    expert = _center_expert()
+    out = expert(torch.randn(2, K, H), _features(2))
+    targets = [TaskTarget("det", boxes=TARGET), TaskTarget("det", boxes=np.zeros((0, 4), np.float32))]
+    losses = expert.loss(out, targets)
+    # RetinaNet (Lin et al. 2017), alpha 0.25, gamma 2, summed over cells, divided by the 2 target centers
+    x = out.center.detach().double()
+    y = torch.zeros(2, 36, dtype=torch.double)
+    y[0, [7, 22]] = 1
+    p = x.sigmoid()
+    p_t = p * y + (1 - p) * (1 - y)
+    alpha_t = 0.25 * y + 0.75 * (1 - y)
+    focal = -(alpha_t * (1 - p_t) ** 2 * torch.log(p_t)).sum() / 2
+    assert losses["det_center"].item() == pytest.approx(focal.item(), rel=1e-5)
+    losses["det_center"].backward()
+    assert expert.center_head.weight.grad.abs().sum() > 0
+
+
+def test_center_score_head_needs_the_localizing_box_head():
+    with pytest.raises(ConfigError, match="needs box_head='localizing'"):
+        build_expert("det", default_spec("det", H, C, GRID, SIZE, score_head="center"))
+    with pytest.raises(ConfigError, match="score_head must be one of"):
+        build_expert("det", default_spec("det", H, C, GRID, SIZE, box_head="localizing", score_head="peak"))

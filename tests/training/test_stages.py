@@ -119,6 +119,11 @@ def test_recipe_sets_expert_options_of_a_fresh_model(tmp_path):
             assert torch.equal(loaded.experts[name].state_dict()[key], value), (name, key)
     with pytest.raises(ConfigError, match="change its parameters"):  # the box head is architecture
         from_ckpt("{det: {box_head: mlp}}")
+    # an option may add parameters: the center map starts fresh, everything trained is kept
+    centered = from_ckpt("{det: {score_head: center}}").experts["det"]
+    assert centered.center_head is not None
+    for key, value in joint.experts["det"].state_dict().items():
+        assert torch.equal(centered.state_dict()[key], value), key
     with pytest.raises(ConfigError, match="dice_wieght"):
         from_ckpt("{seg: {dice_wieght: 2.0}}")
     with pytest.raises(ConfigError, match="experts \\['det', 'seg', 'track'\\]"):
