@@ -229,6 +229,9 @@ class Expert(nn.Module, ABC):
     name: ClassVar[str] = ""
     default_num_queries: ClassVar[int] = 1
     options_cls: ClassVar[type[ExpertOptions]] = ExpertOptions
+    #: whether the expert reads every frame of a video (tracking); an image expert called about a video (a
+    #: model may emit ``<det>`` for one) reads its first frame (:meth:`JointModel.run_expert`)
+    video: ClassVar[bool] = False
 
     def __init__(self, spec: ExpertSpec) -> None:
         super().__init__()

@@ -105,6 +105,7 @@ class TrackingExpert(Expert):
     name = "track"
     default_num_queries = 1
     options_cls = TrackingOptions
+    video = True
 
     def __init__(self, spec: ExpertSpec) -> None:
         super().__init__(spec)

@@ -126,8 +126,11 @@ class JointModel(nn.Module):
 
     def run_expert(self, task: str, calls: Sequence[TaskCall], vision_features: torch.Tensor, batch: Batch,
                    prompt_boxes: Optional[Sequence[Optional[torch.Tensor]]] = None):
-        """Run expert ``task`` on ``calls`` whose samples all have the same number of frames."""
+        """Run expert ``task`` on ``calls`` whose samples all have the same number of frames; an image expert
+        (``Expert.video`` false) called about a video reads its first frame."""
         features = torch.stack([frames_of(vision_features, batch.frames_per_sample, c.sample) for c in calls])
+        if not self.experts[task].video:
+            features = features[:, :1]  # (M, T, N, C) -> (M, 1, N, C)
         queries = torch.stack([c.query_states for c in calls]).to(features.dtype)
         prompts = [ExpertPrompt(c.phrase, None if prompt_boxes is None else prompt_boxes[c.sample]) for c in calls]
         vf = VisionFeatures(features, self.mllm.vision.grid, self.mllm.config.vision.image_size)

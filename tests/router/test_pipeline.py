@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from taskmllm.errors import CheckpointError, ConfigError, RegistryError, UnknownTaskError
-from taskmllm.experts.base import TaskTarget
+from taskmllm.experts.base import TaskTarget, VisionFeatures
 from taskmllm.model.mllm import TaskMLLM
 from taskmllm.router.joint import JointModel
 from taskmllm.router.pipeline import Pipeline
@@ -187,3 +187,23 @@ def test_score_threshold_keeps_every_detection_slot(tokenizer, rgb_image):
     n_above = int((every[0].scores > 0.5).sum())
     assert len(kept[0].boxes) == n_above
     np.testing.assert_allclose(kept[0].boxes, every[0].boxes[:n_above])
+
+
+def test_image_expert_called_about_a_video_reads_its_first_frame(joint, rgb_image):
+    """A model may emit <det> for a video question (the smol eval met one): the call runs on frame 0."""
+    other = rgb_image[::-1].copy()
+    boxes = np.array([[0.1, 0.1, 0.4, 0.5]], np.float32)
+    batch = joint.mllm.processor(["Find all hexagons."], [[rgb_image, other, other]],
+                                 answers=["<ref>hexagons</ref><det>"])
+    joint.eval()
+    with torch.no_grad():
+        assert set(joint(batch, [[TaskTarget("det", boxes=boxes)]]).expert_losses) >= {"det_l1", "det_obj"}
+        mllm_out = joint.mllm(batch, "none")
+        calls = joint.router.route(batch.input_ids, mllm_out.hidden_states, batch.attention_mask)
+        assert [c.task for c in calls] == ["det"]
+        video_out = joint.run_expert("det", calls, mllm_out.vision_features, batch)
+        first = mllm_out.vision_features[:1][None]  # (1, 1, N, C): frame 0 of the one video
+        vf = VisionFeatures(first, joint.mllm.vision.grid, joint.mllm.config.vision.image_size)
+        expected = joint.experts["det"](calls[0].query_states[None], vf)
+    torch.testing.assert_close(video_out.boxes, expected.boxes)
+    torch.testing.assert_close(video_out.logits, expected.logits)
