@@ -62,11 +62,34 @@ def test_final_model_keeps_the_pretrained_parts(stages, smol_model):
     mllm = joint.mllm
     assert mllm.config.tokens.chat == smol_model.config.tokens.chat
     assert mllm.tokenizer.bos_token is None and len(mllm.tokenizer) == len(smol_model.tokenizer)
-    for name, p in smol_model.vision.state_dict().items():
-        torch.testing.assert_close(mllm.vision.state_dict()[name], p, rtol=0, atol=0)
+    full = smol_model.vision.state_dict()  # the whole tower; the recipe keeps its blocks up to stride 16
+    for name, p in mllm.vision.state_dict().items():
+        torch.testing.assert_close(p, full[name], rtol=0, atol=0)
     for name, p in smol_model.llm.state_dict().items():
         if "embed_tokens" not in name and "lm_head" not in name:  # new protocol rows are random per build
             torch.testing.assert_close(mllm.llm.state_dict()[name], p, rtol=0, atol=0)
     vocab = 49152
     torch.testing.assert_close(mllm.llm.get_input_embeddings().weight[:vocab],
                                smol_model.llm.get_input_embeddings().weight[:vocab], rtol=0, atol=0)
+
+
+def test_recipe_tower_is_torchvisions_mobilenet_cut_at_stride_16(stages):
+    """align.yaml's tower: torchvision's ImageNet ``features[:14]`` (oracle), a 12 x 12 x 96 grid at 192 px for
+    the experts, pooled 3 x 3 into 16 visual tokens per frame for the LLM."""
+    from torchvision.models import mobilenet_v2
+
+    from taskmllm.model.packaged import mobilenet_v2_state_dict
+    from taskmllm.router.joint import JointModel
+
+    joint = JointModel.from_pretrained(stages["align"][1] / "final")
+    reference = mobilenet_v2(weights=None)
+    reference.load_state_dict(mobilenet_v2_state_dict())
+    pixels = torch.rand(2, 3, 192, 192)
+    with torch.no_grad():
+        ours = joint.mllm.vision(pixels)  # (2, 144, 96)
+        theirs = reference.features[:14].eval()(pixels).flatten(2).transpose(1, 2)  # (2, 96, 12, 12) -> (2, 144, 96)
+        pooled, grid = joint.mllm.projector.pool(ours, joint.mllm.vision.grid)
+    assert joint.mllm.vision.grid == (12, 12) and ours.shape == (2, 144, 96)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert pooled.shape == (2, 16, 96) and grid == (4, 4)
+    assert joint.experts["det"].spec.options["box_head"] == "localizing"
