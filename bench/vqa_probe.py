@@ -25,8 +25,10 @@ survives a following mixed phase without carrying over to exist.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
+import numpy as np
 import torch
 
 from taskmllm.data.conversations import ConversationConfig
@@ -37,7 +39,7 @@ from taskmllm.eval.suites import DEFAULT_EVAL_SEED
 from taskmllm.model.mllm import lm_loss, positions
 from taskmllm.training.recipe_run import RECIPES
 from taskmllm.training.config import load_config
-from taskmllm.training.losses import patch_labels
+from taskmllm.training.losses import FocusHead, focus_targets, patch_labels
 from taskmllm.training.train import build_joint
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
 
@@ -64,26 +66,61 @@ def cached_batches(mllm, tasks, n, split, seed, features, image_first, batch_siz
         elif features == "answer":
             yes = torch.tensor([s.turns[0][1] == "Yes." for s in samples], dtype=feats.dtype)
             feats = torch.randn_like(feats) * 0.1 + (2 * yes - 1)[:, None, None]
-        out.append((batch, feats))
+        out.append((batch, feats, focus_targets(samples, mllm.projector.pooled_grid(mllm.vision.grid), 1)))
     return out
 
 
-def answer_loss(mllm, batch, feats, reduce: bool = True):
-    """LM loss of the answers given cached features (mean over tokens, or summed per sample)."""
+def answer_loss(mllm, batch, feats, reduce: bool = True, match=None):
+    """LM loss of the answers given cached features (mean over tokens, or summed per sample).
+
+    ``match = (FocusHead, (targets (B, N'), valid (B,)), weight)`` adds the focus loss (the training recipe's
+    ``stage.focus_weight``): does each visual token show what the question names?
+    """
     pooled, _ = mllm.projector.pool(feats, mllm.vision.grid)
     emb = mllm.embed(batch.input_ids, mllm.projector(pooled))
-    logits = mllm.llm(inputs_embeds=emb, attention_mask=batch.attention_mask,
-                      position_ids=positions(batch.attention_mask), use_cache=False).logits
-    return lm_loss(logits, batch.labels) if reduce else sequence_nll(logits, batch.labels)
+    out = mllm.llm(inputs_embeds=emb, attention_mask=batch.attention_mask,
+                   position_ids=positions(batch.attention_mask), use_cache=False,
+                   output_hidden_states=match is not None)
+    if not reduce:
+        return sequence_nll(out.logits, batch.labels)
+    loss = lm_loss(out.logits, batch.labels)
+    if match is not None:
+        head, (targets, valid), weight = match
+        hidden = out.hidden_states[head.layer]  # (B, L, H) after `layer` blocks
+        loss = loss + weight * head.loss(hidden, batch.input_ids == mllm.image_id, targets, valid)
+    return loss
 
 
 @torch.no_grad()
-def reliance_gap(mllm, batches) -> float:
-    """Mean over held-out answers of NLL(another scene's features) - NLL(own features), nats."""
+def reliance_gap(mllm, batches) -> tuple[float, float]:
+    """Held-out ``(gap, sure)``: mean NLL(another scene's features) - NLL(own features) in nats, and the share of
+    answers given probability > 0.5 (NLL < ln 2: surely the model's argmax; for yes/no, its accuracy)."""
     mllm.eval()
-    gaps = [answer_loss(mllm, b, f.roll(1, 0), False) - answer_loss(mllm, b, f, False) for b, f in batches]
+    own = torch.cat([answer_loss(mllm, b, f, False) for b, f, _ in batches])
+    other = torch.cat([answer_loss(mllm, b, f.roll(1, 0), False) for b, f, _ in batches])
     mllm.train()
-    return float(torch.cat(gaps).mean())
+    return float((other - own).mean()), float((own < np.log(2)).float().mean())
+
+
+@torch.no_grad()
+def focus_iou(mllm, head, batches) -> float:
+    """Held-out IoU of the tokens the focus head marks (logit > 0) with those a named object covers (target >=
+    0.5), over questions that name something present."""
+    mllm.eval()
+    ious = []
+    for batch, feats, (targets, valid) in batches:
+        pooled, _ = mllm.projector.pool(feats, mllm.vision.grid)
+        emb = mllm.embed(batch.input_ids, mllm.projector(pooled))
+        out = mllm.llm(inputs_embeds=emb, attention_mask=batch.attention_mask,
+                       position_ids=positions(batch.attention_mask), use_cache=False, output_hidden_states=True)
+        hidden = out.hidden_states[head.layer][batch.input_ids == mllm.image_id]
+        marked = (head.linear(hidden).squeeze(-1) > 0).view(targets.shape)
+        truth = targets >= 0.5
+        for m, t, v in zip(marked, truth, valid):
+            if v and t.any():
+                ious.append(float((m & t).sum() / (m | t).sum()))
+    mllm.train()
+    return float(np.mean(ious)) if ious else float("nan")
 
 
 def parse_schedule(items: list[str]) -> list[tuple[list[str], int]]:
@@ -115,6 +152,10 @@ def main() -> None:
                         "(1: the answer is wherever the model looks; a positive control)")
     parser.add_argument("--image-size", type=int, default=None, help="input size (default: the recipe's)")
     parser.add_argument("--pool", type=int, default=None, help="projector pooling (default: the recipe's)")
+    parser.add_argument("--match-loss", type=float, default=0.0, help="weight of the focus loss (the recipe's "
+                        "stage.focus_weight): each visual token says whether it shows what the question names")
+    parser.add_argument("--match-layer", type=int, default=2, help="after how many LLM blocks the match is read")
+    parser.add_argument("--cosine", action="store_true", help="decay the rate as the recipe does (to 5%)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.features == "answer" and args.tasks != ["exist"]:
@@ -136,24 +177,33 @@ def main() -> None:
     held = {t: cached_batches(mllm, [t], 128, "test", DEFAULT_EVAL_SEED, args.features, args.image_first,
                               max_objects=args.max_objects) for t in held_tasks}
     cache_s = time.perf_counter() - t0
-    params = [p for name, p in mllm.named_parameters() if not name.startswith("vision")]
+    head = FocusHead(mllm.hidden_size, args.match_layer)
+    params = [p for name, p in mllm.named_parameters() if not name.startswith("vision")] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=cfg.optim.weight_decay)
-    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.optim.warmup_steps))
+    total = sum(n for _, n in phases)
+    cosine = lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))  # the recipe's decay
+    warmup = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.optim.warmup_steps) * (cosine(s) if args.cosine else 1.0))
     curve, t0, step = [], time.perf_counter(), 0
     for (tasks, steps), train in zip(phases, trains):
         for local in range(1, steps + 1):
             step += 1
-            batch, feats = train[(local - 1) % len(train)]
-            loss = answer_loss(mllm, batch, feats)
+            batch, feats, targets = train[(local - 1) % len(train)]
+            match = (head, targets, args.match_loss) if args.match_loss else None
+            loss = answer_loss(mllm, batch, feats, match=match)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             opt.step()
             warmup.step()
             if step % args.every == 0 or local == steps:
-                gaps = {t: round(reliance_gap(mllm, b), 4) for t, b in held.items()}
+                stats = {t: reliance_gap(mllm, b) for t, b in held.items()}
+                gaps = {t: round(g, 4) for t, (g, _) in stats.items()}
                 row = {"step": step, "phase": ",".join(tasks), "train_loss": round(loss.item(), 4),
                        "gap": round(sum(gaps.values()) / len(gaps), 4), "gap_per_task": gaps,
+                       "sure_per_task": {t: round(a, 3) for t, (_, a) in stats.items()},
+                       "focus_iou": {t: round(focus_iou(mllm, head, b), 3) for t, b in held.items()}
+                       if args.match_loss else None,
                        "wall_s": round(time.perf_counter() - t0, 1)}
                 curve.append(row)
                 print(row, flush=True)

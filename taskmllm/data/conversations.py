@@ -14,6 +14,9 @@ Text conventions (all ShapesWorld texts follow them; the tokenizer corpus is :fu
 - ``Sample.targets[i]`` is the :class:`TaskTarget` of the i-th task token in the answers. Boxes in targets
   are normalized 0-1 ``x1, y1, x2, y2``; masks are bool at the sample's resolution; tracking boxes are
   ``(T, 4)`` with ``visible (T,)``; a prompt box is the target's box in frame 0.
+- ``Sample.focus`` holds the ids of the objects the first question names (every object that matches an exist,
+  count or detection noun; the referred object(s) of the others; ``()`` when it names something absent; None
+  for captions). Training can teach the visual tokens, which come after the question, where to look.
 - Yes/no answers are ``"Yes."`` / ``"No."``; counts are number words (``"Two."``); colors ``"Red."``;
   shapes ``"A circle."``; frame intervals are 0-based digits: ``"From frame 2 to frame 6."``.
 """
@@ -77,6 +80,11 @@ def _pick(rng: np.random.Generator, items):
     return items[int(rng.integers(len(items)))]
 
 
+def _ids(objects) -> tuple[int, ...]:
+    """The ids of ``objects`` (a question's focus)."""
+    return tuple(o.id for o in objects)
+
+
 def _norm(box: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     h, w = hw
     return (np.asarray(box, np.float64) / np.array([w, h, w, h])).astype(np.float32)
@@ -110,13 +118,13 @@ class ConversationBuilder:
         if (task in VIDEO_TASKS) != scene.is_video or not scene.objects:
             return None
         if task == "qa":
-            turns = self._qa_turns(scene, rng)
-            return scene.with_turns(task, turns, [], task) if turns else None
+            turns, focus = self._qa_turns(scene, rng)
+            return scene.with_turns(task, turns, [], task, focus) if turns else None
         try:
-            question, answer, targets = self._tasks[task](scene, rng)
+            question, answer, targets, focus = self._tasks[task](scene, rng)
         except NoQuestion:
             return None
-        return scene.with_turns(task, [(self.question(question, scene.is_video), answer)], targets, task)
+        return scene.with_turns(task, [(self.question(question, scene.is_video), answer)], targets, task, focus)
 
     # ------------------------------------------------------------------------------------- helpers
     def _unique(self, scene: Sample, rng, omit=(), candidates=None) -> tuple[ObjectGT, str]:
@@ -130,21 +138,25 @@ class ConversationBuilder:
                 return objs[k], _pick(rng, exprs)
         raise NoQuestion
 
-    def _qa_turns(self, scene: Sample, rng) -> list[tuple[str, str]]:
-        """Up to ``qa_turns`` distinct questions of random :data:`QA_TASKS`; the first holds the placeholder."""
+    def _qa_turns(self, scene: Sample, rng) -> tuple[list[tuple[str, str]], Optional[tuple[int, ...]]]:
+        """Up to ``qa_turns`` distinct questions of random :data:`QA_TASKS`; the first holds the placeholder.
+        Also returns the first question's focus (the only one the visual tokens come after)."""
         turns: list[tuple[str, str]] = []
         asked: set[str] = set()
+        focus: Optional[tuple[int, ...]] = None
         for _ in range(3 * self.config.qa_turns):
             if len(turns) == self.config.qa_turns:
                 break
             try:
-                question, answer, _ = self._tasks[_pick(rng, QA_TASKS)](scene, rng)
+                question, answer, _, named = self._tasks[_pick(rng, QA_TASKS)](scene, rng)
             except NoQuestion:
                 continue
             if question not in asked:
                 asked.add(question)
+                if not turns:
+                    focus = named
                 turns.append((self.question(question) if len(turns) == 0 else question, answer))
-        return turns
+        return turns, focus
 
     # --------------------------------------------------------------------------------- image tasks
     def _caption(self, scene: Sample, rng):
@@ -160,7 +172,7 @@ class ConversationBuilder:
         listed = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
         bg = scene.meta.get("background", "plain")
         text = f"{listed} on a {bg} background."
-        return _pick(rng, Q_CAPTION), text[0].upper() + text[1:], []
+        return _pick(rng, Q_CAPTION), text[0].upper() + text[1:], [], None
 
     def _exist(self, scene: Sample, rng):
         shapes = self._shape_vocab(scene)
@@ -178,31 +190,33 @@ class ConversationBuilder:
                     raise NoQuestion
                 color, shape = _pick(rng, options)
             noun = f"{color} {shape}"
+            named = _ids(o for o in scene.objects if o.color == color and o.category == shape)
         else:
             absent = [s for s in shapes if s not in present]
             if not yes and not absent:
                 yes = True
             noun = _pick(rng, present if yes else absent)
-        return f"Is there a {noun} in the image?", "Yes." if yes else "No.", []
+            named = _ids(o for o in scene.objects if o.category == noun)
+        return f"Is there a {noun} in the image?", "Yes." if yes else "No.", [], named
 
     def _color(self, scene: Sample, rng):
         obj, phrase = self._unique(scene, rng, omit=("color",))
-        return f"What color is {phrase}?", f"{obj.color.capitalize()}.", []
+        return f"What color is {phrase}?", f"{obj.color.capitalize()}.", [], (obj.id,)
 
     def _shape(self, scene: Sample, rng):
         obj, phrase = self._unique(scene, rng, omit=("shape",))
-        return f"What shape is {phrase}?", f"A {obj.category}.", []
+        return f"What shape is {phrase}?", f"A {obj.category}.", [], (obj.id,)
 
     def _count(self, scene: Sample, rng):
         if rng.random() < 0.7:
             shape = _pick(rng, self._shape_vocab(scene))
-            n = sum(o.category == shape for o in scene.objects)
+            named = _ids(o for o in scene.objects if o.category == shape)
             noun = plural(shape)
         else:
             color = _pick(rng, sorted({o.color for o in scene.objects}))
-            n = sum(o.color == color for o in scene.objects)
+            named = _ids(o for o in scene.objects if o.color == color)
             noun = f"{color} objects"
-        return f"How many {noun} are there?", f"{number_word(n).capitalize()}.", []
+        return f"How many {noun} are there?", f"{number_word(len(named)).capitalize()}.", [], named
 
     def _relation(self, scene: Sample, rng):
         side = scene.hw[1]
@@ -217,19 +231,19 @@ class ConversationBuilder:
                 continue
             holds = relation_holds(a, b, rels[r], side)
             if holds is not None:
-                return f"Is {ea} {rels[r]} {eb}?", "Yes." if holds else "No.", []
+                return f"Is {ea} {rels[r]} {eb}?", "Yes." if holds else "No.", [], (a.id, b.id)
         raise NoQuestion
 
     def _seg(self, scene: Sample, rng):
         obj, phrase = self._unique(scene, rng)
         target = TaskTarget("seg", phrase, mask=obj.mask, boxes=_norm(obj.box, scene.hw)[None])
-        return _pick(rng, Q_SEG).format(phrase), f"Sure, {_ref(phrase)}{TASK_TOKENS['seg']}.", [target]
+        return _pick(rng, Q_SEG).format(phrase), f"Sure, {_ref(phrase)}{TASK_TOKENS['seg']}.", [target], (obj.id,)
 
     def _rec(self, scene: Sample, rng):
         obj, phrase = self._unique(scene, rng)
         boxes = _norm(obj.box, scene.hw)[None]
         return _pick(rng, Q_REC).format(phrase), self._det_answer(phrase, boxes), [
-            TaskTarget("det", phrase, boxes=boxes)]
+            TaskTarget("det", phrase, boxes=boxes)], (obj.id,)
 
     def _det(self, scene: Sample, rng):
         colors = sorted({o.color for o in scene.objects})
@@ -248,7 +262,7 @@ class ConversationBuilder:
         hits.sort(key=lambda o: (o.box[0], o.box[1]))
         boxes = np.stack([_norm(o.box, scene.hw) for o in hits]) if hits else np.zeros((0, 4), np.float32)
         return _pick(rng, Q_DET).format(phrase), self._det_answer(phrase, boxes), [
-            TaskTarget("det", phrase, boxes=boxes)]
+            TaskTarget("det", phrase, boxes=boxes)], _ids(hits)
 
     def _det_answer(self, phrase: str, boxes: np.ndarray) -> str:
         text = f"{_ref(phrase)}{TASK_TOKENS['det']}"
@@ -268,7 +282,7 @@ class ConversationBuilder:
     def _track(self, scene: Sample, rng):
         obj, phrase = self._unique(scene, rng)
         answer = f"{_ref(phrase)}{TASK_TOKENS['track']}."
-        return _pick(rng, Q_TRACK).format(phrase), answer, [self._track_target(scene, obj, phrase)]
+        return _pick(rng, Q_TRACK).format(phrase), answer, [self._track_target(scene, obj, phrase)], (obj.id,)
 
     def _track_box(self, scene: Sample, rng):
         first = [o for o in scene.objects if o.visible[0]]
@@ -280,12 +294,12 @@ class ConversationBuilder:
         prompt_box = _norm(obj.boxes[0], scene.hw)
         question = _pick(rng, Q_TRACK_BOX).format(encode_box(prompt_box))
         answer = f"{_ref(phrase)}{TASK_TOKENS['track']}."
-        return question, answer, [self._track_target(scene, obj, phrase, prompt_box)]
+        return question, answer, [self._track_target(scene, obj, phrase, prompt_box)], (obj.id,)
 
     def _temporal(self, scene: Sample, rng):
         obj, phrase = self._unique(scene, rng)
         first, last = obj.interval
-        return _pick(rng, Q_TEMPORAL).format(phrase), f"From frame {first} to frame {last}.", []
+        return _pick(rng, Q_TEMPORAL).format(phrase), f"From frame {first} to frame {last}.", [], (obj.id,)
 
 
 def corpus(n: int, seed: int = 0) -> Iterator[str]:

@@ -83,6 +83,8 @@ class Sample:
         targets: one :class:`TaskTarget` per task token in the answers, in order.
         objects: ground-truth objects.
         meta: free-form extras (background kind, split, file names, ...).
+        focus: ids of the objects the first question names (``()``: it names something absent; None: nothing,
+            or unknown). The visual tokens come after that question, so training can teach them where to look.
         image_path / frame_paths: where the pixels are when not loaded.
     """
 
@@ -95,6 +97,7 @@ class Sample:
     targets: list[TaskTarget] = field(default_factory=list)
     objects: list[ObjectGT] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    focus: Optional[tuple[int, ...]] = None
     image_path: Optional[str] = None
     frame_paths: Optional[list[str]] = None
 
@@ -124,10 +127,10 @@ class Sample:
         return len(self.frame_paths) if self.frame_paths is not None else 1
 
     def with_turns(self, task: str, turns: list[tuple[str, str]], targets: list[TaskTarget],
-                   suffix: str = "") -> "Sample":
-        """A copy with new turns and targets (pixels and objects shared, not copied)."""
+                   suffix: str = "", focus: Optional[tuple[int, ...]] = None) -> "Sample":
+        """A copy with new turns, targets and focus (pixels and objects shared, not copied)."""
         return dataclasses.replace(self, id=self.id + (f"/{suffix}" if suffix else ""), task=task,
-                                   turns=list(turns), targets=list(targets), meta=dict(self.meta))
+                                   turns=list(turns), targets=list(targets), meta=dict(self.meta), focus=focus)
 
     def load(self) -> "Sample":
         """This sample with pixels in memory (reads ``image_path`` / ``frame_paths`` when needed).

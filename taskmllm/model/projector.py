@@ -34,6 +34,11 @@ class Projector(nn.Module):
         new_grid = (x.shape[-2], x.shape[-1])
         return x.flatten(2).transpose(1, 2), new_grid  # (F, h'*w', C)
 
+    def pooled_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """The token grid the LLM reads for a vision ``grid`` (:meth:`pool`'s ceil mode)."""
+        k = self.config.pool
+        return -(-grid[0] // k), -(-grid[1] // k)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """``(..., C)`` vision features -> ``(..., H)`` LLM input embeddings."""
         x = self.act(self.linear_1(features))

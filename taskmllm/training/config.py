@@ -23,7 +23,7 @@ import yaml
 from taskmllm.errors import ConfigError
 
 MODES = ("frozen", "lora", "full")
-COMPONENTS = ("vision", "projector", "llm", "queries", "experts", "patch_head")
+COMPONENTS = ("vision", "projector", "llm", "queries", "experts", "patch_head", "focus_head")
 DATA_SOURCES = ("shapesworld", "llava")
 
 
@@ -45,11 +45,16 @@ class StageConfig:
         name: stage name (``pretrain``, ``align``, ``assign``, ``heads``, ``joint``).
         trainable: component -> ``frozen | lora | full``. Components: ``vision``, ``projector``, ``llm``,
             ``queries``, ``experts`` (every expert), ``experts.<name>`` (one expert; overrides ``experts``),
-            ``patch_head`` (the dense per-patch head of ``pretrain``). Unlisted components are frozen.
+            ``patch_head`` (the dense per-patch head of ``pretrain``), ``focus_head`` (the focus loss's head).
+            Unlisted components are frozen.
         lora: LoRA settings of the ``lora`` components.
         lm_weight: weight of the LM cross-entropy.
         expert_weights: per-expert weight on the sum of that expert's (already weighted) loss terms.
         patch_weight: weight of the dense per-patch shape/color loss on the vision tokens (0 = off).
+        focus_weight: weight of the focus loss (0 = off): after ``focus_layer`` LLM blocks, each visual token
+            says whether it shows what the question names (:class:`~taskmllm.training.losses.FocusHead`;
+            ShapesWorld data; name ``focus_head: full`` in ``trainable``).
+        focus_layer: after how many LLM blocks the focus is read.
     """
 
     name: str = "stage"
@@ -58,6 +63,8 @@ class StageConfig:
     lm_weight: float = 1.0
     expert_weights: dict[str, float] = field(default_factory=dict)
     patch_weight: float = 0.0
+    focus_weight: float = 0.0
+    focus_layer: int = 1
 
 
 @dataclass

@@ -104,6 +104,60 @@ def patch_labels(samples: Sequence, grid: tuple[int, int], max_frames: int) -> t
     return torch.stack(shapes), torch.stack(colors)
 
 
+def focus_targets(samples: Sequence, grid: tuple[int, int], max_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token focus targets ``(F, gh*gw)`` in [0, 1] of every frame of ``samples`` (processor order) and
+    ``(F,)`` bool: the frame's sample has a focus (:attr:`Sample.focus`; None = no target).
+
+    A token's target is the fraction of it covered by the named objects' masks (area-pooled to ``grid``,
+    the grid the LLM reads), doubled and capped at 1, so a token half covered counts as fully on it.
+    """
+    targets, valid = [], []
+    for s in samples:
+        if s.frames is None and s.image is None:
+            continue
+        n = s.frames.shape[0] if s.frames is not None else 1
+        named = [o for o in s.objects if s.focus is not None and o.id in s.focus]
+        for t in sample_frames(list(range(n)), max_frames):
+            hit = np.zeros(s.hw, np.float32)
+            for obj in named:
+                m = obj.masks[t] if obj.masks is not None else obj.mask
+                if m is not None:
+                    hit = np.maximum(hit, np.asarray(m, dtype=np.float32))
+            cover = F.adaptive_avg_pool2d(torch.from_numpy(hit)[None, None], grid).flatten()
+            targets.append((2 * cover).clamp(max=1.0))
+            valid.append(s.focus is not None)
+    if not targets:
+        return torch.zeros(0, grid[0] * grid[1]), torch.zeros(0, dtype=torch.bool)
+    return torch.stack(targets), torch.tensor(valid)
+
+
+class FocusHead(nn.Module):
+    """Does this visual token show what the question names? A linear logit on the LLM's hidden state of every
+    visual token after ``layer`` blocks, trained with BCE against :func:`focus_targets`.
+
+    The visual tokens follow the question, so an LLM can mark the matching patches where they are and answer
+    by attending to the marks; from the answer loss alone a from-scratch LLM does not find that lookup
+    (``bench/vqa_probe.py``). ``pos_weight`` offsets the few object tokens among many background ones.
+    """
+
+    def __init__(self, hidden: int, layer: int, pos_weight: float = 10.0) -> None:
+        super().__init__()
+        if layer < 1:
+            raise ConfigError(f"stage.focus_layer must be >= 1 (blocks before the focus is read), got {layer}")
+        self.layer, self.pos_weight = layer, pos_weight
+        self.linear = nn.Linear(hidden, 1)
+
+    def loss(self, hidden: torch.Tensor, visual: torch.Tensor, targets: torch.Tensor,
+             valid: torch.Tensor) -> torch.Tensor:
+        """``hidden (B, L, H)``, ``visual (B, L)`` bool (the visual token positions, frame by frame),
+        ``targets (F, N)``, ``valid (F,)`` -> mean BCE over the visual tokens of frames with a target."""
+        logits = self.linear(hidden[visual].float()).squeeze(-1).view(targets.shape)  # (F, N)
+        if not bool(valid.any()):
+            return logits.sum() * 0.0
+        weight = torch.tensor(self.pos_weight, device=logits.device)
+        return F.binary_cross_entropy_with_logits(logits[valid], targets[valid].to(logits), pos_weight=weight)
+
+
 class CaptureOutput:
     """``with CaptureOutput(module) as got: ...`` -> ``got.value`` is the module's last output (scoped hook)."""
 

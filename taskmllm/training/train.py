@@ -29,7 +29,8 @@ from taskmllm.errors import ConfigError
 from taskmllm.model.processor import IGNORE
 from taskmllm.training.checkpoint import Checkpointer
 from taskmllm.training.config import OptimConfig, TrainConfig, check_paths, save_config, world_config
-from taskmllm.training.losses import CaptureOutput, PatchHead, expert_of, patch_labels, total_loss
+from taskmllm.training.losses import (CaptureOutput, FocusHead, PatchHead, expert_of, focus_targets, patch_labels,
+                                     total_loss)
 from taskmllm.training.stages import apply_stage, merge_lora, protocol_token_ids
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,8 @@ def train(cfg: TrainConfig) -> Path:
 
     # ---- model, stage, optimizer, schedule
     joint = build_joint(cfg)
-    aux = nn.ModuleDict({"patch_head": PatchHead(joint.mllm.vision.width)} if cfg.stage.patch_weight else {})
+    aux = aux_heads(joint, cfg)
     report = apply_stage(joint, cfg.stage, aux, protocol_token_ids(joint.mllm.tokenizer, joint.mllm.config.tokens.tasks))
-    if cfg.stage.patch_weight and cfg.data.source != "shapesworld":
-        raise ConfigError("stage.patch_weight needs ShapesWorld data (per-patch labels come from its masks)")
     trainee = Trainee(joint, aux).to(device)
     params = [p for p in trainee.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(trainee, cfg.optim), lr=cfg.optim.lr, betas=cfg.optim.betas,
@@ -136,6 +135,28 @@ def train(cfg: TrainConfig) -> Path:
 
 
 # ----------------------------------------------------------------------------------------- pieces
+def aux_heads(joint: nn.Module, cfg: TrainConfig) -> nn.ModuleDict:
+    """The stage's training-only heads: ``patch_head`` (``stage.patch_weight``), ``focus_head``
+    (``stage.focus_weight``). Both take their labels from ShapesWorld's ground truth.
+
+    Raises:
+        ConfigError: a head is on and the data is not ShapesWorld, or ``focus_layer`` is out of range.
+    """
+    heads = {}
+    for name, weight in (("patch_weight", cfg.stage.patch_weight), ("focus_weight", cfg.stage.focus_weight)):
+        if weight and cfg.data.source != "shapesworld":
+            raise ConfigError(f"stage.{name} needs ShapesWorld data (its labels come from the scene's masks)")
+    if cfg.stage.patch_weight:
+        heads["patch_head"] = PatchHead(joint.mllm.vision.width)
+    if cfg.stage.focus_weight:
+        blocks = len(joint.mllm.llm.get_decoder().layers)
+        if not 1 <= cfg.stage.focus_layer <= blocks:
+            raise ConfigError(f"stage.focus_layer must be in 1..{blocks} (the LLM's blocks), "
+                              f"got {cfg.stage.focus_layer}")
+        heads["focus_head"] = FocusHead(joint.mllm.hidden_size, cfg.stage.focus_layer)
+    return nn.ModuleDict(heads)
+
+
 def forward_loss(trainee: Trainee, samples: list, cfg: TrainConfig, device: torch.device):
     """Joint forward of one micro-batch -> (weighted total loss, floats per part incl. ``total``).
 
@@ -175,14 +196,21 @@ def _group_forward(trainee: Trainee, samples: list, cfg: TrainConfig, device: to
     active = [name for name in joint.experts if weights.get(name, 1.0) != 0]  # weight 0: skip the forward
     logits = "supervised" if cfg.stage.lm_weight != 0 else "none"  # the LM head only where a loss needs it
     extra = {}
+    focus = trainee.aux["focus_head"] if "focus_head" in trainee.aux else None
+    block = joint.mllm.llm.get_decoder().layers[focus.layer - 1] if focus is not None else nn.Identity()
+    with CaptureOutput(joint.mllm.vision) as feats, CaptureOutput(block) as states:
+        out = joint(batch, [s.targets for s in samples], active, logits)
+    max_frames = joint.mllm.config.max_frames
     if "patch_head" in trainee.aux:
-        with CaptureOutput(joint.mllm.vision) as feats:
-            out = joint(batch, [s.targets for s in samples], active, logits)
-        shape, color = patch_labels(samples, joint.mllm.vision.grid, joint.mllm.config.max_frames)
+        shape, color = patch_labels(samples, joint.mllm.vision.grid, max_frames)
         extra["patch"] = (cfg.stage.patch_weight, trainee.aux["patch_head"].loss(feats.value, shape.to(device),
                                                                                   color.to(device)))
-    else:
-        out = joint(batch, [s.targets for s in samples], active, logits)
+    if focus is not None:
+        grid = joint.mllm.projector.pooled_grid(joint.mllm.vision.grid)
+        targets, valid = focus_targets(samples, grid, max_frames)
+        hidden = states.value[0] if isinstance(states.value, tuple) else states.value  # (B, L, H)
+        visual = batch.input_ids == joint.mllm.image_id
+        extra["focus"] = (cfg.stage.focus_weight, focus.loss(hidden, visual, targets.to(device), valid.to(device)))
     calls: dict[str, int] = {}
     for call in out.calls:
         calls[call.task] = calls.get(call.task, 0) + 1

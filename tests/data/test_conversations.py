@@ -62,6 +62,7 @@ def test_referring_expressions_resolve_to_exactly_one_object():
                 (phrase,) = find_refs(a)
                 hits = check_ref(phrase, s.objects, s.hw[1])
                 assert len(hits) == 1, (phrase, [o.name for o in s.objects])
+                assert s.focus == (hits[0].id,)
                 t = s.targets[0]
                 if task == "seg":
                     assert np.array_equal(t.mask, hits[0].mask)
@@ -71,6 +72,7 @@ def test_referring_expressions_resolve_to_exactly_one_object():
                 phrase = re.fullmatch(r"What (?:color|shape) is (.*)\?\n<image>", q).group(1)
                 hits = check_ref(phrase, s.objects, s.hw[1])
                 assert len(hits) == 1, phrase
+                assert s.focus == (hits[0].id,)
                 expected = hits[0].color.capitalize() + "." if task == "color" else f"A {hits[0].category}."
                 assert a == expected
                 assert (task == "color") != any(c in phrase.split() for c in COLORS) or task == "shape"
@@ -125,13 +127,16 @@ def test_answers_are_true():
                 n = sum(word in (o.category, o.color) for o in s.objects)
                 words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"]
                 assert a == words[n].capitalize() + "."
+                assert sorted(s.focus) == sorted(o.id for o in s.objects if word in (o.category, o.color))
             elif task == "exist":
                 noun = re.fullmatch(r"Is there a (.+) in the image\?\n<image>", q).group(1).split()
-                present = any(o.category == noun[-1] and (len(noun) == 1 or o.color == noun[0]) for o in s.objects)
-                assert a == ("Yes." if present else "No.")
+                named = [o.id for o in s.objects if o.category == noun[-1] and (len(noun) == 1 or o.color == noun[0])]
+                assert a == ("Yes." if named else "No.")
+                assert sorted(s.focus) == sorted(named)  # () when the question names something absent
             elif task == "relation":
                 m = re.fullmatch(r"Is (the .+?) (to the left of|to the right of|above|below) (the .+)\?\n<image>", q)
                 (oa,), (ob,) = (check_ref(m.group(k), s.objects, s.hw[1]) for k in (1, 3))
+                assert s.focus == (oa.id, ob.id)
                 (ax, ay), (bx, by) = _centre(oa.mask), _centre(ob.mask)
                 d = {"to the left of": bx - ax, "to the right of": ax - bx, "above": by - ay, "below": ay - by}[m.group(2)]
                 assert abs(d) >= 0.08 * s.hw[1] and a == ("Yes." if d > 0 else "No.")
@@ -143,6 +148,7 @@ def test_answers_are_true():
                 h, w = s.hw
                 want = sorted(tuple(np.array(o.box) / [w, h, w, h]) for o in hits)
                 got = sorted(tuple(b) for b in s.targets[0].boxes)
+                assert sorted(s.focus) == sorted(o.id for o in hits)
                 assert np.allclose(np.array(want).reshape(-1, 4), np.array(got).reshape(-1, 4), atol=1e-6)
 
 
@@ -207,6 +213,9 @@ def test_qa_asks_distinct_questions_each_true_to_its_own_task():
         lengths.append(len(s.turns))
     assert max(lengths) == 5
     s = builder.build(WORLD.image(3), "qa", np.random.default_rng(0))
+    first = builder.build(WORLD.image(3), "qa", np.random.default_rng(0))
+    assert first.focus is not None and set(first.focus) <= {o.id for o in first.objects}  # the first question's
+    assert ShapesWorldSource(WORLD, "caption")[0].focus is None  # a caption names nothing
     for q, a in s.turns:  # every qa turn on scene 3 agrees with the single-task answer to the same question
         q = q.replace("\n<image>", "")
         assert singles.get(q, a) == a

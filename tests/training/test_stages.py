@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 import yaml
@@ -11,9 +13,8 @@ import yaml
 from taskmllm.errors import ConfigError
 from taskmllm.model.tokens import PROTOCOL_TOKENS
 from taskmllm.training.config import load_config
-from taskmllm.training.losses import PatchHead
 from taskmllm.training.stages import apply_stage, merge_lora, protocol_token_ids
-from taskmllm.training.train import build_joint, param_groups, train
+from taskmllm.training.train import aux_heads, build_joint, param_groups, train
 from tests.training.helpers import RECIPE, STAGES, overrides
 
 
@@ -21,7 +22,7 @@ from tests.training.helpers import RECIPE, STAGES, overrides
 def test_apply_stage_trains_exactly_the_named_components(stage, tmp_path):
     cfg = load_config(RECIPE / f"{stage}.yaml", overrides(tmp_path))
     joint = build_joint(cfg)
-    aux = torch.nn.ModuleDict({"patch_head": PatchHead(joint.mllm.vision.width)} if cfg.stage.patch_weight else {})
+    aux = aux_heads(joint, cfg)
     report = {r.name: r for r in apply_stage(joint, cfg.stage, aux, protocol_token_ids(joint.mllm.tokenizer))}
     named = cfg.stage.trainable
     for name, r in report.items():
@@ -51,6 +52,8 @@ def test_two_training_steps(stage, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss_weighted"])) for r in rows)
     if cfg.stage.patch_weight:
         assert rows[0]["patch"] > 0
+    if cfg.stage.focus_weight:
+        assert rows[0]["focus"] > 0
     assert (tmp_path / "loss.png").stat().st_size > 0
     ckpt = tmp_path / "checkpoints" / "step-00000002"
     for f in ("model.safetensors", "optimizer.safetensors", "state.json", "train_config.yaml"):
@@ -70,7 +73,7 @@ def test_protocol_token_rows_get_their_own_learning_rate(tmp_path):
     # taskmllm's own tokens, not the LLM's BOS/EOS/PAD
     assert sorted(tok.convert_ids_to_tokens(ids)) == sorted(PROTOCOL_TOKENS)
     assert tok.eos_token_id not in ids and tok.pad_token_id not in ids
-    apply_stage(joint, cfg.stage, None, ids)
+    apply_stage(joint, cfg.stage, aux_heads(joint, cfg), ids)
     groups = param_groups(joint, cfg.optim)
     token_group = [g for g in groups if g.get("lr") == 0.01]
     assert len(token_group) == 1 and token_group[0]["weight_decay"] == 0.0
@@ -144,3 +147,45 @@ def test_recipe_projector_pools_the_llms_tokens_while_experts_read_the_full_grid
     bad.write_text(f"inherit: {RECIPE / 'pretrain.yaml'}\nmodel: {{projector: {{pooling: 2}}}}\n")
     with pytest.raises(ConfigError, match=r"model.projector: unknown keys \['pooling'\]"):
         build_joint(load_config(bad, overrides(tmp_path)))
+
+
+def test_focus_targets_and_loss_against_hand_computed_values():
+    from taskmllm.data.sample import ObjectGT, Sample
+    from taskmllm.training.losses import FocusHead, focus_targets
+
+    mask = np.zeros((8, 8), bool)
+    mask[0:4, 0:2] = True  # half of the top-left 4 x 4 cell, nothing elsewhere
+    other = np.zeros((8, 8), bool)
+    other[4:8, 4:8] = True  # all of the bottom-right cell, but not named
+    objs = [ObjectGT(1, "circle", "red", mask=mask), ObjectGT(2, "square", "blue", mask=other)]
+    image = np.zeros((8, 8, 3), np.uint8)
+    named = Sample("a", "shapesworld", image=image, objects=objs, focus=(1,))
+    absent = Sample("b", "shapesworld", image=image, objects=objs, focus=())
+    caption = Sample("c", "shapesworld", image=image, objects=objs, focus=None)
+    targets, valid = focus_targets([named, absent, caption], (2, 2), 8)
+    # coverage 8/16 = 0.5 doubled -> 1; the unnamed square gives nothing; () -> all zero; None -> not valid
+    assert torch.equal(targets, torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
+    assert valid.tolist() == [True, True, False]
+    head = FocusHead(4, layer=1, pos_weight=3.0)
+    hidden = torch.randn(3, 6, 4)
+    visual = torch.zeros(3, 6, dtype=torch.bool)
+    visual[:, 1:5] = True
+    logits = (hidden[:, 1:5] @ head.linear.weight.T + head.linear.bias).squeeze(-1)[:2]  # the valid frames
+    t = targets[:2]
+    p = torch.sigmoid(logits)
+    want = -(3.0 * t * torch.log(p) + (1 - t) * torch.log(1 - p)).mean()  # BCE with pos_weight, by hand
+    assert torch.allclose(head.loss(hidden, visual, targets, valid), want, atol=1e-6)
+    with pytest.raises(ConfigError, match="focus_layer must be >= 1"):
+        FocusHead(4, layer=0)
+
+
+def test_focus_head_bad_settings_are_typed_errors(tmp_path):
+    from taskmllm.training.train import aux_heads
+
+    cfg = load_config(RECIPE / "pretrain.yaml", overrides(tmp_path, "--stage.focus_weight=1.0", "--stage.focus_layer=9"))
+    with pytest.raises(ConfigError, match="focus_layer must be in 1..1"):
+        aux_heads(build_joint(cfg), cfg)
+    cfg = load_config(RECIPE / "pretrain.yaml", overrides(tmp_path, "--stage.focus_weight=1.0",
+                                                           "--data.source=llava", "--data.path=x.json"))
+    with pytest.raises(ConfigError, match="focus_weight needs ShapesWorld"):
+        aux_heads(build_joint(cfg), cfg)
