@@ -29,11 +29,23 @@ class VisionFeatures:
             order, C the vision tower's width.
         grid: ``(h, w)`` of the patch grid.
         image_size: side of the square image the model saw, in pixels.
+        context: ``(M, T, N', H)`` the LLM's last-layer hidden states at the visual tokens of each call's frames
+            (the tokens follow the question, so they can say where what it names is), or None. Read by experts
+            with ``llm_context``.
+        context_grid: ``(h', w')`` grid of those tokens (the projector pools the patch grid).
     """
 
     features: torch.Tensor
     grid: tuple[int, int]
     image_size: int
+    context: Optional[torch.Tensor] = None
+    context_grid: Optional[tuple[int, int]] = None
+
+    def frame_context(self, single_frame: bool) -> Optional[torch.Tensor]:
+        """``context`` of the first frame ``(M, N', H)`` (``single_frame``) or of every frame, or None."""
+        if self.context is None:
+            return None
+        return self.context[:, 0] if single_frame else self.context
 
 
 @dataclass
@@ -188,12 +200,17 @@ class DecoderOptions(ExpertOptions):
 
     Attributes:
         dim: decoder width; depth: layers; num_heads: attention heads; mlp_dim: MLP hidden width.
+        llm_context: also read the LLM's hidden states at the visual tokens (``VisionFeatures.context``),
+            projected to ``dim``, spread over the patches each token pools and added to the projected patch
+            features. Those tokens come after the question, so with the recipe's focus loss they mark what it
+            names: the phrase-to-patch lookup the expert otherwise has to learn from its own sparse loss.
     """
 
     dim: int = 64
     depth: int = 2
     num_heads: int = 4
     mlp_dim: int = 256
+    llm_context: bool = False
 
 
 def check_widths(owner: str, dim: int, num_heads: int, depth: int, multiple: int) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling.mask_decoder import MLP
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from torch import nn
 
-from taskmllm.errors import ConfigError
+from taskmllm.errors import ConfigError, InputError
 from taskmllm.experts.boxes import box_cxcywh_to_xyxy
 
 
@@ -37,15 +40,33 @@ class QueryProjection(nn.Module):
 
 
 class FeatureProjection(nn.Module):
-    """Vision features into the expert width: ``Linear(C, D) -> LayerNorm(D)``; ``(..., N, C) -> (..., N, D)``."""
+    """Vision features into the expert width: ``Linear(C, D) -> LayerNorm(D)``; ``(..., N, C) -> (..., N, D)``.
 
-    def __init__(self, vision_dim: int, dim: int) -> None:
+    With ``context_dim`` > 0 it also adds ``Linear(H, D)`` of the LLM's visual-token states ``(..., N', H)``
+    (on a coarser ``context_grid``; each token's projection is copied onto the patches it pools, nearest
+    neighbour) before the norm.
+    """
+
+    def __init__(self, vision_dim: int, dim: int, context_dim: int = 0) -> None:
         super().__init__()
         self.proj = nn.Linear(vision_dim, dim)
+        self.context = nn.Linear(context_dim, dim) if context_dim else None
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(features))
+    def forward(self, features: torch.Tensor, grid: Optional[tuple[int, int]] = None,
+                context: Optional[torch.Tensor] = None,
+                context_grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        x = self.proj(features)
+        if self.context is None:
+            return self.norm(x)
+        if context is None or grid is None or context_grid is None:
+            raise InputError("this expert reads the LLM's visual-token states (llm_context) but the call has "
+                             "none (VisionFeatures.context / context_grid)")
+        c = self.context(context.to(x.dtype))  # (..., N', D)
+        lead, d = c.shape[:-2], c.shape[-1]
+        c = c.reshape(-1, *context_grid, d).permute(0, 3, 1, 2)  # (B', D, h', w')
+        c = F.interpolate(c, size=tuple(grid), mode="nearest")  # (B', D, h, w)
+        return self.norm(x + c.flatten(2).transpose(1, 2).reshape(*lead, -1, d))
 
 
 class GridPositionalEncoding(nn.Module):

@@ -152,7 +152,7 @@ class DetectionExpert(Expert):
         d = opts.dim
         self.query_proj = QueryProjection(spec.hidden_size, d)
         self.slot_embed = nn.Embedding(spec.num_queries, d)
-        self.feature_proj = FeatureProjection(spec.vision_dim, d)
+        self.feature_proj = FeatureProjection(spec.vision_dim, d, spec.hidden_size if opts.llm_context else 0)
         self.pe = GridPositionalEncoding(d)
         self.decoder = TwoWayTransformer(depth=opts.depth, embedding_dim=d, num_heads=opts.num_heads, mlp_dim=opts.mlp_dim)
         self.box_head = BoxHead(d) if opts.box_head == "mlp" else LocalizingBoxHead(d)
@@ -174,7 +174,8 @@ class DetectionExpert(Expert):
         m = query_states.shape[0]
         h, w = features.grid
         d = self.slot_embed.embedding_dim
-        image = self.feature_proj(features.features[:, 0].to(dtype)).transpose(1, 2).reshape(m, d, h, w)
+        image = self.feature_proj(features.features[:, 0].to(dtype), (h, w), features.frame_context(True),
+                                  features.context_grid).transpose(1, 2).reshape(m, d, h, w)
         image_pe = self.pe.grid((h, w)).transpose(0, 1).reshape(1, d, h, w).to(dtype).expand(m, -1, -1, -1)
         queries = self.query_proj(query_states.to(dtype)) + self.slot_embed.weight[None]
         hs, patches = self.decoder(image, image_pe, queries)  # (M, K, D), (M, h*w, D)

@@ -126,7 +126,7 @@ class SegmentationExpert(Expert):
         opts: SegmentationOptions = self.options  # type: ignore[assignment]
         d = opts.dim
         self.query_proj = QueryProjection(spec.hidden_size, d)
-        self.feature_proj = FeatureProjection(spec.vision_dim, d)
+        self.feature_proj = FeatureProjection(spec.vision_dim, d, spec.hidden_size if opts.llm_context else 0)
         self.pe = GridPositionalEncoding(d)
         self.no_mask_embed = nn.Embedding(1, d)
         self.mask_decoder = MaskDecoder(
@@ -149,7 +149,8 @@ class SegmentationExpert(Expert):
         m = query_states.shape[0]
         h, w = features.grid
         d = self.no_mask_embed.embedding_dim
-        image = self.feature_proj(features.features[:, 0].to(dtype))  # (M, N, D)
+        image = self.feature_proj(features.features[:, 0].to(dtype), (h, w), features.frame_context(True),
+                                  features.context_grid)  # (M, N, D)
         image = image.transpose(1, 2).reshape(m, d, h, w)
         image_pe = self.pe.grid((h, w)).transpose(0, 1).reshape(1, d, h, w).to(dtype)
         sparse = self.query_proj(query_states.to(dtype))  # (M, K, D)

@@ -112,7 +112,7 @@ class TrackingExpert(Expert):
         opts: TrackingOptions = self.options  # type: ignore[assignment]
         d = opts.dim
         self.query_proj = QueryProjection(spec.hidden_size, d)
-        self.feature_proj = FeatureProjection(spec.vision_dim, d)
+        self.feature_proj = FeatureProjection(spec.vision_dim, d, spec.hidden_size if opts.llm_context else 0)
         self.pe = GridPositionalEncoding(d)
         self.box_corner_embed = nn.Embedding(2, d)
         self.box_proj = nn.Linear(2 * d, d)
@@ -150,7 +150,8 @@ class TrackingExpert(Expert):
         self.check_inputs(query_states, features, prompts, single_frame=False)
         dtype = self.no_box_embed.weight.dtype
         m, t = features.features.shape[:2]
-        frames = self.feature_proj(features.features.to(dtype))  # (M, T, N, D)
+        frames = self.feature_proj(features.features.to(dtype), features.grid, features.frame_context(False),
+                                   features.context_grid)  # (M, T, N, D)
         frame_pe = self.pe.grid(features.grid).to(dtype)  # (N, D)
         queries = self.query_proj(query_states.to(dtype)) + self.embed_prompt_boxes(prompts, m)[:, None]  # (M, K, D)
         time = frame_time_encoding(t, queries.shape[-1], queries.device, dtype)  # (T, D)

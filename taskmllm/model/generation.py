@@ -56,12 +56,15 @@ class GenerationOutput:
         hidden_states: per sample ``(len(sequences[b]), H)``: the last-layer hidden state at the position where
             each new id was the input (zeros for a final id that was never fed).
         vision_features: ``(F, N, C)`` vision features of the batch's frames (None for text-only).
+        visual_states: ``(F, N', H)`` the last-layer hidden states of the prompt's visual tokens (what experts
+            with ``llm_context`` read; None for text-only).
     """
 
     sequences: list[list[int]]
     text: list[str]
     hidden_states: list[torch.Tensor]
     vision_features: Optional[torch.Tensor]
+    visual_states: Optional[torch.Tensor] = None
 
 
 def pick_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
@@ -155,7 +158,8 @@ def generate(model: "TaskMLLM", batch: Batch, max_new_tokens: int = 64, do_sampl
     decoder = _Decoder(model, use_cache)
     attach = intervention.attach(model, ctx) if intervention is not None else contextlib.nullcontext()
     with attach:
-        logits, _ = decoder.feed(emb, mask, positions(mask), last_only=True)
+        logits, prompt_hidden = decoder.feed(emb, mask, positions(mask), last_only=True)
+        visual_states = model.visual_states(batch.input_ids, prompt_hidden)
         last = [logits.shape[1] - 1] * bsz
         while True:
             # (B, V): the last fed position of each sample
@@ -176,7 +180,7 @@ def generate(model: "TaskMLLM", batch: Batch, max_new_tokens: int = 64, do_sampl
             last = [max(n - 1, 0) for n in lengths]
             if all(done):
                 break
-    return _output(model, seqs, fed, feats)
+    return _output(model, seqs, fed, feats, visual_states)
 
 
 def _advance(model: "TaskMLLM", b: int, tok: int, seqs, counts, done, eos: int,
@@ -223,7 +227,8 @@ def _chunk(model: "TaskMLLM", items: list[list[Union[int, torch.Tensor]]], next_
     return emb, mask, pos
 
 
-def _output(model: "TaskMLLM", seqs, fed: list[tuple[torch.Tensor, list[int]]], feats) -> GenerationOutput:
+def _output(model: "TaskMLLM", seqs, fed: list[tuple[torch.Tensor, list[int]]], feats,
+            visual_states: Optional[torch.Tensor] = None) -> GenerationOutput:
     """Assemble per-sample hidden states from the per-step chunks (one gather per sample)."""
     hidden = []
     size = model.hidden_size
@@ -238,4 +243,4 @@ def _output(model: "TaskMLLM", seqs, fed: list[tuple[torch.Tensor, list[int]]], 
             out[: len(index)] = every[b, index]
         hidden.append(out)
     text = [model.processor.decode(s) for s in seqs]
-    return GenerationOutput(seqs, text, hidden, feats)
+    return GenerationOutput(seqs, text, hidden, feats, visual_states)

@@ -105,6 +105,15 @@ class TaskMLLM(nn.Module):
         pooled, _ = self.projector.pool(feats, self.vision.grid)
         return feats, self.projector(pooled)
 
+    def visual_states(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        """The ``(F, N', H)`` rows of ``hidden (B, L, H)`` at the ``<image>`` positions of ``input_ids``, frame by
+        frame (N' tokens per frame: the projector's pooled grid); None when the batch has no visual tokens."""
+        pos = input_ids == self.image_id
+        if not bool(pos.any()):
+            return None
+        grid = self.projector.pooled_grid(self.vision.grid)
+        return hidden[pos].reshape(-1, grid[0] * grid[1], hidden.shape[-1])
+
     def embed(self, input_ids: torch.Tensor, visual_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Input embeddings ``(B, L, H)`` with visual tokens and task queries merged in.
 

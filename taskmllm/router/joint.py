@@ -113,11 +113,12 @@ class JointModel(nn.Module):
         flat = _match_targets(calls, targets)
         lm = out.loss if out.loss is not None else out.logits.sum() * 0.0
         total, terms = lm, {}
+        context = self.mllm.visual_states(batch.input_ids, out.hidden_states)
         for task, group in group_calls(calls).items():
             if tasks is not None and task not in tasks:
                 continue
             for same_t in _by_frames(group, batch.frames_per_sample).values():
-                outputs = self.run_expert(task, same_t, out.vision_features, batch)
+                outputs = self.run_expert(task, same_t, out.vision_features, batch, visual_states=context)
                 for name, value in self.experts[task].loss(outputs, [flat[id(c)] for c in same_t]).items():
                     terms[name] = terms.get(name, 0.0) + value * len(same_t) / len(group)
         for value in terms.values():
@@ -125,15 +126,24 @@ class JointModel(nn.Module):
         return JointOutput(total, lm, terms, calls)
 
     def run_expert(self, task: str, calls: Sequence[TaskCall], vision_features: torch.Tensor, batch: Batch,
-                   prompt_boxes: Optional[Sequence[Optional[torch.Tensor]]] = None):
+                   prompt_boxes: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                   visual_states: Optional[torch.Tensor] = None):
         """Run expert ``task`` on ``calls`` whose samples all have the same number of frames; an image expert
-        (``Expert.video`` false) called about a video reads its first frame."""
+        (``Expert.video`` false) called about a video reads its first frame. ``visual_states`` ``(F, N', H)``:
+        the LLM's hidden states at the batch's visual tokens (:meth:`TaskMLLM.visual_states`), for experts with
+        ``llm_context``."""
         features = torch.stack([frames_of(vision_features, batch.frames_per_sample, c.sample) for c in calls])
+        context = None
+        if visual_states is not None:
+            context = torch.stack([frames_of(visual_states, batch.frames_per_sample, c.sample) for c in calls])
         if not self.experts[task].video:
             features = features[:, :1]  # (M, T, N, C) -> (M, 1, N, C)
+            context = None if context is None else context[:, :1]
         queries = torch.stack([c.query_states for c in calls]).to(features.dtype)
         prompts = [ExpertPrompt(c.phrase, None if prompt_boxes is None else prompt_boxes[c.sample]) for c in calls]
-        vf = VisionFeatures(features, self.mllm.vision.grid, self.mllm.config.vision.image_size)
+        vf = VisionFeatures(features, self.mllm.vision.grid, self.mllm.config.vision.image_size,
+                            None if context is None else context.to(features.dtype),
+                            self.mllm.projector.pooled_grid(self.mllm.vision.grid))
         return self.experts[task](queries, vf, prompts)
 
     # ----------------------------------------------------------------------------------------------- i/o

@@ -61,7 +61,8 @@ class Pipeline:
         out = mllm.generate(batch, max_new_tokens=max_new_tokens, intervention=intervention, **generation)
         t2 = time.perf_counter()
         calls = self.model.router.route_generation(out)
-        per_call = self._run_experts(calls, out.vision_features, batch, prompt_boxes, score_threshold)
+        per_call = self._run_experts(calls, out.vision_features, batch, prompt_boxes, score_threshold,
+                                     out.visual_states)
         timings = {"preprocess": t1 - t0, "generate": t2 - t1, "experts": time.perf_counter() - t2}
         results = []
         for b, prompt_text in enumerate(prompts):
@@ -72,7 +73,7 @@ class Pipeline:
         return results[0] if single else results
 
     def _run_experts(self, calls: list[TaskCall], vision_features, batch, prompt_boxes,
-                     score_threshold: Optional[float] = None) -> dict[int, CallResult]:
+                     score_threshold: Optional[float] = None, visual_states=None) -> dict[int, CallResult]:
         results: dict[int, CallResult] = {}
         options = {} if score_threshold is None else {"score_threshold": score_threshold}
         for task, group in group_calls(calls).items():
@@ -84,7 +85,7 @@ class Pipeline:
             for c in group:
                 by_frames.setdefault(batch.frames_per_sample[c.sample], []).append(c)
             for same in by_frames.values():
-                outputs = self.model.run_expert(task, same, vision_features, batch, prompt_boxes)
+                outputs = self.model.run_expert(task, same, vision_features, batch, prompt_boxes, visual_states)
                 sizes = [batch.image_sizes[c.sample] for c in same]
                 for c, r in zip(same, self.model.experts[task].postprocess(outputs, sizes, **options)):
                     results[id(c)] = _call_result(task, c.phrase, r)

@@ -79,3 +79,42 @@ def test_a_batch_without_calls_gives_zero_terms(name, options):
     losses = expert.loss(outputs, [])
     assert len(losses) == (4 if options else 3) and all(v.item() == 0.0 and v.requires_grad for v in losses.values())
     assert expert.postprocess(outputs, []) == []
+
+
+CTX_GRID, CTX = (3, 3), 24  # the LLM's pooled token grid and hidden width (2 x 2 pooling of the 6 x 6 patches)
+
+
+@pytest.mark.parametrize("name", sorted(EXPERTS))
+def test_llm_context_reaches_the_expert_and_gets_gradient(name):
+    """With ``llm_context`` each expert reads the LLM's visual-token states: they change its outputs, gradients
+    reach them, and an expert built with it refuses a call without them (typed error)."""
+    from taskmllm.errors import InputError
+
+    torch.manual_seed(0)
+    expert = build_expert(name, default_spec(name, CTX, C, GRID, SIZE, dim=32, llm_context=True))
+    targets, frames, prompts = _targets(name)
+    queries = torch.randn(M, expert.num_queries, CTX)
+    features = torch.randn(M, frames, GRID[0] * GRID[1], C)
+    context = torch.randn(M, frames, CTX_GRID[0] * CTX_GRID[1], CTX, requires_grad=True)
+    outputs = expert(queries, VisionFeatures(features, GRID, SIZE, context, CTX_GRID), prompts)
+    sum(expert.loss(outputs, targets).values()).backward()
+    assert context.grad is not None and (context.grad.abs().sum(dim=(2, 3)) > 0).all()
+    other = expert(queries, VisionFeatures(features, GRID, SIZE, torch.zeros_like(context), CTX_GRID), prompts)
+    first = outputs.mask_logits if name == "seg" else outputs.boxes
+    assert not torch.allclose(first, other.mask_logits if name == "seg" else other.boxes)
+    with pytest.raises(InputError, match="llm_context"):
+        expert(queries, VisionFeatures(features, GRID, SIZE), prompts)
+
+
+def test_feature_projection_spreads_each_llm_token_over_the_patches_it_pools():
+    """Hand-computed: ``LayerNorm(proj(x) + ctx(c))`` with each of the 3 x 3 tokens copied onto its 2 x 2 patches."""
+    from taskmllm.experts.common import FeatureProjection
+
+    torch.manual_seed(0)
+    fp = FeatureProjection(C, 32, CTX)
+    x = torch.randn(2, GRID[0] * GRID[1], C)
+    c = torch.randn(2, CTX_GRID[0] * CTX_GRID[1], CTX)
+    spread = fp.context(c).reshape(2, 3, 3, 32).repeat_interleave(2, 1).repeat_interleave(2, 2).reshape(2, 36, 32)
+    want = torch.nn.functional.layer_norm(fp.proj(x) + spread, (32,), fp.norm.weight, fp.norm.bias, fp.norm.eps)
+    torch.testing.assert_close(fp(x, GRID, c, CTX_GRID), want)
+    torch.testing.assert_close(FeatureProjection(C, 32)(x).shape, want.shape)

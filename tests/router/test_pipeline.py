@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from taskmllm.errors import CheckpointError, ConfigError, RegistryError, UnknownTaskError
+from taskmllm.errors import CheckpointError, ConfigError, InputError, RegistryError, UnknownTaskError
 from taskmllm.experts.base import TaskTarget, VisionFeatures
 from taskmllm.model.mllm import TaskMLLM
 from taskmllm.router.joint import JointModel
@@ -207,3 +207,34 @@ def test_image_expert_called_about_a_video_reads_its_first_frame(joint, rgb_imag
         expected = joint.experts["det"](calls[0].query_states[None], vf)
     torch.testing.assert_close(video_out.boxes, expected.boxes)
     torch.testing.assert_close(video_out.logits, expected.logits)
+
+
+def test_experts_with_llm_context_read_the_prompts_visual_token_states(joint, rgb_image):
+    """``llm_context``: the teacher-forced forward hands each call the LLM's last-layer states at its visual tokens
+    (the oracle: the same rows cut from ``TaskMLLM.forward``'s hidden states by hand), and generation hands the
+    experts the same states from its prefill."""
+    joint.set_expert_options({"det": {"llm_context": True}})
+    assert joint.experts["det"].feature_proj.context is not None  # a new parameter, added by the option
+    batch, _ = _sample_batch(joint, rgb_image)
+    joint.eval()
+    with torch.no_grad():
+        out = joint.mllm(batch, "none")
+        calls = [c for c in joint.router.route(batch.input_ids, out.hidden_states, batch.attention_mask)
+                 if c.task == "det"]
+        states = joint.mllm.visual_states(batch.input_ids, out.hidden_states)
+        rows = out.hidden_states[batch.input_ids == joint.mllm.image_id]  # every visual token, in order
+        assert states.shape[0] == sum(batch.frames_per_sample) and torch.equal(states.flatten(0, 1), rows)
+        got = joint.run_expert("det", calls, out.vision_features, batch, visual_states=states)
+        first = torch.stack([out.vision_features[sum(batch.frames_per_sample[:c.sample])] for c in calls])[:, None]
+        context = torch.stack([states[sum(batch.frames_per_sample[:c.sample])] for c in calls])[:, None]
+        grid = joint.mllm.projector.pooled_grid(joint.mllm.vision.grid)
+        vf = VisionFeatures(first, joint.mllm.vision.grid, joint.mllm.config.vision.image_size, context, grid)
+        want = joint.experts["det"](torch.stack([c.query_states for c in calls]), vf)
+        torch.testing.assert_close(got.boxes, want.boxes)
+        with pytest.raises(InputError, match="llm_context"):
+            joint.run_expert("det", calls, out.vision_features, batch)
+        prompt = joint.mllm.processor(["Find all hexagons."], [rgb_image])
+        gen = joint.mllm.generate(prompt, max_new_tokens=2)
+        teacher = joint.mllm(prompt, "none")
+        torch.testing.assert_close(gen.visual_states, joint.mllm.visual_states(prompt.input_ids, teacher.hidden_states),
+                                   atol=1e-5, rtol=1e-5)

@@ -114,7 +114,8 @@ def test_recipe_sets_expert_options_of_a_fresh_model(tmp_path):
     torch.manual_seed(0)
     loaded = from_ckpt("{seg: {dice_weight: 3.0}}")
     assert torch.equal(torch.get_rng_state(), state)  # rebuilding the expert drew no extra random numbers
-    assert loaded.experts["seg"].spec.options == {"bce_weight": 0.5, "dice_weight": 3.0}  # saved with it
+    # saved with it (heads.yaml adds llm_context)
+    assert loaded.experts["seg"].spec.options == {"bce_weight": 0.5, "dice_weight": 3.0, "llm_context": True}
     assert loaded.experts["seg"].options.dice_weight == 3.0
     assert loaded.experts["det"].options.box_head == "localizing"
     for name, expert in joint.experts.items():
