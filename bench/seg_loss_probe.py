@@ -45,7 +45,8 @@ def cache(joint, n: int, seed: int, split: str, world, batch_size: int = 16) -> 
             mllm_out = joint.mllm(batch, "none")
             calls = joint.router.route(batch.input_ids, mllm_out.hidden_states, batch.attention_mask)
         calls = [c for c in calls if c.task == "seg"]
-        out.append((calls, mllm_out.vision_features, batch, [samples[c.sample].targets[0] for c in calls]))
+        states = joint.mllm.visual_states(batch.input_ids, mllm_out.hidden_states)  # for llm_context experts
+        out.append((calls, (mllm_out.vision_features, states), batch, [samples[c.sample].targets[0] for c in calls]))
     return out
 
 
@@ -55,7 +56,7 @@ def held_out_giou(joint, held: list) -> float:
     preds, targets = [], []
     with torch.no_grad():
         for calls, feats, batch, tgts in held:
-            outputs = joint.run_expert("seg", calls, feats, batch)
+            outputs = joint.run_expert("seg", calls, feats[0], batch, visual_states=feats[1])
             sizes = [t.mask.shape for t in tgts]
             preds += [r.mask for r in joint.experts["seg"].postprocess(outputs, sizes)]
             targets += [t.mask for t in tgts]
@@ -94,7 +95,8 @@ def main() -> None:
         for step in range(1, args.steps + 1):
             calls, feats, batch, targets = train[(step - 1) % len(train)]
             expert.train()
-            loss = sum(expert.loss(joint.run_expert("seg", calls, feats, batch), targets).values())
+            outputs = joint.run_expert("seg", calls, feats[0], batch, visual_states=feats[1])
+            loss = sum(expert.loss(outputs, targets).values())
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(expert.parameters(), 1.0)

@@ -122,7 +122,7 @@ def test_recipe_sets_expert_options_of_a_fresh_model(tmp_path):
         for key, value in expert.state_dict().items():
             assert torch.equal(loaded.experts[name].state_dict()[key], value), (name, key)
     with pytest.raises(ConfigError, match="change its parameters"):  # the box head is architecture
-        from_ckpt("{det: {box_head: mlp}}")
+        from_ckpt("{det: {box_head: mlp, score_head: slot}}")
     # an option may add parameters: the center map starts fresh, everything trained is kept
     centered = from_ckpt("{det: {score_head: center}}").experts["det"]
     assert centered.center_head is not None

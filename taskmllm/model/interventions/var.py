@@ -247,7 +247,8 @@ class VARSession(contextlib.AbstractContextManager):
             if self.var.p > 0:
                 state.chunk_sinks[layer] = flags
             else:  # identity: attention untouched, sinks still recorded for inspection
-                cache = kwargs.get("past_key_values")
+                # the decoder layer's cache argument: `cache` from transformers 5.24, `past_key_values` before
+                cache = kwargs.get("cache", kwargs.get("past_key_values"))
                 past = cache.get_seq_length(layer) if cache is not None and layer in state.sinks else 0
                 state.sinks[layer] = flags if past == 0 else torch.cat([state.sinks[layer][:, :past], flags], 1)
             return None
