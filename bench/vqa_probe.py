@@ -39,7 +39,7 @@ from taskmllm.eval.suites import DEFAULT_EVAL_SEED
 from taskmllm.model.mllm import lm_loss, positions
 from taskmllm.training.recipe_run import RECIPES
 from taskmllm.training.config import load_config
-from taskmllm.training.losses import FocusHead, focus_targets, patch_labels
+from taskmllm.training.losses import FocusHead, PatchHead, focus_targets, patch_labels
 from taskmllm.training.train import build_joint
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
 
@@ -66,15 +66,19 @@ def cached_batches(mllm, tasks, n, split, seed, features, image_first, batch_siz
         elif features == "answer":
             yes = torch.tensor([s.turns[0][1] == "Yes." for s in samples], dtype=feats.dtype)
             feats = torch.randn_like(feats) * 0.1 + (2 * yes - 1)[:, None, None]
-        out.append((batch, feats, focus_targets(samples, mllm.projector.pooled_grid(mllm.vision.grid), 1)))
+        pooled_grid = mllm.projector.pooled_grid(mllm.vision.grid)
+        targets, valid = focus_targets(samples, pooled_grid, 1)
+        out.append((batch, feats, (targets, valid, *patch_labels(samples, pooled_grid, 1))))
     return out
 
 
 def answer_loss(mllm, batch, feats, reduce: bool = True, match=None):
     """LM loss of the answers given cached features (mean over tokens, or summed per sample).
 
-    ``match = (FocusHead, (targets (B, N'), valid (B,)), weight)`` adds the focus loss (the training recipe's
-    ``stage.focus_weight``): does each visual token show what the question names?
+    ``match = (FocusHead, (targets (B, N'), valid (B,), shape (B, N'), color (B, N')), weight, attr)`` adds the
+    focus loss (the training recipe's ``stage.focus_weight``): does each visual token show what the question
+    names? and, when ``attr = (PatchHead, weight)``, the shape and color of the object each visual token shows
+    (at the same layer).
     """
     pooled, _ = mllm.projector.pool(feats, mllm.vision.grid)
     emb = mllm.embed(batch.input_ids, mllm.projector(pooled))
@@ -85,9 +89,14 @@ def answer_loss(mllm, batch, feats, reduce: bool = True, match=None):
         return sequence_nll(out.logits, batch.labels)
     loss = lm_loss(out.logits, batch.labels)
     if match is not None:
-        head, (targets, valid), weight = match
+        head, (targets, valid, shape, color), weight, attr = match
         hidden = out.hidden_states[head.layer]  # (B, L, H) after `layer` blocks
-        loss = loss + weight * head.loss(hidden, batch.input_ids == mllm.image_id, targets, valid)
+        visual = batch.input_ids == mllm.image_id
+        if weight:
+            loss = loss + weight * head.loss(hidden, visual, targets, valid)
+        if attr is not None:
+            tokens = hidden[visual].view(*shape.shape, -1)  # (B, N', H)
+            loss = loss + attr[1] * attr[0].loss(tokens, shape, color)
     return loss
 
 
@@ -108,7 +117,7 @@ def focus_iou(mllm, head, batches) -> float:
     0.5), over questions that name something present."""
     mllm.eval()
     ious = []
-    for batch, feats, (targets, valid) in batches:
+    for batch, feats, (targets, valid, *_) in batches:
         pooled, _ = mllm.projector.pool(feats, mllm.vision.grid)
         emb = mllm.embed(batch.input_ids, mllm.projector(pooled))
         out = mllm.llm(inputs_embeds=emb, attention_mask=batch.attention_mask,
@@ -154,6 +163,8 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=None, help="projector pooling (default: the recipe's)")
     parser.add_argument("--match-loss", type=float, default=0.0, help="weight of the focus loss (the recipe's "
                         "stage.focus_weight): each visual token says whether it shows what the question names")
+    parser.add_argument("--attr-loss", type=float, default=0.0, help="weight of a per-token shape + color "
+                        "classifier at the match layer (color must be linear there to be read by attention)")
     parser.add_argument("--match-layer", type=int, default=2, help="after how many LLM blocks the match is read")
     parser.add_argument("--cosine", action="store_true", help="decay the rate as the recipe does (to 5%)")
     parser.add_argument("--out", default=None)
@@ -178,7 +189,9 @@ def main() -> None:
                               max_objects=args.max_objects) for t in held_tasks}
     cache_s = time.perf_counter() - t0
     head = FocusHead(mllm.hidden_size, args.match_layer)
+    attr_head = PatchHead(mllm.hidden_size)
     params = [p for name, p in mllm.named_parameters() if not name.startswith("vision")] + list(head.parameters())
+    params += list(attr_head.parameters()) if args.attr_loss else []
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=cfg.optim.weight_decay)
     total = sum(n for _, n in phases)
     cosine = lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))  # the recipe's decay
@@ -189,7 +202,8 @@ def main() -> None:
         for local in range(1, steps + 1):
             step += 1
             batch, feats, targets = train[(local - 1) % len(train)]
-            match = (head, targets, args.match_loss) if args.match_loss else None
+            attr = (attr_head, args.attr_loss) if args.attr_loss else None
+            match = (head, targets, args.match_loss, attr) if args.match_loss or attr else None
             loss = answer_loss(mllm, batch, feats, match=match)
             opt.zero_grad()
             loss.backward()
@@ -207,7 +221,8 @@ def main() -> None:
                        "wall_s": round(time.perf_counter() - t0, 1)}
                 curve.append(row)
                 print(row, flush=True)
-    emit({"features": args.features, "phases": [{"tasks": t, "steps": n} for t, n in phases], "lr": args.lr,
+    emit({"features": args.features, "match_loss": args.match_loss, "attr_loss": args.attr_loss,
+          "match_layer": args.match_layer, "phases": [{"tasks": t, "steps": n} for t, n in phases], "lr": args.lr,
           "image_first": args.image_first, "max_objects": args.max_objects, "cache_s": round(cache_s, 1),
           "curve": curve}, args.out)
 
