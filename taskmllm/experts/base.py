@@ -33,6 +33,8 @@ class VisionFeatures:
             (the tokens follow the question, so they can say where what it names is), or None. Read by experts
             with ``llm_context``.
         context_grid: ``(h', w')`` grid of those tokens (the projector pools the patch grid).
+        pixels: ``(M, T, 3, S, S)`` the frames as the tower saw them (normalized), or None. Read by experts that
+            refine their output at a finer stride than the patch grid (segmentation's ``detail``).
     """
 
     features: torch.Tensor
@@ -40,6 +42,7 @@ class VisionFeatures:
     image_size: int
     context: Optional[torch.Tensor] = None
     context_grid: Optional[tuple[int, int]] = None
+    pixels: Optional[torch.Tensor] = None
 
     def frame_context(self, single_frame: bool) -> Optional[torch.Tensor]:
         """``context`` of the first frame ``(M, N', H)`` (``single_frame``) or of every frame, or None."""

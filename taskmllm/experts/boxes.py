@@ -68,3 +68,16 @@ def elementwise_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def elementwise_generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """GIoU of corresponding boxes: ``(..., 4)``, ``(..., 4)`` -> ``(...)``."""
     return _giou(a, b)
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy non-maximum suppression: ``boxes (N, 4)`` xyxy, ``scores (N,)`` -> indices of the kept boxes,
+    highest score first. A box is dropped when its IoU with a kept, higher-scoring box exceeds ``iou_threshold``
+    (torchvision's ``ops.nms`` semantics, without its compiled op)."""
+    order = torch.argsort(scores, descending=True)
+    iou = box_iou(boxes[order], boxes[order])  # (N, N), rows and columns in score order
+    keep: list[int] = []
+    for i in range(order.numel()):
+        if all(float(iou[i, j]) <= iou_threshold for j in keep):
+            keep.append(i)
+    return order[torch.tensor(keep, dtype=torch.long, device=order.device)]

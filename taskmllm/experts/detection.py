@@ -45,7 +45,7 @@ from taskmllm.experts.base import (
     check_widths,
     zero_terms,
 )
-from taskmllm.experts.boxes import elementwise_generalized_box_iou
+from taskmllm.experts.boxes import elementwise_generalized_box_iou, nms
 from taskmllm.experts.common import (
     BOX_HEADS,  # noqa: F401 (was defined here; kept importable from detection)
     BoxHead,
@@ -80,6 +80,9 @@ class DetectionOptions(DecoderOptions):
         score_head: ``slot`` (DETR objectness from each slot's state) or ``center`` (plus CenterNet's dense
             center map under the slot's heatmap; ``localizing`` only; see the module doc).
         center_weight: weight of the center map's focal loss (``center`` only).
+        nms_iou: in :meth:`DetectionExpert.postprocess`, drop a box whose IoU with a higher-scoring kept box
+            exceeds this (greedy NMS); 0 keeps every slot (DETR's set prediction has no NMS). Slots whose
+            heatmaps point at the same object give duplicates that NMS removes.
     """
 
     l1_weight: float = 5.0
@@ -93,8 +96,11 @@ class DetectionOptions(DecoderOptions):
     heat_weight: float = 1.0
     score_head: str = "slot"
     center_weight: float = 1.0
+    nms_iou: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.nms_iou <= 1.0:
+            raise ConfigError(f"DetectionOptions.nms_iou must be in [0, 1] (0 = no NMS), got {self.nms_iou}")
         check_widths("DetectionOptions", self.dim, self.num_heads, self.depth, multiple=2)
         check_box_head("DetectionOptions", self.box_head)
         if self.score_head not in SCORE_HEADS:
@@ -255,15 +261,19 @@ class DetectionExpert(Expert):
         sizes: Sequence[tuple[int, int]],
         score_threshold: Optional[float] = None,
     ) -> list[DetectionResult]:
-        """Boxes scoring above the threshold, in pixels of each original ``(H, W)``, sorted by score."""
+        """Boxes scoring above the threshold, in pixels of each original ``(H, W)``, sorted by score (and
+        de-duplicated by NMS when ``nms_iou`` > 0)."""
         if len(sizes) != outputs.boxes.shape[0]:
             raise InputError(f"det: {outputs.boxes.shape[0]} outputs but {len(sizes)} sizes")
         threshold = self.options.score_threshold if score_threshold is None else score_threshold  # type: ignore[attr-defined]
+        nms_iou = self.options.nms_iou  # type: ignore[attr-defined]
         results = []
         for boxes, logits, (height, width) in zip(outputs.boxes.float(), outputs.logits.float(), sizes):
             scores = logits.sigmoid()
             keep = torch.nonzero(scores > threshold).flatten()
             keep = keep[torch.argsort(scores[keep], descending=True)]
+            if nms_iou > 0 and keep.numel() > 1:
+                keep = keep[nms(boxes[keep], scores[keep], nms_iou)]
             scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=boxes.device)
             pixels = boxes[keep].clamp(0, 1) * scale
             results.append(DetectionResult(boxes=pixels.cpu().numpy(), scores=scores[keep].cpu().numpy()))

@@ -45,12 +45,16 @@ class SegmentationOptions(DecoderOptions):
         bce_weight, dice_weight: LISA's 2 * BCE + 0.5 * Dice.
         iou_weight: weight of the MSE between the predicted mask quality and the IoU actually reached.
         mask_threshold: logit threshold that binarizes masks in :meth:`SegmentationExpert.postprocess`.
+        detail: add a learned stride-4 encoding of the frame's pixels (:class:`DetailStem`) to the decoder's
+            upscaled mask embedding, so mask edges are not limited to the patch grid (the low-level skip of
+            DeepLabv3+, HQ-SAM's early-feature fusion). Needs ``VisionFeatures.pixels``.
     """
 
     bce_weight: float = 2.0
     dice_weight: float = 0.5
     iou_weight: float = 1.0
     mask_threshold: float = 0.0
+    detail: bool = False
 
     def __post_init__(self) -> None:
         check_widths("SegmentationOptions", self.dim, self.num_heads, self.depth, multiple=8)
@@ -82,12 +86,36 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) 
     return (1 - (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)).mean()
 
 
+class DetailStem(nn.Module):
+    """Pixels ``(M, 3, S, S)`` -> ``(M, D/8, S/4, S/4)``: two stride-2 3 x 3 convolutions and a 1 x 1 one, the
+    fine-grained (edge, color) signal a stride-16 patch grid lacks, in the width of SAM's upscaled mask
+    embedding. Its last layer starts at zero, so a checkpoint gaining it predicts the same masks at first."""
+
+    def __init__(self, out_dim: int, width: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, width // 2, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(width // 2, width, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(width, out_dim, 1),
+        )
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        x = self.net(pixels)  # (M, D/8, S/4, S/4)
+        if tuple(x.shape[-2:]) != tuple(size):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return x
+
+
 def batched_predict_masks(
     decoder: MaskDecoder,
     image_embeddings: torch.Tensor,
     image_pe: torch.Tensor,
     sparse_prompt_embeddings: torch.Tensor,
     dense_prompt_embeddings: torch.Tensor,
+    detail: Optional[DetailStem] = None,
+    pixels: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``MaskDecoder.predict_masks`` for B images with one prompt set each, in one batched pass.
 
@@ -95,7 +123,8 @@ def batched_predict_masks(
     have their own image. This runs the same modules in the same order on ``image_embeddings (B, D, h, w)``,
     ``image_pe (1, D, h, w)``, ``sparse_prompt_embeddings (B, K, D)``, ``dense_prompt_embeddings (1|B, D, h, w)``
     and returns the mask token's masks ``(B, 1, 4h, 4w)`` and quality ``(B, 1)`` — equal to calling
-    ``decoder(image_embeddings[i:i+1], ..., multimask_output=False)`` per call (tested).
+    ``decoder(image_embeddings[i:i+1], ..., multimask_output=False)`` per call (tested). With ``detail`` and
+    ``pixels (B, 3, S, S)``, ``detail(pixels)`` is added to the upscaled embedding before the mask product.
     """
     b = sparse_prompt_embeddings.shape[0]
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
@@ -106,7 +135,9 @@ def batched_predict_masks(
     hs, src = decoder.transformer(src, pos_src, tokens)
     iou_token_out = hs[:, 0, :]
     mask_token_out = hs[:, 1, :]  # the single-mask output (multimask_output=False)
-    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))  # (B, D/8, 4h, 4w)
+    if detail is not None:
+        upscaled = upscaled + detail(pixels.to(upscaled.dtype), tuple(upscaled.shape[-2:]))
     hyper_in = decoder.output_hypernetworks_mlps[0](mask_token_out)[:, None]  # (B, 1, D/8)
     _, c8, uh, uw = upscaled.shape
     masks = (hyper_in @ upscaled.reshape(b, c8, uh * uw)).reshape(b, 1, uh, uw)
@@ -136,6 +167,7 @@ class SegmentationExpert(Expert):
             iou_head_depth=3,
             iou_head_hidden_dim=d,
         )
+        self.detail = DetailStem(d // 8) if opts.detail else None
 
     def forward(
         self,
@@ -155,7 +187,13 @@ class SegmentationExpert(Expert):
         image_pe = self.pe.grid((h, w)).transpose(0, 1).reshape(1, d, h, w).to(dtype)
         sparse = self.query_proj(query_states.to(dtype))  # (M, K, D)
         dense = self.no_mask_embed.weight.reshape(1, d, 1, 1).expand(1, d, h, w)
-        masks, ious = batched_predict_masks(self.mask_decoder, image, image_pe, sparse, dense)
+        pixels = None
+        if self.detail is not None:
+            if features.pixels is None:
+                raise InputError("seg: this expert refines masks from the pixels (detail) but the call has none "
+                                 "(VisionFeatures.pixels)")
+            pixels = features.pixels[:, 0]  # (M, 3, S, S)
+        masks, ious = batched_predict_masks(self.mask_decoder, image, image_pe, sparse, dense, self.detail, pixels)
         return SegmentationOutput(mask_logits=masks[:, 0], iou_scores=ious[:, 0].sigmoid())
 
     def _target_masks(self, targets: Sequence[TaskTarget], size: int, device: torch.device) -> torch.Tensor:

@@ -133,17 +133,21 @@ class JointModel(nn.Module):
         the LLM's hidden states at the batch's visual tokens (:meth:`TaskMLLM.visual_states`), for experts with
         ``llm_context``."""
         features = torch.stack([frames_of(vision_features, batch.frames_per_sample, c.sample) for c in calls])
-        context = None
+        context = pixels = None
         if visual_states is not None:
             context = torch.stack([frames_of(visual_states, batch.frames_per_sample, c.sample) for c in calls])
+        if batch.pixel_values is not None:
+            pixels = torch.stack([frames_of(batch.pixel_values, batch.frames_per_sample, c.sample) for c in calls])
         if not self.experts[task].video:
             features = features[:, :1]  # (M, T, N, C) -> (M, 1, N, C)
             context = None if context is None else context[:, :1]
+            pixels = None if pixels is None else pixels[:, :1]
         queries = torch.stack([c.query_states for c in calls]).to(features.dtype)
         prompts = [ExpertPrompt(c.phrase, None if prompt_boxes is None else prompt_boxes[c.sample]) for c in calls]
         vf = VisionFeatures(features, self.mllm.vision.grid, self.mllm.config.vision.image_size,
                             None if context is None else context.to(features.dtype),
-                            self.mllm.projector.pooled_grid(self.mllm.vision.grid))
+                            self.mllm.projector.pooled_grid(self.mllm.vision.grid),
+                            None if pixels is None else pixels.to(features.dtype))
         return self.experts[task](queries, vf, prompts)
 
     # ----------------------------------------------------------------------------------------------- i/o

@@ -23,7 +23,7 @@ import yaml
 from taskmllm.errors import ConfigError
 
 MODES = ("frozen", "lora", "full")
-COMPONENTS = ("vision", "projector", "llm", "queries", "experts", "patch_head", "focus_head")
+COMPONENTS = ("vision", "projector", "llm", "queries", "experts", "patch_head", "focus_head", "attr_head")
 DATA_SOURCES = ("shapesworld", "llava")
 
 
@@ -45,8 +45,8 @@ class StageConfig:
         name: stage name (``pretrain``, ``align``, ``assign``, ``heads``, ``joint``).
         trainable: component -> ``frozen | lora | full``. Components: ``vision``, ``projector``, ``llm``,
             ``queries``, ``experts`` (every expert), ``experts.<name>`` (one expert; overrides ``experts``),
-            ``patch_head`` (the dense per-patch head of ``pretrain``), ``focus_head`` (the focus loss's head).
-            Unlisted components are frozen.
+            ``patch_head`` (the dense per-patch head of ``pretrain``), ``focus_head`` (the focus loss's head),
+            ``attr_head`` (the attribute loss's head). Unlisted components are frozen.
         lora: LoRA settings of the ``lora`` components.
         lm_weight: weight of the LM cross-entropy.
         expert_weights: per-expert weight on the sum of that expert's (already weighted) loss terms.
@@ -54,7 +54,10 @@ class StageConfig:
         focus_weight: weight of the focus loss (0 = off): after ``focus_layer`` LLM blocks, each visual token
             says whether it shows what the question names (:class:`~taskmllm.training.losses.FocusHead`;
             ShapesWorld data; name ``focus_head: full`` in ``trainable``).
-        focus_layer: after how many LLM blocks the focus is read.
+        focus_layer: after how many LLM blocks the focus (and the attributes) are read.
+        attr_weight: weight of the attribute loss (0 = off): after ``focus_layer`` LLM blocks, linear shape and
+            color classifiers on each visual token name the object it shows (background = class 0), so the
+            color an answer needs is linear where attention reads it (ShapesWorld data; ``attr_head: full``).
     """
 
     name: str = "stage"
@@ -65,6 +68,7 @@ class StageConfig:
     patch_weight: float = 0.0
     focus_weight: float = 0.0
     focus_layer: int = 1
+    attr_weight: float = 0.0
 
 
 @dataclass

@@ -137,23 +137,28 @@ def train(cfg: TrainConfig) -> Path:
 # ----------------------------------------------------------------------------------------- pieces
 def aux_heads(joint: nn.Module, cfg: TrainConfig) -> nn.ModuleDict:
     """The stage's training-only heads: ``patch_head`` (``stage.patch_weight``), ``focus_head``
-    (``stage.focus_weight``). Both take their labels from ShapesWorld's ground truth.
+    (``stage.focus_weight``), ``attr_head`` (``stage.attr_weight``). All take their labels from ShapesWorld's
+    ground truth.
 
     Raises:
         ConfigError: a head is on and the data is not ShapesWorld, or ``focus_layer`` is out of range.
     """
+    st = cfg.stage
     heads = {}
-    for name, weight in (("patch_weight", cfg.stage.patch_weight), ("focus_weight", cfg.stage.focus_weight)):
+    for name, weight in (("patch_weight", st.patch_weight), ("focus_weight", st.focus_weight),
+                         ("attr_weight", st.attr_weight)):
         if weight and cfg.data.source != "shapesworld":
             raise ConfigError(f"stage.{name} needs ShapesWorld data (its labels come from the scene's masks)")
-    if cfg.stage.patch_weight:
+    if st.patch_weight:
         heads["patch_head"] = PatchHead(joint.mllm.vision.width)
-    if cfg.stage.focus_weight:
+    if st.focus_weight or st.attr_weight:
         blocks = len(joint.mllm.llm.get_decoder().layers)
-        if not 1 <= cfg.stage.focus_layer <= blocks:
-            raise ConfigError(f"stage.focus_layer must be in 1..{blocks} (the LLM's blocks), "
-                              f"got {cfg.stage.focus_layer}")
-        heads["focus_head"] = FocusHead(joint.mllm.hidden_size, cfg.stage.focus_layer)
+        if not 1 <= st.focus_layer <= blocks:
+            raise ConfigError(f"stage.focus_layer must be in 1..{blocks} (the LLM's blocks), got {st.focus_layer}")
+    if st.focus_weight:
+        heads["focus_head"] = FocusHead(joint.mllm.hidden_size, st.focus_layer)
+    if st.attr_weight:
+        heads["attr_head"] = PatchHead(joint.mllm.hidden_size)
     return nn.ModuleDict(heads)
 
 
@@ -196,8 +201,9 @@ def _group_forward(trainee: Trainee, samples: list, cfg: TrainConfig, device: to
     active = [name for name in joint.experts if weights.get(name, 1.0) != 0]  # weight 0: skip the forward
     logits = "supervised" if cfg.stage.lm_weight != 0 else "none"  # the LM head only where a loss needs it
     extra = {}
-    focus = trainee.aux["focus_head"] if "focus_head" in trainee.aux else None
-    block = joint.mllm.llm.get_decoder().layers[focus.layer - 1] if focus is not None else nn.Identity()
+    focus, attr = (trainee.aux[k] if k in trainee.aux else None for k in ("focus_head", "attr_head"))
+    reads = focus is not None or attr is not None  # both read the LLM's hidden states after focus_layer blocks
+    block = joint.mllm.llm.get_decoder().layers[cfg.stage.focus_layer - 1] if reads else nn.Identity()
     with CaptureOutput(joint.mllm.vision) as feats, CaptureOutput(block) as states:
         out = joint(batch, [s.targets for s in samples], active, logits)
     max_frames = joint.mllm.config.max_frames
@@ -205,12 +211,17 @@ def _group_forward(trainee: Trainee, samples: list, cfg: TrainConfig, device: to
         shape, color = patch_labels(samples, joint.mllm.vision.grid, max_frames)
         extra["patch"] = (cfg.stage.patch_weight, trainee.aux["patch_head"].loss(feats.value, shape.to(device),
                                                                                   color.to(device)))
-    if focus is not None:
+    if reads:
         grid = joint.mllm.projector.pooled_grid(joint.mllm.vision.grid)
-        targets, valid = focus_targets(samples, grid, max_frames)
         hidden = states.value[0] if isinstance(states.value, tuple) else states.value  # (B, L, H)
         visual = batch.input_ids == joint.mllm.image_id
+    if focus is not None:
+        targets, valid = focus_targets(samples, grid, max_frames)
         extra["focus"] = (cfg.stage.focus_weight, focus.loss(hidden, visual, targets.to(device), valid.to(device)))
+    if attr is not None:
+        shape, color = patch_labels(samples, grid, max_frames)  # (F, N') class ids of the LLM's token grid
+        tokens = hidden[visual].view(*shape.shape, -1)  # (F, N', H), frames in processor order
+        extra["attr"] = (cfg.stage.attr_weight, attr.loss(tokens, shape.to(device), color.to(device)))
     calls: dict[str, int] = {}
     for call in out.calls:
         calls[call.task] = calls.get(call.task, 0) + 1

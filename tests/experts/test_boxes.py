@@ -14,6 +14,7 @@ from taskmllm.experts.boxes import (
     elementwise_box_iou,
     elementwise_generalized_box_iou,
     generalized_box_iou,
+    nms,
 )
 
 # (a, b, IoU, GIoU) computed by hand
@@ -68,3 +69,18 @@ def test_giou_gives_gradient_for_disjoint_boxes():
     b = torch.tensor([[0.6, 0.6, 0.9, 0.9]])
     (1 - elementwise_generalized_box_iou(a, b)).sum().backward()
     assert a.grad is not None and a.grad.abs().sum() > 0  # plain IoU would give zero gradient here
+
+
+def test_nms_by_hand_and_against_torchvision():
+    """Hand case: B overlaps A by IoU 0.81 (dropped at 0.5, kept at 0.9), C is disjoint; then torchvision's
+    ``ops.nms`` as the oracle on random boxes at several thresholds."""
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    scores = torch.tensor([0.9, 0.95, 0.5])  # B first: 81 / 100 with A
+    assert nms(boxes, scores, 0.5).tolist() == [1, 2]
+    assert nms(boxes, scores, 0.9).tolist() == [1, 0, 2]
+    from torchvision.ops import nms as tv_nms
+
+    gen = torch.Generator().manual_seed(1)
+    for threshold in (0.1, 0.3, 0.5, 0.7):
+        b, s = _random_boxes(30, gen), torch.rand(30, generator=gen)
+        assert nms(b, s, threshold).tolist() == tv_nms(b, s, threshold).tolist()

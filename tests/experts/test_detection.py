@@ -88,6 +88,21 @@ def test_postprocess_thresholds_sorts_and_scales(expert):
     assert len(low.boxes) == 4
 
 
+def test_postprocess_nms_drops_duplicates_of_a_better_box():
+    """Slots 0 and 1 are the same box up to IoU 0.81 (90 x 90 inside 100 x 100); with ``nms_iou`` 0.5 only the
+    higher-scoring one stays, the disjoint slot 2 too; ``nms_iou`` 0 keeps all; a bad value is a ConfigError."""
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.05, 0.05, 0.5, 0.5], [0.6, 0.6, 0.9, 0.9]]])
+    logits = torch.tensor([[1.0, 2.0, 0.0]])
+    spec = default_spec("det", H, C, GRID, SIZE, num_queries=3, dim=32, nms_iou=0.5)
+    (res,) = build_expert("det", spec).postprocess(DetectionOutput(boxes, logits), [(100, 100)], score_threshold=0.0)
+    np.testing.assert_allclose(res.boxes, [[5, 5, 50, 50], [60, 60, 90, 90]], rtol=1e-5)
+    spec = default_spec("det", H, C, GRID, SIZE, num_queries=3, dim=32)
+    (every,) = build_expert("det", spec).postprocess(DetectionOutput(boxes, logits), [(100, 100)], score_threshold=0.0)
+    assert len(every.boxes) == 3
+    with pytest.raises(ConfigError, match="nms_iou"):
+        build_expert("det", default_spec("det", H, C, GRID, SIZE, dim=32, nms_iou=1.5))
+
+
 def test_bad_targets_are_target_errors(expert):
     out = expert(torch.randn(1, K, H), _features(1))
     with pytest.raises(TargetError, match="for task 'seg', not 'det'"):

@@ -131,3 +131,51 @@ def test_bad_inputs_are_config_errors(expert):
 def test_other_grids_work(expert):
     out = expert(torch.randn(1, 1, H), VisionFeatures(torch.randn(1, 1, 64, C), (8, 8), 128))
     assert out.mask_logits.shape == (1, 32, 32)
+
+
+def _detail_expert(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_expert("seg", default_spec("seg", H, C, GRID, SIZE, dim=32, detail=True)).eval()
+
+
+def test_detail_adds_the_pixel_stem_to_the_upscaled_embedding_before_the_mask_product():
+    """Reference by hand: SAM's decoder run step by step, ``DetailStem(pixels)`` added to ``output_upscaling``'s
+    output, then the hypernetwork product; and a fresh stem (last layer zero) changes nothing."""
+    expert = _detail_expert()
+    plain = build_expert("seg", default_spec("seg", H, C, GRID, SIZE, dim=32))
+    plain.load_state_dict({k: v for k, v in expert.state_dict().items() if not k.startswith("detail.")})
+    plain.eval()
+    torch.manual_seed(3)
+    q, feats = torch.randn(2, 1, H), _features(2)
+    pixels = torch.randn(2, 1, 3, SIZE, SIZE)
+    with_pixels = VisionFeatures(feats.features, GRID, SIZE, pixels=pixels)
+    torch.testing.assert_close(expert(q, with_pixels).mask_logits, plain(q, feats).mask_logits)
+
+    torch.nn.init.normal_(expert.detail.net[-1].weight)
+    got = expert(q, with_pixels).mask_logits
+    d, dec = 32, expert.mask_decoder
+    image = expert.feature_proj(feats.features[:, 0]).transpose(1, 2).reshape(2, d, *GRID)
+    pe = expert.pe.grid(GRID).transpose(0, 1).reshape(1, d, *GRID)
+    sparse = expert.query_proj(q)
+    tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight])[None].expand(2, -1, -1)
+    hs, src = dec.transformer(image + expert.no_mask_embed.weight.reshape(1, d, 1, 1), pe.expand(2, -1, -1, -1),
+                              torch.cat([tokens, sparse], 1))
+    up = dec.output_upscaling(src.transpose(1, 2).reshape(2, d, *GRID))
+    up = up + expert.detail.net(pixels[:, 0])  # stride 4: 96 px -> 24 x 24 = 4 x the 6 x 6 grid
+    hyper = dec.output_hypernetworks_mlps[0](hs[:, 1])
+    want = torch.einsum("bc,bchw->bhw", hyper, up)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_detail_gets_gradient_and_needs_pixels():
+    expert = _detail_expert().train()
+    torch.nn.init.normal_(expert.detail.net[-1].weight, std=0.1)
+    pixels = torch.randn(1, 1, 3, SIZE, SIZE, requires_grad=True)
+    out = expert(torch.randn(1, 1, H), VisionFeatures(torch.randn(1, 1, 36, C), GRID, SIZE, pixels=pixels))
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[10:40, 20:50] = True
+    sum(expert.loss(out, [TaskTarget("seg", mask=mask)]).values()).backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in expert.detail.parameters())
+    with pytest.raises(InputError, match="pixels"):
+        expert(torch.randn(1, 1, H), _features(1))

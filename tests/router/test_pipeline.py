@@ -238,3 +238,26 @@ def test_experts_with_llm_context_read_the_prompts_visual_token_states(joint, rg
         teacher = joint.mllm(prompt, "none")
         torch.testing.assert_close(gen.visual_states, joint.mllm.visual_states(prompt.input_ids, teacher.hidden_states),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_seg_detail_reads_the_calls_own_pixels(joint, rgb_image):
+    """``detail``: ``run_expert`` hands the seg expert the frame its call is about (oracle: that frame's row of the
+    batch's ``pixel_values``, cut by hand), and the joint loss trains the new stem."""
+    joint.set_expert_options({"seg": {"detail": True}})
+    torch.nn.init.normal_(joint.experts["seg"].detail.net[-1].weight, std=0.1)
+    batch, targets = _sample_batch(joint, rgb_image)
+    joint.eval()
+    with torch.no_grad():
+        out = joint.mllm(batch, "none")
+        calls = [c for c in joint.router.route(batch.input_ids, out.hidden_states, batch.attention_mask)
+                 if c.task == "seg"]
+        got = joint.run_expert("seg", calls, out.vision_features, batch)
+        starts = [sum(batch.frames_per_sample[:c.sample]) for c in calls]
+        vf = VisionFeatures(torch.stack([out.vision_features[s] for s in starts])[:, None], joint.mllm.vision.grid,
+                            joint.mllm.config.vision.image_size,
+                            pixels=torch.stack([batch.pixel_values[s] for s in starts])[:, None])
+        want = joint.experts["seg"](torch.stack([c.query_states for c in calls]), vf)
+        torch.testing.assert_close(got.mask_logits, want.mask_logits)
+    joint.train()
+    joint(batch, targets).loss.backward()
+    assert joint.experts["seg"].detail.net[0].weight.grad.abs().sum() > 0

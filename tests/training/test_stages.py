@@ -114,8 +114,9 @@ def test_recipe_sets_expert_options_of_a_fresh_model(tmp_path):
     torch.manual_seed(0)
     loaded = from_ckpt("{seg: {dice_weight: 3.0}}")
     assert torch.equal(torch.get_rng_state(), state)  # rebuilding the expert drew no extra random numbers
-    # saved with it (heads.yaml adds llm_context)
-    assert loaded.experts["seg"].spec.options == {"bce_weight": 0.5, "dice_weight": 3.0, "llm_context": True}
+    # saved with it (heads.yaml adds llm_context and detail)
+    assert loaded.experts["seg"].spec.options == {"bce_weight": 0.5, "dice_weight": 3.0, "llm_context": True,
+                                                  "detail": True}
     assert loaded.experts["seg"].options.dice_weight == 3.0
     assert loaded.experts["det"].options.box_head == "localizing"
     for name, expert in joint.experts.items():
@@ -189,4 +190,40 @@ def test_focus_head_bad_settings_are_typed_errors(tmp_path):
     cfg = load_config(RECIPE / "pretrain.yaml", overrides(tmp_path, "--stage.focus_weight=1.0",
                                                            "--data.source=llava", "--data.path=x.json"))
     with pytest.raises(ConfigError, match="focus_weight needs ShapesWorld"):
+        aux_heads(build_joint(cfg), cfg)
+
+
+def test_attr_loss_equals_the_head_on_the_llms_hidden_states_by_hand(tmp_path):
+    """``stage.attr_weight`` (here without the focus loss): the logged ``attr`` part is PatchHead's shape + color
+    cross-entropy on the LLM's hidden states after ``focus_layer`` blocks at the visual tokens, against the
+    per-token labels of the LLM's (pooled) grid; the oracle runs the HF LLM with ``output_hidden_states``."""
+    from taskmllm.data.dataset import shapesworld_dataset
+    from taskmllm.data.shapesworld import WorldConfig
+    from taskmllm.model.mllm import positions
+    from taskmllm.training.losses import patch_labels
+    from taskmllm.training.train import Trainee, forward_loss
+
+    cfg = load_config(RECIPE / "pretrain.yaml", overrides(tmp_path, "--stage.attr_weight=1.0",  # 2 blocks: HF's
+                      "--stage.focus_weight=0.0", "--model.llm.num_hidden_layers=2"))  # last hidden state is normed
+    joint = build_joint(cfg).eval()
+    aux = aux_heads(joint, cfg)
+    assert set(aux) == {"attr_head"}
+    data = shapesworld_dataset({"color": 1.0, "exist": 1.0}, 3, seed=0, config=WorldConfig(image_size=48))
+    samples = [data[i] for i in range(3)]
+    with torch.no_grad():
+        _, parts = forward_loss(Trainee(joint, aux), samples, cfg, torch.device("cpu"))
+        mllm = joint.mllm
+        batch = mllm.processor.conversations([s.turns for s in samples], [s.image for s in samples])
+        emb = mllm.embed(batch.input_ids, mllm.encode_images(batch.pixel_values)[1])
+        out = mllm.llm(inputs_embeds=emb, attention_mask=batch.attention_mask,
+                       position_ids=positions(batch.attention_mask), output_hidden_states=True)
+        hidden = out.hidden_states[cfg.stage.focus_layer][batch.input_ids == mllm.image_id]  # (F * N', H)
+        grid = mllm.projector.pooled_grid(mllm.vision.grid)
+        shape, color = patch_labels(samples, grid, mllm.config.max_frames)
+        want = aux["attr_head"].loss(hidden.view(*shape.shape, -1), shape, color)
+    assert parts["attr"] == pytest.approx(float(want), rel=1e-5)
+    cfg = load_config(RECIPE / "pretrain.yaml", overrides(tmp_path, "--stage.attr_weight=1.0",
+                                                           "--stage.focus_weight=0.0", "--data.source=llava",
+                                                           "--data.path=x.json"))
+    with pytest.raises(ConfigError, match="attr_weight needs ShapesWorld"):
         aux_heads(build_joint(cfg), cfg)
