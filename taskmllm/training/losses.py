@@ -1,4 +1,5 @@
-"""Weights and sums the training losses: LM cross-entropy, expert terms, and the dense per-patch loss.
+"""Weights and sums the training losses: LM cross-entropy, expert terms, and the training-only heads (per-patch,
+focus and attribute losses; :func:`aux_heads` builds a stage's).
 
 Experts already weight their own terms (e.g. ``2·L1 + GIoU/5``); a stage adds one weight per expert
 (``stage.expert_weights[name]``, default 1) and one LM weight (``stage.lm_weight``). Expert term names are
@@ -11,7 +12,7 @@ with per-patch labels from the ShapesWorld masks (the object covering most of th
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from torch import nn
 from taskmllm.data.vocab import COLORS, SHAPES
 from taskmllm.errors import ConfigError
 from taskmllm.model.processor import sample_frames
+
+if TYPE_CHECKING:
+    from taskmllm.training.config import TrainConfig
 
 
 def expert_of(term: str, experts: Sequence[str]) -> str:
@@ -173,3 +177,30 @@ class CaptureOutput:
 
     def __exit__(self, *exc: object) -> None:
         self._handle.remove()
+
+
+def aux_heads(joint: nn.Module, cfg: "TrainConfig") -> nn.ModuleDict:
+    """The stage's training-only heads: ``patch_head`` (``stage.patch_weight``), ``focus_head``
+    (``stage.focus_weight``), ``attr_head`` (``stage.attr_weight``). All take their labels from ShapesWorld's
+    ground truth.
+
+    Raises:
+        ConfigError: a head is on and the data is not ShapesWorld, or ``focus_layer`` is out of range.
+    """
+    st = cfg.stage
+    heads = {}
+    for name, weight in (("patch_weight", st.patch_weight), ("focus_weight", st.focus_weight),
+                         ("attr_weight", st.attr_weight)):
+        if weight and cfg.data.source != "shapesworld":
+            raise ConfigError(f"stage.{name} needs ShapesWorld data (its labels come from the scene's masks)")
+    if st.patch_weight:
+        heads["patch_head"] = PatchHead(joint.mllm.vision.width)
+    if st.focus_weight or st.attr_weight:
+        blocks = len(joint.mllm.llm.get_decoder().layers)
+        if not 1 <= st.focus_layer <= blocks:
+            raise ConfigError(f"stage.focus_layer must be in 1..{blocks} (the LLM's blocks), got {st.focus_layer}")
+    if st.focus_weight:
+        heads["focus_head"] = FocusHead(joint.mllm.hidden_size, st.focus_layer)
+    if st.attr_weight:
+        heads["attr_head"] = PatchHead(joint.mllm.hidden_size)
+    return nn.ModuleDict(heads)

@@ -29,8 +29,7 @@ from taskmllm.errors import ConfigError
 from taskmllm.model.processor import IGNORE
 from taskmllm.training.checkpoint import Checkpointer
 from taskmllm.training.config import OptimConfig, TrainConfig, check_paths, save_config, world_config
-from taskmllm.training.losses import (CaptureOutput, FocusHead, PatchHead, expert_of, focus_targets, patch_labels,
-                                     total_loss)
+from taskmllm.training.losses import CaptureOutput, aux_heads, expert_of, focus_targets, patch_labels, total_loss
 from taskmllm.training.stages import apply_stage, merge_lora, protocol_token_ids
 
 log = logging.getLogger(__name__)
@@ -135,33 +134,6 @@ def train(cfg: TrainConfig) -> Path:
 
 
 # ----------------------------------------------------------------------------------------- pieces
-def aux_heads(joint: nn.Module, cfg: TrainConfig) -> nn.ModuleDict:
-    """The stage's training-only heads: ``patch_head`` (``stage.patch_weight``), ``focus_head``
-    (``stage.focus_weight``), ``attr_head`` (``stage.attr_weight``). All take their labels from ShapesWorld's
-    ground truth.
-
-    Raises:
-        ConfigError: a head is on and the data is not ShapesWorld, or ``focus_layer`` is out of range.
-    """
-    st = cfg.stage
-    heads = {}
-    for name, weight in (("patch_weight", st.patch_weight), ("focus_weight", st.focus_weight),
-                         ("attr_weight", st.attr_weight)):
-        if weight and cfg.data.source != "shapesworld":
-            raise ConfigError(f"stage.{name} needs ShapesWorld data (its labels come from the scene's masks)")
-    if st.patch_weight:
-        heads["patch_head"] = PatchHead(joint.mllm.vision.width)
-    if st.focus_weight or st.attr_weight:
-        blocks = len(joint.mllm.llm.get_decoder().layers)
-        if not 1 <= st.focus_layer <= blocks:
-            raise ConfigError(f"stage.focus_layer must be in 1..{blocks} (the LLM's blocks), got {st.focus_layer}")
-    if st.focus_weight:
-        heads["focus_head"] = FocusHead(joint.mllm.hidden_size, st.focus_layer)
-    if st.attr_weight:
-        heads["attr_head"] = PatchHead(joint.mllm.hidden_size)
-    return nn.ModuleDict(heads)
-
-
 def forward_loss(trainee: Trainee, samples: list, cfg: TrainConfig, device: torch.device):
     """Joint forward of one micro-batch -> (weighted total loss, floats per part incl. ``total``).
 
