@@ -253,6 +253,11 @@ class Expert(nn.Module, ABC):
     #: model may emit ``<det>`` for one) reads its first frame (:meth:`JointModel.run_expert`)
     video: ClassVar[bool] = False
 
+    @property
+    def reads_pixels(self) -> bool:
+        """Whether :meth:`forward` reads ``VisionFeatures.pixels`` (the caller stacks them only then)."""
+        return False
+
     def __init__(self, spec: ExpertSpec) -> None:
         super().__init__()
         self.spec = spec

@@ -169,6 +169,10 @@ class SegmentationExpert(Expert):
         )
         self.detail = DetailStem(d // 8) if opts.detail else None
 
+    @property
+    def reads_pixels(self) -> bool:
+        return self.detail is not None
+
     def forward(
         self,
         query_states: torch.Tensor,

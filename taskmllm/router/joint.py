@@ -136,7 +136,7 @@ class JointModel(nn.Module):
         context = pixels = None
         if visual_states is not None:
             context = torch.stack([frames_of(visual_states, batch.frames_per_sample, c.sample) for c in calls])
-        if batch.pixel_values is not None:
+        if batch.pixel_values is not None and self.experts[task].reads_pixels:
             pixels = torch.stack([frames_of(batch.pixel_values, batch.frames_per_sample, c.sample) for c in calls])
         if not self.experts[task].video:
             features = features[:, :1]  # (M, T, N, C) -> (M, 1, N, C)
