@@ -101,12 +101,15 @@ class JointModel(nn.Module):
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, batch: Batch, targets: Sequence[Sequence[TaskTarget]],
                 tasks: Optional[Collection[str]] = None,
-                logits: Literal["all", "supervised", "none"] = "all") -> JointOutput:
+                logits: Literal["all", "supervised", "none"] = "all",
+                detach_context: Collection[str] = ()) -> JointOutput:
         """Joint teacher-forced forward. ``targets[b]`` are sample b's targets in task-token order.
 
         ``tasks``: the experts to run (default all); a stage whose expert weight is 0 skips that expert's
         forward instead of computing a loss it multiplies by 0. ``logits``: where the LM head runs (see
         :meth:`TaskMLLM.forward`); training passes ``"supervised"``, or ``"none"`` when the LM weight is 0.
+        ``detach_context``: experts that read the LLM's visual-token states (``llm_context``) without
+        gradient, so their loss reaches the LLM only through their task queries.
         """
         out = self.mllm(batch, logits)
         calls = self.router.route(batch.input_ids, out.hidden_states, batch.attention_mask)
@@ -118,7 +121,8 @@ class JointModel(nn.Module):
             if tasks is not None and task not in tasks:
                 continue
             for same_t in _by_frames(group, batch.frames_per_sample).values():
-                outputs = self.run_expert(task, same_t, out.vision_features, batch, visual_states=context)
+                states = context.detach() if context is not None and task in detach_context else context
+                outputs = self.run_expert(task, same_t, out.vision_features, batch, visual_states=states)
                 for name, value in self.experts[task].loss(outputs, [flat[id(c)] for c in same_t]).items():
                     terms[name] = terms.get(name, 0.0) + value * len(same_t) / len(group)
         for value in terms.values():

@@ -58,6 +58,9 @@ class StageConfig:
         attr_weight: weight of the attribute loss (0 = off): after ``focus_layer`` LLM blocks, linear shape and
             color classifiers on each visual token name the object it shows (background = class 0), so the
             color an answer needs is linear where attention reads it (ShapesWorld data; ``attr_head: full``).
+        detach_context: experts whose loss does not train the LLM through the visual-token states they read
+            (``llm_context``): their gradient reaches the LLM only through their task queries, as in TPO. The
+            visual tokens are what VQA answers read, and the experts' pull on them costs answer accuracy.
     """
 
     name: str = "stage"
@@ -69,6 +72,7 @@ class StageConfig:
     focus_weight: float = 0.0
     focus_layer: int = 1
     attr_weight: float = 0.0
+    detach_context: list[str] = field(default_factory=list)
 
 
 @dataclass

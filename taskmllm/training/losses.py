@@ -12,7 +12,7 @@ with per-patch labels from the ShapesWorld masks (the object covering most of th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,15 +35,20 @@ def expert_of(term: str, experts: Sequence[str]) -> str:
     return max(owners, key=len)
 
 
+def check_expert_names(key: str, names: Iterable[str], experts: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` if ``names`` (the value of stage option ``key``) has a name not in ``experts``."""
+    unknown = sorted(set(names) - set(experts))
+    if unknown:
+        raise ConfigError(f"{key} names unknown experts {unknown}; experts: {list(experts)}")
+
+
 def total_loss(lm_loss: torch.Tensor, expert_losses: Mapping[str, torch.Tensor], experts: Sequence[str],
                lm_weight: float = 1.0, expert_weights: Optional[Mapping[str, float]] = None,
                extra: Optional[Mapping[str, tuple[float, torch.Tensor]]] = None
                ) -> tuple[torch.Tensor, dict[str, float]]:
     """``lm_weight·LM + Σ_e w_e·Σ terms_e + Σ w·extra`` and the weighted parts as floats for logging."""
     weights = dict(expert_weights or {})
-    unknown = sorted(set(weights) - set(experts))
-    if unknown:
-        raise ConfigError(f"stage.expert_weights names unknown experts {unknown}; experts: {list(experts)}")
+    check_expert_names("stage.expert_weights", weights, experts)
     total = lm_loss * lm_weight
     parts = {"lm": float(lm_loss.detach())}
     for term, value in expert_losses.items():

@@ -29,7 +29,8 @@ from taskmllm.errors import ConfigError
 from taskmllm.model.processor import IGNORE
 from taskmllm.training.checkpoint import Checkpointer
 from taskmllm.training.config import OptimConfig, TrainConfig, check_paths, save_config, world_config
-from taskmllm.training.losses import CaptureOutput, aux_heads, expert_of, focus_targets, patch_labels, total_loss
+from taskmllm.training.losses import (CaptureOutput, aux_heads, check_expert_names, expert_of, focus_targets,
+                                      patch_labels, total_loss)
 from taskmllm.training.stages import apply_stage, merge_lora, protocol_token_ids
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ def train(cfg: TrainConfig) -> Path:
 
     # ---- model, stage, optimizer, schedule
     joint = build_joint(cfg)
+    for key in ("expert_weights", "detach_context"):
+        check_expert_names(f"stage.{key}", getattr(cfg.stage, key), list(joint.experts))
     aux = aux_heads(joint, cfg)
     report = apply_stage(joint, cfg.stage, aux, protocol_token_ids(joint.mllm.tokenizer, joint.mllm.config.tokens.tasks))
     trainee = Trainee(joint, aux).to(device)
@@ -177,7 +180,7 @@ def _group_forward(trainee: Trainee, samples: list, cfg: TrainConfig, device: to
     reads = focus is not None or attr is not None  # both read the LLM's hidden states after focus_layer blocks
     block = joint.mllm.llm.get_decoder().layers[cfg.stage.focus_layer - 1] if reads else nn.Identity()
     with CaptureOutput(joint.mllm.vision) as feats, CaptureOutput(block) as states:
-        out = joint(batch, [s.targets for s in samples], active, logits)
+        out = joint(batch, [s.targets for s in samples], active, logits, detach_context=cfg.stage.detach_context)
     max_frames = joint.mllm.config.max_frames
     if "patch_head" in trainee.aux:
         shape, color = patch_labels(samples, joint.mllm.vision.grid, max_frames)

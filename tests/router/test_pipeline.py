@@ -240,6 +240,45 @@ def test_experts_with_llm_context_read_the_prompts_visual_token_states(joint, rg
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_detach_context_cuts_only_the_llms_gradient_through_the_visual_states(joint, rgb_image):
+    """``detach_context``: the loss and the expert's own gradient are unchanged; the LLM's gradient is the one
+    of the query path alone (oracle: the expert run by hand on the visual-token states as constants), and it
+    differs from the undetached one (the context path carried gradient)."""
+    joint.set_expert_options({"seg": {"llm_context": True}})
+    batch, targets = _sample_batch(joint, rgb_image)
+    joint.eval()  # no dropout: the three passes below must see the same forward
+
+    def backward(run) -> tuple[float, dict[str, torch.Tensor]]:
+        joint.zero_grad()
+        loss = run()
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in joint.named_parameters() if p.grad is not None}
+
+    def joint_loss(detach):
+        out = joint(batch, targets, tasks=["seg"], logits="none", detach_context=detach)
+        return sum(v for k, v in out.expert_losses.items() if k.startswith("seg"))
+
+    def by_hand():
+        out = joint.mllm(batch, "none")
+        calls = [c for c in joint.router.route(batch.input_ids, out.hidden_states, batch.attention_mask)
+                 if c.task == "seg"]
+        states = joint.mllm.visual_states(batch.input_ids, out.hidden_states).detach()
+        pred = joint.run_expert("seg", calls, out.vision_features, batch, visual_states=states)
+        return sum(joint.experts["seg"].loss(pred, [targets[c.sample][0] for c in calls]).values())
+
+    full_loss, full = backward(lambda: joint_loss(()))
+    cut_loss, cut = backward(lambda: joint_loss(["seg"]))
+    want_loss, want = backward(by_hand)
+    assert cut_loss == pytest.approx(full_loss, abs=1e-6) and cut_loss == pytest.approx(want_loss, abs=1e-6)
+    llm = [n for n in cut if n.startswith("mllm.llm.")]
+    assert llm and set(cut) == set(want)
+    for name in cut:
+        torch.testing.assert_close(cut[name], want[name], atol=1e-6, rtol=1e-5)
+        if name.startswith("experts.seg."):
+            torch.testing.assert_close(cut[name], full[name], atol=1e-6, rtol=1e-5)
+    assert max((cut[n] - full[n]).abs().max().item() for n in llm) > 1e-4
+
+
 def test_seg_detail_reads_the_calls_own_pixels(joint, rgb_image):
     """``detail``: ``run_expert`` hands the seg expert the frame its call is about (oracle: that frame's row of the
     batch's ``pixel_values``, cut by hand), and the joint loss trains the new stem."""

@@ -105,6 +105,11 @@ def test_bad_components_and_paths_fail_before_compute(tmp_path):
     cfg = load_config(RECIPE / "heads.yaml", overrides(tmp_path, "--stage.trainable.experts.pose=full"))
     with pytest.raises(ConfigError, match="experts.pose.*does not exist"):
         train(cfg)
+    for key in ("expert_weights", "detach_context"):
+        value = "{segm: 0.5}" if key == "expert_weights" else "[segm]"
+        cfg = load_config(RECIPE / "joint.yaml", overrides(tmp_path, f"--stage.{key}={value}"))
+        with pytest.raises(ConfigError, match=f"stage.{key} names unknown experts \\['segm'\\]"):
+            train(cfg)
     cfg = load_config(RECIPE / "heads.yaml", overrides(tmp_path, "--data.source=llava", "--data.path=/nope.json"))
     with pytest.raises(ConfigError, match="data.path.*/nope.json.*does not exist"):
         train(cfg)
