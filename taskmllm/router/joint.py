@@ -120,8 +120,8 @@ class JointModel(nn.Module):
         for task, group in group_calls(calls).items():
             if tasks is not None and task not in tasks:
                 continue
+            states = context.detach() if context is not None and task in detach_context else context
             for same_t in _by_frames(group, batch.frames_per_sample).values():
-                states = context.detach() if context is not None and task in detach_context else context
                 outputs = self.run_expert(task, same_t, out.vision_features, batch, visual_states=states)
                 for name, value in self.experts[task].loss(outputs, [flat[id(c)] for c in same_t]).items():
                     terms[name] = terms.get(name, 0.0) + value * len(same_t) / len(group)

@@ -46,9 +46,9 @@ def total_loss(lm_loss: torch.Tensor, expert_losses: Mapping[str, torch.Tensor],
                lm_weight: float = 1.0, expert_weights: Optional[Mapping[str, float]] = None,
                extra: Optional[Mapping[str, tuple[float, torch.Tensor]]] = None
                ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``lm_weight·LM + Σ_e w_e·Σ terms_e + Σ w·extra`` and the weighted parts as floats for logging."""
+    """``lm_weight·LM + Σ_e w_e·Σ terms_e + Σ w·extra`` and the weighted parts as floats for logging (the names in
+    ``expert_weights`` are checked once before training, :func:`check_expert_names`)."""
     weights = dict(expert_weights or {})
-    check_expert_names("stage.expert_weights", weights, experts)
     total = lm_loss * lm_weight
     parts = {"lm": float(lm_loss.detach())}
     for term, value in expert_losses.items():
