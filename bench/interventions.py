@@ -1,7 +1,7 @@
 """Generation latency with no intervention, VHR and VAR (one run, same model), as JSON with ratios.
 
-A random tiny-recipe-sized TaskMLLM (``taskmllm.recipes.tiny_config``: open_clip ViT 96 px -> 36 visual tokens,
-Llama 256 x 4) generates ``--new-tokens`` greedy tokens (EOS disabled) for batch 1 and ``--batch``, left padded.
+A random tiny-recipe-sized TaskMLLM (``taskmllm.zoo.tiny_config``: MobileNetV2 at 192 px, a 12 x 12 grid pooled
+into 36 visual tokens, Llama 256 x 4) generates ``--new-tokens`` greedy tokens (EOS disabled) for batch 1 and ``--batch``, left padded.
 The BOS embedding carries a planted massive activation (dimension 0) so VAR finds a sink and really
 redistributes (tau = 8: the tiny LLM's hidden size 256 caps |x[d]|/RMS(x) at 16). Configurations are timed
 interleaved, ``--repeats`` rounds; ratios use the best round of each (the least disturbed on a shared machine).
@@ -26,10 +26,10 @@ from _report import emit  # bench/_report.py (scripts run as `python bench/<name
 
 def tokenizer():
     """The shipped tiny tokenizer if present, else one trained like the tests' (a few seconds)."""
-    from taskmllm.recipes import TINY_TOKENIZER
+    from taskmllm.zoo import TINY_TOKENIZER
 
     if TINY_TOKENIZER.exists():
-        from taskmllm.recipes import load_tiny_tokenizer
+        from taskmllm.zoo import load_tiny_tokenizer
 
         return load_tiny_tokenizer()
     import sys
@@ -43,7 +43,7 @@ def tokenizer():
 
 def build_model():
     from taskmllm.model.mllm import TaskMLLM
-    from taskmllm.recipes import tiny_config
+    from taskmllm.zoo import tiny_config
 
     tok = tokenizer()
     torch.manual_seed(0)

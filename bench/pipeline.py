@@ -29,7 +29,7 @@ REQUESTS = [
 def fit_task_answers(steps: int):
     """A tiny-recipe JointModel that emits the requests' task tokens after ``steps`` AdamW steps."""
     from taskmllm.model.mllm import TaskMLLM
-    from taskmllm.recipes import load_tiny_tokenizer, tiny_config
+    from taskmllm.zoo import load_tiny_tokenizer, tiny_config
     from taskmllm.router.joint import JointModel
 
     torch.manual_seed(0)

@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from taskmllm.router.dispatch import run_calls
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
@@ -34,7 +36,7 @@ ARMS = {"lisa": {"bce_weight": 2.0, "dice_weight": 0.5}, "dice2": {"bce_weight":
 
 def cache(joint, n: int, seed: int, split: str, world, batch_size: int = 16) -> list:
     """``[(seg calls, vision features, batch, targets)]`` of ``n`` samples, the MLLM run once (frozen)."""
-    from taskmllm.data.dataset import shapesworld_dataset
+    from taskmllm.data.shapesworld import shapesworld_dataset
 
     data = shapesworld_dataset({"seg": 1.0}, n, seed=seed, split=split, config=world)
     out = []
@@ -45,8 +47,7 @@ def cache(joint, n: int, seed: int, split: str, world, batch_size: int = 16) -> 
             mllm_out = joint.mllm(batch, "none")
             calls = joint.router.route(batch.input_ids, mllm_out.hidden_states, batch.attention_mask)
         calls = [c for c in calls if c.task == "seg"]
-        states = joint.mllm.visual_states(batch.input_ids, mllm_out.hidden_states)  # for llm_context experts
-        out.append((calls, (mllm_out.vision_features, states), batch, [samples[c.sample].targets[0] for c in calls]))
+        out.append((calls, mllm_out.expert_inputs, batch, [samples[c.sample].targets[0] for c in calls]))
     return out
 
 
@@ -56,7 +57,7 @@ def held_out_giou(joint, held: list) -> float:
     preds, targets = [], []
     with torch.no_grad():
         for calls, feats, batch, tgts in held:
-            outputs = joint.run_expert("seg", calls, feats[0], batch, visual_states=feats[1])
+            outputs = run_calls(joint.experts, calls, feats)[0].outputs
             sizes = [t.mask.shape for t in tgts]
             preds += [r.mask for r in joint.experts["seg"].postprocess(outputs, sizes)]
             targets += [t.mask for t in tgts]
@@ -95,7 +96,7 @@ def main() -> None:
         for step in range(1, args.steps + 1):
             calls, feats, batch, targets = train[(step - 1) % len(train)]
             expert.train()
-            outputs = joint.run_expert("seg", calls, feats[0], batch, visual_states=feats[1])
+            outputs = run_calls(joint.experts, calls, feats)[0].outputs
             loss = sum(expert.loss(outputs, targets).values())
             opt.zero_grad()
             loss.backward()

@@ -60,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from taskmllm.model.interventions.sinks import calibrate_sink_dims, calibration_batch
-    from taskmllm.recipes import build_smol
+    from taskmllm.zoo import build_smol
 
     torch.manual_seed(0)
     model = build_smol()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from taskmllm.data.shapesworld import ShapesWorld, WorldConfig
-from taskmllm.data.vocab import COLORS, SHAPES
+from taskmllm.data.shapesworld.vocab import COLORS, SHAPES
 from taskmllm.eval.suites import DEFAULT_EVAL_SEED
 from taskmllm.model.packaged import load_mobilenet_v2_features
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)

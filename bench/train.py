@@ -110,7 +110,7 @@ def main() -> None:
     report = {
         "bench": "train", "stage": cfg.stage.name, "model": "tiny (fresh)",
         "device": device, "threads": torch.get_num_threads(),
-        "batch_size": global_batch, "image_size": cfg.data.image_size, "num_frames": cfg.data.num_frames,
+        "batch_size": global_batch, "sources": cfg.data.sources,
         "precision": precision, "warmup_steps": args.warmup, "measured_steps": args.steps,
         "samples_per_s": round(args.steps * global_batch / measured_s, 2),
         "step_s": round(measured_s / args.steps, 4),

@@ -2,7 +2,7 @@
 
 The vision tower is the tiny recipe's bottleneck (DESIGN, "Measured before building"). This benchmark trains
 each candidate with the ``pretrain`` stage's dense per-patch loss (shape and color of the object covering each
-patch, :class:`~taskmllm.training.losses.PatchHead`) on the same ShapesWorld batches at 96 px, and reports
+patch, as the ``patch`` auxiliary loss of ``taskmllm.training.aux`` does) on the same ShapesWorld batches at 96 px, and reports
 held-out per-patch accuracy on object patches against CPU seconds (``time.process_time``, so a busy machine
 does not distort the comparison) and wall seconds:
 
@@ -25,13 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from taskmllm.data.shapesworld import ShapesWorld, WorldConfig
+from taskmllm.data.shapesworld import COLORS, SHAPES, ShapesWorld, WorldConfig
 from taskmllm.model.config import VisionConfig
 from taskmllm.model.vision import build_vision_tower
-from taskmllm.training.losses import PatchHead, patch_labels
+from taskmllm.training.aux import label_maps
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
 
 SIZE, GRID = 96, (6, 6)
+CLASSES = {"category": tuple(SHAPES), "color": tuple(COLORS)}
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
@@ -66,8 +67,21 @@ class MobileNetStride16(nn.Module):
 def batch(world: ShapesWorld, start: int, n: int, split: str):
     samples = [world.image(i, split) for i in range(start, start + n)]
     x = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255
-    shape, color = patch_labels(samples, GRID, 1)
-    return x, shape, color
+    maps = label_maps(samples, GRID, 1, CLASSES)
+    return x, maps["category"], maps["color"]
+
+
+class PatchHead(nn.Module):
+    """Linear shape and color classifiers over tokens ``(B, N, C)`` (index 0 = background)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.shape = nn.Linear(width, len(SHAPES) + 1)
+        self.color = nn.Linear(width, len(COLORS) + 1)
+
+    def loss(self, feats: torch.Tensor, shape: torch.Tensor, color: torch.Tensor) -> torch.Tensor:
+        ce = nn.functional.cross_entropy
+        return ce(self.shape(feats).flatten(0, 1), shape.flatten()) + ce(self.color(feats).flatten(0, 1), color.flatten())
 
 
 def accuracy(tower: nn.Module, head: PatchHead, data) -> float:

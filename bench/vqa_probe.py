@@ -31,23 +31,25 @@ import time
 import numpy as np
 import torch
 
-from taskmllm.data.conversations import ConversationConfig
-from taskmllm.data.dataset import shapesworld_dataset
-from taskmllm.data.shapesworld import WorldConfig
+from taskmllm.data.shapesworld import COLORS, SHAPES, ConversationConfig, WorldConfig, shapesworld_dataset
 from taskmllm.eval.reliance import sequence_nll
 from taskmllm.eval.suites import DEFAULT_EVAL_SEED
-from taskmllm.model.mllm import lm_loss, positions
+from taskmllm.model.expert_inputs import ExpertInputs
+from taskmllm.model.mllm import lm_loss
+from taskmllm.model.processor import positions
 from taskmllm.training.recipe_run import RECIPES
 from taskmllm.training.config import load_config
-from taskmllm.training.losses import FocusHead, PatchHead, focus_targets, patch_labels
+from taskmllm.training.aux import (AttributeLoss, AttributeOptions, AuxContext, AuxStates, FocusLoss, FocusOptions,
+                                   grounding_cover, label_maps)
 from taskmllm.training.train import build_joint
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
 
 FEATURES = ("tower", "patches", "answer")
+CLASSES = {"category": tuple(SHAPES), "color": tuple(COLORS)}
 
 
 def cached_batches(mllm, tasks, n, split, seed, features, image_first, batch_size=16, max_objects=6):
-    """``[(batch, features (B, N, C))]`` of ``n`` questions: the processor's batches, the tower run once."""
+    """``[(batch, features (B, N, C), samples)]`` of ``n`` questions: the processor's batches, the tower run once."""
     mix = {t: 1.0 for t in tasks}
     world = WorldConfig(image_size=mllm.config.vision.image_size, max_objects=max_objects)
     data = shapesworld_dataset(mix, n, seed=seed, split=split, config=world,
@@ -59,26 +61,23 @@ def cached_batches(mllm, tasks, n, split, seed, features, image_first, batch_siz
         with torch.no_grad():
             feats = mllm.vision(batch.pixel_values)  # (B, N, C)
         if features == "patches":
-            shape, color = patch_labels(samples, mllm.vision.grid, 1)  # (B, N) class ids, 0 = background
+            maps = label_maps(samples, mllm.vision.grid, 1, CLASSES)  # (B, N) class ids, 0 = background
             feats = torch.zeros_like(feats)
-            feats.scatter_(2, shape.unsqueeze(-1), 1.0)
-            feats.scatter_(2, 16 + color.unsqueeze(-1), 1.0)
+            feats.scatter_(2, maps["category"].unsqueeze(-1), 1.0)
+            feats.scatter_(2, 16 + maps["color"].unsqueeze(-1), 1.0)
         elif features == "answer":
             yes = torch.tensor([s.turns[0][1] == "Yes." for s in samples], dtype=feats.dtype)
             feats = torch.randn_like(feats) * 0.1 + (2 * yes - 1)[:, None, None]
-        pooled_grid = mllm.projector.pooled_grid(mllm.vision.grid)
-        targets, valid = focus_targets(samples, pooled_grid, 1)
-        out.append((batch, feats, (targets, valid, *patch_labels(samples, pooled_grid, 1))))
+        out.append((batch, feats, samples))
     return out
 
 
 def answer_loss(mllm, batch, feats, reduce: bool = True, match=None):
     """LM loss of the answers given cached features (mean over tokens, or summed per sample).
 
-    ``match = (FocusHead, (targets (B, N'), valid (B,), shape (B, N'), color (B, N')), weight, attr)`` adds the
-    focus loss (the training recipe's ``stage.focus_weight``): does each visual token show what the question
-    names? and, when ``attr = (PatchHead, weight)``, the shape and color of the object each visual token shows
-    (at the same layer).
+    ``match = (FocusLoss, samples, weight, attr)`` adds the focus loss (the training recipe's ``stage.aux.focus``):
+    does each visual token show what the question names? and, when ``attr = (AttributeLoss, weight)``, the shape
+    and color of the object each visual token shows (``stage.aux.attr``, at the same layer).
     """
     pooled, _ = mllm.projector.pool(feats, mllm.vision.grid)
     emb = mllm.embed(batch.input_ids, mllm.projector(pooled))
@@ -89,14 +88,14 @@ def answer_loss(mllm, batch, feats, reduce: bool = True, match=None):
         return sequence_nll(out.logits, batch.labels)
     loss = lm_loss(out.logits, batch.labels)
     if match is not None:
-        head, (targets, valid, shape, color), weight, attr = match
-        hidden = out.hidden_states[head.layer]  # (B, L, H) after `layer` blocks
-        visual = batch.input_ids == mllm.image_id
+        head, samples, weight, attr = match
+        inputs = ExpertInputs(feats, mllm.vision.grid, mllm.config.vision.image_size, [1] * len(samples),
+                              [s.hw for s in samples], visual_grid=mllm.grid)
+        states = AuxStates(out.hidden_states, batch.input_ids == mllm.image_id, inputs, max_frames=1)
         if weight:
-            loss = loss + weight * head.loss(hidden, visual, targets, valid)
+            loss = loss + weight * head.loss(states, samples)
         if attr is not None:
-            tokens = hidden[visual].view(*shape.shape, -1)  # (B, N', H)
-            loss = loss + attr[1] * attr[0].loss(tokens, shape, color)
+            loss = loss + attr[1] * attr[0].loss(states, samples)
     return loss
 
 
@@ -117,12 +116,13 @@ def focus_iou(mllm, head, batches) -> float:
     0.5), over questions that name something present."""
     mllm.eval()
     ious = []
-    for batch, feats, (targets, valid, *_) in batches:
+    for batch, feats, samples in batches:
+        targets, valid = grounding_cover(samples, mllm.grid, 1)
         pooled, _ = mllm.projector.pool(feats, mllm.vision.grid)
         emb = mllm.embed(batch.input_ids, mllm.projector(pooled))
         out = mllm.llm(inputs_embeds=emb, attention_mask=batch.attention_mask,
                        position_ids=positions(batch.attention_mask), use_cache=False, output_hidden_states=True)
-        hidden = out.hidden_states[head.layer][batch.input_ids == mllm.image_id]
+        hidden = out.hidden_states[head.options.layer][batch.input_ids == mllm.image_id]
         marked = (head.linear(hidden).squeeze(-1) > 0).view(targets.shape)
         truth = targets >= 0.5
         for m, t, v in zip(marked, truth, valid):
@@ -174,7 +174,8 @@ def main() -> None:
     torch.manual_seed(0)
     overrides = ["--out_dir=/tmp/vqa_probe"]
     if args.image_size:
-        overrides += [f"--model.vision.image_size={args.image_size}", f"--data.image_size={args.image_size}"]
+        overrides += [f"--model.vision.image_size={args.image_size}",
+                      f"--data.sources.shapes.image_size={args.image_size}"]
     if args.pool:
         overrides.append(f"--model.projector.pool={args.pool}")
     cfg = load_config(RECIPES / "tiny" / "pretrain.yaml", overrides)
@@ -188,8 +189,9 @@ def main() -> None:
     held = {t: cached_batches(mllm, [t], 128, "test", DEFAULT_EVAL_SEED, args.features, args.image_first,
                               max_objects=args.max_objects) for t in held_tasks}
     cache_s = time.perf_counter() - t0
-    head = FocusHead(mllm.hidden_size, args.match_layer)
-    attr_head = PatchHead(mllm.hidden_size)
+    context = AuxContext(mllm.hidden_size, mllm.vision.width, len(mllm.llm.get_decoder().layers), CLASSES)
+    head = FocusLoss(FocusOptions(layer=args.match_layer), context)
+    attr_head = AttributeLoss(AttributeOptions(layer=args.match_layer, labels=list(CLASSES)), context)
     params = [p for name, p in mllm.named_parameters() if not name.startswith("vision")] + list(head.parameters())
     params += list(attr_head.parameters()) if args.attr_loss else []
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=cfg.optim.weight_decay)
@@ -201,9 +203,9 @@ def main() -> None:
     for (tasks, steps), train in zip(phases, trains):
         for local in range(1, steps + 1):
             step += 1
-            batch, feats, targets = train[(local - 1) % len(train)]
+            batch, feats, samples = train[(local - 1) % len(train)]
             attr = (attr_head, args.attr_loss) if args.attr_loss else None
-            match = (head, targets, args.match_loss, attr) if args.match_loss or attr else None
+            match = (head, samples, args.match_loss, attr) if args.match_loss or attr else None
             loss = answer_loss(mllm, batch, feats, match=match)
             opt.zero_grad()
             loss.backward()

@@ -36,7 +36,7 @@ def __getattr__(name: str) -> Any:
 
 def load_model(path: str, device: str = "cpu"):
     """Load a checkpoint directory (or a shipped model by name, ``"tiny"``): a :class:`JointModel` when it has ``experts/``, else a :class:`TaskMLLM`."""
-    from taskmllm.recipes import resolve_checkpoint
+    from taskmllm.zoo import resolve_checkpoint
 
     path = resolve_checkpoint(path)
     if (path / "experts").is_dir():

@@ -16,18 +16,19 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from taskmllm.model.io import import_llava_hf
+    from taskmllm.model.llava import import_llava_hf
+    from taskmllm.zoo import registry_tasks
 
     if args.format != "llava-hf":
         raise SystemExit(f"unknown source format {args.format!r}; supported: llava-hf")
-    model = import_llava_hf(args.src)
+    model = import_llava_hf(args.src, registry_tasks())
     model.save_pretrained(args.dst)
     print(f"converted {args.src} -> {args.dst}")
     return 0
 
 
 def _data_preview(args: argparse.Namespace) -> int:
-    from taskmllm.data.preview import preview_main
+    from taskmllm.data.shapesworld.preview import preview_main
 
     preview_main(n=args.n, out=args.out, seed=args.seed)
     print(f"wrote {args.out}")
@@ -35,7 +36,7 @@ def _data_preview(args: argparse.Namespace) -> int:
 
 
 def _data_tokenizer(args: argparse.Namespace) -> int:
-    from taskmllm.recipes import build_tiny_tokenizer
+    from taskmllm.zoo import build_tiny_tokenizer
 
     build_tiny_tokenizer(args.out, vocab_size=args.vocab_size)
     print(f"wrote tokenizer to {args.out}")

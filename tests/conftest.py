@@ -28,18 +28,18 @@ CORPUS = [
 def tokenizer():
     from taskmllm.model.tokenizer import train_bpe_tokenizer
 
-    return train_bpe_tokenizer(CORPUS * 20, vocab_size=400)
+    return train_bpe_tokenizer(CORPUS * 20, vocab_size=400, tasks=("seg", "det", "track"))
 
 
 def tiny_config(tokenizer, hidden: int = 64, layers: int = 2, **vision):
-    from taskmllm.model.config import MLLMConfig, VisionConfig
+    from taskmllm.model.config import MLLMConfig, TokenConfig, VisionConfig
 
     llm = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
     v = dict(image_size=48, patch_size=16, width=32, layers=2, heads=2) | vision
-    return MLLMConfig(vision=VisionConfig(**v), llm=llm)
+    return MLLMConfig(vision=VisionConfig(**v), llm=llm, tokens=TokenConfig(tasks={"seg": 1, "det": 4, "track": 1}))
 
 
 @pytest.fixture()

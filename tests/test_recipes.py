@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from taskmllm.model.tokens import PROTOCOL_TOKENS
-from taskmllm.recipes import load_tiny_tokenizer, tiny_config
+from taskmllm.zoo import load_tiny_tokenizer, tiny_config
 
 
 def test_shipped_tokenizer_has_protocol_tokens_and_whole_words():
-    from taskmllm.data.conversations import corpus
+    from taskmllm.data.shapesworld.conversations import corpus
 
     tok = load_tiny_tokenizer()
     for t in PROTOCOL_TOKENS:
@@ -37,9 +37,25 @@ def test_tiny_recipe_model_forward(tmp_path):
     assert (batch.input_ids == model.image_id).sum() == 36
 
 
+def test_the_tiny_builder_is_the_shipped_tiny():
+    """``zoo.tiny_config`` (what ``model.init: tiny`` builds) is the shipped ``tiny``'s config, and a fresh
+    ``build_tiny()`` takes the shipped weights strictly (every tensor, same shapes): one is derived from the other."""
+    from safetensors.torch import load_model
+
+    from taskmllm.model.config import MLLMConfig
+    from taskmllm.zoo import SHIPPED, build_tiny
+
+    shipped = MLLMConfig.load(SHIPPED["tiny"] / "config.json")
+    assert tiny_config(load_tiny_tokenizer()) == shipped
+    model = build_tiny()
+    assert model.config == shipped
+    missing, unexpected = load_model(model, str(SHIPPED["tiny"] / "model.safetensors"), strict=True)
+    assert not missing and not unexpected
+
+
 @pytest.mark.slow
 def test_tokenizer_rebuild_is_deterministic(tmp_path):
-    from taskmllm.recipes import TINY_TOKENIZER, build_tiny_tokenizer
+    from taskmllm.zoo import TINY_TOKENIZER, build_tiny_tokenizer
 
     build_tiny_tokenizer(tmp_path)
     assert (tmp_path / "tokenizer.json").read_text() == (TINY_TOKENIZER / "tokenizer.json").read_text()

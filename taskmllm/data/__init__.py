@@ -1,22 +1,19 @@
-"""taskmllm.data: ShapesWorld (synthetic images/videos with exact ground truth), conversations in the token
-protocol with expert targets, POPE/CHAIR ground truth, real-format loaders, mixed datasets and previews.
+"""taskmllm.data: the one sample type, real-format loaders, mixed datasets, POPE/CHAIR ground truth, media files
+and previews — and, as one data source among others, ShapesWorld (:mod:`taskmllm.data.shapesworld`).
 """
 
-from taskmllm.data.chair import CHAIR_SYNONYMS, chair_counts, chair_ground_truth, mentioned_objects
-from taskmllm.data.conversations import (IMAGE_TASKS, VIDEO_TASKS, ConversationBuilder, ConversationConfig,
-                                         corpus)
-from taskmllm.data.dataset import (DEFAULT_MIX, MixedDataset, ShapesWorldSource, collate_samples,
-                                   shapesworld_dataset)
-from taskmllm.data.formats import LoadResult, load_coco, load_llava, load_mot, load_refcoco
-from taskmllm.data.pope import POPE_SPLITS, CooccurrenceStats, pope_samples, pope_split
-from taskmllm.data.preview import preview_main, render_preview
-from taskmllm.data.sample import ObjectGT, Sample
-from taskmllm.data.shapesworld import SPLITS, ShapesWorld, WorldConfig
+from taskmllm.data.annotations import LoadResult
+from taskmllm.data.chair import chair_counts, chair_ground_truth
+from taskmllm.data.dataset import MixedDataset, SampleSource, SourceSpec, collate_samples
+from taskmllm.data.formats import load_coco, load_llava, load_mot, load_refcoco
+from taskmllm.data.pope import POPE_SPLITS, CooccurrenceStats, pope_samples
+from taskmllm.data.preview import render_preview
+from taskmllm.data.sample import Grounding, ObjectGT, Sample
+from taskmllm.data.sources import SOURCE_KINDS, build_dataset, parse_sources
 
 __all__ = [
-    "CHAIR_SYNONYMS", "chair_counts", "chair_ground_truth", "mentioned_objects", "IMAGE_TASKS", "VIDEO_TASKS",
-    "ConversationBuilder", "ConversationConfig", "corpus", "DEFAULT_MIX", "MixedDataset", "ShapesWorldSource",
-    "collate_samples", "shapesworld_dataset", "LoadResult", "load_coco", "load_llava", "load_mot",
-    "load_refcoco", "POPE_SPLITS", "CooccurrenceStats", "pope_samples", "pope_split", "preview_main",
-    "render_preview", "ObjectGT", "Sample", "SPLITS", "ShapesWorld", "WorldConfig",
+    "LoadResult", "chair_counts", "chair_ground_truth", "MixedDataset", "SampleSource", "SourceSpec",
+    "collate_samples", "load_coco", "load_llava", "load_mot", "load_refcoco", "POPE_SPLITS", "CooccurrenceStats",
+    "pope_samples", "render_preview", "Grounding", "ObjectGT", "Sample", "SOURCE_KINDS", "build_dataset",
+    "parse_sources",
 ]

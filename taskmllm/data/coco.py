@@ -13,11 +13,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from taskmllm.data.formats import LoadResult, PathLike, finish, read_json, require, resolve_path
-from taskmllm.data.sample import ObjectGT, Sample
+from taskmllm.data.annotations import LoadResult, PathLike, finish, read_json, require, resolve_path
+from taskmllm.data.sample import Grounding, ObjectGT, Sample
 from taskmllm.errors import DataFormatError
 from taskmllm.experts.base import TaskTarget
-from taskmllm.model.tokens import IMAGE, REF_CLOSE, REF_OPEN, TASK_TOKENS
+from taskmllm.model.tokens import REF_CLOSE, REF_OPEN, place_visual, task_token
 
 BOX_TOLERANCE = 1.0  # pixels a COCO box may exceed its image by (float rounding in real files)
 
@@ -189,13 +189,13 @@ def _ref_samples(ref: Any, name: str, path: str, by_ann: dict, split: Optional[s
         require(sent, ("sent",), path, f"{name} sentences[{j}]")
         phrase = " ".join(str(sent["sent"]).split())
         if task == "seg":
-            q, a = f"Please segment {phrase}.", f"Sure, {REF_OPEN}{phrase}{REF_CLOSE}{TASK_TOKENS['seg']}."
+            q, a = f"Please segment {phrase}.", f"Sure, {REF_OPEN}{phrase}{REF_CLOSE}{task_token('seg')}."
             target = TaskTarget("seg", phrase, mask=obj.mask, boxes=box)
         else:
-            q, a = f"Where is {phrase}?", f"{REF_OPEN}{phrase}{REF_CLOSE}{TASK_TOKENS['det']}."
+            q, a = f"Where is {phrase}?", f"{REF_OPEN}{phrase}{REF_CLOSE}{task_token('det')}."
             target = TaskTarget("det", phrase, boxes=box)
-        q = f"{q}\n{IMAGE}" if question_first else f"{IMAGE}\n{q}"
-        s = scene.with_turns(task, [(q, a)], [target], f"ref{ref['ref_id']}/{j}")
+        q = place_visual(q, image_first=not question_first)
+        s = scene.with_turns(task, [(q, a)], [target], f"ref{ref['ref_id']}/{j}", Grounding(q, (obj.id,)))
         s.source = "refcoco"
         s.meta.update(ref_id=ref["ref_id"], ann_id=ref["ann_id"], split=ref.get("split"))
         out.append(s)

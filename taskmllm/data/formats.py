@@ -18,65 +18,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional
 
+from taskmllm.data.annotations import LoadResult, PathLike, finish, read_json, require, resolve_path
+from taskmllm.data.coco import decode_segmentation, load_coco, load_refcoco
+from taskmllm.data.mot import load_mot
 from taskmllm.data.sample import Sample
 from taskmllm.errors import DataFormatError
-from taskmllm.model.tokens import IMAGE, TASK_TOKENS, VIDEO
-
-PathLike = Union[str, "os.PathLike[str]"]
-
-
-@dataclass
-class LoadResult:
-    """What a loader read: the valid samples and one error per malformed entry."""
-
-    samples: list[Sample] = field(default_factory=list)
-    errors: list[DataFormatError] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __iter__(self) -> Iterator[Sample]:
-        return iter(self.samples)
-
-    def __getitem__(self, i: int) -> Sample:
-        return self.samples[i]
-
-
-def finish(result: LoadResult, source: PathLike, strict: bool) -> LoadResult:
-    """Return ``result``, or raise the summary ``DataFormatError`` when ``strict`` and it holds errors."""
-    if strict and result.errors:
-        first = result.errors[0]
-        n = len(result.errors)
-        raise DataFormatError(source, first.entry, f"{first.reason}" + (f" (and {n - 1} more malformed "
-                              f"entries)" if n > 1 else ""), errors=tuple(result.errors), partial=result)
-    return result
-
-
-def read_json(path: PathLike) -> Any:
-    """Parse a JSON file; unreadable or invalid JSON raises ``DataFormatError`` naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataFormatError(path, "file", f"cannot read JSON: {exc}") from exc
-
-
-def require(entry: Any, keys: tuple[str, ...], source: PathLike, name: str) -> None:
-    """Raise ``DataFormatError`` naming ``name`` when ``entry`` is not a dict holding every key."""
-    if not isinstance(entry, dict):
-        raise DataFormatError(source, name, f"expected an object, got {type(entry).__name__}")
-    missing = [k for k in keys if k not in entry]
-    if missing:
-        raise DataFormatError(source, name, f"missing key(s) {', '.join(map(repr, missing))}")
-
-
-def resolve_path(root: Optional[PathLike], rel: str) -> str:
-    """``rel`` under ``root`` (``rel`` itself when it is absolute or there is no root)."""
-    return rel if root is None or os.path.isabs(rel) else os.path.join(root, rel)
-
+from taskmllm.experts import EXPERTS
+from taskmllm.model.tokens import IMAGE, VIDEO, place_visual, task_token
 
 # ------------------------------------------------------------------------------------------ LLaVA
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -130,7 +80,7 @@ def _llava_entry(entry: Any, i: int, name: str, path: str, image_root: Optional[
             if _ROLES.get(msg["from"]) != role or not isinstance(msg["value"], str):
                 raise DataFormatError(path, f"{name} conversations[{j}]",
                                       f"expected a {role} turn with a string value, got from={msg['from']!r}")
-        if any(tok in a["value"] for tok in TASK_TOKENS.values()):
+        if any(task_token(t) in a["value"] for t in EXPERTS):
             raise DataFormatError(path, f"{name} conversations[{k + 1}]",
                                   "answer holds a task token but LLaVA JSON has no expert targets for it")
         turns.append((q["value"], a["value"]))
@@ -142,15 +92,14 @@ def _llava_entry(entry: Any, i: int, name: str, path: str, image_root: Optional[
         sample.image_path = resolve_path(image_root, entry["image"])
         if check_files and not os.path.isfile(sample.image_path):
             raise DataFormatError(path, name, f"image file not found: {sample.image_path}")
-        placeholder = IMAGE
     elif "video" in entry:
         sample.frame_paths = _video_frames(entry["video"], image_root, path, name)
-        placeholder = VIDEO
     else:
         return sample
-    if not any(placeholder in q for q, _ in turns):
+    video = sample.frame_paths is not None
+    if not any((VIDEO if video else IMAGE) in q for q, _ in turns):
         q0, a0 = turns[0]
-        turns[0] = (f"{q0}\n{placeholder}" if question_first else f"{placeholder}\n{q0}", a0)
+        turns[0] = (place_visual(q0, video, image_first=not question_first), a0)
     return sample
 
 
@@ -168,10 +117,5 @@ def _video_frames(video: Any, root: Optional[PathLike], path: str, name: str) ->
                               "are not supported; extract frames first)")
     raise DataFormatError(path, name, "'video' must be a list of frame paths or a folder of frames")
 
-
-# The COCO/RefCOCO and MOT loaders live in their own modules and are re-exported here (they import the
-# helpers above, so these imports stay at the bottom).
-from taskmllm.data.coco import decode_segmentation, load_coco, load_refcoco  # noqa: E402
-from taskmllm.data.mot import load_mot  # noqa: E402
 
 __all__ = ["LoadResult", "load_llava", "load_coco", "load_refcoco", "load_mot", "decode_segmentation"]

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from taskmllm.data.formats import LoadResult, PathLike, finish
+from taskmllm.data.annotations import LoadResult, PathLike, finish
 from taskmllm.data.sample import ObjectGT, Sample, read_rgb
 from taskmllm.errors import DataFormatError, ImageError
 

@@ -1,4 +1,4 @@
-"""POPE-style yes/no object probing built from ShapesWorld ground truth and co-occurrence statistics.
+"""POPE-style yes/no object probing built from any samples' ground-truth objects and co-occurrence statistics.
 
 For each image, ``k = min(per_image, #present, #absent)`` present classes (answer yes) and ``k`` absent
 classes (answer no) are asked as ``"Is there a {shape} in the image?"``, so yes:no is exactly 1:1. Negatives:
@@ -8,26 +8,26 @@ classes (answer no) are asked as ``"Is there a {shape} in the image?"``, so yes:
 - ``adversarial``: the ``k`` absent classes with the highest co-occurrence with the present ones,
   score(a) = sum over present classes p of #images holding both p and a.
 
-Ties are broken by the class order of the statistics (:data:`~taskmllm.data.vocab.SHAPES` by default).
+Ties are broken by the class order of the statistics.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from taskmllm.data.sample import Sample
-from taskmllm.data.vocab import SHAPES
 from taskmllm.errors import ConfigError
+from taskmllm.model.tokens import place_visual
 
 POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
 
 
-def pope_question(shape: str) -> str:
+def pope_question(name: str) -> str:
     """The POPE question text about one class."""
-    return f"Is there a {shape} in the image?"
+    return f"Is there a {name} in the image?"
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class CooccurrenceStats:
     num_images: int
 
     @classmethod
-    def from_samples(cls, samples: Iterable[Sample], classes: Sequence[str] = SHAPES) -> "CooccurrenceStats":
+    def from_samples(cls, samples: Iterable[Sample], classes: Sequence[str]) -> "CooccurrenceStats":
         """Count over the ground-truth objects of ``samples`` (classes outside ``classes`` are ignored)."""
         index = {c: i for i, c in enumerate(classes)}
         counts = np.zeros((len(classes), len(classes)), dtype=np.int64)
@@ -92,9 +92,6 @@ def pope_samples(scenes: Iterable[Sample], split: str, stats: CooccurrenceStats,
     """
     if split not in POPE_SPLITS:
         raise ConfigError(f"unknown POPE split {split!r}; expected one of {POPE_SPLITS}")
-    from taskmllm.data.conversations import ConversationBuilder, ConversationConfig
-
-    builder = ConversationBuilder(ConversationConfig(question_first=question_first))
     rng = np.random.default_rng([seed, POPE_SPLITS.index(split)])
     out: list[Sample] = []
     for scene in scenes:
@@ -107,15 +104,9 @@ def pope_samples(scenes: Iterable[Sample], split: str, stats: CooccurrenceStats,
         neg = negatives(present, k, split, stats, rng)
         for label, names in (("yes", pos), ("no", neg)):
             for name in names:
-                turn = (builder.question(pope_question(name)), "Yes." if label == "yes" else "No.")
+                question = place_visual(pope_question(name), image_first=not question_first)
+                turn = (question, "Yes." if label == "yes" else "No.")
                 s = scene.with_turns("pope", [turn], [], f"pope/{split}/{name}")
                 s.meta.update(pope_split=split, object=name, label=label)
                 out.append(s)
     return out
-
-
-def pope_split(scenes: Sequence[Sample], split: str, stats: Optional[CooccurrenceStats] = None,
-               per_image: int = 3, seed: int = 0) -> list[Sample]:
-    """Convenience: :func:`pope_samples` with statistics counted over ``scenes`` when none are given."""
-    stats = stats or CooccurrenceStats.from_samples(scenes)
-    return pope_samples(scenes, split, stats, per_image, seed)

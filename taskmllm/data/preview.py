@@ -1,9 +1,10 @@
 """A grid PNG of samples for people: pixels, target masks (tinted), boxes, and the conversation text.
 
-``taskmllm data preview --n 16 --out grid.png`` calls :func:`preview_main`.
-Images show every target mask lightly tinted with its outline drawn, and every target box outlined (ground-truth object boxes thin and
-grey when the sample has no box target); videos show four frames with the tracked box per frame (dashed
-red frame border where the target is invisible). Text under each cell: task, question, answer.
+``taskmllm data preview --n 16 --out grid.png`` renders ShapesWorld samples with it
+(:func:`taskmllm.data.shapesworld.preview.preview_main`). Images show every target mask lightly tinted with its
+outline drawn, and every target box outlined (ground-truth object boxes thin and grey when the sample has no box
+target); videos show four frames with the tracked box per frame (dashed red frame border where the target is
+invisible). Text under each cell: task, question, answer.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from taskmllm.data.conversations import IMAGE_TASKS, VIDEO_TASKS
 from taskmllm.data.sample import Sample
 
 _TINTS = ((255, 0, 255), (0, 255, 0), (255, 255, 0), (0, 255, 255))
@@ -128,15 +128,3 @@ def render_preview(samples: Sequence[Sample], path: str, cell: int = 256, cols: 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     grid.save(path, format="PNG")
     return path
-
-
-def preview_main(n: int = 16, out: str = "grid.png", seed: int = 0, split: str = "train") -> str:
-    """Render ``n`` ShapesWorld samples cycling through every task to ``out`` (the CLI's ``data preview``)."""
-    from taskmllm.data.dataset import ShapesWorldSource
-    from taskmllm.data.shapesworld import ShapesWorld
-
-    world = ShapesWorld(seed=seed)
-    tasks = IMAGE_TASKS + VIDEO_TASKS
-    sources = {t: ShapesWorldSource(world, t, split) for t in tasks}
-    samples = [sources[tasks[i % len(tasks)]][i] for i in range(n)]
-    return render_preview(samples, out)

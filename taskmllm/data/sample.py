@@ -30,42 +30,71 @@ class ObjectGT:
 
     Attributes:
         id: object id, unique within its sample.
-        category: class name (``"circle"``, a COCO category name, ``"pedestrian"``).
-        color, size: ShapesWorld attributes (``None`` for real data).
+        category: class name (a COCO category name, ``"pedestrian"``, a ShapesWorld shape).
         mask: ``(H, W)`` bool visible mask (images).
         box: ``(4,)`` float pixel box tight to ``mask`` (images).
         area: visible pixel count (images).
-        polygon: ``(P, 2)`` float vertices (x, y) in pixels as rasterized (images; ShapesWorld only).
         masks: ``(T, H, W)`` bool visible mask per frame (videos; ``None`` for box-only tracks).
         boxes: ``(T, 4)`` float pixel box per frame (zeros where invisible) (videos).
         visible: ``(T,)`` bool, the object can be seen in the frame (videos).
         interval: ``(first, last)`` frame (0-based, inclusive) in which the object is visible (videos).
-        polygons: ``(T, P, 2)`` per-frame vertices (videos; ShapesWorld only).
         present: ``(T,)`` bool, the object is in the scene and its outline overlaps the frame (it may still
             be fully occluded or cover no pixel).
-        depth: drawing order, larger is nearer (ShapesWorld only).
+        labels: further class labels of the object by kind (e.g. ``{"color": "red"}``), besides its
+            ``category``; auxiliary losses can supervise any kind a source labels (:meth:`label`).
     """
 
     id: int
     category: str
-    color: Optional[str] = None
-    size: Optional[str] = None
     mask: Optional[np.ndarray] = None
     box: Optional[np.ndarray] = None
     area: Optional[int] = None
-    polygon: Optional[np.ndarray] = None
     masks: Optional[np.ndarray] = None
     boxes: Optional[np.ndarray] = None
     visible: Optional[np.ndarray] = None
     interval: Optional[tuple[int, int]] = None
-    polygons: Optional[np.ndarray] = None
     present: Optional[np.ndarray] = None
-    depth: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
-        """``"red circle"`` style name (category alone when there is no color)."""
-        return f"{self.color} {self.category}" if self.color else self.category
+        """How captions name it (its category; sources with richer labels override this)."""
+        return self.category
+
+    def label(self, kind: str) -> Optional[str]:
+        """The object's class of labelling ``kind``: its ``category`` for ``"category"``, else ``labels[kind]``."""
+        return self.category if kind == "category" else self.labels.get(kind)
+
+    def frame_mask(self, t: int, hw: tuple[int, int]) -> Optional[np.ndarray]:
+        """``(H, W)`` bool region of the object in frame ``t`` (0 for an image): its mask, else its box filled,
+        else None (nothing known)."""
+        mask = self.masks[t] if self.masks is not None else self.mask
+        if mask is not None:
+            return np.asarray(mask, bool)
+        box = self.boxes[t] if self.boxes is not None else self.box
+        if box is None or (self.visible is not None and not bool(self.visible[t])):
+            return None
+        out = np.zeros(hw, bool)
+        x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+        out[max(0, y1):max(0, y2), max(0, x1):max(0, x2)] = True
+        return out
+
+
+@dataclass(frozen=True)
+class Grounding:
+    """What the text before the visual tokens names, and where: the target of region-phrase alignment.
+
+    The visual tokens that follow a question can depend on it, so training can teach them to mark the regions
+    the question names (region-phrase alignment, an auxiliary loss of ``taskmllm.training.aux``). Any grounded source fills it: ShapesWorld's conversation
+    builder, a referring expression of RefCOCO, a COCO category question.
+
+    Attributes:
+        text: the text that names the regions (the question or a referring expression).
+        objects: ids of the sample's objects it names; ``()`` when it names something absent from the image.
+    """
+
+    text: str
+    objects: tuple[int, ...] = ()
 
 
 @dataclass
@@ -83,8 +112,7 @@ class Sample:
         targets: one :class:`TaskTarget` per task token in the answers, in order.
         objects: ground-truth objects.
         meta: free-form extras (background kind, split, file names, ...).
-        focus: ids of the objects the first question names (``()``: it names something absent; None: nothing,
-            or unknown). The visual tokens come after that question, so training can teach them where to look.
+        grounding: what the first question names and where (:class:`Grounding`), or None (nothing, or unknown).
         image_path / frame_paths: where the pixels are when not loaded.
     """
 
@@ -97,7 +125,7 @@ class Sample:
     targets: list[TaskTarget] = field(default_factory=list)
     objects: list[ObjectGT] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
-    focus: Optional[tuple[int, ...]] = None
+    grounding: Optional[Grounding] = None
     image_path: Optional[str] = None
     frame_paths: Optional[list[str]] = None
 
@@ -127,10 +155,11 @@ class Sample:
         return len(self.frame_paths) if self.frame_paths is not None else 1
 
     def with_turns(self, task: str, turns: list[tuple[str, str]], targets: list[TaskTarget],
-                   suffix: str = "", focus: Optional[tuple[int, ...]] = None) -> "Sample":
-        """A copy with new turns, targets and focus (pixels and objects shared, not copied)."""
+                   suffix: str = "", grounding: Optional[Grounding] = None) -> "Sample":
+        """A copy with new turns, targets and grounding (pixels and objects shared, not copied)."""
         return dataclasses.replace(self, id=self.id + (f"/{suffix}" if suffix else ""), task=task,
-                                   turns=list(turns), targets=list(targets), meta=dict(self.meta), focus=focus)
+                                   turns=list(turns), targets=list(targets), meta=dict(self.meta),
+                                   grounding=grounding)
 
     def load(self) -> "Sample":
         """This sample with pixels in memory (reads ``image_path`` / ``frame_paths`` when needed).

@@ -74,9 +74,8 @@ def write_examples(out: Union[str, Path] = EXAMPLES_DIR, seed: int = 7) -> list[
     import numpy as np
     from PIL import Image
 
-    from taskmllm.data.dataset import ShapesWorldSource
     from taskmllm.data.media import encode_animation
-    from taskmllm.data.shapesworld import ShapesWorld, WorldConfig
+    from taskmllm.data.shapesworld import ShapesWorld, TaskSource, WorldConfig
     from taskmllm.model.tokens import IMAGE, VIDEO
 
     out = Path(out)
@@ -85,7 +84,7 @@ def write_examples(out: Union[str, Path] = EXAMPLES_DIR, seed: int = 7) -> list[
     entries = []
     for task, index, name in (("seg", 1, "shapes-seg.png"), ("det", 5, "shapes-det.png"),
                               ("count", 11, "shapes-count.png"), ("track", 2, "shapes-track.gif")):
-        sample = ShapesWorldSource(world, task, split="test")[index]
+        sample = TaskSource(world, task, split="test")[index]
         question = sample.turns[0][0].replace(IMAGE, "").replace(VIDEO, "").strip()
         if sample.is_video:
             (out / name).write_bytes(encode_animation(list(sample.frames), "gif", fps=4))

@@ -149,7 +149,7 @@ def evaluate(model: Union[str, Path], suite: str, out: Union[str, Path], options
 
     if suite not in SUITES:  # fail before loading the model
         raise ConfigError(f"unknown suite {suite!r}; known: {sorted(SUITES)}")
-    from taskmllm.recipes import resolve_checkpoint
+    from taskmllm.zoo import resolve_checkpoint
 
     path = resolve_checkpoint(model)
     if not path.is_dir():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,34 +65,41 @@ def _curve(result: Mapping[str, Any], key: str, label: str) -> tuple[np.ndarray,
     return xs, ys
 
 
+def _plot_curves(runs: Mapping[str, Mapping[str, Any]], what: str, key: str,
+                 legend: Callable[[str, Mapping[str, Any], np.ndarray, np.ndarray], str], legend_loc: str,
+                 **axes: Any) -> tuple[Figure, Axes]:
+    """One line per run of its ``key`` curve, labelled ``legend(label, result, xs, ys)``; ``axes``: ``ax.set``."""
+    _require_runs(runs, what)
+    fig, ax = _new_figure()
+    for label, result in runs.items():
+        xs, ys = _curve(result, key, label)
+        ax.plot(xs, ys, linewidth=2, label=legend(label, result, xs, ys))
+    ax.set(**axes)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc=legend_loc)
+    return fig, ax
+
+
 def plot_tracking_success(runs: Mapping[str, Mapping[str, Any]], path: Path,
                           title: str = "Success plot (one-pass evaluation)") -> Path:
     """Success rate vs IoU threshold per run (from :func:`~taskmllm.eval.tracking.tracking_metrics`); AUC in legend."""
-    _require_runs(runs, "tracking success")
-    fig, ax = _new_figure()
-    for label, result in runs.items():
-        xs, ys = _curve(result, "success_curve", label)
-        ax.plot(xs, ys, linewidth=2, label=f"{label} [AUC {result.get('success_auc', float(ys.mean())):.3f}]")
-    ax.set(title=title, xlabel="Overlap (IoU) threshold", ylabel="Success rate", xlim=(0, 1), ylim=(0, 1.02))
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower left")
+    fig, _ = _plot_curves(runs, "tracking success", "success_curve",
+                          lambda label, r, xs, ys: f"{label} [AUC {r.get('success_auc', float(ys.mean())):.3f}]",
+                          "lower left", title=title, xlabel="Overlap (IoU) threshold", ylabel="Success rate",
+                          xlim=(0, 1), ylim=(0, 1.02))
     return _save(fig, path)
 
 
 def plot_tracking_precision(runs: Mapping[str, Mapping[str, Any]], path: Path,
                             title: str = "Precision plot (one-pass evaluation)") -> Path:
     """Precision vs center-location-error threshold (px) per run; precision@20 px in the legend."""
-    _require_runs(runs, "tracking precision")
-    fig, ax = _new_figure()
-    for label, result in runs.items():
-        xs, ys = _curve(result, "precision_curve", label)
-        p20 = result.get("precision@20", float(np.interp(20.0, xs, ys)))
-        ax.plot(xs, ys, linewidth=2, label=f"{label} [P@20px {p20:.3f}]")
+    def legend(label: str, r: Mapping[str, Any], xs: np.ndarray, ys: np.ndarray) -> str:
+        return f"{label} [P@20px {r.get('precision@20', float(np.interp(20.0, xs, ys))):.3f}]"
+
+    fig, ax = _plot_curves(runs, "tracking precision", "precision_curve", legend, "lower right", title=title,
+                           xlabel="Center location error threshold (pixels)", ylabel="Precision", ylim=(0, 1.02))
     ax.axvline(20.0, color="gray", linestyle="--", linewidth=1, label="20 px")
-    ax.set(title=title, xlabel="Center location error threshold (pixels)", ylabel="Precision",
-           ylim=(0, 1.02))
     ax.set_xlim(left=0)
-    ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
     return _save(fig, path)
 
@@ -100,16 +107,12 @@ def plot_tracking_precision(runs: Mapping[str, Mapping[str, Any]], path: Path,
 def plot_detection_pr(runs: Mapping[str, Mapping[str, Any]], path: Path,
                       title: str = "Detection precision-recall (IoU 0.5)") -> Path:
     """Precision–recall curve at IoU 0.5 (COCOeval's precision array, mean over classes) per run."""
-    _require_runs(runs, "detection precision-recall")
-    fig, ax = _new_figure()
-    for label, result in runs.items():
-        xs, ys = _curve(result, "pr_curve", label)
-        ap50 = result.get("AP50")
-        suffix = f" [AP50 {ap50:.3f}]" if isinstance(ap50, (int, float)) else ""
-        ax.plot(xs, ys, linewidth=2, label=f"{label}{suffix}")
-    ax.set(title=title, xlabel="Recall", ylabel="Precision", xlim=(0, 1), ylim=(0, 1.02))
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower left")
+    def legend(label: str, r: Mapping[str, Any], xs: np.ndarray, ys: np.ndarray) -> str:
+        ap50 = r.get("AP50")
+        return f"{label} [AP50 {ap50:.3f}]" if isinstance(ap50, (int, float)) else label
+
+    fig, _ = _plot_curves(runs, "detection precision-recall", "pr_curve", legend, "lower left", title=title,
+                          xlabel="Recall", ylabel="Precision", xlim=(0, 1), ylim=(0, 1.02))
     return _save(fig, path)
 
 

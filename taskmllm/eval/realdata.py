@@ -25,8 +25,7 @@ from typing import Optional, Union
 import numpy as np
 
 from taskmllm.data.coco import load_coco
-from taskmllm.data.conversations import ConversationBuilder
-from taskmllm.data.formats import read_json, require, resolve_path
+from taskmllm.data.annotations import read_json, require, resolve_path
 from taskmllm.data.pope import POPE_SPLITS
 from taskmllm.errors import ConfigError, DataFormatError, ImageError
 from taskmllm.eval.hallucination import ChairVocabulary, chair, pope_summary
@@ -100,7 +99,6 @@ def run_pope(answer: Answerer, question_files: Sequence[PathLike], image_root: O
     """
     if not question_files:
         raise ConfigError("run_pope needs at least one POPE question file")
-    builder = ConversationBuilder()
     per_split: dict[str, list[PopeQuestion]] = {}
     for path in question_files:
         name = _split_name(path)
@@ -110,7 +108,7 @@ def run_pope(answer: Answerer, question_files: Sequence[PathLike], image_root: O
     _check_images([resolve_path(image_root, q.image) for qs in per_split.values() for q in qs])
     splits = {}
     for name, questions in per_split.items():
-        pairs = [(resolve_path(image_root, q.image), builder.question(q.text)) for q in questions]
+        pairs = [(resolve_path(image_root, q.image), q.text) for q in questions]  # the model places the image
         results = answer_all(answer, pairs, batch_size, f"pope/{name}", progress)
         splits[name] = ([r.text for r in results], [q.label for q in questions])
     summary = pope_summary(splits)
@@ -162,8 +160,7 @@ def run_chair(answer: Answerer, instances_file: PathLike, captions_file: Optiona
         gt.append(objects)
     paths = [str(s.image_path) for s in scenes]
     _check_images(paths)
-    question = ConversationBuilder().question(prompt)
-    results = answer_all(answer, [(p, question) for p in paths], batch_size, "chair", progress)
+    results = answer_all(answer, [(p, prompt) for p in paths], batch_size, "chair", progress)
     metrics = chair([r.text for r in results], gt, vocab)
     metrics["image_ids"] = [s.meta["image_id"] for s in scenes]
     return SuiteOutput({"suite": "chair", "n_images": len(scenes), "chair": metrics})

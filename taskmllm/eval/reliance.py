@@ -92,8 +92,7 @@ def reliance_by_task(mllm: Any, tasks: Sequence[str] = RELIANCE_TASKS, n: int = 
                      batch_size: int = 16) -> dict[str, dict[str, float]]:
     """:func:`image_reliance` on ``n`` ShapesWorld ``test`` questions of each task (drawn at the model's input
     size, from the evaluation world ``seed``, default ``DEFAULT_EVAL_SEED``)."""
-    from taskmllm.data.dataset import shapesworld_dataset
-    from taskmllm.data.shapesworld import WorldConfig
+    from taskmllm.data.shapesworld import WorldConfig, shapesworld_dataset
     from taskmllm.eval.suites import DEFAULT_EVAL_SEED
 
     world = WorldConfig(image_size=mllm.config.vision.image_size)

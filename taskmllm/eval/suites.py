@@ -34,11 +34,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from taskmllm.data.chair import chair_ground_truth
-from taskmllm.data.conversations import IMAGE_TASKS, VIDEO_TASKS, ConversationBuilder
 from taskmllm.data.pope import POPE_SPLITS, CooccurrenceStats, pope_samples
 from taskmllm.data.sample import Sample
-from taskmllm.data.shapesworld import ShapesWorld, WorldConfig
-from taskmllm.data.vocab import CHAIR_SYNONYMS
+from taskmllm.data.shapesworld import (CHAIR_SYNONYMS, IMAGE_TASKS, VIDEO_TASKS, ConversationBuilder, ShapesWorld,
+                                      WorldConfig)
 from taskmllm.errors import ConfigError, MetricInputError
 from taskmllm.eval.detection import DetectionGroundTruth, DetectionPrediction, coco_ap
 from taskmllm.eval.grounding import rec_accuracy, referring_segmentation, temporal_grounding
@@ -47,7 +46,7 @@ from taskmllm.eval.report import PlotSpec
 from taskmllm.eval.routing import routing_accuracy
 from taskmllm.eval.tracking import tracking_metrics
 from taskmllm.eval.vqa import vqa_accuracy
-from taskmllm.model.tokens import TASK_TOKENS, task_token
+from taskmllm.model.tokens import task_token
 
 __all__ = ["DEFAULT_EVAL_SEED", "HELDOUT_TASKS", "SHAPES_TASKS", "Answerer", "EvalItem", "SuiteOutput",
            "answer_all", "pipeline_answerer", "run_chair_shapes", "run_pope_shapes", "run_shapes", "score_task",
@@ -59,7 +58,7 @@ SHAPES_TASKS: tuple[str, ...] = IMAGE_TASKS + VIDEO_TASKS
 HELDOUT_TASKS: tuple[str, ...] = ("caption", "exist", "color", "shape", "count", "seg", "rec", "det")
 VQA_TASKS = ("exist", "color", "shape", "count", "relation")
 EXPERT_OF = {"seg": "seg", "rec": "det", "det": "det", "track": "track", "track_box": "track"}
-_TASK_TOKEN_RE = re.compile("|".join(re.escape(t) for t in TASK_TOKENS.values()))
+_TASK_TOKEN_RE = re.compile("|".join(re.escape(task_token(t)) for t in sorted(set(EXPERT_OF.values()))))
 _INTERVAL_RE = re.compile(r"frame\s+(\d+)\s+to\s+frame\s+(\d+)", re.IGNORECASE)
 
 

@@ -8,14 +8,16 @@ hands each expert the query hidden states of its calls together with :class:`Vis
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import MISSING, dataclass, field, fields
-from typing import ClassVar, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from taskmllm.errors import ConfigError, TargetError
+from taskmllm.experts.canvas import Canvas, Color
+from taskmllm.schema import from_dict
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -86,6 +88,20 @@ class TaskTarget:
     prompt_box: Optional[ArrayLike] = None
 
 
+class ExpertResult(ABC):
+    """One call's user-facing output at the original image size (numpy, pixels). Each expert's result type
+    subclasses it and says how it is drawn and serialized, so nothing above the experts knows a task by name."""
+
+    @abstractmethod
+    def draw(self, canvas: Canvas, frame: Optional[int], label: str, color: Color, threshold: float) -> None:
+        """Annotate ``canvas``: the image (``frame`` None) or frame ``frame`` of a video. ``label`` names the call
+        (its ``<ref>`` phrase or task); outputs scored below ``threshold`` are left out."""
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields of the output (lists, strings, numbers)."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------------
@@ -148,22 +164,8 @@ class ExpertSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> "ExpertSpec":
-        """Inverse of :meth:`to_dict`; unknown or missing keys raise :class:`ConfigError`."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"unknown ExpertSpec keys {unknown}; valid keys: {sorted(names)}")
-        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
-        missing = sorted(required - set(data))
-        if missing:
-            raise ConfigError(f"ExpertSpec is missing keys {missing}")
-        grid = data["grid"]
-        if not isinstance(grid, (list, tuple)) or len(grid) != 2:
-            raise ConfigError(f"ExpertSpec.grid must be a pair (h, w), got {grid!r}")
-        kwargs = dict(data)
-        kwargs["grid"] = (grid[0], grid[1])
-        kwargs["options"] = dict(data.get("options") or {})  # type: ignore[call-overload]
-        return cls(**kwargs)  # type: ignore[arg-type]
+        """Inverse of :meth:`to_dict`; unknown or missing keys and wrong types raise :class:`ConfigError`."""
+        return from_dict(cls, data, "ExpertSpec")
 
 
 @dataclass
@@ -172,26 +174,8 @@ class ExpertOptions:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, JsonScalar]) -> "ExpertOptions":
-        valid = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(data) - set(valid))
-        if unknown:
-            raise ConfigError(f"unknown {cls.__name__} keys {unknown}; valid keys: {sorted(valid)}")
-        kwargs: dict[str, JsonScalar] = {}
-        for key, value in data.items():
-            default = getattr(cls, key, None)
-            if isinstance(default, bool):
-                ok = isinstance(value, bool)
-            elif isinstance(default, int):
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            elif isinstance(default, float):
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-                value = float(value) if ok else value  # type: ignore[arg-type]
-            else:
-                ok = True
-            if not ok:
-                raise ConfigError(f"{cls.__name__}.{key} must be {type(default).__name__}, got {value!r}")
-            kwargs[key] = value
-        return cls(**kwargs)  # type: ignore[arg-type]
+        """Strictly typed options (:func:`taskmllm.schema.from_dict`): unknown keys and wrong types raise."""
+        return from_dict(cls, data, cls.__name__)
 
     def to_dict(self) -> dict[str, JsonScalar]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -233,25 +217,36 @@ def check_widths(owner: str, dim: int, num_heads: int, depth: int, multiple: int
 class Expert(nn.Module, ABC):
     """A differentiable task head driven by the LLM hidden states of K task queries.
 
-    Subclasses set the class attributes ``name`` (the registry key and task token, e.g. ``"seg"``),
-    ``default_num_queries`` and ``options_cls``, and implement :meth:`forward`, :meth:`loss` and
-    :meth:`postprocess`. Each expert owns its projection from the LLM hidden size H; the learnable query
-    embeddings themselves belong to the MLLM.
+    A subclass declares its registry name (the task token ``<name>``), default number of queries K, options
+    class and whether it reads whole videos as class keywords —
+    ``class SegmentationExpert(Expert, name="seg", num_queries=1, options=SegmentationOptions)`` — which set the
+    class attributes below, and implements :meth:`forward`, :meth:`loss` and :meth:`postprocess`. Each expert owns
+    its projection from the LLM hidden size H; the learnable query embeddings themselves belong to the MLLM.
 
     Calling convention (M calls, K queries, T frames, N = h*w patches, C vision width):
         ``forward(query_states (M, K, H), features: VisionFeatures (M, T, N, C), prompts: list[ExpertPrompt]
         of length M or None) -> <Name>Output``;
         ``loss(outputs, targets: list[TaskTarget] of length M) -> dict[str, Tensor]`` with the expert's
         own loss weights already applied (their sum is the expert's loss);
-        ``postprocess(outputs, sizes: list[(H, W)] original image sizes) -> list[<Name>Result]``.
+        ``postprocess(outputs, sizes: list[(H, W)] original image sizes) -> list[<Name>Result]`` (each an
+        :class:`ExpertResult`, which draws and serializes itself).
     """
 
     name: ClassVar[str] = ""
     default_num_queries: ClassVar[int] = 1
     options_cls: ClassVar[type[ExpertOptions]] = ExpertOptions
     #: whether the expert reads every frame of a video (tracking); an image expert called about a video (a
-    #: model may emit ``<det>`` for one) reads its first frame (:meth:`JointModel.run_expert`)
+    #: model may emit ``<det>`` for one) reads its first frame (``taskmllm.router.dispatch``)
     video: ClassVar[bool] = False
+
+    def __init_subclass__(cls, name: Optional[str] = None, num_queries: Optional[int] = None,
+                          options: Optional[type[ExpertOptions]] = None, video: Optional[bool] = None,
+                          **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for attr, value in (("name", name), ("default_num_queries", num_queries), ("options_cls", options),
+                            ("video", video)):
+            if value is not None:
+                setattr(cls, attr, value)
 
     @property
     def reads_pixels(self) -> bool:
@@ -267,12 +262,8 @@ class Expert(nn.Module, ABC):
         self.vision_dim = spec.vision_dim
 
     @abstractmethod
-    def forward(
-        self,
-        query_states: torch.Tensor,
-        features: VisionFeatures,
-        prompts: Optional[Sequence[ExpertPrompt]] = None,
-    ) -> object:
+    def forward(self, query_states: torch.Tensor, features: VisionFeatures,
+                prompts: Optional[Sequence[ExpertPrompt]] = None) -> object:
         """Run the head; see the class docstring."""
 
     @abstractmethod
@@ -281,7 +272,7 @@ class Expert(nn.Module, ABC):
 
     @abstractmethod
     def postprocess(self, outputs: object, sizes: Sequence[tuple[int, int]],
-                    score_threshold: Optional[float] = None) -> list:
+                    score_threshold: Optional[float] = None) -> list[ExpertResult]:
         """User-facing results at each call's original ``(H, W)``.
 
         ``score_threshold``: for experts whose outputs carry scores (detection), the lowest score kept (None:

@@ -11,6 +11,7 @@ from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from torch import nn
 
 from taskmllm.errors import ConfigError, InputError
+from taskmllm.experts.base import DecoderOptions, Expert, ExpertSpec, VisionFeatures
 from taskmllm.experts.boxes import box_cxcywh_to_xyxy
 
 
@@ -67,6 +68,19 @@ class FeatureProjection(nn.Module):
         c = c.reshape(-1, *context_grid, d).permute(0, 3, 1, 2)  # (B', D, h', w')
         c = F.interpolate(c, size=tuple(grid), mode="nearest")  # (B', D, h, w)
         return self.norm(x + c.flatten(2).transpose(1, 2).reshape(*lead, -1, d))
+
+
+def frame_embedding(projection: FeatureProjection, pe: GridPositionalEncoding, features: VisionFeatures,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first frame of each call as a SAM decoder's image embedding: ``(M, D, h, w)`` projected features (with
+    the LLM's visual-token states when the projection reads them) and the ``(1, D, h, w)`` grid positional
+    encoding."""
+    h, w = features.grid
+    image = projection(features.features[:, 0].to(dtype), (h, w), features.frame_context(True),
+                       features.context_grid)  # (M, N, D)
+    m, d = image.shape[0], image.shape[-1]
+    image_pe = pe.grid((h, w)).transpose(0, 1).reshape(1, d, h, w).to(dtype)
+    return image.transpose(1, 2).reshape(m, d, h, w), image_pe
 
 
 class GridPositionalEncoding(nn.Module):
@@ -151,3 +165,18 @@ def center_cells(boxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     cx = ((boxes[:, 0] + boxes[:, 2]) / 2 * w).long().clamp(0, w - 1)
     cy = ((boxes[:, 1] + boxes[:, 3]) / 2 * h).long().clamp(0, h - 1)
     return cy * w + cx
+
+
+class DecoderExpert(Expert, options=DecoderOptions):
+    """Base of the built-in experts: an attention decoder of width ``options.dim`` reading the task queries and the
+    patch features, both projected into it (:class:`QueryProjection`, :class:`FeatureProjection`, with the LLM's
+    visual-token states when ``llm_context``), with the grid's positional encoding (:class:`GridPositionalEncoding`).
+    """
+
+    def __init__(self, spec: ExpertSpec) -> None:
+        super().__init__(spec)
+        d = self.options.dim  # type: ignore[attr-defined]
+        self.query_proj = QueryProjection(spec.hidden_size, d)
+        self.feature_proj = FeatureProjection(spec.vision_dim, d,
+                                              spec.hidden_size if self.options.llm_context else 0)  # type: ignore
+        self.pe = GridPositionalEncoding(d)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,29 +34,12 @@ from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
 from taskmllm.errors import ConfigError, InputError, TargetError
-from taskmllm.experts.base import (
-    DecoderOptions,
-    Expert,
-    ExpertPrompt,
-    ExpertSpec,
-    TaskTarget,
-    VisionFeatures,
-    as_tensor,
-    check_widths,
-    zero_terms,
-)
+from taskmllm.experts.base import (DecoderOptions, ExpertPrompt, ExpertResult, ExpertSpec, TaskTarget,
+                                   VisionFeatures, as_tensor, check_widths, zero_terms)
 from taskmllm.experts.boxes import elementwise_generalized_box_iou, nms
-from taskmllm.experts.common import (
-    BOX_HEADS,  # noqa: F401 (was defined here; kept importable from detection)
-    BoxHead,
-    FeatureProjection,
-    GridPositionalEncoding,
-    LocalizingBoxHead,
-    QueryProjection,
-    center_cells,
-    check_box_head,
-    heatmap_loss,
-)
+from taskmllm.experts.canvas import Canvas, Color
+from taskmllm.experts.common import (BoxHead, DecoderExpert, LocalizingBoxHead,
+                                     center_cells, check_box_head, frame_embedding, heatmap_loss)
 from taskmllm.experts.matching import HungarianMatcher, MatchCosts
 
 
@@ -128,11 +111,21 @@ class DetectionOutput:
 
 
 @dataclass
-class DetectionResult:
+class DetectionResult(ExpertResult):
     """Attributes: boxes ``(n, 4)`` float32 pixel xyxy at the original size, scores ``(n,)``, best first."""
 
     boxes: np.ndarray
     scores: np.ndarray
+
+    def draw(self, canvas: Canvas, frame: Optional[int], label: str, color: Color, threshold: float) -> None:
+        """Each box scoring at least ``threshold``, labelled with its score (an image only)."""
+        if frame is None:
+            for box, score in zip(self.boxes, self.scores):
+                if float(score) >= threshold:
+                    canvas.box(tuple(box), f"{label} {float(score):.2f}", color)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"boxes": np.round(self.boxes, 2).tolist(), "scores": np.round(self.scores, 4).tolist()}
 
 
 def center_targets(boxes: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
@@ -145,21 +138,14 @@ def center_targets(boxes: Sequence[torch.Tensor], grid: tuple[int, int]) -> torc
     return out
 
 
-class DetectionExpert(Expert):
+class DetectionExpert(DecoderExpert, name="det", num_queries=8, options=DetectionOptions):
     """``<det>``: up to K boxes with scores per call (K = num_queries, default 8)."""
 
-    name = "det"
-    default_num_queries = 8
-    options_cls = DetectionOptions
-
     def __init__(self, spec: ExpertSpec) -> None:
-        super().__init__(spec)
+        super().__init__(spec)  # query and feature projections, positional encoding
         opts: DetectionOptions = self.options  # type: ignore[assignment]
         d = opts.dim
-        self.query_proj = QueryProjection(spec.hidden_size, d)
         self.slot_embed = nn.Embedding(spec.num_queries, d)
-        self.feature_proj = FeatureProjection(spec.vision_dim, d, spec.hidden_size if opts.llm_context else 0)
-        self.pe = GridPositionalEncoding(d)
         self.decoder = TwoWayTransformer(depth=opts.depth, embedding_dim=d, num_heads=opts.num_heads, mlp_dim=opts.mlp_dim)
         self.box_head = BoxHead(d) if opts.box_head == "mlp" else LocalizingBoxHead(d)
         self.obj_head = nn.Linear(d, 1)
@@ -168,21 +154,14 @@ class DetectionExpert(Expert):
             nn.init.constant_(self.center_head.bias, -math.log(99.0))  # many empty cells starts small
         self.matcher = HungarianMatcher(MatchCosts(objectness=opts.cost_obj, l1=opts.cost_l1, giou=opts.cost_giou))
 
-    def forward(
-        self,
-        query_states: torch.Tensor,
-        features: VisionFeatures,
-        prompts: Optional[Sequence[ExpertPrompt]] = None,
-    ) -> DetectionOutput:
+    def forward(self, query_states: torch.Tensor, features: VisionFeatures,
+                prompts: Optional[Sequence[ExpertPrompt]] = None) -> DetectionOutput:
         """``query_states (M, K, H)``, ``features (M, 1, h*w, C)`` -> :class:`DetectionOutput`."""
         self.check_inputs(query_states, features, prompts, single_frame=True)
         dtype = self.slot_embed.weight.dtype
-        m = query_states.shape[0]
         h, w = features.grid
-        d = self.slot_embed.embedding_dim
-        image = self.feature_proj(features.features[:, 0].to(dtype), (h, w), features.frame_context(True),
-                                  features.context_grid).transpose(1, 2).reshape(m, d, h, w)
-        image_pe = self.pe.grid((h, w)).transpose(0, 1).reshape(1, d, h, w).to(dtype).expand(m, -1, -1, -1)
+        image, image_pe = frame_embedding(self.feature_proj, self.pe, features, dtype)  # (M, D, h, w), (1, D, h, w)
+        image_pe = image_pe.expand(image.shape[0], -1, -1, -1)
         queries = self.query_proj(query_states.to(dtype)) + self.slot_embed.weight[None]
         hs, patches = self.decoder(image, image_pe, queries)  # (M, K, D), (M, h*w, D)
         logits = self.obj_head(hs)[..., 0]

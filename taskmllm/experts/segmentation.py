@@ -10,7 +10,7 @@ bilinearly to the model input for the loss and to each original image size in :m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,18 +19,10 @@ from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 from torch import nn
 
 from taskmllm.errors import InputError, TargetError
-from taskmllm.experts.base import (
-    DecoderOptions,
-    Expert,
-    ExpertPrompt,
-    ExpertSpec,
-    TaskTarget,
-    VisionFeatures,
-    as_tensor,
-    check_widths,
-    zero_terms,
-)
-from taskmllm.experts.common import FeatureProjection, GridPositionalEncoding, QueryProjection
+from taskmllm.experts.base import (DecoderOptions, ExpertPrompt, ExpertResult, ExpertSpec, TaskTarget,
+                                   VisionFeatures, as_tensor, check_widths, zero_terms)
+from taskmllm.experts.canvas import Canvas, Color
+from taskmllm.experts.common import DecoderExpert, frame_embedding
 
 
 @dataclass
@@ -72,11 +64,23 @@ class SegmentationOutput:
 
 
 @dataclass
-class SegmentationResult:
+class SegmentationResult(ExpertResult):
     """Attributes: mask ``(H, W)`` bool numpy array at the original size; score the predicted quality."""
 
     mask: np.ndarray
     score: float
+
+    def draw(self, canvas: Canvas, frame: Optional[int], label: str, color: Color, threshold: float) -> None:
+        """The mask blended in (an image only: a mask is of one frame)."""
+        if frame is None:
+            canvas.fill(self.mask, color, label)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The mask as COCO RLE (pycocotools)."""
+        from pycocotools import mask as mask_utils
+
+        rle = mask_utils.encode(np.asfortranarray(self.mask.astype(np.uint8)))
+        return {"mask_rle": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}}
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
@@ -145,20 +149,13 @@ def batched_predict_masks(
     return masks, iou_pred
 
 
-class SegmentationExpert(Expert):
+class SegmentationExpert(DecoderExpert, name="seg", num_queries=1, options=SegmentationOptions):
     """``<seg>``: one mask per call from K query states (LISA/TPO use K = 1)."""
 
-    name = "seg"
-    default_num_queries = 1
-    options_cls = SegmentationOptions
-
     def __init__(self, spec: ExpertSpec) -> None:
-        super().__init__(spec)
+        super().__init__(spec)  # query and feature projections, positional encoding
         opts: SegmentationOptions = self.options  # type: ignore[assignment]
         d = opts.dim
-        self.query_proj = QueryProjection(spec.hidden_size, d)
-        self.feature_proj = FeatureProjection(spec.vision_dim, d, spec.hidden_size if opts.llm_context else 0)
-        self.pe = GridPositionalEncoding(d)
         self.no_mask_embed = nn.Embedding(1, d)
         self.mask_decoder = MaskDecoder(
             transformer_dim=d,
@@ -173,22 +170,14 @@ class SegmentationExpert(Expert):
     def reads_pixels(self) -> bool:
         return self.detail is not None
 
-    def forward(
-        self,
-        query_states: torch.Tensor,
-        features: VisionFeatures,
-        prompts: Optional[Sequence[ExpertPrompt]] = None,
-    ) -> SegmentationOutput:
+    def forward(self, query_states: torch.Tensor, features: VisionFeatures,
+                prompts: Optional[Sequence[ExpertPrompt]] = None) -> SegmentationOutput:
         """``query_states (M, K, H)``, ``features (M, 1, h*w, C)`` -> :class:`SegmentationOutput`."""
         self.check_inputs(query_states, features, prompts, single_frame=True)
         dtype = self.no_mask_embed.weight.dtype
-        m = query_states.shape[0]
         h, w = features.grid
         d = self.no_mask_embed.embedding_dim
-        image = self.feature_proj(features.features[:, 0].to(dtype), (h, w), features.frame_context(True),
-                                  features.context_grid)  # (M, N, D)
-        image = image.transpose(1, 2).reshape(m, d, h, w)
-        image_pe = self.pe.grid((h, w)).transpose(0, 1).reshape(1, d, h, w).to(dtype)
+        image, image_pe = frame_embedding(self.feature_proj, self.pe, features, dtype)  # (M, D, h, w), (1, D, h, w)
         sparse = self.query_proj(query_states.to(dtype))  # (M, K, D)
         dense = self.no_mask_embed.weight.reshape(1, d, 1, 1).expand(1, d, h, w)
         pixels = None

@@ -16,7 +16,7 @@ visible frames add a heatmap cross-entropy towards the patch holding the target 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,27 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from taskmllm.errors import InputError, TargetError
-from taskmllm.experts.base import (
-    DecoderOptions,
-    Expert,
-    ExpertPrompt,
-    ExpertSpec,
-    TaskTarget,
-    VisionFeatures,
-    as_tensor,
-    check_widths,
-    zero_terms,
-)
+from taskmllm.experts.base import (DecoderOptions, ExpertPrompt, ExpertResult, ExpertSpec, TaskTarget,
+                                   VisionFeatures, as_tensor, check_widths, zero_terms)
 from taskmllm.experts.boxes import elementwise_generalized_box_iou
-from taskmllm.experts.common import (
-    BoxHead,
-    FeatureProjection,
-    GridPositionalEncoding,
-    LocalizingBoxHead,
-    QueryProjection,
-    check_box_head,
-    heatmap_loss,
-)
+from taskmllm.experts.canvas import Canvas, Color
+from taskmllm.experts.common import (BoxHead, DecoderExpert, LocalizingBoxHead,
+                                     check_box_head, heatmap_loss)
 from taskmllm.experts.temporal import CausalFrameLayer, frame_time_encoding
 
 
@@ -90,7 +75,7 @@ class TrackingOutput:
 
 
 @dataclass
-class TrackResult:
+class TrackResult(ExpertResult):
     """Attributes: boxes ``(T, 4)`` float32 pixel xyxy at the original size; visible ``(T,)`` bool;
     scores ``(T,)`` visibility probabilities."""
 
@@ -98,22 +83,22 @@ class TrackResult:
     visible: np.ndarray
     scores: np.ndarray
 
+    def draw(self, canvas: Canvas, frame: Optional[int], label: str, color: Color, threshold: float) -> None:
+        """The frame's box, labelled with its visibility, when that is at least ``threshold`` (a video only)."""
+        if frame is not None and frame < len(self.boxes) and float(self.scores[frame]) >= threshold:
+            canvas.box(tuple(self.boxes[frame]), f"{label} {float(self.scores[frame]):.2f}", color)
 
-class TrackingExpert(Expert):
+    def to_dict(self) -> dict[str, Any]:
+        return {"boxes": np.round(self.boxes, 2).tolist(), "visibility": np.round(self.scores, 4).tolist()}
+
+
+class TrackingExpert(DecoderExpert, name="track", num_queries=1, options=TrackingOptions, video=True):
     """``<track>``: per-frame boxes and visibility of one target over a video (K = 1 by default)."""
 
-    name = "track"
-    default_num_queries = 1
-    options_cls = TrackingOptions
-    video = True
-
     def __init__(self, spec: ExpertSpec) -> None:
-        super().__init__(spec)
+        super().__init__(spec)  # query and feature projections, positional encoding
         opts: TrackingOptions = self.options  # type: ignore[assignment]
         d = opts.dim
-        self.query_proj = QueryProjection(spec.hidden_size, d)
-        self.feature_proj = FeatureProjection(spec.vision_dim, d, spec.hidden_size if opts.llm_context else 0)
-        self.pe = GridPositionalEncoding(d)
         self.box_corner_embed = nn.Embedding(2, d)
         self.box_proj = nn.Linear(2 * d, d)
         self.no_box_embed = nn.Embedding(1, d)
@@ -139,12 +124,8 @@ class TrackingExpert(Expert):
             out.append(self.box_proj(corners.reshape(-1)))
         return torch.stack(out)
 
-    def forward(
-        self,
-        query_states: torch.Tensor,
-        features: VisionFeatures,
-        prompts: Optional[Sequence[ExpertPrompt]] = None,
-    ) -> TrackingOutput:
+    def forward(self, query_states: torch.Tensor, features: VisionFeatures,
+                prompts: Optional[Sequence[ExpertPrompt]] = None) -> TrackingOutput:
         """``query_states (M, K, H)``, ``features (M, T, h*w, C)``, optional prompt boxes -> :class:`TrackingOutput`
         (with ``heat`` and ``grid`` for the ``localizing`` box head)."""
         self.check_inputs(query_states, features, prompts, single_frame=False)

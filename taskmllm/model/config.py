@@ -7,15 +7,13 @@ refused with a message naming the versions.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from taskmllm.errors import ConfigError
+from taskmllm.schema import from_dict, to_dict
 
 #: Version of the checkpoint format; bump when the meaning of saved files changes.
 FORMAT_VERSION = 1
@@ -71,15 +69,21 @@ class ProjectorConfig:
 
 @dataclass
 class TokenConfig:
-    """Task tokens and chat template.
+    """Task tokens, chat template and prompt layout.
 
     Attributes:
-        tasks: expert name -> number of learnable queries K inserted after its task token.
+        tasks: the model's experts: name -> number of learnable queries K inserted after its task token
+            ``<name>``. The names are keys of the expert registry (``taskmllm.experts.EXPERTS``), the one list of
+            tasks; builders fill this from it.
         chat: ChatTemplate fields (see ``model/tokens.py``).
+        image_first: where a prompt without an ``<image>``/``<video>`` placeholder gets one: before the question
+            (LLaVA's layout, what an imported LLaVA uses) or after it (the layout the ShapesWorld-trained models
+            learned: the visual tokens then follow the question and can depend on it).
     """
 
-    tasks: dict[str, int] = field(default_factory=lambda: {"seg": 1, "det": 4, "track": 1})
+    tasks: dict[str, int] = field(default_factory=dict)
     chat: dict[str, str] = field(default_factory=dict)
+    image_first: bool = False
 
 
 @dataclass
@@ -95,7 +99,7 @@ class MLLMConfig:
 
     # ------------------------------------------------------------------------------------ (de)serialize
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MLLMConfig":
@@ -105,7 +109,7 @@ class MLLMConfig:
             raise ConfigError(
                 f"config format_version {version!r} is not supported by this taskmllm "
                 f"(expects {FORMAT_VERSION})")
-        return _build(cls, data, "config")
+        return from_dict(cls, data, "config")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
@@ -119,48 +123,3 @@ class MLLMConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object")
         return cls.from_dict(data)
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Strictly build dataclass ``cls`` from ``data``; ``where`` names the location in errors."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        hint = difflib.get_close_matches(unknown[0], names, n=1)
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                          + f"; valid keys: {', '.join(names)}")
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    """Check ``value`` against type ``tp`` (dataclasses, Literal, Optional, tuple, dict, scalars)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if origin is typing.Union:
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
-        return tuple(_coerce(args[0], v, where) for v in value)
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return dict(value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
-    return value

@@ -9,13 +9,14 @@ that nothing attends to, and position ids skip them.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Protocol, Union
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Protocol, Union
 
 import torch
 
 from taskmllm.errors import InputError
-from taskmllm.model.processor import Batch
+from taskmllm.model.expert_inputs import ExpertInputs
+from taskmllm.model.processor import Batch, positions
 
 if TYPE_CHECKING:  # pragma: no cover
     from taskmllm.model.mllm import TaskMLLM
@@ -37,7 +38,6 @@ class GenerationContext:
     image_mask: torch.Tensor
     inputs_embeds: torch.Tensor
     step: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Intervention(Protocol):
@@ -53,18 +53,16 @@ class GenerationOutput:
     Attributes:
         sequences: per sample, the new ids (``<query>`` ids after each task token; EOS last if it stopped).
         text: per sample, the decoded new text (protocol tokens kept, ``<query>`` dropped).
-        hidden_states: per sample ``(len(sequences[b]), H)``: the last-layer hidden state at the position where
-            each new id was the input (zeros for a final id that was never fed).
-        vision_features: ``(F, N, C)`` vision features of the batch's frames (None for text-only).
-        visual_states: ``(F, N', H)`` the last-layer hidden states of the prompt's visual tokens (what experts
-            with ``llm_context`` read; None for text-only).
+        hidden_states: per sample ``(len(sequences[b]), H)`` on the model's device: the last-layer hidden state
+            at the position where each new id was the input (zeros for a final id that was never fed).
+        expert_inputs: what the batch offers its experts (vision features, the prompt's visual-token states,
+            pixels; None for text-only).
     """
 
     sequences: list[list[int]]
     text: list[str]
     hidden_states: list[torch.Tensor]
-    vision_features: Optional[torch.Tensor]
-    visual_states: Optional[torch.Tensor] = None
+    expert_inputs: Optional[ExpertInputs] = None
 
 
 def pick_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
@@ -140,8 +138,6 @@ def generate(model: "TaskMLLM", batch: Batch, max_new_tokens: int = 64, do_sampl
         use_cache: False recomputes the whole sequence at every step (a reference for the cached path).
         intervention: a VAR/VHR object; attached for the duration of the call.
     """
-    from taskmllm.model.mllm import positions
-
     model.eval()
     batch = batch.to(model.device)
     feats, visual = (None, None) if batch.pixel_values is None else model.encode_images(batch.pixel_values)
@@ -159,7 +155,7 @@ def generate(model: "TaskMLLM", batch: Batch, max_new_tokens: int = 64, do_sampl
     attach = intervention.attach(model, ctx) if intervention is not None else contextlib.nullcontext()
     with attach:
         logits, prompt_hidden = decoder.feed(emb, mask, positions(mask), last_only=True)
-        visual_states = model.visual_states(batch.input_ids, prompt_hidden)
+        inputs = model.expert_inputs(batch, feats, prompt_hidden)
         last = [logits.shape[1] - 1] * bsz
         while True:
             # (B, V): the last fed position of each sample
@@ -180,7 +176,7 @@ def generate(model: "TaskMLLM", batch: Batch, max_new_tokens: int = 64, do_sampl
             last = [max(n - 1, 0) for n in lengths]
             if all(done):
                 break
-    return _output(model, seqs, fed, feats, visual_states)
+    return _output(model, seqs, fed, inputs)
 
 
 def _advance(model: "TaskMLLM", b: int, tok: int, seqs, counts, done, eos: int,
@@ -227,20 +223,20 @@ def _chunk(model: "TaskMLLM", items: list[list[Union[int, torch.Tensor]]], next_
     return emb, mask, pos
 
 
-def _output(model: "TaskMLLM", seqs, fed: list[tuple[torch.Tensor, list[int]]], feats,
-            visual_states: Optional[torch.Tensor] = None) -> GenerationOutput:
+def _output(model: "TaskMLLM", seqs, fed: list[tuple[torch.Tensor, list[int]]],
+            inputs: Optional[ExpertInputs]) -> GenerationOutput:
     """Assemble per-sample hidden states from the per-step chunks (one gather per sample)."""
     hidden = []
     size = model.hidden_size
-    every = torch.cat([h for h, _ in fed], 1).float().cpu() if fed else None  # (B, sum C, H)
+    every = torch.cat([h for h, _ in fed], 1) if fed else None  # (B, sum C, H)
     for b, seq in enumerate(seqs):
         index, offset = [], 0
         for h, lengths in fed:
             index += range(offset, offset + lengths[b])
             offset += h.shape[1]
-        out = torch.zeros(len(seq), size)
+        out = torch.zeros(len(seq), size, device=model.device, dtype=torch.float32 if every is None else every.dtype)
         if index:
             out[: len(index)] = every[b, index]
         hidden.append(out)
     text = [model.processor.decode(s) for s in seqs]
-    return GenerationOutput(seqs, text, hidden, feats, visual_states)
+    return GenerationOutput(seqs, text, hidden, inputs)

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from taskmllm.errors import ConfigError, InputError
+from taskmllm.errors import CheckpointError, ConfigError, InputError
 from taskmllm.model.config import MLLMConfig
-from taskmllm.model.processor import IGNORE, Batch, Processor
+from taskmllm.model.expert_inputs import ExpertInputs
+from taskmllm.model.generation import GenerationOutput, generate
+from taskmllm.model.io import CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, atomic_directory_write
+from taskmllm.model.processor import IGNORE, Batch, Processor, positions
 from taskmllm.model.projector import Projector
+from taskmllm.model.tokenizer import add_protocol_tokens, load_tokenizer
 from taskmllm.model.tokens import IMAGE, QUERY, task_token
 from taskmllm.model.vision import build_vision_tower
 
@@ -33,13 +37,17 @@ class MLLMOutput:
             (``(B, 0, V)`` for ``logits="none"``).
         loss: mean next-token cross-entropy over supervised labels (None without labels).
         hidden_states: ``(B, L, H)`` last-layer hidden states (after the LM's final norm).
-        vision_features: ``(F, N, C)`` vision tower patch features of every frame (None for text-only).
+        layer_states: the LM's hidden states by depth: ``layer_states[0]`` the input embeddings,
+            ``layer_states[l]`` the output of block l (the last one after the final norm), each ``(B, L, H)``.
+        expert_inputs: what the batch offers its experts (vision features, visual-token states, pixels); None
+            for a text-only batch.
     """
 
     logits: torch.Tensor
     loss: Optional[torch.Tensor]
     hidden_states: torch.Tensor
-    vision_features: Optional[torch.Tensor]
+    layer_states: tuple[torch.Tensor, ...]
+    expert_inputs: Optional[ExpertInputs]
 
 
 def build_llm(llm_config: dict):
@@ -68,21 +76,36 @@ class TaskMLLM(nn.Module):
         self.tokenizer = tokenizer
         self.vision = build_vision_tower(config.vision)
         self.llm = llm if llm is not None else build_llm(config.llm)
-        if len(tokenizer) > self.llm.get_input_embeddings().num_embeddings:
-            raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the LLM's embedding has "
-                              f"{self.llm.get_input_embeddings().num_embeddings} rows")
+        add_protocol_tokens(tokenizer, config.tokens.tasks)
+        self._fit_vocabulary(pretrained=llm is not None)
         hidden = self.llm.get_input_embeddings().embedding_dim
         self.projector = Projector(config.projector, self.vision.width, hidden)
         self.queries = nn.ParameterDict({
             name: nn.Parameter(self._init_queries(k)) for name, k in config.tokens.tasks.items()})
-        grid = self.vision.grid
-        k = config.projector.pool
-        self.grid = (-(-grid[0] // k), -(-grid[1] // k))
+        self.grid = self.projector.pooled_grid(self.vision.grid)  # (h', w') of the LLM's visual tokens
         max_len = getattr(self.llm.config, "max_position_embeddings", 2048)
         self.processor = Processor(tokenizer, config, self.grid[0] * self.grid[1], max_len)
         self.image_id = tokenizer.convert_tokens_to_ids(IMAGE)
         self.query_id = tokenizer.convert_tokens_to_ids(QUERY)
         self.task_ids = {tokenizer.convert_tokens_to_ids(task_token(t)): t for t in config.tokens.tasks}
+
+    def _fit_vocabulary(self, pretrained: bool) -> None:
+        """Give a ``pretrained`` LLM embedding rows for tokens the tokenizer gained (protocol and task tokens): each
+        new row, input and output, is the mean of the existing rows (TPO); ``config.llm`` records the new size.
+
+        Raises:
+            ConfigError: the tokenizer holds more tokens than an LLM built from ``config.llm`` has rows.
+        """
+        rows = self.llm.get_input_embeddings().num_embeddings
+        if len(self.tokenizer) <= rows:
+            return
+        if not pretrained:
+            raise ConfigError(f"tokenizer has {len(self.tokenizer)} tokens but the LLM's embedding has {rows} rows")
+        self.llm.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for emb in {self.llm.get_input_embeddings(), self.llm.get_output_embeddings()} - {None}:
+                emb.weight[rows:] = emb.weight[:rows].mean(0)
+        self.config.llm["vocab_size"] = self.llm.config.vocab_size
 
     def _init_queries(self, k: int) -> torch.Tensor:
         """Mean of the existing embedding rows (TPO) plus small noise so the K queries differ."""
@@ -111,8 +134,17 @@ class TaskMLLM(nn.Module):
         pos = input_ids == self.image_id
         if not bool(pos.any()):
             return None
-        grid = self.projector.pooled_grid(self.vision.grid)
-        return hidden[pos].reshape(-1, grid[0] * grid[1], hidden.shape[-1])
+        return hidden[pos].reshape(-1, self.grid[0] * self.grid[1], hidden.shape[-1])
+
+    def expert_inputs(self, batch: Batch, features: Optional[torch.Tensor],
+                      hidden: torch.Tensor) -> Optional[ExpertInputs]:
+        """What ``batch`` offers its experts, given its vision ``features (F, N, C)`` and the LLM's last-layer
+        ``hidden (B, L, H)`` states; None for a text-only batch."""
+        if features is None:
+            return None
+        return ExpertInputs(features, self.vision.grid, self.config.vision.image_size, list(batch.frames_per_sample),
+                            list(batch.image_sizes), self.visual_states(batch.input_ids, hidden), self.grid,
+                            batch.pixel_values)
 
     def embed(self, input_ids: torch.Tensor, visual_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Input embeddings ``(B, L, H)`` with visual tokens and task queries merged in.
@@ -177,31 +209,65 @@ class TaskMLLM(nn.Module):
             loss = _cross_entropy(out.logits, targets)
         elif batch.labels is not None and logits == "all":
             loss = lm_loss(out.logits, batch.labels)
-        return MLLMOutput(out.logits, loss, out.hidden_states[-1], feats)
+        hidden = out.hidden_states[-1]
+        return MLLMOutput(out.logits, loss, hidden, out.hidden_states, self.expert_inputs(batch, feats, hidden))
 
     @torch.no_grad()
-    def generate(self, batch: Batch, **kwargs):
+    def generate(self, batch: Batch, **kwargs) -> GenerationOutput:
         """Decode with a KV cache; see :func:`taskmllm.model.generation.generate` for the arguments."""
-        from taskmllm.model.generation import generate
-
         return generate(self, batch, **kwargs)
 
     # ------------------------------------------------------------------------------------------- i/o
-    def save_pretrained(self, path: str | Path) -> None:
-        from taskmllm.model.io import save_pretrained
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` + ``tokenizer/`` to directory ``path`` atomically."""
+        from safetensors.torch import save_model
 
-        save_pretrained(self, path)
+        def write(tmp: Path) -> None:
+            self.config.save(tmp / CONFIG_FILE)
+            save_model(self, str(tmp / WEIGHTS_FILE))
+            self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+
+        return atomic_directory_write(path, write)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "TaskMLLM":
-        from taskmllm.model.io import load_pretrained
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        bases: Optional[Mapping[str, Callable[..., "TaskMLLM"]]] = None) -> "TaskMLLM":
+        """Load a directory written by :meth:`save_pretrained`, or an adapter directory (``adapter.json``, see
+        :mod:`taskmllm.model.adapter`) whose base ``bases[name](**base_args)`` rebuilds.
 
-        return load_pretrained(path, device=device)
+        Raises:
+            CheckpointError: a missing file, a config of another format version, or corrupt weights; the message
+                names the file.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_model
 
+        from taskmllm.model.adapter import ADAPTER_META, load_adapter
 
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip padding: ``cumsum(mask) - 1``, clamped at 0 on left padding."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(path, "checkpoint directory not found")
+        if (path / ADAPTER_META).is_file():
+            if not bases:
+                raise CheckpointError(path / ADAPTER_META, "an adapter checkpoint: its base model is rebuilt by "
+                                      "JointModel.from_pretrained / Pipeline.from_pretrained (or pass bases=)")
+            return load_adapter(path, bases).to(device).eval()
+        for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR):
+            if not (path / name).exists():
+                raise CheckpointError(path / name, "missing from the checkpoint directory")
+        try:
+            config = MLLMConfig.load(path / CONFIG_FILE)
+        except ConfigError as exc:
+            raise CheckpointError(path / CONFIG_FILE, str(exc)) from exc
+        model = cls(config, load_tokenizer(path / TOKENIZER_DIR))
+        try:
+            missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False, device=str(device))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(path / WEIGHTS_FILE, f"cannot read weights: {exc}") from exc
+        if missing or unexpected:
+            raise CheckpointError(path / WEIGHTS_FILE, f"weights do not match the config: missing "
+                                  f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        return model.to(device).eval()
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from taskmllm.errors import ImageError, InputError, PromptTooLongError, VideoError
 from taskmllm.model.config import MLLMConfig
-from taskmllm.model.tokens import IMAGE, QUERY, VIDEO, ChatTemplate, task_token
+from taskmllm.model.tokens import IMAGE, QUERY, VIDEO, ChatTemplate, place_visual, task_token
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 VisualInput = Union[ImageInput, Sequence[ImageInput], None]
@@ -52,6 +52,11 @@ class Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device),
                      None if self.labels is None else self.labels.to(device), pv,
                      list(self.frames_per_sample), list(self.image_sizes))
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip padding: ``cumsum(mask) - 1``, clamped at 0 on left padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def load_image(image: ImageInput) -> Image.Image:
@@ -155,11 +160,11 @@ class Processor:
 
     # -------------------------------------------------------------------------------------------- text
     def format_prompt(self, text: str, num_frames: int, is_video: bool) -> str:
-        """Chat-formatted prompt; adds ``<image>`` / ``<video>`` after the text when it has no placeholder
-        (question first: the order of the ShapesWorld training conversations, ``ConversationConfig``)."""
+        """Chat-formatted prompt; adds ``<image>`` / ``<video>`` when the text has no placeholder, before or after
+        it as the model's ``tokens.image_first`` says (the layout it was trained with)."""
         has_marker = IMAGE in text or VIDEO in text
         if num_frames and not has_marker:
-            text = text + "\n" + (VIDEO if is_video else IMAGE)
+            text = place_visual(text, is_video, self.config.tokens.image_first)
         elif not num_frames and has_marker:
             raise InputError("the prompt has an <image>/<video> placeholder but no image was given")
         return self.chat.prompt(text)

@@ -4,9 +4,10 @@ Protocol (see DESIGN.md):
 
 - ``<image>`` in a prompt expands to the image's visual tokens; ``<video>`` to each frame's tokens in order.
   Both expand to repeated ``<image>`` placeholder ids whose input embeddings are replaced by visual features.
-- Task tokens ``<seg>``, ``<det>``, ``<track>`` are ordinary vocabulary entries the LLM learns to emit. After a
-  task token come K ``<query>`` placeholders whose embeddings are the task's learnable queries; their
-  last-layer hidden states are what the router hands to the expert.
+- Task tokens ``<name>`` — one per expert of the model; the expert registry (``taskmllm.experts.EXPERTS``) is
+  the one list of task names, e.g. ``<seg>``, ``<det>``, ``<track>`` — are ordinary vocabulary entries the LLM
+  learns to emit. After a task token come K ``<query>`` placeholders whose embeddings are the task's learnable
+  queries; their last-layer hidden states are what the router hands to the expert.
 - ``<ref>phrase</ref>`` names what the following task token applies to.
 - ``<box>x1,y1,x2,y2</box>`` carries a box as text, integers 0-999 normalized to the image size.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from taskmllm.errors import BoxFormatError
 
@@ -25,13 +26,9 @@ QUERY = "<query>"
 REF_OPEN, REF_CLOSE = "<ref>", "</ref>"
 BOX_OPEN, BOX_CLOSE = "<box>", "</box>"
 
-#: Task token of each built-in expert; the key is the expert's registry name.
-TASK_TOKENS: dict[str, str] = {"seg": "<seg>", "det": "<det>", "track": "<track>"}
-
-#: Tokens every taskmllm tokenizer holds as single ids (besides the LLM's own BOS/EOS/PAD).
-PROTOCOL_TOKENS: tuple[str, ...] = (
-    IMAGE, VIDEO, QUERY, REF_OPEN, REF_CLOSE, BOX_OPEN, BOX_CLOSE, *TASK_TOKENS.values(),
-)
+#: Tokens every taskmllm tokenizer holds as single ids (besides the LLM's own BOS/EOS/PAD and the task tokens
+#: of the model's experts, :func:`task_token`).
+PROTOCOL_TOKENS: tuple[str, ...] = (IMAGE, VIDEO, QUERY, REF_OPEN, REF_CLOSE, BOX_OPEN, BOX_CLOSE)
 
 BOX_MAX = 999
 _BOX_RE = re.compile(re.escape(BOX_OPEN) + r"(.*?)" + re.escape(BOX_CLOSE), re.S)
@@ -40,7 +37,7 @@ _REF_RE = re.compile(re.escape(REF_OPEN) + r"(.*?)" + re.escape(REF_CLOSE), re.S
 
 def task_token(name: str) -> str:
     """The task token string of a task (expert) name: ``"seg" -> "<seg>"``."""
-    return TASK_TOKENS.get(name, f"<{name}>")
+    return f"<{name}>"
 
 
 # --------------------------------------------------------------------------------------------- boxes
@@ -81,14 +78,22 @@ def decode_boxes(text: str, width: float = 1.0, height: float = 1.0) -> list[tup
     return boxes
 
 
+def place_visual(text: str, video: bool = False, image_first: bool = False) -> str:
+    """``text`` with one ``<image>`` (``<video>``) placeholder on its own line before it (``image_first``,
+    LLaVA's layout) or after it (the question first)."""
+    marker = VIDEO if video else IMAGE
+    return f"{marker}\n{text}" if image_first else f"{text}\n{marker}"
+
+
 def find_refs(text: str) -> list[str]:
     """The phrases of every ``<ref>…</ref>`` in ``text``, in order."""
     return [p.strip() for p in _REF_RE.findall(text)]
 
 
-def strip_protocol(text: str) -> str:
-    """Text for people: drop query placeholders, keep phrases, drop ref/task markers, keep boxes as text."""
-    for tok in (QUERY, REF_OPEN, REF_CLOSE, *TASK_TOKENS.values()):
+def strip_protocol(text: str, tasks: Iterable[str]) -> str:
+    """Text for people: drop query placeholders, keep phrases, drop ref markers and the task tokens of ``tasks``
+    (task names), keep boxes as text."""
+    for tok in (QUERY, REF_OPEN, REF_CLOSE, *(task_token(t) for t in tasks)):
         text = text.replace(tok, "")
     return re.sub(r"[ \t]+", " ", text).strip()
 
@@ -120,8 +125,3 @@ class ChatTemplate:
     def to_dict(self) -> dict[str, str]:
         return {"system": self.system, "user_prefix": self.user_prefix,
                 "assistant_prefix": self.assistant_prefix, "answer_sep": self.answer_sep}
-
-
-def with_queries(task: str, num_queries: int) -> str:
-    """The task token followed by its K query placeholders, as they stand in a teacher-forced answer."""
-    return task_token(task) + QUERY * num_queries

@@ -19,23 +19,26 @@ from torch import nn
 
 from taskmllm.errors import CheckpointError, ConfigError, RegistryError
 from taskmllm.experts import EXPERTS, build_expert, default_spec
-from taskmllm.experts.base import Expert, ExpertPrompt, ExpertSpec, TaskTarget, VisionFeatures
-from taskmllm.model.io import atomic_directory_write, load_pretrained, save_pretrained
-from taskmllm.model.mllm import TaskMLLM
+from taskmllm.experts.base import Expert, ExpertSpec, TaskTarget
+from taskmllm.model.io import atomic_directory_write
+from taskmllm.model.mllm import MLLMOutput, TaskMLLM
 from taskmllm.model.processor import Batch
-from taskmllm.router.router import Router, TaskCall, group_calls
+from taskmllm.router.dispatch import run_calls
+from taskmllm.router.router import Router, TaskCall
 
 EXPERTS_DIR = "experts"
 
 
 @dataclass
 class JointOutput:
-    """Losses of one joint forward: ``loss`` = LM loss + sum of expert terms (weights applied by experts)."""
+    """Losses of one joint forward: ``loss`` = LM loss + sum of expert terms (weights applied by experts);
+    ``mllm``: the MLLM's output (hidden states by layer, expert inputs) for losses that read more."""
 
     loss: torch.Tensor
     lm_loss: torch.Tensor
     expert_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     calls: list[TaskCall] = field(default_factory=list)
+    mllm: Optional[MLLMOutput] = None
 
 
 class JointModel(nn.Module):
@@ -116,43 +119,12 @@ class JointModel(nn.Module):
         flat = _match_targets(calls, targets)
         lm = out.loss if out.loss is not None else out.logits.sum() * 0.0
         total, terms = lm, {}
-        context = self.mllm.visual_states(batch.input_ids, out.hidden_states)
-        for task, group in group_calls(calls).items():
-            if tasks is not None and task not in tasks:
-                continue
-            states = context.detach() if context is not None and task in detach_context else context
-            for same_t in _by_frames(group, batch.frames_per_sample).values():
-                outputs = self.run_expert(task, same_t, out.vision_features, batch, visual_states=states)
-                for name, value in self.experts[task].loss(outputs, [flat[id(c)] for c in same_t]).items():
-                    terms[name] = terms.get(name, 0.0) + value * len(same_t) / len(group)
+        for run in run_calls(self.experts, calls, out.expert_inputs, tasks=tasks, detach_context=detach_context):
+            for name, value in self.experts[run.task].loss(run.outputs, [flat[id(c)] for c in run.calls]).items():
+                terms[name] = terms.get(name, 0.0) + value * len(run.calls) / run.group_size
         for value in terms.values():
             total = total + value
-        return JointOutput(total, lm, terms, calls)
-
-    def run_expert(self, task: str, calls: Sequence[TaskCall], vision_features: torch.Tensor, batch: Batch,
-                   prompt_boxes: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                   visual_states: Optional[torch.Tensor] = None):
-        """Run expert ``task`` on ``calls`` whose samples all have the same number of frames; an image expert
-        (``Expert.video`` false) called about a video reads its first frame. ``visual_states`` ``(F, N', H)``:
-        the LLM's hidden states at the batch's visual tokens (:meth:`TaskMLLM.visual_states`), for experts with
-        ``llm_context``."""
-        features = torch.stack([frames_of(vision_features, batch.frames_per_sample, c.sample) for c in calls])
-        context = pixels = None
-        if visual_states is not None:
-            context = torch.stack([frames_of(visual_states, batch.frames_per_sample, c.sample) for c in calls])
-        if batch.pixel_values is not None and self.experts[task].reads_pixels:
-            pixels = torch.stack([frames_of(batch.pixel_values, batch.frames_per_sample, c.sample) for c in calls])
-        if not self.experts[task].video:
-            features = features[:, :1]  # (M, T, N, C) -> (M, 1, N, C)
-            context = None if context is None else context[:, :1]
-            pixels = None if pixels is None else pixels[:, :1]
-        queries = torch.stack([c.query_states for c in calls]).to(features.dtype)
-        prompts = [ExpertPrompt(c.phrase, None if prompt_boxes is None else prompt_boxes[c.sample]) for c in calls]
-        vf = VisionFeatures(features, self.mllm.vision.grid, self.mllm.config.vision.image_size,
-                            None if context is None else context.to(features.dtype),
-                            self.mllm.projector.pooled_grid(self.mllm.vision.grid),
-                            None if pixels is None else pixels.to(features.dtype))
-        return self.experts[task](queries, vf, prompts)
+        return JointOutput(total, lm, terms, calls, out)
 
     # ----------------------------------------------------------------------------------------------- i/o
     def save_pretrained(self, path: str | Path) -> Path:
@@ -160,7 +132,7 @@ class JointModel(nn.Module):
         from safetensors.torch import save_model
 
         def write(tmp: Path) -> None:
-            save_pretrained(self.mllm, tmp / "_mllm")
+            self.mllm.save_pretrained(tmp / "_mllm")
             for item in (tmp / "_mllm").iterdir():
                 item.rename(tmp / item.name)
             (tmp / "_mllm").rmdir()
@@ -181,10 +153,10 @@ class JointModel(nn.Module):
         from safetensors import SafetensorError
         from safetensors.torch import load_model
 
-        from taskmllm.recipes import BUILDERS, resolve_checkpoint
+        from taskmllm.zoo import BUILDERS, resolve_checkpoint
 
         path = resolve_checkpoint(path)
-        mllm = load_pretrained(path, device=device, bases=BUILDERS)
+        mllm = TaskMLLM.from_pretrained(path, device=device, bases=BUILDERS)
         experts = {}
         for name in mllm.config.tokens.tasks:
             d = path / EXPERTS_DIR / name
@@ -202,21 +174,6 @@ class JointModel(nn.Module):
                 raise CheckpointError(d / "model.safetensors", f"cannot load expert weights: {exc}") from exc
             experts[name] = expert
         return cls(mllm, experts).to(device).eval()
-
-
-def frames_of(vision_features: torch.Tensor, frames_per_sample: Sequence[int], sample: int) -> torch.Tensor:
-    """Sample ``sample``'s ``(T, N, C)`` slice of the batch's ``(F, N, C)`` vision features."""
-    if frames_per_sample[sample] == 0:
-        raise ConfigError(f"sample {sample} has a task call but no image")
-    start = sum(frames_per_sample[:sample])
-    return vision_features[start: start + frames_per_sample[sample]]
-
-
-def _by_frames(calls: Sequence[TaskCall], frames_per_sample: Sequence[int]) -> dict[int, list[TaskCall]]:
-    groups: dict[int, list[TaskCall]] = {}
-    for c in calls:
-        groups.setdefault(frames_per_sample[c.sample], []).append(c)
-    return groups
 
 
 def _match_targets(calls: Sequence[TaskCall], targets: Sequence[Sequence[TaskTarget]]) -> dict[int, TaskTarget]:

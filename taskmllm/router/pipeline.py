@@ -14,12 +14,14 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from taskmllm.model.expert_inputs import ExpertInputs
 from taskmllm.model.generation import Intervention
 from taskmllm.model.processor import VisualInput, load_image
 from taskmllm.model.tokens import decode_boxes, strip_protocol
+from taskmllm.router.dispatch import run_calls
 from taskmllm.router.joint import JointModel
 from taskmllm.router.result import CallResult, Result
-from taskmllm.router.router import TaskCall, group_calls
+from taskmllm.router.router import TaskCall
 
 
 class Pipeline:
@@ -61,34 +63,28 @@ class Pipeline:
         out = mllm.generate(batch, max_new_tokens=max_new_tokens, intervention=intervention, **generation)
         t2 = time.perf_counter()
         calls = self.model.router.route_generation(out)
-        per_call = self._run_experts(calls, out.vision_features, batch, prompt_boxes, score_threshold,
-                                     out.visual_states)
+        per_call = self._run_experts(calls, out.expert_inputs, batch.frames_per_sample, prompt_boxes,
+                                     score_threshold)
         timings = {"preprocess": t1 - t0, "generate": t2 - t1, "experts": time.perf_counter() - t2}
         results = []
-        for b, prompt_text in enumerate(prompts):
+        for b in range(len(prompts)):
             raw = mllm.processor.decode(out.sequences[b])
-            results.append(Result(text=strip_protocol(raw), raw_text=raw,
+            results.append(Result(text=strip_protocol(raw, self.model.experts), raw_text=raw,
                                   calls=[per_call[id(c)] for c in calls if c.sample == b], timings=timings,
                                   **_pictures(visuals[b])))
         return results[0] if single else results
 
-    def _run_experts(self, calls: list[TaskCall], vision_features, batch, prompt_boxes,
-                     score_threshold: Optional[float] = None, visual_states=None) -> dict[int, CallResult]:
-        results: dict[int, CallResult] = {}
+    def _run_experts(self, calls: list[TaskCall], inputs: Optional[ExpertInputs], frames_per_sample: list[int],
+                     prompt_boxes: list[Optional[torch.Tensor]],
+                     score_threshold: Optional[float] = None) -> dict[int, CallResult]:
+        """Every call's :class:`CallResult`; a task token about no image keeps its text and gets no output."""
+        results = {id(c): CallResult(c.task, c.phrase) for c in calls if frames_per_sample[c.sample] == 0}
+        seeing = [c for c in calls if frames_per_sample[c.sample] > 0]
         options = {} if score_threshold is None else {"score_threshold": score_threshold}
-        for task, group in group_calls(calls).items():
-            if any(batch.frames_per_sample[c.sample] == 0 for c in group):
-                for c in group:  # a task token about no image: keep the text, no expert output
-                    results[id(c)] = CallResult(task, c.phrase)
-                group = [c for c in group if batch.frames_per_sample[c.sample] > 0]
-            by_frames: dict[int, list[TaskCall]] = {}
-            for c in group:
-                by_frames.setdefault(batch.frames_per_sample[c.sample], []).append(c)
-            for same in by_frames.values():
-                outputs = self.model.run_expert(task, same, vision_features, batch, prompt_boxes, visual_states)
-                sizes = [batch.image_sizes[c.sample] for c in same]
-                for c, r in zip(same, self.model.experts[task].postprocess(outputs, sizes, **options)):
-                    results[id(c)] = _call_result(task, c.phrase, r)
+        for run in run_calls(self.model.experts, seeing, inputs, prompt_boxes):
+            sizes = [inputs.image_sizes[c.sample] for c in run.calls]
+            for c, r in zip(run.calls, self.model.experts[run.task].postprocess(run.outputs, sizes, **options)):
+                results[id(c)] = CallResult(run.task, c.phrase, r)
         return results
 
 
@@ -104,12 +100,3 @@ def _pictures(visual: VisualInput) -> dict:
     if isinstance(visual, (list, tuple)) or (isinstance(visual, np.ndarray) and visual.ndim == 4):
         return {"frames": [load_image(f) for f in visual]}
     return {"image": load_image(visual)}
-
-
-def _call_result(task: str, phrase: Optional[str], r) -> CallResult:
-    """An expert's postprocessed result as a :class:`CallResult` (numpy arrays in pixels)."""
-    def arr(name):
-        value = getattr(r, name, None)
-        return None if value is None else np.asarray(value.detach().cpu() if torch.is_tensor(value) else value)
-
-    return CallResult(task, phrase, mask=arr("mask"), boxes=arr("boxes"), scores=arr("scores"))

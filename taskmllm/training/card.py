@@ -71,7 +71,7 @@ def write_model_card(run: Path, plan, configs: Sequence, log: dict) -> Path:
 
 def _compared(names: Sequence[str]) -> dict[str, dict]:
     """Headline numbers and per-task summary of shipped models ``names`` (their ``eval/<suite>.json``)."""
-    from taskmllm.recipes import SHIPPED
+    from taskmllm.zoo import SHIPPED
 
     out = {}
     for name in names:

@@ -10,21 +10,18 @@ raises :class:`ConfigError` naming its path. The resolved config is written besi
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
 from taskmllm.errors import ConfigError
+from taskmllm.schema import from_dict, suggest, to_dict
 
 MODES = ("frozen", "lora", "full")
-COMPONENTS = ("vision", "projector", "llm", "queries", "experts", "patch_head", "focus_head", "attr_head")
-DATA_SOURCES = ("shapesworld", "llava")
+COMPONENTS = ("vision", "projector", "llm", "queries", "experts", "aux")
 
 
 @dataclass
@@ -44,20 +41,14 @@ class StageConfig:
     Attributes:
         name: stage name (``pretrain``, ``align``, ``assign``, ``heads``, ``joint``).
         trainable: component -> ``frozen | lora | full``. Components: ``vision``, ``projector``, ``llm``,
-            ``queries``, ``experts`` (every expert), ``experts.<name>`` (one expert; overrides ``experts``),
-            ``patch_head`` (the dense per-patch head of ``pretrain``), ``focus_head`` (the focus loss's head),
-            ``attr_head`` (the attribute loss's head). Unlisted components are frozen.
+            ``queries``, ``experts`` (every expert), ``experts.<name>`` (one expert; overrides ``experts``).
+            Unlisted components are frozen; the stage's auxiliary heads (``aux``) always train.
         lora: LoRA settings of the ``lora`` components.
         lm_weight: weight of the LM cross-entropy.
         expert_weights: per-expert weight on the sum of that expert's (already weighted) loss terms.
-        patch_weight: weight of the dense per-patch shape/color loss on the vision tokens (0 = off).
-        focus_weight: weight of the focus loss (0 = off): after ``focus_layer`` LLM blocks, each visual token
-            says whether it shows what the question names (:class:`~taskmllm.training.losses.FocusHead`;
-            ShapesWorld data; name ``focus_head: full`` in ``trainable``).
-        focus_layer: after how many LLM blocks the focus (and the attributes) are read.
-        attr_weight: weight of the attribute loss (0 = off): after ``focus_layer`` LLM blocks, linear shape and
-            color classifiers on each visual token name the object it shows (background = class 0), so the
-            color an answer needs is linear where attention reads it (ShapesWorld data; ``attr_head: full``).
+        aux: auxiliary losses by name with their options (``{focus: {weight: 1.0, layer: 1}}``; the names and
+            options of ``taskmllm.training.aux.AUX_LOSSES``): training-only heads on the model's states whose
+            targets come from the samples' grounded regions.
         detach_context: experts whose loss does not train the LLM through the visual-token states they read
             (``llm_context``): their gradient reaches the LLM only through their task queries, as in TPO. The
             visual tokens are what VQA answers read, and the experts' pull on them costs answer accuracy.
@@ -68,17 +59,14 @@ class StageConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     lm_weight: float = 1.0
     expert_weights: dict[str, float] = field(default_factory=dict)
-    patch_weight: float = 0.0
-    focus_weight: float = 0.0
-    focus_layer: int = 1
-    attr_weight: float = 0.0
+    aux: dict[str, dict[str, Any]] = field(default_factory=dict)
     detach_context: list[str] = field(default_factory=list)
 
 
 @dataclass
 class ModelConfig:
     """Where the model comes from: ``init: tiny`` or ``init: smol`` builds that recipe fresh (with the
-    overrides below, e.g. ``projector: {pool: 2}``; see ``taskmllm.recipes.BUILDERS``), anything else is a
+    overrides below, e.g. ``projector: {pool: 2}``; see ``taskmllm.zoo.BUILDERS``), anything else is a
     :class:`~taskmllm.router.joint.JointModel` directory (a stage's ``final/``). ``experts``: options of the
     fresh experts by task name (e.g. ``{det: {box_head: localizing}}``; each expert's ``Options`` checks them)."""
 
@@ -93,22 +81,22 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Training data: ShapesWorld on the fly (``mix`` of tasks) or a LLaVA conversation JSON at ``path``.
+    """Training data: named sources mixed by weight, each ``{kind: ..., weight: ..., <the kind's options>}``
+    (``taskmllm.data.sources.SOURCE_KINDS``: ``shapesworld``, ``llava``), e.g.
+    ``{shapes: {kind: shapesworld, mix: {seg: 2.0}}, chat: {kind: llava, path: conv.json, weight: 0.5}}``.
 
-    ``world``: ShapesWorld scene overrides, any :class:`~taskmllm.data.shapesworld.WorldConfig` field but
-    ``image_size`` / ``num_frames`` (set above), e.g. ``{max_objects: 1}`` for a stage on one-object scenes."""
+    ``length``: items per epoch; ``seed``: fixes the data (and ShapesWorld's scenes); ``batch_size``: per rank."""
 
-    source: str = "shapesworld"
-    path: str = ""
-    image_root: str = ""
-    mix: dict[str, float] = field(default_factory=lambda: {"caption": 1.0, "exist": 1.0, "seg": 1.0})
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
     length: int = 100_000
     seed: int = 0
-    split: str = "train"
-    image_size: int = 128
-    num_frames: int = 8
     batch_size: int = 8
-    world: dict[str, Any] = field(default_factory=dict)
+
+    def specs(self) -> dict:
+        """The parsed, typed sources (``taskmllm.data.sources.parse_sources``)."""
+        from taskmllm.data.sources import parse_sources
+
+        return parse_sources(self.sources)
 
 
 @dataclass
@@ -144,7 +132,6 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     save_every: int = 50
     keep_last: int = 2
-    log_every: int = 1
     resume: str = "auto"
     deepspeed: str = ""
     device: str = "auto"
@@ -153,19 +140,19 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Value checks that need no I/O (paths are checked by :func:`check_paths`)."""
+        from taskmllm.training.aux import parse_aux
+
         for key, mode in self.stage.trainable.items():
             base = key.split(".", 1)[0]
-            if base not in COMPONENTS or (base != "experts" and "." in key):
-                raise ConfigError(f"stage.trainable: unknown component {key!r}{_suggest(base, COMPONENTS)}; "
-                                  f"known: {', '.join(COMPONENTS)} and experts.<name>")
+            if base not in COMPONENTS or (base not in ("experts", "aux") and "." in key):
+                raise ConfigError(f"stage.trainable: unknown component {key!r}{suggest(base, COMPONENTS)}; "
+                                  f"known: {', '.join(COMPONENTS)}, experts.<name> and aux.<name>")
             if mode not in MODES:
                 raise ConfigError(f"stage.trainable.{key}: mode {mode!r} is not one of {MODES}")
         if not any(m != "frozen" for m in self.stage.trainable.values()):
             raise ConfigError(f"stage {self.stage.name!r} freezes every component: nothing would train")
-        world_config(self.data)
-        if self.data.source not in DATA_SOURCES:
-            raise ConfigError(f"data.source {self.data.source!r}{_suggest(self.data.source, DATA_SOURCES)}; "
-                              f"known: {DATA_SOURCES}")
+        parse_aux(self.stage.aux)
+        self.data.specs()
         for name, value in (("max_steps", self.max_steps), ("grad_accum", self.grad_accum),
                             ("save_every", self.save_every), ("keep_last", self.keep_last),
                             ("data.batch_size", self.data.batch_size), ("data.length", self.data.length)):
@@ -175,41 +162,14 @@ class TrainConfig:
             raise ConfigError("optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
 
 
-def world_config(data: DataConfig):
-    """The :class:`~taskmllm.data.shapesworld.WorldConfig` of ``data`` (``image_size``, ``num_frames``, ``world``).
-
-    Raises:
-        ConfigError: an unknown ``data.world`` key (with the closest match), ``image_size`` / ``num_frames``
-            given there, or a value ``WorldConfig`` rejects.
-    """
-    from taskmllm.data.shapesworld import WorldConfig
-
-    known = [f.name for f in dataclasses.fields(WorldConfig) if f.name not in ("image_size", "num_frames")]
-    for key in data.world:
-        if key in ("image_size", "num_frames"):
-            raise ConfigError(f"data.world.{key}: set data.{key} instead")
-        if key not in known:
-            raise ConfigError(f"data.world: unknown key {key!r}{_suggest(key, known)}; known: {', '.join(known)}")
-    world = {k: _tuples(v) for k, v in data.world.items()}
-    try:
-        return WorldConfig(image_size=data.image_size, num_frames=data.num_frames, **world)
-    except (ConfigError, TypeError, ValueError) as err:  # TypeError: a value of the wrong type (max_objects: "a")
-        raise ConfigError(f"data.world: {err}") from err
-
-
-def _tuples(value: Any) -> Any:
-    """YAML lists -> tuples (WorldConfig's sequence fields are tuples, nested for pairs)."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
 def check_paths(cfg: TrainConfig) -> None:
     """Every path the run reads must exist: raise :class:`ConfigError` before any compute starts."""
-    if cfg.data.source != "shapesworld":
-        if not cfg.data.path or not Path(cfg.data.path).is_file():
-            raise ConfigError(f"data.path: {cfg.data.path!r} does not exist (data.source={cfg.data.source})")
-        if cfg.data.image_root and not Path(cfg.data.image_root).is_dir():
-            raise ConfigError(f"data.image_root: {cfg.data.image_root!r} is not a directory")
-    from taskmllm.recipes import BUILDERS
+    for name, spec in cfg.data.specs().items():
+        try:
+            spec.check_files()
+        except ConfigError as exc:
+            raise ConfigError(f"data.sources.{name}.{exc}") from exc
+    from taskmllm.zoo import BUILDERS
 
     if cfg.model.init not in BUILDERS and not Path(cfg.model.init).is_dir():
         raise ConfigError(f"model.init: {cfg.model.init!r} is neither a recipe ({', '.join(BUILDERS)}) nor an "
@@ -231,7 +191,7 @@ def load_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> TrainC
     if isinstance(raw.get("deepspeed"), str) and raw["deepspeed"] and not Path(raw["deepspeed"]).is_absolute():
         candidate = path.parent / raw["deepspeed"]  # a recipe's ds_zero2.json sits beside its YAMLs
         raw["deepspeed"] = str(candidate) if candidate.exists() else raw["deepspeed"]
-    cfg = from_dict(TrainConfig, raw, "")
+    cfg = from_dict(TrainConfig, raw)
     cfg.validate()
     return cfg
 
@@ -251,17 +211,6 @@ def parse_override(item: str) -> tuple[str, Any]:
 def save_config(cfg: TrainConfig, path: Union[str, Path]) -> None:
     """Write the resolved config as YAML (loads back with :func:`load_config`)."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def to_dict(cfg: Any) -> Any:
-    """Plain YAML-safe data of a config dataclass (tuples become lists)."""
-    if dataclasses.is_dataclass(cfg):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, (list, tuple)):
-        return [to_dict(v) for v in cfg]
-    if isinstance(cfg, dict):
-        return {k: to_dict(v) for k, v in cfg.items()}
-    return cfg
 
 
 def _read_yaml(path: Path, seen: tuple) -> dict:
@@ -289,84 +238,23 @@ def _merge(base: dict, top: dict) -> dict:
 
 
 def _set_path(raw: dict, keys: list[str], value: Any) -> None:
-    """Set ``raw[k0][k1]...``; inside a dict-typed field the rest of the path is one key (``experts.seg``)."""
+    """Set ``raw[k0][k1]...``; in a flat mapping of scalars (``stage.trainable``) the rest of the path is one key
+    (``experts.seg``); mappings of mappings (``data.sources.shapes.mix``) are descended."""
     node: Any = raw
-    cls: Any = TrainConfig
+    tp: Any = TrainConfig
     for i, key in enumerate(keys[:-1]):
-        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
-        if key in hints and typing.get_origin(hints[key]) is dict:
-            node = node.setdefault(key, {})
+        tp = typing.get_type_hints(tp).get(key, Any) if dataclasses.is_dataclass(tp) else _dict_value(tp)
+        if typing.get_origin(tp) is dict and _dict_value(tp) in (str, float, int, bool):
+            node = node.setdefault(key, {})  # a flat mapping: the rest of the path is one key (experts.seg)
             node[".".join(keys[i + 1:])] = value
             return
-        cls = hints.get(key)
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {'.'.join(keys)}: {key!r} is not a section")
     node[keys[-1]] = value
 
 
-def _suggest(key: str, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def from_dict(cls: type, raw: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from ``raw``; unknown keys and wrong types raise :class:`ConfigError`."""
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            raise ConfigError(f"unknown key {path!r}{_suggest(str(key), names)}")
-        kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
-
-
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, path)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, path)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0])
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}{_suggest(str(value), [str(a) for a in args])}")
-        return value
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return {str(k): _coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        return origin(_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value))
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-        return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
-    if tp in (int, float, str, bool):
-        if type(value) is not tp:
-            raise ConfigError(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-        return value
-    raise ConfigError(f"{path}: unsupported config type {tp!r}")  # pragma: no cover - programming error
+def _dict_value(tp: Any) -> Any:
+    """The value type of ``dict[str, X]`` (``Any`` for anything else)."""
+    args = typing.get_args(tp)
+    return args[1] if typing.get_origin(tp) is dict and len(args) == 2 else Any

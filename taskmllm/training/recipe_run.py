@@ -175,12 +175,12 @@ def write_adapter_of(model: Path, dest: Path, base: str, base_args: dict) -> flo
     Returns the largest absolute weight difference between ``model`` and the adapter loaded back.
     """
     from taskmllm.model.adapter import adapter_error, diff_state, load_adapter, write_adapter
-    from taskmllm.model.io import load_pretrained
-    from taskmllm.recipes import BUILDERS
-
     import torch
 
-    tuned = load_pretrained(model).state_dict()  # LoRA factors in float16: a shipped smol fits in 30 MB
+    from taskmllm.model.mllm import TaskMLLM
+    from taskmllm.zoo import BUILDERS
+
+    tuned = TaskMLLM.from_pretrained(model).state_dict()  # LoRA factors in float16: a shipped smol fits in 30 MB
     diff = diff_state(tuned, BUILDERS[base](**base_args).state_dict(), factor_dtype=torch.float16)
     write_adapter(dest, diff, base, base_args)
     return adapter_error(tuned, load_adapter(dest, BUILDERS).state_dict())

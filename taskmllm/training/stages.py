@@ -1,7 +1,8 @@
 """apply_stage(): the one place that sets ``requires_grad`` — ``frozen | lora | full`` per component.
 
 Components of a :class:`~taskmllm.router.joint.JointModel`: ``vision``, ``projector``, ``llm``, ``queries``,
-``experts.<name>`` (``experts`` = all of them), plus auxiliary training modules such as ``patch_head``.
+``experts.<name>`` (``experts`` = all of them), plus the stage's auxiliary losses ``aux.<name>`` (full unless the
+stage says otherwise: they exist only to train).
 ``lora`` wraps the component in a peft ``LoraModel`` on every linear layer (the LLM's ``lm_head`` included
 when ``lora.lm_head``) and, for the LLM, makes the protocol tokens' embedding rows trainable (peft
 ``trainable_token_indices``). :func:`merge_lora` folds the adapters back for export.
@@ -36,16 +37,17 @@ def components(joint: nn.Module, aux: Optional[Mapping[str, nn.Module]] = None) 
     out = {"vision": (mllm, "vision"), "projector": (mllm, "projector"), "llm": (mllm, "llm"),
            "queries": (mllm, "queries")}
     out.update({f"experts.{name}": (joint.experts, name) for name in joint.experts})
-    out.update({name: (aux, name) for name in (aux or {})})
+    out.update({f"aux.{name}": (aux, name) for name in (aux or {})})
     return out
 
 
 def resolve_modes(stage: StageConfig, names: list[str]) -> dict[str, str]:
-    """Mode of every component; ``experts`` applies to every expert, ``experts.<name>`` overrides it."""
-    modes = {n: "frozen" for n in names}
+    """Mode of every component: frozen unless named (auxiliary losses: full); ``experts`` (``aux``) applies to
+    every expert (auxiliary loss), ``experts.<name>`` (``aux.<name>``) overrides it."""
+    modes = {n: "full" if n.startswith("aux.") else "frozen" for n in names}
     for key, mode in sorted(stage.trainable.items(), key=lambda kv: kv[0].count(".")):
-        if key == "experts":
-            modes.update({n: mode for n in names if n.startswith("experts.")})
+        if key in ("experts", "aux"):
+            modes.update({n: mode for n in names if n.startswith(key + ".")})
         elif key in modes:
             modes[key] = mode
         else:

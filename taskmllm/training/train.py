@@ -27,17 +27,17 @@ from torch import nn
 
 from taskmllm.errors import ConfigError
 from taskmllm.model.processor import IGNORE
+from taskmllm.training.aux import AuxContext, AuxStates, build_aux
 from taskmllm.training.checkpoint import Checkpointer
-from taskmllm.training.config import OptimConfig, TrainConfig, check_paths, save_config, world_config
-from taskmllm.training.losses import (CaptureOutput, aux_heads, check_expert_names, expert_of, focus_targets,
-                                      patch_labels, total_loss)
+from taskmllm.training.config import OptimConfig, TrainConfig, check_paths, save_config
+from taskmllm.training.losses import check_expert_names, expert_of, total_loss
 from taskmllm.training.stages import apply_stage, merge_lora, protocol_token_ids
 
 log = logging.getLogger(__name__)
 
 
 class Trainee(nn.Module):
-    """What trains: the joint model plus auxiliary heads (``patch_head`` when the stage uses it)."""
+    """What trains: the joint model plus the stage's auxiliary losses (``stage.aux``)."""
 
     def __init__(self, joint: nn.Module, aux: nn.ModuleDict) -> None:
         super().__init__()
@@ -56,7 +56,8 @@ def train(cfg: TrainConfig) -> Path:
     joint = build_joint(cfg)
     for key in ("expert_weights", "detach_context"):
         check_expert_names(f"stage.{key}", getattr(cfg.stage, key), list(joint.experts))
-    aux = aux_heads(joint, cfg)
+    specs = cfg.data.specs()
+    aux = build_aux(cfg.stage.aux, aux_context(joint, specs))
     report = apply_stage(joint, cfg.stage, aux, protocol_token_ids(joint.mllm.tokenizer, joint.mllm.config.tokens.tasks))
     trainee = Trainee(joint, aux).to(device)
     params = [p for p in trainee.parameters() if p.requires_grad]
@@ -76,7 +77,7 @@ def train(cfg: TrainConfig) -> Path:
             engine.optimizer.refresh_fp32_params()
         start_step, position = state["step"], state["data_position"]
         log.info("resumed from %s at step %d", resume_from, start_step)
-    dataset = build_dataset(cfg)
+    dataset = build_dataset(cfg, specs)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "train_config.yaml")
@@ -175,28 +176,10 @@ def _group_forward(trainee: Trainee, samples: list, cfg: TrainConfig, device: to
     weights = cfg.stage.expert_weights
     active = [name for name in joint.experts if weights.get(name, 1.0) != 0]  # weight 0: skip the forward
     logits = "supervised" if cfg.stage.lm_weight != 0 else "none"  # the LM head only where a loss needs it
-    extra = {}
-    focus, attr = (trainee.aux[k] if k in trainee.aux else None for k in ("focus_head", "attr_head"))
-    reads = focus is not None or attr is not None  # both read the LLM's hidden states after focus_layer blocks
-    block = joint.mllm.llm.get_decoder().layers[cfg.stage.focus_layer - 1] if reads else nn.Identity()
-    with CaptureOutput(joint.mllm.vision) as feats, CaptureOutput(block) as states:
-        out = joint(batch, [s.targets for s in samples], active, logits, detach_context=cfg.stage.detach_context)
-    max_frames = joint.mllm.config.max_frames
-    if "patch_head" in trainee.aux:
-        shape, color = patch_labels(samples, joint.mllm.vision.grid, max_frames)
-        extra["patch"] = (cfg.stage.patch_weight, trainee.aux["patch_head"].loss(feats.value, shape.to(device),
-                                                                                  color.to(device)))
-    if reads:
-        grid = joint.mllm.projector.pooled_grid(joint.mllm.vision.grid)
-        hidden = states.value[0] if isinstance(states.value, tuple) else states.value  # (B, L, H)
-        visual = batch.input_ids == joint.mllm.image_id
-    if focus is not None:
-        targets, valid = focus_targets(samples, grid, max_frames)
-        extra["focus"] = (cfg.stage.focus_weight, focus.loss(hidden, visual, targets.to(device), valid.to(device)))
-    if attr is not None:
-        shape, color = patch_labels(samples, grid, max_frames)  # (F, N') class ids of the LLM's token grid
-        tokens = hidden[visual].view(*shape.shape, -1)  # (F, N', H), frames in processor order
-        extra["attr"] = (cfg.stage.attr_weight, attr.loss(tokens, shape.to(device), color.to(device)))
+    out = joint(batch, [s.targets for s in samples], active, logits, detach_context=cfg.stage.detach_context)
+    states = AuxStates(out.mllm.layer_states, batch.input_ids == joint.mllm.image_id, out.mllm.expert_inputs,
+                       joint.mllm.config.max_frames)
+    extra = {name: (aux.weight, aux.loss(states, samples)) for name, aux in trainee.aux.items()}
     calls: dict[str, int] = {}
     for call in out.calls:
         calls[call.task] = calls.get(call.task, 0) + 1
@@ -226,7 +209,7 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 def build_joint(cfg: TrainConfig):
     """A recipe's model built fresh (``model.init: tiny | smol``, with ``model.*`` overrides) or a JointModel
     directory (``model.experts`` may then change its experts' loss weights and thresholds)."""
-    from taskmllm.recipes import BUILDERS
+    from taskmllm.zoo import BUILDERS
     from taskmllm.router.joint import JointModel
 
     mc = cfg.model
@@ -241,17 +224,20 @@ def build_joint(cfg: TrainConfig):
     return JointModel.build(mllm, options=mc.experts)
 
 
-def build_dataset(cfg: TrainConfig):
-    """ShapesWorld on the fly, or a LLaVA conversation JSON through the mixed dataset."""
-    from taskmllm.data.dataset import MixedDataset, shapesworld_dataset
+def build_dataset(cfg: TrainConfig, specs: Optional[dict] = None):
+    """The stage's samples: its ``data.sources`` (parsed ``specs`` when given), mixed by weight."""
+    from taskmllm.data.sources import build_dataset as build
 
-    dc = cfg.data
-    if dc.source == "shapesworld":
-        return shapesworld_dataset(dc.mix, dc.length, dc.seed, dc.split, world_config(dc))
-    from taskmllm.data.formats import load_llava
+    return build(cfg.data.specs() if specs is None else specs, cfg.data.length, cfg.data.seed)
 
-    samples = load_llava(dc.path, dc.image_root or None).samples
-    return MixedDataset({"llava": samples}, {"llava": 1.0}, dc.length, dc.seed)
+
+def aux_context(joint: nn.Module, specs: dict) -> AuxContext:
+    """What the stage's auxiliary losses are built for: the model's widths and depth, the data's classes."""
+    from taskmllm.data.sources import label_classes
+
+    mllm = joint.mllm
+    return AuxContext(mllm.hidden_size, mllm.vision.width, len(mllm.llm.get_decoder().layers),
+                      label_classes(specs))
 
 
 TOKEN_ROWS = "trainable_tokens_delta"  # peft's name of the trainable embedding rows

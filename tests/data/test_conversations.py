@@ -8,12 +8,13 @@ import re
 import numpy as np
 import pytest
 
-from taskmllm.data.chair import chair_counts, chair_ground_truth, mentioned_objects
-from taskmllm.data.conversations import ConversationBuilder, ConversationConfig, corpus
-from taskmllm.data.dataset import ShapesWorldSource
+from taskmllm.data.chair import chair_counts, chair_ground_truth
+from taskmllm.data.shapesworld.vocab import mentioned_objects
+from taskmllm.data.shapesworld.conversations import ConversationBuilder, ConversationConfig, corpus
+from taskmllm.data.shapesworld import TaskSource
 from taskmllm.data.shapesworld import ShapesWorld, WorldConfig
 from taskmllm.errors import ConfigError
-from taskmllm.model.tokens import TASK_TOKENS, decode_boxes, find_refs
+from taskmllm.model.tokens import decode_boxes, find_refs, task_token
 
 SHAPES = {"circle", "square", "triangle", "star", "hexagon", "heart"}
 COLORS = {"red", "green", "blue", "yellow", "purple", "orange", "cyan"}
@@ -54,7 +55,7 @@ def check_ref(phrase: str, objects, side: float, video: bool = False) -> list:
 def test_referring_expressions_resolve_to_exactly_one_object():
     n = 0
     for task in ("seg", "rec", "color", "shape"):
-        src = ShapesWorldSource(WORLD, task)
+        src = TaskSource(WORLD, task)
         for i in range(60):
             s = src[i]
             q, a = s.turns[0]
@@ -62,7 +63,7 @@ def test_referring_expressions_resolve_to_exactly_one_object():
                 (phrase,) = find_refs(a)
                 hits = check_ref(phrase, s.objects, s.hw[1])
                 assert len(hits) == 1, (phrase, [o.name for o in s.objects])
-                assert s.focus == (hits[0].id,)
+                assert s.grounding.objects == (hits[0].id,)
                 t = s.targets[0]
                 if task == "seg":
                     assert np.array_equal(t.mask, hits[0].mask)
@@ -72,7 +73,7 @@ def test_referring_expressions_resolve_to_exactly_one_object():
                 phrase = re.fullmatch(r"What (?:color|shape) is (.*)\?\n<image>", q).group(1)
                 hits = check_ref(phrase, s.objects, s.hw[1])
                 assert len(hits) == 1, phrase
-                assert s.focus == (hits[0].id,)
+                assert s.grounding.objects == (hits[0].id,)
                 expected = hits[0].color.capitalize() + "." if task == "color" else f"A {hits[0].category}."
                 assert a == expected
                 assert (task == "color") != any(c in phrase.split() for c in COLORS) or task == "shape"
@@ -82,7 +83,7 @@ def test_referring_expressions_resolve_to_exactly_one_object():
 
 def test_video_referring_and_tracking_targets():
     for task in ("track", "track_box", "temporal"):
-        src = ShapesWorldSource(WORLD, task)
+        src = TaskSource(WORLD, task)
         for i in range(15):
             s = src[i]
             q, a = s.turns[0]
@@ -116,7 +117,7 @@ def test_video_referring_and_tracking_targets():
 
 def test_answers_are_true():
     for task in ("count", "exist", "relation", "det"):
-        src = ShapesWorldSource(WORLD, task)
+        src = TaskSource(WORLD, task)
         for i in range(50):
             s = src[i]
             q, a = s.turns[0]
@@ -127,16 +128,16 @@ def test_answers_are_true():
                 n = sum(word in (o.category, o.color) for o in s.objects)
                 words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"]
                 assert a == words[n].capitalize() + "."
-                assert sorted(s.focus) == sorted(o.id for o in s.objects if word in (o.category, o.color))
+                assert sorted(s.grounding.objects) == sorted(o.id for o in s.objects if word in (o.category, o.color))
             elif task == "exist":
                 noun = re.fullmatch(r"Is there a (.+) in the image\?\n<image>", q).group(1).split()
                 named = [o.id for o in s.objects if o.category == noun[-1] and (len(noun) == 1 or o.color == noun[0])]
                 assert a == ("Yes." if named else "No.")
-                assert sorted(s.focus) == sorted(named)  # () when the question names something absent
+                assert sorted(s.grounding.objects) == sorted(named)  # () when the question names something absent
             elif task == "relation":
                 m = re.fullmatch(r"Is (the .+?) (to the left of|to the right of|above|below) (the .+)\?\n<image>", q)
                 (oa,), (ob,) = (check_ref(m.group(k), s.objects, s.hw[1]) for k in (1, 3))
-                assert s.focus == (oa.id, ob.id)
+                assert s.grounding.objects == (oa.id, ob.id)
                 (ax, ay), (bx, by) = _centre(oa.mask), _centre(ob.mask)
                 d = {"to the left of": bx - ax, "to the right of": ax - bx, "above": by - ay, "below": ay - by}[m.group(2)]
                 assert abs(d) >= 0.08 * s.hw[1] and a == ("Yes." if d > 0 else "No.")
@@ -148,7 +149,7 @@ def test_answers_are_true():
                 h, w = s.hw
                 want = sorted(tuple(np.array(o.box) / [w, h, w, h]) for o in hits)
                 got = sorted(tuple(b) for b in s.targets[0].boxes)
-                assert sorted(s.focus) == sorted(o.id for o in hits)
+                assert sorted(s.grounding.objects) == sorted(o.id for o in hits)
                 assert np.allclose(np.array(want).reshape(-1, 4), np.array(got).reshape(-1, 4), atol=1e-6)
 
 
@@ -156,11 +157,11 @@ def test_targets_align_with_task_tokens_and_question_order():
     for qf in (True, False):
         builder = ConversationBuilder(ConversationConfig(question_first=qf, boxes_in_answer=True))
         for task in ("caption", "seg", "rec", "det", "exist", "track", "track_box"):
-            src = ShapesWorldSource(WORLD, task, builder=builder)
+            src = TaskSource(WORLD, task, builder=builder)
             for i in range(8):
                 s = src[i]
                 answers = " ".join(a for _, a in s.turns)
-                tokens = re.findall("|".join(map(re.escape, TASK_TOKENS.values())), answers)
+                tokens = re.findall("|".join(re.escape(task_token(t)) for t in ("seg", "det", "track")), answers)
                 assert [t.task for t in s.targets] == [tok.strip("<>") for tok in tokens]
                 assert "<query>" not in answers
                 q = s.turns[0][0]
@@ -171,16 +172,16 @@ def test_targets_align_with_task_tokens_and_question_order():
 
 
 def test_captions_have_no_hallucination_and_chair_counts():
-    src = ShapesWorldSource(WORLD, "caption")
+    src = TaskSource(WORLD, "caption")
     samples = [src[i] for i in range(30)]
     caps = [s.turns[0][1] for s in samples]
     for cap, s in zip(caps, samples):
         assert set(mentioned_objects(cap)) == chair_ground_truth(s) == {o.category for o in s.objects}
-    scores = chair_counts(caps, samples)
+    scores = chair_counts(caps, samples, mentioned_objects)
     assert scores["CHAIR_S"] == 0 and scores["CHAIR_I"] == 0 and scores["recall"] == 1
     absent = [sorted(SHAPES - chair_ground_truth(s))[0] for s in samples[:2]]
     bad = [f"A {absent[0]} and discs.", f"Two {absent[1]}s."]
-    sc = chair_counts(bad, samples[:2])
+    sc = chair_counts(bad, samples[:2], mentioned_objects)
     exp_i = (2 + (0 if "circle" in chair_ground_truth(samples[0]) else 1)) / 3  # 3 mentions
     assert sc["CHAIR_S"] == 1 and abs(sc["CHAIR_I"] - exp_i) < 1e-9
 
@@ -214,8 +215,8 @@ def test_qa_asks_distinct_questions_each_true_to_its_own_task():
     assert max(lengths) == 5
     s = builder.build(WORLD.image(3), "qa", np.random.default_rng(0))
     first = builder.build(WORLD.image(3), "qa", np.random.default_rng(0))
-    assert first.focus is not None and set(first.focus) <= {o.id for o in first.objects}  # the first question's
-    assert ShapesWorldSource(WORLD, "caption")[0].focus is None  # a caption names nothing
+    assert first.grounding is not None and set(first.grounding.objects) <= {o.id for o in first.objects}
+    assert TaskSource(WORLD, "caption")[0].grounding is None  # a caption names nothing
     for q, a in s.turns:  # every qa turn on scene 3 agrees with the single-task answer to the same question
         q = q.replace("\n<image>", "")
         assert singles.get(q, a) == a

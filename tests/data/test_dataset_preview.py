@@ -9,9 +9,11 @@ import pytest
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from taskmllm.data.conversations import VIDEO_TASKS
-from taskmllm.data.dataset import MixedDataset, ShapesWorldSource, collate_samples, shapesworld_dataset
-from taskmllm.data.preview import preview_main, render_preview
+from taskmllm.data.shapesworld.conversations import VIDEO_TASKS
+from taskmllm.data.dataset import MixedDataset, collate_samples
+from taskmllm.data.shapesworld import TaskSource, shapesworld_dataset
+from taskmllm.data.preview import render_preview
+from taskmllm.data.shapesworld.preview import preview_main
 from taskmllm.data.sample import Sample
 from taskmllm.data.shapesworld import ShapesWorld, WorldConfig
 from taskmllm.errors import ConfigError
@@ -38,7 +40,7 @@ def test_mixing_real_format_samples_with_shapesworld(tmp_path):
     real = [Sample(id=f"r{i}", source="llava", task="conversation", image_path=str(path),
                    turns=[("Hi\n<image>", "Hello.")]) for i in range(3)]
     world = ShapesWorld(WorldConfig(image_size=64, num_frames=4), seed=0)
-    ds = MixedDataset({"conversation": real, "track": ShapesWorldSource(world, "track")},
+    ds = MixedDataset({"conversation": real, "track": TaskSource(world, "track")},
                       {"conversation": 1.0, "track": 1.0}, length=40, seed=1)
     items = [ds[i] for i in range(40)]
     kinds = Counter(s.task for s in items)
@@ -58,6 +60,6 @@ def test_preview_png(tmp_path):
     assert (np.abs(arr.astype(int) - [255, 0, 0]).sum(-1) == 0).sum() > 50  # red target boxes drawn
     assert (arr.reshape(-1, 3) == 0).all(-1).sum() > 100  # dark text written
     world = ShapesWorld(WorldConfig(num_frames=4), seed=0)
-    vids = [ShapesWorldSource(world, t)[0] for t in VIDEO_TASKS]
+    vids = [TaskSource(world, t)[0] for t in VIDEO_TASKS]
     render_preview(vids, str(tmp_path / "v.png"), cols=3)
     assert Image.open(tmp_path / "v.png").size[0] > 3 * 256

@@ -11,7 +11,7 @@ import pytest
 from taskmllm.data.pope import CooccurrenceStats, pope_samples
 from taskmllm.data.sample import ObjectGT, Sample
 from taskmllm.data.shapesworld import ShapesWorld, WorldConfig
-from taskmllm.data.vocab import SHAPES
+from taskmllm.data.shapesworld.vocab import SHAPES
 
 WORLD = ShapesWorld(WorldConfig(image_size=64), seed=21)
 TRAIN = [WORLD.image(i, "train") for i in range(250)]
@@ -38,7 +38,7 @@ def _by_image(samples):
 
 @pytest.mark.parametrize("split", ["random", "popular", "adversarial"])
 def test_pope_split(split):
-    stats = CooccurrenceStats.from_samples(TRAIN)
+    stats = CooccurrenceStats.from_samples(TRAIN, SHAPES)
     samples = pope_samples(EVAL, split, stats, per_image=3, seed=0)
     answers = Counter(s.turns[0][1] for s in samples)
     assert answers["Yes."] == answers["No."] > 0 and set(answers) == {"Yes.", "No."}
@@ -62,7 +62,7 @@ def test_pope_split(split):
 
 def test_adversarial_negatives_follow_the_prior():
     """With the default star->heart prior, heart is the adversarial negative of an image holding only a star."""
-    stats = CooccurrenceStats.from_samples(TRAIN)
+    stats = CooccurrenceStats.from_samples(TRAIN, SHAPES)
     assert stats.conditional("star", "heart") > 0.6
     only_star = [Sample(id=f"s{i}", source="test", objects=[ObjectGT(id=0, category="star")],
                         meta={"index": i}) for i in range(3)]

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from taskmllm.data import backgrounds as bg_module
-from taskmllm.data.dataset import ShapesWorldSource
+from taskmllm.data.shapesworld import backgrounds as bg_module
+from taskmllm.data.shapesworld import TaskSource
 from taskmllm.data.shapesworld import ShapesWorld, WorldConfig
-from taskmllm.data.vocab import COLORS
+from taskmllm.data.shapesworld.vocab import COLORS
 
 
 def _raster(poly: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -40,7 +40,7 @@ def test_same_seed_is_byte_identical_and_seeds_differ():
     assert va.frames.tobytes() == vb.frames.tobytes() and va.frames.tobytes() != vc.frames.tobytes()
     assert [o.masks.tobytes() for o in va.objects] == [o.masks.tobytes() for o in vb.objects]
     for task in ("caption", "seg", "det", "track", "temporal"):
-        ta, tb, tc = (ShapesWorldSource(w, task) for w in (a, b, c))
+        ta, tb, tc = (TaskSource(w, task) for w in (a, b, c))
         texts = [[ta[i].turns for i in range(6)], [tb[i].turns for i in range(6)], [tc[i].turns for i in range(6)]]
         assert texts[0] == texts[1] and texts[0] != texts[2]
 
@@ -125,7 +125,7 @@ def test_heldout_compositions_never_in_training():
     # training texts never name a held-out pair either
     names = {f"{c} {s}" for c, s in held}
     for task in ("exist", "det", "caption", "seg", "color"):
-        src = ShapesWorldSource(world, task, "train")
+        src = TaskSource(world, task, "train")
         for i in range(40):
             text = " ".join(q + " " + a for q, a in src[i].turns)
             assert not any(n in text or n + "s" in text for n in names), text

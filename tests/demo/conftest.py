@@ -54,7 +54,7 @@ def demo_checkpoint(tokenizer, tmp_path_factory) -> Path:
     screenshot: ``TASKMLLM_E2E_MODEL=tiny TASKMLLM_E2E_SCREENSHOT=docs/demo.png make test-e2e``.
     """
     if os.environ.get("TASKMLLM_E2E_MODEL"):
-        from taskmllm.recipes import resolve_checkpoint
+        from taskmllm.zoo import resolve_checkpoint
 
         return resolve_checkpoint(os.environ["TASKMLLM_E2E_MODEL"])
     from taskmllm.model.mllm import TaskMLLM

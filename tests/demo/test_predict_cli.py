@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from taskmllm.cli import build_parser, main
@@ -74,7 +73,7 @@ def test_demo_cli_defaults_and_missing_model(tmp_path, capsys):
 
 
 def test_demo_cli_tiny_absent_is_a_clear_error(capsys, monkeypatch, tmp_path):
-    from taskmllm.recipes import SHIPPED
+    from taskmllm.zoo import SHIPPED
 
     monkeypatch.setitem(SHIPPED, "tiny", tmp_path / "not-installed")  # an install without the shipped weights
     assert main(["demo", "--model", "tiny"]) == 2

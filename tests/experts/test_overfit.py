@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from taskmllm.experts import ExpertPrompt, TaskTarget, build_expert, default_spec
+from taskmllm.experts import ExpertPrompt, build_expert, default_spec
 from taskmllm.experts.boxes import box_iou, elementwise_box_iou
 from tests.experts.harness import overfit
-from taskmllm.data.conversations import ConversationBuilder, ConversationConfig
+from taskmllm.data.shapesworld.conversations import ConversationBuilder, ConversationConfig
 from taskmllm.data.shapesworld import ShapesWorld, WorldConfig
 from tests.experts.shapes import mask_iou
 

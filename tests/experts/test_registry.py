@@ -86,11 +86,11 @@ def test_spec_json_round_trip():
 @pytest.mark.parametrize(
     "change, match",
     [
-        ({"colour": 1}, "unknown ExpertSpec keys"),
+        ({"colour": 1}, "unknown key 'ExpertSpec.colour'"),
         ({"num_queries": 0}, "num_queries must be a positive int"),
-        ({"hidden_size": 2.5}, "hidden_size must be a positive int"),
+        ({"hidden_size": 2.5}, "ExpertSpec.hidden_size: expected int, got float 2.5"),
         ({"grid": [6]}, "grid"),
-        ({"options": {"dim": [1, 2]}}, "JSON scalar"),
+        ({"options": {"dim": [1, 2]}}, r"ExpertSpec.options.dim: expected int \| float \| str \| bool \| NoneType"),
     ],
 )
 def test_spec_from_dict_rejects_bad_values(change, match):
@@ -102,14 +102,14 @@ def test_spec_from_dict_rejects_bad_values(change, match):
 def test_spec_from_dict_rejects_missing_keys():
     data = default_spec("seg", 32, 24, (6, 6), 96).to_dict()
     del data["vision_dim"]
-    with pytest.raises(ConfigError, match="missing keys \\['vision_dim'\\]"):
+    with pytest.raises(ConfigError, match="ExpertSpec: missing key\\(s\\) 'vision_dim'"):
         ExpertSpec.from_dict(data)
 
 
 def test_unknown_or_mistyped_options_are_config_errors():
-    with pytest.raises(ConfigError, match=r"unknown SegmentationOptions keys \['depht'\]; valid keys: .*'depth'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'SegmentationOptions.depht' \(did you mean 'depth'\?\)"):
         build_expert("seg", default_spec("seg", 32, 24, (6, 6), 96, depht=3))
-    with pytest.raises(ConfigError, match="DetectionOptions.depth must be int"):
+    with pytest.raises(ConfigError, match="DetectionOptions.depth: expected int, got float 2.5"):
         build_expert("det", default_spec("det", 32, 24, (6, 6), 96, depth=2.5))
     expert = build_expert("seg", default_spec("seg", 32, 24, (6, 6), 96, bce_weight=1))
     assert expert.options.bce_weight == 1.0 and isinstance(expert.options.bce_weight, float)

@@ -7,7 +7,7 @@ import torch
 
 from taskmllm.errors import CheckpointError
 from taskmllm.model.adapter import ADAPTER_FILE, adapter_error, diff_state, load_adapter, write_adapter
-from taskmllm.model.io import CONFIG_FILE, TOKENIZER_DIR, load_pretrained
+from taskmllm.model.io import CONFIG_FILE, TOKENIZER_DIR
 from taskmllm.model.mllm import TaskMLLM
 from tests.conftest import tiny_config
 
@@ -64,10 +64,10 @@ def test_load_pretrained_reads_an_adapter_directory(base_builder, tmp_path):
     tuned.tokenizer.save_pretrained(str(tmp_path / TOKENIZER_DIR))
     write_adapter(tmp_path, diff_state(tuned.state_dict(), base_builder().state_dict()), "t", {"seed": 0})
     with pytest.raises(CheckpointError, match="adapter checkpoint"):
-        load_pretrained(tmp_path)  # the base cannot be rebuilt without its builder
+        TaskMLLM.from_pretrained(tmp_path)  # the base cannot be rebuilt without its builder
     with pytest.raises(CheckpointError, match="base 't' is not one of"):
-        load_pretrained(tmp_path, bases={"other": base_builder})
-    loaded = load_pretrained(tmp_path, bases={"t": base_builder})
+        TaskMLLM.from_pretrained(tmp_path, bases={"other": base_builder})
+    loaded = TaskMLLM.from_pretrained(tmp_path, bases={"t": base_builder})
     assert adapter_error(tuned.state_dict(), loaded.state_dict()) < 1e-5
     with pytest.raises(CheckpointError, match="does not fit"):  # a base of another shape
         load_adapter(tmp_path, {"t": lambda seed: TaskMLLM(tiny_config(tuned.tokenizer, hidden=32), tuned.tokenizer)})

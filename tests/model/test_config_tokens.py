@@ -23,7 +23,7 @@ def test_config_json_round_trip(tmp_path):
 def test_config_rejects_unknown_key_with_suggestion():
     data = MLLMConfig().to_dict()
     data["vision"]["widht"] = 3
-    with pytest.raises(ConfigError, match=r"vision.*'widht'.*did you mean 'width'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'config.vision.widht' \(did you mean 'width'\?\)"):
         MLLMConfig.from_dict(data)
 
 
@@ -72,7 +72,8 @@ def test_malformed_boxes_raise(text):
 def test_refs_and_strip():
     text = "Sure, <ref>the red circle</ref><seg><query> and <ref> two stars </ref><det>"
     assert find_refs(text) == ["the red circle", "two stars"]
-    assert strip_protocol(text) == "Sure, the red circle and two stars"
+    assert strip_protocol(text, ["seg", "det"]) == "Sure, the red circle and two stars"
+    assert strip_protocol(text, ["seg"]) == "Sure, the red circle and two stars <det>"  # only the model's tasks
 
 
 def test_tokenizer_keeps_every_special_token_as_one_id(tokenizer):
@@ -82,3 +83,53 @@ def test_tokenizer_keeps_every_special_token_as_one_id(tokenizer):
         assert ids.count(tid) == 4, tok
         assert tokenizer.encode(tok, add_special_tokens=False) == [tid]
     assert len({tokenizer.convert_tokens_to_ids(t) for t in PROTOCOL_TOKENS}) == len(PROTOCOL_TOKENS)
+
+
+def test_a_task_token_that_is_not_one_id_is_a_config_error():
+    """``add_protocol_tokens`` checks every token it registers: a tokenizer that keeps splitting one fails loudly."""
+    from taskmllm.errors import ConfigError
+    from taskmllm.model.tokenizer import add_protocol_tokens
+
+    class SplittingTokenizer:  # ignores added tokens, as a tokenizer with a broken added-token table would
+        unk_token_id = 0
+
+        def __len__(self) -> int:
+            return 10
+
+        def add_special_tokens(self, tokens, replace_extra_special_tokens=False) -> None:
+            pass
+
+        def encode(self, text, add_special_tokens=False) -> list[int]:
+            return [3] if text in PROTOCOL_TOKENS else [4, 5, 6]
+
+    with pytest.raises(ConfigError, match=r"encodes '<point>' as \[4, 5, 6\], not as one token id"):
+        add_protocol_tokens(SplittingTokenizer(), ["point"])
+
+
+def test_a_new_task_gets_one_new_id_and_a_mean_initialised_row(tokenizer):
+    """A model built with a task its tokenizer lacks adds the task token (one id) and, for a pretrained LLM, an
+    embedding row equal to the mean of the existing rows (TPO)."""
+    import copy
+
+    import torch
+
+    from taskmllm.model.config import TokenConfig
+    from taskmllm.model.mllm import TaskMLLM, build_llm
+    from tests.conftest import tiny_config
+
+    tok = copy.deepcopy(tokenizer)
+    cfg = tiny_config(tok)
+    llm = build_llm(cfg.llm)
+    rows = llm.get_input_embeddings().weight.detach().clone()
+    cfg.tokens = TokenConfig(tasks={"seg": 1, "point": 1})
+    model = TaskMLLM(cfg, tok, llm=llm)
+    pid = tok.convert_tokens_to_ids("<point>")
+    assert pid == rows.shape[0] and tok.encode("<point>", add_special_tokens=False) == [pid]
+    emb = model.llm.get_input_embeddings().weight
+    assert emb.shape[0] == rows.shape[0] + 1 and torch.allclose(emb[pid], rows.mean(0))
+    assert model.config.llm["vocab_size"] == rows.shape[0] + 1 and model.task_ids[pid] == "point"
+    tok = copy.deepcopy(tokenizer)
+    cfg = tiny_config(tok)  # vocab_size = the tokenizer's size before <point>: no row for it
+    cfg.tokens = TokenConfig(tasks={"point": 1})
+    with pytest.raises(ConfigError, match="tokenizer has .* tokens but the LLM's embedding has"):
+        TaskMLLM(cfg, tok)

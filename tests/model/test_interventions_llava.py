@@ -21,7 +21,7 @@ ANSWER = "<seg> red."
 def llava_model(tmp_path_factory, tokenizer):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from taskmllm.model.io import import_llava_hf
+    from taskmllm.model.llava import import_llava_hf
 
     torch.manual_seed(0)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -35,7 +35,7 @@ def llava_model(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("llava-hf-interventions")
     LlavaForConditionalGeneration(cfg).eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
-    model = import_llava_hf(path)
+    model = import_llava_hf(path, {"seg": 1, "det": 4, "track": 1})
     plant_sink(model, tokenizer.bos_token_id, 5)
     # teach only the LM head to answer with a task token (cheap: no backward through the transformer)
     batch = model.processor(PROMPTS, _images(), answers=[ANSWER] * len(PROMPTS))

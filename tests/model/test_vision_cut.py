@@ -9,7 +9,7 @@ from taskmllm.errors import ConfigError
 from taskmllm.model.config import VisionConfig
 from taskmllm.model.packaged import MOBILENET_V2, is_installed
 from taskmllm.model.vision import MobileNetV2Tower
-from taskmllm.recipes import build_tiny
+from taskmllm.zoo import build_tiny
 
 STRIDE16 = dict(kind="mobilenet_v2", feature_layer=13, image_size=96)
 
@@ -43,4 +43,4 @@ def test_imagenet_init_loads_the_packaged_weights_into_the_cut():
 def test_imagenet_init_needs_a_mobilenet_tower():
     with pytest.raises(ConfigError, match="mobilenet_v2"):
         build_tiny(llm=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1),
-                   vision=dict(pretrained="imagenet", width=32, layers=1, heads=2, image_size=48))
+                   vision=dict(kind="open_clip", pretrained="imagenet", width=32, layers=1, heads=2, image_size=48))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from taskmllm.errors import CheckpointError, ConfigError, InputError, RegistryError, UnknownTaskError
 from taskmllm.experts.base import TaskTarget, VisionFeatures
 from taskmllm.model.mllm import TaskMLLM
+from taskmllm.router.dispatch import run_calls
 from taskmllm.router.joint import JointModel
 from taskmllm.router.pipeline import Pipeline
 from tests.conftest import tiny_config
@@ -189,6 +192,13 @@ def test_score_threshold_keeps_every_detection_slot(tokenizer, rgb_image):
     np.testing.assert_allclose(kept[0].boxes, every[0].boxes[:n_above])
 
 
+def _run(joint, calls, inputs):
+    """The outputs of the one expert run of ``calls`` (all of one task and frame count) through the dispatch."""
+    runs = run_calls(joint.experts, calls, inputs)
+    assert len(runs) == 1
+    return runs[0].outputs
+
+
 def test_image_expert_called_about_a_video_reads_its_first_frame(joint, rgb_image):
     """A model may emit <det> for a video question (the smol eval met one): the call runs on frame 0."""
     other = rgb_image[::-1].copy()
@@ -201,8 +211,8 @@ def test_image_expert_called_about_a_video_reads_its_first_frame(joint, rgb_imag
         mllm_out = joint.mllm(batch, "none")
         calls = joint.router.route(batch.input_ids, mllm_out.hidden_states, batch.attention_mask)
         assert [c.task for c in calls] == ["det"]
-        video_out = joint.run_expert("det", calls, mllm_out.vision_features, batch)
-        first = mllm_out.vision_features[:1][None]  # (1, 1, N, C): frame 0 of the one video
+        video_out = _run(joint, calls, mllm_out.expert_inputs)
+        first = mllm_out.expert_inputs.features[:1][None]  # (1, 1, N, C): frame 0 of the one video
         vf = VisionFeatures(first, joint.mllm.vision.grid, joint.mllm.config.vision.image_size)
         expected = joint.experts["det"](calls[0].query_states[None], vf)
     torch.testing.assert_close(video_out.boxes, expected.boxes)
@@ -224,20 +234,22 @@ def test_experts_with_llm_context_read_the_prompts_visual_token_states(joint, rg
         states = joint.mllm.visual_states(batch.input_ids, out.hidden_states)
         rows = out.hidden_states[batch.input_ids == joint.mllm.image_id]  # every visual token, in order
         assert states.shape[0] == sum(batch.frames_per_sample) and torch.equal(states.flatten(0, 1), rows)
-        got = joint.run_expert("det", calls, out.vision_features, batch, visual_states=states)
-        first = torch.stack([out.vision_features[sum(batch.frames_per_sample[:c.sample])] for c in calls])[:, None]
+        assert torch.equal(out.expert_inputs.visual_states, states)
+        got = _run(joint, calls, out.expert_inputs)
+        feats = out.expert_inputs.features
+        first = torch.stack([feats[sum(batch.frames_per_sample[:c.sample])] for c in calls])[:, None]
         context = torch.stack([states[sum(batch.frames_per_sample[:c.sample])] for c in calls])[:, None]
         grid = joint.mllm.projector.pooled_grid(joint.mllm.vision.grid)
         vf = VisionFeatures(first, joint.mllm.vision.grid, joint.mllm.config.vision.image_size, context, grid)
         want = joint.experts["det"](torch.stack([c.query_states for c in calls]), vf)
         torch.testing.assert_close(got.boxes, want.boxes)
         with pytest.raises(InputError, match="llm_context"):
-            joint.run_expert("det", calls, out.vision_features, batch)
+            _run(joint, calls, replace(out.expert_inputs, visual_states=None))
         prompt = joint.mllm.processor(["Find all hexagons."], [rgb_image])
         gen = joint.mllm.generate(prompt, max_new_tokens=2)
         teacher = joint.mllm(prompt, "none")
-        torch.testing.assert_close(gen.visual_states, joint.mllm.visual_states(prompt.input_ids, teacher.hidden_states),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gen.expert_inputs.visual_states,
+                                   joint.mllm.visual_states(prompt.input_ids, teacher.hidden_states), atol=1e-5, rtol=1e-5)
 
 
 def test_detach_context_cuts_only_the_llms_gradient_through_the_visual_states(joint, rgb_image):
@@ -263,7 +275,7 @@ def test_detach_context_cuts_only_the_llms_gradient_through_the_visual_states(jo
         calls = [c for c in joint.router.route(batch.input_ids, out.hidden_states, batch.attention_mask)
                  if c.task == "seg"]
         states = joint.mllm.visual_states(batch.input_ids, out.hidden_states).detach()
-        pred = joint.run_expert("seg", calls, out.vision_features, batch, visual_states=states)
+        pred = _run(joint, calls, replace(out.expert_inputs, visual_states=states))
         return sum(joint.experts["seg"].loss(pred, [targets[c.sample][0] for c in calls]).values())
 
     full_loss, full = backward(lambda: joint_loss(()))
@@ -280,7 +292,7 @@ def test_detach_context_cuts_only_the_llms_gradient_through_the_visual_states(jo
 
 
 def test_seg_detail_reads_the_calls_own_pixels(joint, rgb_image):
-    """``detail``: ``run_expert`` hands the seg expert the frame its call is about (oracle: that frame's row of the
+    """``detail``: the dispatch hands the seg expert the frame its call is about (oracle: that frame's row of the
     batch's ``pixel_values``, cut by hand), and the joint loss trains the new stem."""
     joint.set_expert_options({"seg": {"detail": True}})
     torch.nn.init.normal_(joint.experts["seg"].detail.net[-1].weight, std=0.1)
@@ -290,9 +302,10 @@ def test_seg_detail_reads_the_calls_own_pixels(joint, rgb_image):
         out = joint.mllm(batch, "none")
         calls = [c for c in joint.router.route(batch.input_ids, out.hidden_states, batch.attention_mask)
                  if c.task == "seg"]
-        got = joint.run_expert("seg", calls, out.vision_features, batch)
+        got = _run(joint, calls, out.expert_inputs)
         starts = [sum(batch.frames_per_sample[:c.sample]) for c in calls]
-        vf = VisionFeatures(torch.stack([out.vision_features[s] for s in starts])[:, None], joint.mllm.vision.grid,
+        feats = out.expert_inputs.features
+        vf = VisionFeatures(torch.stack([feats[s] for s in starts])[:, None], joint.mllm.vision.grid,
                             joint.mllm.config.vision.image_size,
                             pixels=torch.stack([batch.pixel_values[s] for s in starts])[:, None])
         want = joint.experts["seg"](torch.stack([c.query_states for c in calls]), vf)

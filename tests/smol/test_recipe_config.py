@@ -20,7 +20,8 @@ RECIPE = Path(taskmllm.__file__).parent / "training" / "recipes" / "smol"
 def test_stage_yamls_load(stage, trainable):
     cfg = load_config(RECIPE / f"{stage}.yaml")
     assert cfg.stage.name == stage and cfg.stage.trainable == trainable
-    assert cfg.data.image_size == 192 and cfg.model.max_frames == cfg.data.num_frames == 4
+    shapes = cfg.data.specs()["shapes"]
+    assert shapes.image_size == 192 and cfg.model.max_frames == shapes.num_frames == 4
     assert cfg.out_dir == f"runs/smol/{stage}"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from taskmllm.recipes import SHIPPED
+from taskmllm.zoo import SHIPPED
 from tests.smol.conftest import require_smol_packages
 
 require_smol_packages()
@@ -45,7 +45,7 @@ def _facts_known(pipe) -> int:
 def test_text_only_questions_are_answered_as_well_as_by_the_base_llm(pipe):
     """The LLM's own abilities survive the LoRA stage: the shipped smol answers the factual questions the
     untouched SmolLM2-135M-Instruct (rebuilt from the packages) answers, give or take one greedy flip."""
-    from taskmllm.recipes import build_smol
+    from taskmllm.zoo import build_smol
     from taskmllm.router.joint import JointModel
     from taskmllm.router.pipeline import Pipeline
 

@@ -16,7 +16,7 @@ from tests.smol.conftest import require_smol_packages
 require_smol_packages()
 
 RECIPE = Path(taskmllm.__file__).parent / "training" / "recipes" / "smol"
-SMALL = ["--max_steps=2", "--save_every=2", "--data.batch_size=2", "--model.max_frames=2", "--data.num_frames=2",
+SMALL = ["--max_steps=2", "--save_every=2", "--data.batch_size=2", "--model.max_frames=2", "--data.sources.shapes.num_frames=2",
          "--optim.warmup_steps=1", "--progress=false"]
 
 

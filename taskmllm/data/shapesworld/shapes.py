@@ -77,9 +77,3 @@ def tight_box(mask: np.ndarray) -> Optional[np.ndarray]:
         return None
     rows = np.flatnonzero(mask.any(axis=1))
     return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float64)
-
-
-def polygon_area(polygon: np.ndarray) -> float:
-    """Shoelace area of a ``(P, 2)`` polygon in square pixels."""
-    x, y = polygon[:, 0], polygon[:, 1]
-    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)

@@ -1,10 +1,10 @@
 """ShapesWorld: synthetic images and videos of shapes with exact ground truth, deterministic from a seed.
 
-A scene holds 1-N shapes (:data:`~taskmllm.data.vocab.SHAPES`) x colors x sizes, drawn as polygons in depth
+A scene holds 1-N shapes (:data:`~taskmllm.data.shapesworld.vocab.SHAPES`) x colors x sizes, drawn as polygons in depth
 order (later objects occlude earlier ones) on a plain, textured or real-photo background. Every sample is a
 pure function of ``(config, seed, split, index)``: the same arguments give byte-identical pixels and masks.
 
-Ground truth (:class:`~taskmllm.data.sample.ObjectGT`): class, color, size, the polygon, the exact visible
+Ground truth (:class:`Shape`, an :class:`~taskmllm.data.sample.ObjectGT`): class, color, size, the polygon, the exact visible
 mask (the polygon's rasterization minus the nearer objects' rasterizations), the tight box of the visible
 mask and its pixel count. Videos add per-frame polygons, masks, boxes, visibility (mask non-empty), presence
 and the visible interval; objects move, may enter late, leave early, walk off the frame or be hidden.
@@ -22,12 +22,12 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from taskmllm.data.backgrounds import KINDS, Backgrounds
-from taskmllm.data.sample import ObjectGT, Sample
 from PIL import Image
 
-from taskmllm.data.shapes import paint, place, rasterize, tight_box
-from taskmllm.data.vocab import COLORS, SIZES, SHAPES
+from taskmllm.data.sample import ObjectGT, Sample
+from taskmllm.data.shapesworld.backgrounds import KINDS, Backgrounds
+from taskmllm.data.shapesworld.shapes import paint, place, rasterize, tight_box
+from taskmllm.data.shapesworld.vocab import COLORS, SHAPES, SIZES
 from taskmllm.errors import ConfigError
 
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2, "heldout": 3}
@@ -102,6 +102,33 @@ class WorldConfig:
 
 
 @dataclass
+class Shape(ObjectGT):
+    """A ShapesWorld object: an :class:`~taskmllm.data.sample.ObjectGT` whose ``category`` is its shape, with
+    its color and size (also in ``labels``, for attribute supervision), the polygon drawn and its depth.
+
+    Attributes:
+        color, size: names from :data:`~taskmllm.data.shapesworld.vocab.COLORS` / ``SIZES``.
+        polygon: ``(P, 2)`` float vertices (x, y) in pixels as rasterized (images).
+        polygons: ``(T, P, 2)`` per-frame vertices (videos).
+        depth: drawing order, larger is nearer.
+    """
+
+    color: Optional[str] = None
+    size: Optional[str] = None
+    polygon: Optional[np.ndarray] = None
+    polygons: Optional[np.ndarray] = None
+    depth: int = 0
+
+    def __post_init__(self) -> None:
+        self.labels = {**self.labels, "color": self.color, "size": self.size}
+
+    @property
+    def name(self) -> str:
+        """``"red circle"``."""
+        return f"{self.color} {self.category}" if self.color else self.category
+
+
+@dataclass
 class _Spec:
     shape: str
     color: str
@@ -164,7 +191,7 @@ class ShapesWorld:
         objects = []
         for i, (spec, poly, _) in enumerate(placed):
             vis = label == i + 1
-            objects.append(ObjectGT(id=i, category=spec.shape, color=spec.color, size=spec.size, mask=vis,
+            objects.append(Shape(id=i, category=spec.shape, color=spec.color, size=spec.size, mask=vis,
                                     box=tight_box(vis), area=int(vis.sum()), polygon=poly, depth=i))
         meta = self._meta(split, index, bg_kind)
         return Sample(id=f"shapesworld/{split}/image/{index}", source="shapesworld", image=img,
@@ -204,7 +231,7 @@ class ShapesWorld:
                 boxes[t] = tight_box(vis[i, t])
             idx = np.flatnonzero(visible)
             interval = (int(idx[0]), int(idx[-1])) if idx.size else None
-            objects.append(ObjectGT(id=i, category=spec.shape, color=spec.color, size=spec.size, masks=vis[i],
+            objects.append(Shape(id=i, category=spec.shape, color=spec.color, size=spec.size, masks=vis[i],
                                     boxes=boxes, visible=visible, interval=interval, polygons=polys,
                                     present=present, depth=i))
         # an object hidden in every frame cannot be asked about: drop it from the ground truth

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from taskmllm.data.sample import ObjectGT
+from taskmllm.data.shapesworld.world import Shape
 
 POS_MARGIN = 0.08
 REL_MARGIN = 0.08
@@ -33,13 +33,13 @@ RELATIONS: dict[str, tuple[int, int]] = {"to the left of": (0, 1), "to the right
                                          "above": (1, 1), "below": (1, -1)}
 
 
-def center(obj: ObjectGT, frame: Optional[int] = None) -> np.ndarray:
+def center(obj: Shape, frame: Optional[int] = None) -> np.ndarray:
     """``(2,)`` centre ``(cx, cy)`` of the object's visible box (in ``frame`` for videos)."""
     box = obj.box if frame is None else obj.boxes[frame]
     return np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
 
 
-def _matches(obj: ObjectGT, size: Optional[str], color: Optional[str], shape: Optional[str]) -> bool:
+def _matches(obj: Shape, size: Optional[str], color: Optional[str], shape: Optional[str]) -> bool:
     return ((size is None or obj.size == size) and (color is None or obj.color == color)
             and (shape is None or obj.category == shape))
 
@@ -48,7 +48,7 @@ def _phrase(pos: Optional[str], size: Optional[str], color: Optional[str], shape
     return " ".join(w for w in ("the", pos, size, color, shape or "object") if w)
 
 
-def _extreme(objs: Sequence[ObjectGT], pos: str, side: float) -> Optional[ObjectGT]:
+def _extreme(objs: Sequence[Shape], pos: str, side: float) -> Optional[Shape]:
     axis, sign = POSITIONS[pos]
     if len(objs) < 2:
         return None
@@ -57,7 +57,7 @@ def _extreme(objs: Sequence[ObjectGT], pos: str, side: float) -> Optional[Object
     return keyed[0] if gap >= POS_MARGIN * side else None
 
 
-def expressions(objects: Sequence[ObjectGT], target: ObjectGT, side: float, positional: bool = True,
+def expressions(objects: Sequence[Shape], target: Shape, side: float, positional: bool = True,
                 omit: Sequence[str] = ()) -> list[str]:
     """Every expression of the grammar that names ``target`` and only it.
 
@@ -83,7 +83,7 @@ def expressions(objects: Sequence[ObjectGT], target: ObjectGT, side: float, posi
     return out
 
 
-def resolve(expression: str, objects: Sequence[ObjectGT], side: float) -> list[ObjectGT]:
+def resolve(expression: str, objects: Sequence[Shape], side: float) -> list[Shape]:
     """The objects an expression names (one when it is a valid referring expression), per the grammar above."""
     words = expression.split()
     if not words or words[0] != "the":
@@ -103,7 +103,7 @@ def resolve(expression: str, objects: Sequence[ObjectGT], side: float) -> list[O
     return [hit] if hit is not None else []
 
 
-def relation_holds(a: ObjectGT, b: ObjectGT, relation: str, side: float) -> Optional[bool]:
+def relation_holds(a: Shape, b: Shape, relation: str, side: float) -> Optional[bool]:
     """True / False when ``a`` clearly is / is not ``relation`` ``b``; ``None`` when too close to tell."""
     axis, sign = RELATIONS[relation]
     d = sign * (center(b)[axis] - center(a)[axis])

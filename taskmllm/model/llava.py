@@ -1,0 +1,61 @@
+"""Import of a local transformers LLaVA checkpoint (``LlavaForConditionalGeneration``) as a :class:`TaskMLLM`.
+
+The vision tower, projector, language model and tokenizer are taken over unchanged; the protocol tokens and the
+task tokens of ``tasks`` are added to the tokenizer, their new embedding rows set to the mean of the existing
+rows (TPO). Logits on prompts without new tokens equal transformers' own forward (tested). The prompt layout is
+LLaVA's: the image before the question.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+
+from taskmllm.errors import CheckpointError, ConfigError
+from taskmllm.model.config import MLLMConfig, ProjectorConfig, TokenConfig, VisionConfig
+from taskmllm.model.io import CONFIG_FILE
+from taskmllm.model.mllm import TaskMLLM
+
+#: transformers vision model types and the tower adapter that reads each
+VISION_KINDS = {"clip_vision_model": "hf_clip", "siglip_vision_model": "hf_siglip"}
+
+
+def import_llava_hf(src: str | Path, tasks: Optional[Mapping[str, int]] = None) -> TaskMLLM:
+    """Convert the LLaVA checkpoint directory ``src``; ``tasks`` (expert name -> K queries) gives it task tokens.
+
+    Raises:
+        CheckpointError: ``src`` is not a transformers checkpoint directory.
+        ConfigError: a LLaVA variant this import does not support (projector activation, several feature layers,
+            another vision tower).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
+
+    src = Path(src)
+    if not (src / CONFIG_FILE).is_file():
+        raise CheckpointError(src / CONFIG_FILE, "not a transformers checkpoint directory")
+    llava = LlavaForConditionalGeneration.from_pretrained(str(src), local_files_only=True, dtype=torch.float32)
+    cfg = llava.config
+    if cfg.projector_hidden_act != "gelu":
+        raise ConfigError(f"projector activation {cfg.projector_hidden_act!r} is not supported (LLaVA uses gelu)")
+    if not isinstance(cfg.vision_feature_layer, int):
+        raise ConfigError("a list of vision_feature_layer values is not supported; use one layer")
+    vcfg = cfg.vision_config
+    if vcfg.model_type not in VISION_KINDS:
+        raise ConfigError(f"vision tower {vcfg.model_type!r} is not supported; expected one of {sorted(VISION_KINDS)}")
+    vision = VisionConfig(kind=VISION_KINDS[vcfg.model_type], image_size=vcfg.image_size,
+                          patch_size=vcfg.patch_size, width=vcfg.hidden_size, hf_config=vcfg.to_dict(),
+                          feature_layer=cfg.vision_feature_layer,
+                          drop_cls=cfg.vision_feature_select_strategy == "default")
+    llm = AutoModelForCausalLM.from_config(cfg.text_config)
+    llm.get_decoder().load_state_dict(llava.model.language_model.state_dict())
+    llm.get_output_embeddings().load_state_dict(llava.lm_head.state_dict())
+    config = MLLMConfig(vision=vision, projector=ProjectorConfig(bias=getattr(cfg, "multimodal_projector_bias", True)),
+                        llm=llm.config.to_diff_dict() | {"model_type": llm.config.model_type},
+                        tokens=TokenConfig(tasks=dict(tasks or {}), image_first=True))
+    tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    model = TaskMLLM(config, tokenizer, llm=llm)  # adds the protocol and task tokens, mean-initialised rows
+    model.vision.model.load_state_dict(llava.model.vision_tower.state_dict())
+    model.projector.load_state_dict(llava.model.multi_modal_projector.state_dict(), strict=False)
+    return model.eval()

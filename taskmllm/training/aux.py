@@ -1,0 +1,298 @@
+"""Auxiliary training losses: training-only heads on the model's internal states, configured per stage as data.
+
+A stage names them in ``stage.aux`` with their options (``{name: {weight: ..., ...}}``); the training loop
+builds each from :data:`AUX_LOSSES`, hands every one the same :class:`AuxStates` of a forward and adds
+``weight x loss``, knowing none of them by name. Their targets come from the samples' generic ground truth —
+the objects' masks or boxes and class labels (:class:`~taskmllm.data.sample.ObjectGT`) and what the question
+names (:class:`~taskmllm.data.sample.Grounding`) — so any grounded source feeds them: ShapesWorld's builder
+today, RefCOCO/COCO annotations as well. A sample without that ground truth contributes nothing.
+
+- ``focus`` (:class:`FocusLoss`) — region-phrase alignment: after ``layer`` LLM blocks, each visual token
+  (they follow the question) says whether it shows what the question names (BCE).
+- ``attr`` (:class:`AttributeLoss`) — the same tokens name the class labels (``labels``: e.g. category and
+  color) of the object they show, so an answer that needs them finds them where its attention reads.
+- ``patch`` (:class:`PatchLoss`) — the vision tower's own patch features name those labels (the direct
+  supervision a from-scratch tower needs).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from taskmllm.data.sample import Sample
+from taskmllm.errors import ConfigError
+from taskmllm.model.expert_inputs import ExpertInputs
+from taskmllm.model.processor import sample_frames
+from taskmllm.schema import from_dict, suggest
+
+
+@dataclass
+class AuxStates:
+    """What an auxiliary loss may read of one joint forward.
+
+    Attributes:
+        layer_states: the LLM's hidden states by depth, each ``(B, L, H)``: ``[0]`` the input embeddings,
+            ``[l]`` the output of block l.
+        visual: ``(B, L)`` bool, the visual-token positions (frame by frame, in sample order).
+        inputs: the batch's :class:`ExpertInputs` (vision features and grids; None for a text-only batch).
+        max_frames: the model's frame budget (a longer video is sampled down as the processor does).
+    """
+
+    layer_states: Sequence[torch.Tensor]
+    visual: torch.Tensor
+    inputs: Optional[ExpertInputs]
+    max_frames: int
+
+    def visual_tokens(self, layer: int) -> torch.Tensor:
+        """``(F, N', H)`` hidden states of the visual tokens after ``layer`` blocks."""
+        grid = self.inputs.visual_grid
+        return self.layer_states[layer][self.visual].view(-1, grid[0] * grid[1], self.layer_states[layer].shape[-1])
+
+
+@dataclass
+class AuxContext:
+    """What an auxiliary loss is built for: the model's widths and depth, and the data's label classes.
+
+    Attributes:
+        hidden_size: the LLM's width H; vision_width: the tower's width C; num_layers: the LLM's blocks.
+        label_classes: per labelling kind, the classes the data sources declare (``SourceSpec.label_classes``).
+    """
+
+    hidden_size: int
+    vision_width: int
+    num_layers: int
+    label_classes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass
+class AuxOptions:
+    """Options every auxiliary loss has. ``weight``: its factor in the stage's loss (0 = off)."""
+
+    weight: float = 1.0
+
+
+class AuxLoss(nn.Module, ABC):
+    """A training-only head and its loss; subclasses set ``options_cls`` and implement :meth:`loss`."""
+
+    options_cls: ClassVar[type[AuxOptions]] = AuxOptions
+
+    def __init__(self, options: AuxOptions, context: AuxContext) -> None:
+        super().__init__()
+        self.options = options
+
+    @property
+    def weight(self) -> float:
+        return self.options.weight
+
+    @abstractmethod
+    def loss(self, states: AuxStates, samples: Sequence[Sample]) -> torch.Tensor:
+        """A scalar loss of one forward of ``samples`` (zero, still on the graph, when none has a target)."""
+
+
+# --------------------------------------------------------------------------------------------- targets
+def _frames(samples: Sequence[Sample], max_frames: int):
+    """``(sample, frame index)`` of every frame the processor feeds, in its order (text-only samples have none)."""
+    for s in samples:
+        if s.frames is None and s.image is None:
+            continue
+        n = s.frames.shape[0] if s.frames is not None else 1
+        for t in sample_frames(list(range(n)), max_frames):
+            yield s, t
+
+
+def grounding_cover(samples: Sequence[Sample], grid: tuple[int, int],
+                    max_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per frame, how much of each token of ``grid`` the regions the question names cover.
+
+    Returns ``(F, h*w)`` targets in [0, 1] — the area fraction covered by the union of the named objects'
+    masks (boxes where there is no mask), doubled and capped at 1, so a token half covered counts as on it —
+    and ``(F,)`` bool: the frame's sample has a :class:`~taskmllm.data.sample.Grounding`.
+    """
+    targets, valid = [], []
+    for s, t in _frames(samples, max_frames):
+        named = [o for o in s.objects if s.grounding is not None and o.id in s.grounding.objects]
+        hit = np.zeros(s.hw, np.float32)
+        for obj in named:
+            m = obj.frame_mask(t, s.hw)
+            if m is not None:
+                hit = np.maximum(hit, m.astype(np.float32))
+        cover = F.adaptive_avg_pool2d(torch.from_numpy(hit)[None, None], grid).flatten()
+        targets.append((2 * cover).clamp(max=1.0))
+        valid.append(s.grounding is not None)
+    if not targets:
+        return torch.zeros(0, grid[0] * grid[1]), torch.zeros(0, dtype=torch.bool)
+    return torch.stack(targets), torch.tensor(valid)
+
+
+def label_maps(samples: Sequence[Sample], grid: tuple[int, int], max_frames: int,
+               classes: Mapping[str, Sequence[str]]) -> dict[str, torch.Tensor]:
+    """Per labelling kind, the ``(F, h*w)`` class index of each token of ``grid``: that of the object covering
+    the largest fraction of it when that fraction is >= 0.5, else 0 (background). An object's index is
+    ``classes[kind].index(label) + 1``; an object with another label counts as background."""
+    maps: dict[str, list[torch.Tensor]] = {kind: [] for kind in classes}
+    ids = {kind: {c: i + 1 for i, c in enumerate(names)} for kind, names in classes.items()}
+    n = grid[0] * grid[1]
+    for s, t in _frames(samples, max_frames):
+        masks, labels = [], {kind: [] for kind in classes}
+        for obj in s.objects:
+            m = obj.frame_mask(t, s.hw)
+            if m is None:
+                continue
+            masks.append(m.astype(np.float32))
+            for kind in classes:
+                labels[kind].append(ids[kind].get(obj.label(kind), 0))
+        if masks:
+            cover = F.adaptive_avg_pool2d(torch.from_numpy(np.stack(masks))[None], grid)[0].flatten(1)
+            frac, which = cover.max(0)
+            keep = frac >= 0.5
+        for kind in classes:
+            out = torch.zeros(n, dtype=torch.long)
+            if masks:
+                out[keep] = torch.tensor(labels[kind])[which[keep]]
+            maps[kind].append(out)
+    return {kind: torch.stack(v) if v else torch.zeros(0, n, dtype=torch.long) for kind, v in maps.items()}
+
+
+# ---------------------------------------------------------------------------------------------- losses
+@dataclass
+class FocusOptions(AuxOptions):
+    """``layer``: after how many LLM blocks the visual tokens are read; ``pos_weight``: BCE weight of a positive
+    token (the few object tokens among many background ones)."""
+
+    layer: int = 1
+    pos_weight: float = 10.0
+
+
+class FocusLoss(AuxLoss):
+    """Region-phrase alignment: a linear logit on every visual token after ``layer`` blocks says whether the
+    token shows what the question names (BCE against :func:`grounding_cover`).
+
+    The visual tokens follow the question, so an LLM can mark the matching patches where they are and answer by
+    attending to the marks; from the answer loss alone a from-scratch LLM does not find that lookup
+    (``bench/vqa_probe.py``)."""
+
+    options_cls = FocusOptions
+
+    def __init__(self, options: FocusOptions, context: AuxContext) -> None:
+        super().__init__(options, context)
+        _check_layer(options.layer, context.num_layers)
+        self.linear = nn.Linear(context.hidden_size, 1)
+
+    def loss(self, states: AuxStates, samples: Sequence[Sample]) -> torch.Tensor:
+        grid = states.inputs.visual_grid
+        hidden = states.layer_states[self.options.layer]
+        targets, valid = grounding_cover(samples, grid, states.max_frames)
+        logits = self.linear(hidden[states.visual].float()).squeeze(-1).view(targets.shape)  # (F, N')
+        if not bool(valid.any()):
+            return logits.sum() * 0.0
+        valid = valid.to(logits.device)
+        weight = torch.tensor(self.options.pos_weight, device=logits.device)
+        return F.binary_cross_entropy_with_logits(logits[valid], targets.to(logits)[valid], pos_weight=weight)
+
+
+@dataclass
+class LabelOptions(AuxOptions):
+    """``labels``: the labelling kinds to classify (``category`` or keys of ``ObjectGT.labels``), one linear
+    classifier each over the data's classes plus background."""
+
+    labels: list[str] = field(default_factory=lambda: ["category"])
+
+
+class _LabelHeads(AuxLoss):
+    """Linear classifiers of the labels of ``labels`` on tokens of width ``width``; loss = sum of their CEs."""
+
+    options_cls = LabelOptions
+
+    def __init__(self, options: LabelOptions, context: AuxContext, width: int) -> None:
+        super().__init__(options, context)
+        missing = [k for k in options.labels if k not in context.label_classes]
+        if missing or not options.labels:
+            raise ConfigError(f"labels {missing or options.labels}: the data sources declare classes for "
+                              f"{sorted(context.label_classes) or 'no label kind'}")
+        self.classes = {k: tuple(context.label_classes[k]) for k in options.labels}
+        self.heads = nn.ModuleDict({k: nn.Linear(width, len(c) + 1) for k, c in self.classes.items()})
+
+    def _loss(self, tokens: torch.Tensor, grid: tuple[int, int], states: AuxStates,
+              samples: Sequence[Sample]) -> torch.Tensor:
+        """``tokens (F, N, W)`` on ``grid`` against :func:`label_maps`."""
+        maps = label_maps(samples, grid, states.max_frames, self.classes)
+        feats = tokens.float()
+        terms = [F.cross_entropy(head(feats).flatten(0, 1), maps[kind].to(feats.device).flatten())
+                 for kind, head in self.heads.items()]
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term
+        return total
+
+
+@dataclass
+class AttributeOptions(LabelOptions):
+    """``layer``: after how many LLM blocks the visual tokens are read."""
+
+    layer: int = 1
+
+
+class AttributeLoss(_LabelHeads):
+    """The LLM's visual tokens after ``layer`` blocks name the labels of the object they show."""
+
+    options_cls = AttributeOptions
+
+    def __init__(self, options: AttributeOptions, context: AuxContext) -> None:
+        super().__init__(options, context, context.hidden_size)
+        _check_layer(options.layer, context.num_layers)
+
+    def loss(self, states: AuxStates, samples: Sequence[Sample]) -> torch.Tensor:
+        return self._loss(states.visual_tokens(self.options.layer), states.inputs.visual_grid, states, samples)
+
+
+class PatchLoss(_LabelHeads):
+    """The vision tower's patch features name the labels of the object they show."""
+
+    def __init__(self, options: LabelOptions, context: AuxContext) -> None:
+        super().__init__(options, context, context.vision_width)
+
+    def loss(self, states: AuxStates, samples: Sequence[Sample]) -> torch.Tensor:
+        return self._loss(states.inputs.features, states.inputs.grid, states, samples)
+
+
+def _check_layer(layer: int, num_layers: int) -> None:
+    if not 1 <= layer <= num_layers:
+        raise ConfigError(f"layer must be in 1..{num_layers} (the LLM's blocks), got {layer}")
+
+
+#: name -> auxiliary loss class (what ``stage.aux`` names)
+AUX_LOSSES: dict[str, type[AuxLoss]] = {"focus": FocusLoss, "attr": AttributeLoss, "patch": PatchLoss}
+
+
+def parse_aux(raw: Mapping[str, Any], where: str = "stage.aux") -> dict[str, AuxOptions]:
+    """Each named auxiliary loss's typed options.
+
+    Raises:
+        ConfigError: an unknown name (with the closest), or a bad option (the message names its path).
+    """
+    out = {}
+    for name, options in raw.items():
+        if name not in AUX_LOSSES:
+            raise ConfigError(f"{where}: unknown auxiliary loss {name!r}{suggest(name, list(AUX_LOSSES))}; "
+                              f"known: {', '.join(AUX_LOSSES)}")
+        out[name] = from_dict(AUX_LOSSES[name].options_cls, options or {}, f"{where}.{name}")
+    return out
+
+
+def build_aux(raw: Mapping[str, Any], context: AuxContext) -> nn.ModuleDict:
+    """The stage's auxiliary losses, in the order the stage names them (those of weight 0 are left out)."""
+    losses = {}
+    for name, options in parse_aux(raw).items():
+        if options.weight:
+            try:
+                losses[name] = AUX_LOSSES[name](options, context)
+            except ConfigError as exc:
+                raise ConfigError(f"stage.aux.{name}: {exc}") from exc
+    return nn.ModuleDict(losses)
