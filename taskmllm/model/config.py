@@ -77,7 +77,7 @@ class TokenConfig:
             tasks; builders fill this from it.
         chat: ChatTemplate fields (see ``model/tokens.py``).
         image_first: where a prompt without an ``<image>``/``<video>`` placeholder gets one: before the question
-            (LLaVA's layout, what an imported LLaVA uses) or after it (the layout the ShapesWorld-trained models
+            (LLaVA's layout, what an imported LLaVA uses) or after it (the layout the shipped tiny and smol models
             learned: the visual tokens then follow the question and can depend on it).
     """
 
