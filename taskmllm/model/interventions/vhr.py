@@ -7,8 +7,9 @@ the attention mask, so left, right or no padding all read the right column) give
 
     VHD[b, h] = || A_h(image pass)[b] - A_h(no-image pass)[b] ||_2 ,   TA[b, h] = || A_h(no-image pass)[b] ||^2
 
-heads whose VHD **and** TA are both above the layer's mean + std are outliers and get VHD 0; heads with VHD above the layer's median are selected; both passes then multiply the
-selected heads' outputs by ``alpha`` before ``o_proj`` and continue — so a layer's VHD is computed after the
+heads whose VHD **and** TA are both above the layer's mean + std are outliers and get VHD 0; heads with VHD above
+the layer's median are selected; both passes then multiply the selected heads' outputs by ``alpha`` before
+``o_proj`` and continue — so a layer's VHD is computed after the
 earlier layers were reinforced. Each sample has its own heads. The selection is kept for every later forward.
 
 Reinforcement positions: the selected heads are reinforced at **every position** of every forward (prompt
