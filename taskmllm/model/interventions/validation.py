@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from taskmllm.errors import ConfigError
 
@@ -63,3 +63,13 @@ def check_choice(owner: str, name: str, value: Any, choices: Sequence[str]) -> s
     if not isinstance(value, str) or value not in choices:
         raise ConfigError(f"{owner} {name} must be one of {list(choices)}, got {value!r}")
     return value
+
+
+def check_settings(owner: str, settings: Any, known: Sequence[str]) -> dict[str, Any]:
+    """A settings mapping with only ``known`` keys, as a dict (for ``from_settings``)."""
+    if not isinstance(settings, Mapping):
+        raise ConfigError(f"{owner} settings must be a mapping, got {settings!r} ({type(settings).__name__})")
+    unknown = sorted(str(k) for k in set(settings) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown {owner} settings {unknown}; known: {list(known)}")
+    return dict(settings)

@@ -59,7 +59,7 @@ from taskmllm.model.generation import GenerationContext
 from taskmllm.model.interventions.hooks import HookSet, as_context, attention_module, decoder_layers, resolve_layers
 from taskmllm.model.interventions.sinks import (calibrate_sink_dims, check_tau, default_tau, sink_flags,
                                                 sink_flags_official)
-from taskmllm.model.interventions.validation import check_choice, check_index_list, check_number
+from taskmllm.model.interventions.validation import check_choice, check_index_list, check_number, check_settings
 from taskmllm.model.processor import Batch
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -237,10 +237,7 @@ class VAR:
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> "VAR":
         """Rebuild from :meth:`settings` (unknown keys raise :class:`ConfigError`)."""
-        unknown = sorted(set(settings) - set(cls.SETTINGS))
-        if unknown:
-            raise ConfigError(f"unknown VAR settings {unknown}; known: {list(cls.SETTINGS)}")
-        return cls(**dict(settings))
+        return cls(**check_settings("VAR", settings, cls.SETTINGS))
 
     def tau_for(self, model: "TaskMLLM") -> float:
         """The sink threshold for ``model``: given (checked against its hidden size) or :func:`default_tau`."""

@@ -29,14 +29,14 @@ Settings: ``alpha`` and ``layers`` are parameters. The constructor's defaults ar
 layer 1 plus the last ``round(14/32 * N)`` of an ``N``-layer LM — "1 + last 14 of 32" for LLaVA-1.5-7B, scaled
 with depth); they are a fallback for a model without a calibration. ``taskmllm.eval.calibrate`` picks both per
 model on its validation world and stores them beside the model (``interventions.json``); a model that carries
-calibrated settings is run with those.
+calibrated settings is run with those (:meth:`VHR.from_settings`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -45,12 +45,15 @@ from taskmllm.errors import ConfigError, InputError
 from taskmllm.model.generation import GenerationContext
 from taskmllm.model.interventions.hooks import (HookSet, as_context, decoder_layers, head_layout,
                                                 output_projection, resolve_layers)
+from taskmllm.model.interventions.validation import check_index_list, check_number, check_settings
 from taskmllm.model.processor import Batch
 
 if TYPE_CHECKING:  # pragma: no cover
     from taskmllm.model.mllm import TaskMLLM
 
 LAST_FRACTION = 14 / 32
+#: the largest alpha accepted (the paper's alpha = 4 already degenerates the captions)
+MAX_ALPHA = 100.0
 
 
 def default_layers(num_layers: int) -> list[int]:
@@ -123,21 +126,27 @@ class VHR:
     """Vision-aware Head Reinforcement: pass as ``intervention=`` to ``generate``, or ``with vhr.attach(...)``.
 
     Args:
-        alpha: factor on the selected heads' outputs (paper: 2; 1 is the identity).
+        alpha: factor on the selected heads' outputs (paper: 2; 1 is the identity; in ``(0, 100]``).
         layers: decoder layers to reinforce (negative indices allowed); None = :func:`default_layers`.
-        remove_outliers: apply the outlier rule (VHD and TA both above mean + std -> VHD 0).
+        remove_outliers: apply the outlier rule (VHD and TA both above mean + sample std -> VHD 0).
+
+    Raises:
+        ConfigError: a setting of the wrong type or out of range (named with its value); layer indices out of
+            range for the model raise at attach.
 
     After a generation, for inspection (from the most recent attach):
         ``selected_heads``: ``{layer: (B, heads) bool}``; ``vhd``: ``{layer: (B, heads)}`` raw VHD;
         ``outliers``: ``{layer: (B, heads) bool}``; ``layers``: the layers used.
     """
 
+    SETTINGS = ("alpha", "layers", "remove_outliers")
+
     def __init__(self, alpha: float = 2.0, layers: Optional[Sequence[int]] = None,
                  remove_outliers: bool = True) -> None:
-        if alpha <= 0:
-            raise ConfigError(f"VHR alpha must be > 0, got {alpha}")
-        self.alpha = float(alpha)
-        self.layer_spec = None if layers is None else list(layers)
+        self.alpha = check_number("VHR", "alpha", alpha, 0.0, MAX_ALPHA, low_open=True)
+        self.layer_spec = None if layers is None else check_index_list("VHR", "layers", layers)
+        if not isinstance(remove_outliers, bool):
+            raise ConfigError(f"VHR remove_outliers must be True or False, got {remove_outliers!r}")
         self.remove_outliers = remove_outliers
         self.selected_heads: dict[int, torch.Tensor] = {}
         self.vhd: dict[int, torch.Tensor] = {}
@@ -146,6 +155,15 @@ class VHR:
 
     def __repr__(self) -> str:
         return f"VHR(alpha={self.alpha}, layers={self.layer_spec}, remove_outliers={self.remove_outliers})"
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor arguments as a JSON-able dict (``VHR.from_settings(v.settings())`` rebuilds it)."""
+        return {"alpha": self.alpha, "layers": self.layer_spec, "remove_outliers": self.remove_outliers}
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> "VHR":
+        """Rebuild from :meth:`settings` (unknown keys raise :class:`ConfigError`)."""
+        return cls(**check_settings("VHR", settings, cls.SETTINGS))
 
     def attach(self, model: "TaskMLLM", context: Union[GenerationContext, Batch]) -> "VHRSession":
         """A context manager applying VHR to ``model``'s LM; its first forward must be the prompt's prefill."""

@@ -32,7 +32,7 @@ from torch import nn
 from taskmllm.errors import ConfigError, InputError
 from taskmllm.model.generation import GenerationContext
 from taskmllm.model.interventions.hooks import HookSet, as_context, attention_module, decoder_layers, head_layout
-from taskmllm.model.interventions.validation import check_index_list, check_number
+from taskmllm.model.interventions.validation import check_index_list, check_number, check_settings
 from taskmllm.model.interventions.var import ATTN_NAME, ATTN_NAME_SDPA, additive_mask
 from taskmllm.model.processor import Batch
 
@@ -127,10 +127,7 @@ class ZeroTuning:
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> "ZeroTuning":
         """Rebuild from :meth:`settings` (unknown keys raise :class:`ConfigError`)."""
-        unknown = sorted(set(settings) - set(cls.SETTINGS))
-        if unknown:
-            raise ConfigError(f"unknown ZeroTuning settings {unknown}; known: {list(cls.SETTINGS)}")
-        return cls(**dict(settings))
+        return cls(**check_settings("ZeroTuning", settings, cls.SETTINGS))
 
     def head_gammas(self, num_layers: int, num_heads: int) -> dict[int, torch.Tensor]:
         """``{layer: (num_heads,) float64 gamma}`` for layers with a head whose gamma is not 1.
