@@ -8,6 +8,7 @@ context manager that installs scoped hooks and removes them on exit, also after 
         logits = model(batch).logits
 """
 
+from taskmllm.model.interventions.attention_map import AttentionMaps, attention_maps, compare_attention_maps
 from taskmllm.model.interventions.hooks import context_for
 from taskmllm.model.interventions.sinks import calibrate_sink_dims, default_tau, sink_values
 from taskmllm.model.interventions.var import VAR, redistribute
@@ -17,6 +18,7 @@ from taskmllm.model.interventions.zerotuning_calibration import (accuracy_score,
                                                                  calibrate_gamma, entropy_score, likelihood_score,
                                                                  profile_heads)
 
-__all__ = ["VAR", "VHR", "ZeroTuning", "accuracy_score", "all_heads", "calibrate_from_profile", "calibrate_gamma",
-           "calibrate_sink_dims", "context_for", "default_layers", "default_tau", "entropy_score", "likelihood_score",
-           "profile_heads", "redistribute", "select_heads", "sink_values"]
+__all__ = ["VAR", "VHR", "AttentionMaps", "ZeroTuning", "accuracy_score", "all_heads", "attention_maps",
+           "calibrate_from_profile", "calibrate_gamma", "calibrate_sink_dims", "compare_attention_maps", "context_for",
+           "default_layers", "default_tau", "entropy_score", "likelihood_score", "profile_heads", "redistribute",
+           "select_heads", "sink_values"]
