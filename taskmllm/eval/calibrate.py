@@ -7,7 +7,8 @@ Objective (:class:`Objective`, stated and stored with the result): on a validati
 
 subject to caption recall not dropping more than ``max_recall_drop`` (default 0.02) below the plain model's. The
 plain model (no intervention) is always scored first; a candidate is chosen only when it is feasible and beats the
-plain model's score, otherwise the result's ``best`` is None (the calibration says: leave the model alone).
+plain model's score by at least ``min_gain`` (default 0.01: on a validation suite of a few hundred questions a
+smaller gain is noise); otherwise the result's ``best`` is None (the calibration says: leave the model alone).
 
 :func:`grid_search` knows no data set: ``evaluate(intervention_or_None)`` returns the metrics (by default the keys
 ``pope_accuracy``, ``chair_s`` and ``recall``), so ShapesWorld's val world, real POPE/CHAIR files or a stub can
@@ -52,11 +53,13 @@ def build_intervention(name: str, settings: Mapping[str, Any]) -> Intervention:
 
 @dataclass(frozen=True)
 class Objective:
-    """``score = metrics[accuracy_key] - chair_weight * metrics[penalty_key]``; infeasible (None) when
-    ``metrics[recall_key]`` is more than ``max_recall_drop`` below the baseline's."""
+    """``score = metrics[accuracy_key] - chair_weight * metrics[penalty_key]``; a candidate is infeasible when
+    ``metrics[recall_key]`` is more than ``max_recall_drop`` below the baseline's, and is chosen only when its score
+    beats the baseline's by at least ``min_gain``."""
 
     chair_weight: float = 1.0
     max_recall_drop: float = 0.02
+    min_gain: float = 0.01
     accuracy_key: str = "pope_accuracy"
     penalty_key: str = "chair_s"
     recall_key: str = "recall"
@@ -64,6 +67,7 @@ class Objective:
     def __post_init__(self) -> None:
         check_number("Objective", "chair_weight", self.chair_weight, 0.0, None)
         check_number("Objective", "max_recall_drop", self.max_recall_drop, 0.0, 1.0)
+        check_number("Objective", "min_gain", self.min_gain, 0.0, None)
 
     def score(self, metrics: Metrics) -> float:
         """The objective's value (no feasibility check)."""
@@ -115,7 +119,8 @@ class CalibrationResult:
 def grid_search(intervention: str, candidates: Sequence[Mapping[str, Any]],
                 evaluate: Callable[[Optional[Intervention]], Metrics], objective: Objective = Objective(),
                 progress: Optional[Callable[[int, int, dict[str, Any]], None]] = None) -> CalibrationResult:
-    """Score the plain model and every candidate setting; pick the best feasible one that beats the plain model.
+    """Score the plain model and every candidate setting; pick the best feasible one that beats the plain model by
+    at least ``objective.min_gain``.
 
     Args:
         intervention: ``"vhr"``, ``"var"`` or ``"zerotuning"``.
@@ -139,7 +144,8 @@ def grid_search(intervention: str, candidates: Sequence[Mapping[str, Any]],
         row = {"settings": obj.settings(), "metrics": metrics, "score": objective.score(metrics),
                "feasible": objective.feasible(metrics, baseline)}
         table.append(row)
-        if row["feasible"] and row["score"] > best_score:
+        better = row["score"] > best_score if best is not None else row["score"] >= base_score + objective.min_gain
+        if row["feasible"] and better:
             best, best_score = row["settings"], row["score"]
         if progress is not None:
             progress(i + 1, len(built), row)

@@ -37,12 +37,15 @@ def test_grid_search_picks_the_best_feasible_candidate():
     # a looser recall constraint admits alpha = 2 (the highest score)
     loose = grid_search("vhr", candidates, stub, Objective(max_recall_drop=0.2))
     assert loose.best["alpha"] == 2.0
+    # a gain below min_gain is noise: alpha = 1.25 (+0.03) alone is kept only when min_gain <= 0.03
+    assert grid_search("vhr", candidates[:1], stub, Objective(min_gain=0.05)).best is None
+    assert grid_search("vhr", candidates[:1], stub, Objective(min_gain=0.02)).best["alpha"] == 1.25
     # nothing beats the plain model -> best is None
     only_bad = grid_search("vhr", [{"alpha": 2.0}], stub)
     assert only_bad.best is None and only_bad.best_score == only_bad.baseline_score
     record = res.record()
-    assert record["objective"] == {"chair_weight": 1.0, "max_recall_drop": 0.02, "accuracy_key": "pope_accuracy",
-                                   "penalty_key": "chair_s", "recall_key": "recall"}
+    assert record["objective"] == {"chair_weight": 1.0, "max_recall_drop": 0.02, "min_gain": 0.01,
+                                   "accuracy_key": "pope_accuracy", "penalty_key": "chair_s", "recall_key": "recall"}
 
 
 def test_grid_search_checks_inputs_before_running():

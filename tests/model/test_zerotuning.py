@@ -161,3 +161,16 @@ def test_scores_against_hand_computed_values(models):
     cal = calibrate_gamma(entropy_score(m, batch), all_heads(m, layers=[0]), gammas=[0.5, 2.0])
     assert [g for g, _ in cal.table] == [0.5, 1.0, 2.0]
     assert cal.score == max(s for _, s in cal.table)
+
+
+def test_additive_mask_forms():
+    """The three mask forms transformers hands an attention function, as one additive mask (hand-built)."""
+    from taskmllm.model.interventions.masks import additive_mask
+
+    low = torch.finfo(torch.float32).min
+    causal = additive_mask(None, 2, 4, torch.float32, torch.device("cpu"))  # 2 new queries after 2 cached keys
+    assert causal.tolist() == [[[[0.0, 0.0, 0.0, low], [0.0, 0.0, 0.0, 0.0]]]]
+    allowed = torch.tensor([[[[True, False, True, True]]]])
+    assert additive_mask(allowed, 1, 3, torch.float32, allowed.device).tolist() == [[[[0.0, low, 0.0]]]]
+    additive = torch.tensor([[[[0.0, -5.0, 1.0, 7.0]]]])
+    assert torch.equal(additive_mask(additive, 1, 3, torch.float32, additive.device), additive[..., :3])

@@ -57,6 +57,7 @@ from torch import nn
 from taskmllm.errors import ConfigError, InputError
 from taskmllm.model.generation import GenerationContext
 from taskmllm.model.interventions.hooks import HookSet, as_context, attention_module, decoder_layers, resolve_layers
+from taskmllm.model.interventions.masks import additive_mask
 from taskmllm.model.interventions.sinks import (calibrate_sink_dims, check_tau, default_tau, sink_flags,
                                                 sink_flags_official)
 from taskmllm.model.interventions.validation import check_choice, check_index_list, check_number, check_settings
@@ -112,19 +113,6 @@ def redistribute(weights: torch.Tensor, sinks: torch.Tensor, image: torch.Tensor
     factor = (1.0 - p * snk)[:, None, None, :] + vns[:, None, None, :] * gain
     new = (w * factor).to(weights.dtype)
     return torch.where(selected.unsqueeze(-1), new, weights), selected
-
-
-def additive_mask(mask: Optional[torch.Tensor], q_len: int, k_len: int, dtype: torch.dtype,
-                  device: torch.device) -> torch.Tensor:
-    """Any transformers 4D mask (None = causal with the queries last, boolean = allowed, float = additive) as an
-    additive float mask ``(B|1, 1|heads, Q, K)`` for eager attention."""
-    low = torch.finfo(dtype).min
-    if mask is None:
-        allowed = torch.arange(k_len, device=device)[None] <= torch.arange(k_len - q_len, k_len, device=device)[:, None]
-        return torch.zeros((), dtype=dtype, device=device).masked_fill(~allowed, low)[None, None]
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, low)[..., :k_len]
-    return mask[..., :k_len]
 
 
 def _attention(fallback: Optional[Any], module: nn.Module, query: torch.Tensor, key: torch.Tensor,

@@ -33,7 +33,8 @@ from taskmllm.errors import ConfigError, InputError
 from taskmllm.model.generation import GenerationContext
 from taskmllm.model.interventions.hooks import HookSet, as_context, attention_module, decoder_layers, head_layout
 from taskmllm.model.interventions.validation import check_index_list, check_number, check_settings
-from taskmllm.model.interventions.var import ATTN_NAME, ATTN_NAME_SDPA, additive_mask
+from taskmllm.model.interventions.masks import additive_mask
+from taskmllm.model.interventions.var import ATTN_NAME, ATTN_NAME_SDPA
 from taskmllm.model.processor import Batch
 
 if TYPE_CHECKING:  # pragma: no cover
