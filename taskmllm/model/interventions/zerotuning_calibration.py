@@ -12,10 +12,15 @@ tokens, and any other evaluation (a POPE suite, a caption metric) can be wrapped
   **supervised** with :func:`accuracy_score` / :func:`likelihood_score` on labelled validation items,
   **unsupervised** with :func:`entropy_score` (minus the mean entropy of the answer distribution) on unlabelled
   inputs. Calibrate on a validation split, never on the split you report.
+
+The score builders read the token that follows each prompt's last real token: build the batch so that the
+answer's first candidate token comes next (append any answer separator the chat format puts before the answer —
+e.g. the space of ``" ASSISTANT: Yes"``, which the tokenizer may keep as its own token).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Literal, Optional, Sequence
 
@@ -149,12 +154,14 @@ def next_token_logits(model: "TaskMLLM", batch: Batch, intervention: Optional["I
     under ``intervention`` (attached for this batch)."""
     batch = batch.to(model.device)
     last = last_real_positions(batch.attention_mask)
-    if intervention is None:
-        logits = model(batch).logits
-    else:
-        with intervention.attach(model, batch):
-            logits = model(batch).logits
-    return logits[torch.arange(logits.shape[0], device=logits.device), last].float()
+    rows = torch.arange(batch.input_ids.shape[0], device=model.device)
+    cfg = model.llm.config  # logits = lm_head(hidden) unless the LM scales or soft-caps them
+    plain_head = getattr(cfg, "final_logit_softcapping", None) is None and not hasattr(cfg, "logit_scale")
+    with intervention.attach(model, batch) if intervention is not None else contextlib.nullcontext():
+        if plain_head:  # the LM head on the B read positions only, not on every position
+            hidden = model(batch, logits="none").hidden_states[rows, last]
+            return model.llm.get_output_embeddings()(hidden).float()
+        return model(batch).logits[rows, last].float()
 
 
 def _candidate_logits(model: "TaskMLLM", batch: Batch, candidates: Sequence[int],
