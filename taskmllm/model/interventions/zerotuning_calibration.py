@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Optional, Sequence, Union
 
 import torch
 
 from taskmllm.errors import ConfigError, InputError
-from taskmllm.model.interventions.hooks import decoder_layers, head_layout, resolve_layers
+from taskmllm.model.generation import GenerationContext
+from taskmllm.model.interventions.hooks import context_for, decoder_layers, head_layout, resolve_layers
 from taskmllm.model.interventions.vhr import last_real_positions
 from taskmllm.model.interventions.zerotuning import Head, ZeroTuning
 from taskmllm.model.processor import Batch
@@ -148,28 +149,33 @@ def calibrate_from_profile(score: Score, profile: HeadProfile, gammas: Sequence[
 
 # ------------------------------------------------------------------------------------------ scores
 @torch.no_grad()
-def next_token_logits(model: "TaskMLLM", batch: Batch, intervention: Optional["Intervention"] = None
-                      ) -> torch.Tensor:
+def next_token_logits(model: "TaskMLLM", batch: Union[Batch, GenerationContext],
+                      intervention: Optional["Intervention"] = None) -> torch.Tensor:
     """``(B, V)`` float32 logits of the token after each sample's last real prompt token (any padding side),
-    under ``intervention`` (attached for this batch)."""
-    batch = batch.to(model.device)
-    last = last_real_positions(batch.attention_mask)
-    rows = torch.arange(batch.input_ids.shape[0], device=model.device)
+    under ``intervention`` (attached for this prompt). A :class:`GenerationContext` (:func:`context_for`) skips the
+    vision tower: the score builders embed their batch once and reuse it for every call."""
+    from taskmllm.model.mllm import positions
+
+    ctx = batch if isinstance(batch, GenerationContext) else context_for(model, batch)
+    mask = ctx.attention_mask
+    last = last_real_positions(mask)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    kwargs = dict(inputs_embeds=ctx.inputs_embeds, attention_mask=mask, position_ids=positions(mask), use_cache=False)
     cfg = model.llm.config  # logits = lm_head(hidden) unless the LM scales or soft-caps them
     plain_head = getattr(cfg, "final_logit_softcapping", None) is None and not hasattr(cfg, "logit_scale")
-    with intervention.attach(model, batch) if intervention is not None else contextlib.nullcontext():
+    with intervention.attach(model, ctx) if intervention is not None else contextlib.nullcontext():
         if plain_head:  # the LM head on the B read positions only, not on every position
-            hidden = model(batch, logits="none").hidden_states[rows, last]
+            hidden = model.llm.get_decoder()(**kwargs).last_hidden_state[rows, last]
             return model.llm.get_output_embeddings()(hidden).float()
-        return model(batch).logits[rows, last].float()
+        return model.llm(**kwargs).logits[rows, last].float()
 
 
-def _candidate_logits(model: "TaskMLLM", batch: Batch, candidates: Sequence[int],
+def _candidate_logits(model: "TaskMLLM", ctx: GenerationContext, candidates: Sequence[int],
                       intervention: Optional["Intervention"]) -> torch.Tensor:
     if len(candidates) < 2:
         raise InputError(f"need at least 2 candidate answer tokens, got {list(candidates)}")
     idx = torch.as_tensor(list(candidates), device=model.device)
-    return next_token_logits(model, batch, intervention).index_select(-1, idx)  # (B, C)
+    return next_token_logits(model, ctx, intervention).index_select(-1, idx)  # (B, C)
 
 
 def _labels(labels: Sequence[int], batch: Batch, candidates: Sequence[int]) -> torch.Tensor:
@@ -189,9 +195,10 @@ def accuracy_score(model: "TaskMLLM", batch: Batch, candidates: Sequence[int], l
         labels: ``B`` indices into ``candidates``.
     """
     target = _labels(labels, batch, candidates)
+    ctx = context_for(model, batch)
 
     def score(intervention: Optional["Intervention"]) -> float:
-        pred = _candidate_logits(model, batch, candidates, intervention).argmax(-1).cpu()
+        pred = _candidate_logits(model, ctx, candidates, intervention).argmax(-1).cpu()
         return float((pred == target).float().mean())
 
     return score
@@ -201,9 +208,10 @@ def likelihood_score(model: "TaskMLLM", batch: Batch, candidates: Sequence[int],
     """Supervised and smooth (for profiling on few items): the mean log-probability of the labelled candidate
     among the candidates."""
     target = _labels(labels, batch, candidates)
+    ctx = context_for(model, batch)
 
     def score(intervention: Optional["Intervention"]) -> float:
-        logp = _candidate_logits(model, batch, candidates, intervention).log_softmax(-1).cpu()
+        logp = _candidate_logits(model, ctx, candidates, intervention).log_softmax(-1).cpu()
         return float(logp[torch.arange(len(target)), target].mean())
 
     return score
@@ -212,10 +220,11 @@ def likelihood_score(model: "TaskMLLM", batch: Batch, candidates: Sequence[int],
 def entropy_score(model: "TaskMLLM", batch: Batch, candidates: Optional[Sequence[int]] = None) -> Score:
     """Unsupervised: minus the mean entropy (nats) of the answer distribution — over ``candidates`` when given,
     else over the whole vocabulary — at each sample's next token."""
+    ctx = context_for(model, batch)
 
     def score(intervention: Optional["Intervention"]) -> float:
-        logits = (next_token_logits(model, batch, intervention) if candidates is None
-                  else _candidate_logits(model, batch, candidates, intervention))
+        logits = (next_token_logits(model, ctx, intervention) if candidates is None
+                  else _candidate_logits(model, ctx, candidates, intervention))
         logp = logits.log_softmax(-1)
         return float((logp.exp() * logp).sum(-1).mean())
 
