@@ -39,6 +39,8 @@ FILENAME = "interventions.json"
 FORMAT = "taskmllm-interventions"
 VERSION = 1
 INTERVENTION_TYPES: dict[str, type] = {"vhr": VHR, "var": VAR, "zerotuning": ZeroTuning}
+#: the identity settings of each intervention: what a calibration stores when no candidate helps
+IDENTITY: dict[str, dict[str, Any]] = {"vhr": {"alpha": 1.0}, "var": {"p": 0.0}, "zerotuning": {"gamma": 1.0}}
 Intervention = Union[VHR, VAR, ZeroTuning]
 Metrics = Mapping[str, float]
 
@@ -109,6 +111,12 @@ class CalibrationResult:
     baseline_score: float
     table: list[dict[str, Any]] = field(default_factory=list)
     objective: Objective = field(default_factory=Objective)
+
+    def chosen(self) -> dict[str, Any]:
+        """The settings to store: ``best``, or the intervention's identity settings when nothing beat the plain
+        model (so a model that carries the calibration runs unchanged instead of with uncalibrated defaults)."""
+        return dict(self.best) if self.best is not None else build_intervention(
+            self.intervention, IDENTITY[self.intervention]).settings()
 
     def record(self) -> dict[str, Any]:
         """What :func:`save_calibration` stores beside the settings (JSON-able)."""

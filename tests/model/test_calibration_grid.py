@@ -43,6 +43,8 @@ def test_grid_search_picks_the_best_feasible_candidate():
     # nothing beats the plain model -> best is None
     only_bad = grid_search("vhr", [{"alpha": 2.0}], stub)
     assert only_bad.best is None and only_bad.best_score == only_bad.baseline_score
+    assert only_bad.chosen() == VHR(alpha=1.0).settings(), "nothing helps: store the identity"
+    assert res.chosen() == res.best
     record = res.record()
     assert record["objective"] == {"chair_weight": 1.0, "max_recall_drop": 0.02, "min_gain": 0.01,
                                    "accuracy_key": "pope_accuracy", "penalty_key": "chair_s", "recall_key": "recall"}
