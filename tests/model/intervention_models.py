@@ -35,3 +35,15 @@ def images(seed: int = 0):
     a = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
     b = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
     return [a, None, b]
+
+
+def plant_image_sinks(model: TaskMLLM, dim: int, tokens: list[int], value: float = 1000.0):
+    """Give visual tokens ``tokens`` (indices within each frame) one massive dimension: a forward hook on the
+    projector; returns its handle (``handle.remove()`` undoes it)."""
+
+    def hook(module, args, out):
+        out = out.clone()
+        out[:, tokens, dim] = value
+        return out
+
+    return model.projector.register_forward_hook(hook)

@@ -58,7 +58,7 @@ def _images():
     return [rng.integers(0, 256, (32, 40, 3), dtype=np.uint8), None, rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)]
 
 
-@pytest.mark.parametrize("make", [lambda: VHR(alpha=2.0), lambda: VAR(p=0.6, rho=0.3, tau=5.0)],
+@pytest.mark.parametrize("make", [lambda: VHR(alpha=2.0), lambda: VAR(p=0.6, rho=0.3, tau=5.0, mode="paper")],
                          ids=["VHR", "VAR"])
 def test_intervention_on_imported_llava(llava_model, make):
     model = llava_model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 
 import pytest
@@ -52,11 +53,11 @@ def _median(values):
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
-def _ref_select(vhd, ta):
+def _ref_select(vhd, ta, std=statistics.stdev):
+    """The outlier rule with the sample standard deviation (the project's decision), then heads above the median."""
     n = len(vhd)
     mean_v, mean_t = sum(vhd) / n, sum(ta) / n
-    std_v = math.sqrt(sum((v - mean_v) ** 2 for v in vhd) / n)
-    std_t = math.sqrt(sum((t - mean_t) ** 2 for t in ta) / n)
+    std_v, std_t = std(vhd), std(ta)
     kept = [0.0 if (vhd[h] > mean_v + std_v and ta[h] > mean_t + std_t) else vhd[h] for h in range(n)]
     med = _median(kept)
     return [h for h in range(n) if kept[h] > med]
@@ -111,6 +112,21 @@ def test_outlier_rule_hand_built():
     _, no_removal = select_heads(vhd, ta, remove_outliers=False)
     assert no_removal[0].nonzero().flatten().tolist() == [0, 3, 4]  # median 3.5
     assert _ref_select(vhd[0].tolist(), ta[0].tolist()) == [0, 2, 4]
+
+
+def test_outlier_rule_uses_the_sample_std():
+    """The decided rule: mean + *sample* std. Head 3's VHD 3.4 lies between the population threshold (3.28) and
+    the sample threshold (3.43), so only the population rule would call it an outlier (its TA is far above both)."""
+    vhd, ta = [1.0, 2.0, 3.0, 3.4], [1.0, 1.0, 1.0, 10.0]
+    mean = sum(vhd) / 4
+    assert mean + statistics.pstdev(vhd) < vhd[3] < mean + statistics.stdev(vhd), "the case separates the rules"
+    outliers, selected = select_heads(torch.tensor([vhd]), torch.tensor([ta]))
+    assert not outliers.any()
+    assert selected[0].nonzero().flatten().tolist() == _ref_select(vhd, ta) == [2, 3]  # median 2.5
+    assert _ref_select(vhd, ta, std=statistics.pstdev) == [1, 2], "the population rule would differ"
+    # a layer with a single head has no spread: never an outlier
+    outliers, selected = select_heads(torch.tensor([[5.0]]), torch.tensor([[9.0]]))
+    assert not outliers.any() and not selected.any()
 
 
 def test_default_layers_scale_with_depth():
@@ -188,3 +204,24 @@ def test_hooks_removed_and_worker_ended_after_exception(model):
     assert not [t for t in threading.enumerate() if t.name == "taskmllm-vhr-no-image"]
     with torch.no_grad():
         assert torch.equal(model(batch).logits, want)
+
+
+def test_right_padding_reads_each_sample_last_real_token(model):
+    """A right-padded batch: the image pass must read each sample's last real token, not the shared last column
+    (padding for the shorter samples); selection and logits equal each sample alone (unpadded)."""
+    layers, alpha = [0, 2, 3], 2.0
+    ims = images()
+    batch = model.processor(PROMPTS, ims, padding_side="right")
+    assert (batch.attention_mask[:, -1] == 0).any(), "some sample must end before the last column"
+    vhr = VHR(alpha=alpha, layers=layers)
+    with vhr.attach(model, batch), torch.no_grad():
+        logits = model(batch).logits
+    for b, prompt in enumerate(PROMPTS):
+        vhds, selection, single = reference_vhr(model, prompt, ims[b], layers, alpha)
+        for layer in layers:
+            torch.testing.assert_close(vhr.vhd[layer][b], torch.tensor(vhds[layer]), rtol=1e-5, atol=1e-5)
+            assert vhr.selected_heads[layer][b].nonzero().flatten().tolist() == selection[layer], (b, layer)
+        n = single.input_ids.shape[1]
+        with VHR(alpha=alpha, layers=layers).attach(model, single), torch.no_grad():
+            want = model(single).logits[0]
+        torch.testing.assert_close(logits[b, :n], want, rtol=1e-6, atol=1e-6)

@@ -1,8 +1,11 @@
 """Attention-sink tokens by massive activation, and automatic calibration of a model's sink dimensions.
 
 A token's sink value entering a layer is ``phi(x) = max_{d in D_sink} |x[d] / RMS(x)|`` (VAR, arXiv 2503.03321);
-the token is a sink when ``phi >= tau``. Note ``|x[d]| / RMS(x) <= sqrt(hidden_size)``, so ``tau`` must be below
-``sqrt(hidden_size)`` (the paper's tau = 20 needs a hidden size above 400).
+the token is a sink when ``phi >= tau`` (:func:`sink_flags`, VAR's paper mode) or, as the official code computes it,
+``|x[d]| * rsqrt(mean(x^2) + 1e-6) > tau`` in float32 (:func:`sink_flags_official`). Note
+``|x[d]| / RMS(x) <= sqrt(hidden_size)``, so ``tau`` must be below ``sqrt(hidden_size)`` (the paper's tau = 20 needs
+a hidden size above 400); :func:`default_tau` is the paper's 20 capped at half of ``sqrt(hidden_size)``, so that
+a default works on any model (20 on LLaMA-2-7B, 8 on the 256-wide ``tiny``, 12 on SmolLM2-135M).
 
 ``D_sink`` depends on the base LLM (LLaMA-2-7B {1415, 2533}, Qwen2-7B {458, 2570}); :func:`calibrate_sink_dims`
 finds it: it runs a few prompts, takes every token's ``|x| / RMS(x)`` per dimension entering every layer, and
@@ -61,11 +64,28 @@ def sink_flags(hidden: torch.Tensor, dims: Union[Sequence[int], torch.Tensor], t
     return (sq.index_select(-1, idx).amax(-1) >= (tau * tau) * mean) & (mean > 0)  # a zero vector is no sink
 
 
+def sink_flags_official(hidden: torch.Tensor, dims: Union[Sequence[int], torch.Tensor], tau: float) -> torch.Tensor:
+    """``(..., H)`` -> ``(...)`` bool, the official VAR code's test: ``max_d |x[d] * rsqrt(mean(x^2) + 1e-6)| > tau``
+    in float32 (strict; the epsilon makes a zero vector no sink)."""
+    if len(dims) == 0:
+        return torch.zeros(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
+    x = hidden.float()
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    idx = dims if isinstance(dims, torch.Tensor) else torch.as_tensor(list(dims), device=hidden.device)
+    return normed.index_select(-1, idx.to(hidden.device)).abs().amax(-1) > tau
+
+
+def default_tau(hidden_size: int) -> float:
+    """VAR's sink threshold for a model: the published 20, capped at half of ``sqrt(hidden_size)`` (reachable)."""
+    return min(20.0, 0.5 * math.sqrt(hidden_size))
+
+
 def check_tau(tau: float, hidden_size: int) -> None:
     """Raise :class:`ConfigError` when no token can reach ``tau`` (``phi <= sqrt(hidden_size)``)."""
     if tau >= math.sqrt(hidden_size):
-        raise ConfigError(f"tau={tau} cannot be reached: |x[d]|/RMS(x) <= sqrt(hidden_size) = "
-                          f"{math.sqrt(hidden_size):.1f} for this model; use a smaller tau")
+        raise ConfigError(f"VAR tau={tau} cannot be reached: |x[d]|/RMS(x) <= sqrt(hidden_size) = "
+                          f"{math.sqrt(hidden_size):.1f} for this model; use a smaller tau (or tau=None: "
+                          f"{default_tau(hidden_size):.1f})")
 
 
 def calibration_batch(model: "TaskMLLM", prompts: Optional[Sequence[str]] = None, seed: int = 0):

@@ -1,56 +1,92 @@
-"""VAR — Visual Attention Redistribution (arXiv 2503.03321), through transformers' ``AttentionInterface``.
+"""VAR — Visual Attention Redistribution (arXiv 2503.03321; official code seilk/VisAttnSink), in two modes.
 
-Per layer (all but the last) and per attention **row** (one query position of one head of one sample), with
-post-softmax weights ``a``:
+Both modes act on post-softmax attention rows (one query position of one head of one sample). Sinks ``S`` are key
+tokens whose hidden state entering the layer has a massive activation in the model's sink dimensions
+(:mod:`taskmllm.model.interventions.sinks`); ``I`` are the prompt's image tokens. In a **selected** row every sink
+keeps ``(1 - p)`` of its weight and the freed ``p * sum_S a`` goes to the non-sink image tokens ``I \\ S`` in
+proportion to their weights; the row still sums to 1. A row with no attention on ``I \\ S`` is never selected.
 
-1. sinks ``S``: key tokens whose hidden state entering the layer has ``phi(x) >= tau`` in the sink dimensions
-   (:mod:`taskmllm.model.interventions.sinks`); image tokens ``I`` come from the prompt.
-2. the row is image-centric when ``sum_{I} a >= min_image_attention`` and ``sum_{I \\ S} a / sum_{I} a >= rho``.
-3. in an image-centric row, every sink keeps ``(1 - p)`` of its weight and the freed ``p * sum_{S} a`` is added
-   to the non-sink image tokens in proportion to their weights; the row still sums to 1.
+One convention for both modes: ``p`` is the fraction **moved** and ``rho`` the minimum **non-sink** share of the
+row's image attention (the paper's). The official code keeps ``p_code`` and bounds the visual-sink share by
+``rho_code``: ``p_code = 1 - p``, ``rho_code = 1 - rho`` (VisAttnSink issue #5). Side by side:
 
-Definition of ``p``: the paper's — **p is the fraction moved** (sinks keep ``1 - p``). The official code keeps
-``p`` and moves ``1 - p``; ``VAR(p=0.4)`` reproduces that code's default.
+=================  ==================================================  ==============================================
+\\                  ``mode="official"`` (default; the code's behaviour)  ``mode="paper"`` (the paper's text)
+=================  ==================================================  ==============================================
+sink test          ``|x_d| * rsqrt(mean(x^2) + 1e-6) > tau`` (float32)  ``|x_d| / RMS(x) >= tau``
+sinks found        once, in the prefill, among the prompt's tokens;    in every forward for the new positions
+                   reused while decoding (no generated token is one)   (a generated token can be a sink)
+default layers     ``2 .. N-1``, the last included (the code detects   ``0 .. N-2`` (the paper: never the last; the
+                   sinks from layer 2; its except-last flag is         last layer is never changed in this mode)
+                   shadowed, so the last layer is changed)
+layer gate         a sample's layer is untouched unless one of its     none
+                   sinks lies inside its image (a *visual* sink)
+rows               only query positions after the sample's last image  every row
+                   token (the prefill's rows after the image, every
+                   decode row)
+row rule           ``sum_I a >= min_image_attention`` and              ``sum_I a >= min_image_attention`` and
+                   ``sum_{I&S} a / (sum_I a + 1e-6 |I|) <= 1 - rho``   ``sum_{I\\S} a / sum_I a >= rho``
+default ``p``      0.4 (the code keeps 0.6)                            0.6
+=================  ==================================================  ==============================================
 
-Attention is computed eagerly (weights are materialized) by a function registered once under the name
-``taskmllm_var`` in ``AttentionInterface`` and (with transformers' eager mask) ``AttentionMaskInterface``. It is
-stateless: during an attach, the LM's ``_attn_implementation`` is set to it (and restored on exit) and each
-attention module carries the attach's state in an attribute that is deleted on exit; without that attribute
-the function is plain eager attention. Sink flags are computed per forward for the new positions and kept per
-layer alongside the KV cache, so cached decoding equals recomputation. ``p = 0`` leaves the model untouched.
+With only a first-token sink (BOS, ``<|im_start|>``) official mode changes nothing; paper mode moves the BOS
+attention onto the image.
+
+``tau=None`` (default) resolves per model at attach: :func:`~taskmllm.model.interventions.sinks.default_tau`
+(20 capped at half of ``sqrt(hidden size)``); an explicit ``tau`` at or above ``sqrt(hidden size)`` raises
+:class:`ConfigError` at attach. ``sink_dims=None`` calibrates the dimensions once per model and tau.
+
+Attention backend: during an attach the LM's attention implementation is switched (and restored on exit) to a
+function registered in transformers' ``AttentionInterface`` and ``AttentionMaskInterface``: ``taskmllm_var_sdpa``
+on an SDPA model (SDPA's masks; a layer VAR cannot change in this forward — not configured, or official mode with
+no visual sink in the batch — runs SDPA itself, bit-identical to the model without VAR) and ``taskmllm_var``
+otherwise (eager masks). Where VAR may change rows, attention is computed eagerly (weights materialized). The
+functions are stateless: each configured attention module carries the attach's state in an attribute deleted on
+exit. ``p = 0`` leaves the model untouched (sinks are still recorded for inspection).
 """
 
 from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from taskmllm.errors import ConfigError
+from taskmllm.errors import ConfigError, InputError
 from taskmllm.model.generation import GenerationContext
 from taskmllm.model.interventions.hooks import HookSet, as_context, attention_module, decoder_layers, resolve_layers
-from taskmllm.model.interventions.sinks import calibrate_sink_dims, check_tau, sink_flags
+from taskmllm.model.interventions.masks import additive_mask
+from taskmllm.model.interventions.sinks import (calibrate_sink_dims, check_tau, default_tau, sink_flags,
+                                                sink_flags_official)
+from taskmllm.model.interventions.validation import check_choice, check_index_list, check_number, check_settings
 from taskmllm.model.processor import Batch
 
 if TYPE_CHECKING:  # pragma: no cover
     from taskmllm.model.mllm import TaskMLLM
 
 ATTN_NAME = "taskmllm_var"
+ATTN_NAME_SDPA = "taskmllm_var_sdpa"
 STATE_ATTR = "_taskmllm_var_state"
+MODES = ("official", "paper")
+DEFAULT_P = {"official": 0.4, "paper": 0.6}
+OFFICIAL_EPS = 1e-6  # the official code adds 1e-6 per image token to the visual-sink share's denominator
 
 
 def redistribute(weights: torch.Tensor, sinks: torch.Tensor, image: torch.Tensor, p: float, rho: float,
-                 min_image_attention: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply VAR to post-softmax attention weights.
+                 min_image_attention: float, mode: str = "paper", rows: Optional[torch.Tensor] = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply VAR's row rule and redistribution to post-softmax attention weights.
 
     Args:
         weights: ``(B, heads, Q, K)`` attention rows.
         sinks: ``(B, K)`` bool, sink key tokens.
         image: ``(B, K)`` bool, image key tokens.
-        p: fraction of the sinks' weight moved; rho, min_image_attention: the image-centric row rule.
+        p: fraction of the sinks' weight moved; rho, min_image_attention: the row rule of ``mode`` (module table).
+        mode: ``"official"`` (visual-sink gate, ``sum_{I&S} a / (sum_I a + 1e-6 |I|) <= 1 - rho``) or ``"paper"``
+            (``sum_{I\\S} a / sum_I a >= rho``).
+        rows: ``(B, Q)`` bool, rows allowed to change (official mode: after the image); None = all.
 
     Returns:
         ``(new weights (B, heads, Q, K) in the input dtype, selected rows (B, heads, Q) bool)``; unselected rows
@@ -59,9 +95,19 @@ def redistribute(weights: torch.Tensor, sinks: torch.Tensor, image: torch.Tensor
     w = weights.float()
     snk, img = sinks.to(w.dtype), image.to(w.dtype)
     vns = img * (1.0 - snk)
-    sums = torch.matmul(w, torch.stack([img, vns, snk], -1).unsqueeze(1))  # (B, heads, Q, 3)
-    a_img, a_vns, a_snk = sums.unbind(-1)
-    selected = (a_img >= min_image_attention) & (a_vns / a_img >= rho) & (a_vns > 0)
+    sums = torch.matmul(w, torch.stack([img, vns, snk, img * snk], -1).unsqueeze(1))  # (B, heads, Q, 4)
+    a_img, a_vns, a_snk, a_vsink = sums.unbind(-1)
+    if mode == "official":
+        n_img = img.sum(-1)[:, None, None]
+        gate = (sinks & image).any(-1)[:, None, None]  # (B, 1, 1): the sample has a visual sink in this layer
+        portion = a_vsink / (a_img + OFFICIAL_EPS * n_img).clamp_min(torch.finfo(torch.float32).tiny)
+        selected = gate & (a_img >= min_image_attention) & (portion <= 1.0 - rho) & (a_vns > 0)
+    elif mode == "paper":
+        selected = (a_img >= min_image_attention) & (a_vns / a_img >= rho) & (a_vns > 0)
+    else:
+        raise ConfigError(f"VAR mode must be one of {list(MODES)}, got {mode!r}")
+    if rows is not None:
+        selected = selected & rows[:, None, :]
     gain = (p * a_snk / a_vns.clamp_min(torch.finfo(torch.float32).tiny)).unsqueeze(-1)  # (B, heads, Q, 1)
     # factor per key: 1 - p on sinks, 1 + gain on non-sink image tokens, exactly 1 elsewhere
     factor = (1.0 - p * snk)[:, None, None, :] + vns[:, None, None, :] * gain
@@ -69,98 +115,168 @@ def redistribute(weights: torch.Tensor, sinks: torch.Tensor, image: torch.Tensor
     return torch.where(selected.unsqueeze(-1), new, weights), selected
 
 
-def var_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: Optional[torch.Tensor], scaling: float, dropout: float = 0.0, **kwargs):
-    """Eager attention (as transformers' Llama eager) + VAR when ``module`` carries an attach's state.
+def _attention(fallback: Optional[Any], module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, attention_mask: Optional[torch.Tensor], scaling: float, dropout: float = 0.0,
+               **kwargs):
+    """Eager attention (as transformers' Llama eager) + VAR where ``module`` carries an attach's state that may
+    change rows; otherwise ``fallback`` (SDPA) when given.
 
-    Shapes: query ``(B, heads, Q, d)``, key/value ``(B, kv_heads, K, d)``, mask ``(B, 1, Q, K)`` additive.
-    Returns ``(output (B, Q, heads, d), weights (B, heads, Q, K))``.
+    Shapes: query ``(B, heads, Q, d)``, key/value ``(B, kv_heads, K, d)``, mask 4D (see :func:`additive_mask`).
+    Returns ``(output (B, Q, heads, d), weights (B, heads, Q, K) or None)``.
     """
+    state: Optional[_VARState] = getattr(module, STATE_ATTR, None)
+    if fallback is not None and (state is None or not state.may_change(module)):
+        return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1) if groups > 1 else key
     value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        weights = weights + attention_mask[:, :, :, : key.shape[-2]]
+    if attention_mask is not None or fallback is not None:
+        weights = weights + additive_mask(attention_mask, query.shape[2], key.shape[2], weights.dtype, weights.device)
     weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    state: Optional[_VARState] = getattr(module, STATE_ATTR, None)
-    if state is not None:
+    if state is not None and state.may_change(module):
         weights = state.apply(module, weights)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return out, weights
 
 
-def _register() -> None:
-    """Register :func:`var_attention` and the eager mask under :data:`ATTN_NAME` (idempotent, stateless)."""
+def var_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: Optional[torch.Tensor], scaling: float, dropout: float = 0.0, **kwargs):
+    """``taskmllm_var``: eager attention + VAR (eager masks). Shapes as :func:`_attention`."""
+    return _attention(None, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+def var_attention_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: Optional[torch.Tensor], scaling: float, dropout: float = 0.0, **kwargs):
+    """``taskmllm_var_sdpa``: SDPA where VAR cannot change rows, else eager attention + VAR (SDPA masks)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return _attention(ALL_ATTENTION_FUNCTIONS["sdpa"], module, query, key, value, attention_mask, scaling, dropout,
+                      **kwargs)
+
+
+def _register(previous: Optional[str]) -> str:
+    """Register the VAR attention functions (idempotent, stateless); the name to use after ``previous``."""
     from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import eager_mask
+    from transformers.masking_utils import eager_mask, sdpa_mask
 
     AttentionInterface.register(ATTN_NAME, var_attention)
     AttentionMaskInterface.register(ATTN_NAME, eager_mask)
+    AttentionInterface.register(ATTN_NAME_SDPA, var_attention_sdpa)
+    AttentionMaskInterface.register(ATTN_NAME_SDPA, sdpa_mask)
+    return ATTN_NAME_SDPA if previous == "sdpa" else ATTN_NAME
 
 
 class VAR:
     """Visual Attention Redistribution: pass as ``intervention=`` to ``generate``, or ``with var.attach(...)``.
 
     Args:
-        p: fraction of the sinks' attention moved to non-sink image tokens (paper's definition; 0 = identity).
-        rho: minimum visual non-sink ratio of an image-centric row (0.5 hallucination, 0.8 general, 0.9 vision).
-        tau: massive-activation threshold of a sink token (must be < sqrt(hidden size)).
-        min_image_attention: minimum total attention to the image of an image-centric row.
-        sink_dims: the LLM's sink dimensions; None calibrates them once per model from a few prompts
-            (:func:`~taskmllm.model.interventions.sinks.calibrate_sink_dims`).
-        layers: layers to apply VAR on; None = every layer but the last.
+        p: fraction of the sinks' attention moved to non-sink image tokens (0 = identity); None = the mode's
+            default (official 0.4, paper 0.6).
+        rho: minimum non-sink share of an image-centric row's image attention (paper: 0.5 hallucination, 0.8
+            general, 0.9 vision-centric); the official code's ``rho_code`` is ``1 - rho``.
+        tau: massive-activation threshold of a sink token (> 0 and < sqrt(hidden size)); None = per model at
+            attach, :func:`~taskmllm.model.interventions.sinks.default_tau`.
+        min_image_attention: minimum total attention to the image of an image-centric row (0.2 in both).
+        sink_dims: the LLM's sink dimensions; None calibrates them once per model and tau.
+        layers: layers to apply VAR on (negative indices allowed); None = the mode's default (module table).
+        mode: ``"official"`` (default) or ``"paper"``; see the module docstring.
+
+    Raises:
+        ConfigError: a setting of the wrong type or out of range (named with its value).
 
     After a generation, for inspection (from the most recent attach):
         ``sinks``: ``{layer: (B, K) bool}`` sink flags of every key position (prompt + generated);
-        ``selected_heads``: ``{layer: (B, heads, Q) bool}`` image-centric rows of the last forward;
-        ``selected_counts``: ``{layer: (B, heads)}`` number of rows redistributed over all forwards;
-        ``sink_dims``: the dimensions used.
+        ``selected_heads``: ``{layer: (B, heads, Q) bool}`` selected rows of the last forward (layers where VAR
+        could change rows); ``selected_counts``: ``{layer: (B, heads)}`` rows redistributed over all forwards;
+        ``resolved``: ``{"tau", "sink_dims", "layers"}`` used.
     """
 
-    def __init__(self, p: float = 0.6, rho: float = 0.5, tau: float = 20.0, min_image_attention: float = 0.2,
-                 sink_dims: Optional[Sequence[int]] = None, layers: Optional[Sequence[int]] = None) -> None:
-        if not 0.0 <= p <= 1.0:
-            raise ConfigError(f"VAR p must be in [0, 1], got {p}")
-        if not 0.0 <= rho <= 1.0:
-            raise ConfigError(f"VAR rho must be in [0, 1], got {rho}")
-        self.p, self.rho, self.tau = float(p), float(rho), float(tau)
-        self.min_image_attention = float(min_image_attention)
-        self.sink_dims = None if sink_dims is None else sorted(int(d) for d in sink_dims)
-        self.layer_spec = None if layers is None else list(layers)
-        self._calibrated: "weakref.WeakKeyDictionary[nn.Module, list[int]]" = weakref.WeakKeyDictionary()
+    SETTINGS = ("mode", "p", "rho", "tau", "min_image_attention", "sink_dims", "layers")
+
+    def __init__(self, p: Optional[float] = None, rho: float = 0.5, tau: Optional[float] = None,
+                 min_image_attention: float = 0.2, sink_dims: Optional[Sequence[int]] = None,
+                 layers: Optional[Sequence[int]] = None, mode: str = "official") -> None:
+        self.mode = check_choice("VAR", "mode", mode, MODES)
+        self.p = DEFAULT_P[self.mode] if p is None else check_number("VAR", "p", p, 0.0, 1.0)
+        self.rho = check_number("VAR", "rho", rho, 0.0, 1.0)
+        self.tau = None if tau is None else check_number("VAR", "tau", tau, 0.0, None, low_open=True)
+        self.min_image_attention = check_number("VAR", "min_image_attention", min_image_attention, 0.0, 1.0)
+        self.sink_dims = (None if sink_dims is None else
+                          sorted(set(check_index_list("VAR", "sink_dims", sink_dims, allow_negative=False))))
+        self.layer_spec = None if layers is None else check_index_list("VAR", "layers", layers)
+        self._calibrated: "weakref.WeakKeyDictionary[nn.Module, dict[float, list[int]]]" = weakref.WeakKeyDictionary()
         self.sinks: dict[int, torch.Tensor] = {}
         self.selected_heads: dict[int, torch.Tensor] = {}
         self.selected_counts: dict[int, torch.Tensor] = {}
+        self.resolved: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return (f"VAR(p={self.p}, rho={self.rho}, tau={self.tau}, min_image_attention={self.min_image_attention}, "
-                f"sink_dims={self.sink_dims})")
+                f"sink_dims={self.sink_dims}, layers={self.layer_spec}, mode={self.mode!r})")
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor arguments as a JSON-able dict (``VAR.from_settings(v.settings())`` rebuilds it)."""
+        return {"mode": self.mode, "p": self.p, "rho": self.rho, "tau": self.tau,
+                "min_image_attention": self.min_image_attention, "sink_dims": self.sink_dims,
+                "layers": self.layer_spec}
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> "VAR":
+        """Rebuild from :meth:`settings` (unknown keys raise :class:`ConfigError`)."""
+        return cls(**check_settings("VAR", settings, cls.SETTINGS))
+
+    def tau_for(self, model: "TaskMLLM") -> float:
+        """The sink threshold for ``model``: given (checked against its hidden size) or :func:`default_tau`."""
+        if self.tau is None:
+            return default_tau(model.hidden_size)
+        check_tau(self.tau, model.hidden_size)
+        return self.tau
 
     def dims_for(self, model: "TaskMLLM") -> list[int]:
-        """The sink dimensions for ``model``: given, or calibrated once (cached per model on this object)."""
+        """The sink dimensions for ``model``: given (checked), or calibrated once per model and tau."""
         if self.sink_dims is not None:
+            bad = [d for d in self.sink_dims if d >= model.hidden_size]
+            if bad:
+                raise ConfigError(f"VAR sink_dims {bad} are out of range for hidden size {model.hidden_size}")
             return self.sink_dims
-        if model not in self._calibrated:
-            self._calibrated[model] = calibrate_sink_dims(model, tau=self.tau)
-        return self._calibrated[model]
+        tau = self.tau_for(model)
+        cache = self._calibrated.setdefault(model, {})
+        if tau not in cache:
+            cache[tau] = calibrate_sink_dims(model, tau=tau)
+        return cache[tau]
+
+    def layers_for(self, num_layers: int) -> list[int]:
+        """The layers VAR changes in an ``num_layers``-layer LM (paper mode never the last)."""
+        if self.layer_spec is None:
+            spec = list(range(2, num_layers)) if self.mode == "official" else list(range(num_layers - 1))
+        else:
+            spec = self.layer_spec
+        layers = resolve_layers(spec, num_layers)
+        return [i for i in layers if i != num_layers - 1] if self.mode == "paper" else layers
 
     def attach(self, model: "TaskMLLM", context: Union[GenerationContext, Batch]) -> "VARSession":
         """A context manager applying VAR to ``model``'s LM for the prompt of ``context``."""
         ctx = as_context(model, context)
-        check_tau(self.tau, model.hidden_size)
-        return VARSession(self, model, ctx, self.dims_for(model))
+        return VARSession(self, model, ctx, self.tau_for(model), self.dims_for(model))
 
 
 class _VARState:
-    """Per-attach state read by :func:`var_attention` (sink flags per layer, image mask, selections)."""
+    """Per-attach state read by the attention function (sink flags per layer, image mask, selections)."""
 
-    def __init__(self, var: VAR, image_mask: torch.Tensor, layer_of: dict[int, int]) -> None:
+    def __init__(self, var: VAR, ctx: GenerationContext, layer_of: dict[int, int]) -> None:
         self.var = var
-        self.image_mask = image_mask.bool()  # (B, L) prompt
+        self.official = var.mode == "official"
+        self.image_mask = ctx.image_mask.bool()  # (B, L) prompt
+        self.prompt_mask = ctx.attention_mask.bool()  # (B, L)
+        length = self.image_mask.shape[1]
+        cols = torch.arange(length, device=self.image_mask.device)
+        self.last_image = torch.where(self.image_mask, cols, -1).amax(-1)  # (B,) -1 without an image
         self.layer_of = layer_of  # id(attention module) -> layer index
-        self.chunk_sinks: dict[int, torch.Tensor] = {}  # layer -> (B, C) flags of the current forward
+        self.chunk_sinks: dict[int, torch.Tensor] = {}  # paper: layer -> (B, C) flags of the current forward
+        self.prompt_sinks: dict[int, torch.Tensor] = {}  # official: layer -> (B, L) flags found in the prefill
+        self.visual_gate: dict[int, bool] = {}  # official: layer -> some sample has a visual sink
         self.sinks: dict[int, torch.Tensor] = {}  # layer -> (B, K) flags of all keys
         self.selected: dict[int, torch.Tensor] = {}
         self.counts: dict[int, torch.Tensor] = {}
@@ -168,22 +284,48 @@ class _VARState:
 
     def image_keys(self, length: int) -> torch.Tensor:
         """``(B, length)`` image flags of the key positions (generated positions are never image)."""
-        if self._image_keys is None or self._image_keys.shape[1] < length:  # grown by doubling, sliced
-            img = self.image_mask
-            pad = max(length, 2 * img.shape[1]) - img.shape[1]
-            self._image_keys = torch.cat([img, img.new_zeros(img.shape[0], pad)], 1)
-        return self._image_keys[:, :length]
+        return self._extend(length, "_image_keys", self.image_mask)
+
+    def _extend(self, length: int, attr: str, base: torch.Tensor) -> torch.Tensor:
+        cached = getattr(self, attr)
+        if cached is None or cached.shape[1] < length:  # grown by doubling, sliced
+            pad = max(length, 2 * base.shape[1]) - base.shape[1]
+            cached = torch.cat([base, base.new_zeros(base.shape[0], pad)], 1)
+            setattr(self, attr, cached)
+        return cached[:, :length]
+
+    def record_prompt_sinks(self, layer: int, flags: torch.Tensor) -> None:
+        """Official mode: the prefill's ``(B, L)`` sink flags of ``layer`` (prompt tokens only)."""
+        flags = flags & self.prompt_mask
+        self.prompt_sinks[layer] = flags
+        self.visual_gate[layer] = bool((flags & self.image_mask).any())
+        self.sinks[layer] = flags
+
+    def may_change(self, module: nn.Module) -> bool:
+        """Whether VAR may change a row of ``module`` in this forward (official: a visual sink in the batch)."""
+        if not self.official:
+            return True
+        return self.visual_gate.get(self.layer_of[id(module)], False)
 
     def apply(self, module: nn.Module, weights: torch.Tensor) -> torch.Tensor:
+        """``(B, heads, Q, K)`` post-softmax weights of ``module`` -> the redistributed weights."""
         layer = self.layer_of[id(module)]
         q, k = weights.shape[-2], weights.shape[-1]
-        chunk = self.chunk_sinks.pop(layer)
-        past = k - q
-        keys = chunk if past == 0 else torch.cat([self.sinks[layer][:, :past], chunk], 1)
-        self.sinks[layer] = keys
         var = self.var
-        new, selected = redistribute(weights, keys, self.image_keys(k), var.p, var.rho,
-                                     var.min_image_attention)
+        if self.official:
+            prompt = self.prompt_sinks[layer]
+            keys = prompt[:, :k] if k <= prompt.shape[1] else torch.cat([prompt, prompt.new_zeros(
+                prompt.shape[0], k - prompt.shape[1])], 1)
+            cols = torch.arange(k - q, k, device=weights.device)
+            rows = cols[None, :] > self.last_image.to(weights.device)[:, None]  # (B, Q) after the image
+        else:
+            chunk = self.chunk_sinks.pop(layer)
+            past = k - q
+            keys = chunk if past == 0 else torch.cat([self.sinks[layer][:, :past], chunk], 1)
+            rows = None
+        self.sinks[layer] = keys
+        new, selected = redistribute(weights, keys, self.image_keys(k), var.p, var.rho, var.min_image_attention,
+                                     var.mode, rows)
         self.selected[layer] = selected
         count = selected.sum(-1)
         self.counts[layer] = count if layer not in self.counts else self.counts[layer] + count
@@ -193,16 +335,16 @@ class _VARState:
 class VARSession(contextlib.AbstractContextManager):
     """One VAR attach: attention implementation switched, sink hooks installed; all undone on exit."""
 
-    def __init__(self, var: VAR, model: "TaskMLLM", ctx: GenerationContext, dims: list[int]) -> None:
+    def __init__(self, var: VAR, model: "TaskMLLM", ctx: GenerationContext, tau: float, dims: list[int]) -> None:
         self.var = var
         self.model = model
+        self.tau = tau
         self.dims = dims
         layers = decoder_layers(model.llm)
-        spec = var.layer_spec if var.layer_spec is not None else list(range(len(layers) - 1))
-        self.layers = [i for i in resolve_layers(spec, len(layers)) if i != len(layers) - 1]  # never the last
+        self.layers = var.layers_for(len(layers))
         self.decoder_layers = layers
         self.attn = {i: attention_module(layers[i]) for i in self.layers}
-        self.state = _VARState(var, ctx.image_mask, {id(m): i for i, m in self.attn.items()})
+        self.state = _VARState(var, ctx, {id(m): i for i, m in self.attn.items()})
         self.hooks = HookSet()
         self._previous: Optional[str] = None
 
@@ -211,9 +353,10 @@ class VARSession(contextlib.AbstractContextManager):
             for i in self.layers:
                 self.hooks.forward_pre(self.decoder_layers[i], self._sink_hook(i), with_kwargs=True)
             if self.var.p > 0 and self.layers:
-                _register()
-                self._previous = self.model.llm.config._attn_implementation
-                self.model.llm.set_attn_implementation(ATTN_NAME)
+                previous = self.model.llm.config._attn_implementation
+                name = _register(previous)
+                self._previous = previous
+                self.model.llm.set_attn_implementation(name)
                 for module in self.attn.values():
                     setattr(module, STATE_ATTR, self.state)
         except BaseException:
@@ -226,6 +369,7 @@ class VARSession(contextlib.AbstractContextManager):
         self.var.sinks = dict(self.state.sinks)
         self.var.selected_heads = dict(self.state.selected)
         self.var.selected_counts = dict(self.state.counts)
+        self.var.resolved = {"tau": self.tau, "sink_dims": list(self.dims), "layers": list(self.layers)}
         return None
 
     def _close(self) -> None:
@@ -238,11 +382,19 @@ class VARSession(contextlib.AbstractContextManager):
         self.hooks.remove()
 
     def _sink_hook(self, layer: int):
-        tau, state = self.var.tau, self.state
+        tau, state, official = self.tau, self.state, self.var.mode == "official"
         dims = torch.as_tensor(self.dims, dtype=torch.long, device=self.model.device)
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]  # (B, C, H) entering the layer
+            if official:
+                if layer not in state.prompt_sinks:  # the prefill; later forwards reuse its sinks
+                    length = state.prompt_mask.shape[1]
+                    if hidden.shape[1] < length:
+                        raise InputError(f"VAR was attached for a prompt of length {length} but the first forward "
+                                         f"has {hidden.shape[1]} positions")
+                    state.record_prompt_sinks(layer, sink_flags_official(hidden[:, :length], dims, tau))
+                return None
             flags = sink_flags(hidden, dims, tau)
             if self.var.p > 0:
                 state.chunk_sinks[layer] = flags

@@ -2,13 +2,14 @@
 
 At the first generation step (the prefill), a second forward of the prompt **without its visual tokens** runs
 in lockstep with the real prefill, in a worker thread: at every configured layer both passes stop before
-``o_proj``, the per-head outputs at the step's query position (the last prompt position) give
+``o_proj``, the per-head outputs at the step's query position (each sample's last real prompt token, found from
+the attention mask, so left, right or no padding all read the right column) give
 
     VHD[b, h] = || A_h(image pass)[b] - A_h(no-image pass)[b] ||_2 ,   TA[b, h] = || A_h(no-image pass)[b] ||^2
 
-heads whose VHD **and** TA are both above the layer's mean + std (population std over the layer's heads) are
-outliers and get VHD 0; heads with VHD above the layer's median are selected; both passes then multiply the
-selected heads' outputs by ``alpha`` before ``o_proj`` and continue — so a layer's VHD is computed after the
+heads whose VHD **and** TA are both above the layer's mean + std are outliers and get VHD 0; heads with VHD above
+the layer's median are selected; both passes then multiply the selected heads' outputs by ``alpha`` before
+``o_proj`` and continue — so a layer's VHD is computed after the
 earlier layers were reinforced. Each sample has its own heads. The selection is kept for every later forward.
 
 Reinforcement positions: the selected heads are reinforced at **every position** of every forward (prompt
@@ -17,15 +18,25 @@ a query position once — except the prompt, which the paper's KV-cache reuse al
 it everywhere makes the cached path equal to recomputation and lets the real prefill *be* the image pass of
 the selection (the only extra cost is the text-only no-image pass).
 
-Default layers: layer 1 plus the last ``round(14/32 * N)`` of an ``N``-layer LM (the paper's "1 + last 14 of
-32" for LLaVA-1.5-7B, scaled with depth).
+Outlier rule, decided: the paper states "mean + standard deviation" of the layer's heads without qualifying the
+standard deviation. We use the **sample** (Bessel-corrected, ``ddof = 1``) standard deviation: it is what an
+unqualified "std" computes in the paper's PyTorch stack (``Tensor.std``), it is the usual estimate of the spread
+of a handful of values, and it is the more conservative choice on layers with few heads (with 4 heads the
+population rule flags the strongest head more often). On 32 heads the two differ by 1.6 %, so the paper's
+numbers do not distinguish them. A layer with fewer than 2 heads has no outliers.
+
+Settings: ``alpha`` and ``layers`` are parameters. The constructor's defaults are the paper's (``alpha = 2``,
+layer 1 plus the last ``round(14/32 * N)`` of an ``N``-layer LM — "1 + last 14 of 32" for LLaVA-1.5-7B, scaled
+with depth); they are a fallback for a model without a calibration. ``taskmllm.eval.calibrate`` picks both per
+model on its validation world and stores them beside the model (``interventions.json``); a model that carries
+calibrated settings is run with those (:meth:`VHR.from_settings`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -34,18 +45,44 @@ from taskmllm.errors import ConfigError, InputError
 from taskmllm.model.generation import GenerationContext
 from taskmllm.model.interventions.hooks import (HookSet, as_context, decoder_layers, head_layout,
                                                 output_projection, resolve_layers)
+from taskmllm.model.interventions.validation import check_index_list, check_number, check_settings
 from taskmllm.model.processor import Batch
 
 if TYPE_CHECKING:  # pragma: no cover
     from taskmllm.model.mllm import TaskMLLM
 
 LAST_FRACTION = 14 / 32
+#: the largest alpha accepted (the paper's alpha = 4 already degenerates the captions)
+MAX_ALPHA = 100.0
 
 
 def default_layers(num_layers: int) -> list[int]:
     """Layer 1 plus the last ``round(14/32 * num_layers)`` layers (``[1] + 18..31`` for 32 layers)."""
     last = max(1, round(LAST_FRACTION * num_layers))
     return sorted({min(1, num_layers - 1)} | set(range(num_layers - last, num_layers)))
+
+
+def last_real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, L)`` attention mask -> ``(B,)`` index of each row's last real (mask 1) token, on any padding side.
+
+    Raises:
+        InputError: a row has no real token.
+    """
+    real = attention_mask.bool()
+    if not bool(real.any(-1).all()):
+        raise InputError("a prompt of the batch has no real token (its attention mask is all zeros)")
+    length = real.shape[-1]
+    return (length - 1) - real.flip(-1).long().argmax(-1)
+
+
+def outlier_threshold(values: torch.Tensor) -> torch.Tensor:
+    """``(B, heads)`` -> ``(B, 1)`` the layer's ``mean + std`` with the sample (Bessel-corrected) std.
+
+    With fewer than 2 heads the std is undefined: the threshold is ``+inf`` (no outlier).
+    """
+    if values.shape[-1] < 2:
+        return torch.full_like(values[..., :1], float("inf"))
+    return values.mean(-1, keepdim=True) + values.std(-1, correction=1, keepdim=True)
 
 
 def select_heads(vhd: torch.Tensor, ta: torch.Tensor, remove_outliers: bool = True
@@ -55,7 +92,8 @@ def select_heads(vhd: torch.Tensor, ta: torch.Tensor, remove_outliers: bool = Tr
     Args:
         vhd: ``(B, heads)`` head divergences of one layer.
         ta: ``(B, heads)`` squared norms of the heads' no-image outputs.
-        remove_outliers: zero the VHD of heads whose VHD and TA are both above mean + std.
+        remove_outliers: zero the VHD of heads whose VHD and TA are both above mean + std (sample std, see the
+            module docstring).
 
     Returns:
         ``(outliers (B, heads) bool, selected (B, heads) bool)``: selected = VHD (outliers zeroed) > median.
@@ -63,9 +101,7 @@ def select_heads(vhd: torch.Tensor, ta: torch.Tensor, remove_outliers: bool = Tr
     vhd, ta = vhd.float(), ta.float()
     outliers = torch.zeros_like(vhd, dtype=torch.bool)
     if remove_outliers:
-        v_thr = vhd.mean(-1, keepdim=True) + vhd.std(-1, unbiased=False, keepdim=True)
-        t_thr = ta.mean(-1, keepdim=True) + ta.std(-1, unbiased=False, keepdim=True)
-        outliers = (vhd > v_thr) & (ta > t_thr)
+        outliers = (vhd > outlier_threshold(vhd)) & (ta > outlier_threshold(ta))
     kept = vhd.masked_fill(outliers, 0.0)
     median = kept.quantile(0.5, dim=-1, keepdim=True)
     return outliers, kept > median
@@ -90,21 +126,27 @@ class VHR:
     """Vision-aware Head Reinforcement: pass as ``intervention=`` to ``generate``, or ``with vhr.attach(...)``.
 
     Args:
-        alpha: factor on the selected heads' outputs (paper: 2; 1 is the identity).
+        alpha: factor on the selected heads' outputs (paper: 2; 1 is the identity; in ``(0, 100]``).
         layers: decoder layers to reinforce (negative indices allowed); None = :func:`default_layers`.
-        remove_outliers: apply the outlier rule (VHD and TA both above mean + std -> VHD 0).
+        remove_outliers: apply the outlier rule (VHD and TA both above mean + sample std -> VHD 0).
+
+    Raises:
+        ConfigError: a setting of the wrong type or out of range (named with its value); layer indices out of
+            range for the model raise at attach.
 
     After a generation, for inspection (from the most recent attach):
         ``selected_heads``: ``{layer: (B, heads) bool}``; ``vhd``: ``{layer: (B, heads)}`` raw VHD;
         ``outliers``: ``{layer: (B, heads) bool}``; ``layers``: the layers used.
     """
 
+    SETTINGS = ("alpha", "layers", "remove_outliers")
+
     def __init__(self, alpha: float = 2.0, layers: Optional[Sequence[int]] = None,
                  remove_outliers: bool = True) -> None:
-        if alpha <= 0:
-            raise ConfigError(f"VHR alpha must be > 0, got {alpha}")
-        self.alpha = float(alpha)
-        self.layer_spec = None if layers is None else list(layers)
+        self.alpha = check_number("VHR", "alpha", alpha, 0.0, MAX_ALPHA, low_open=True)
+        self.layer_spec = None if layers is None else check_index_list("VHR", "layers", layers)
+        if not isinstance(remove_outliers, bool):
+            raise ConfigError(f"VHR remove_outliers must be True or False, got {remove_outliers!r}")
         self.remove_outliers = remove_outliers
         self.selected_heads: dict[int, torch.Tensor] = {}
         self.vhd: dict[int, torch.Tensor] = {}
@@ -113,6 +155,15 @@ class VHR:
 
     def __repr__(self) -> str:
         return f"VHR(alpha={self.alpha}, layers={self.layer_spec}, remove_outliers={self.remove_outliers})"
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor arguments as a JSON-able dict (``VHR.from_settings(v.settings())`` rebuilds it)."""
+        return {"alpha": self.alpha, "layers": self.layer_spec, "remove_outliers": self.remove_outliers}
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> "VHR":
+        """Rebuild from :meth:`settings` (unknown keys raise :class:`ConfigError`)."""
+        return cls(**check_settings("VHR", settings, cls.SETTINGS))
 
     def attach(self, model: "TaskMLLM", context: Union[GenerationContext, Batch]) -> "VHRSession":
         """A context manager applying VHR to ``model``'s LM; its first forward must be the prompt's prefill."""
@@ -143,6 +194,7 @@ class VHRSession(contextlib.AbstractContextManager):
         self._worker_error: Optional[BaseException] = None
         self._worker_ident: Optional[int] = None
         self._pending = list(self.layers)  # layers whose selection is still to be made
+        self._last = last_real_positions(ctx.attention_mask)  # (B,) the query position of the image pass
 
     # ------------------------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "VHRSession":
@@ -212,7 +264,7 @@ class VHRSession(contextlib.AbstractContextManager):
             if x.shape[0] != bsz or x.shape[1] < length:
                 raise InputError(f"VHR was attached for a prompt of shape {(bsz, length)} but the first forward "
                                  f"has {tuple(x.shape[:2])}")
-            query = x[:, length - 1]
+            query = x[torch.arange(bsz, device=x.device), self._last.to(x.device)]
         self._deposit["no_image" if in_worker else "image"] = query.reshape(x.shape[0], self.heads, self.head_dim)
         try:
             self._barrier.wait()

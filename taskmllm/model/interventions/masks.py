@@ -1,0 +1,21 @@
+"""Attention masks as interventions see them: whatever 4D mask transformers hands an attention function (None for
+a plain causal pass, boolean "allowed", or additive float) as one additive float mask."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def additive_mask(mask: Optional[torch.Tensor], q_len: int, k_len: int, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """Any transformers 4D mask (None = causal with the queries last, boolean = allowed, float = additive) as an
+    additive float mask ``(B|1, 1|heads, Q, K)`` for eager attention."""
+    low = torch.finfo(dtype).min
+    if mask is None:
+        allowed = torch.arange(k_len, device=device)[None] <= torch.arange(k_len - q_len, k_len, device=device)[:, None]
+        return torch.zeros((), dtype=dtype, device=device).masked_fill(~allowed, low)[None, None]
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, low)[..., :k_len]
+    return mask[..., :k_len]
