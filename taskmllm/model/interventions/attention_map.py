@@ -156,7 +156,7 @@ def attention_maps(model: "TaskMLLM", batch: Batch, intervention: Optional["Inte
         extra_mask[b, :len(a)] = 1
     full = Batch(torch.cat([batch.input_ids, extra_ids], 1), torch.cat([batch.attention_mask, extra_mask], 1),
                  None, batch.pixel_values, list(batch.frames_per_sample), list(batch.image_sizes))
-    from taskmllm.model.mllm import positions
+    from taskmllm.model.processor import positions
 
     with eager_attention(model):
         ctx_full = context_for(model, full)

@@ -154,7 +154,7 @@ def next_token_logits(model: "TaskMLLM", batch: Union[Batch, GenerationContext],
     """``(B, V)`` float32 logits of the token after each sample's last real prompt token (any padding side),
     under ``intervention`` (attached for this prompt). A :class:`GenerationContext` (:func:`context_for`) skips the
     vision tower: the score builders embed their batch once and reuse it for every call."""
-    from taskmllm.model.mllm import positions
+    from taskmllm.model.processor import positions
 
     ctx = batch if isinstance(batch, GenerationContext) else context_for(model, batch)
     mask = ctx.attention_mask
