@@ -20,6 +20,7 @@ survives a following mixed phase without carrying over to exist.
 
     python bench/vqa_probe.py --features patches --tasks exist --steps 1000 --out bench/results/vqa_probe.json
     python bench/vqa_probe.py --image-size 96 --pool 1 ...   # the previous recipe's 6 x 6 grid
+    python bench/vqa_probe.py --recipe smol --llm lora --lr 2e-4 ...   # pretrained SmolLM2 (LoRA) + projector
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from taskmllm.training.recipe_run import RECIPES
 from taskmllm.training.config import load_config
 from taskmllm.training.aux import (AttributeLoss, AttributeOptions, AuxContext, AuxStates, FocusLoss, FocusOptions,
                                    grounding_cover, label_maps)
+from taskmllm.training.config import StageConfig
+from taskmllm.training.stages import apply_stage
 from taskmllm.training.train import build_joint
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
 
@@ -167,6 +170,11 @@ def main() -> None:
                         "classifier at the match layer (color must be linear there to be read by attention)")
     parser.add_argument("--match-layer", type=int, default=2, help="after how many LLM blocks the match is read")
     parser.add_argument("--cosine", action="store_true", help="decay the rate as the recipe does (to 5%)")
+    parser.add_argument("--recipe", choices=("tiny", "smol"), default="tiny",
+                        help="the model: tiny's pretrain stage (a fresh LLM) or smol's align stage (SmolLM2)")
+    parser.add_argument("--llm", choices=("full", "lora", "frozen"), default="full",
+                        help="how the LLM trains beside the projector (lora: the recipes' r16 on every linear)")
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.features == "answer" and args.tasks != ["exist"]:
@@ -178,11 +186,15 @@ def main() -> None:
                       f"--data.sources.shapes.image_size={args.image_size}"]
     if args.pool:
         overrides.append(f"--model.projector.pool={args.pool}")
-    cfg = load_config(RECIPES / "tiny" / "pretrain.yaml", overrides)
-    mllm = build_joint(cfg).mllm.train()
+    first_stage = {"tiny": "pretrain.yaml", "smol": "align.yaml"}[args.recipe]
+    cfg = load_config(RECIPES / args.recipe / first_stage, overrides)
+    joint = build_joint(cfg)
+    trainable = {"projector": "full"} | ({} if args.llm == "frozen" else {"llm": args.llm})
+    apply_stage(joint, StageConfig(trainable=trainable, lora=cfg.stage.lora))
+    mllm = joint.mllm.train()
     phases = parse_schedule(args.schedule) if args.schedule else [(list(args.tasks), args.steps)]
     t0 = time.perf_counter()
-    trains = [cached_batches(mllm, tasks, args.n, "train", i, args.features, args.image_first,
+    trains = [cached_batches(mllm, tasks, args.n, "train", i, args.features, args.image_first, args.batch_size,
                              max_objects=args.max_objects) for i, (tasks, _) in enumerate(phases)]
     seen = [t for tasks, _ in phases for t in tasks]
     held_tasks = list(dict.fromkeys(t for t in seen if t != "qa")) or ["exist", "color", "count"]
@@ -192,7 +204,7 @@ def main() -> None:
     context = AuxContext(mllm.hidden_size, mllm.vision.width, len(mllm.llm.get_decoder().layers), CLASSES)
     head = FocusLoss(FocusOptions(layer=args.match_layer), context)
     attr_head = AttributeLoss(AttributeOptions(layer=args.match_layer, labels=list(CLASSES)), context)
-    params = [p for name, p in mllm.named_parameters() if not name.startswith("vision")] + list(head.parameters())
+    params = [p for p in mllm.parameters() if p.requires_grad] + list(head.parameters())
     params += list(attr_head.parameters()) if args.attr_loss else []
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=cfg.optim.weight_decay)
     total = sum(n for _, n in phases)
@@ -226,6 +238,7 @@ def main() -> None:
     emit({"features": args.features, "match_loss": args.match_loss, "attr_loss": args.attr_loss,
           "match_layer": args.match_layer, "phases": [{"tasks": t, "steps": n} for t, n in phases], "lr": args.lr,
           "image_first": args.image_first, "max_objects": args.max_objects, "cache_s": round(cache_s, 1),
+          "recipe": args.recipe, "llm": args.llm, "batch_size": args.batch_size,
           "curve": curve}, args.out)
 
 
