@@ -15,14 +15,15 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 
 def ask(client, name=None, instruction="", video=False, **settings):
-    """One /answer call: a bundled file as the image (or the video) -> (chat, overlay, record, raw, latency)."""
+    """One /answer call: a bundled file as the image (or the video) -> (chat, overlay, record, raw, latency,
+    attention picture)."""
     file = None if name is None else handle_file(str(example_file(name)))
     return client.predict(image=None if video else file, video=[file] if video and file else None,
                           instruction=instruction, api_name="/answer", **settings)
 
 
 def test_image_task_segmentation_matches_pipeline(client, demo_pipeline):
-    chat, overlay, record, raw, latency = ask(client, SEG[0], SEG[1])
+    chat, overlay, record, raw, latency, looked = ask(client, SEG[0], SEG[1])
     want = oracle(demo_pipeline, SEG[0], SEG[1])
     assert_same_answer(record, want)
     assert [c["task"] for c in record["calls"]] == ["seg"]
@@ -36,7 +37,7 @@ def test_image_task_segmentation_matches_pipeline(client, demo_pipeline):
 
 
 def test_video_task_tracking_matches_pipeline(client, demo_pipeline):
-    _, overlay, record, raw, _ = ask(client, TRACK[0], TRACK[1], video=True)
+    _, overlay, record, raw, _, _ = ask(client, TRACK[0], TRACK[1], video=True)
     assert_same_answer(record, oracle(demo_pipeline, TRACK[0], TRACK[1]))
     assert [c["task"] for c in record["calls"]] == ["track"]
     assert np.asarray(record["calls"][0]["boxes"]).shape == (8, 4) and len(record["calls"][0]["visibility"]) == 8
@@ -45,7 +46,7 @@ def test_video_task_tracking_matches_pipeline(client, demo_pipeline):
 
 
 def test_text_only_question_matches_pipeline(client, demo_pipeline):
-    chat, overlay, record, _, _ = ask(client, None, TEXT[1])
+    chat, overlay, record, _, _, _ = ask(client, None, TEXT[1])
     assert_same_answer(record, oracle(demo_pipeline, None, TEXT[1]))
     assert record["text"] == "A round shape." and record["calls"] == [] and overlay is None
 
@@ -53,7 +54,7 @@ def test_text_only_question_matches_pipeline(client, demo_pipeline):
 def test_detection_and_vhr_setting_reach_the_pipeline(client, demo_pipeline):
     from taskmllm.model.interventions import VHR
 
-    _, _, record, _, _ = ask(client, DET[0], DET[1], intervention="vhr", vhr_alpha=3.0)
+    _, _, record, _, _, _ = ask(client, DET[0], DET[1], intervention="vhr", vhr_alpha=3.0)
     assert_same_answer(record, oracle(demo_pipeline, DET[0], DET[1], intervention=VHR(alpha=3.0)))
     assert record["intervention"].startswith("VHR(alpha=3.0")
     boxes = np.asarray(record["calls"][0]["boxes"])
@@ -65,7 +66,7 @@ def test_detection_and_vhr_setting_reach_the_pipeline(client, demo_pipeline):
 def test_var_setting_reaches_the_pipeline(client, demo_pipeline):
     from taskmllm.model.interventions import VAR
 
-    _, _, record, _, _ = ask(client, SEG[0], SEG[1], intervention="var", var_p=0.8, var_rho=0.4, var_tau=3.5)
+    _, _, record, _, _, _ = ask(client, SEG[0], SEG[1], intervention="var", var_p=0.8, var_rho=0.4, var_tau=3.5)
     assert_same_answer(record, oracle(demo_pipeline, SEG[0], SEG[1], intervention=VAR(p=0.8, rho=0.4, tau=3.5)))
     assert record["intervention"].startswith("VAR(p=0.8, rho=0.4, tau=3.5")
 
@@ -124,7 +125,7 @@ def test_bad_input_gives_a_readable_error_and_the_server_keeps_answering(client,
     with pytest.raises(AppError, match=message):
         client.predict(image=file if slot == "image" else None, video=[file] if slot == "video" else None,
                        instruction=instruction, api_name="/answer")
-    _, _, record, _, _ = ask(client, None, TEXT[1])  # the next request is served normally
+    _, _, record, _, _, _ = ask(client, None, TEXT[1])  # the next request is served normally
     assert record["text"] == "A round shape."
 
 
@@ -141,5 +142,5 @@ def test_eight_concurrent_requests_all_complete_correctly(demo_url, demo_pipelin
                                   instruction=instruction, api_name="/answer"))
     results = [job.result(timeout=120) for job in jobs]
     wants = {name: oracle(demo_pipeline, name, instruction) for name, instruction, _ in requests[:4]}
-    for (name, _, _), (_, _, record, _, _) in zip(requests, results):
+    for (name, _, _), (_, _, record, _, _, _) in zip(requests, results):
         assert_same_answer(record, wants[name])
