@@ -52,9 +52,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     from taskmllm.training.card import update_card_interventions
     from taskmllm.zoo import calibration_dir
 
-    seed = {} if args.seed is None else {"seed": args.seed}
+    given = {"alphas": args.alphas, "ps": args.ps, "rhos": args.rhos, "taus": args.taus, "gammas": args.gammas}
+    grids: dict = {k: tuple(v) for k, v in given.items() if v is not None}
+    if args.seed is not None:
+        grids["seed"] = args.seed
     options = CalibrationOptions(n=args.n, split=args.split, batch_size=args.batch_size, var_mode=args.var_mode,
-                                 progress=not args.no_progress, **seed)  # bad options fail before the model loads
+                                 progress=not args.no_progress, **grids)  # bad options fail before the model loads
     dest = Path(args.out) if args.out is not None else calibration_dir(args.model)
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
     calibration = calibrate_model(pipe, args.intervention, options)
@@ -154,6 +157,11 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--out", default=None, help="directory for interventions.json (default: see above)")
     p.add_argument("--seed", type=int, default=None, help="world seed (default: the evaluation world's)")
     p.add_argument("--var-mode", default="official", choices=["official", "paper"], help="VAR's mode in the grid")
+    p.add_argument("--alphas", type=float, nargs="+", help="VHR alphas (default 1.25 1.5 2)")
+    p.add_argument("--ps", type=float, nargs="+", help="VAR p, the fraction moved (default 0.2 0.4 0.6)")
+    p.add_argument("--rhos", type=float, nargs="+", help="VAR rho (default 0.3 0.5 0.8)")
+    p.add_argument("--taus", type=float, nargs="+", help="VAR tau (default: the per-model tau)")
+    p.add_argument("--gammas", type=float, nargs="+", help="ZeroTuning gammas (default 0.5 0.75 1.25 1.5 2)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")

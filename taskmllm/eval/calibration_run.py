@@ -29,12 +29,12 @@ import torch
 
 from taskmllm.data.shapesworld import WorldConfig
 from taskmllm.errors import ConfigError
-from taskmllm.eval.calibrate import (CalibrationResult, Objective, grid_search, var_grid, vhr_grid,
+from taskmllm.eval.calibrate import (LAYER_SETS, CalibrationResult, Objective, grid_search, var_grid, vhr_grid,
                                      zerotuning_grid)
 from taskmllm.eval.hallucination import pope_summary
 from taskmllm.eval.suites import (DEFAULT_EVAL_SEED, answer_all, pipeline_answerer, pope_shapes_samples,
                                   score_task, shapes_items)
-from taskmllm.model.interventions import VAR, all_heads, likelihood_score, profile_heads
+from taskmllm.model.interventions import VAR, VHR, ZeroTuning, all_heads, likelihood_score, profile_heads
 from taskmllm.model.interventions.hooks import decoder_layers
 from taskmllm.model.interventions.zerotuning_calibration import next_token_logits
 from taskmllm.model.processor import Batch
@@ -86,6 +86,18 @@ class CalibrationOptions:
         if self.n < 1 or self.batch_size < 1 or (self.profile_n is not None and self.profile_n < 1):
             raise ConfigError(f"n, batch_size and profile_n must be >= 1, got {self.n}, {self.batch_size}, "
                               f"{self.profile_n}")
+        # every grid value is checked before anything runs (the interventions' own range checks)
+        unknown = sorted(set(self.layer_sets) - set(LAYER_SETS))
+        if unknown:
+            raise ConfigError(f"unknown layer sets {unknown}; known: {sorted(LAYER_SETS)}")
+        for alpha in self.alphas:
+            VHR(alpha=alpha)
+        for p in self.ps:
+            for rho in self.rhos:
+                for tau in self.taus:
+                    VAR(p=p, rho=rho, tau=tau, mode=self.var_mode)
+        for gamma in self.gammas:
+            ZeroTuning(gamma=gamma)
 
 
 class ValSuite:
@@ -236,8 +248,12 @@ def candidates_for(name: str, suite: ValSuite) -> tuple[list[dict[str, Any]], di
     if name == "var":
         grid = var_grid(o.ps, o.rhos, o.taus, o.var_mode)
         sinks = [suite.visual_sinks(VAR.from_settings(c)) for c in grid if o.var_mode == "official"]
-        unique = {(s["tau"], tuple(s["sink_dims"])): s for s in sinks}
-        return grid, {"visual_sinks": list(unique.values())} if unique else {}
+        unique = list({(s["tau"], tuple(s["sink_dims"])): s for s in sinks}.values())
+        if not unique:
+            return grid, {}
+        note = {"note": "no image token is a sink on any val prompt at these taus: official-mode VAR is the identity "
+                        "and every candidate scores as the plain model"} if not any(s["layers"] for s in unique) else {}
+        return grid, {"visual_sinks": unique, **note}
     if name == "zerotuning":
         batch, candidates, labels = suite.yes_no_batch(o.profile_n or o.n)
         score = likelihood_score(mllm, batch, candidates, labels)
@@ -275,6 +291,14 @@ def calibrate_model(pipe: "Pipeline", name: str, options: CalibrationOptions = C
 
 
 
+def _short(settings: dict[str, Any]) -> str:
+    """``k=v`` of the settings that are set (a head list is shown by its length)."""
+    def show(v: Any) -> str:
+        return f"{len(v)} heads" if isinstance(v, list) and v and isinstance(v[0], list) else str(v)
+
+    return ", ".join(f"{k}={show(v)}" for k, v in settings.items() if v is not None)
+
+
 def summary_lines(calibration: Calibration) -> list[str]:
     """A short markdown report of a calibration: the plain model, every candidate, the choice."""
     res = calibration.result
@@ -288,8 +312,8 @@ def summary_lines(calibration: Calibration) -> list[str]:
         return f"| {name} | {score:.4f} | " + " | ".join(f"{metrics[k]:.3f}" for k in keys) + f" | {feasible} |"
 
     lines.append(row("plain model", res.baseline, res.baseline_score, "–"))
-    lines += [row(str(r["settings"]), r["metrics"], r["score"], r["feasible"]) for r in res.table]
-    chosen = "identity (no candidate beat the plain model)" if res.best is None else str(res.best)
+    lines += [row(_short(r["settings"]), r["metrics"], r["score"], r["feasible"]) for r in res.table]
+    chosen = "identity (no candidate beat the plain model)" if res.best is None else _short(res.best)
     lines += ["", f"chosen: {chosen}"]
     for key in ("visual_sinks", "profile", "note"):
         if key in calibration.extra:
