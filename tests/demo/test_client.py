@@ -34,6 +34,7 @@ def test_image_task_segmentation_matches_pipeline(client, demo_pipeline):
     assert chat[-1]["role"] == "assistant" and chat[-1]["content"][0]["text"] == want["text"]
     assert Image.open(overlay).size == picture.size
     assert latency.startswith("**Latency") and "generate" in latency
+    assert looked is None and record["attention"] is None, "no attention picture unless asked"
 
 
 def test_video_task_tracking_matches_pipeline(client, demo_pipeline):
@@ -69,6 +70,53 @@ def test_var_setting_reaches_the_pipeline(client, demo_pipeline):
     _, _, record, _, _, _ = ask(client, SEG[0], SEG[1], intervention="var", var_p=0.8, var_rho=0.4, var_tau=3.5)
     assert_same_answer(record, oracle(demo_pipeline, SEG[0], SEG[1], intervention=VAR(p=0.8, rho=0.4, tau=3.5)))
     assert record["intervention"].startswith("VAR(p=0.8, rho=0.4, tau=3.5")
+
+
+def test_attention_overlay_with_and_without_the_intervention(client, demo_pipeline):
+    from taskmllm.model.interventions import VHR
+    from taskmllm.model.interventions.attention_map import attention_maps
+    from tests.demo.conftest import visual_of
+
+    _, _, record, raw, _, looked = ask(client, SEG[0], SEG[1], intervention="vhr", vhr_alpha=3.0, attention=True)
+    assert record["intervention_settings"] == "defaults", "the test checkpoint carries no calibration"
+    summary = record["attention"]
+    assert summary["heads"] == "selected"
+    without, with_ = summary["panels"]
+    assert with_["answer"] == raw and without["answer"] == oracle(demo_pipeline, SEG[0], SEG[1])["raw_text"]
+    mllm = demo_pipeline.model.mllm
+    batch = demo_pipeline.processor([SEG[1]], [visual_of(SEG[0])])
+    mine = attention_maps(mllm, batch, VHR(alpha=3.0), heads="selected", max_new_tokens=64)
+    plain = attention_maps(mllm, batch, None, heads=mine.heads, max_new_tokens=64)
+    assert with_["image_attention"] == pytest.approx(float(mine.maps[0].sum()), abs=1e-4)
+    assert without["image_attention"] == pytest.approx(float(plain.maps[0].sum()), abs=1e-4)
+    w, h = Image.open(example_file(SEG[0])).size
+    k = max(1.0, 256 / min(w, h))
+    assert Image.open(looked).size == (2 * round(w * k), round(h * k) + 30)
+    _, _, record, _, _, looked = ask(client, None, TEXT[1], attention=True)
+    assert looked is None and record["attention"] is None, "a text-only answer looked at no picture"
+
+
+def test_zerotuning_and_calibrated_settings_reach_the_pipeline(demo_pipeline):
+    """The handler (the page's callback) with a pipeline carrying calibrated settings: an untouched control runs
+    the calibrated intervention, a moved one replaces that setting only."""
+    from taskmllm.demo.handler import DemoHandler
+    from taskmllm.model.interventions import VAR, ZeroTuning
+    from taskmllm.router.pipeline import Pipeline
+    from tests.demo.conftest import visual_of
+
+    calibrated = Pipeline(demo_pipeline.model, {"zerotuning": {"gamma": 3.0, "heads": [[0, 0], [1, 3]]},
+                                                "var": {"p": 0.3, "rho": 0.6, "mode": "paper"}})
+    handler = DemoHandler(calibrated)
+    start = handler.initial_settings()
+    assert (start["zt_gamma"], start["var_p"], start["var_rho"]) == (3.0, 0.3, 0.6)
+    assert start["var_tau"] == 4.0 and start["vhr_alpha"] == 2.0, "VAR's per-model tau; VHR uncalibrated: defaults"
+    zt = ZeroTuning(gamma=3.0, heads=[(0, 0), (1, 3)])
+    _, _, record, raw, _, _, _ = handler.answer(str(example_file(SEG[0])), None, SEG[1], [], "zerotuning",
+                                                zt_gamma=start["zt_gamma"])
+    assert record["intervention"] == repr(zt) and record["intervention_settings"] == "calibrated"
+    assert raw == demo_pipeline(visual_of(SEG[0]), SEG[1], intervention=zt).raw_text
+    _, _, record, _, _, _, _ = handler.answer(str(example_file(SEG[0])), None, SEG[1], [], "var", var_p=0.5)
+    assert record["intervention"] == repr(VAR(p=0.5, rho=0.6, tau=4.0, mode="paper"))
 
 
 def test_server_limits_uploads_and_binds_localhost(client, demo_url):
