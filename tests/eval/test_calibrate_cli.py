@@ -111,6 +111,15 @@ def test_pipeline_uses_the_calibrated_settings(calibrated, rgb_image):
     assert pipe.intervention("vhr", alpha=3.0).settings() == {**stored["vhr"], "alpha": 3.0}, "one setting replaced"
 
 
+def test_eval_runs_the_calibrated_settings(calibrated, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(calibrated), "--suite", "pope-shapes", "--n", "1", "--intervention", "vhr",
+                 "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["intervention_settings"] == "calibrated"
+    assert results["intervention"] == repr(VHR(**load_calibration(calibrated)["vhr"]))
+
+
 def test_calibrate_updates_the_model_card_in_place(calibrated):
     card = (calibrated / "MODEL_CARD.md").read_text()
     assert card.startswith("# test card") and "## Metrics" in card
