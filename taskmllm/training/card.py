@@ -88,8 +88,10 @@ def interventions_section(model_dir: Path) -> list[str]:
     for name, entry in sorted(entries.items()):
         settings = ", ".join(f"{k}={v}" for k, v in entry["settings"].items() if v is not None)
         rec = entry.get("calibration") or {}
-        chosen = next((row["metrics"] for row in rec.get("table", []) if row["settings"] == entry["settings"]),
-                      rec.get("baseline", {}))
+        chosen = next((row["metrics"] for row in rec.get("table", []) if row["settings"] == entry["settings"]), None)
+        if chosen is None and rec:
+            settings += " (identity: no candidate beat the plain model)"
+        chosen = chosen or rec.get("baseline", {})
         base = rec.get("baseline", {})
 
         def pair(key: str) -> str:
