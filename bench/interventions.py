@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
+from _timing import time_configs
 
 
 def tokenizer():
@@ -54,7 +53,6 @@ def build_model():
         emb = model.llm.get_input_embeddings().weight
         emb[tok.bos_token_id] = 0.01 * emb[tok.bos_token_id]
         emb[tok.bos_token_id, 0] = 100.0
-    model.tokenizer.eos_token = None  # no early stop: every configuration produces exactly new_tokens
     return model
 
 
@@ -76,7 +74,7 @@ def main() -> None:
     results = {"device": "cpu", "platform": platform.processor() or platform.machine(),
                "threads": torch.get_num_threads(), "new_tokens": args.new_tokens, "repeats": args.repeats,
                "model": "tiny recipe (random weights)", "runs": []}
-    var = VAR(p=0.6, rho=0.5, tau=8.0, sink_dims=[0])
+    var = VAR(p=0.6, rho=0.5, tau=8.0, sink_dims=[0], mode="paper")  # official mode: a BOS-only sink is no visual sink
     vhr = VHR(alpha=2.0)
     for bsz in (1, args.batch):
         prompts = [f"Describe image {i} in detail." if i % 2 else "What is in the image?" for i in range(bsz)]
@@ -84,20 +82,10 @@ def main() -> None:
         configs = {  # name -> (attention implementation, intervention)
             "none_sdpa": ("sdpa", None), "vhr_sdpa": ("sdpa", vhr),
             "none_eager": ("eager", None), "vhr_eager": ("eager", vhr), "var": ("eager", var)}
-        times: dict[str, list[float]] = {k: [] for k in configs}
-        for round_ in range(args.repeats + 1):  # round 0 is a warm-up
-            for name, (attn, intervention) in configs.items():
-                model.llm.set_attn_implementation(attn)
-                start = time.perf_counter()
-                out = model.generate(batch, max_new_tokens=args.new_tokens, intervention=intervention)
-                elapsed = time.perf_counter() - start
-                assert all(sum(t != model.query_id for t in s) == args.new_tokens for s in out.sequences)
-                if round_:
-                    times[name].append(elapsed)
-        best = {k: min(v) for k, v in times.items()}
+        timed = time_configs(model, batch, configs, args.new_tokens, args.repeats)
+        best = {k: v["best_s"] for k, v in timed.items()}
         run = {"batch": bsz, "prompt_tokens": batch.input_ids.shape[1],
-               "latency_s_best": {k: round(v, 4) for k, v in best.items()},
-               "latency_s_median": {k: round(statistics.median(v), 4) for k, v in times.items()},
+               "latency_s_best": best, "latency_s_median": {k: v["median_s"] for k, v in timed.items()},
                "ratio_vhr_over_none": round(best["vhr_sdpa"] / best["none_sdpa"], 3),
                "ratio_vhr_over_none_eager": round(best["vhr_eager"] / best["none_eager"], 3),
                "ratio_var_over_none_eager": round(best["var"] / best["none_eager"], 3),

@@ -1,10 +1,11 @@
-"""taskmllm: a LLaVA-style multimodal LLM with task tokens, differentiable expert heads and VAR/VHR.
+"""taskmllm: a LLaVA-style multimodal LLM with task tokens, differentiable expert heads and VAR/VHR/ZeroTuning.
 
 Public API (imported on first use, so ``import taskmllm`` stays light)::
 
     from taskmllm import Pipeline, VHR
     pipe = Pipeline.from_pretrained("path/to/checkpoint")
     result = pipe(image, "Segment the red circle.", intervention=VHR())
+    result = pipe(image, "Is there a star?", intervention="vhr")  # the model's calibrated VHR settings
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ _LAZY = {
     "TaskMLLM": "taskmllm.model.mllm",
     "VAR": "taskmllm.model.interventions",
     "VHR": "taskmllm.model.interventions",
+    "ZeroTuning": "taskmllm.model.interventions",
 }
 
 __all__ = ["TaskMLLMError", "__version__", "load_model", *_LAZY]

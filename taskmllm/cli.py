@@ -43,6 +43,33 @@ def _data_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from taskmllm.eval.calibration_run import CalibrationOptions, calibrate_model, summary_lines
+    from taskmllm.model.interventions.calibrated import save_calibration
+    from taskmllm.router.pipeline import Pipeline
+    from taskmllm.training.card import update_card_interventions
+    from taskmllm.zoo import calibration_dir
+
+    given = {"alphas": args.alphas, "ps": args.ps, "rhos": args.rhos, "taus": args.taus, "gammas": args.gammas}
+    grids: dict = {k: tuple(v) for k, v in given.items() if v is not None}
+    if args.seed is not None:
+        grids["seed"] = args.seed
+    options = CalibrationOptions(n=args.n, split=args.split, batch_size=args.batch_size, var_mode=args.var_mode,
+                                 progress=not args.no_progress, **grids)  # bad options fail before the model loads
+    dest = Path(args.out) if args.out is not None else calibration_dir(args.model)
+    pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    calibration = calibrate_model(pipe, args.intervention, options)
+    dest.mkdir(parents=True, exist_ok=True)
+    path = save_calibration(dest, {args.intervention: calibration.result.chosen()},
+                            {args.intervention: calibration.record()})
+    card = update_card_interventions(dest)
+    print("\n".join(summary_lines(calibration)))
+    print(f"wrote {path}" + (f" and updated {card}" if card is not None else ""))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from taskmllm.eval.benchmarks import EvalOptions, evaluate
 
@@ -82,9 +109,10 @@ def _predict(args: argparse.Namespace) -> int:
     json_path = None if args.out is None else os.path.splitext(args.out)[0] + ".json"
     pred = predict(args.model, args.instruction, image=args.image, video=args.video, out=args.out,
                    json_path=json_path, intervention=args.intervention,
-                   settings=GenerationSettings(max_new_tokens=args.max_new_tokens), device=args.device)
+                   settings=GenerationSettings(max_new_tokens=args.max_new_tokens), device=args.device,
+                   attention=args.attention)
     print(json.dumps(pred.record, indent=2) if args.json else pred.result.text)
-    for path in (pred.overlay_path, pred.json_path):
+    for path in (pred.overlay_path, pred.json_path, pred.attention_path):
         if path is not None:
             print(f"wrote {path}", file=sys.stderr)
     return 0
@@ -108,6 +136,38 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+INTERVENTION_CHOICES = ["none", "vhr", "var", "zerotuning"]
+INTERVENTION_HELP = ("training-free hallucination reduction, with the model's calibrated settings (interventions.json, "
+                     "`taskmllm calibrate`) when it carries them, else each method's defaults")
+
+
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="choose an intervention's settings on the val world; writes interventions.json",
+                       description="Grid-search VHR (alpha x layer sets), VAR (p x rho x tau) or ZeroTuning (profiled "
+                                   "head types x gamma) on POPE and CHAIR of ShapesWorld's val world; objective POPE "
+                                   "accuracy - CHAIR_S, caption recall may drop <= 0.02, must beat the plain model "
+                                   "by 0.01 (else the identity is stored). Writes interventions.json (merged) beside "
+                                   "a checkpoint directory, or for a shipped model's name into "
+                                   "~/.config/taskmllm/calibration/NAME/ (read by Pipeline.from_pretrained(NAME)); "
+                                   "--out DIR writes DIR/interventions.json instead.")
+    p.add_argument("--model", default="tiny", help="checkpoint directory, or a shipped model's name (default: tiny)")
+    p.add_argument("--intervention", required=True, choices=["vhr", "var", "zerotuning"])
+    p.add_argument("--split", default="val", choices=["val", "train"], help="ShapesWorld split to calibrate on")
+    p.add_argument("--n", type=int, default=40, help="val images (POPE questions about each + one caption each)")
+    p.add_argument("--out", default=None, help="directory for interventions.json (default: see above)")
+    p.add_argument("--seed", type=int, default=None, help="world seed (default: the evaluation world's)")
+    p.add_argument("--var-mode", default="official", choices=["official", "paper"], help="VAR's mode in the grid")
+    p.add_argument("--alphas", type=float, nargs="+", help="VHR alphas (default 1.25 1.5 2)")
+    p.add_argument("--ps", type=float, nargs="+", help="VAR p, the fraction moved (default 0.2 0.4 0.6)")
+    p.add_argument("--rhos", type=float, nargs="+", help="VAR rho (default 0.3 0.5 0.8)")
+    p.add_argument("--taus", type=float, nargs="+", help="VAR tau (default: the per-model tau)")
+    p.add_argument("--gammas", type=float, nargs="+", help="ZeroTuning gammas (default 0.5 0.75 1.25 1.5 2)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    p.set_defaults(func=_calibrate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (also used to render ``--help``)."""
     parser = argparse.ArgumentParser(prog="taskmllm", description=__doc__.splitlines()[0])
@@ -119,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output taskmllm checkpoint directory")
     p.set_defaults(func=_convert)
 
+    _add_calibrate(sub)
+
     p = sub.add_parser("eval", help="run a named evaluation suite; writes results.json, results.md and PNG plots")
     p.add_argument("--model", default="tiny", help="checkpoint directory, or a shipped model's name (default: tiny)")
     p.add_argument("--suite", required=True, choices=["shapes", "pope-shapes", "chair-shapes", "pope", "chair"])
@@ -126,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None,
                    help="questions per task (shapes) / images (pope-shapes, chair-shapes, chair) / questions per "
                         "file (pope); default 200 for ShapesWorld suites, everything for real data")
-    p.add_argument("--intervention", choices=["vhr", "var"], default=None, help="training-free head reweighting")
+    p.add_argument("--intervention", choices=INTERVENTION_CHOICES, default=None, help=INTERVENTION_HELP)
     p.add_argument("--tau", type=float, default=None,
                    help="VAR sink threshold (default min(20, 0.5*sqrt(hidden size)); must be < sqrt(hidden size))")
     p.add_argument("--seed", type=int, default=None,
@@ -166,7 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="overlay file: png/jpg for an image, gif/png/mp4 for a video; the "
                                                "JSON record goes beside it (.json)")
     p.add_argument("--json", action="store_true", help="print the JSON record instead of the answer text")
-    p.add_argument("--intervention", choices=["vhr", "var"], default=None, help="training-free head reweighting")
+    p.add_argument("--intervention", choices=INTERVENTION_CHOICES, default=None, help=INTERVENTION_HELP)
+    p.add_argument("--attention", default=None, metavar="PNG",
+                   help="also write where the answer looked: its attention over the picture, with and without the "
+                        "intervention (the heads it acted on), as a PNG")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_predict)

@@ -1,16 +1,16 @@
 """One request end to end: files + instruction -> :class:`~taskmllm.router.result.Result` -> overlay and JSON.
 
 ``taskmllm predict`` calls :func:`predict`; the Gradio demo uses the same pieces (:func:`load_visual`,
-:func:`check_instruction`, :func:`make_intervention`, :class:`GenerationSettings`, :func:`render_overlay`)
-so a file, an instruction and settings give the same answer in both::
+:func:`check_instruction`, :func:`make_intervention`, :class:`GenerationSettings`, :func:`render_overlay`,
+:func:`render_attention`) so a file, an instruction and settings give the same answer in both::
 
     taskmllm predict --image photo.png "Segment the red circle." --out overlay.png --json result.json
+    taskmllm predict --image photo.png "Is there a dog?" --intervention vhr --attention looked.png
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
@@ -21,11 +21,12 @@ from taskmllm.data.media import MediaLimits, encode_animation, read_image, read_
 from taskmllm.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
+    from taskmllm.model.generation import Intervention
     from taskmllm.router.pipeline import Pipeline
     from taskmllm.router.result import Result
 
 PathLike = Union[str, Path]
-INTERVENTIONS = ("none", "vhr", "var")
+INTERVENTIONS = ("none", "vhr", "var", "zerotuning")  # = taskmllm.model.interventions.calibrated.NAMES (a test checks)
 MAX_INSTRUCTION_CHARS = 2000
 
 
@@ -59,31 +60,18 @@ class GenerationSettings:
         return out
 
 
-def default_var_tau(hidden_size: int) -> float:
-    """VAR's sink threshold for a model: the published 20, capped at half of ``sqrt(hidden_size)``."""
-    return min(20.0, 0.5 * math.sqrt(hidden_size))
-
-
-def make_intervention(name: Optional[str], hidden_size: int, *, alpha: float = 2.0, p: float = 0.6,
-                      rho: float = 0.5, tau: Optional[float] = None):
-    """``"none"``/None -> None, ``"vhr"`` -> ``VHR(alpha)``, ``"var"`` -> ``VAR(p, rho, tau)``.
+def make_intervention(name: Optional[str], pipeline: "Pipeline", **overrides: Optional[float]
+                      ) -> Optional["Intervention"]:
+    """The intervention the CLI, ``eval`` and the demo run for ``name`` (``"none"``/None, ``"vhr"``, ``"var"``,
+    ``"zerotuning"``): the model's calibrated settings when it carries them (``interventions.json``), else the
+    method's defaults (VAR: its mode's default ``p``, ``tau`` per model), with single settings replaced by
+    ``overrides`` (``alpha=``, ``p=``, ``rho=``, ``tau=``, ``gamma=``; None = keep). See
+    :meth:`Pipeline.intervention <taskmllm.router.pipeline.Pipeline.intervention>`.
 
     Raises:
-        ConfigError: an unknown name or an out-of-range setting (``tau`` must be < ``sqrt(hidden_size)``).
+        ConfigError: an unknown name or an out-of-range setting (VAR's ``tau`` must be < sqrt(hidden size)).
     """
-    key = (name or "none").lower()
-    if key == "none":
-        return None
-    from taskmllm.model.interventions import VAR, VHR
-
-    if key == "vhr":
-        return VHR(alpha=alpha)
-    if key == "var":
-        tau = default_var_tau(hidden_size) if tau is None else float(tau)
-        if not 0 < tau < math.sqrt(hidden_size):
-            raise ConfigError(f"VAR tau must be in (0, sqrt(hidden size) = {math.sqrt(hidden_size):.2f}), got {tau}")
-        return VAR(p=p, rho=rho, tau=tau)
-    raise ConfigError(f"unknown intervention {name!r}; known: {INTERVENTIONS}")
+    return pipeline.intervention(name, **overrides)
 
 
 def check_instruction(text: Optional[str]) -> str:
@@ -143,6 +131,24 @@ def render_overlay(result: "Result", fmt: str = "png", fps: float = 4.0,
     return buf.getvalue(), fmt
 
 
+def render_attention(pipe: "Pipeline", visual: Any, instruction: str, intervention: Optional["Intervention"],
+                     max_new_tokens: int = 16) -> tuple[bytes, dict[str, Any]]:
+    """Where the answer looked (:mod:`taskmllm.attention_overlay`), with and without ``intervention``, as PNG bytes
+    and a JSON-able summary (heads averaged; per panel the answer and its attention mass on the picture).
+
+    Raises:
+        InputError: a text-only request.
+    """
+    import io
+
+    from taskmllm.attention_overlay import attention_view
+
+    view = attention_view(pipe, visual, instruction, intervention, max_new_tokens)
+    buf = io.BytesIO()
+    view.render().save(buf, format="PNG")
+    return buf.getvalue(), view.summary()
+
+
 @dataclass
 class Prediction:
     """What :func:`predict` produced: the result, its JSON-ready dict and the files written."""
@@ -151,37 +157,52 @@ class Prediction:
     record: dict[str, Any]
     overlay_path: Optional[Path] = None
     json_path: Optional[Path] = None
+    attention_path: Optional[Path] = None
+
+
+def _write(path: PathLike, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
 
 
 def predict(model: Union[str, Path, "Pipeline"], instruction: str, image: Optional[PathLike] = None,
             video: Optional[PathLike] = None, out: Optional[PathLike] = None, json_path: Optional[PathLike] = None,
             intervention: Optional[str] = None, settings: GenerationSettings = GenerationSettings(),
-            limits: MediaLimits = MediaLimits(), device: str = "cpu") -> Prediction:
+            limits: MediaLimits = MediaLimits(), device: str = "cpu",
+            attention: Optional[PathLike] = None) -> Prediction:
     """Answer ``instruction`` about an image/video file with a checkpoint (a directory, ``"tiny"`` or a loaded
-    ``Pipeline``); write the overlay to ``out`` (format from its suffix) and the JSON record to ``json_path``.
+    ``Pipeline``); write the overlay to ``out`` (format from its suffix) and the JSON record to ``json_path``;
+    with ``attention``, write there a PNG of where the answer looked, with and without the intervention.
 
+    ``intervention`` is a name (:func:`make_intervention`: the model's calibrated settings, else the defaults).
     The record is ``Result.to_dict()`` (masks as COCO RLE, boxes in pixels, timings) plus ``instruction``,
-    ``input``, ``intervention`` and ``overlay``.
+    ``input``, ``intervention`` (the object's repr), ``intervention_settings`` (``"calibrated"``,
+    ``"defaults"`` or None), ``overlay`` and ``attention`` (path, heads, answers and attention on the picture).
     """
     from taskmllm.router.pipeline import Pipeline
 
     instruction = check_instruction(instruction)
     pipe = model if isinstance(model, Pipeline) else Pipeline.from_pretrained(model, device=device)
     visual = load_visual(image, video, pipe.model.mllm.config.max_frames, limits)
-    hook = make_intervention(intervention, pipe.model.mllm.hidden_size)
+    if attention is not None and visual is None:
+        raise InputError("--attention needs an image or a video: a text-only answer looks at no picture")
+    hook = make_intervention(intervention, pipe)
     result = pipe(visual, instruction, intervention=hook, **settings.kwargs())
-    overlay_path = None
+    overlay_path = attention_path = None
     if out is not None and (result.image is not None or result.frames):
-        data, _ = render_overlay(result, Path(out).suffix or "png")
-        overlay_path = Path(out)
-        overlay_path.parent.mkdir(parents=True, exist_ok=True)
-        overlay_path.write_bytes(data)
+        overlay_path = _write(out, render_overlay(result, Path(out).suffix or "png")[0])
+    looked = None
+    if attention is not None:
+        data, looked = render_attention(pipe, visual, instruction, hook, settings.max_new_tokens)
+        attention_path = _write(attention, data)
+        looked = {"path": str(attention_path), **looked}
     record = {"instruction": instruction, "input": str(image or video or ""),
-              "intervention": "none" if hook is None else repr(hook), **result.to_dict(),
-              "overlay": None if overlay_path is None else str(overlay_path)}
+              "intervention": "none" if hook is None else repr(hook), "intervention_settings": pipe.intervention_source(intervention),
+              **result.to_dict(), "overlay": None if overlay_path is None else str(overlay_path),
+              "attention": looked}
     written = None
     if json_path is not None:
-        written = Path(json_path)
-        written.parent.mkdir(parents=True, exist_ok=True)
-        written.write_text(json.dumps(record, indent=2) + "\n")
-    return Prediction(result, record, overlay_path, written)
+        written = _write(json_path, (json.dumps(record, indent=2) + "\n").encode())
+    return Prediction(result, record, overlay_path, written, attention_path)

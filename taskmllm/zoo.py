@@ -53,6 +53,41 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     return path
 
 
+def user_calibration_dir(name: str) -> Path:
+    """Where ``taskmllm calibrate --model NAME`` writes a shipped model's ``interventions.json`` (the package
+    directory may be read-only in an install): ``$XDG_CONFIG_HOME/taskmllm/calibration/NAME`` (default
+    ``~/.config/taskmllm/calibration/NAME``)."""
+    import os
+
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "taskmllm" / "calibration" / str(name)
+
+
+def calibration_dir(name_or_path: str | Path) -> Path:
+    """Where ``taskmllm calibrate`` writes a model's ``interventions.json`` unless told otherwise: a checkpoint
+    directory itself; for a shipped model's name, :func:`user_calibration_dir` (which
+    ``Pipeline.from_pretrained(name)`` reads on top of the packaged settings)."""
+    if str(name_or_path) in SHIPPED:
+        return user_calibration_dir(str(name_or_path))
+    return resolve_checkpoint(name_or_path)
+
+
+def model_calibration(name_or_path: str | Path) -> dict[str, dict[str, Any]]:
+    """The calibrated intervention settings ``{name: settings}`` a model carries: its directory's
+    ``interventions.json``; for a shipped model's name, entries in :func:`user_calibration_dir` replace the packaged
+    ones of the same intervention. ``{}`` when there are none.
+
+    Raises:
+        CheckpointError: a malformed ``interventions.json``.
+    """
+    from taskmllm.model.interventions.calibrated import load_calibration
+
+    settings = load_calibration(resolve_checkpoint(name_or_path))
+    if str(name_or_path) in SHIPPED:
+        settings.update(load_calibration(user_calibration_dir(str(name_or_path))))
+    return settings
+
+
 def registry_tasks() -> dict[str, int]:
     """Every registered expert's task with its default number of queries: a fresh model's tasks."""
     return {name: cls.default_num_queries for name, cls in EXPERTS.items()}

@@ -6,9 +6,11 @@
 
 The page: image or video input (a video file, an animated GIF or several frame images), an instruction box,
 chat history, the overlay (masks in distinct colors labelled with their ``<ref>`` phrase, boxes with scores,
-tracks as an annotated GIF), VAR/VHR with their main settings, generation settings, examples (ShapesWorld
-and real photos), latency, the structured answer (JSON) and the raw transcript with task tokens. One API
-endpoint, ``/answer``, serves the page and ``gradio_client`` alike. No model logic lives here.
+tracks as an annotated GIF), VHR/VAR/ZeroTuning with their main settings (starting at the model's calibrated
+settings when it carries them), where the answer looked (its attention over the picture with and without the
+intervention), generation settings, examples (ShapesWorld and real photos), latency, the structured answer (JSON)
+and the raw transcript with task tokens. One API endpoint, ``/answer``, serves the page and ``gradio_client``
+alike. No model logic lives here.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from taskmllm.data.media import CONTAINER_SUFFIXES, IMAGE_SUFFIXES
 from taskmllm.demo.examples import examples as bundled_examples
 from taskmllm.demo.handler import DemoHandler, DemoOptions
 from taskmllm.errors import ConfigError
-from taskmllm.predict import default_var_tau
 
 if TYPE_CHECKING:
     from taskmllm.router.pipeline import Pipeline
@@ -42,6 +43,8 @@ def build_demo(pipeline: "Pipeline", options: DemoOptions = DemoOptions()) -> gr
     handler = DemoHandler(pipeline, options)
     hidden = handler.hidden_size
     tau_max = math.floor((math.sqrt(hidden) - 0.01) * 100) / 100
+    start = handler.initial_settings()
+    calibrated = sorted(pipeline.calibration)
     limits = options.limits
     # delete_cache: uploads and answers older than 2 h are removed hourly from Gradio's cache
     with gr.Blocks(title=options.title, analytics_enabled=False, delete_cache=(3600, 7200)) as demo:
@@ -59,17 +62,23 @@ def build_demo(pipeline: "Pipeline", options: DemoOptions = DemoOptions()) -> gr
                 with gr.Row():
                     submit = gr.Button("Submit", variant="primary", elem_id="submit")
                     clear = gr.Button("Clear", elem_id="clear")
-                with gr.Accordion("Hallucination reduction: VAR / VHR", open=False):
-                    intervention = gr.Radio(["none", "vhr", "var"], value="none", label="Intervention",
-                                            info="training-free attention-head reweighting at inference")
-                    vhr_alpha = gr.Slider(1.0, 4.0, value=2.0, step=0.1, label="VHR alpha",
+                with gr.Accordion("Hallucination reduction: VHR / VAR / ZeroTuning", open=False):
+                    note = (f"calibrated for this model: {', '.join(calibrated)}" if calibrated
+                            else "not calibrated for this model: defaults (`taskmllm calibrate`)")
+                    intervention = gr.Radio(["none", "vhr", "var", "zerotuning"], value="none", label="Intervention",
+                                            info=f"training-free attention interventions at inference; {note}")
+                    vhr_alpha = gr.Slider(0.1, 4.0, value=start["vhr_alpha"], step=0.05, label="VHR alpha",
                                           info="factor on vision-aware heads (1 = off)")
-                    var_p = gr.Slider(0.0, 1.0, value=0.6, step=0.05, label="VAR p",
-                                      info="fraction of sink attention moved to image tokens")
-                    var_rho = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="VAR rho",
+                    var_p = gr.Slider(0.0, 1.0, value=start["var_p"], step=0.05, label="VAR p",
+                                      info="fraction of sink attention moved to image tokens (0 = off)")
+                    var_rho = gr.Slider(0.0, 1.0, value=start["var_rho"], step=0.05, label="VAR rho",
                                         info="image-centric head threshold")
-                    var_tau = gr.Slider(1.0, tau_max, value=round(default_var_tau(hidden), 2), step=0.01,
+                    var_tau = gr.Slider(1.0, tau_max, value=round(start["var_tau"], 2), step=0.01,
                                         label="VAR tau", info="massive-activation threshold of a sink token")
+                    zt_gamma = gr.Slider(0.1, 4.0, value=start["zt_gamma"], step=0.05, label="ZeroTuning gamma",
+                                         info="scale of the first token's attention in the chosen heads (1 = off)")
+                    attention = gr.Checkbox(value=False, label="Show where the answer looked",
+                                            info="its attention over the picture, with and without the intervention")
                 with gr.Accordion("Generation", open=False):
                     max_new_tokens = gr.Slider(1, 256, value=64, step=1, label="Max new tokens")
                     do_sample = gr.Checkbox(value=False, label="Sample (greedy when off)")
@@ -83,6 +92,8 @@ def build_demo(pipeline: "Pipeline", options: DemoOptions = DemoOptions()) -> gr
                 overlay = gr.Image(label="Overlay", type="filepath", interactive=False, height=300,
                                    elem_id="overlay")
                 latency = gr.Markdown(elem_id="latency")
+                looked = gr.Image(label="Where the answer looked (without | with the intervention)", type="filepath",
+                                  interactive=False, height=260, elem_id="attention")
                 answer_json = gr.JSON(label="Structured answer", elem_id="answer-json")
                 with gr.Accordion("Raw transcript (with task tokens)", open=False):
                     raw = gr.Textbox(show_label=False, lines=3, interactive=False, elem_id="raw-transcript")
@@ -93,14 +104,14 @@ def build_demo(pipeline: "Pipeline", options: DemoOptions = DemoOptions()) -> gr
         gr.Examples(rows, inputs=[image, video, instruction], label="Examples (ShapesWorld and photos)",
                     elem_id="examples")
         inputs = [image, video, instruction, history, intervention, vhr_alpha, var_p, var_rho, var_tau,
-                  max_new_tokens, do_sample, temperature, top_p, seed, score_threshold]
-        outputs = [chat, overlay, answer_json, raw, latency, history]
+                  max_new_tokens, do_sample, temperature, top_p, seed, score_threshold, zt_gamma, attention]
+        outputs = [chat, overlay, answer_json, raw, latency, looked, history]
         # preprocess=False: uploads reach the handler as files, decoded (and rejected) by taskmllm itself
         submit.click(handler.answer, inputs, outputs, api_name="answer", preprocess=False,
                      concurrency_limit=options.concurrency_limit)
         instruction.submit(handler.answer, inputs, outputs, api_name=False, preprocess=False,
                            concurrency_limit=options.concurrency_limit)
-        clear.click(lambda: ([], None, None, "", "", [], None, None, ""), None,
+        clear.click(lambda: ([], None, None, "", "", None, [], None, None, ""), None,
                     outputs + [image, video, instruction], api_name=False)
     demo.queue(max_size=options.max_queue, default_concurrency_limit=options.concurrency_limit)
     return demo

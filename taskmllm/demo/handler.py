@@ -20,7 +20,7 @@ import gradio as gr
 from taskmllm.data.media import MediaLimits
 from taskmllm.errors import ImageError, InputError, TaskMLLMError, VideoError
 from taskmllm.predict import (GenerationSettings, check_instruction, load_visual, make_intervention,
-                              render_overlay)
+                              render_attention, render_overlay)
 
 if TYPE_CHECKING:
     from taskmllm.router.pipeline import Pipeline
@@ -96,45 +96,70 @@ class DemoHandler:
     def hidden_size(self) -> int:
         return self.pipeline.model.mllm.hidden_size
 
+    def initial_settings(self) -> dict[str, float]:
+        """The controls' starting values: each intervention's settings for this model (calibrated when it carries
+        them, else the defaults), so an untouched control runs the calibrated intervention."""
+        vhr, var, zt = (self.pipeline.intervention(n) for n in ("vhr", "var", "zerotuning"))
+        return {"vhr_alpha": vhr.alpha, "var_p": var.p, "var_rho": var.rho, "var_tau": var.tau, "zt_gamma": zt.gamma}
+
+    def make_hook(self, intervention: Optional[str], vhr_alpha: Optional[float] = None, var_p: Optional[float] = None,
+                  var_rho: Optional[float] = None, var_tau: Optional[float] = None, zt_gamma: Optional[float] = None):
+        """The request's intervention: the named one with the model's calibrated settings, the page's controls of
+        that intervention replacing single settings (a ZeroTuning calibrated per head keeps its gammas)."""
+        def num(x: Optional[float]) -> Optional[float]:
+            return None if x is None else float(x)
+
+        per_head = (self.pipeline.calibration.get("zerotuning") or {}).get("gammas") is not None
+        controls = {"vhr": {"alpha": num(vhr_alpha)}, "var": {"p": num(var_p), "rho": num(var_rho),
+                                                               "tau": num(var_tau)},
+                    "zerotuning": {"gamma": None if per_head else num(zt_gamma)}}
+        return make_intervention(intervention, self.pipeline, **controls.get(str(intervention or "none").lower(), {}))
+
     def answer(self, image: Any, video: Any, instruction: Optional[str], history: Optional[list],
-               intervention: str = "none", vhr_alpha: float = 2.0, var_p: float = 0.6, var_rho: float = 0.5,
-               var_tau: Optional[float] = None, max_new_tokens: int = 64, do_sample: bool = False,
-               temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, score_threshold: float = 0.5
-               ) -> tuple[list, Optional[str], dict, str, str, list]:
-        """One request -> ``(chat messages, overlay file, structured answer, raw transcript, latency, history)``.
+               intervention: str = "none", vhr_alpha: Optional[float] = None, var_p: Optional[float] = None,
+               var_rho: Optional[float] = None, var_tau: Optional[float] = None, max_new_tokens: int = 64,
+               do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+               score_threshold: float = 0.5, zt_gamma: Optional[float] = None, attention: bool = False
+               ) -> tuple[list, Optional[str], dict, str, str, Optional[str], list]:
+        """One request -> ``(chat messages, overlay file, structured answer, raw transcript, latency, attention
+        file, history)``. Intervention settings left None are the model's calibrated ones (else the defaults);
+        ``attention`` adds a PNG of where the answer looked, with and without the intervention.
 
         Raises:
             gr.Error: the request's input or settings are unusable; its message names the problem.
         """
         try:
-            return self._answer(image, video, instruction, list(history or []), intervention, vhr_alpha, var_p,
-                                var_rho, var_tau, max_new_tokens, do_sample, temperature, top_p, seed,
-                                score_threshold)
+            hook = self.make_hook(intervention, vhr_alpha, var_p, var_rho, var_tau, zt_gamma)
+            return self._answer(image, video, instruction, list(history or []), intervention, hook, max_new_tokens,
+                                do_sample, temperature, top_p, seed, score_threshold, bool(attention))
         except TaskMLLMError as exc:
             title = "Bad input" if isinstance(exc, InputError) else "Cannot answer"
             raise gr.Error(str(exc), title=title, print_exception=False) from exc
 
-    def _answer(self, image, video, instruction, history, intervention, vhr_alpha, var_p, var_rho, var_tau,
-                max_new_tokens, do_sample, temperature, top_p, seed, score_threshold):
+    def _answer(self, image, video, instruction, history, intervention, hook, max_new_tokens, do_sample,
+                temperature, top_p, seed, score_threshold, attention):
         start = time.perf_counter()
         text = check_instruction(instruction)
         image_path = _path(image, "image", ImageError)
         video_source = _video_source(_paths(video))
         visual = load_visual(image_path, video_source, self.num_frames, self.options.limits)
-        hook = make_intervention(intervention, self.hidden_size, alpha=float(vhr_alpha), p=float(var_p),
-                                 rho=float(var_rho), tau=None if var_tau is None else float(var_tau))
         settings = GenerationSettings(int(max_new_tokens), bool(do_sample), float(temperature), float(top_p),
                                       int(seed or 0))
         decoded = time.perf_counter()
+        looked = looked_file = None
         with self._lock:
             result = self.pipeline(visual, text, intervention=hook, **settings.kwargs())
-        answered = time.perf_counter()
+            answered = time.perf_counter()
+            if attention and visual is not None:
+                data, looked = render_attention(self.pipeline, visual, text, hook, settings.max_new_tokens)
+                looked_file = self._keep(data, "attention", "png")
         overlay = None
         if result.image is not None or result.frames:
             overlay = self._write_overlay(result, float(score_threshold))
         total = time.perf_counter() - start
         record = {"instruction": text, "intervention": "none" if hook is None else repr(hook),
-                  **result.to_dict()}
+                  "intervention_settings": self.pipeline.intervention_source(intervention), **result.to_dict(),
+                  "attention": looked}
         latency = {"decode_input": decoded - start, **result.timings, "model_total": answered - decoded,
                    "render": time.perf_counter() - answered, "total": total}
         record["latency"] = {k: round(v, 4) for k, v in latency.items()}
@@ -142,15 +167,19 @@ class DemoHandler:
         history = (history + [{"role": "user", "content": text + visual_note},
                               {"role": "assistant", "content": result.text or "(empty answer)"}])
         history = history[-MAX_HISTORY_MESSAGES:]
-        return history, overlay, record, result.raw_text, _latency_markdown(latency), history
+        return history, overlay, record, result.raw_text, _latency_markdown(latency), looked_file, history
 
     def _write_overlay(self, result: "Result", score_threshold: float) -> str:
-        """The overlay as a temporary file (PNG for an image, animated GIF for a video); Gradio copies it into
-        its cache when it sends the answer, so only the last :data:`KEEP_FILES` are kept here."""
+        """The overlay as a temporary file (PNG for an image, animated GIF for a video)."""
+        data, fmt = render_overlay(result, "gif" if result.frames else "png", score_threshold=score_threshold)
+        return self._keep(data, "overlay", fmt)
+
+    def _keep(self, data: bytes, kind: str, fmt: str) -> str:
+        """``data`` as a temporary file; Gradio copies it into its cache when it sends the answer, so only the last
+        :data:`KEEP_FILES` are kept here."""
         import uuid
 
-        data, fmt = render_overlay(result, "gif" if result.frames else "png", score_threshold=score_threshold)
-        path = Path(self._tmp.name) / f"overlay-{uuid.uuid4().hex[:12]}.{fmt}"
+        path = Path(self._tmp.name) / f"{kind}-{uuid.uuid4().hex[:12]}.{fmt}"
         path.write_bytes(data)
         with self._files_lock:
             self._files.append(path)

@@ -14,7 +14,8 @@ suite              what it runs
 
 Library use: :func:`run_suite` takes any answer function (see :mod:`taskmllm.eval.suites`), so a stub or
 another model can be evaluated without a Pipeline; :func:`evaluate` loads a checkpoint, runs a suite and
-writes the report. Interventions: ``"vhr"`` is ``VHR()``; ``"var"`` is ``VAR(tau=...)`` where the default
+writes the report. Interventions (``"vhr"``, ``"var"``, ``"zerotuning"``) run with the model's calibrated settings
+(``interventions.json``, ``taskmllm calibrate``) when it carries them, else each method's defaults; VAR's default
 ``tau = min(20, 0.5 * sqrt(hidden_size))`` — VAR's published tau=20 is unreachable on models with
 ``sqrt(hidden_size) <= 20`` (the massive-activation ratio phi is at most sqrt(hidden_size)); pass ``tau`` to set it.
 """
@@ -154,14 +155,14 @@ def evaluate(model: Union[str, Path], suite: str, out: Union[str, Path], options
     path = resolve_checkpoint(model)
     if not path.is_dir():
         raise CheckpointError(path, "not a checkpoint directory (write one with JointModel.save_pretrained)")
-    pipe = Pipeline.from_pretrained(path, device=device)
+    pipe = Pipeline.from_pretrained(model, device=device)  # by name: its user calibration too
     mllm = pipe.model.mllm
-    hook = make_intervention(intervention, mllm.hidden_size, tau=tau)
+    hook = make_intervention(intervention, pipe, tau=tau)
     options = options or EvalOptions()
     if options.world is None:
         base = WorldConfig()
         options = replace(options, world=WorldConfig(num_frames=min(base.num_frames, mllm.config.max_frames)))
     answer = pipeline_answerer(pipe, max_new_tokens or SUITES[suite].max_new_tokens, hook)
-    meta = {"model": str(path), "intervention": repr(hook) if hook is not None else "none", "device": device,
-            "seed": options.seed}
+    meta = {"model": str(path), "intervention": repr(hook) if hook is not None else "none",
+            "intervention_settings": pipe.intervention_source(intervention), "device": device, "seed": options.seed}
     return report_suite(suite, answer, out, options, meta)

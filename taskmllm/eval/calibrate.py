@@ -15,42 +15,29 @@ smaller gain is noise); otherwise the result's ``best`` is None (the calibration
 drive it. The grids (:func:`vhr_grid`, :func:`var_grid`, :func:`zerotuning_grid`) scale with the model (layer sets
 as fractions of depth), so nothing is transplanted from 32-layer LLaVA.
 
-``interventions.json`` beside the model holds, per intervention (``"vhr"``, ``"var"``, ``"zerotuning"``), its
-settings (the constructor arguments, :meth:`VHR.settings` etc.) and the calibration record; :func:`save_calibration`
-writes it atomically (merging with what is there) and :func:`load_calibration` reads it strictly (typed errors on
-a malformed file; unknown names or settings are rejected by constructing each intervention).
+``interventions.json`` beside the model (the settings and the calibration record) is read and written by
+:mod:`taskmllm.model.interventions.calibrated` (re-exported here): the model layer owns the file, so ``Pipeline``
+reads it without importing evaluation code. ``taskmllm calibrate`` runs the grids on ShapesWorld's ``val`` world
+(:mod:`taskmllm.eval.calibration_run`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence
 
-from taskmllm.errors import CheckpointError, ConfigError
-from taskmllm.model.interventions import VAR, VHR, ZeroTuning
+from taskmllm.errors import ConfigError
+from taskmllm.model.interventions.calibrated import (FILENAME, IDENTITY, INTERVENTION_TYPES, Intervention,
+                                                     build_intervention, load_calibration, load_interventions,
+                                                     save_calibration)
 from taskmllm.model.interventions.validation import check_number
 
-FILENAME = "interventions.json"
-FORMAT = "taskmllm-interventions"
-VERSION = 1
-INTERVENTION_TYPES: dict[str, type] = {"vhr": VHR, "var": VAR, "zerotuning": ZeroTuning}
-#: the identity settings of each intervention: what a calibration stores when no candidate helps
-IDENTITY: dict[str, dict[str, Any]] = {"vhr": {"alpha": 1.0}, "var": {"p": 0.0}, "zerotuning": {"gamma": 1.0}}
-Intervention = Union[VHR, VAR, ZeroTuning]
+__all__ = ["FILENAME", "IDENTITY", "INTERVENTION_TYPES", "LAYER_SETS", "CalibrationResult", "Objective",
+           "build_intervention", "grid_search", "layer_set", "load_calibration", "load_interventions",
+           "save_calibration", "var_grid", "vhr_grid", "zerotuning_grid"]
+
 Metrics = Mapping[str, float]
-
-
-def build_intervention(name: str, settings: Mapping[str, Any]) -> Intervention:
-    """``("vhr" | "var" | "zerotuning", settings)`` -> the intervention object (settings checked strictly)."""
-    cls = INTERVENTION_TYPES.get(name)
-    if cls is None:
-        raise ConfigError(f"unknown intervention {name!r}; known: {sorted(INTERVENTION_TYPES)}")
-    return cls.from_settings(settings)
 
 
 @dataclass(frozen=True)
@@ -213,83 +200,3 @@ def zerotuning_grid(head_sets: Mapping[str, Sequence[Sequence[int]]],
             else list(gammas)
         out += [{"gamma": float(g), "heads": [list(map(int, h)) for h in heads]} for g in side if g != 1.0]
     return out
-
-
-# ------------------------------------------------------------------------------------- interventions.json
-def _path(model_dir: Union[str, Path]) -> Path:
-    return Path(model_dir) / FILENAME
-
-
-def save_calibration(model_dir: Union[str, Path], settings: Mapping[str, Mapping[str, Any]],
-                     records: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Path:
-    """Write (merge) ``{name: settings}`` and optional ``{name: record}`` into ``model_dir/interventions.json``.
-
-    Settings are checked by building each intervention first; the file is replaced atomically (a temporary
-    sibling, fsynced, then renamed), so a crash leaves the old file or the new one, never half of one.
-    """
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise CheckpointError(model_dir, "is not a model directory")
-    entries = {name: {"settings": build_intervention(name, s).settings()} for name, s in settings.items()}
-    for name, record in (records or {}).items():
-        if name not in entries:
-            raise ConfigError(f"a calibration record for {name!r} needs its settings too")
-        entries[name]["calibration"] = json.loads(json.dumps(record))  # JSON-able, copied
-    current = load_calibration(model_dir, raw=True) if _path(model_dir).exists() else {}
-    current.update(entries)
-    payload = {"format": FORMAT, "version": VERSION, "interventions": current}
-    fd, tmp = tempfile.mkstemp(prefix=f".{FILENAME}.", dir=model_dir)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, _path(model_dir))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return _path(model_dir)
-
-
-def load_calibration(model_dir: Union[str, Path], raw: bool = False) -> dict[str, Any]:
-    """The calibrated settings ``{name: settings}`` of a model directory (``{}`` when it has no
-    ``interventions.json``); ``raw=True`` returns the stored entries (settings and calibration records).
-
-    Raises:
-        CheckpointError: the file is not JSON, of another format or version, or malformed; an unknown
-            intervention name or setting (each is checked by building the intervention).
-    """
-    path = _path(model_dir)
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(path, f"cannot read the intervention calibration: {exc}") from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CheckpointError(path, f"not a {FORMAT} file")
-    if data.get("version") != VERSION:
-        raise CheckpointError(path, f"version {data.get('version')!r} is not supported (expected {VERSION})")
-    entries = data.get("interventions")
-    if not isinstance(entries, dict):
-        raise CheckpointError(path, "'interventions' must be an object")
-    out: dict[str, Any] = {}
-    for name, entry in entries.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("settings"), dict):
-            raise CheckpointError(path, f"entry {name!r} must be an object with 'settings'")
-        extra = sorted(set(entry) - {"settings", "calibration"})
-        if extra:
-            raise CheckpointError(path, f"entry {name!r} has unknown keys {extra}")
-        try:
-            settings = build_intervention(name, entry["settings"]).settings()
-        except ConfigError as exc:
-            raise CheckpointError(path, f"entry {name!r}: {exc}") from exc
-        out[name] = dict(entry, settings=settings) if raw else settings
-    return out
-
-
-def load_interventions(model_dir: Union[str, Path]) -> dict[str, Intervention]:
-    """The calibrated interventions of a model directory, built (``{}`` without ``interventions.json``)."""
-    return {name: build_intervention(name, s) for name, s in load_calibration(model_dir).items()}

@@ -49,8 +49,8 @@ from taskmllm.eval.vqa import vqa_accuracy
 from taskmllm.model.tokens import task_token
 
 __all__ = ["DEFAULT_EVAL_SEED", "HELDOUT_TASKS", "SHAPES_TASKS", "Answerer", "EvalItem", "SuiteOutput",
-           "answer_all", "pipeline_answerer", "run_chair_shapes", "run_pope_shapes", "run_shapes", "score_task",
-           "shapes_items"]
+           "answer_all", "pipeline_answerer", "pope_shapes_samples", "run_chair_shapes", "run_pope_shapes", "run_shapes",
+           "score_task", "shapes_items"]
 
 #: Seed of the evaluation worlds; training uses small seeds (default 0), so these scenes are never seen.
 DEFAULT_EVAL_SEED = 1_000_003
@@ -326,31 +326,38 @@ def run_shapes(answer: Answerer, n: int = 200, seed: int = DEFAULT_EVAL_SEED, wo
     return SuiteOutput(results, plots)
 
 
-def run_pope_shapes(answer: Answerer, n: int = 200, seed: int = DEFAULT_EVAL_SEED,
-                    world: Optional[WorldConfig] = None, batch_size: int = 16, per_image: int = 3,
-                    progress: bool = True) -> SuiteOutput:
-    """POPE random / popular / adversarial on ``n`` test scenes (co-occurrence counted over those scenes,
-    as POPE does over its images); up to ``per_image`` yes and as many no questions per image and split."""
+def pope_shapes_samples(n: int = 200, seed: int = DEFAULT_EVAL_SEED, world: Optional[WorldConfig] = None,
+                        per_image: int = 3, split: str = "test") -> dict[str, list[Sample]]:
+    """POPE samples ``{pope split: [Sample, ...]}`` of ``n`` scenes of ``split`` (co-occurrence counted over those
+    scenes, as POPE does over its images); up to ``per_image`` yes and as many no questions per image and split.
+    Each sample's ``meta["label"]`` is ``"yes"`` or ``"no"``."""
     if n < 1:
         raise ConfigError(f"n must be >= 1, got {n}")
     shapes_world = ShapesWorld(world or WorldConfig(), seed=seed)
-    scenes = [shapes_world.image(i, "test") for i in range(n)]
+    scenes = [shapes_world.image(i, split) for i in range(n)]
     stats = CooccurrenceStats.from_samples(scenes, shapes_world.config.shapes)
+    return {s: pope_samples(scenes, s, stats, per_image=per_image, seed=seed) for s in POPE_SPLITS}
+
+
+def run_pope_shapes(answer: Answerer, n: int = 200, seed: int = DEFAULT_EVAL_SEED,
+                    world: Optional[WorldConfig] = None, batch_size: int = 16, per_image: int = 3,
+                    progress: bool = True, split: str = "test") -> SuiteOutput:
+    """POPE random / popular / adversarial on ``n`` scenes of ``split`` (:func:`pope_shapes_samples`)."""
     splits = {}
-    for split in POPE_SPLITS:
-        samples = pope_samples(scenes, split, stats, per_image=per_image, seed=seed)
-        results = answer_all(answer, [(s.image, s.turns[0][0]) for s in samples], batch_size, f"pope/{split}",
+    for pope_split, samples in pope_shapes_samples(n, seed, world, per_image, split).items():
+        results = answer_all(answer, [(s.image, s.turns[0][0]) for s in samples], batch_size, f"pope/{pope_split}",
                              progress)
-        splits[split] = ([r.text for r in results], [s.meta["label"] for s in samples])
+        splits[pope_split] = ([r.text for r in results], [s.meta["label"] for s in samples])
     summary = pope_summary(splits)
     return SuiteOutput({"suite": "pope-shapes", "n_images": n, "seed": seed, "pope": summary},
                        [PlotSpec("pope_yes_ratio", {"model": summary})])
 
 
 def run_chair_shapes(answer: Answerer, n: int = 200, seed: int = DEFAULT_EVAL_SEED,
-                     world: Optional[WorldConfig] = None, batch_size: int = 16, progress: bool = True) -> SuiteOutput:
-    """CHAIR_S / CHAIR_I / recall / length of captions of ``n`` test scenes (one caption question each)."""
-    items = shapes_items("caption", n, seed, world, "test")
+                     world: Optional[WorldConfig] = None, batch_size: int = 16, progress: bool = True,
+                     split: str = "test") -> SuiteOutput:
+    """CHAIR_S / CHAIR_I / recall / length of captions of ``n`` scenes of ``split`` (one caption question each)."""
+    items = shapes_items("caption", n, seed, world, split)
     results = answer_all(answer, [(it.visual, it.prompt) for it in items], batch_size, "chair", progress)
     metrics = score_task("caption", items, results)
     return SuiteOutput({"suite": "chair-shapes", "n_images": n, "seed": seed, "chair": metrics})

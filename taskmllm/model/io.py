@@ -36,3 +36,23 @@ def atomic_directory_write(path: str | Path, write) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Replace the file ``path`` with ``text`` atomically: a temporary sibling, fsynced, then renamed over it, so a
+    crash leaves the old file or the new one, never half of one (and no temporary file behind)."""
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -3,19 +3,21 @@
     pipe = Pipeline.from_pretrained("path/to/checkpoint")
     result = pipe(image, "Segment the red circle.")
     result.text, result.calls[0].mask, result.draw()
+    pipe(image, "Is there a star in the image?", intervention="vhr")  # VHR with the model's calibrated settings
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from taskmllm.model.expert_inputs import ExpertInputs
 from taskmllm.model.generation import Intervention
+from taskmllm.model.interventions.calibrated import make_intervention
 from taskmllm.model.processor import VisualInput, load_image
 from taskmllm.model.tokens import decode_boxes, strip_protocol
 from taskmllm.router.dispatch import run_calls
@@ -27,14 +29,51 @@ from taskmllm.router.router import TaskCall
 class Pipeline:
     """Inference over a :class:`JointModel`: generate, route the task calls, run the experts, postprocess."""
 
-    def __init__(self, model: JointModel) -> None:
+    def __init__(self, model: JointModel, calibration: Optional[Mapping[str, Mapping[str, Any]]] = None) -> None:
+        """``calibration``: the model's calibrated intervention settings ``{name: settings}``
+        (``interventions.json``, :func:`~taskmllm.zoo.model_calibration`), used by named interventions."""
         self.model = model.eval()
+        self.calibration: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (calibration or {}).items()}
+        self._named: dict[str, Intervention] = {}  # named interventions built once (VAR calibrates its sink dims once)
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "Pipeline":
         """Load a checkpoint directory written by ``JointModel.save_pretrained``, or a shipped model by name
-        (``"tiny"``, the embedded default)."""
-        return cls(JointModel.from_pretrained(path, device=device))
+        (``"tiny"``, the embedded default), with the calibrated intervention settings it carries."""
+        from taskmllm.zoo import model_calibration
+
+        calibration = model_calibration(path)  # a malformed interventions.json fails before the weights load
+        return cls(JointModel.from_pretrained(path, device=device), calibration)
+
+    def intervention(self, name: Optional[str], **overrides: Any) -> Optional[Intervention]:
+        """A named intervention for this model: ``"vhr"``, ``"var"``, ``"zerotuning"`` with the model's calibrated
+        settings (else each method's defaults), single settings replaced by ``overrides`` (None values ignored);
+        ``"none"``/None -> None. VAR's per-model ``tau=None`` is resolved (and an explicit one checked against the
+        hidden size), so the object names the tau it uses. Built once per name and overrides.
+
+        Raises:
+            ConfigError: an unknown name or a bad setting.
+        """
+        import json
+
+        from taskmllm.model.interventions import VAR
+
+        key = json.dumps([name, sorted((k, v) for k, v in overrides.items() if v is not None)], default=str)
+        if key not in self._named:
+            hook = make_intervention(name, self.calibration, **overrides)
+            if isinstance(hook, VAR):  # an explicit tau is checked here, not at the first generation
+                hook = VAR.from_settings({**hook.settings(), "tau": hook.tau_for(self.model.mllm)})
+            if hook is None:
+                return None
+            self._named[key] = hook
+        return self._named[key]
+
+    def intervention_source(self, name: Optional[str]) -> Optional[str]:
+        """Where the settings of the named intervention come from: ``"calibrated"`` (the model carries them),
+        ``"defaults"``, or None for no intervention (``"none"``/None)."""
+        if name is None or (isinstance(name, str) and name.lower() == "none"):
+            return None
+        return "calibrated" if isinstance(name, str) and name.lower() in self.calibration else "defaults"
 
     @property
     def processor(self):
@@ -42,7 +81,7 @@ class Pipeline:
 
     @torch.no_grad()
     def __call__(self, visual: Union[VisualInput, Sequence[VisualInput]], prompt: Union[str, Sequence[str]],
-                 max_new_tokens: int = 64, intervention: Optional[Intervention] = None,
+                 max_new_tokens: int = 64, intervention: Union[Intervention, str, None] = None,
                  score_threshold: Optional[float] = None, **generation) -> Union[Result, list[Result]]:
         """Answer ``prompt`` about ``visual`` (an image, a list of frames, or None).
 
@@ -51,7 +90,11 @@ class Pipeline:
 
         Lists of prompts (with a list of visuals) run as one batch and return a list of results.
         ``generation`` is passed to ``TaskMLLM.generate`` (``do_sample``, ``temperature``, ``top_p``, ...).
+        ``intervention``: an object (``VHR(...)``, ``VAR(...)``, ``ZeroTuning(...)``) or a name resolved by
+        :meth:`intervention` (the model's calibrated settings).
         """
+        if isinstance(intervention, str):
+            intervention = self.intervention(intervention)
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         visuals = [visual] if single else list(visual)

@@ -15,14 +15,15 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 
 def ask(client, name=None, instruction="", video=False, **settings):
-    """One /answer call: a bundled file as the image (or the video) -> (chat, overlay, record, raw, latency)."""
+    """One /answer call: a bundled file as the image (or the video) -> (chat, overlay, record, raw, latency,
+    attention picture)."""
     file = None if name is None else handle_file(str(example_file(name)))
     return client.predict(image=None if video else file, video=[file] if video and file else None,
                           instruction=instruction, api_name="/answer", **settings)
 
 
 def test_image_task_segmentation_matches_pipeline(client, demo_pipeline):
-    chat, overlay, record, raw, latency = ask(client, SEG[0], SEG[1])
+    chat, overlay, record, raw, latency, looked = ask(client, SEG[0], SEG[1])
     want = oracle(demo_pipeline, SEG[0], SEG[1])
     assert_same_answer(record, want)
     assert [c["task"] for c in record["calls"]] == ["seg"]
@@ -33,10 +34,11 @@ def test_image_task_segmentation_matches_pipeline(client, demo_pipeline):
     assert chat[-1]["role"] == "assistant" and chat[-1]["content"][0]["text"] == want["text"]
     assert Image.open(overlay).size == picture.size
     assert latency.startswith("**Latency") and "generate" in latency
+    assert looked is None and record["attention"] is None, "no attention picture unless asked"
 
 
 def test_video_task_tracking_matches_pipeline(client, demo_pipeline):
-    _, overlay, record, raw, _ = ask(client, TRACK[0], TRACK[1], video=True)
+    _, overlay, record, raw, _, _ = ask(client, TRACK[0], TRACK[1], video=True)
     assert_same_answer(record, oracle(demo_pipeline, TRACK[0], TRACK[1]))
     assert [c["task"] for c in record["calls"]] == ["track"]
     assert np.asarray(record["calls"][0]["boxes"]).shape == (8, 4) and len(record["calls"][0]["visibility"]) == 8
@@ -45,7 +47,7 @@ def test_video_task_tracking_matches_pipeline(client, demo_pipeline):
 
 
 def test_text_only_question_matches_pipeline(client, demo_pipeline):
-    chat, overlay, record, _, _ = ask(client, None, TEXT[1])
+    chat, overlay, record, _, _, _ = ask(client, None, TEXT[1])
     assert_same_answer(record, oracle(demo_pipeline, None, TEXT[1]))
     assert record["text"] == "A round shape." and record["calls"] == [] and overlay is None
 
@@ -53,7 +55,7 @@ def test_text_only_question_matches_pipeline(client, demo_pipeline):
 def test_detection_and_vhr_setting_reach_the_pipeline(client, demo_pipeline):
     from taskmllm.model.interventions import VHR
 
-    _, _, record, _, _ = ask(client, DET[0], DET[1], intervention="vhr", vhr_alpha=3.0)
+    _, _, record, _, _, _ = ask(client, DET[0], DET[1], intervention="vhr", vhr_alpha=3.0)
     assert_same_answer(record, oracle(demo_pipeline, DET[0], DET[1], intervention=VHR(alpha=3.0)))
     assert record["intervention"].startswith("VHR(alpha=3.0")
     boxes = np.asarray(record["calls"][0]["boxes"])
@@ -65,9 +67,56 @@ def test_detection_and_vhr_setting_reach_the_pipeline(client, demo_pipeline):
 def test_var_setting_reaches_the_pipeline(client, demo_pipeline):
     from taskmllm.model.interventions import VAR
 
-    _, _, record, _, _ = ask(client, SEG[0], SEG[1], intervention="var", var_p=0.8, var_rho=0.4, var_tau=3.5)
+    _, _, record, _, _, _ = ask(client, SEG[0], SEG[1], intervention="var", var_p=0.8, var_rho=0.4, var_tau=3.5)
     assert_same_answer(record, oracle(demo_pipeline, SEG[0], SEG[1], intervention=VAR(p=0.8, rho=0.4, tau=3.5)))
     assert record["intervention"].startswith("VAR(p=0.8, rho=0.4, tau=3.5")
+
+
+def test_attention_overlay_with_and_without_the_intervention(client, demo_pipeline):
+    from taskmllm.model.interventions import VHR
+    from taskmllm.model.interventions.attention_map import attention_maps
+    from tests.demo.conftest import visual_of
+
+    _, _, record, raw, _, looked = ask(client, SEG[0], SEG[1], intervention="vhr", vhr_alpha=3.0, attention=True)
+    assert record["intervention_settings"] == "defaults", "the test checkpoint carries no calibration"
+    summary = record["attention"]
+    assert summary["heads"] == "selected"
+    without, with_ = summary["panels"]
+    assert with_["answer"] == raw and without["answer"] == oracle(demo_pipeline, SEG[0], SEG[1])["raw_text"]
+    mllm = demo_pipeline.model.mllm
+    batch = demo_pipeline.processor([SEG[1]], [visual_of(SEG[0])])
+    mine = attention_maps(mllm, batch, VHR(alpha=3.0), heads="selected", max_new_tokens=64)
+    plain = attention_maps(mllm, batch, None, heads=mine.heads, max_new_tokens=64)
+    assert with_["image_attention"] == pytest.approx(float(mine.maps[0].sum()), abs=1e-4)
+    assert without["image_attention"] == pytest.approx(float(plain.maps[0].sum()), abs=1e-4)
+    w, h = Image.open(example_file(SEG[0])).size
+    k = max(1.0, 256 / min(w, h))
+    assert Image.open(looked).size == (2 * round(w * k), round(h * k) + 30)
+    _, _, record, _, _, looked = ask(client, None, TEXT[1], attention=True)
+    assert looked is None and record["attention"] is None, "a text-only answer looked at no picture"
+
+
+def test_zerotuning_and_calibrated_settings_reach_the_pipeline(demo_pipeline):
+    """The handler (the page's callback) with a pipeline carrying calibrated settings: an untouched control runs
+    the calibrated intervention, a moved one replaces that setting only."""
+    from taskmllm.demo.handler import DemoHandler
+    from taskmllm.model.interventions import VAR, ZeroTuning
+    from taskmllm.router.pipeline import Pipeline
+    from tests.demo.conftest import visual_of
+
+    calibrated = Pipeline(demo_pipeline.model, {"zerotuning": {"gamma": 3.0, "heads": [[0, 0], [1, 3]]},
+                                                "var": {"p": 0.3, "rho": 0.6, "mode": "paper"}})
+    handler = DemoHandler(calibrated)
+    start = handler.initial_settings()
+    assert (start["zt_gamma"], start["var_p"], start["var_rho"]) == (3.0, 0.3, 0.6)
+    assert start["var_tau"] == 4.0 and start["vhr_alpha"] == 2.0, "VAR's per-model tau; VHR uncalibrated: defaults"
+    zt = ZeroTuning(gamma=3.0, heads=[(0, 0), (1, 3)])
+    _, _, record, raw, _, _, _ = handler.answer(str(example_file(SEG[0])), None, SEG[1], [], "zerotuning",
+                                                zt_gamma=start["zt_gamma"])
+    assert record["intervention"] == repr(zt) and record["intervention_settings"] == "calibrated"
+    assert raw == demo_pipeline(visual_of(SEG[0]), SEG[1], intervention=zt).raw_text
+    _, _, record, _, _, _, _ = handler.answer(str(example_file(SEG[0])), None, SEG[1], [], "var", var_p=0.5)
+    assert record["intervention"] == repr(VAR(p=0.5, rho=0.6, tau=4.0, mode="paper"))
 
 
 def test_server_limits_uploads_and_binds_localhost(client, demo_url):
@@ -124,7 +173,7 @@ def test_bad_input_gives_a_readable_error_and_the_server_keeps_answering(client,
     with pytest.raises(AppError, match=message):
         client.predict(image=file if slot == "image" else None, video=[file] if slot == "video" else None,
                        instruction=instruction, api_name="/answer")
-    _, _, record, _, _ = ask(client, None, TEXT[1])  # the next request is served normally
+    _, _, record, _, _, _ = ask(client, None, TEXT[1])  # the next request is served normally
     assert record["text"] == "A round shape."
 
 
@@ -141,5 +190,5 @@ def test_eight_concurrent_requests_all_complete_correctly(demo_url, demo_pipelin
                                   instruction=instruction, api_name="/answer"))
     results = [job.result(timeout=120) for job in jobs]
     wants = {name: oracle(demo_pipeline, name, instruction) for name, instruction, _ in requests[:4]}
-    for (name, _, _), (_, _, record, _, _) in zip(requests, results):
+    for (name, _, _), (_, _, record, _, _, _) in zip(requests, results):
         assert_same_answer(record, wants[name])

@@ -89,3 +89,45 @@ def test_bundled_examples_exist_and_decode():
     for e in items:
         pixels = read_video(e.file, 8) if e.kind == "video" else [read_image(e.file)]
         assert len(pixels) >= 1 and e.instruction
+
+
+def test_predict_attention_png_with_the_calibrated_intervention(demo_checkpoint, tmp_path, capsys):
+    """``--intervention zerotuning`` on a model carrying a calibrated ZeroTuning runs exactly those settings, and
+    ``--attention`` writes both maps, whose attention on the picture equals ``attention_maps`` over the same heads."""
+    import shutil
+
+    import pytest
+
+    from taskmllm.model.interventions import ZeroTuning
+    from taskmllm.model.interventions.attention_map import attention_maps
+    from taskmllm.model.interventions.calibrated import save_calibration
+    from taskmllm.router.pipeline import Pipeline
+
+    model = tmp_path / "model"
+    shutil.copytree(demo_checkpoint, model)
+    settings = {"gamma": 4.0, "heads": [[0, 1], [1, 2]]}
+    save_calibration(model, {"zerotuning": settings})
+    png = tmp_path / "looked.png"
+    assert main(["predict", "--model", str(model), "--image", str(example_file(SEG[0])), SEG[1], "--intervention",
+                 "zerotuning", "--attention", str(png), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    zt = ZeroTuning(**settings)
+    assert record["intervention_settings"] == "calibrated" and record["intervention"] == repr(zt)
+    pipe = Pipeline.from_pretrained(model)
+    want = pipe(visual_of(SEG[0]), SEG[1], intervention=zt)
+    assert record["raw_text"] == want.raw_text
+    looked = record["attention"]
+    assert looked["path"] == str(png) and looked["heads"] == "selected"
+    batch = pipe.processor([SEG[1]], [visual_of(SEG[0])])
+    heads = {0: [1], 1: [2]}
+    with_zt = attention_maps(pipe.model.mllm, batch, zt, heads=heads, max_new_tokens=64)
+    plain = attention_maps(pipe.model.mllm, batch, None, heads=heads, max_new_tokens=64)
+    without, with_ = looked["panels"]
+    assert with_["image_attention"] == pytest.approx(float(with_zt.maps[0].sum()), abs=1e-4)
+    assert without["image_attention"] == pytest.approx(float(plain.maps[0].sum()), abs=1e-4)
+    assert with_["answer"] == want.raw_text and without["answer"] == pipe(visual_of(SEG[0]), SEG[1]).raw_text
+    w, h = Image.open(example_file(SEG[0])).size
+    k = max(1.0, 256 / min(w, h))
+    assert Image.open(png).size == (2 * round(w * k), round(h * k) + 30), "two panels side by side"
+    assert main(["predict", "--model", str(model), "What is a circle?", "--attention", str(png)]) == 2
+    assert "needs an image or a video" in capsys.readouterr().err

@@ -59,8 +59,20 @@ def test_eval_pope_with_var_intervention(checkpoint, tmp_path):
 def test_eval_errors_are_typed(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "missing"), "--suite", "shapes", "--out", str(tmp_path)]) == 2
     assert "not a checkpoint directory" in capsys.readouterr().err
-    assert isinstance(make_intervention("vhr", 64), VHR) and make_intervention(None, 64) is None
-    assert make_intervention("var", 4096).tau == 20.0 and make_intervention("var", 64, tau=3.0).tau == 3.0
-    assert isinstance(make_intervention("var", 256), VAR)
+
+
+def test_make_intervention_defaults_without_a_calibration(checkpoint):
+    from taskmllm.router.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(checkpoint)
+    assert pipe.calibration == {}
+    assert isinstance(make_intervention("vhr", pipe), VHR) and make_intervention(None, pipe) is None
+    assert make_intervention("none", pipe) is None and make_intervention("zerotuning", pipe).gamma == 1.0
+    var = make_intervention("var", pipe)
+    assert isinstance(var, VAR) and var.mode == "official" and var.tau == 4.0, "tau resolved: 0.5 * sqrt(64)"
+    assert var.p == 0.4, "official mode's default: move 40% (no explicit p=0.6 any more)"
+    assert make_intervention("var", pipe, tau=3.0).tau == 3.0 and make_intervention("vhr", pipe, alpha=1.5).alpha == 1.5
     with pytest.raises(ConfigError, match="unknown intervention"):
-        make_intervention("dola", 64)
+        make_intervention("dola", pipe)
+    with pytest.raises(ConfigError, match="cannot be reached"):
+        make_intervention("var", pipe, tau=8.0)

@@ -1,0 +1,38 @@
+"""Generation latency of several configurations of one model, timed interleaved (shared by the intervention
+benchmarks): ``bench/interventions.py`` on a random model, ``bench/hallucination.py`` on a shipped one."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Optional
+
+
+def time_configs(model: Any, batch: Any, configs: dict[str, tuple[Optional[str], Any]], new_tokens: int,
+                 repeats: int) -> dict[str, dict[str, float]]:
+    """Time ``model.generate(batch, new_tokens, intervention)`` for every ``{name: (attention implementation or
+    None = the model's own, intervention)}``, interleaved over ``repeats`` rounds after one warm-up round (the best
+    round is the least disturbed on a shared machine). The model's EOS is disabled meanwhile, so every
+    configuration generates exactly ``new_tokens`` tokens (restored afterwards, as is the attention implementation).
+
+    Returns:
+        ``{name: {"best_s", "median_s"}}``.
+    """
+    tokenizer = model.tokenizer
+    eos, attn = tokenizer.eos_token, model.llm.config._attn_implementation
+    tokenizer.eos_token = None
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    try:
+        for round_ in range(repeats + 1):  # round 0 is a warm-up
+            for name, (impl, intervention) in configs.items():
+                model.llm.set_attn_implementation(impl or attn)
+                start = time.perf_counter()
+                out = model.generate(batch, max_new_tokens=new_tokens, intervention=intervention)
+                elapsed = time.perf_counter() - start
+                assert all(sum(t != model.query_id for t in s) == new_tokens for s in out.sequences)
+                if round_:
+                    times[name].append(elapsed)
+    finally:
+        tokenizer.eos_token = eos
+        model.llm.set_attn_implementation(attn)
+    return {k: {"best_s": round(min(v), 4), "median_s": round(statistics.median(v), 4)} for k, v in times.items()}
