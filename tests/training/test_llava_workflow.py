@@ -1,0 +1,86 @@
+"""The real workflow end to end, through the CLI only (``taskmllm.cli.main``, in this process to save the start-up
+of a new interpreter per command): a tiny random ``LlavaForConditionalGeneration`` on disk -> ``taskmllm convert
+llava-hf`` -> ``taskmllm data export`` (refcoco, coco, mot, llava; held-out val files) -> ``taskmllm train`` of
+the llava recipe's three stages (a few steps each, overrides on the command line) on the four sources mixed ->
+``taskmllm eval --suite refcoco / coco / mot`` on the held-out files -> reports. About a minute on 2 cores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import taskmllm
+from taskmllm.cli import main
+from tests.training.llava_helpers import save_tiny_llava
+
+RECIPE = Path(taskmllm.__file__).parent / "training" / "recipes" / "llava"
+
+
+def _cli(*args) -> None:
+    assert main([str(a) for a in args]) == 0, args
+
+
+@pytest.fixture(scope="module")
+def workflow(tmp_path_factory):
+    root = tmp_path_factory.mktemp("workflow")
+    _cli("convert", "llava-hf", save_tiny_llava(root / "llava-1.5-hf"), root / "converted")
+    data = root / "data"
+    small = ["--image-size", 64, "--num-frames", 4]
+    for fmt in ("refcoco", "coco", "mot", "llava"):
+        _cli("data", "export", "--format", fmt, "--n", 12, *small, data / fmt)
+    for fmt in ("refcoco", "coco", "mot"):
+        _cli("data", "export", "--format", fmt, "--n", 3, "--split", "val", *small, data / f"{fmt}-val")
+    sources = [f"--data.sources.refcoco.path={data}/refcoco/refs.json",
+               f"--data.sources.refcoco.instances={data}/refcoco/instances.json",
+               f"--data.sources.refcoco.image_root={data}/refcoco/images",
+               f"--data.sources.coco.path={data}/coco/annotations/instances_train.json",
+               f"--data.sources.coco.image_root={data}/coco/train",
+               f"--data.sources.mot.path={data}/mot/train", "--data.sources.mot.stride=1",
+               f"--data.sources.chat.path={data}/llava/llava_train.json",
+               f"--data.sources.chat.image_root={data}/llava/images"]
+    quick = ["--max_steps=2", "--save_every=2", "--data.batch_size=4", "--grad_accum=1", "--precision=fp32",
+             "--deepspeed=", "--progress=false", "--model.max_frames=4"]
+    init = root / "converted"
+    for stage in ("assign", "heads", "joint"):
+        _cli("train", RECIPE / f"{stage}.yaml", f"--model.init={init}", f"--out_dir={root / stage}", *quick, *sources)
+        init = root / stage / "final"
+    common = ["--model", init, "--max-new-tokens", 12, "--no-progress"]
+    _cli("eval", "--suite", "refcoco", "--data", data / "refcoco-val/refs.json", "--instances",
+         data / "refcoco-val/instances.json", "--image-root", data / "refcoco-val/images", "--n", 4,
+         "--out", root / "eval/refcoco", *common)
+    _cli("eval", "--suite", "coco", "--data", data / "coco-val/annotations/instances_val.json", "--image-root",
+         data / "coco-val/val", "--n", 2, "--out", root / "eval/coco", *common)
+    _cli("eval", "--suite", "mot", "--data", data / "mot-val/val", "--n", 4, "--out", root / "eval/mot", *common)
+    return root
+
+
+def test_every_stage_trains_from_the_mixed_files(workflow):
+    for stage in ("assign", "heads", "joint"):
+        rows = [json.loads(r) for r in (workflow / stage / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 and all(r["loss_weighted"] > 0 for r in rows), stage
+    joint = [json.loads(r) for r in (workflow / "joint" / "metrics.jsonl").read_text().splitlines()]
+    assert any("lm" in r for r in joint) and any(k.startswith(("seg_", "det_", "track_")) for r in joint for k in r)
+    trainable = {r["name"]: r["mode"] for r in json.loads((workflow / "assign" / "trainable.json").read_text())}
+    assert trainable["llm"] == "lora" and trainable["experts.det"] == "frozen"  # TPO's stage 1
+
+
+def test_the_result_is_a_full_checkpoint(workflow):
+    from taskmllm.router.joint import JointModel
+
+    model = JointModel.from_pretrained(workflow / "joint" / "final")
+    assert sorted(model.experts) == ["det", "seg", "track"] and model.mllm.config.tokens.image_first
+    assert model.mllm.config.max_frames == 4
+
+
+@pytest.mark.parametrize("suite, tasks, plots", [("refcoco", {"seg", "rec"}, set()),
+                                                ("coco", {"det"}, {"detection_pr.png"}),
+                                                ("mot", {"track"}, {"tracking_success.png", "tracking_precision.png"})])
+def test_reports_are_written(workflow, suite, tasks, plots):
+    out = workflow / "eval" / suite
+    results = json.loads((out / "results.json").read_text())
+    assert results["suite"] == suite and set(results["summary"]) == tasks
+    assert all(0.0 <= row["routing"] <= 1.0 and row["score"] is not None for row in results["summary"].values())
+    assert (out / "results.md").read_text().startswith(f"# taskmllm eval: {suite}")
+    assert plots <= {p.name for p in out.glob("*.png")}
