@@ -84,3 +84,25 @@ def test_reports_are_written(workflow, suite, tasks, plots):
     assert all(0.0 <= row["routing"] <= 1.0 and row["score"] is not None for row in results["summary"].values())
     assert (out / "results.md").read_text().startswith(f"# taskmllm eval: {suite}")
     assert plots <= {p.name for p in out.glob("*.png")}
+
+
+def test_the_readme_yaml_example_is_a_valid_stage(tmp_path):
+    """The "One YAML" example of README "Fine-tune on your own data" loads as written (from a folder of the
+    repository, as its relative paths say)."""
+    import re
+
+    from taskmllm.training.config import load_config
+
+    readme = (Path(taskmllm.__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Fine-tune on your own data"):]
+    text = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    repo = tmp_path / "repo"
+    (repo / "configs").mkdir(parents=True)
+    (repo / "taskmllm").symlink_to(Path(taskmllm.__file__).parent)
+    (repo / "configs" / "joint.yaml").write_text(text)
+    cfg = load_config(repo / "configs" / "joint.yaml")
+    specs = cfg.data.specs()
+    assert cfg.stage.name == "joint" and cfg.max_steps == 3000 and cfg.deepspeed.endswith("ds_zero2.json")
+    assert Path(cfg.deepspeed).is_file() and cfg.optim.lr == 2e-5 and cfg.stage.lora.r == 16
+    assert specs["coco"].mix == {"det": 1.0, "exist": 0.0, "count": 0.5} and specs["mot"].stride == 3
+    assert specs["refcoco"].split == "train" and specs["chat"].weight == 2.0
