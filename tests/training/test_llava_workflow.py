@@ -106,3 +106,22 @@ def test_the_readme_yaml_example_is_a_valid_stage(tmp_path):
     assert Path(cfg.deepspeed).is_file() and cfg.optim.lr == 2e-5 and cfg.stage.lora.r == 16
     assert specs["coco"].mix == {"det": 1.0, "exist": 0.0, "count": 0.5} and specs["mot"].stride == 3
     assert specs["refcoco"].split == "train" and specs["chat"].weight == 2.0
+
+
+def test_the_recipe_holds_tpos_hyperparameters():
+    from taskmllm.training.config import load_config
+    from taskmllm.training.recipe_run import load_plan
+
+    assert load_plan("llava").stages == ["assign", "heads", "joint"]
+    trainable = {"assign": {"llm": "lora"}, "heads": {"experts": "full", "queries": "full"},
+                 "joint": {"llm": "lora", "queries": "full", "experts": "full"}}
+    for stage, modes in trainable.items():
+        cfg = load_config(RECIPE / f"{stage}.yaml")
+        assert cfg.stage.trainable == modes, stage
+        assert (cfg.optim.lr, cfg.optim.min_lr_ratio, cfg.optim.weight_decay) == (2e-5, 0.05, 0.02)
+        assert cfg.data.batch_size * cfg.grad_accum * 8 == 128 and cfg.precision == "bf16"
+        lora = cfg.stage.lora
+        assert (lora.r, lora.alpha, lora.dropout, lora.lm_head) == (16, 32, 0.1, True)
+        assert json.loads(Path(cfg.deepspeed).read_text())["zero_optimization"]["stage"] == 2
+        assert set(cfg.data.specs()) == {"refcoco", "coco", "mot", "chat"}
+    assert load_config(RECIPE / "heads.yaml").data.specs()["chat"].weight == 0  # LM weight 0: not read
