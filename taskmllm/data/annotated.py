@@ -1,6 +1,6 @@
 """The data-source kinds of annotation files: ``refcoco``, ``coco`` and ``mot`` (``data.sources`` of a stage).
 
-Each reads its files once (strictly by default: a malformed entry is a :class:`~taskmllm.errors.DataFormatError`
+Each reads its files once (masks kept as compressed RLE, decoded per sample; strictly by default: a malformed entry is a :class:`~taskmllm.errors.DataFormatError`
 naming the file and the entry; ``strict: false`` skips such entries with a warning) and writes conversations on the
 fly with :class:`~taskmllm.data.grounded.GroundedBuilder`, its tasks mixed by ``mix``::
 
@@ -167,7 +167,7 @@ class RefcocoSpec(AnnotatedSpec):
 
     def load(self) -> LoadResult:
         return load_refs(self.instances, self.path, self.image_root or None, self.split or None, self.strict,
-                         self.allow_pickle)
+                         self.allow_pickle, lazy_masks=True)
 
 
 @dataclass
@@ -194,7 +194,8 @@ class CocoSpec(AnnotatedSpec):
                                self.boxes_in_answer)
 
     def load(self) -> LoadResult:
-        return load_coco(self.path, self.image_root or None, self.strict, keep_empty=True)  # negatives too
+        return load_coco(self.path, self.image_root or None, self.strict, keep_empty=True,  # negatives too
+                         lazy_masks=True)
 
     def check_model(self, tasks: Mapping[str, int], max_frames: int) -> None:
         super().check_model(tasks, max_frames)

@@ -74,6 +74,15 @@ def decode_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
     Raises:
         ValueError: the segmentation is malformed (callers wrap it into ``DataFormatError``).
     """
+    return mask_utils.decode(segmentation_rle(seg, height, width)).astype(bool)
+
+
+def segmentation_rle(seg: Any, height: int, width: int) -> dict:
+    """The compressed RLE of a COCO ``segmentation`` (polygons merged, uncompressed RLE converted), checked.
+
+    Raises:
+        ValueError: the segmentation is malformed (see :func:`decode_segmentation`).
+    """
     if isinstance(seg, list):
         check_polygons(seg)
         rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
@@ -85,7 +94,8 @@ def decode_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
                 raise ValueError("uncompressed RLE counts do not sum to height * width")
             rle = mask_utils.frPyObjects(seg, height, width)
         elif isinstance(seg["counts"], (str, bytes)):
-            rle = seg
+            counts = seg["counts"].encode("ascii") if isinstance(seg["counts"], str) else seg["counts"]
+            rle = {"size": [height, width], "counts": counts}
             total = sum(rle_string_counts(seg["counts"]))
             if total != height * width:
                 raise ValueError(f"compressed RLE runs cover {total} pixels, its {height}x{width} image has "
@@ -94,7 +104,7 @@ def decode_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
             raise ValueError("RLE counts must be a list or a string")
     else:
         raise ValueError("segmentation must be a polygon list or an RLE dict with 'counts' and 'size'")
-    return mask_utils.decode(rle).astype(bool)
+    return rle
 
 
 def _index(data: Any, path: str, result: LoadResult, image_root: Optional[PathLike], check_files: bool):
@@ -123,7 +133,7 @@ def _index(data: Any, path: str, result: LoadResult, image_root: Optional[PathLi
     return images, cats
 
 
-def _object(ann: Any, i: int, path: str, images: dict, cats: dict) -> tuple[Any, ObjectGT]:
+def _object(ann: Any, i: int, path: str, images: dict, cats: dict, lazy: bool) -> tuple[Any, ObjectGT]:
     name = f"annotations[{i}]" + (f" (id={ann.get('id')})" if isinstance(ann, dict) else "")
     require(ann, ("id", "image_id", "category_id", "bbox", "segmentation"), path, name)
     if ann["image_id"] not in images:
@@ -140,20 +150,21 @@ def _object(ann: Any, i: int, path: str, images: dict, cats: dict) -> tuple[Any,
             or y + bh > h + BOX_TOLERANCE:
         raise DataFormatError(path, name, f"bbox {bbox} lies outside its {w}x{h} image")
     try:
-        mask = decode_segmentation(ann["segmentation"], h, w)
+        rle = segmentation_rle(ann["segmentation"], h, w)
+        mask = None if lazy else mask_utils.decode(rle).astype(bool)
     except (ValueError, TypeError) as exc:
         raise DataFormatError(path, name, f"bad segmentation: {exc}") from exc
     attributes = ann.get("attributes", {})
     if not isinstance(attributes, dict) or not all(isinstance(v, str) for v in attributes.values()):
         raise DataFormatError(path, name, f"attributes must map names to strings, got {attributes!r}")
     obj = ObjectGT(id=int(ann["id"]), category=str(cats[ann["category_id"]]), mask=mask,
-                   box=np.array([x, y, x + bw, y + bh]), area=int(mask.sum()),
-                   labels={str(k): v for k, v in attributes.items()})
+                   box=np.array([x, y, x + bw, y + bh]), area=int(mask_utils.area(rle)),
+                   labels={str(k): v for k, v in attributes.items()}, rle=rle if lazy else None)
     return ann["image_id"], obj
 
 
 def load_coco(ann_file: PathLike, image_root: Optional[PathLike] = None, strict: bool = True,
-              keep_empty: bool = False, check_files: bool = True) -> LoadResult:
+              keep_empty: bool = False, check_files: bool = True, lazy_masks: bool = False) -> LoadResult:
     """Load COCO instances: one scene sample (``task="scene"``) per image with its objects.
 
     Args:
@@ -161,6 +172,8 @@ def load_coco(ann_file: PathLike, image_root: Optional[PathLike] = None, strict:
         image_root: folder of the images (``file_name`` is relative to it).
         keep_empty: keep images without valid annotations.
         check_files: an image whose file does not exist is a malformed entry (``images[i] (id=...)``).
+        lazy_masks: keep each mask as its compressed RLE (``ObjectGT.rle``, decoded by ``mask_array()``) instead
+            of decoding it now: what training sources do (COCO train's masks take ~260 GB decoded).
     """
     path = str(ann_file)
     data = read_json(path)
@@ -169,7 +182,7 @@ def load_coco(ann_file: PathLike, image_root: Optional[PathLike] = None, strict:
     objects: dict[Any, list[ObjectGT]] = {k: [] for k in images}
     for i, ann in enumerate(data["annotations"]):
         try:
-            image_id, obj = _object(ann, i, path, images, cats)
+            image_id, obj = _object(ann, i, path, images, cats, lazy_masks)
             objects[image_id].append(obj)
         except DataFormatError as err:
             result.errors.append(err)
@@ -203,16 +216,17 @@ def _read_refs(refs_file: str, allow_pickle: bool) -> Any:
 
 def load_refs(ann_file: PathLike, refs_file: PathLike, image_root: Optional[PathLike] = None,
               split: Optional[str] = None, strict: bool = True, allow_pickle: bool = False,
-              check_files: bool = True) -> LoadResult:
+              check_files: bool = True, lazy_masks: bool = False) -> LoadResult:
     """Load RefCOCO-style refs as one scene sample per ref (``source="refcoco"``, ``task="scene"``).
 
     Refs (a JSON list, or the original ``refs(unc).p`` with ``allow_pickle=True``) hold ``ref_id``, ``ann_id``,
     ``image_id``, ``split`` and ``sentences`` (``[{"sent": ...}]``); ``ann_file`` is the COCO instances file of
     their images. Each sample holds every object of its image; ``meta`` names the referred one (``ann_id``) and
     its expressions (``sentences``, whitespace normalized), ``ref_id`` and ``split``. ``split`` keeps only refs of
-    that split.
+    that split; ``lazy_masks``: see :func:`load_coco`.
     """
-    instances = load_coco(ann_file, image_root, strict=False, keep_empty=True, check_files=check_files)
+    instances = load_coco(ann_file, image_root, strict=False, keep_empty=True, check_files=check_files,
+                          lazy_masks=lazy_masks)
     result = LoadResult(errors=list(instances.errors))
     by_ann = {o.id: (s, o) for s in instances.samples for o in s.objects}
     refs = _read_refs(str(refs_file), allow_pickle)
@@ -282,7 +296,7 @@ def _ref_samples(scene: Sample, task: str, question_first: bool) -> list[Sample]
     for j, phrase in enumerate(scene.meta["sentences"]):
         if task == "seg":
             q, a = f"Please segment {phrase}.", f"Sure, {REF_OPEN}{phrase}{REF_CLOSE}{task_token('seg')}."
-            target = TaskTarget("seg", phrase, mask=obj.mask, boxes=box)
+            target = TaskTarget("seg", phrase, mask=obj.mask_array(), boxes=box)
         else:
             q, a = f"Where is {phrase}?", f"{REF_OPEN}{phrase}{REF_CLOSE}{task_token('det')}."
             target = TaskTarget("det", phrase, boxes=box)
@@ -294,4 +308,4 @@ def _ref_samples(scene: Sample, task: str, question_first: bool) -> list[Sample]
 
 
 __all__ = ["check_polygons", "decode_segmentation", "load_coco", "load_refcoco", "load_refs", "referred",
-           "rle_string_counts"]
+           "rle_string_counts", "segmentation_rle"]

@@ -101,6 +101,8 @@ class Phrase:
 def keep_largest(objects: Sequence[ObjectGT], k: int) -> list[ObjectGT]:
     """The ``k`` largest of ``objects`` (mask area, else box area; ties by id), in their given order."""
     def area(o: ObjectGT) -> float:
+        if o.area is not None:
+            return float(o.area)
         if o.mask is not None:
             return float(np.asarray(o.mask).sum())
         x1, y1, x2, y2 = (float(v) for v in o.box)
@@ -144,7 +146,7 @@ class GroundedBuilder:
         box = self._norm(obj.box, scene)[None]
         question = fill(pick(rng, self.t.task(task).questions), phrase=phrase)
         if task == "seg":
-            target = TaskTarget("seg", phrase, mask=obj.mask, boxes=box)
+            target = TaskTarget("seg", phrase, mask=obj.mask_array(), boxes=box)
         else:
             target = TaskTarget("det", phrase, boxes=box)
         grounded = self._grounded(task, {"phrase": phrase}, box if task == "rec" else None)

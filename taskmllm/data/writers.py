@@ -38,10 +38,11 @@ def _save_png(pixels: np.ndarray, path: Path) -> None:
 
 
 def _annotation(obj: ObjectGT, ann_id: int, image_id: int, category_id: int) -> dict[str, Any]:
-    rle = mask_utils.encode(np.asfortranarray(np.asarray(obj.mask, np.uint8)))
+    mask = obj.mask_array()
+    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, np.uint8)))
     x1, y1, x2, y2 = (float(v) for v in obj.box)
     ann = {"id": ann_id, "image_id": image_id, "category_id": category_id, "iscrowd": 0,
-           "bbox": [x1, y1, x2 - x1, y2 - y1], "area": int(np.asarray(obj.mask).sum()),
+           "bbox": [x1, y1, x2 - x1, y2 - y1], "area": int(np.asarray(mask).sum()),
            "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}}
     labels = {k: v for k, v in obj.labels.items() if isinstance(v, str)}
     if labels:

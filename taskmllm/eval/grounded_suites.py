@@ -66,7 +66,7 @@ def refcoco_items(refs_file: PathLike, instances_file: PathLike, image_root: Opt
     Raises:
         DataFormatError: a malformed file (naming the entry), or no ref (of ``split``).
     """
-    refs = load_refs(instances_file, refs_file, image_root, split)
+    refs = load_refs(instances_file, refs_file, image_root, split, lazy_masks=True)
     builder = _builder(templates)
     pairs = [(ref, phrase) for ref in refs for phrase in ref.meta["sentences"]][:n]
     if not pairs:
@@ -99,7 +99,7 @@ def run_refcoco(answer: Answerer, refs_file: PathLike, instances_file: PathLike,
 def coco_items(instances_file: PathLike, image_root: Optional[PathLike] = None, n: Optional[int] = None,
                templates: Optional[PathLike] = None) -> tuple[list[Sample], list[str], list[EvalItem]]:
     """The first ``n`` images, the file's categories, and one ``det`` question per (image, category)."""
-    scenes = load_coco(instances_file, image_root, keep_empty=True).samples[:n]
+    scenes = load_coco(instances_file, image_root, keep_empty=True, lazy_masks=True).samples[:n]
     if not scenes:
         raise DataFormatError(instances_file, "file", "no images")
     categories = list(scenes[0].meta["categories"])
@@ -147,7 +147,7 @@ def run_coco(answer: Answerer, instances_file: PathLike, image_root: Optional[Pa
         h, w = scene.hw
         gts.append(DetectionGroundTruth(np.array([o.box for o in scene.objects], np.float64).reshape(-1, 4),
                                         np.array([label[o.category] for o in scene.objects], np.int64), h, w,
-                                        np.array([o.mask for o in scene.objects], bool).reshape(-1, h, w)))
+                                        np.array([o.mask_array() for o in scene.objects], bool).reshape(-1, h, w)))
         calls = [_calls(r, "det") for r in results[i * len(categories):(i + 1) * len(categories)]]
         dets.append(_detections(calls, (h, w)))
     if not any(len(g.boxes) for g in gts):

@@ -40,7 +40,11 @@ def _same_object(got, want):
 def test_coco_round_trip(tmp_path, world):
     done = export("coco", tmp_path / "coco", OPTIONS)
     scenes = load_coco(done.path, done.image_root).samples
+    lazy = load_coco(done.path, done.image_root, lazy_masks=True).samples  # what training sources keep: RLE
     assert len(scenes) == OPTIONS.n
+    for eager, compressed in zip(scenes, lazy):
+        for a, b in zip(eager.objects, compressed.objects):
+            assert b.mask is None and np.array_equal(b.mask_array(), a.mask) and a.area == b.area
     oracle = COCO(str(done.path))  # pycocotools reads the file on its own: the same masks
     for i, scene in enumerate(scenes):
         want = world.image(i, "val")

@@ -146,7 +146,7 @@ def test_coco_mask_ap_when_calls_carry_masks(files):
             it = next(i for i in items if str(i.visual) == str(visual) and i.prompt == prompt)
             hits = [o for o in by_scene[str(visual)].objects if o.category + "s" == it.sample.targets[0].phrase]
             call = Call("det", boxes=np.array([o.box for o in hits]).reshape(-1, 4), scores=np.ones(len(hits)))
-            call.masks = np.array([o.mask for o in hits]).reshape(-1, *by_scene[str(visual)].hw)
+            call.masks = np.array([o.mask_array() for o in hits]).reshape(-1, *by_scene[str(visual)].hw)
             out.append(Answer("", [call]))
         return out
 
