@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--n", type=int, default=None,
                    help="questions per task (shapes) / images (pope-shapes, chair-shapes, chair) / questions per "
-                        "file (pope); default 200 for ShapesWorld suites, everything for real data")
+                        "file (pope) / sentences (refcoco), images (coco), tracks (mot); default 200 for "
+                        "ShapesWorld suites, everything for real data")
     p.add_argument("--intervention", choices=["vhr", "var"], default=None, help="training-free head reweighting")
     p.add_argument("--tau", type=float, default=None,
                    help="VAR sink threshold (default min(20, 0.5*sqrt(hidden size)); must be < sqrt(hidden size))")
