@@ -12,7 +12,7 @@ What differs by construction (reported, not compared): det's "<color> objects" p
 expressions have no counterpart in COCO / MOT files (a category phrase only), and LLaVA JSON carries no grounding,
 so the alignment losses see the VQA questions of the file arm only through COCO's exist/count.
 
-Full run (the defaults, ~40 min on 2 quiet cores): heads 800 + joint 500 steps per arm, n = 200. Shortened:
+Full run (the defaults; ~50 min on 2 quiet cores, estimated): heads 800 + joint 500 steps per arm, n = 200. Shortened:
 ``TASKMLLM_SLOW_HEADS_STEPS``, ``TASKMLLM_SLOW_JOINT_STEPS``, ``TASKMLLM_SLOW_EVAL_N``, ``TASKMLLM_SLOW_EXPORT_N``,
 ``TASKMLLM_SLOW_BATCH``;
 ``TASKMLLM_SLOW_OUT=DIR`` keeps the runs and writes ``DIR/comparison.json`` (a rerun with the same DIR resumes:
