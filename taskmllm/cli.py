@@ -17,11 +17,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 def _convert(args: argparse.Namespace) -> int:
     from taskmllm.model.llava import import_llava_hf
-    from taskmllm.zoo import registry_tasks
 
     if args.format != "llava-hf":
         raise SystemExit(f"unknown source format {args.format!r}; supported: llava-hf")
-    model = import_llava_hf(args.src, registry_tasks())
+    model = import_llava_hf(args.src)  # a plain MLLM: a stage's `model.init: DST` adds task tokens and experts
     model.save_pretrained(args.dst)
     print(f"converted {args.src} -> {args.dst}")
     return 0
@@ -75,13 +74,58 @@ def _eval(args: argparse.Namespace) -> int:
 
     seed = {} if args.seed is None else {"seed": args.seed}
     options = EvalOptions(n=args.n, batch_size=args.batch_size, progress=not args.no_progress,
-                          pope_questions=tuple(args.pope_questions or ()), images=args.images,
-                          instances=args.instances, captions=args.captions, **seed)
+                          pope_questions=tuple(args.pope_questions or ()), images=args.images or args.image_root,
+                          instances=args.instances, captions=args.captions, **seed, **_annotation_options(args))
     report = evaluate(args.model, args.suite, args.out, options, intervention=args.intervention, tau=args.tau,
                       max_new_tokens=args.max_new_tokens, device=args.device)
     print(report.markdown_path.read_text(), end="")
     print(f"wrote {report.json_path}, {report.markdown_path} and {len(report.plot_paths)} plot(s) to {args.out}")
     return 0
+
+
+def _annotation_options(args: argparse.Namespace) -> dict:
+    """The EvalOptions of the suites on annotation files (refcoco, coco, mot)."""
+    return {"data": args.data, "split": args.split, "clip_len": args.clip_len, "stride": args.stride,
+            "templates": args.templates}
+
+
+def _add_annotation_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="annotation file or folder: refs JSON (refcoco), instances JSON (coco), MOT "
+                                  "sequence or folder of sequences (mot)")
+    p.add_argument("--image-root", help="folder the annotation file's image paths are relative to (refcoco, coco)")
+    p.add_argument("--split", default=None, help="refs of this split only (refcoco; default: all)")
+    p.add_argument("--clip-len", type=int, default=None, help="frames per clip (mot; default: the model's max_frames)")
+    p.add_argument("--stride", type=int, default=1, help="keep every n-th frame (mot)")
+    p.add_argument("--templates", default=None, help="question templates YAML replacing the shipped paraphrases")
+
+
+def _data_export(args: argparse.Namespace) -> int:
+    from taskmllm.data.shapesworld.export import ExportOptions, export
+
+    options = ExportOptions(n=args.n, split=args.split, seed=args.seed, image_size=args.image_size,
+                            num_frames=args.num_frames, image_first=args.image_first)
+    done = export(args.format, args.out, options, overwrite=args.overwrite)
+    root = f", images under {done.image_root}" if done.image_root is not None else ""
+    print(f"wrote {args.n} ShapesWorld {args.split} samples as {args.format}: {done.path}{root}")
+    return 0
+
+
+def _add_data_export(data) -> None:
+    p = data.add_parser("export", help="write ShapesWorld samples as real files (coco, refcoco, mot, llava)",
+                        description="taskmllm data export --format coco|refcoco|mot|llava --n N --split "
+                                    "train|val|test OUT: ShapesWorld samples in each format's own layout (images or "
+                                    "frames as PNG + the annotation JSON/TXT of the public data set) in the new "
+                                    "folder OUT.")
+    p.add_argument("out", help="output folder (must not exist, or be empty)")
+    p.add_argument("--format", required=True, choices=["coco", "refcoco", "mot", "llava"])
+    p.add_argument("--n", type=int, default=100, help="images (videos for mot)")
+    p.add_argument("--split", default="train", choices=["train", "val", "test", "heldout"])
+    p.add_argument("--seed", type=int, default=0, help="the world's seed (training's data.seed)")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--num-frames", type=int, default=8, help="frames per video (mot)")
+    p.add_argument("--image-first", action="store_true", help="llava: <image> before the question (LLaVA's layout)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT whole if it exists")
+    p.set_defaults(func=_data_export)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -183,11 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="run a named evaluation suite; writes results.json, results.md and PNG plots")
     p.add_argument("--model", default="tiny", help="checkpoint directory, or a shipped model's name (default: tiny)")
-    p.add_argument("--suite", required=True, choices=["shapes", "pope-shapes", "chair-shapes", "pope", "chair"])
+    p.add_argument("--suite", required=True, choices=["shapes", "pope-shapes", "chair-shapes", "pope", "chair",
+                                                      "refcoco", "coco", "mot"])
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--n", type=int, default=None,
                    help="questions per task (shapes) / images (pope-shapes, chair-shapes, chair) / questions per "
-                        "file (pope); default 200 for ShapesWorld suites, everything for real data")
+                        "file (pope) / sentences (refcoco), images (coco), tracks (mot); default 200 for "
+                        "ShapesWorld suites, everything for real data")
     p.add_argument("--intervention", choices=INTERVENTION_CHOICES, default=None, help=INTERVENTION_HELP)
     p.add_argument("--tau", type=float, default=None,
                    help="VAR sink threshold (default min(20, 0.5*sqrt(hidden size)); must be < sqrt(hidden size))")
@@ -198,9 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--pope-questions", nargs="+", help="POPE question files, one per split (suite pope)")
     p.add_argument("--images", help="image folder (suites pope, chair)")
-    p.add_argument("--instances", help="COCO instances JSON (suite chair)")
+    p.add_argument("--instances", help="COCO instances JSON (suites chair, refcoco)")
     p.add_argument("--captions", help="COCO captions JSON (suite chair)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_annotation_eval_args(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("train", help="run one training stage: taskmllm train RECIPE/STAGE.yaml [--a.b=c ...]")
@@ -258,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--vocab-size", type=int, default=1024)
     p.set_defaults(func=_data_tokenizer)
+    _add_data_export(data)
     return parser
 
 

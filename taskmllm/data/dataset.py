@@ -84,7 +84,7 @@ class SourceSpec:
     registered in ``taskmllm.data.sources.SOURCE_KINDS``) adds its own and builds its samples.
 
     Attributes:
-        kind: the registered kind (``shapesworld``, ``llava``).
+        kind: the registered kind (``shapesworld``, ``llava``, ``refcoco``, ``coco``, ``mot``).
         weight: relative share of the stage's samples drawn from this source.
     """
 
@@ -106,6 +106,11 @@ class SourceSpec:
         """Per labelling kind (``"category"``, or a key of ``ObjectGT.labels``), the classes this source's objects
         can have, in a fixed order (what an auxiliary classifier of object labels predicts)."""
         return {}
+
+    def check_model(self, tasks: Mapping[str, int], max_frames: int) -> None:
+        """Raise :class:`ConfigError` naming an option the model cannot serve (a task it has no expert for, more
+        boxes than its detection queries, clips longer than its ``max_frames``). ``tasks``: the model's experts
+        and their query counts."""
 
 
 def collate_samples(batch: Sequence[Sample]) -> list[Sample]:

@@ -42,6 +42,9 @@ class ObjectGT:
             be fully occluded or cover no pixel).
         labels: further class labels of the object by kind (e.g. ``{"color": "red"}``), besides its
             ``category``; auxiliary losses can supervise any kind a source labels (:meth:`label`).
+        rle: the image mask as a compressed COCO RLE (``{"size": [H, W], "counts": ...}``) when a loader keeps it
+            compressed (a large annotation file's masks would not fit in memory decoded); ``mask`` is then None
+            and :meth:`mask_array` decodes it.
     """
 
     id: int
@@ -55,6 +58,7 @@ class ObjectGT:
     interval: Optional[tuple[int, int]] = None
     present: Optional[np.ndarray] = None
     labels: dict[str, str] = field(default_factory=dict)
+    rle: Optional[dict] = None
 
     @property
     def name(self) -> str:
@@ -65,10 +69,18 @@ class ObjectGT:
         """The object's class of labelling ``kind``: its ``category`` for ``"category"``, else ``labels[kind]``."""
         return self.category if kind == "category" else self.labels.get(kind)
 
+    def mask_array(self) -> Optional[np.ndarray]:
+        """The ``(H, W)`` bool image mask: ``mask``, or ``rle`` decoded (pycocotools), or None."""
+        if self.mask is not None or self.rle is None:
+            return self.mask
+        from pycocotools import mask as mask_utils
+
+        return mask_utils.decode(self.rle).astype(bool)
+
     def frame_mask(self, t: int, hw: tuple[int, int]) -> Optional[np.ndarray]:
         """``(H, W)`` bool region of the object in frame ``t`` (0 for an image): its mask, else its box filled,
         else None (nothing known)."""
-        mask = self.masks[t] if self.masks is not None else self.mask
+        mask = self.masks[t] if self.masks is not None else self.mask_array()
         if mask is not None:
             return np.asarray(mask, bool)
         box = self.boxes[t] if self.boxes is not None else self.box

@@ -7,6 +7,14 @@ strictly by its kind's :class:`~taskmllm.data.dataset.SourceSpec` subclass and m
       sources:
         shapes: {kind: shapesworld, mix: {seg: 2.0, det: 1.0}}
         chat: {kind: llava, path: llava_instruct.json, image_root: images/, weight: 0.5}
+        refs: {kind: refcoco, path: refs.json, instances: instances.json, image_root: images/}
+
+Kinds: ``shapesworld`` (generated), ``llava`` (conversation JSON), ``refcoco`` / ``coco`` / ``mot`` (annotation
+files, :mod:`taskmllm.data.annotated`). Mixing: every item of the stage draws its source with the weights,
+independently (deterministic from ``data.seed`` and the item's index), so each source's share of the samples is its
+weight's share in expectation: over many steps exactly, within one batch up to binomial noise (a batch of 128 holds
+a 50% source's samples 64 ± 6 times). Batches are drawn from a seeded permutation of the items, so a per-batch
+quota would need a batch sampler; the expectation is what a weighted mixture means in TPO's and LLaVA's recipes.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from taskmllm.data.annotated import CocoSpec, MotSpec, RefcocoSpec
 from taskmllm.data.dataset import MixedDataset, SampleSource, SourceSpec
 from taskmllm.data.formats import load_llava
 from taskmllm.data.shapesworld.source import ShapesWorldSpec
@@ -46,7 +55,8 @@ class LlavaSpec(SourceSpec):
 
 
 #: kind -> its spec class
-SOURCE_KINDS: dict[str, type[SourceSpec]] = {"shapesworld": ShapesWorldSpec, "llava": LlavaSpec}
+SOURCE_KINDS: dict[str, type[SourceSpec]] = {"shapesworld": ShapesWorldSpec, "llava": LlavaSpec,
+                                             "refcoco": RefcocoSpec, "coco": CocoSpec, "mot": MotSpec}
 
 
 def parse_sources(raw: Mapping[str, Any], where: str = "data.sources") -> dict[str, SourceSpec]:
@@ -70,11 +80,18 @@ def parse_sources(raw: Mapping[str, Any], where: str = "data.sources") -> dict[s
 
 
 def build_dataset(specs: Mapping[str, SourceSpec], length: int, seed: int) -> SampleSource:
-    """The stage's samples: one source as it is, several mixed by ``weight``."""
-    if len(specs) == 1:
-        return next(iter(specs.values())).build(length, seed)
-    return MixedDataset({n: s.build(length, seed) for n, s in specs.items()},
-                        {n: s.weight for n, s in specs.items()}, length, seed)
+    """The stage's samples: one source as it is, several mixed by ``weight`` (sources of weight 0 are skipped).
+
+    Raises:
+        ConfigError: every source has weight 0.
+    """
+    if not any(s.weight > 0 for s in specs.values()):
+        raise ConfigError("data.sources: every source has weight 0; give one a weight > 0")
+    used = {n: s for n, s in specs.items() if s.weight > 0}  # a source of weight 0 is not even read
+    if len(used) == 1:
+        return next(iter(used.values())).build(length, seed)
+    return MixedDataset({n: s.build(length, seed) for n, s in used.items()},
+                        {n: s.weight for n, s in used.items()}, length, seed)
 
 
 def label_classes(specs: Mapping[str, SourceSpec]) -> dict[str, tuple[str, ...]]:
@@ -84,3 +101,18 @@ def label_classes(specs: Mapping[str, SourceSpec]) -> dict[str, tuple[str, ...]]
         for kind, classes in spec.label_classes().items():
             out[kind] = tuple(dict.fromkeys(out.get(kind, ()) + tuple(classes)))
     return out
+
+
+def check_model_fit(specs: Mapping[str, SourceSpec], tasks: Mapping[str, int], max_frames: int,
+                    where: str = "data.sources") -> None:
+    """Every source's :meth:`~taskmllm.data.dataset.SourceSpec.check_model` against the model's experts (task ->
+    query count) and frame budget.
+
+    Raises:
+        ConfigError: naming the source and its option the model cannot serve.
+    """
+    for name, spec in specs.items():
+        try:
+            spec.check_model(tasks, max_frames)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.{name}.{exc}") from exc

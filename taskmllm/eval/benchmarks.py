@@ -10,7 +10,13 @@ suite              what it runs
 ``chair-shapes``   CHAIR of captions of ``n`` ShapesWorld test images
 ``pope``           POPE question files of the POPE repository (``--pope-questions``, ``--images``)
 ``chair``          CHAIR on COCO (``--instances``, ``--captions``, ``--images``)
+``refcoco``        referring segmentation (cIoU, gIoU) and REC (Acc@0.5) on RefCOCO-style refs (``--data``
+                   refs, ``--instances``, ``--image-root``, ``--split``)
+``coco``           box AP (mask AP with masks) on COCO instances (``--data``, ``--image-root``)
+``mot``            tracking success AUC / precision per sequence on MOT sequences (``--data``, ``--clip-len``)
 =================  ===================================================================================
+
+The last three: :mod:`taskmllm.eval.grounded_suites`.
 
 Library use: :func:`run_suite` takes any answer function (see :mod:`taskmllm.eval.suites`), so a stub or
 another model can be evaluated without a Pipeline; :func:`evaluate` loads a checkpoint, runs a suite and
@@ -31,6 +37,7 @@ from typing import Any, Optional, Union
 
 from taskmllm.data.shapesworld import WorldConfig
 from taskmllm.errors import CheckpointError, ConfigError
+from taskmllm.eval.grounded_suites import run_coco, run_mot, run_refcoco
 from taskmllm.eval.realdata import run_chair, run_pope
 from taskmllm.eval.report import Report, write_report
 from taskmllm.eval.suites import (DEFAULT_EVAL_SEED, Answerer, SuiteOutput, pipeline_answerer, run_chair_shapes,
@@ -56,6 +63,10 @@ class EvalOptions:
         images: image folder (``pope``, ``chair``).
         instances, captions: COCO instances / captions files (``chair``).
         synonyms: extra CHAIR synonyms ``{category: [word, ...]}`` (``chair``).
+        data: the annotation file (``refcoco``: refs; ``coco``: instances) or folder (``mot``: sequences).
+        split: the refs kept (``refcoco``; all when None).
+        clip_len, stride: frames per clip and frame step (``mot``; ``clip_len`` None: the model's ``max_frames``).
+        templates: a templates YAML replacing some of the shipped question paraphrases (the first one is asked).
     """
 
     n: Optional[int] = None
@@ -68,6 +79,17 @@ class EvalOptions:
     instances: Optional[Union[str, Path]] = None
     captions: Optional[Union[str, Path]] = None
     synonyms: Optional[Mapping[str, Collection[str]]] = field(default=None)
+    data: Optional[Union[str, Path]] = None
+    split: Optional[str] = None
+    clip_len: Optional[int] = None
+    stride: int = 1
+    templates: Optional[Union[str, Path]] = None
+
+    def need_data(self, suite: str) -> Union[str, Path]:
+        """``data``, or a ConfigError naming the option the suite needs."""
+        if self.data is None:
+            raise ConfigError(f"suite {suite!r} needs its annotation files: --data PATH (see taskmllm eval --help)")
+        return self.data
 
 
 @dataclass(frozen=True)
@@ -105,12 +127,30 @@ def _chair(answer: Answerer, o: EvalOptions) -> SuiteOutput:
                      batch_size=o.batch_size, progress=o.progress)
 
 
+def _refcoco(answer: Answerer, o: EvalOptions) -> SuiteOutput:
+    if o.instances is None:
+        raise ConfigError("suite 'refcoco' needs the COCO instances file of the refs (--instances FILE)")
+    return run_refcoco(answer, o.need_data("refcoco"), o.instances, o.images, o.split, o.n, o.batch_size, o.progress,
+                       o.templates)
+
+
+def _coco(answer: Answerer, o: EvalOptions) -> SuiteOutput:
+    return run_coco(answer, o.need_data("coco"), o.images, o.n, o.batch_size, o.progress, o.templates)
+
+
+def _mot(answer: Answerer, o: EvalOptions) -> SuiteOutput:
+    return run_mot(answer, o.need_data("mot"), o.clip_len or 8, o.stride, o.n, o.batch_size, o.progress, o.templates)
+
+
 SUITES: Mapping[str, Suite] = MappingProxyType({
     "shapes": Suite("shapes", "all ShapesWorld tasks on a fresh test world + held-out compositions", _shapes, 48),
     "pope-shapes": Suite("pope-shapes", "POPE random/popular/adversarial on ShapesWorld", _pope_shapes, 8),
     "chair-shapes": Suite("chair-shapes", "CHAIR of ShapesWorld captions", _chair_shapes, 64),
     "pope": Suite("pope", "POPE question files (COCO) of the POPE repository", _pope, 8),
     "chair": Suite("chair", "CHAIR on COCO instances + captions", _chair, 128),
+    "refcoco": Suite("refcoco", "referring segmentation and REC on RefCOCO-style refs", _refcoco, 48),
+    "coco": Suite("coco", "box (and mask) AP on COCO instances", _coco, 96),
+    "mot": Suite("mot", "tracking from a first-frame box on MOT sequences", _mot, 32),
 })
 
 
@@ -162,6 +202,8 @@ def evaluate(model: Union[str, Path], suite: str, out: Union[str, Path], options
     if options.world is None:
         base = WorldConfig()
         options = replace(options, world=WorldConfig(num_frames=min(base.num_frames, mllm.config.max_frames)))
+    if options.clip_len is None:
+        options = replace(options, clip_len=mllm.config.max_frames)
     answer = pipeline_answerer(pipe, max_new_tokens or SUITES[suite].max_new_tokens, hook)
     meta = {"model": str(path), "intervention": repr(hook) if hook is not None else "none",
             "intervention_settings": pipe.intervention_source(intervention), "device": device, "seed": options.seed}

@@ -50,7 +50,7 @@ from taskmllm.model.tokens import task_token
 
 __all__ = ["DEFAULT_EVAL_SEED", "HELDOUT_TASKS", "SHAPES_TASKS", "Answerer", "EvalItem", "SuiteOutput",
            "answer_all", "pipeline_answerer", "pope_shapes_samples", "run_chair_shapes", "run_pope_shapes", "run_shapes",
-           "score_task", "shapes_items"]
+           "score_task", "shapes_items", "summarize_tasks"]
 
 #: Seed of the evaluation worlds; training uses small seeds (default 0), so these scenes are never seen.
 DEFAULT_EVAL_SEED = 1_000_003
@@ -274,7 +274,9 @@ _HEADLINE = {"caption": ("CHAIR_S", "chair_s"), "seg": ("cIoU", "ciou"), "rec": 
              "track_box": ("success AUC", "success_auc"), "temporal": ("R@1 IoU0.5", "r1@0.5")}
 
 
-def _summary(per_task: dict[str, dict[str, Any]], items: dict[str, list[EvalItem]]) -> dict[str, dict[str, Any]]:
+def summarize_tasks(per_task: dict[str, dict[str, Any]],
+                    items: dict[str, list[EvalItem]]) -> dict[str, dict[str, Any]]:
+    """One row per task: its number of questions, routing accuracy, headline metric's name and score."""
     rows = {}
     for task, metrics in per_task.items():
         name, key = _HEADLINE.get(task, ("accuracy", "accuracy"))
@@ -309,9 +311,9 @@ def run_shapes(answer: Answerer, n: int = 200, seed: int = DEFAULT_EVAL_SEED, wo
     per_task, items = _run_tasks(answer, tasks, n, seed, world, "test", batch_size, progress)
     held, held_items = _run_tasks(answer, heldout_tasks, n, seed, world, "heldout", batch_size, progress)
     results: dict[str, Any] = {"suite": "shapes", "n_per_task": n, "seed": seed,
-                               "summary": _summary(per_task, items)}
+                               "summary": summarize_tasks(per_task, items)}
     if held:
-        results["heldout_summary"] = _summary(held, held_items)
+        results["heldout_summary"] = summarize_tasks(held, held_items)
     results["tasks"] = per_task
     if held:
         results["heldout"] = held

@@ -107,6 +107,41 @@ class TaskMLLM(nn.Module):
                 emb.weight[rows:] = emb.weight[:rows].mean(0)
         self.config.llm["vocab_size"] = self.llm.config.vocab_size
 
+    def add_tasks(self, tasks: Mapping[str, int]) -> list[str]:
+        """Give the model the task tokens and learnable queries of ``tasks`` (name -> K) it does not have yet.
+
+        A token the tokenizer lacks gets a new id; its embedding rows (input and output) start at the mean of the
+        rows of the tokens the tokenizer had before (TPO), also when the LLM already had spare rows for it. Its K
+        queries start at that mean plus small noise. ``config.tokens.tasks`` records the tasks, so the model saves
+        and reloads with them. Returns the names added.
+
+        Raises:
+            ConfigError: a task the model has with another query count.
+        """
+        clash = {t: k for t, k in tasks.items() if t in self.config.tokens.tasks and self.config.tokens.tasks[t] != k}
+        if clash:
+            raise ConfigError(f"the model has tasks {clash} with other query counts: "
+                              f"{ {t: self.config.tokens.tasks[t] for t in clash} }")
+        new = {t: int(k) for t, k in tasks.items() if t not in self.config.tokens.tasks}
+        if not new:
+            return []
+        known = len(self.tokenizer)
+        add_protocol_tokens(self.tokenizer, new)
+        if len(self.tokenizer) > self.llm.get_input_embeddings().num_embeddings:
+            self.llm.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+            self.config.llm["vocab_size"] = self.llm.config.vocab_size
+        with torch.no_grad():
+            for emb in {self.llm.get_input_embeddings(), self.llm.get_output_embeddings()} - {None}:
+                emb.weight[known:len(self.tokenizer)] = emb.weight[:known].mean(0)
+        ref = self.llm.get_input_embeddings().weight
+        for name, k in new.items():
+            self.queries[name] = nn.Parameter(self._init_queries(k).to(ref.device, ref.dtype))
+        self.config.tokens.tasks = {**self.config.tokens.tasks, **new}
+        self.task_ids = {self.tokenizer.convert_tokens_to_ids(task_token(t)): t for t in self.config.tokens.tasks}
+        self.processor = Processor(self.tokenizer, self.config, self.processor.tokens_per_frame,
+                                   self.processor.max_length)
+        return list(new)
+
     def _init_queries(self, k: int) -> torch.Tensor:
         """Mean of the existing embedding rows (TPO) plus small noise so the K queries differ."""
         emb = self.llm.get_input_embeddings().weight.detach()

@@ -31,6 +31,7 @@ from taskmllm.training.aux import AuxContext, AuxStates, build_aux
 from taskmllm.training.checkpoint import Checkpointer
 from taskmllm.training.config import OptimConfig, TrainConfig, check_paths, save_config
 from taskmllm.training.losses import check_expert_names, expert_of, total_loss
+from taskmllm.training.model_init import check_data_fits
 from taskmllm.training.stages import apply_stage, merge_lora, protocol_token_ids
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def train(cfg: TrainConfig) -> Path:
     for key in ("expert_weights", "detach_context"):
         check_expert_names(f"stage.{key}", getattr(cfg.stage, key), list(joint.experts))
     specs = cfg.data.specs()
+    check_data_fits(joint, specs)  # every source's tasks, query counts and clip lengths against the model
     aux = build_aux(cfg.stage.aux, aux_context(joint, specs))
     report = apply_stage(joint, cfg.stage, aux, protocol_token_ids(joint.mllm.tokenizer, joint.mllm.config.tokens.tasks))
     trainee = Trainee(joint, aux).to(device)
@@ -207,16 +209,22 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 def build_joint(cfg: TrainConfig):
-    """A recipe's model built fresh (``model.init: tiny | smol``, with ``model.*`` overrides) or a JointModel
-    directory (``model.experts`` may then change its experts' loss weights and thresholds)."""
+    """A recipe's model built fresh (``model.init: tiny | smol``, with ``model.*`` overrides), a JointModel
+    directory (``model.experts`` may then change its experts' loss weights and thresholds), or a plain MLLM
+    checkpoint without experts (what ``taskmllm convert`` writes: ``model_init.joint_from_mllm`` adds fresh experts)."""
     from taskmllm.zoo import BUILDERS
-    from taskmllm.router.joint import JointModel
+    from taskmllm.router.joint import EXPERTS_DIR, JointModel
 
     mc = cfg.model
     if mc.init not in BUILDERS:
-        if mc.llm or mc.vision or mc.tasks or mc.projector:
-            raise ConfigError(f"model.llm / model.vision / model.tasks / model.projector override only a fresh "
-                              f"recipe model ({', '.join(BUILDERS)})")
+        plain = not (Path(mc.init) / EXPERTS_DIR).is_dir()
+        if mc.llm or mc.vision or mc.projector or (mc.tasks and not plain):
+            raise ConfigError(f"model.llm / model.vision / model.projector override only a fresh recipe model "
+                              f"({', '.join(BUILDERS)}); model.tasks also a plain MLLM checkpoint")
+        if plain:
+            from taskmllm.training.model_init import joint_from_mllm
+
+            return joint_from_mllm(cfg.model)
         # a checkpoint's experts may change options that keep their parameters (a stage's loss weights)
         return JointModel.from_pretrained(mc.init).set_expert_options(mc.experts)
     mllm = BUILDERS[mc.init](max_frames=mc.max_frames, llm=mc.llm, vision=mc.vision, tasks=mc.tasks,
