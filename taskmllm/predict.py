@@ -19,6 +19,7 @@ import numpy as np
 
 from taskmllm.data.media import MediaLimits, encode_animation, read_image, read_video
 from taskmllm.errors import ConfigError, InputError
+from taskmllm.model.io import atomic_write_bytes, check_output_file
 
 if TYPE_CHECKING:
     from taskmllm.router.pipeline import Pipeline
@@ -47,15 +48,17 @@ class GenerationSettings:
         """
         import torch
 
-        if not 1 <= int(self.max_new_tokens) <= 4096:
+        from taskmllm.model.generation import check_generation
+
+        out = check_generation({"max_new_tokens": self.max_new_tokens})
+        if out["max_new_tokens"] > 4096:
             raise ConfigError(f"max_new_tokens must be in 1..4096, got {self.max_new_tokens}")
-        out: dict[str, Any] = {"max_new_tokens": int(self.max_new_tokens)}
         if self.do_sample:
-            if self.temperature <= 0 or not 0 < self.top_p <= 1:
-                raise ConfigError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {self.temperature}, "
-                                  f"{self.top_p}")
-            out.update(do_sample=True, temperature=float(self.temperature), top_p=float(self.top_p),
-                       generator=torch.Generator().manual_seed(int(self.seed)))
+            seed = self.seed
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+                raise ConfigError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+            out.update(check_generation({"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}))
+            out["generator"] = torch.Generator().manual_seed(seed)
         return out
 
 
@@ -90,9 +93,11 @@ def check_instruction(text: Optional[str]) -> str:
     """The instruction, stripped.
 
     Raises:
-        InputError: empty, or longer than :data:`MAX_INSTRUCTION_CHARS`.
+        InputError: not a string of valid Unicode, empty, or longer than :data:`MAX_INSTRUCTION_CHARS`.
     """
-    text = (text or "").strip()
+    from taskmllm.model.processor import check_text
+
+    text = check_text("" if text is None else text, "instruction").strip()
     if not text:
         raise InputError("the instruction is empty: type a question or a task, e.g. 'Segment the red circle.'")
     if len(text) > MAX_INSTRUCTION_CHARS:
@@ -166,6 +171,9 @@ def predict(model: Union[str, Path, "Pipeline"], instruction: str, image: Option
     from taskmllm.router.pipeline import Pipeline
 
     instruction = check_instruction(instruction)
+    for path in (out, json_path):  # before any compute: an answer is never lost to an unwritable path
+        if path is not None:
+            check_output_file(path, "predict --out")
     pipe = model if isinstance(model, Pipeline) else Pipeline.from_pretrained(model, device=device)
     visual = load_visual(image, video, pipe.model.mllm.config.max_frames, limits)
     hook = make_intervention(intervention, pipe.model.mllm.hidden_size)
@@ -173,15 +181,11 @@ def predict(model: Union[str, Path, "Pipeline"], instruction: str, image: Option
     overlay_path = None
     if out is not None and (result.image is not None or result.frames):
         data, _ = render_overlay(result, Path(out).suffix or "png")
-        overlay_path = Path(out)
-        overlay_path.parent.mkdir(parents=True, exist_ok=True)
-        overlay_path.write_bytes(data)
+        overlay_path = atomic_write_bytes(out, data)
     record = {"instruction": instruction, "input": str(image or video or ""),
               "intervention": "none" if hook is None else repr(hook), **result.to_dict(),
               "overlay": None if overlay_path is None else str(overlay_path)}
     written = None
     if json_path is not None:
-        written = Path(json_path)
-        written.parent.mkdir(parents=True, exist_ok=True)
-        written.write_text(json.dumps(record, indent=2) + "\n")
+        written = atomic_write_bytes(json_path, (json.dumps(record, indent=2) + "\n").encode())
     return Prediction(result, record, overlay_path, written)

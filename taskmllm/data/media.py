@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from taskmllm.errors import ConfigError, ImageError, VideoError
-from taskmllm.model.images import MAX_IMAGE_PIXELS, check_image_size, open_image_file, to_rgb
+from taskmllm.model.images import MAX_IMAGE_PIXELS, bomb_message, check_image_size, open_image_file, to_rgb
 from taskmllm.model.io import check_input_file
 
 PathLike = Union[str, Path]
@@ -161,7 +161,9 @@ def _read_animation(path: Path, num_frames: int, limits: MediaLimits) -> list[np
         raise
     except ImageError as exc:
         raise VideoError(str(exc)) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise VideoError(bomb_message(f"video {path.name}", limits.max_image_pixels)) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise VideoError(f"cannot decode video file {path.name}: it is not a readable animation") from exc
     return _same_size(frames, path.name, limits)
 

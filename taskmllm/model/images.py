@@ -36,6 +36,12 @@ def check_image_size(width: int, height: int, name: str, max_pixels: int = MAX_I
                          f"{max_pixels / 1e6:.3g} megapixels (max_image_pixels)")
 
 
+def bomb_message(name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> str:
+    """The message for a file Pillow refuses to open as a decompression bomb (over twice its own limit)."""
+    return (f"{name} has more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels (a decompression bomb?); the "
+            f"limit is {max_pixels / 1e6:.3g} megapixels (max_image_pixels)")
+
+
 def open_image_file(path: Union[str, Path], max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Open an image file, check its header's size against ``max_pixels``, then decode it.
 
@@ -53,8 +59,7 @@ def open_image_file(path: Union[str, Path], max_pixels: int = MAX_IMAGE_PIXELS) 
             im.load()
             return im.copy()
     except Image.DecompressionBombError as exc:  # over Pillow's own hard limit, raised by open itself
-        raise ImageError(f"{name} has more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels (a decompression "
-                         f"bomb?); the limit is {max_pixels / 1e6:.3g} megapixels (max_image_pixels)") from exc
+        raise ImageError(bomb_message(name, max_pixels)) from exc
     except ImageError:
         raise
     except _DECODE_ERRORS as exc:

@@ -2,8 +2,8 @@
 
 Images are accepted as a path, a PIL image or a numpy array (RGB, RGBA, grayscale, 16-bit, float 0-1; see
 :mod:`taskmllm.model.images`, which also caps their size at ``max_image_pixels``), are converted to RGB and
-resized to the model's square input. Text must be a ``str`` of valid Unicode (:func:`check_text`). A video is a sequence of frames (or a ``(T,H,W,3)``
-array), uniformly sampled down to ``max_frames``. ``<image>`` expands to one frame's visual tokens and
+resized to the model's square input. Text must be a ``str`` of valid Unicode (:func:`check_text`). A video is a
+sequence of frames (or a ``(T,H,W,3)`` array), uniformly sampled down to ``max_frames``. ``<image>`` expands to one frame's visual tokens and
 ``<video>`` to every frame's, in order; answers get K ``<query>`` ids after each task token.
 """
 

@@ -54,8 +54,8 @@ def test_one_kilobyte_overwritten_is_a_checkpoint_error_naming_the_file(copy, na
 def test_without_checksums_nan_weights_are_still_refused(copy):
     (copy / "checksums.json").unlink()  # a checkpoint written before checksums existed
     _overwrite(copy / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor '[\w.]+' holds 256 NaN or infinite value\(s\): "
-                                              r"the weights are corrupt"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor '[\w.]+' holds 256 NaN or infinite "
+                                              r"value\(s\): the weights are corrupt"):
         JointModel.from_pretrained(copy)
     loaded = JointModel.from_pretrained(copy, verify=False)  # the documented escape hatch loads what is there
     assert any(not np.isfinite(p.detach().numpy()).all() for p in loaded.parameters())
