@@ -1,6 +1,10 @@
 """The ``taskmllm`` console script. Each subcommand parses its arguments and calls one library function.
 
 ``HF_HUB_OFFLINE=1`` is set here, before transformers is imported: nothing taskmllm runs downloads weights.
+
+Errors never reach the terminal as a traceback: a bad flag or value, and every error of the project
+(:class:`~taskmllm.errors.TaskMLLMError`) or of the file system, is one line on stderr and exit code 2; anything
+else is one line naming the log file that holds its traceback, and exit code 1 (:func:`main`).
 """
 
 from __future__ import annotations
@@ -8,19 +12,32 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
+
+from taskmllm.cli_args import (OneLineParser, check_host, device_name, port_number, positive_float, positive_int,
+                               run_command)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
+def _check_outputs(file: Optional[str] = None, folder: Optional[str] = None, what: str = "") -> None:
+    """An output argument checked before the command imports its (heavy) library: the answer comes at once.
+    The library functions check the same paths again for their Python callers."""
+    from taskmllm.model.io import check_output_dir, check_output_file
+
+    if file is not None:
+        check_output_file(file, what)
+    if folder is not None:
+        check_output_dir(folder, what)
+
+
 def _convert(args: argparse.Namespace) -> int:
     from taskmllm.model.llava import import_llava_hf
     from taskmllm.zoo import registry_tasks
 
-    if args.format != "llava-hf":
-        raise SystemExit(f"unknown source format {args.format!r}; supported: llava-hf")
+    _check_outputs(folder=args.dst, what="convert: destination")
     model = import_llava_hf(args.src, registry_tasks())
     model.save_pretrained(args.dst)
     print(f"converted {args.src} -> {args.dst}")
@@ -28,6 +45,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _data_preview(args: argparse.Namespace) -> int:
+    _check_outputs(file=args.out, what="data preview --out")
     from taskmllm.data.shapesworld.preview import preview_main
 
     preview_main(n=args.n, out=args.out, seed=args.seed)
@@ -44,6 +62,7 @@ def _data_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    _check_outputs(folder=args.out, what="eval --out")
     from taskmllm.eval.benchmarks import EvalOptions, evaluate
 
     seed = {} if args.seed is None else {"seed": args.seed}
@@ -59,9 +78,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from taskmllm.training.config import load_config
-    from taskmllm.training.train import train
 
     cfg = load_config(args.config, args.overrides)
+    from taskmllm.training.train import train
+
     print(f"trained {cfg.stage.name}: {train(cfg)}")
     return 0
 
@@ -77,9 +97,11 @@ def _train_recipe(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import json
 
+    json_path = None if args.out is None else os.path.splitext(args.out)[0] + ".json"
+    for path in (args.out, json_path):
+        _check_outputs(file=path, what="predict --out")
     from taskmllm.predict import GenerationSettings, predict
 
-    json_path = None if args.out is None else os.path.splitext(args.out)[0] + ".json"
     pred = predict(args.model, args.instruction, image=args.image, video=args.video, out=args.out,
                    json_path=json_path, intervention=args.intervention,
                    settings=GenerationSettings(max_new_tokens=args.max_new_tokens), device=args.device)
@@ -94,6 +116,7 @@ def _demo(args: argparse.Namespace) -> int:
     from taskmllm.data.media import MediaLimits
     from taskmllm.router.pipeline import Pipeline
 
+    options_limits = MediaLimits(max_file_mb=args.max_upload_mb, max_video_seconds=args.max_video_seconds)
     pipe = Pipeline.from_pretrained(args.model, device=args.device)  # a missing model fails before gradio loads
     try:
         from taskmllm.demo.app import build_demo, launch
@@ -102,15 +125,14 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"taskmllm: error: the demo needs the demo extra ({exc}): pip install 'taskmllm[demo]'",
               file=sys.stderr)
         return 2
-    options = DemoOptions(MediaLimits(max_file_mb=args.max_upload_mb, max_video_seconds=args.max_video_seconds),
-                          concurrency_limit=args.concurrency, max_queue=args.max_queue)
+    options = DemoOptions(options_limits, concurrency_limit=args.concurrency, max_queue=args.max_queue)
     launch(build_demo(pipe, options), host=args.host, port=args.port, options=options)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (also used to render ``--help``)."""
-    parser = argparse.ArgumentParser(prog="taskmllm", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="taskmllm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="import a local checkpoint of another format")
@@ -123,17 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="checkpoint directory, or a shipped model's name (default: tiny)")
     p.add_argument("--suite", required=True, choices=["shapes", "pope-shapes", "chair-shapes", "pope", "chair"])
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--n", type=int, default=None,
+    p.add_argument("--n", type=positive_int, default=None,
                    help="questions per task (shapes) / images (pope-shapes, chair-shapes, chair) / questions per "
                         "file (pope); default 200 for ShapesWorld suites, everything for real data")
     p.add_argument("--intervention", choices=["vhr", "var"], default=None, help="training-free head reweighting")
-    p.add_argument("--tau", type=float, default=None,
+    p.add_argument("--tau", type=positive_float, default=None,
                    help="VAR sink threshold (default min(20, 0.5*sqrt(hidden size)); must be < sqrt(hidden size))")
     p.add_argument("--seed", type=int, default=None,
                    help="evaluation world / image-sample seed (default: one never used for training)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the suite's")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: the suite's")
+    p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--pope-questions", nargs="+", help="POPE question files, one per split (suite pope)")
     p.add_argument("--images", help="image folder (suites pope, chair)")
     p.add_argument("--instances", help="COCO instances JSON (suite chair)")
@@ -167,46 +189,45 @@ def build_parser() -> argparse.ArgumentParser:
                                                "JSON record goes beside it (.json)")
     p.add_argument("--json", action="store_true", help="print the JSON record instead of the answer text")
     p.add_argument("--intervention", choices=["vhr", "var"], default=None, help="training-free head reweighting")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--device", type=device_name, default="cpu")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("demo", help="serve the Gradio demo (localhost by default)")
     p.add_argument("--model", default="tiny", help="checkpoint directory, or a shipped model's name (default: tiny)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload")
-    p.add_argument("--max-video-seconds", type=float, default=60.0, help="longest accepted video")
-    p.add_argument("--concurrency", type=int, default=2, help="requests processed at once (model calls run one "
-                                                              "at a time)")
-    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before new ones are refused")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--host", type=check_host, default="127.0.0.1",
+                   help="address to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=port_number, default=7860)
+    p.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="largest accepted upload")
+    p.add_argument("--max-video-seconds", type=positive_float, default=60.0, help="longest accepted video")
+    p.add_argument("--concurrency", type=positive_int, default=2,
+                   help="requests processed at once (model calls run one at a time)")
+    p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before new ones are refused")
+    p.add_argument("--device", type=device_name, default="cpu")
     p.set_defaults(func=_demo)
 
     data = sub.add_parser("data", help="ShapesWorld data tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("preview", help="render samples with masks, boxes and text to a PNG grid")
-    p.add_argument("--n", type=int, default=16, help="number of samples")
+    p.add_argument("--n", type=positive_int, default=16, help="number of samples")
     p.add_argument("--out", default="grid.png", help="output PNG path")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_data_preview)
     p = data.add_parser("tokenizer", help="train the tiny recipe's BPE tokenizer on the ShapesWorld corpus")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--vocab-size", type=positive_int, default=1024)
     p.set_defaults(func=_data_tokenizer)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``taskmllm`` console script."""
-    from taskmllm.errors import TaskMLLMError
+    """Entry point of the ``taskmllm`` console script; returns the exit code (see :func:`run_command`)."""
+    import warnings
 
-    args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except TaskMLLMError as exc:
-        print(f"taskmllm: error: {exc}", file=sys.stderr)
-        return 2
+    from PIL import Image
+
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # taskmllm's own, lower pixel cap applies
+    args = build_parser().parse_args(argv)  # a bad flag: one line, exit 2
+    return run_command(args.func, args, argv)
 
 
 if __name__ == "__main__":

@@ -64,3 +64,25 @@ def test_eval_errors_are_typed(tmp_path, capsys):
     assert isinstance(make_intervention("var", 256), VAR)
     with pytest.raises(ConfigError, match="unknown intervention"):
         make_intervention("dola", 64)
+
+
+def test_eval_options_and_outputs_are_checked_before_the_model_loads(tmp_path, tiny_checkpoint):
+    from taskmllm.eval.benchmarks import EvalOptions, evaluate
+
+    with pytest.raises(ConfigError, match=r"EvalOptions.n must be an integer >= 1, got 0"):
+        EvalOptions(n=0)
+    with pytest.raises(ConfigError, match=r"EvalOptions.batch_size must be an integer >= 1, got -2"):
+        EvalOptions(batch_size=-2)
+    (tmp_path / "report.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"eval --out .*report.json is an existing file; give a directory"):
+        evaluate(tiny_checkpoint, "shapes", tmp_path / "report.json")
+    with pytest.raises(ConfigError, match=r"max_new_tokens must be an integer >= 1, got 0"):
+        evaluate(tiny_checkpoint, "shapes", tmp_path / "out", max_new_tokens=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_n_is_the_number_asked_for_not_a_default():
+    """``n=1`` runs one question per task; the suite's default 200 applies only to ``n=None``."""
+    from taskmllm.eval.benchmarks import EvalOptions, _n
+
+    assert _n(EvalOptions(n=1)) == 1 and _n(EvalOptions()) == 200
