@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageSequence
 
 from taskmllm.errors import ConfigError, ImageError, VideoError
-from taskmllm.model.images import MAX_IMAGE_PIXELS, bomb_message, check_image_size, open_image_file, to_rgb
+from taskmllm.model.images import (DECODE_ERRORS, MAX_IMAGE_PIXELS, bomb_message, check_image_size, open_image_file,
+                                   to_rgb)
 from taskmllm.model.io import check_input_file
 
 PathLike = Union[str, Path]
@@ -100,8 +101,8 @@ def read_video(source: Union[PathLike, Sequence[PathLike]], num_frames: int,
     Raises:
         VideoError: no frames, an undecodable file, frames of different sizes, over a limit.
     """
-    if num_frames < 1:
-        raise ConfigError(f"num_frames must be >= 1, got {num_frames}")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ConfigError(f"num_frames must be an integer >= 1, got {num_frames!r}")
     if isinstance(source, (list, tuple)):
         return _read_frame_files([Path(p) for p in source], num_frames, limits)
     path = Path(source)
@@ -163,7 +164,7 @@ def _read_animation(path: Path, num_frames: int, limits: MediaLimits) -> list[np
         raise VideoError(str(exc)) from exc
     except Image.DecompressionBombError as exc:
         raise VideoError(bomb_message(f"video {path.name}", limits.max_image_pixels)) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except DECODE_ERRORS as exc:
         raise VideoError(f"cannot decode video file {path.name}: it is not a readable animation") from exc
     return _same_size(frames, path.name, limits)
 

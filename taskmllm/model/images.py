@@ -10,6 +10,7 @@ any image of more than :data:`MAX_IMAGE_PIXELS` (64 megapixels: an 8K frame or a
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Union
 
@@ -24,7 +25,10 @@ ImageInput = Union[str, Path, Image.Image, np.ndarray]
 #: The most pixels (width x height) an input image may have.
 MAX_IMAGE_PIXELS = 64_000_000
 
-_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+#: What Pillow's format plugins raise on a malformed file (a truncated GIF raises ``struct.error``, a bad TIFF tag
+#: ``KeyError`` or ``IndexError``): the decoders read untrusted bytes, so each is "not a readable image".
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError,
+                 KeyError, TypeError, ZeroDivisionError, OverflowError)
 
 
 def check_image_size(width: int, height: int, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
@@ -62,7 +66,7 @@ def open_image_file(path: Union[str, Path], max_pixels: int = MAX_IMAGE_PIXELS) 
         raise ImageError(bomb_message(name, max_pixels)) from exc
     except ImageError:
         raise
-    except _DECODE_ERRORS as exc:
+    except DECODE_ERRORS as exc:
         raise ImageError(f"cannot decode image file {Path(path).name}: it is not a readable image "
                          f"({type(exc).__name__}: {exc})") from exc
 
