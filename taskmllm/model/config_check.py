@@ -145,7 +145,21 @@ def check_llm(llm: Any, where: str = "llm"):
         value = getattr(config, key, None)
         if value is not None:
             check_size(f"{where}.{key}", value, key)
+    _check_token_ids(config, where)
     return config
+
+
+def _check_token_ids(config, where: str) -> None:
+    """``pad/bos/eos_token_id``: None, or ids (an int, or a list for ``eos``) inside the vocabulary."""
+    vocab = getattr(config, "vocab_size", None)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(config, key, None)
+        ids = value if isinstance(value, (list, tuple)) else [value]
+        for token in ids:
+            if token is None:
+                continue
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < (vocab or 2**63):
+                raise ConfigError(f"{where}.{key} must be a token id in [0, vocab_size {vocab}), got {value!r}")
 
 
 _LLM_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -68,9 +68,11 @@ def test_fuzz_model_configs(fuzz_tokenizer, figures, data):
 
     raw = tiny_config(fuzz_tokenizer).to_dict()
     leaves = [p for p in _leaves(raw) if p[:2] != ("tokens", "tasks")]  # task tokens would grow the tokenizer
+    edits = []
     for _ in range(data.draw(st.integers(1, 3))):
         path = data.draw(st.sampled_from(leaves))
-        _set(raw, path, data.draw(st.one_of(anything(), st.integers(-2, 2**32), NUMBERS)))
+        edits.append((".".join(path), data.draw(st.one_of(anything(), st.integers(-2, 2**32), NUMBERS))))
+        _set(raw, path, edits[-1][1])
 
     def call():
         config = MLLMConfig.from_dict(json.loads(json.dumps(raw, default=repr)))
@@ -79,7 +81,7 @@ def test_fuzz_model_configs(fuzz_tokenizer, figures, data):
         if llm_parameters(check_llm(config.llm)) < 20_000_000 and config.vision.image_size <= 256:
             TaskMLLM(config, fuzz_tokenizer)  # build only what is small: the check, not the allocation, is tested
 
-    figures.run("model config", call, lambda: json.dumps(raw, default=repr)[:300])
+    figures.run("model config", call, lambda: repr(edits))
 
 
 STAGE_KEYS = ["optim.lr", "optim.betas", "optim.eps", "optim.token_lr", "optim.grad_clip", "optim.warmup_steps",

@@ -128,3 +128,11 @@ def test_config_objects_are_validated_when_a_model_is_built(tokenizer):
     data["vision"]["mean"] = [0.5, float("nan"), 0.5]
     with pytest.raises(ConfigError, match=r"vision.mean must be 3 finite numbers"):
         MLLMConfig.from_dict(data)
+
+
+def test_special_token_ids_must_be_inside_the_vocabulary(copy):
+    """Found by fuzzing: a pad id past the vocabulary reached torch's Embedding as an AssertionError."""
+    _edit_config(copy, "llm", "pad_token_id", 10**6)
+    with pytest.raises(CheckpointError, match=r"llm.pad_token_id must be a token id in \[0, vocab_size \d+\), got "
+                                              r"1000000"):
+        JointModel.from_pretrained(copy)
