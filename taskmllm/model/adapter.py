@@ -144,19 +144,27 @@ def _build_base(path: Path, builder: Callable[..., torch.nn.Module], meta: dict)
         raise CheckpointError(file, f"base_args: {exc}") from exc
 
 
-def load_adapter(path: Path, bases: Mapping[str, Callable[..., torch.nn.Module]]) -> torch.nn.Module:
-    """Rebuild the base model named in ``path/adapter.json`` with ``bases[name](**base_args)`` and apply the diff."""
+def load_adapter(path: Path, bases: Mapping[str, Callable[..., torch.nn.Module]],
+                 verify: bool = False) -> torch.nn.Module:
+    """Rebuild the base model named in ``path/adapter.json`` with ``bases[name](**base_args)`` and apply the diff.
+
+    The adapter file is read (and with ``verify``, scanned for NaN/inf) before the base is built.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from taskmllm.model.io import check_finite_tensors
 
     meta = read_adapter_meta(path)
     if meta["base"] not in bases:
         raise CheckpointError(path / ADAPTER_META, f"base {meta['base']!r} is not one of {sorted(bases)}")
-    model = _build_base(path, bases[meta["base"]], meta)
     try:
         diff = load_file(str(path / ADAPTER_FILE))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(path / ADAPTER_FILE, f"cannot read weights: {exc}") from exc
+    if verify:
+        check_finite_tensors(diff, path / ADAPTER_FILE)
+    model = _build_base(path, bases[meta["base"]], meta)
     base_state = model.state_dict()
     try:
         state = apply_diff(dict(base_state), diff)

@@ -201,10 +201,15 @@ def _check_parents(path: Path, what: str) -> None:
 def check_finite_weights(module, file: PathLike) -> None:
     """:class:`CheckpointError` naming the first floating-point tensor of ``module`` (loaded from ``file``) that
     holds NaN or infinite values — corrupt weights that would make every answer empty."""
+    check_finite_tensors(module.state_dict(), file)
+
+
+def check_finite_tensors(tensors, file: PathLike) -> None:
+    """:func:`check_finite_weights` of a mapping ``name -> tensor`` (e.g. a safetensors file's content)."""
     import torch
 
     with torch.no_grad():
-        for name, tensor in module.state_dict().items():
+        for name, tensor in tensors.items():
             if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
                 bad = int((~torch.isfinite(tensor)).sum())
                 raise CheckpointError(file, f"tensor {name!r} holds {bad} NaN or infinite value(s): the weights are "

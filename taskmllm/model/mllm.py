@@ -257,8 +257,9 @@ class TaskMLLM(nn.Module):
         """Load a directory written by :meth:`save_pretrained`, or an adapter directory (``adapter.json``, see
         :mod:`taskmllm.model.adapter`) whose base ``bases[name](**base_args)`` rebuilds.
 
-        ``verify``: check the weight file against the ``checksums.json`` recorded at save and every loaded tensor
-        for NaN/inf (:func:`~taskmllm.model.io.verify_checksums`, :func:`~taskmllm.model.io.check_finite_weights`).
+        ``verify``: check the weight file against the ``checksums.json`` recorded at save and every tensor it holds
+        for NaN/inf (:func:`~taskmllm.model.io.verify_checksums`, :func:`~taskmllm.model.io.check_finite_weights`;
+        an adapter's own tensors, not its base's, which come from installed packages).
         The config is validated before any module is built.
 
         Raises:
@@ -276,15 +277,13 @@ class TaskMLLM(nn.Module):
             if not bases:
                 raise CheckpointError(path / ADAPTER_META, "an adapter checkpoint: its base model is rebuilt by "
                                       "JointModel.from_pretrained / Pipeline.from_pretrained (or pass bases=)")
-            weights = path / ADAPTER_FILE
             if verify:
                 verify_checksums(path, [ADAPTER_FILE])
-            model = load_adapter(path, bases)
+            model = load_adapter(path, bases, verify=verify)  # scans the adapter's tensors, not the package base
         else:
-            weights = path / WEIGHTS_FILE
             model = cls._load_full(path, verify, device)
-        if verify:
-            check_finite_weights(model, weights)
+            if verify:
+                check_finite_weights(model, path / WEIGHTS_FILE)
         return model.to(device).eval()
 
     @classmethod

@@ -99,3 +99,27 @@ def test_bad_device_is_named_not_reported_as_unreadable_weights(tiny_checkpoint)
         Pipeline.from_pretrained(tiny_checkpoint, device="foo")
     with pytest.raises(ConfigError, match=r"device 'cuda:7' is not available: this machine has \d+ CUDA device"):
         Pipeline.from_pretrained(tiny_checkpoint, device="cuda:7")
+
+
+def test_nan_in_an_adapter_is_refused_before_its_base_is_built(tokenizer, tiny_checkpoint, tmp_path):
+    import shutil as sh
+
+    import torch
+
+    from taskmllm.model.adapter import write_adapter
+    from taskmllm.model.mllm import TaskMLLM
+    from tests.conftest import tiny_config
+
+    built = []
+
+    def little() -> TaskMLLM:
+        built.append(1)
+        return TaskMLLM(tiny_config(tokenizer), tokenizer)
+
+    path = tmp_path / "adapter"
+    sh.copytree(tiny_checkpoint, path, ignore=sh.ignore_patterns("model.safetensors", "checksums.json"))
+    name = "projector.linear_1.weight"
+    write_adapter(path, {f"full.{name}": torch.full((64, 32), float("nan"))}, "little", {})
+    with pytest.raises(CheckpointError, match=rf"adapter.safetensors: tensor 'full.{name}' holds 2048 NaN"):
+        TaskMLLM.from_pretrained(path, bases={"little": little})
+    assert built == []  # refused from the file alone
