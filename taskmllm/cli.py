@@ -14,8 +14,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from taskmllm.cli_args import (OneLineParser, check_host, device_name, port_number, positive_float, positive_int,
-                               run_command)
+from taskmllm.cli_args import (OneLineParser, check_host, device_name, nonnegative_int, port_number, positive_float,
+                               positive_int, run_command)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -116,7 +116,7 @@ def _demo(args: argparse.Namespace) -> int:
     from taskmllm.data.media import MediaLimits
     from taskmllm.router.pipeline import Pipeline
 
-    options_limits = MediaLimits(max_file_mb=args.max_upload_mb, max_video_seconds=args.max_video_seconds)
+    limits = MediaLimits(max_file_mb=args.max_upload_mb, max_video_seconds=args.max_video_seconds)
     pipe = Pipeline.from_pretrained(args.model, device=args.device)  # a missing model fails before gradio loads
     try:
         from taskmllm.demo.app import build_demo, launch
@@ -125,7 +125,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"taskmllm: error: the demo needs the demo extra ({exc}): pip install 'taskmllm[demo]'",
               file=sys.stderr)
         return 2
-    options = DemoOptions(options_limits, concurrency_limit=args.concurrency, max_queue=args.max_queue)
+    options = DemoOptions(limits, concurrency_limit=args.concurrency, max_queue=args.max_queue)
     launch(build_demo(pipe, options), host=args.host, port=args.port, options=options)
     return 0
 
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intervention", choices=["vhr", "var"], default=None, help="training-free head reweighting")
     p.add_argument("--tau", type=positive_float, default=None,
                    help="VAR sink threshold (default min(20, 0.5*sqrt(hidden size)); must be < sqrt(hidden size))")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--seed", type=nonnegative_int, default=None,
                    help="evaluation world / image-sample seed (default: one never used for training)")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: the suite's")
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("preview", help="render samples with masks, boxes and text to a PNG grid")
     p.add_argument("--n", type=positive_int, default=16, help="number of samples")
     p.add_argument("--out", default="grid.png", help="output PNG path")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.set_defaults(func=_data_preview)
     p = data.add_parser("tokenizer", help="train the tiny recipe's BPE tokenizer on the ShapesWorld corpus")
     p.add_argument("--out", required=True, help="output directory")

@@ -129,6 +129,8 @@ def _table(ckpt: Path, root: Path) -> list[tuple[str, list, str]]:
         ("data preview --out DIR", ["data", "preview", "--out", str(root)], r"data preview --out .* is a directory"),
         ("data preview --n 0", ["data", "preview", "--n", "0"], r"argument --n: must be an integer >= 1, got 0"),
         ("data preview --n -1", ["data", "preview", "--n", "-1"], r"argument --n: must be an integer >= 1, got -1"),
+        ("data preview --seed -3", ["data", "preview", "--seed", "-3"],
+         r"argument --seed: must be an integer >= 0, got -3"),
     ]
 
 
@@ -157,7 +159,7 @@ _ROW_IDS = [
     "train negative mix weight", "train --device=cuda:7", "train --device=foo", "train --out_dir under a file",
     "eval --out an existing file", "eval --n 0", "eval --max-new-tokens 0", "demo --port -1", "demo --port 70000",
     "demo --host 999.1.1.1", "convert garbage config.json", "convert a taskmllm directory",
-    "data preview --out DIR", "data preview --n 0", "data preview --n -1",
+    "data preview --out DIR", "data preview --n 0", "data preview --n -1", "data preview --seed -3",
 ]
 
 

@@ -69,12 +69,12 @@ class EvalOptions:
     synonyms: Optional[Mapping[str, Collection[str]]] = field(default=None)
 
     def __post_init__(self) -> None:
-        for name in ("n", "batch_size"):
+        for name, low in (("n", 1), ("batch_size", 1), ("seed", 0)):
             value = getattr(self, name)
             if value is None and name == "n":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"EvalOptions.{name} must be an integer >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"EvalOptions.{name} must be an integer >= {low}, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,12 @@ def test_eval_options_and_outputs_are_checked_before_the_model_loads(tmp_path, t
         EvalOptions(n=0)
     with pytest.raises(ConfigError, match=r"EvalOptions.batch_size must be an integer >= 1, got -2"):
         EvalOptions(batch_size=-2)
+    with pytest.raises(ConfigError, match=r"EvalOptions.seed must be an integer >= 0, got -1"):
+        EvalOptions(seed=-1)
+    from taskmllm.data.shapesworld import ShapesWorld
+
+    with pytest.raises(ConfigError, match=r"the world's seed must be an integer >= 0, got -1"):
+        ShapesWorld(seed=-1)
     (tmp_path / "report.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"eval --out .*report.json is an existing file; give a directory"):
         evaluate(tiny_checkpoint, "shapes", tmp_path / "report.json")
