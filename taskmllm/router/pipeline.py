@@ -34,10 +34,12 @@ class Pipeline:
         self.model = model.eval()
 
     @classmethod
-    def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "Pipeline":
+    def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+                        verify: bool = True) -> "Pipeline":
         """Load a checkpoint directory written by ``JointModel.save_pretrained``, or a shipped model by name
-        (``"tiny"``, the embedded default)."""
-        return cls(JointModel.from_pretrained(path, device=device))
+        (``"tiny"``, the embedded default). ``verify``: check the weight files' SHA-256 against the checksums
+        recorded at save, and the weights for NaN/inf (a :class:`CheckpointError` naming the file)."""
+        return cls(JointModel.from_pretrained(path, device=device, verify=verify))
 
     @property
     def processor(self):
