@@ -1,6 +1,10 @@
 """The ``taskmllm`` console script. Each subcommand parses its arguments and calls one library function.
 
 ``HF_HUB_OFFLINE=1`` is set here, before transformers is imported: nothing taskmllm runs downloads weights.
+
+Errors never reach the terminal as a traceback: a bad flag or value, and every error of the project
+(:class:`~taskmllm.errors.TaskMLLMError`) or of the file system, is one line on stderr and exit code 2; anything
+else is one line naming the log file that holds its traceback, and exit code 1 (:func:`main`).
 """
 
 from __future__ import annotations
@@ -8,18 +12,31 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
+
+from taskmllm.cli_args import (OneLineParser, check_host, device_name, finite_float, nonnegative_int, port_number,
+                               positive_float, positive_int, run_command)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
+def _check_outputs(file: Optional[str] = None, folder: Optional[str] = None, what: str = "") -> None:
+    """An output argument checked before the command imports its (heavy) library: the answer comes at once.
+    The library functions check the same paths again for their Python callers."""
+    from taskmllm.model.io import check_output_dir, check_output_file
+
+    if file is not None:
+        check_output_file(file, what)
+    if folder is not None:
+        check_output_dir(folder, what)
+
+
 def _convert(args: argparse.Namespace) -> int:
     from taskmllm.model.llava import import_llava_hf
 
-    if args.format != "llava-hf":
-        raise SystemExit(f"unknown source format {args.format!r}; supported: llava-hf")
+    _check_outputs(folder=args.dst, what="convert: destination")
     model = import_llava_hf(args.src)  # a plain MLLM: a stage's `model.init: DST` adds task tokens and experts
     model.save_pretrained(args.dst)
     print(f"converted {args.src} -> {args.dst}")
@@ -27,6 +44,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _data_preview(args: argparse.Namespace) -> int:
+    _check_outputs(file=args.out, what="data preview --out")
     from taskmllm.data.shapesworld.preview import preview_main
 
     preview_main(n=args.n, out=args.out, seed=args.seed)
@@ -43,6 +61,7 @@ def _data_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    _check_outputs(folder=args.out, what="calibrate --out")
     from pathlib import Path
 
     from taskmllm.eval.calibration_run import CalibrationOptions, calibrate_model, summary_lines
@@ -70,6 +89,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    _check_outputs(folder=args.out, what="eval --out")
     from taskmllm.eval.benchmarks import EvalOptions, evaluate
 
     seed = {} if args.seed is None else {"seed": args.seed}
@@ -94,12 +114,13 @@ def _add_annotation_eval_args(p: argparse.ArgumentParser) -> None:
                                   "sequence or folder of sequences (mot)")
     p.add_argument("--image-root", help="folder the annotation file's image paths are relative to (refcoco, coco)")
     p.add_argument("--split", default=None, help="refs of this split only (refcoco; default: all)")
-    p.add_argument("--clip-len", type=int, default=None, help="frames per clip (mot; default: the model's max_frames)")
-    p.add_argument("--stride", type=int, default=1, help="keep every n-th frame (mot)")
+    p.add_argument("--clip-len", type=positive_int, default=None, help="frames per clip (mot; default: the model's max_frames)")
+    p.add_argument("--stride", type=positive_int, default=1, help="keep every n-th frame (mot)")
     p.add_argument("--templates", default=None, help="question templates YAML replacing the shipped paraphrases")
 
 
 def _data_export(args: argparse.Namespace) -> int:
+    _check_outputs(folder=args.out, what="data export: OUT")
     from taskmllm.data.shapesworld.export import ExportOptions, export
 
     options = ExportOptions(n=args.n, split=args.split, seed=args.seed, image_size=args.image_size,
@@ -118,11 +139,11 @@ def _add_data_export(data) -> None:
                                     "folder OUT.")
     p.add_argument("out", help="output folder (must not exist, or be empty)")
     p.add_argument("--format", required=True, choices=["coco", "refcoco", "mot", "llava"])
-    p.add_argument("--n", type=int, default=100, help="images (videos for mot)")
+    p.add_argument("--n", type=positive_int, default=100, help="images (videos for mot)")
     p.add_argument("--split", default="train", choices=["train", "val", "test", "heldout"])
-    p.add_argument("--seed", type=int, default=0, help="the world's seed (training's data.seed)")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--num-frames", type=int, default=8, help="frames per video (mot)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="the world's seed (training's data.seed)")
+    p.add_argument("--image-size", type=positive_int, default=128)
+    p.add_argument("--num-frames", type=positive_int, default=8, help="frames per video (mot)")
     p.add_argument("--image-first", action="store_true", help="llava: <image> before the question (LLaVA's layout)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT whole if it exists")
     p.set_defaults(func=_data_export)
@@ -130,9 +151,10 @@ def _add_data_export(data) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from taskmllm.training.config import load_config
-    from taskmllm.training.train import train
 
     cfg = load_config(args.config, args.overrides)
+    from taskmllm.training.train import train
+
     print(f"trained {cfg.stage.name}: {train(cfg)}")
     return 0
 
@@ -148,9 +170,11 @@ def _train_recipe(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import json
 
+    json_path = None if args.out is None else os.path.splitext(args.out)[0] + ".json"
+    for flag, path in (("--out", args.out), ("--out (its .json)", json_path), ("--attention", args.attention)):
+        _check_outputs(file=path, what=f"predict {flag}")
     from taskmllm.predict import GenerationSettings, predict
 
-    json_path = None if args.out is None else os.path.splitext(args.out)[0] + ".json"
     pred = predict(args.model, args.instruction, image=args.image, video=args.video, out=args.out,
                    json_path=json_path, intervention=args.intervention,
                    settings=GenerationSettings(max_new_tokens=args.max_new_tokens), device=args.device,
@@ -166,6 +190,7 @@ def _demo(args: argparse.Namespace) -> int:
     from taskmllm.data.media import MediaLimits
     from taskmllm.router.pipeline import Pipeline
 
+    limits = MediaLimits(max_file_mb=args.max_upload_mb, max_video_seconds=args.max_video_seconds)
     pipe = Pipeline.from_pretrained(args.model, device=args.device)  # a missing model fails before gradio loads
     try:
         from taskmllm.demo.app import build_demo, launch
@@ -174,8 +199,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"taskmllm: error: the demo needs the demo extra ({exc}): pip install 'taskmllm[demo]'",
               file=sys.stderr)
         return 2
-    options = DemoOptions(MediaLimits(max_file_mb=args.max_upload_mb, max_video_seconds=args.max_video_seconds),
-                          concurrency_limit=args.concurrency, max_queue=args.max_queue)
+    options = DemoOptions(limits, concurrency_limit=args.concurrency, max_queue=args.max_queue)
     launch(build_demo(pipe, options), host=args.host, port=args.port, options=options)
     return 0
 
@@ -197,24 +221,24 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--model", default="tiny", help="checkpoint directory, or a shipped model's name (default: tiny)")
     p.add_argument("--intervention", required=True, choices=["vhr", "var", "zerotuning"])
     p.add_argument("--split", default="val", choices=["val", "train"], help="ShapesWorld split to calibrate on")
-    p.add_argument("--n", type=int, default=40, help="val images (POPE questions about each + one caption each)")
+    p.add_argument("--n", type=positive_int, default=40, help="val images (POPE questions about each + one caption each)")
     p.add_argument("--out", default=None, help="directory for interventions.json (default: see above)")
-    p.add_argument("--seed", type=int, default=None, help="world seed (default: the evaluation world's)")
+    p.add_argument("--seed", type=nonnegative_int, default=None, help="world seed (default: the evaluation world's)")
     p.add_argument("--var-mode", default="official", choices=["official", "paper"], help="VAR's mode in the grid")
-    p.add_argument("--alphas", type=float, nargs="+", help="VHR alphas (default 1.25 1.5 2)")
-    p.add_argument("--ps", type=float, nargs="+", help="VAR p, the fraction moved (default 0.2 0.4 0.6)")
-    p.add_argument("--rhos", type=float, nargs="+", help="VAR rho (default 0.3 0.5 0.8)")
-    p.add_argument("--taus", type=float, nargs="+", help="VAR tau (default: the per-model tau)")
-    p.add_argument("--gammas", type=float, nargs="+", help="ZeroTuning gammas (default 0.5 0.75 1.25 1.5 2)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--alphas", type=finite_float, nargs="+", help="VHR alphas (default 1.25 1.5 2)")
+    p.add_argument("--ps", type=finite_float, nargs="+", help="VAR p, the fraction moved (default 0.2 0.4 0.6)")
+    p.add_argument("--rhos", type=finite_float, nargs="+", help="VAR rho (default 0.3 0.5 0.8)")
+    p.add_argument("--taus", type=finite_float, nargs="+", help="VAR tau (default: the per-model tau)")
+    p.add_argument("--gammas", type=finite_float, nargs="+", help="ZeroTuning gammas (default 0.5 0.75 1.25 1.5 2)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
     p.set_defaults(func=_calibrate)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (also used to render ``--help``)."""
-    parser = argparse.ArgumentParser(prog="taskmllm", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="taskmllm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="import a local checkpoint of another format")
@@ -230,18 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", required=True, choices=["shapes", "pope-shapes", "chair-shapes", "pope", "chair",
                                                       "refcoco", "coco", "mot"])
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--n", type=int, default=None,
+    p.add_argument("--n", type=positive_int, default=None,
                    help="questions per task (shapes) / images (pope-shapes, chair-shapes, chair) / questions per "
                         "file (pope) / sentences (refcoco), images (coco), tracks (mot); default 200 for "
                         "ShapesWorld suites, everything for real data")
     p.add_argument("--intervention", choices=INTERVENTION_CHOICES, default=None, help=INTERVENTION_HELP)
-    p.add_argument("--tau", type=float, default=None,
+    p.add_argument("--tau", type=positive_float, default=None,
                    help="VAR sink threshold (default min(20, 0.5*sqrt(hidden size)); must be < sqrt(hidden size))")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--seed", type=nonnegative_int, default=None,
                    help="evaluation world / image-sample seed (default: one never used for training)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the suite's")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: the suite's")
+    p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--pope-questions", nargs="+", help="POPE question files, one per split (suite pope)")
     p.add_argument("--images", help="image folder (suites pope, chair)")
     p.add_argument("--instances", help="COCO instances JSON (suites chair, refcoco)")
@@ -279,47 +303,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default=None, metavar="PNG",
                    help="also write where the answer looked: its attention over the picture, with and without the "
                         "intervention (the heads it acted on), as a PNG")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--device", type=device_name, default="cpu")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("demo", help="serve the Gradio demo (localhost by default)")
     p.add_argument("--model", default="tiny", help="checkpoint directory, or a shipped model's name (default: tiny)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload")
-    p.add_argument("--max-video-seconds", type=float, default=60.0, help="longest accepted video")
-    p.add_argument("--concurrency", type=int, default=2, help="requests processed at once (model calls run one "
-                                                              "at a time)")
-    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before new ones are refused")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--host", type=check_host, default="127.0.0.1",
+                   help="address to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=port_number, default=7860)
+    p.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="largest accepted upload")
+    p.add_argument("--max-video-seconds", type=positive_float, default=60.0, help="longest accepted video")
+    p.add_argument("--concurrency", type=positive_int, default=2,
+                   help="requests processed at once (model calls run one at a time)")
+    p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before new ones are refused")
+    p.add_argument("--device", type=device_name, default="cpu")
     p.set_defaults(func=_demo)
 
     data = sub.add_parser("data", help="ShapesWorld data tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("preview", help="render samples with masks, boxes and text to a PNG grid")
-    p.add_argument("--n", type=int, default=16, help="number of samples")
+    p.add_argument("--n", type=positive_int, default=16, help="number of samples")
     p.add_argument("--out", default="grid.png", help="output PNG path")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.set_defaults(func=_data_preview)
     p = data.add_parser("tokenizer", help="train the tiny recipe's BPE tokenizer on the ShapesWorld corpus")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--vocab-size", type=positive_int, default=1024)
     p.set_defaults(func=_data_tokenizer)
     _add_data_export(data)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``taskmllm`` console script."""
-    from taskmllm.errors import TaskMLLMError
+    """Entry point of the ``taskmllm`` console script; returns the exit code (see :func:`run_command`)."""
+    import warnings
 
-    args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except TaskMLLMError as exc:
-        print(f"taskmllm: error: {exc}", file=sys.stderr)
-        return 2
+    from PIL import Image
+
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # taskmllm's own, lower pixel cap applies
+    args = build_parser().parse_args(argv)  # a bad flag: one line, exit 2
+    return run_command(args.func, args, argv)
 
 
 if __name__ == "__main__":

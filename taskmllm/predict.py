@@ -19,6 +19,7 @@ import numpy as np
 
 from taskmllm.data.media import MediaLimits, encode_animation, read_image, read_video
 from taskmllm.errors import ConfigError, InputError
+from taskmllm.model.io import atomic_write_bytes, check_output_file
 
 if TYPE_CHECKING:
     from taskmllm.model.generation import Intervention
@@ -48,15 +49,17 @@ class GenerationSettings:
         """
         import torch
 
-        if not 1 <= int(self.max_new_tokens) <= 4096:
+        from taskmllm.model.generation import check_generation
+
+        out = check_generation({"max_new_tokens": self.max_new_tokens})
+        if out["max_new_tokens"] > 4096:
             raise ConfigError(f"max_new_tokens must be in 1..4096, got {self.max_new_tokens}")
-        out: dict[str, Any] = {"max_new_tokens": int(self.max_new_tokens)}
         if self.do_sample:
-            if self.temperature <= 0 or not 0 < self.top_p <= 1:
-                raise ConfigError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {self.temperature}, "
-                                  f"{self.top_p}")
-            out.update(do_sample=True, temperature=float(self.temperature), top_p=float(self.top_p),
-                       generator=torch.Generator().manual_seed(int(self.seed)))
+            seed = self.seed
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+                raise ConfigError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+            out.update(check_generation({"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}))
+            out["generator"] = torch.Generator().manual_seed(seed)
         return out
 
 
@@ -78,9 +81,11 @@ def check_instruction(text: Optional[str]) -> str:
     """The instruction, stripped.
 
     Raises:
-        InputError: empty, or longer than :data:`MAX_INSTRUCTION_CHARS`.
+        InputError: not a string of valid Unicode, empty, or longer than :data:`MAX_INSTRUCTION_CHARS`.
     """
-    text = (text or "").strip()
+    from taskmllm.model.processor import check_text
+
+    text = check_text("" if text is None else text, "instruction").strip()
     if not text:
         raise InputError("the instruction is empty: type a question or a task, e.g. 'Segment the red circle.'")
     if len(text) > MAX_INSTRUCTION_CHARS:
@@ -160,13 +165,6 @@ class Prediction:
     attention_path: Optional[Path] = None
 
 
-def _write(path: PathLike, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
-
-
 def predict(model: Union[str, Path, "Pipeline"], instruction: str, image: Optional[PathLike] = None,
             video: Optional[PathLike] = None, out: Optional[PathLike] = None, json_path: Optional[PathLike] = None,
             intervention: Optional[str] = None, settings: GenerationSettings = GenerationSettings(),
@@ -184,6 +182,9 @@ def predict(model: Union[str, Path, "Pipeline"], instruction: str, image: Option
     from taskmllm.router.pipeline import Pipeline
 
     instruction = check_instruction(instruction)
+    for flag, path in (("--out", out), ("--json", json_path), ("--attention", attention)):
+        if path is not None:  # before any compute: an answer is never lost to an unwritable path
+            check_output_file(path, f"predict {flag}")
     pipe = model if isinstance(model, Pipeline) else Pipeline.from_pretrained(model, device=device)
     visual = load_visual(image, video, pipe.model.mllm.config.max_frames, limits)
     if attention is not None and visual is None:
@@ -192,11 +193,11 @@ def predict(model: Union[str, Path, "Pipeline"], instruction: str, image: Option
     result = pipe(visual, instruction, intervention=hook, **settings.kwargs())
     overlay_path = attention_path = None
     if out is not None and (result.image is not None or result.frames):
-        overlay_path = _write(out, render_overlay(result, Path(out).suffix or "png")[0])
+        overlay_path = atomic_write_bytes(out, render_overlay(result, Path(out).suffix or "png")[0])
     looked = None
     if attention is not None:
         data, looked = render_attention(pipe, visual, instruction, hook, settings.max_new_tokens)
-        attention_path = _write(attention, data)
+        attention_path = atomic_write_bytes(attention, data)
         looked = {"path": str(attention_path), **looked}
     record = {"instruction": instruction, "input": str(image or video or ""),
               "intervention": "none" if hook is None else repr(hook), "intervention_settings": pipe.intervention_source(intervention),
@@ -204,5 +205,5 @@ def predict(model: Union[str, Path, "Pipeline"], instruction: str, image: Option
               "attention": looked}
     written = None
     if json_path is not None:
-        written = _write(json_path, (json.dumps(record, indent=2) + "\n").encode())
+        written = atomic_write_bytes(json_path, (json.dumps(record, indent=2) + "\n").encode())
     return Prediction(result, record, overlay_path, written, attention_path)

@@ -115,9 +115,15 @@ def tiny_corpus(n: int = 20000, seed: int = 0):
 
 
 def build_tiny_tokenizer(out: str | Path = TINY_TOKENIZER, vocab_size: int = 1024):
-    """Train the tiny recipe's BPE on the ShapesWorld corpus and save it to ``out``."""
+    """Train the tiny recipe's BPE on the ShapesWorld corpus and save it to ``out``.
+
+    Raises:
+        ConfigError: ``out`` is an existing file or under one.
+    """
+    from taskmllm.model.io import check_output_dir
     from taskmllm.model.tokenizer import train_bpe_tokenizer
 
+    check_output_dir(out, "data tokenizer --out")
     tok = train_bpe_tokenizer(tiny_corpus(), vocab_size=vocab_size, tasks=registry_tasks())
     tok.save_pretrained(str(out))
     return tok

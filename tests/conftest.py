@@ -81,3 +81,26 @@ def overfit(tokenizer):
     model.eval()
     model.losses = losses
     return model, prompts, images, answers
+
+
+@pytest.fixture(scope="session")
+def tiny_joint(tokenizer):
+    """A random tiny JointModel (the tiny TaskMLLM above + fresh experts), eval mode."""
+    from taskmllm.model.mllm import TaskMLLM
+    from taskmllm.router.joint import JointModel
+
+    torch.manual_seed(0)
+    return JointModel.build(TaskMLLM(tiny_config(tokenizer), tokenizer)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_joint, tmp_path_factory):
+    """:func:`tiny_joint` saved as a checkpoint directory (do not modify it: copy it first)."""
+    return tiny_joint.save_pretrained(tmp_path_factory.mktemp("tiny-joint") / "checkpoint")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_joint):
+    from taskmllm.router.pipeline import Pipeline
+
+    return Pipeline(tiny_joint)

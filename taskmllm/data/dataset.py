@@ -92,8 +92,8 @@ class SourceSpec:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.weight >= 0:
-            raise ConfigError(f"weight must be >= 0, got {self.weight}")
+        if not (self.weight >= 0 and self.weight != float("inf")):
+            raise ConfigError(f"weight must be a finite number >= 0, got {self.weight}")
 
     def check_files(self) -> None:
         """Raise :class:`ConfigError` naming a file or folder the source reads that does not exist."""

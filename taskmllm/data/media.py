@@ -8,21 +8,26 @@ same typed errors::
     gif = encode_animation(result.draw(), "gif")       # bytes of an annotated video
 
 Container formats are decoded with PyAV (FFmpeg); GIF/WebP/APNG animations and frame folders with Pillow.
-Limits (:class:`MediaLimits`) bound what a request may cost: file size, video duration, decoded frames, and a
-minimum image side (a 1x1 "image" carries nothing to answer about).
+Limits (:class:`MediaLimits`) bound what a request may cost: file size, pixels per image or frame (checked from
+the file's header, before decoding: a 48 KB PNG of 20000 x 20000 pixels is refused, not decoded), video
+duration, decoded frames, and a minimum image side (a 1x1 "image" carries nothing to answer about).
 """
 
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageSequence
 
 from taskmllm.errors import ConfigError, ImageError, VideoError
+from taskmllm.model.images import (DECODE_ERRORS, MAX_IMAGE_PIXELS, bomb_message, check_image_size, open_image_file,
+                                   to_rgb)
+from taskmllm.model.io import check_input_file
 
 PathLike = Union[str, Path]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -39,24 +44,26 @@ class MediaLimits:
         min_side: smallest accepted image / frame side in pixels.
         max_video_seconds: longest accepted video (containers with a known duration).
         max_decoded_frames: most frames decoded from one video or folder (bounds time when no duration is known).
+        max_image_pixels: most pixels (width x height) of an image or a video frame
+            (:data:`~taskmllm.model.images.MAX_IMAGE_PIXELS`, 64 megapixels).
     """
 
     max_file_mb: float = 50.0
     min_side: int = 8
     max_video_seconds: float = 120.0
     max_decoded_frames: int = 3600
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
-        if self.max_file_mb <= 0 or self.min_side < 1 or self.max_video_seconds <= 0 or self.max_decoded_frames < 1:
-            raise ConfigError(f"media limits must be positive, got {self}")
+        values = (self.max_file_mb, self.min_side, self.max_video_seconds, self.max_decoded_frames,
+                  self.max_image_pixels)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                   for v in values) or self.min_side < 1 or self.max_decoded_frames < 1:
+            raise ConfigError(f"media limits must be finite positive numbers, got {self}")
 
 
 def _check_file(path: Path, limits: MediaLimits, what: str, error: type) -> None:
-    if not path.is_file():
-        raise error(f"{what} file not found: {path}")
-    size = path.stat().st_size
-    if size == 0:
-        raise error(f"{what} file is empty: {path.name}")
+    size = check_input_file(path, what, error).st_size
     if size > limits.max_file_mb * 1024 * 1024:
         raise error(f"{what} file {path.name} is {size / 2**20:.1f} MB; the limit is {limits.max_file_mb:g} MB")
 
@@ -67,28 +74,19 @@ def _check_side(width: int, height: int, name: str, limits: MediaLimits, error: 
 
 
 def _rgb(image: Image.Image) -> np.ndarray:
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return np.asarray(image.convert("RGB"))
+    return np.asarray(to_rgb(image))
 
 
 def read_image(path: PathLike, limits: MediaLimits = MediaLimits()) -> np.ndarray:
     """An image file as ``(H, W, 3)`` uint8 RGB (alpha composited on white).
 
     Raises:
-        ImageError: missing, empty, too large, undecodable, or smaller than ``limits.min_side``.
+        ImageError: missing, empty, too large (file size or pixels), undecodable, or smaller than
+            ``limits.min_side``.
     """
     path = Path(path)
     _check_file(path, limits, "image", ImageError)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            image = im.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"cannot decode image file {path.name}: it is not a readable image "
-                         f"({', '.join(s.lstrip('.').upper() for s in IMAGE_SUFFIXES)})") from exc
+    image = open_image_file(path, limits.max_image_pixels)
     _check_side(image.width, image.height, f"image {path.name}", limits, ImageError)
     return _rgb(image)
 
@@ -103,8 +101,8 @@ def read_video(source: Union[PathLike, Sequence[PathLike]], num_frames: int,
     Raises:
         VideoError: no frames, an undecodable file, frames of different sizes, over a limit.
     """
-    if num_frames < 1:
-        raise ConfigError(f"num_frames must be >= 1, got {num_frames}")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ConfigError(f"num_frames must be an integer >= 1, got {num_frames!r}")
     if isinstance(source, (list, tuple)):
         return _read_frame_files([Path(p) for p in source], num_frames, limits)
     path = Path(source)
@@ -154,6 +152,7 @@ def _read_frame_files(files: list[Path], num_frames: int, limits: MediaLimits) -
 def _read_animation(path: Path, num_frames: int, limits: MediaLimits) -> list[np.ndarray]:
     try:
         with Image.open(path) as im:
+            check_image_size(im.width, im.height, f"video {path.name}", limits.max_image_pixels)
             total = getattr(im, "n_frames", 1)
             if total > limits.max_decoded_frames:
                 raise VideoError(f"video {path.name} has {total} frames; the limit is {limits.max_decoded_frames}")
@@ -161,7 +160,11 @@ def _read_animation(path: Path, num_frames: int, limits: MediaLimits) -> list[np
             frames = [_rgb(f) for t, f in enumerate(ImageSequence.Iterator(im)) if t in keep]
     except VideoError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except ImageError as exc:
+        raise VideoError(str(exc)) from exc
+    except Image.DecompressionBombError as exc:
+        raise VideoError(bomb_message(f"video {path.name}", limits.max_image_pixels)) from exc
+    except DECODE_ERRORS as exc:
         raise VideoError(f"cannot decode video file {path.name}: it is not a readable animation") from exc
     return _same_size(frames, path.name, limits)
 
@@ -174,6 +177,11 @@ def _read_container(path: Path, num_frames: int, limits: MediaLimits) -> list[np
             if not container.streams.video:
                 raise VideoError(f"video {path.name} has zero frames (no video stream)")
             stream = container.streams.video[0]
+            try:
+                check_image_size(stream.codec_context.width, stream.codec_context.height, f"video {path.name}",
+                                 limits.max_image_pixels)
+            except ImageError as exc:
+                raise VideoError(str(exc)) from exc
             seconds = container.duration / av.time_base if container.duration else None
             if seconds is not None and seconds > limits.max_video_seconds:
                 raise VideoError(f"video {path.name} is {seconds:.1f} s long; the limit is "

@@ -3,11 +3,14 @@
 It holds no model logic: files are decoded by :mod:`taskmllm.data.media` (through :mod:`taskmllm.predict`,
 shared with ``taskmllm predict``), the answer comes from :class:`~taskmllm.router.pipeline.Pipeline`, and
 the overlay from :meth:`Result.draw`. The project's typed errors become ``gr.Error`` with the same message,
-so bad input shows a readable message in the page and the server keeps serving.
+so bad input shows a readable message in the page and the server keeps serving; any other exception becomes an
+"internal error" message naming it (its traceback goes to the server's log), never gradio's bare "Error".
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
 from collections import deque
@@ -18,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 import gradio as gr
 
 from taskmllm.data.media import MediaLimits
-from taskmllm.errors import ImageError, InputError, TaskMLLMError, VideoError
+from taskmllm.errors import ConfigError, ImageError, InputError, TaskMLLMError, VideoError
 from taskmllm.predict import (GenerationSettings, check_instruction, load_visual, make_intervention,
                               render_attention, render_overlay)
 
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
     from taskmllm.router.pipeline import Pipeline
     from taskmllm.router.result import Result
 
+log = logging.getLogger(__name__)
 MAX_HISTORY_MESSAGES = 40
 KEEP_FILES = 256
 
@@ -106,13 +110,13 @@ class DemoHandler:
                   var_rho: Optional[float] = None, var_tau: Optional[float] = None, zt_gamma: Optional[float] = None):
         """The request's intervention: the named one with the model's calibrated settings, the page's controls of
         that intervention replacing single settings (a ZeroTuning calibrated per head keeps its gammas)."""
-        def num(x: Optional[float]) -> Optional[float]:
-            return None if x is None else float(x)
+        def num(x: Optional[float], name: str) -> Optional[float]:
+            return None if x is None else _number(x, name)
 
         per_head = (self.pipeline.calibration.get("zerotuning") or {}).get("gammas") is not None
-        controls = {"vhr": {"alpha": num(vhr_alpha)}, "var": {"p": num(var_p), "rho": num(var_rho),
-                                                               "tau": num(var_tau)},
-                    "zerotuning": {"gamma": None if per_head else num(zt_gamma)}}
+        controls = {"vhr": {"alpha": num(vhr_alpha, "VHR alpha")},
+                    "var": {"p": num(var_p, "VAR p"), "rho": num(var_rho, "VAR rho"), "tau": num(var_tau, "VAR tau")},
+                    "zerotuning": {"gamma": None if per_head else num(zt_gamma, "ZeroTuning gamma")}}
         return make_intervention(intervention, self.pipeline, **controls.get(str(intervention or "none").lower(), {}))
 
     def answer(self, image: Any, video: Any, instruction: Optional[str], history: Optional[list],
@@ -135,6 +139,10 @@ class DemoHandler:
         except TaskMLLMError as exc:
             title = "Bad input" if isinstance(exc, InputError) else "Cannot answer"
             raise gr.Error(str(exc), title=title, print_exception=False) from exc
+        except Exception as exc:  # noqa: BLE001 - a bug must not show gradio's bare "Error": say what, log where
+            log.exception("unexpected error answering a demo request")
+            raise gr.Error(f"internal error ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); the server "
+                           "log has the traceback", title="Internal error", print_exception=False) from exc
 
     def _answer(self, image, video, instruction, history, intervention, hook, max_new_tokens, do_sample,
                 temperature, top_p, seed, score_threshold, attention):
@@ -143,8 +151,10 @@ class DemoHandler:
         image_path = _path(image, "image", ImageError)
         video_source = _video_source(_paths(video))
         visual = load_visual(image_path, video_source, self.num_frames, self.options.limits)
-        settings = GenerationSettings(int(max_new_tokens), bool(do_sample), float(temperature), float(top_p),
-                                      int(seed or 0))
+        settings = GenerationSettings(_number(max_new_tokens, "max new tokens", int), bool(do_sample),
+                                      _number(temperature, "temperature"), _number(top_p, "top-p"),
+                                      _number(seed or 0, "seed", int))
+        score_threshold = _number(score_threshold, "box score threshold")
         decoded = time.perf_counter()
         looked = looked_file = None
         with self._lock:
@@ -155,7 +165,7 @@ class DemoHandler:
                 looked_file = self._keep(data, "attention", "png")
         overlay = None
         if result.image is not None or result.frames:
-            overlay = self._write_overlay(result, float(score_threshold))
+            overlay = self._write_overlay(result, score_threshold)
         total = time.perf_counter() - start
         record = {"instruction": text, "intervention": "none" if hook is None else repr(hook),
                   "intervention_settings": self.pipeline.intervention_source(intervention), **result.to_dict(),
@@ -186,6 +196,17 @@ class DemoHandler:
             while len(self._files) > KEEP_FILES:
                 self._files.popleft().unlink(missing_ok=True)
         return str(path)
+
+
+def _number(value: Any, name: str, kind: type = float) -> Any:
+    """A setting from the page or an API client as ``kind`` (``float`` or ``int``), or :class:`ConfigError`."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or (kind is int and number != int(number)):
+        raise ConfigError(f"{name} must be a finite {'integer' if kind is int else 'number'}, got {value!r}")
+    return int(number) if kind is int else number
 
 
 def _latency_markdown(latency: dict[str, float]) -> str:

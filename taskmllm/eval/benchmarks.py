@@ -91,6 +91,14 @@ class EvalOptions:
             raise ConfigError(f"suite {suite!r} needs its annotation files: --data PATH (see taskmllm eval --help)")
         return self.data
 
+    def __post_init__(self) -> None:
+        for name, low in (("n", 1), ("batch_size", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if value is None and name == "n":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"EvalOptions.{name} must be an integer >= {low}, got {value!r}")
+
 
 @dataclass(frozen=True)
 class Suite:
@@ -102,16 +110,21 @@ class Suite:
     max_new_tokens: int
 
 
+def _n(o: EvalOptions) -> int:
+    """``o.n``, or the ShapesWorld suites' default of 200."""
+    return 200 if o.n is None else o.n
+
+
 def _shapes(answer: Answerer, o: EvalOptions) -> SuiteOutput:
-    return run_shapes(answer, o.n or 200, o.seed, o.world, o.batch_size, progress=o.progress)
+    return run_shapes(answer, _n(o), o.seed, o.world, o.batch_size, progress=o.progress)
 
 
 def _pope_shapes(answer: Answerer, o: EvalOptions) -> SuiteOutput:
-    return run_pope_shapes(answer, o.n or 200, o.seed, o.world, o.batch_size, progress=o.progress)
+    return run_pope_shapes(answer, _n(o), o.seed, o.world, o.batch_size, progress=o.progress)
 
 
 def _chair_shapes(answer: Answerer, o: EvalOptions) -> SuiteOutput:
-    return run_chair_shapes(answer, o.n or 200, o.seed, o.world, o.batch_size, progress=o.progress)
+    return run_chair_shapes(answer, _n(o), o.seed, o.world, o.batch_size, progress=o.progress)
 
 
 def _pope(answer: Answerer, o: EvalOptions) -> SuiteOutput:
@@ -184,13 +197,20 @@ def evaluate(model: Union[str, Path], suite: str, out: Union[str, Path], options
 
     Raises:
         CheckpointError: ``model`` is not a checkpoint directory.
-        ConfigError: unknown suite / intervention, or missing real-data files.
+        ConfigError: unknown suite / intervention, missing real-data files, ``out`` an existing file, a bad
+            ``max_new_tokens`` or ``device``.
     """
     from taskmllm.router.pipeline import Pipeline
 
     if suite not in SUITES:  # fail before loading the model
         raise ConfigError(f"unknown suite {suite!r}; known: {sorted(SUITES)}")
+    from taskmllm.model.io import check_output_dir
     from taskmllm.zoo import resolve_checkpoint
+
+    check_output_dir(out, "eval --out")
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or max_new_tokens < 1):
+        raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
 
     path = resolve_checkpoint(model)
     if not path.is_dir():

@@ -109,6 +109,10 @@ class ExpertResult(ABC):
 JsonScalar = Union[int, float, str, bool, None]
 
 
+#: Upper bounds of an :class:`ExpertSpec`'s sizes (far above any real model; nothing allocates from a typo).
+SPEC_LIMITS = {"hidden_size": 2**16, "vision_dim": 2**15, "image_size": 4096, "num_queries": 256, "grid": 4096}
+
+
 @dataclass
 class ExpertSpec:
     """What an expert is built from; stored as ``experts/<name>/config.json`` beside its safetensors.
@@ -141,10 +145,11 @@ class ExpertSpec:
             raise ConfigError(f"ExpertSpec.grid must be (h, w) ints, got {self.grid!r}")
         for key in ("hidden_size", "vision_dim", "image_size", "num_queries"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"ExpertSpec.{key} must be a positive int, got {value!r}")
-        if min(self.grid) <= 0:
-            raise ConfigError(f"ExpertSpec.grid must be (h, w) with positive sides, got {self.grid!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= SPEC_LIMITS[key]:
+                raise ConfigError(f"ExpertSpec.{key} must be an int in [1, {SPEC_LIMITS[key]}], got {value!r}")
+        if not all(0 < side <= SPEC_LIMITS["grid"] for side in self.grid):
+            raise ConfigError(f"ExpertSpec.grid must be (h, w) with sides in [1, {SPEC_LIMITS['grid']}], "
+                              f"got {self.grid!r}")
         if not isinstance(self.options, dict):
             raise ConfigError(f"ExpertSpec.options must be a dict, got {type(self.options).__name__}")
         for key, value in self.options.items():
@@ -200,11 +205,18 @@ class DecoderOptions(ExpertOptions):
     llm_context: bool = False
 
 
-def check_widths(owner: str, dim: int, num_heads: int, depth: int, multiple: int) -> None:
+#: Upper bounds of a decoder's sizes (SAM's decoder: dim 256, depth 2, mlp_dim 2048).
+DECODER_LIMITS = {"dim": 2048, "num_heads": 64, "depth": 16, "mlp_dim": 8192}
+
+
+def check_widths(owner: str, dim: int, num_heads: int, depth: int, multiple: int, mlp_dim: int = 1) -> None:
     """Raise :class:`ConfigError` unless ``dim`` is a positive multiple of ``multiple`` and of ``num_heads`` times
-    the attention downsampling (``multiple // 2`` in SAM's TwoWayTransformer cross-attention)."""
-    if dim <= 0 or num_heads <= 0 or depth <= 0:
-        raise ConfigError(f"{owner}: dim, num_heads and depth must be positive, got {dim}, {num_heads}, {depth}")
+    the attention downsampling (``multiple // 2`` in SAM's TwoWayTransformer cross-attention), and every size is
+    within :data:`DECODER_LIMITS`."""
+    sizes = {"dim": dim, "num_heads": num_heads, "depth": depth, "mlp_dim": mlp_dim}
+    for key, value in sizes.items():
+        if not 0 < value <= DECODER_LIMITS[key]:
+            raise ConfigError(f"{owner}: {key} must be in [1, {DECODER_LIMITS[key]}], got {value}")
     if dim % multiple or dim % (2 * num_heads):
         raise ConfigError(f"{owner}: dim={dim} must be divisible by {multiple} and by 2 * num_heads={2 * num_heads}")
 

@@ -84,7 +84,7 @@ class DetectionOptions(DecoderOptions):
     def __post_init__(self) -> None:
         if not 0.0 <= self.nms_iou <= 1.0:
             raise ConfigError(f"DetectionOptions.nms_iou must be in [0, 1] (0 = no NMS), got {self.nms_iou}")
-        check_widths("DetectionOptions", self.dim, self.num_heads, self.depth, multiple=2)
+        check_widths("DetectionOptions", self.dim, self.num_heads, self.depth, multiple=2, mlp_dim=self.mlp_dim)
         check_box_head("DetectionOptions", self.box_head)
         if self.score_head not in SCORE_HEADS:
             raise ConfigError(f"DetectionOptions.score_head must be one of {SCORE_HEADS}, got {self.score_head!r}")

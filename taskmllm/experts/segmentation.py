@@ -49,7 +49,7 @@ class SegmentationOptions(DecoderOptions):
     detail: bool = False
 
     def __post_init__(self) -> None:
-        check_widths("SegmentationOptions", self.dim, self.num_heads, self.depth, multiple=8)
+        check_widths("SegmentationOptions", self.dim, self.num_heads, self.depth, multiple=8, mlp_dim=self.mlp_dim)
 
 
 @dataclass

@@ -55,7 +55,7 @@ class TrackingOptions(DecoderOptions):
     heat_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        check_widths("TrackingOptions", self.dim, self.num_heads, self.depth, multiple=2)
+        check_widths("TrackingOptions", self.dim, self.num_heads, self.depth, multiple=2, mlp_dim=self.mlp_dim)
         check_box_head("TrackingOptions", self.box_head)
 
 

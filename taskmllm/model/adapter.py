@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from taskmllm.errors import CheckpointError
+from taskmllm.errors import CheckpointError, ConfigError
 
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_META = "adapter.json"
@@ -114,27 +114,57 @@ def read_adapter_meta(path: Path) -> dict:
     """``adapter.json`` of checkpoint directory ``path``, checked."""
     file = path / ADAPTER_META
     try:
-        meta = json.loads(file.read_text())
+        meta = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CheckpointError(file, f"cannot read: {exc}") from exc
-    if meta.get("format") != FORMAT or not isinstance(meta.get("base"), str):
-        raise CheckpointError(file, f"not an adapter of format {FORMAT} with a 'base' name: {meta}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("base"), str):
+        raise CheckpointError(file, f"not an adapter of format {FORMAT} with a 'base' name: {str(meta)[:200]}")
+    if not isinstance(meta.get("base_args", {}), dict):
+        raise CheckpointError(file, f"base_args must be a mapping, got {meta['base_args']!r}")
+    meta.setdefault("base_args", {})
     return meta
 
 
-def load_adapter(path: Path, bases: Mapping[str, Callable[..., torch.nn.Module]]) -> torch.nn.Module:
-    """Rebuild the base model named in ``path/adapter.json`` with ``bases[name](**base_args)`` and apply the diff."""
+def _build_base(path: Path, builder: Callable[..., torch.nn.Module], meta: dict) -> torch.nn.Module:
+    """``builder(**meta["base_args"])``, its arguments checked against the builder's signature first.
+
+    Raises:
+        CheckpointError: an argument the builder does not take, or one it rejects (the builder's ConfigError).
+    """
+    import inspect
+
+    file = path / ADAPTER_META
+    try:
+        inspect.signature(builder).bind(**meta["base_args"])
+    except TypeError as exc:
+        raise CheckpointError(file, f"base_args do not fit the {meta['base']!r} builder: {exc}") from exc
+    try:
+        return builder(**meta["base_args"])
+    except ConfigError as exc:
+        raise CheckpointError(file, f"base_args: {exc}") from exc
+
+
+def load_adapter(path: Path, bases: Mapping[str, Callable[..., torch.nn.Module]],
+                 verify: bool = False) -> torch.nn.Module:
+    """Rebuild the base model named in ``path/adapter.json`` with ``bases[name](**base_args)`` and apply the diff.
+
+    The adapter file is read (and with ``verify``, scanned for NaN/inf) before the base is built.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from taskmllm.model.io import check_finite_tensors
 
     meta = read_adapter_meta(path)
     if meta["base"] not in bases:
         raise CheckpointError(path / ADAPTER_META, f"base {meta['base']!r} is not one of {sorted(bases)}")
-    model = bases[meta["base"]](**meta["base_args"])
     try:
         diff = load_file(str(path / ADAPTER_FILE))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(path / ADAPTER_FILE, f"cannot read weights: {exc}") from exc
+    if verify:
+        check_finite_tensors(diff, path / ADAPTER_FILE)
+    model = _build_base(path, bases[meta["base"]], meta)
     base_state = model.state_dict()
     try:
         state = apply_diff(dict(base_state), diff)

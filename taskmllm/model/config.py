@@ -109,17 +109,37 @@ class MLLMConfig:
             raise ConfigError(
                 f"config format_version {version!r} is not supported by this taskmllm "
                 f"(expects {FORMAT_VERSION})")
-        return from_dict(cls, data, "config")
+        config = from_dict(cls, data, "config")
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Sizes, types, a known LLM ``model_type`` and the memory the weights need, checked before any module is
+        built (:mod:`taskmllm.model.config_check`).
+
+        Raises:
+            ConfigError: naming the first bad field.
+        """
+        from taskmllm.model.config_check import check_mllm_config
+
+        check_mllm_config(self)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, path: str | Path) -> "MLLMConfig":
+        """Read and validate a ``config.json``.
+
+        Raises:
+            ConfigError: unreadable, not UTF-8 JSON, or a bad field.
+        """
         try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: not a UTF-8 JSON file ({exc})") from exc
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object")
         return cls.from_dict(data)

@@ -9,14 +9,17 @@ that nothing attends to, and position ids skip them.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol, Union
 
 import torch
 
-from taskmllm.errors import InputError
+from taskmllm.errors import ConfigError, InputError
 from taskmllm.model.expert_inputs import ExpertInputs
 from taskmllm.model.processor import Batch, positions
+from taskmllm.schema import suggest
 
 if TYPE_CHECKING:  # pragma: no cover
     from taskmllm.model.mllm import TaskMLLM
@@ -65,6 +68,80 @@ class GenerationOutput:
     expert_inputs: Optional[ExpertInputs] = None
 
 
+#: The keyword arguments of :func:`generate` besides the model, the batch and the intervention.
+GENERATION_OPTIONS = ("max_new_tokens", "do_sample", "temperature", "top_p", "generator", "use_cache")
+
+
+def check_generation(options: Mapping[str, Any], device: Optional[torch.device] = None) -> dict[str, Any]:
+    """Generation keyword arguments checked before any compute; returns them normalized (ints, floats, bools).
+
+    ``max_new_tokens`` an integer >= 1 (the context length bounds it further, see :func:`generate`);
+    ``do_sample`` / ``use_cache`` booleans; ``temperature`` a finite number > 0; ``top_p`` in (0, 1];
+    ``generator`` None or a ``torch.Generator`` on the model's ``device`` type.
+
+    Raises:
+        ConfigError: an unknown option (with the closest known one) or a value of the wrong type or range.
+    """
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if key not in GENERATION_OPTIONS:
+            raise ConfigError(f"unknown generation option {key!r}{suggest(str(key), GENERATION_OPTIONS)}; known: "
+                              f"{', '.join(GENERATION_OPTIONS)}")
+        if key == "max_new_tokens":
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ConfigError(f"max_new_tokens must be an integer >= 1, got {value!r} ({type(value).__name__})")
+            value = int(value)
+        elif key in ("do_sample", "use_cache"):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key} must be True or False, got {value!r} ({type(value).__name__})")
+        elif key in ("temperature", "top_p"):
+            value = _check_positive(key, value, high=1.0 if key == "top_p" else None)
+        elif value is not None:  # generator
+            if not isinstance(value, torch.Generator):
+                raise ConfigError(f"generator must be a torch.Generator or None, got {type(value).__name__}")
+            if device is not None and value.device.type != device.type:
+                raise ConfigError(f"generator is on {value.device} but the model is on {device}; create it with "
+                                  f"torch.Generator(device={str(device)!r})")
+        out[key] = value
+    return out
+
+
+def _check_positive(key: str, value: Any, high: Optional[float] = None) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(float(value))
+    if not ok or value <= 0 or (high is not None and value > high):
+        bound = f"in (0, {high:g}]" if high is not None else "> 0"
+        raise ConfigError(f"{key} must be a finite number {bound}, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def check_intervention(intervention: Any) -> None:
+    """An ``intervention=`` must be None or an object with an ``attach(model, context)`` method.
+
+    Raises:
+        ConfigError: a class instead of an instance (``VHR`` for ``VHR()``), or an object without ``attach``.
+    """
+    if intervention is None:
+        return
+    if isinstance(intervention, type):
+        raise ConfigError(f"intervention must be an instance, got the class {intervention.__name__}; "
+                          f"pass {intervention.__name__}() instead")
+    if not callable(getattr(intervention, "attach", None)):
+        raise ConfigError(f"intervention must have an attach(model, context) method returning a context manager "
+                          f"(VHR(), VAR(), ZeroTuning()), got {type(intervention).__name__}")
+
+
+def _attached(intervention: Optional[Intervention], model: "TaskMLLM",
+              ctx: GenerationContext) -> contextlib.AbstractContextManager:
+    """``intervention.attach(model, ctx)``, checked to be a context manager (a null context without one)."""
+    if intervention is None:
+        return contextlib.nullcontext()
+    session = intervention.attach(model, ctx)
+    if not (hasattr(session, "__enter__") and hasattr(session, "__exit__")):
+        raise ConfigError(f"{type(intervention).__name__}.attach returned {type(session).__name__}, not a context "
+                          "manager (an object with __enter__ and __exit__)")
+    return session
+
+
 def pick_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
                 generator: Optional[torch.Generator]) -> torch.Tensor:
     """``(B, V)`` logits -> ``(B,)`` ids: argmax, or sampling with temperature and nucleus (top-p)."""
@@ -72,7 +149,8 @@ def pick_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p
         return logits.argmax(-1)
     if temperature <= 0:
         raise InputError(f"temperature must be > 0 when sampling, got {temperature}")
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.double()  # float64 and the max subtracted first: no NaN at temperatures down to 5e-324
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix with mass >= top_p
@@ -131,13 +209,26 @@ def generate(model: "TaskMLLM", batch: Batch, max_new_tokens: int = 64, do_sampl
              use_cache: bool = True, intervention: Optional[Intervention] = None) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` sampled tokens per sample (query ids not counted).
 
+    A sample also stops when the language model's context is full (``model.processor.max_length`` positions,
+    prompt included): its last token is then one that could not be fed back, and a task token whose K queries
+    would not fit is not emitted.
+
     Args:
         model: the TaskMLLM.
         batch: prompts from ``model.processor`` (left padded; labels ignored).
         do_sample, temperature, top_p, generator: sampling settings; greedy when ``do_sample`` is False.
         use_cache: False recomputes the whole sequence at every step (a reference for the cached path).
-        intervention: a VAR/VHR object; attached for the duration of the call.
+        intervention: a VAR/VHR/ZeroTuning object; attached for the duration of the call.
+
+    Raises:
+        ConfigError: an option of the wrong type or range, or an intervention that is not one
+            (:func:`check_generation`, :func:`check_intervention`).
     """
+    opts = check_generation(dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                 top_p=top_p, generator=generator, use_cache=use_cache), model.device)
+    check_intervention(intervention)
+    max_new_tokens, do_sample, temperature, top_p = (opts[k] for k in ("max_new_tokens", "do_sample", "temperature",
+                                                                       "top_p"))
     model.eval()
     batch = batch.to(model.device)
     feats, visual = (None, None) if batch.pixel_values is None else model.encode_images(batch.pixel_values)
@@ -151,9 +242,9 @@ def generate(model: "TaskMLLM", batch: Batch, max_new_tokens: int = 64, do_sampl
     done = [False] * bsz
     counts = [0] * bsz  # sampled tokens per sample (query ids not counted)
     next_pos = mask.sum(-1).tolist()
+    context = model.processor.max_length
     decoder = _Decoder(model, use_cache)
-    attach = intervention.attach(model, ctx) if intervention is not None else contextlib.nullcontext()
-    with attach:
+    with _attached(intervention, model, ctx):
         logits, prompt_hidden = decoder.feed(emb, mask, positions(mask), last_only=True)
         inputs = model.expert_inputs(batch, feats, prompt_hidden)
         last = [logits.shape[1] - 1] * bsz
@@ -163,7 +254,8 @@ def generate(model: "TaskMLLM", batch: Batch, max_new_tokens: int = 64, do_sampl
             toks = pick_tokens(step_logits, do_sample, temperature, top_p, generator).tolist()
             items: list[list[torch.Tensor]] = []
             for b in range(bsz):
-                items.append(_advance(model, b, toks[b], seqs, counts, done, eos, max_new_tokens))
+                items.append(_advance(model, b, toks[b], seqs, counts, done, eos, max_new_tokens,
+                                      room=context - next_pos[b]))
             ctx.step += 1
             needs_feed = [b for b in range(bsz) if items[b] and (not done[b] or len(items[b]) > 1)]
             if not needs_feed:
@@ -180,9 +272,20 @@ def generate(model: "TaskMLLM", batch: Batch, max_new_tokens: int = 64, do_sampl
 
 
 def _advance(model: "TaskMLLM", b: int, tok: int, seqs, counts, done, eos: int,
-             max_new: int) -> list[Union[int, torch.Tensor]]:
-    """Append the sampled token of sample ``b``; return what to feed next: the token id, then its queries."""
+             max_new: int, room: int) -> list[Union[int, torch.Tensor]]:
+    """Append the sampled token of sample ``b``; return what to feed next: the token id, then its queries.
+
+    ``room``: context positions left to sample ``b``; a token that does not fit ends the sample (a task token
+    whose queries do not fit is dropped: its expert would have no query states)."""
     if done[b]:
+        return []
+    task = model.task_ids.get(tok)
+    need = 1 + (model.queries[task].shape[0] if task is not None else 0)
+    if need > room:
+        done[b] = True
+        if task is None:
+            seqs[b].append(tok)
+            counts[b] += 1
         return []
     seqs[b].append(tok)
     counts[b] += 1
@@ -192,7 +295,6 @@ def _advance(model: "TaskMLLM", b: int, tok: int, seqs, counts, done, eos: int,
     if counts[b] >= max_new:
         done[b] = True
     feed: list[Union[int, torch.Tensor]] = [tok]
-    task = model.task_ids.get(tok)
     if task is not None:
         queries = model.queries[task]
         seqs[b] += [model.query_id] * queries.shape[0]

@@ -8,6 +8,7 @@ LLaVA's: the image before the question.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -22,19 +23,44 @@ from taskmllm.model.mllm import TaskMLLM
 VISION_KINDS = {"clip_vision_model": "hf_clip", "siglip_vision_model": "hf_siglip"}
 
 
+def check_llava_dir(src: Path) -> dict:
+    """``src/config.json`` of a transformers LLaVA checkpoint (``model_type: llava``), read without building
+    anything — a taskmllm or any other checkpoint is refused at once instead of being loaded as a default 7B LLaVA.
+
+    Raises:
+        CheckpointError: no directory, no or an unreadable ``config.json``, or another model type.
+    """
+    if not src.is_dir():
+        raise CheckpointError(src, "not a directory: give a local transformers LLaVA checkpoint directory")
+    file = src / CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(file, "missing: not a transformers checkpoint directory")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(file, f"not a readable JSON config ({exc})") from exc
+    if not isinstance(config, dict) or config.get("model_type") != "llava":
+        found = config.get("model_type") if isinstance(config, dict) else None
+        hint = " (a taskmllm checkpoint: load it with Pipeline.from_pretrained)" if isinstance(config, dict) and \
+            "format_version" in config else ""
+        raise CheckpointError(file, f"model_type {found!r} is not 'llava': this is not a transformers "
+                              f"LlavaForConditionalGeneration checkpoint{hint}")
+    return config
+
+
 def import_llava_hf(src: str | Path, tasks: Optional[Mapping[str, int]] = None) -> TaskMLLM:
     """Convert the LLaVA checkpoint directory ``src``; ``tasks`` (expert name -> K queries) gives it task tokens.
 
     Raises:
-        CheckpointError: ``src`` is not a transformers checkpoint directory.
+        CheckpointError: ``src`` is not a transformers LLaVA checkpoint directory (checked from its
+            ``config.json`` before any weight is read, :func:`check_llava_dir`).
         ConfigError: a LLaVA variant this import does not support (projector activation, several feature layers,
             another vision tower).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
 
     src = Path(src)
-    if not (src / CONFIG_FILE).is_file():
-        raise CheckpointError(src / CONFIG_FILE, "not a transformers checkpoint directory")
+    check_llava_dir(src)
     llava = LlavaForConditionalGeneration.from_pretrained(str(src), local_files_only=True, dtype=torch.float32)
     cfg = llava.config
     if cfg.projector_hidden_act != "gelu":

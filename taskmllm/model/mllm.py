@@ -19,11 +19,13 @@ from torch import nn
 from taskmllm.errors import CheckpointError, ConfigError, InputError
 from taskmllm.model.config import MLLMConfig
 from taskmllm.model.expert_inputs import ExpertInputs
-from taskmllm.model.generation import GenerationOutput, generate
-from taskmllm.model.io import CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, atomic_directory_write
+from taskmllm.model.generation import GenerationOutput, check_generation, generate
+from taskmllm.model.devices import check_device
+from taskmllm.model.io import (CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, atomic_directory_write, check_finite_weights,
+                               record_checksums, verify_checksums)
 from taskmllm.model.processor import IGNORE, Batch, Processor, positions
 from taskmllm.model.projector import Projector
-from taskmllm.model.tokenizer import add_protocol_tokens, load_tokenizer
+from taskmllm.model.tokenizer import add_protocol_tokens, checkpoint_tokenizer
 from taskmllm.model.tokens import IMAGE, QUERY, task_token
 from taskmllm.model.vision import build_vision_tower
 
@@ -51,14 +53,17 @@ class MLLMOutput:
 
 
 def build_llm(llm_config: dict):
-    """A randomly initialised transformers causal LM from a config dict with ``model_type``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A randomly initialised transformers causal LM from a config dict with ``model_type``.
 
-    cfg = dict(llm_config)
-    model_type = cfg.pop("model_type", None)
-    if model_type is None:
-        raise ConfigError("llm config needs a 'model_type' (e.g. 'llama')")
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
+    Raises:
+        ConfigError: the config is not one transformers builds, or a size is out of bounds
+            (:func:`taskmllm.model.config_check.check_llm`).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from taskmllm.model.config_check import check_llm
+
+    return AutoModelForCausalLM.from_config(check_llm(llm_config))
 
 
 class TaskMLLM(nn.Module):
@@ -72,6 +77,7 @@ class TaskMLLM(nn.Module):
 
     def __init__(self, config: MLLMConfig, tokenizer, llm: Optional[nn.Module] = None) -> None:
         super().__init__()
+        config.validate()  # before any module is built: nothing allocates from a malformed config
         self.config = config
         self.tokenizer = tokenizer
         self.vision = build_vision_tower(config.vision)
@@ -83,6 +89,9 @@ class TaskMLLM(nn.Module):
         self.queries = nn.ParameterDict({
             name: nn.Parameter(self._init_queries(k)) for name, k in config.tokens.tasks.items()})
         self.grid = self.projector.pooled_grid(self.vision.grid)  # (h', w') of the LLM's visual tokens
+        if min(self.vision.grid) < 1 or min(self.grid) < 1:
+            raise ConfigError(f"vision.image_size {config.vision.image_size} gives a {self.vision.grid} patch grid, "
+                              f"pooled by {config.projector.pool} to {self.grid}: the LLM would see no visual token")
         max_len = getattr(self.llm.config, "max_position_embeddings", 2048)
         self.processor = Processor(tokenizer, config, self.grid[0] * self.grid[1], max_len)
         self.image_id = tokenizer.convert_tokens_to_ids(IMAGE)
@@ -249,36 +258,53 @@ class TaskMLLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, batch: Batch, **kwargs) -> GenerationOutput:
-        """Decode with a KV cache; see :func:`taskmllm.model.generation.generate` for the arguments."""
-        return generate(self, batch, **kwargs)
+        """Decode with a KV cache; see :func:`taskmllm.model.generation.generate` for the arguments.
+
+        Raises:
+            ConfigError: an unknown keyword argument, or a value of the wrong type or range.
+        """
+        intervention = kwargs.pop("intervention", None)
+        return generate(self, batch, intervention=intervention, **check_generation(kwargs, self.device))
 
     # ------------------------------------------------------------------------------------------- i/o
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` + ``tokenizer/`` to directory ``path`` atomically."""
-        from safetensors.torch import save_model
-
+        """Write ``config.json`` + ``model.safetensors`` + ``tokenizer/`` + ``checksums.json`` to directory ``path``
+        atomically."""
         def write(tmp: Path) -> None:
-            self.config.save(tmp / CONFIG_FILE)
-            save_model(self, str(tmp / WEIGHTS_FILE))
-            self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            self.write_files(tmp)
+            record_checksums(tmp)
 
         return atomic_directory_write(path, write)
 
+    def write_files(self, directory: Path) -> None:
+        """Write the checkpoint's files into the existing ``directory`` (no checksums: the caller's save records
+        them over everything it writes)."""
+        from safetensors.torch import save_model
+
+        self.config.save(directory / CONFIG_FILE)
+        save_model(self, str(directory / WEIGHTS_FILE))
+        self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        bases: Optional[Mapping[str, Callable[..., "TaskMLLM"]]] = None) -> "TaskMLLM":
+                        bases: Optional[Mapping[str, Callable[..., "TaskMLLM"]]] = None,
+                        verify: bool = True) -> "TaskMLLM":
         """Load a directory written by :meth:`save_pretrained`, or an adapter directory (``adapter.json``, see
         :mod:`taskmllm.model.adapter`) whose base ``bases[name](**base_args)`` rebuilds.
 
+        ``verify``: check the weight file against the ``checksums.json`` recorded at save and every tensor it holds
+        for NaN/inf (:func:`~taskmllm.model.io.verify_checksums`, :func:`~taskmllm.model.io.check_finite_weights`;
+        an adapter's own tensors, not its base's, which come from installed packages).
+        The config is validated before any module is built.
+
         Raises:
-            CheckpointError: a missing file, a config of another format version, or corrupt weights; the message
-                names the file.
+            CheckpointError: a missing file, a config of another format version or with bad fields, an unreadable
+                tokenizer, or corrupt weights; the message names the file.
+            ConfigError: ``device`` is not a device of this machine.
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_model
+        from taskmllm.model.adapter import ADAPTER_FILE, ADAPTER_META, load_adapter
 
-        from taskmllm.model.adapter import ADAPTER_META, load_adapter
-
+        device = check_device(device)
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(path, "checkpoint directory not found")
@@ -286,15 +312,34 @@ class TaskMLLM(nn.Module):
             if not bases:
                 raise CheckpointError(path / ADAPTER_META, "an adapter checkpoint: its base model is rebuilt by "
                                       "JointModel.from_pretrained / Pipeline.from_pretrained (or pass bases=)")
-            return load_adapter(path, bases).to(device).eval()
+            if verify:
+                verify_checksums(path, [ADAPTER_FILE])
+            model = load_adapter(path, bases, verify=verify)  # scans the adapter's tensors, not the package base
+        else:
+            model = cls._load_full(path, verify, device)
+            if verify:
+                check_finite_weights(model, path / WEIGHTS_FILE)
+        return model.to(device).eval()
+
+    @classmethod
+    def _load_full(cls, path: Path, verify: bool, device: torch.device) -> "TaskMLLM":
+        """A full checkpoint directory (config, weights, tokenizer), its weights read onto ``device``."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_model
+
         for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR):
             if not (path / name).exists():
                 raise CheckpointError(path / name, "missing from the checkpoint directory")
+        if verify:
+            verify_checksums(path, [WEIGHTS_FILE])
         try:
             config = MLLMConfig.load(path / CONFIG_FILE)
         except ConfigError as exc:
             raise CheckpointError(path / CONFIG_FILE, str(exc)) from exc
-        model = cls(config, load_tokenizer(path / TOKENIZER_DIR))
+        try:
+            model = cls(config, checkpoint_tokenizer(path / TOKENIZER_DIR))
+        except ConfigError as exc:  # the tokenizer does not fit the config
+            raise CheckpointError(path, str(exc)) from exc
         try:
             missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False, device=str(device))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -302,7 +347,7 @@ class TaskMLLM(nn.Module):
         if missing or unexpected:
             raise CheckpointError(path / WEIGHTS_FILE, f"weights do not match the config: missing "
                                   f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-        return model.to(device).eval()
+        return model
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

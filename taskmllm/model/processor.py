@@ -1,8 +1,9 @@
 """Processor: images / videos + text -> a padded :class:`Batch`; token ids -> text.
 
-Images are accepted as a path, a PIL image or a numpy array (RGB, RGBA, grayscale, 16-bit, float 0-1), are
-converted to RGB and resized to the model's square input. A video is a sequence of frames (or a ``(T,H,W,3)``
-array), uniformly sampled down to ``max_frames``. ``<image>`` expands to one frame's visual tokens and
+Images are accepted as a path, a PIL image or a numpy array (RGB, RGBA, grayscale, 16-bit, float 0-1; see
+:mod:`taskmllm.model.images`, which also caps their size at ``max_image_pixels``), are converted to RGB and
+resized to the model's square input. Text must be a ``str`` of valid Unicode (:func:`check_text`). A video is a
+sequence of frames (or a ``(T,H,W,3)`` array), uniformly sampled down to ``max_frames``. ``<image>`` expands to one frame's visual tokens and
 ``<video>`` to every frame's, in order; answers get K ``<query>`` ids after each task token.
 """
 
@@ -14,13 +15,13 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from taskmllm.errors import ImageError, InputError, PromptTooLongError, VideoError
+from taskmllm.errors import InputError, PromptTooLongError, VideoError
 from taskmllm.model.config import MLLMConfig
+from taskmllm.model.images import MAX_IMAGE_PIXELS, ImageInput, load_image
 from taskmllm.model.tokens import IMAGE, QUERY, VIDEO, ChatTemplate, place_visual, task_token
 
-ImageInput = Union[str, Path, Image.Image, np.ndarray]
 VisualInput = Union[ImageInput, Sequence[ImageInput], None]
 IGNORE = -100
 
@@ -59,55 +60,30 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def load_image(image: ImageInput) -> Image.Image:
-    """Any supported image input -> an RGB PIL image. Raises :class:`ImageError` naming the problem."""
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise ImageError(f"image file not found: {path}")
-        if path.stat().st_size == 0:
-            raise ImageError(f"image file is empty: {path}")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                image = im.copy()
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise ImageError(f"cannot decode image file {path}: {exc}") from exc
-    if isinstance(image, np.ndarray):
-        image = _array_to_pil(image)
-    if not isinstance(image, Image.Image):
-        raise ImageError(f"unsupported image type {type(image).__name__}; use a path, PIL image or numpy array")
-    if image.width == 0 or image.height == 0:
-        raise ImageError(f"image has zero size ({image.width}x{image.height})")
-    return _to_rgb(image)
+def check_text(value: object, what: str = "prompt") -> str:
+    """``value`` as text a tokenizer can encode, or :class:`InputError` naming the problem: not a string (None, a
+    number, bytes, a dict), or not valid Unicode (a lone surrogate such as ``'\\ud800'``, which has no UTF-8 form)."""
+    if not isinstance(value, str):
+        raise InputError(f"the {what} must be a string, got {type(value).__name__} {_short(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = value[exc.start]
+        raise InputError(f"the {what} is not valid Unicode text: character {exc.start} is U+{ord(bad):04X}, a lone "
+                         "surrogate (decode bytes with errors='replace' first)") from exc
+    return value
 
 
-def _array_to_pil(arr: np.ndarray) -> Image.Image:
-    if arr.size == 0:
-        raise ImageError(f"image array has zero size (shape {arr.shape})")
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[..., 0]
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-        raise ImageError(f"image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {arr.shape}")
-    if arr.dtype == np.uint16:
-        arr = (arr // 257).astype(np.uint8)
-    elif np.issubdtype(arr.dtype, np.floating):
-        arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    elif arr.dtype != np.uint8:
-        arr = np.clip(arr, 0, 255).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(arr))
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        image = Image.fromarray((arr / peak * 255.0 + 0.5).clip(0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+def _sequence(value: object, what: str) -> list:
+    """``value`` (a list, tuple or array of items) as a list, or :class:`InputError`."""
+    if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim > 0):
+        return list(value)
+    raise InputError(f"{what} must be a list, got {type(value).__name__} {_short(value)}")
 
 
 def sample_frames(frames: Sequence[ImageInput], max_frames: int) -> list[ImageInput]:
@@ -122,13 +98,19 @@ def sample_frames(frames: Sequence[ImageInput], max_frames: int) -> list[ImageIn
 
 
 class Processor:
-    """Turns prompts, answers and images into :class:`Batch` objects for a :class:`TaskMLLM`."""
+    """Turns prompts, answers and images into :class:`Batch` objects for a :class:`TaskMLLM`.
 
-    def __init__(self, tokenizer, config: MLLMConfig, tokens_per_frame: int, max_length: int) -> None:
+    ``max_image_pixels``: the largest image (width x height) accepted, checked before decoding a file
+    (:data:`~taskmllm.model.images.MAX_IMAGE_PIXELS` by default; set the attribute to change it).
+    """
+
+    def __init__(self, tokenizer, config: MLLMConfig, tokens_per_frame: int, max_length: int,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
         self.tokenizer = tokenizer
         self.config = config
         self.tokens_per_frame = tokens_per_frame
         self.max_length = max_length
+        self.max_image_pixels = max_image_pixels
         self.chat = ChatTemplate(**config.tokens.chat)
         ids = tokenizer.convert_tokens_to_ids
         self.image_id, self.video_id, self.query_id = ids(IMAGE), ids(VIDEO), ids(QUERY)
@@ -141,7 +123,7 @@ class Processor:
     # ------------------------------------------------------------------------------------------ images
     def pixels(self, image: ImageInput) -> tuple[torch.Tensor, tuple[int, int]]:
         """One image -> ``(3, S, S)`` normalized pixels and its original ``(height, width)``."""
-        pil = load_image(image)
+        pil = load_image(image, self.max_image_pixels)
         size = self.config.vision.image_size
         arr = np.asarray(pil.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
         x = torch.from_numpy(arr).permute(2, 0, 1)
@@ -176,7 +158,7 @@ class Processor:
             return self.encode_turns([(prompt, answer)], num_frames, is_video, add_eos)
         tok = self.tokenizer
         head = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        ids = self._expand_visual(head + tok.encode(self.format_prompt(prompt, num_frames, is_video),
+        ids = self._expand_visual(head + tok.encode(self.format_prompt(check_text(prompt), num_frames, is_video),
                                                     add_special_tokens=False), num_frames)
         self._check_length(ids, num_frames)
         return ids, [IGNORE] * len(ids)
@@ -191,6 +173,7 @@ class Processor:
         tok = self.tokenizer
         ids = [tok.bos_token_id] if tok.bos_token_id is not None else []
         labels = [IGNORE] * len(ids)
+        turns = [(check_text(q, "question"), check_text(a, "answer")) for q, a in turns]
         has_marker = any(IMAGE in q or VIDEO in q for q, _ in turns)
         for k, (question, answer) in enumerate(turns):
             if k == 0:  # the system text, and the placeholder added when no question has one
@@ -248,13 +231,22 @@ class Processor:
 
     def __call__(self, prompts: Union[str, Sequence[str]], images: Union[VisualInput, Sequence[VisualInput]] = None,
                  answers: Optional[Sequence[Optional[str]]] = None, padding_side: str = "left") -> Batch:
-        """Build a batch. ``images[i]`` is an image, a list of frames (a video) or None for sample ``i``."""
+        """Build a batch. ``images[i]`` is an image, a list of frames (a video) or None for sample ``i``.
+
+        Raises:
+            InputError: no prompts, a prompt that is not valid text, or as many images as prompts missing.
+        """
         if isinstance(prompts, str):
             prompts, images = [prompts], [images]
             answers = None if answers is None else [answers] if isinstance(answers, str) else answers
-        images = [None] * len(prompts) if images is None else list(images)
+        prompts = [check_text(p) for p in _sequence(prompts, "prompts")]
+        if not prompts:
+            raise InputError("no prompts: give a prompt string or a non-empty list of them")
+        images = [None] * len(prompts) if images is None else _sequence(images, "images")
         if len(images) != len(prompts):
             raise InputError(f"{len(prompts)} prompts but {len(images)} images")
+        if answers is not None and len(_sequence(answers, "answers")) != len(prompts):
+            raise InputError(f"{len(prompts)} prompts but {len(answers)} answers")
         rows, pix, counts, sizes = [], [], [], []
         for i, prompt in enumerate(prompts):
             is_video, frames, tensors = self._visual(images[i])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from taskmllm.errors import ConfigError
+from taskmllm.errors import CheckpointError, ConfigError
 from taskmllm.model.tokens import PROTOCOL_TOKENS, task_token
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
@@ -69,3 +69,22 @@ def load_tokenizer(path: str | Path, tasks: Iterable[str] = ()):
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     add_protocol_tokens(tok, tasks)
     return tok
+
+
+def checkpoint_tokenizer(path: str | Path, tasks: Iterable[str] = ()):
+    """:func:`load_tokenizer` of a checkpoint's ``tokenizer/`` directory.
+
+    Raises:
+        CheckpointError: the directory's files are not a tokenizer transformers reads (a garbage
+            ``tokenizer.json``, a binary ``tokenizer_config.json``), naming the directory.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(path, "missing: not a tokenizer directory")
+    try:
+        return load_tokenizer(path, tasks)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises a plain Exception for a malformed tokenizer.json
+        raise CheckpointError(path, f"cannot read the tokenizer: {type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:300]}") from exc

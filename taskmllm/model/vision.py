@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from taskmllm.errors import ConfigError
 from taskmllm.model.config import VisionConfig
 
 
@@ -61,7 +62,7 @@ class HFVisionTower(VisionTower):
         from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
         if config.hf_config is None:
-            raise ValueError(f"vision kind {config.kind!r} needs vision.hf_config")
+            raise ConfigError(f"vision kind {config.kind!r} needs vision.hf_config")
         hf = dict(config.hf_config)
         hf.pop("model_type", None)
         if config.kind == "hf_clip":
@@ -128,5 +129,17 @@ VISION_TOWERS: dict[str, Callable[[VisionConfig], VisionTower]] = {
 
 
 def build_vision_tower(config: VisionConfig) -> VisionTower:
-    """The adapter named by ``config.kind``."""
-    return VISION_TOWERS[config.kind](config)
+    """The adapter named by ``config.kind``.
+
+    Raises:
+        ConfigError: an unknown kind, or a config the tower's library rejects.
+    """
+    from taskmllm.model.config_check import CONFIG_ERRORS
+
+    if config.kind not in VISION_TOWERS:
+        raise ConfigError(f"vision.kind {config.kind!r} is not one of {sorted(VISION_TOWERS)}")
+    try:
+        return VISION_TOWERS[config.kind](config)
+    except CONFIG_ERRORS as exc:
+        raise ConfigError(f"vision: cannot build a {config.kind} tower from this config: "
+                          f"{' '.join(str(exc).split())}") from exc

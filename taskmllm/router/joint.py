@@ -20,7 +20,8 @@ from torch import nn
 from taskmllm.errors import CheckpointError, ConfigError, RegistryError
 from taskmllm.experts import EXPERTS, build_expert, default_spec
 from taskmllm.experts.base import Expert, ExpertSpec, TaskTarget
-from taskmllm.model.io import atomic_directory_write
+from taskmllm.model.devices import check_device
+from taskmllm.model.io import atomic_directory_write, check_finite_weights, record_checksums, verify_checksums
 from taskmllm.model.mllm import MLLMOutput, TaskMLLM
 from taskmllm.model.processor import Batch
 from taskmllm.router.dispatch import run_calls
@@ -127,53 +128,71 @@ class JointModel(nn.Module):
         return JointOutput(total, lm, terms, calls, out)
 
     # ----------------------------------------------------------------------------------------------- i/o
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Atomically write the MLLM checkpoint plus ``experts/<name>/{config.json, model.safetensors}``."""
+    def save_pretrained(self, path: str | Path, extra: Optional[Mapping[str, str]] = None) -> Path:
+        """Atomically write the MLLM checkpoint plus ``experts/<name>/{config.json, model.safetensors}`` and
+        ``checksums.json`` (every weight file's SHA-256). ``extra``: more text files (name -> content) written
+        inside the same rename, e.g. a training run's ``train_config.yaml``."""
         from safetensors.torch import save_model
 
         def write(tmp: Path) -> None:
-            self.mllm.save_pretrained(tmp / "_mllm")
-            for item in (tmp / "_mllm").iterdir():
-                item.rename(tmp / item.name)
-            (tmp / "_mllm").rmdir()
+            self.mllm.write_files(tmp)
             for name, expert in self.experts.items():
                 d = tmp / EXPERTS_DIR / name
                 d.mkdir(parents=True)
                 (d / "config.json").write_text(json.dumps(expert.spec.to_dict(), indent=2))
                 save_model(expert, str(d / "model.safetensors"))
+            for name, text in (extra or {}).items():
+                (tmp / name).write_text(text)
+            record_checksums(tmp)
 
         return atomic_directory_write(path, write)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        registry: Optional[Mapping[str, type[Expert]]] = None) -> "JointModel":
+                        registry: Optional[Mapping[str, type[Expert]]] = None, verify: bool = True) -> "JointModel":
         """Load a directory written by :meth:`save_pretrained`, or a shipped model by name (``"tiny"``).
 
-        Typed errors name the bad file."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_model
-
+        ``verify``: check every weight file against the checksums recorded at save and the weights for NaN/inf
+        (see :meth:`TaskMLLM.from_pretrained`). Typed errors name the bad file."""
         from taskmllm.zoo import BUILDERS, resolve_checkpoint
 
+        device = check_device(device)
         path = resolve_checkpoint(path)
-        mllm = TaskMLLM.from_pretrained(path, device=device, bases=BUILDERS)
-        experts = {}
-        for name in mllm.config.tokens.tasks:
-            d = path / EXPERTS_DIR / name
-            for f in ("config.json", "model.safetensors"):
-                if not (d / f).is_file():
-                    raise CheckpointError(d / f, f"missing: the checkpoint has task <{name}> but no expert weights")
-            try:
-                spec = ExpertSpec.from_dict(json.loads((d / "config.json").read_text()))
-            except (ValueError, ConfigError) as exc:
-                raise CheckpointError(d / "config.json", str(exc)) from exc
-            expert = build_expert(name, spec, registry if registry is not None else EXPERTS)
-            try:
-                load_model(expert, str(d / "model.safetensors"), strict=True, device=str(device))
-            except (SafetensorError, OSError, RuntimeError) as exc:
-                raise CheckpointError(d / "model.safetensors", f"cannot load expert weights: {exc}") from exc
-            experts[name] = expert
+        mllm = TaskMLLM.from_pretrained(path, device=device, bases=BUILDERS, verify=verify)
+        experts = {name: _load_expert(path, name, mllm, device, registry, verify) for name in mllm.config.tokens.tasks}
         return cls(mllm, experts).to(device).eval()
+
+
+def _load_expert(path: Path, name: str, mllm: TaskMLLM, device: torch.device,
+                 registry: Optional[Mapping[str, type[Expert]]], verify: bool) -> Expert:
+    """Expert ``name`` of checkpoint ``path``, checked to fit ``mllm`` before it is built."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    d = path / EXPERTS_DIR / name
+    for f in ("config.json", "model.safetensors"):
+        if not (d / f).is_file():
+            raise CheckpointError(d / f, f"missing: the checkpoint has task <{name}> but no expert weights")
+    try:
+        spec = ExpertSpec.from_dict(json.loads((d / "config.json").read_text(encoding="utf-8")))
+    except (ValueError, ConfigError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(d / "config.json", str(exc)) from exc
+    if (spec.hidden_size, spec.vision_dim) != (mllm.hidden_size, mllm.vision.width):
+        raise CheckpointError(d / "config.json", f"expert {name!r} reads hidden size {spec.hidden_size} and vision "
+                              f"width {spec.vision_dim}, the model has {mllm.hidden_size} and {mllm.vision.width}")
+    if verify:
+        verify_checksums(path, [f"{EXPERTS_DIR}/{name}/model.safetensors"])
+    try:
+        expert = build_expert(name, spec, registry if registry is not None else EXPERTS)
+    except ConfigError as exc:
+        raise CheckpointError(d / "config.json", str(exc)) from exc
+    try:
+        load_model(expert, str(d / "model.safetensors"), strict=True, device=str(device))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(d / "model.safetensors", f"cannot load expert weights: {exc}") from exc
+    if verify:
+        check_finite_weights(expert, d / "model.safetensors")
+    return expert
 
 
 def _match_targets(calls: Sequence[TaskCall], targets: Sequence[Sequence[TaskTarget]]) -> dict[int, TaskTarget]:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -15,10 +16,12 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from taskmllm.errors import ConfigError, InputError
 from taskmllm.model.expert_inputs import ExpertInputs
-from taskmllm.model.generation import Intervention
+from taskmllm.model.generation import Intervention, check_generation, check_intervention
+from taskmllm.model.images import load_image
 from taskmllm.model.interventions.calibrated import make_intervention
-from taskmllm.model.processor import VisualInput, load_image
+from taskmllm.model.processor import VisualInput, check_text
 from taskmllm.model.tokens import decode_boxes, strip_protocol
 from taskmllm.router.dispatch import run_calls
 from taskmllm.router.joint import JointModel
@@ -37,13 +40,16 @@ class Pipeline:
         self._named: dict[str, Intervention] = {}  # named interventions built once (VAR calibrates its sink dims once)
 
     @classmethod
-    def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "Pipeline":
+    def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+                        verify: bool = True) -> "Pipeline":
         """Load a checkpoint directory written by ``JointModel.save_pretrained``, or a shipped model by name
-        (``"tiny"``, the embedded default), with the calibrated intervention settings it carries."""
+        (``"tiny"``, the embedded default), with the calibrated intervention settings it carries. ``verify``:
+        check the weight files' SHA-256 against the checksums recorded at save, and the weights for NaN/inf (a
+        :class:`CheckpointError` naming the file)."""
         from taskmllm.zoo import model_calibration
 
         calibration = model_calibration(path)  # a malformed interventions.json fails before the weights load
-        return cls(JointModel.from_pretrained(path, device=device), calibration)
+        return cls(JointModel.from_pretrained(path, device=device, verify=verify), calibration)
 
     def intervention(self, name: Optional[str], **overrides: Any) -> Optional[Intervention]:
         """A named intervention for this model: ``"vhr"``, ``"var"``, ``"zerotuning"`` with the model's calibrated
@@ -80,7 +86,7 @@ class Pipeline:
         return self.model.mllm.processor
 
     @torch.no_grad()
-    def __call__(self, visual: Union[VisualInput, Sequence[VisualInput]], prompt: Union[str, Sequence[str]],
+    def __call__(self, visual: Union[VisualInput, Sequence[VisualInput]], prompt: Union[str, Sequence[str]], /,
                  max_new_tokens: int = 64, intervention: Union[Intervention, str, None] = None,
                  score_threshold: Optional[float] = None, **generation) -> Union[Result, list[Result]]:
         """Answer ``prompt`` about ``visual`` (an image, a list of frames, or None).
@@ -88,22 +94,31 @@ class Pipeline:
         ``score_threshold``: the lowest detection score kept (None: the detection expert's option, 0.5);
         evaluation passes 0 so that COCO AP ranks every slot, as DETR's evaluation does.
 
-        Lists of prompts (with a list of visuals) run as one batch and return a list of results.
-        ``generation`` is passed to ``TaskMLLM.generate`` (``do_sample``, ``temperature``, ``top_p``, ...).
+        Lists of prompts (with a list of visuals, one per prompt, or None) run as one batch and return a list of
+        results. ``generation`` is passed to ``TaskMLLM.generate`` (``do_sample``, ``temperature``, ``top_p``,
+        ``generator``, ``use_cache``).
+
+        ``visual`` and ``prompt`` are positional (a ``prompt=`` keyword is an unknown generation option).
+        Every argument is checked before any compute: a prompt that is not a string of valid Unicode, a batch
+        whose prompts and visuals do not pair up, or an unreadable image is an :class:`InputError` (or
+        :class:`ImageError` / :class:`VideoError`); an unknown or out-of-range generation option, a
+        ``score_threshold`` outside [0, 1] or an ``intervention`` that is not one is a :class:`ConfigError`.
         ``intervention``: an object (``VHR(...)``, ``VAR(...)``, ``ZeroTuning(...)``) or a name resolved by
         :meth:`intervention` (the model's calibrated settings).
         """
         if isinstance(intervention, str):
             intervention = self.intervention(intervention)
         single = isinstance(prompt, str)
-        prompts = [prompt] if single else list(prompt)
-        visuals = [visual] if single else list(visual)
+        prompts, visuals = _requests(visual, prompt)
         mllm = self.model.mllm
+        options = check_generation({"max_new_tokens": max_new_tokens, **generation}, mllm.device)
+        check_intervention(intervention)
+        score_threshold = _check_threshold(score_threshold)
         prompt_boxes = [_prompt_box(p) for p in prompts]  # a malformed <box> fails before any compute
         t0 = time.perf_counter()
         batch = self.processor(prompts, visuals)
         t1 = time.perf_counter()
-        out = mllm.generate(batch, max_new_tokens=max_new_tokens, intervention=intervention, **generation)
+        out = mllm.generate(batch, intervention=intervention, **options)
         t2 = time.perf_counter()
         calls = self.model.router.route_generation(out)
         per_call = self._run_experts(calls, out.expert_inputs, batch.frames_per_sample, prompt_boxes,
@@ -114,8 +129,17 @@ class Pipeline:
             raw = mllm.processor.decode(out.sequences[b])
             results.append(Result(text=strip_protocol(raw, self.model.experts), raw_text=raw,
                                   calls=[per_call[id(c)] for c in calls if c.sample == b], timings=timings,
-                                  **_pictures(visuals[b])))
+                                  **self._pictures(visuals[b])))
         return results[0] if single else results
+
+    def _pictures(self, visual: VisualInput) -> dict:
+        """The pictures a result draws on: the image, or the frames the model saw (sampled like the processor)."""
+        if visual is None:
+            return {}
+        cap = self.processor.max_image_pixels
+        if isinstance(visual, (list, tuple)) or (isinstance(visual, np.ndarray) and visual.ndim == 4):
+            return {"frames": [load_image(f, cap) for f in self.processor.frames(visual)]}
+        return {"image": load_image(visual, cap)}
 
     def _run_experts(self, calls: list[TaskCall], inputs: Optional[ExpertInputs], frames_per_sample: list[int],
                      prompt_boxes: list[Optional[torch.Tensor]],
@@ -137,9 +161,35 @@ def _prompt_box(prompt: str) -> Optional[torch.Tensor]:
     return torch.tensor(boxes[0], dtype=torch.float32) if boxes else None
 
 
-def _pictures(visual: VisualInput) -> dict:
+def _requests(visual: object, prompt: object) -> tuple[list[str], list]:
+    """``(prompts, visuals)`` of one call: a prompt string with its visual, or a non-empty list of prompts with a
+    list of as many visuals (or None: all text-only).
+
+    Raises:
+        InputError: anything else, naming what was given.
+    """
+    if isinstance(prompt, str):
+        return [check_text(prompt)], [visual]
+    if not isinstance(prompt, (list, tuple)):
+        raise InputError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+    if not prompt:
+        raise InputError("no prompts: give a prompt string or a non-empty list of them")
+    prompts = [check_text(p) for p in prompt]
     if visual is None:
-        return {}
-    if isinstance(visual, (list, tuple)) or (isinstance(visual, np.ndarray) and visual.ndim == 4):
-        return {"frames": [load_image(f) for f in visual]}
-    return {"image": load_image(visual)}
+        return prompts, [None] * len(prompts)
+    if not isinstance(visual, (list, tuple)):
+        raise InputError(f"a list of {len(prompts)} prompts needs a list of {len(prompts)} visuals (an image, a list "
+                         f"of frames or None each), got {type(visual).__name__}")
+    if len(visual) != len(prompts):
+        raise InputError(f"{len(prompts)} prompts but {len(visual)} visuals; give one visual (or None) per prompt")
+    return prompts, list(visual)
+
+
+def _check_threshold(value: object) -> Optional[float]:
+    """``score_threshold``: None, or a finite number in [0, 1]."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise ConfigError(f"score_threshold must be None or a number in [0, 1], got {value!r} "
+                          f"({type(value).__name__})")
+    return float(value)

@@ -10,6 +10,7 @@ raises :class:`ConfigError` naming its path. The resolved config is written besi
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,7 +141,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Value checks that need no I/O (paths are checked by :func:`check_paths`)."""
-        from taskmllm.training.aux import parse_aux
+        check_numbers(self)
 
         for key, mode in self.stage.trainable.items():
             base = key.split(".", 1)[0]
@@ -151,19 +152,67 @@ class TrainConfig:
                 raise ConfigError(f"stage.trainable.{key}: mode {mode!r} is not one of {MODES}")
         if not any(m != "frozen" for m in self.stage.trainable.values()):
             raise ConfigError(f"stage {self.stage.name!r} freezes every component: nothing would train")
+        from taskmllm.training.aux import parse_aux  # imports torch: after the cheap checks
+
         parse_aux(self.stage.aux)
         self.data.specs()
-        for name, value in (("max_steps", self.max_steps), ("grad_accum", self.grad_accum),
-                            ("save_every", self.save_every), ("keep_last", self.keep_last),
-                            ("data.batch_size", self.data.batch_size), ("data.length", self.data.length)):
-            if value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}")
-        if self.optim.lr <= 0 or not 0 <= self.optim.min_lr_ratio <= 1:
-            raise ConfigError("optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
+
+
+#: Integer settings: (dotted name, lowest, highest value).
+INT_RANGES = (("max_steps", 1, 10**9), ("grad_accum", 1, 2**16), ("save_every", 1, 10**9), ("keep_last", 1, 10**6),
+              ("seed", 0, 2**63 - 1), ("data.batch_size", 1, 4096), ("data.length", 1, 2**31 - 1),
+              ("data.seed", 0, 2**63 - 1), ("optim.warmup_steps", 0, 10**9), ("model.max_frames", 1, 1024),
+              ("stage.lora.r", 1, 4096))
+#: Float settings: (dotted name, lowest, highest, whether the lowest is excluded); every one must be finite.
+FLOAT_RANGES = (("optim.lr", 0.0, 10.0, True), ("optim.weight_decay", 0.0, 1e3, False),
+                ("optim.eps", 0.0, 1.0, True), ("optim.min_lr_ratio", 0.0, 1.0, False),
+                ("optim.grad_clip", 0.0, math.inf, True), ("stage.lm_weight", 0.0, math.inf, False),
+                ("stage.lora.alpha", 0.0, math.inf, True), ("stage.lora.dropout", 0.0, 0.999, False))
+
+
+def check_numbers(cfg: TrainConfig) -> None:
+    """Every numeric setting is finite and in its range (:data:`INT_RANGES`, :data:`FLOAT_RANGES`; ``optim.betas``
+    in [0, 1), ``optim.token_lr`` and the expert weights like ``optim.lr`` / ``stage.lm_weight``).
+
+    Raises:
+        ConfigError: naming the setting, its range and the value (``optim.lr must be a finite number in (0, 10],
+            got nan``).
+    """
+    for name, low, high in INT_RANGES:
+        value = _get(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    floats = [(name, _get(cfg, name), low, high, open_low) for name, low, high, open_low in FLOAT_RANGES]
+    for i, beta in enumerate(cfg.optim.betas):
+        if not (isinstance(beta, float) and 0.0 <= beta < 1.0):  # NaN fails the comparison too
+            raise ConfigError(f"optim.betas[{i}] must be a finite number in [0, 1), got {beta!r}")
+    floats += [(f"stage.expert_weights.{k}", w, 0.0, math.inf, False) for k, w in cfg.stage.expert_weights.items()]
+    if cfg.optim.token_lr is not None:
+        floats.append(("optim.token_lr", cfg.optim.token_lr, 0.0, 10.0, True))
+    for name, value, low, high, open_low in floats:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value < low or (open_low and value == low) or value > high:
+            bounds = f"{'(' if open_low else '['}{low:g}, {high:g}]" if math.isfinite(high) else \
+                f"{'>' if open_low else '>='} {low:g}"
+            raise ConfigError(f"{name} must be a finite number {'in ' if math.isfinite(high) else ''}{bounds}, "
+                              f"got {value!r}")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def check_paths(cfg: TrainConfig) -> None:
-    """Every path the run reads must exist: raise :class:`ConfigError` before any compute starts."""
+    """Every path the run reads must exist, ``out_dir`` must be writable and ``device`` must exist on this
+    machine: raise :class:`ConfigError` before any compute starts."""
+    from taskmllm.model.devices import check_device
+    from taskmllm.model.io import check_output_dir
+
+    if cfg.device != "auto":
+        check_device(cfg.device)
+    check_output_dir(cfg.out_dir, "out_dir")
     for name, spec in cfg.data.specs().items():
         try:
             spec.check_files()
@@ -205,12 +254,17 @@ def parse_override(item: str) -> tuple[str, Any]:
     try:
         return key, yaml.safe_load(value) if value != "" else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from exc
+        raise ConfigError(f"override {item!r}: cannot parse the value{_yaml_where(exc)}") from exc
+
+
+def config_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as YAML text (loads back with :func:`load_config`)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def save_config(cfg: TrainConfig, path: Union[str, Path]) -> None:
     """Write the resolved config as YAML (loads back with :func:`load_config`)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(config_yaml(cfg))
 
 
 def _read_yaml(path: Path, seen: tuple) -> dict:
@@ -219,15 +273,25 @@ def _read_yaml(path: Path, seen: tuple) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: inherit cycle")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}); a stage config is YAML") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: invalid YAML{_yaml_where(exc)}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     parent = raw.pop("inherit", None)
     if parent is None:
         return raw
     return _merge(_read_yaml(path.parent / parent, seen + (path.resolve(),)), raw)
+
+
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    """`` at line L, column C: <problem>`` of a YAML error, on one line."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {problem}"
 
 
 def _merge(base: dict, top: dict) -> dict:

@@ -146,7 +146,7 @@ def ship_model(model: Path, card: Path, run: Path, dest: Path, base: Optional[tu
     ``base = (builder name, its arguments)``: ship an adapter (the difference from that rebuilt base) instead
     of the full weights.
     """
-    from taskmllm.model.io import atomic_directory_write
+    from taskmllm.model.io import atomic_directory_write, record_checksums
 
     def write(tmp: Path) -> None:
         def full_weights(folder: str, names: list[str]) -> list[str]:  # an adapter replaces them (experts stay)
@@ -165,6 +165,7 @@ def ship_model(model: Path, card: Path, run: Path, dest: Path, base: Optional[tu
         curves.mkdir()
         for png in sorted(run.glob("*.png")) + sorted(run.glob("*/loss.png")):
             shutil.copy(png, curves / (png.name if png.parent == run else f"{png.parent.name}.png"))
+        record_checksums(tmp)  # the adapter replaced the full weights: the sums describe what ships
 
     return atomic_directory_write(dest, write)
 

@@ -29,7 +29,7 @@ from taskmllm.errors import ConfigError
 from taskmllm.model.processor import IGNORE
 from taskmllm.training.aux import AuxContext, AuxStates, build_aux
 from taskmllm.training.checkpoint import Checkpointer
-from taskmllm.training.config import OptimConfig, TrainConfig, check_paths, save_config
+from taskmllm.training.config import OptimConfig, TrainConfig, check_paths, config_yaml, save_config
 from taskmllm.training.losses import check_expert_names, expert_of, total_loss
 from taskmllm.training.model_init import check_data_fits
 from taskmllm.training.stages import apply_stage, merge_lora, protocol_token_ids
@@ -132,8 +132,7 @@ def train(cfg: TrainConfig) -> Path:
             p.data = p.data.clone()
     if rank == 0:
         merge_lora(joint, aux)
-        joint.save_pretrained(final)
-        save_config(cfg, final / "train_config.yaml")
+        joint.save_pretrained(final, extra={"train_config.yaml": config_yaml(cfg)})  # one rename: never without it
     if world > 1:
         torch.distributed.barrier()
     return final

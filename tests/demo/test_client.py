@@ -146,6 +146,12 @@ def _one_pixel(tmp_path):
     return path
 
 
+def _bomb(tmp_path):
+    path = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(path)  # 400 megapixels in about 48 KB: a decompression bomb
+    return path
+
+
 def _zero_frames(tmp_path):
     import av
 
@@ -164,16 +170,36 @@ def _zero_frames(tmp_path):
     ("1x1 image", "image", "Describe it.", r"dot\.png is 1x1 pixels; images must be at least 8 pixels"),
     ("0-frame video", "video", "Describe it.", r"empty\.mp4 has zero frames"),
     ("empty instruction", None, "   ", r"the instruction is empty"),
+    ("decompression bomb", "image", "Describe it.", r"image bomb\.png has more than 179 megapixels \(a decompression "
+                                                   r"bomb\?\); the limit is 64 megapixels"),
+    ("bomb as a video frame", "video", "Describe it.", r"video bomb\.png has more than 179 megapixels"),
 ])
 def test_bad_input_gives_a_readable_error_and_the_server_keeps_answering(client, demo_pipeline, tmp_path, case,
                                                                          slot, instruction, message):
     make = {"corrupt image": _corrupt, "corrupt video": _corrupt, "1x1 image": _one_pixel,
-            "0-frame video": _zero_frames, "empty instruction": None}[case]
+            "0-frame video": _zero_frames, "empty instruction": None, "decompression bomb": _bomb,
+            "bomb as a video frame": _bomb}[case]
     file = handle_file(str(make(tmp_path))) if make else None
     with pytest.raises(AppError, match=message):
         client.predict(image=file if slot == "image" else None, video=[file] if slot == "video" else None,
                        instruction=instruction, api_name="/answer")
     _, _, record, _, _, _ = ask(client, None, TEXT[1])  # the next request is served normally
+    assert record["text"] == "A round shape."
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"max_new_tokens": "many"}, r"max new tokens must be a number, got 'many'"),
+    ({"max_new_tokens": 2.5}, r"max new tokens must be a finite integer, got 2.5"),
+    ({"temperature": None, "do_sample": True}, r"temperature must be a number, got None"),
+    ({"top_p": 0.0, "do_sample": True}, r"top_p must be a finite number in \(0, 1\], got 0.0"),
+    ({"instruction": 5}, r"the instruction must be a string, got int 5"),
+])
+def test_bad_api_settings_are_named_and_the_server_keeps_answering(client, settings, message):
+    """A script calling the API may send anything: the page's own sliders cannot, so the handler checks it."""
+    call = {"image": None, "video": None, "instruction": TEXT[1], **settings}
+    with pytest.raises(AppError, match=message):
+        client.predict(api_name="/answer", **call)
+    _, _, record, _, _, _ = ask(client, None, TEXT[1])
     assert record["text"] == "A round shape."
 
 

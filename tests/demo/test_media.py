@@ -8,7 +8,7 @@ from PIL import Image
 
 from taskmllm.data.media import MediaLimits, encode_animation, read_image, read_video, sample_indices
 from taskmllm.data.shapesworld import ShapesWorld, WorldConfig
-from taskmllm.errors import ImageError, VideoError
+from taskmllm.errors import ConfigError, ImageError, VideoError
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +103,27 @@ def test_encoded_animations_round_trip_frame_count(tmp_path, clip):
         path = _write(tmp_path / f"x.{fmt}", encode_animation(list(clip[:5]), fmt))
         with Image.open(path) as im:
             assert im.n_frames == 5
+
+
+def test_malformed_files_found_by_fuzzing_are_typed(tmp_path):
+    """Inputs the fuzz suite found escaping as untyped exceptions, kept as regressions."""
+    truncated_gif = (b"GIF89a\x10\x00\x10\x00\x81\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00!\xf9\x04"
+                     b"\x00\n\x00\x00\x00,\x00\x00\x00\x00\x10\x00")  # Pillow raised struct.error
+    with pytest.raises(VideoError, match="cannot decode video file t.gif: it is not a readable animation"):
+        read_video(_write(tmp_path / "t.gif", truncated_gif), 8)
+    for frames in (0, -1, 2.5, "4", None, True):  # a comparison with a str raised TypeError
+        with pytest.raises(ConfigError, match=r"num_frames must be an integer >= 1"):
+            read_video(tmp_path / "t.gif", frames)
+
+
+def test_pixel_cap_applies_to_videos_before_decoding(tmp_path):
+    gif = bytearray(encode_animation([np.zeros((16, 16, 3), np.uint8)] * 2, "gif"))
+    gif[6:10] = (9000).to_bytes(2, "little") * 2  # the logical screen claims 9000 x 9000: under Pillow's limits
+    with pytest.raises(VideoError, match=r"video huge.gif is 9000x9000 = 81 megapixels; the limit is 64"):
+        read_video(_write(tmp_path / "huge.gif", bytes(gif)), 8)
+    gif[6:10] = (30000).to_bytes(2, "little") * 2  # 900 megapixels: Pillow itself refuses to open it
+    with pytest.raises(VideoError, match=r"video bomb.gif has more than 179 megapixels \(a decompression bomb\?\)"):
+        read_video(_write(tmp_path / "bomb.gif", bytes(gif)), 8)
+    Image.new("RGB", (300, 200)).save(tmp_path / "frame.png")
+    with pytest.raises(ImageError, match=r"image frame.png is 300x200 = 0.06 megapixels; the limit is 0.05"):
+        read_image(tmp_path / "frame.png", MediaLimits(max_image_pixels=50_000))

@@ -76,3 +76,31 @@ def test_make_intervention_defaults_without_a_calibration(checkpoint):
         make_intervention("dola", pipe)
     with pytest.raises(ConfigError, match="cannot be reached"):
         make_intervention("var", pipe, tau=8.0)
+
+
+def test_eval_options_and_outputs_are_checked_before_the_model_loads(tmp_path, tiny_checkpoint):
+    from taskmllm.eval.benchmarks import EvalOptions, evaluate
+
+    with pytest.raises(ConfigError, match=r"EvalOptions.n must be an integer >= 1, got 0"):
+        EvalOptions(n=0)
+    with pytest.raises(ConfigError, match=r"EvalOptions.batch_size must be an integer >= 1, got -2"):
+        EvalOptions(batch_size=-2)
+    with pytest.raises(ConfigError, match=r"EvalOptions.seed must be an integer >= 0, got -1"):
+        EvalOptions(seed=-1)
+    from taskmllm.data.shapesworld import ShapesWorld
+
+    with pytest.raises(ConfigError, match=r"the world's seed must be an integer >= 0, got -1"):
+        ShapesWorld(seed=-1)
+    (tmp_path / "report.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"eval --out .*report.json is an existing file; give a directory"):
+        evaluate(tiny_checkpoint, "shapes", tmp_path / "report.json")
+    with pytest.raises(ConfigError, match=r"max_new_tokens must be an integer >= 1, got 0"):
+        evaluate(tiny_checkpoint, "shapes", tmp_path / "out", max_new_tokens=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_n_is_the_number_asked_for_not_a_default():
+    """``n=1`` runs one question per task; the suite's default 200 applies only to ``n=None``."""
+    from taskmllm.eval.benchmarks import EvalOptions, _n
+
+    assert _n(EvalOptions(n=1)) == 1 and _n(EvalOptions()) == 200

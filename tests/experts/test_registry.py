@@ -87,7 +87,8 @@ def test_spec_json_round_trip():
     "change, match",
     [
         ({"colour": 1}, "unknown key 'ExpertSpec.colour'"),
-        ({"num_queries": 0}, "num_queries must be a positive int"),
+        ({"num_queries": 0}, r"num_queries must be an int in \[1, 256\], got 0"),
+        ({"hidden_size": 2**31}, r"hidden_size must be an int in \[1, 65536\], got 2147483648"),
         ({"hidden_size": 2.5}, "ExpertSpec.hidden_size: expected int, got float 2.5"),
         ({"grid": [6]}, "grid"),
         ({"options": {"dim": [1, 2]}}, r"ExpertSpec.options.dim: expected int \| float \| str \| bool \| NoneType"),
@@ -140,5 +141,7 @@ def test_checkpoint_round_trip_config_json_and_safetensors(name, tmp_path):
 def test_impossible_widths_are_config_errors(name):
     with pytest.raises(ConfigError, match="must be divisible"):
         build_expert(name, default_spec(name, 32, 24, (6, 6), 96, dim=36, num_heads=4))
-    with pytest.raises(ConfigError, match="must be positive"):
+    with pytest.raises(ConfigError, match=r"depth must be in \[1, 16\], got 0"):
         build_expert(name, default_spec(name, 32, 24, (6, 6), 96, depth=0))
+    with pytest.raises(ConfigError, match=r"mlp_dim must be in \[1, 8192\], got 1000000"):
+        build_expert(name, default_spec(name, 32, 24, (6, 6), 96, mlp_dim=10**6))

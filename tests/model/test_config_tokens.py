@@ -14,7 +14,7 @@ from taskmllm.model.tokens import PROTOCOL_TOKENS, decode_boxes, encode_box, fin
 
 
 def test_config_json_round_trip(tmp_path):
-    cfg = MLLMConfig(llm={"model_type": "llama", "hidden_size": 8})
+    cfg = MLLMConfig(llm={"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2})
     cfg.vision.width = 48
     cfg.save(tmp_path / "c.json")
     assert MLLMConfig.load(tmp_path / "c.json") == cfg

@@ -64,6 +64,9 @@ def test_two_training_steps(stage, tmp_path):
     from taskmllm.router.joint import JointModel
 
     assert isinstance(JointModel.from_pretrained(final), JointModel)
+    # final/ holds its config and checksums: written in the same atomic rename as its weights
+    assert load_config(final / "train_config.yaml").stage.name == stage
+    assert "model.safetensors" in json.loads((final / "checksums.json").read_text())["files"]
 
 
 def test_protocol_token_rows_get_their_own_learning_rate(tmp_path):

@@ -13,6 +13,7 @@ several tasks; :class:`ShapesWorldSpec` is what a stage YAML names::
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -95,10 +96,14 @@ class ShapesWorldSpec(SourceSpec):
         super().__post_init__()
         if self.split not in SPLITS:
             raise ConfigError(f"split {self.split!r}{suggest(self.split, list(SPLITS))}; known: {list(SPLITS)}")
-        for task in self.mix:
+        for task, weight in self.mix.items():
             if task not in ALL_TASKS:
                 raise ConfigError(f"mix: unknown ShapesWorld task {task!r}{suggest(task, ALL_TASKS)}; "
                                   f"known: {', '.join(ALL_TASKS)}")
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ConfigError(f"mix.{task}: a weight must be a finite number >= 0, got {weight}")
+        if self.mix and not any(w > 0 for w in self.mix.values()):
+            raise ConfigError(f"mix: every weight is 0 ({self.mix}); give at least one task a weight > 0")
         self.world_config()
 
     def world_config(self) -> WorldConfig:

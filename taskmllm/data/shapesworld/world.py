@@ -147,6 +147,8 @@ class ShapesWorld:
     """
 
     def __init__(self, config: Optional[WorldConfig] = None, seed: int = 0) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ConfigError(f"the world's seed must be an integer >= 0, got {seed!r}")
         self.config = config or WorldConfig()
         self.seed = int(seed)
         self.backgrounds = Backgrounds(use_photos=self.config.use_photos)
