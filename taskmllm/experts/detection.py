@@ -39,7 +39,7 @@ from taskmllm.experts.base import (DecoderOptions, ExpertPrompt, ExpertResult, E
 from taskmllm.experts.boxes import elementwise_generalized_box_iou, nms
 from taskmllm.experts.canvas import Canvas, Color
 from taskmllm.experts.common import (BoxHead, DecoderExpert, LocalizingBoxHead,
-                                     center_cells, check_box_head, frame_embedding, heatmap_loss)
+                                     center_cells, check_box_head, embedding_rows, frame_embedding, heatmap_loss)
 from taskmllm.experts.matching import HungarianMatcher, MatchCosts
 
 
@@ -162,7 +162,7 @@ class DetectionExpert(DecoderExpert, name="det", num_queries=8, options=Detectio
         h, w = features.grid
         image, image_pe = frame_embedding(self.feature_proj, self.pe, features, dtype)  # (M, D, h, w), (1, D, h, w)
         image_pe = image_pe.expand(image.shape[0], -1, -1, -1)
-        queries = self.query_proj(query_states.to(dtype)) + self.slot_embed.weight[None]
+        queries = self.query_proj(query_states.to(dtype)) + embedding_rows(self.slot_embed)[None]
         hs, patches = self.decoder(image, image_pe, queries)  # (M, K, D), (M, h*w, D)
         logits = self.obj_head(hs)[..., 0]
         if isinstance(self.box_head, BoxHead):

@@ -31,10 +31,12 @@ class Pipeline:
         self.model = model.eval()
 
     @classmethod
-    def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "Pipeline":
+    def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+                        dtype: Optional[torch.dtype] = None) -> "Pipeline":
         """Load a checkpoint directory written by ``JointModel.save_pretrained``, or a shipped model by name
-        (``"tiny"``, the embedded default)."""
-        return cls(JointModel.from_pretrained(path, device=device))
+        (``"tiny"``, the embedded default), onto ``device``; ``dtype`` (e.g. ``torch.bfloat16``; None: as stored)
+        loads the weights straight into that dtype, with no float32 copy (``JointModel.from_pretrained``)."""
+        return cls(JointModel.from_pretrained(path, device=device, dtype=dtype))
 
     @property
     def processor(self):
