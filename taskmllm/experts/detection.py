@@ -134,7 +134,7 @@ def center_targets(boxes: Sequence[torch.Tensor], grid: tuple[int, int]) -> torc
     out = torch.zeros(len(boxes), grid[0] * grid[1])
     for i, b in enumerate(boxes):
         if b.shape[0]:
-            out[i, center_cells(b, grid).cpu()] = 1.0
+            out[i, center_cells(b.cpu(), grid)] = 1.0
     return out
 
 
@@ -206,8 +206,9 @@ class DetectionExpert(DecoderExpert, name="det", num_queries=8, options=Detectio
         obj_target = torch.zeros_like(logits)
         matched_pred, matched_tgt, matched_heat, all_tgt = [], [], [], []
         for i, target in enumerate(targets):
-            tgt = self._target_boxes(target, i, boxes.device)
-            all_tgt.append(tgt)
+            host = self._target_boxes(target, i, torch.device("cpu"))  # checked on the host, then moved
+            all_tgt.append(host)
+            tgt = host.to(boxes.device, non_blocking=True)
             pred_idx, tgt_idx = self.matcher.match(boxes[i].detach(), logits[i].detach(), tgt)
             obj_target[i, pred_idx] = 1.0
             matched_pred.append(boxes[i, pred_idx])
@@ -228,9 +229,11 @@ class DetectionExpert(DecoderExpert, name="det", num_queries=8, options=Detectio
         if outputs.heat is not None:
             terms["det_heat"] = opts.heat_weight * heatmap_loss(torch.cat(matched_heat), tgt, outputs.grid)
         if outputs.center is not None:
-            centers = center_targets(all_tgt, outputs.grid).to(outputs.center.device)  # (M, h*w) in {0, 1}
-            focal = sigmoid_focal_loss(outputs.center.float(), centers, reduction="sum")
-            terms["det_center"] = opts.center_weight * focal / max(1.0, float(centers.sum()))
+            centers = center_targets(all_tgt, outputs.grid)  # (M, h*w) in {0, 1}, on the host
+            count = max(1.0, float(centers.sum()))
+            focal = sigmoid_focal_loss(outputs.center.float(), centers.to(outputs.center.device, non_blocking=True),
+                                       reduction="sum")
+            terms["det_center"] = opts.center_weight * focal / count
         return terms
 
     @torch.no_grad()

@@ -177,14 +177,16 @@ class TrackingExpert(DecoderExpert, name="track", num_queries=1, options=Trackin
             return zero_terms(names, outputs.boxes)
         opts: TrackingOptions = self.options  # type: ignore[assignment]
         pred = outputs.boxes.float()
-        pairs = [self._target_track(target, i, t, pred.device) for i, target in enumerate(targets)]
-        boxes = torch.stack([b for b, _ in pairs])
+        # targets are checked and indexed on the host (nothing waits for the device), then moved
+        pairs = [self._target_track(target, i, t, torch.device("cpu")) for i, target in enumerate(targets)]
+        boxes = torch.stack([b for b, _ in pairs]).to(pred.device, non_blocking=True)
         visible = torch.stack([v for _, v in pairs])
         num = max(int(visible.sum()), 1)
         vis_pred, vis_tgt = pred[visible], boxes[visible]
         l1 = (vis_pred - vis_tgt).abs().sum() / num
         giou = (1 - elementwise_generalized_box_iou(vis_pred, vis_tgt)).sum() / num
-        vis = F.binary_cross_entropy_with_logits(outputs.visibility_logits.float(), visible.float())
+        vis = F.binary_cross_entropy_with_logits(outputs.visibility_logits.float(),
+                                                 visible.to(pred.device, non_blocking=True).float())
         terms = {
             "track_l1": opts.l1_weight * l1,
             "track_giou": opts.giou_weight * giou,

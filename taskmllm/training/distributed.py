@@ -55,15 +55,21 @@ class DistContext:
     device: torch.device = torch.device("cpu")
     cpu_group: Any = None
 
+    @property
+    def distributed(self) -> bool:
+        """Whether a process group exists (a launcher started the run, even with one process)."""
+        return self.cpu_group is not None
+
     def barrier(self) -> None:
-        if self.world > 1:
+        if self.distributed:
             torch.distributed.barrier()
 
 
 def setup_distributed(device: str) -> DistContext:
     """The process's :class:`DistContext` from torchrun/deepspeed's environment (``WORLD_SIZE``, ``LOCAL_RANK``);
     the process group is NCCL on CUDA, gloo on the CPU; ``device`` ``auto`` is ``cuda:<local rank>`` when CUDA
-    is available."""
+    is available. A launcher's run is distributed even with one process (``torchrun --nproc-per-node 1``: DDP
+    over one rank); a plain ``taskmllm train`` is not."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
@@ -71,7 +77,7 @@ def setup_distributed(device: str) -> DistContext:
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world == 1:
+    if "WORLD_SIZE" not in os.environ:
         return DistContext(device=dev)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
@@ -83,7 +89,7 @@ def reduce_mean(values: dict[str, torch.Tensor], ctx: DistContext) -> dict[str, 
     """Mean over ranks of each logged value (a 0-dim tensor on the device; a key absent on a rank counts as 0
     there): one all-reduce on the device and one read of the result."""
     keys = sorted(values)
-    if ctx.world > 1:  # the keys are host objects: agreed on the CPU group
+    if ctx.distributed:  # the keys are host objects: agreed on the CPU group
         gathered: list = [None] * ctx.world
         torch.distributed.all_gather_object(gathered, keys, group=ctx.cpu_group)
         keys = sorted(set().union(*gathered))
@@ -91,7 +97,7 @@ def reduce_mean(values: dict[str, torch.Tensor], ctx: DistContext) -> dict[str, 
         return {}
     zero = torch.zeros((), device=ctx.device)
     stacked = torch.stack([values.get(k, zero).to(ctx.device, torch.float64) for k in keys])
-    if ctx.world > 1:
+    if ctx.distributed:
         torch.distributed.all_reduce(stacked)
         stacked /= ctx.world
     return dict(zip(keys, stacked.tolist()))
@@ -99,7 +105,7 @@ def reduce_mean(values: dict[str, torch.Tensor], ctx: DistContext) -> dict[str, 
 
 def agree_min(value: int, ctx: DistContext) -> int:
     """The smallest ``value`` over ranks (a host-side integer, agreed on the CPU group)."""
-    if ctx.world == 1:
+    if not ctx.distributed:
         return value
     t = torch.tensor([value], dtype=torch.int64)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=ctx.cpu_group)
@@ -353,5 +359,5 @@ def build_trainer(trainee: nn.Module, optimizer, scheduler, cfg: TrainConfig, pr
             raise ConfigError(f"deepspeed: {cfg.deepspeed} is configured but DeepSpeed is not installed; install it "
                               "with `pip install 'taskmllm[deepspeed]'` or set --deepspeed=''") from exc
         return DeepSpeedTrainer(trainee, optimizer, scheduler, cfg, precision, ctx, collate)
-    cls = DDPTrainer if ctx.world > 1 else PlainTrainer
+    cls = DDPTrainer if ctx.distributed else PlainTrainer
     return cls(trainee, optimizer, scheduler, cfg, precision, ctx, collate)
