@@ -25,7 +25,7 @@ from taskmllm.model.processor import IGNORE, Batch, Processor, positions
 from taskmllm.model.projector import Projector
 from taskmllm.model.tokenizer import add_protocol_tokens, load_tokenizer
 from taskmllm.model.tokens import IMAGE, QUERY, task_token
-from taskmllm.model.vision import build_vision_tower
+from taskmllm.model.vision import build_vision_tower, hf_checkpointing
 
 
 @dataclass
@@ -166,10 +166,7 @@ class TaskMLLM(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute the LLM's and the vision tower's activations in backward instead of storing them (less
         memory, the same gradients; transformers' and open_clip's own checkpointing, non-reentrant)."""
-        if enabled:
-            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.llm.gradient_checkpointing_disable()
+        hf_checkpointing(self.llm, enabled)
         self.vision.set_gradient_checkpointing(enabled)
 
     @property

@@ -19,6 +19,20 @@ from torch import nn
 from taskmllm.model.config import VisionConfig
 
 
+def hf_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turn a transformers model's activation checkpointing on (non-reentrant) or off, with the API its version has
+    (``activation_checkpointing_*`` since transformers 5.2x, ``gradient_checkpointing_*`` before)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 class VisionTower(nn.Module):
     """Base class: ``forward(pixels (F,3,S,S)) -> (F, N, C)`` with ``N = grid[0] * grid[1]``."""
 
@@ -88,10 +102,7 @@ class HFVisionTower(VisionTower):
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """transformers' per-layer checkpointing (non-reentrant)."""
-        if enabled:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.model.gradient_checkpointing_disable()
+        hf_checkpointing(self.model, enabled)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixel_values, output_hidden_states=True)

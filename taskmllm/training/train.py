@@ -47,16 +47,9 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
 
     # ---- model, stage, optimizer, schedule, engine
-    joint = build_joint(cfg)
-    for key in ("expert_weights", "detach_context"):
-        check_expert_names(f"stage.{key}", getattr(cfg.stage, key), list(joint.experts))
     specs = cfg.data.specs()
-    aux = build_aux(cfg.stage.aux, aux_context(joint, specs))
-    report = apply_stage(joint, cfg.stage, aux, protocol_token_ids(joint.mllm.tokenizer, joint.mllm.config.tokens.tasks))
-    if cfg.model.gradient_checkpointing:
-        joint.mllm.set_gradient_checkpointing(True)
-    settings = LossSettings(cfg.stage.lm_weight, dict(cfg.stage.expert_weights), list(cfg.stage.detach_context))
-    trainee = Trainee(joint, aux, settings).to(ctx.device)
+    trainee, report = build_trainee(cfg, specs, ctx.device)
+    joint, aux = trainee.joint, trainee.aux
     optimizer = torch.optim.AdamW(param_groups(trainee, cfg.optim), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg))
@@ -111,6 +104,20 @@ def train(cfg: TrainConfig) -> Path:
     del batches  # stops the loader's workers
     trainer.write_memory(out)
     return export(out, cfg, joint, aux, trainer, ctx)
+
+
+def build_trainee(cfg: TrainConfig, specs: dict, device: torch.device) -> tuple[Trainee, list]:
+    """The stage's :class:`Trainee` on ``device`` (model, auxiliary losses, trainable components, gradient
+    checkpointing) and the table of trainable parameters per component."""
+    joint = build_joint(cfg)
+    for key in ("expert_weights", "detach_context"):
+        check_expert_names(f"stage.{key}", getattr(cfg.stage, key), list(joint.experts))
+    aux = build_aux(cfg.stage.aux, aux_context(joint, specs))
+    report = apply_stage(joint, cfg.stage, aux, protocol_token_ids(joint.mllm.tokenizer, joint.mllm.config.tokens.tasks))
+    if cfg.model.gradient_checkpointing:
+        joint.mllm.set_gradient_checkpointing(True)
+    settings = LossSettings(cfg.stage.lm_weight, dict(cfg.stage.expert_weights), list(cfg.stage.detach_context))
+    return Trainee(joint, aux, settings).to(device), report
 
 
 def export(out: Path, cfg: TrainConfig, joint: nn.Module, aux: nn.ModuleDict, trainer: Trainer,
