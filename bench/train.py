@@ -1,13 +1,23 @@
-"""Training throughput of the tiny recipe's ``joint`` stage: samples/s and peak memory, as JSON.
+"""Training throughput of a recipe's stage: samples/s, tokens/s and model FLOPs utilisation (MFU), as JSON.
 
-Runs the real training loop (:func:`taskmllm.training.train.train`) on a fresh tiny model with the recipe's
-data settings (96 px, 8 frames, batch 16 unless overridden), one process. Samples/s is measured over the steps
-after ``--warmup`` from the per-step clock of ``metrics.jsonl``; the breakdown splits those steps into data
-(ShapesWorld sampling), forward (processor + joint forward + losses), optimizer step, and the rest (backward,
-clipping, logging). Peak memory is the process's peak RSS (``ru_maxrss``), also given above the RSS measured
-just before training (imports and libraries), and the peak CUDA allocation when on a GPU.
+Runs the real training loop (:func:`taskmllm.training.train.train`) for ``--warmup + --steps`` steps of one
+process on a fresh model of the recipe (``--recipe tiny --stage joint`` by default; config overrides pass
+through, e.g. ``--data.batch_size=8 --precision=bf16``). Samples/s is measured over the steps after the warm-up
+from the per-step clock of ``metrics.jsonl``.
 
-    python bench/train.py --out bench/results/train.json [--steps 8 --warmup 2 --threads 1 --data.batch_size=8]
+- **FLOPs per sample**: the model as configured, counted once by ``torch.utils.flop_counter.FlopCounterMode``
+  over the forward and backward of one micro-batch of the stage's data (every matmul and convolution, frozen parts
+  forward-only, no recomputation: model FLOPs, not hardware FLOPs), divided by its samples. The analytic
+  ``6 * trainable_llm_params * tokens`` estimate is reported beside it.
+- **Tokens/s**: every token the LLM processes (text and visual tokens, no padding), and the supervised ones.
+- **MFU** = FLOPs per sample x samples/s / peak FLOP/s. The peak is ``--peak-tflops`` when given, else measured in
+  the same run by a matmul probe (the best of several ``n x n`` matmuls in the training precision's dtype).
+- Peak memory: the process's peak RSS and, on a GPU, the peak CUDA allocation.
+
+    python bench/train.py --out bench/results/train.json [--recipe tiny --stage joint --steps 8 --warmup 2
+                          --device cuda --peak-tflops 989 --data.batch_size=16 --precision=bf16]
+
+On a shared CPU the timings (and the probe) move with the other load: indicative only.
 """
 
 from __future__ import annotations
@@ -19,58 +29,69 @@ import platform
 import resource
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import psutil
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils.flop_counter import FlopCounterMode
 
+from taskmllm.model.processor import IGNORE
 from taskmllm.training import train as train_module
 from taskmllm.training.config import load_config
+from taskmllm.training.data_loader import build_loader
+from taskmllm.training.precision import DTYPES, autocast_context, resolve_precision
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
 
-RECIPE = Path(train_module.__file__).parent / "recipes" / "tiny"
+RECIPES = Path(train_module.__file__).parent / "recipes"
 
 
-class PhaseClock:
-    """Seconds per phase of the training steps after the warm-up: wraps the loop's ``micro_batch`` and
-    ``forward_loss`` and times optimizer steps with torch's global optimizer hooks."""
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Peak FLOP/s measured by ``n x n`` matmuls (best of ``repeats`` timings of 4 products)."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - start) / 4)
+    return 2 * n**3 / best
 
-    def __init__(self, warmup_steps: int, grad_accum: int) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.warmup_micro_batches, self.warmup_steps = warmup_steps * grad_accum, warmup_steps
-        self.micro_batches = self.steps = 0
-        self._opt_start = 0.0
 
-    def timed(self, phase: str, fn):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                if self.micro_batches >= self.warmup_micro_batches:
-                    self.seconds[phase] += time.perf_counter() - start
-                self.micro_batches += phase == "forward"
-        return wrapper
-
-    def optimizer_pre(self, *_) -> None:
-        self._opt_start = time.perf_counter()
-
-    def optimizer_post(self, *_) -> None:
-        if self.steps >= self.warmup_steps:
-            self.seconds["optimizer"] += time.perf_counter() - self._opt_start
-        self.steps += 1
+def count_micro_batch(cfg, device: torch.device, precision: str) -> dict[str, float]:
+    """Model FLOPs of one micro-batch's forward + backward, its samples and tokens (a fresh trainee)."""
+    specs = cfg.data.specs()
+    trainee, _ = train_module.build_trainee(cfg, specs, device)
+    trainee.joint.mllm.set_gradient_checkpointing(False)  # model FLOPs: no recomputation
+    data = train_module.build_dataset(cfg, specs)
+    micro = next(iter(build_loader(data, trainee.joint.mllm.processor, cfg.data.batch_size, cfg.seed, 0, 1, 0)))
+    tokens = sum(int(g.batch.attention_mask.sum()) for g in micro.groups)
+    supervised = sum(int((g.batch.labels[:, 1:] != IGNORE).sum()) for g in micro.groups)
+    trainee.train()
+    with FlopCounterMode(display=False) as counter:
+        with autocast_context(precision, device):
+            loss, _ = trainee(micro.to(device))
+        loss.backward()
+    llm = trainee.joint.mllm.llm
+    llm_trainable = sum(p.numel() for n, p in llm.named_parameters() if p.requires_grad and "embed" not in n)
+    return {"flops": counter.get_total_flops(), "samples": micro.size, "tokens": tokens, "supervised": supervised,
+            "llm_trainable": llm_trainable}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="tiny", help="a recipe folder name under training/recipes")
+    parser.add_argument("--stage", default="joint", help="the stage YAML of the recipe")
     parser.add_argument("--steps", type=int, default=8, help="measured steps (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=2, help="steps run before measuring")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak TFLOP/s in the training dtype (default: measured by a matmul probe)")
     parser.add_argument("--out", type=Path, default=None)
     args, overrides = parser.parse_known_args()  # the rest: config overrides, e.g. --data.batch_size=8
     if args.threads:
@@ -78,46 +99,39 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         total = args.warmup + args.steps
-        cfg = load_config(RECIPE / "joint.yaml", ["--model.init=tiny", f"--out_dir={tmp}", f"--max_steps={total}",
-                                                  f"--save_every={total}", "--progress=false",
-                                                  f"--device={args.device}", *overrides])
-        clock = PhaseClock(args.warmup, cfg.grad_accum)
-        patched = {"micro_batch": train_module.micro_batch, "forward_loss": train_module.forward_loss}
-        train_module.micro_batch = clock.timed("data", patched["micro_batch"])
-        train_module.forward_loss = clock.timed("forward", patched["forward_loss"])
-        hooks = [register_optimizer_step_pre_hook(clock.optimizer_pre),
-                 register_optimizer_step_post_hook(clock.optimizer_post)]
-        rss_before = psutil.Process().memory_info().rss
-        try:
-            train_module.train(cfg)
-        finally:
-            for name, fn in patched.items():
-                setattr(train_module, name, fn)
-            for hook in hooks:
-                hook.remove()
+        cfg = load_config(RECIPES / args.recipe / f"{args.stage}.yaml",
+                          [f"--model.init={args.recipe}", f"--out_dir={tmp}", f"--max_steps={total}",
+                           f"--save_every={total}", "--progress=false", f"--device={args.device}", *overrides])
+        device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+        precision = resolve_precision(cfg.precision, device)
+        counted = count_micro_batch(cfg, device, precision)
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        train_module.train(cfg)
         rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
         trainable = json.loads((Path(tmp) / "trainable.json").read_text())
 
-    device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.startswith("cuda")
-                                       and torch.cuda.is_bf16_supported())
-    precision = "bf16" if bf16 else "fp32"
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_peak(device, DTYPES[precision])
     measured_s = rows[-1]["time_s"] - rows[args.warmup - 1]["time_s"] if args.warmup else rows[-1]["time_s"]
     global_batch = cfg.data.batch_size * cfg.grad_accum  # one process
-    phases = dict(clock.seconds)
-    phases["backward_and_other"] = max(0.0, measured_s - sum(phases.values()))
+    samples_per_s = args.steps * global_batch / measured_s
+    per_sample = counted["flops"] / counted["samples"]
+    tokens_per_sample = counted["tokens"] / counted["samples"]
     report = {
-        "bench": "train", "stage": cfg.stage.name, "model": "tiny (fresh)",
-        "device": device, "threads": torch.get_num_threads(),
-        "batch_size": global_batch, "sources": cfg.data.sources,
-        "precision": precision, "warmup_steps": args.warmup, "measured_steps": args.steps,
-        "samples_per_s": round(args.steps * global_batch / measured_s, 2),
+        "bench": "train", "recipe": args.recipe, "stage": cfg.stage.name, "model": f"{args.recipe} (fresh)",
+        "device": str(device), "threads": torch.get_num_threads(), "precision": precision,
+        "batch_size": global_batch, "warmup_steps": args.warmup, "measured_steps": args.steps,
         "step_s": round(measured_s / args.steps, 4),
-        "step_breakdown_s": {k: round(v / args.steps, 4) for k, v in phases.items()},
-        "peak_rss_mib": round(peak_rss / 2**20, 1),
-        "peak_rss_above_start_mib": round((peak_rss - rss_before) / 2**20, 1),
-        "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        "samples_per_s": round(samples_per_s, 2),
+        "tokens_per_s": round(samples_per_s * tokens_per_sample, 1),
+        "supervised_tokens_per_s": round(samples_per_s * counted["supervised"] / counted["samples"], 1),
+        "tokens_per_sample": round(tokens_per_sample, 1),
+        "flops_per_sample": per_sample,
+        "flops_per_sample_6nd_llm": 6 * counted["llm_trainable"] * tokens_per_sample,
+        "peak_flops": peak, "peak_flops_source": "given" if args.peak_tflops else "matmul probe",
+        "mfu": round(per_sample * samples_per_s / peak, 5),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_before_training_mib": round(rss_before / 2**20, 1),
+        "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
         "trainable_params": sum(r["trainable"] for r in trainable), "total_params": sum(r["total"] for r in trainable),
         "final_loss": rows[-1]["loss_weighted"],
         "cpu": platform.processor() or platform.machine(), "load_avg": os.getloadavg()[0],

@@ -26,6 +26,12 @@ def check_box_head(owner: str, box_head: str) -> None:
         raise ConfigError(f"{owner}.box_head must be one of {BOX_HEADS}, got {box_head!r}")
 
 
+def embedding_rows(embedding: nn.Embedding) -> torch.Tensor:
+    """Every row of ``embedding`` ``(n, D)``, read through the module's own forward (a lookup of rows 0..n-1: the
+    weight itself). Engines that gather a module's parameters when it runs (DeepSpeed ZeRO-3) then see the read."""
+    return embedding(torch.arange(embedding.num_embeddings, device=embedding.weight.device))
+
+
 class QueryProjection(nn.Module):
     """LISA's projection of LLM hidden states into the expert width: ``Linear(H,H) -> ReLU -> Linear(H,D)``.
 

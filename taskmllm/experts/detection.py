@@ -39,7 +39,7 @@ from taskmllm.experts.base import (DecoderOptions, ExpertPrompt, ExpertResult, E
 from taskmllm.experts.boxes import elementwise_generalized_box_iou, nms
 from taskmllm.experts.canvas import Canvas, Color
 from taskmllm.experts.common import (BoxHead, DecoderExpert, LocalizingBoxHead,
-                                     center_cells, check_box_head, frame_embedding, heatmap_loss)
+                                     center_cells, check_box_head, embedding_rows, frame_embedding, heatmap_loss)
 from taskmllm.experts.matching import HungarianMatcher, MatchCosts
 
 
@@ -134,7 +134,7 @@ def center_targets(boxes: Sequence[torch.Tensor], grid: tuple[int, int]) -> torc
     out = torch.zeros(len(boxes), grid[0] * grid[1])
     for i, b in enumerate(boxes):
         if b.shape[0]:
-            out[i, center_cells(b, grid).cpu()] = 1.0
+            out[i, center_cells(b.cpu(), grid)] = 1.0
     return out
 
 
@@ -162,7 +162,7 @@ class DetectionExpert(DecoderExpert, name="det", num_queries=8, options=Detectio
         h, w = features.grid
         image, image_pe = frame_embedding(self.feature_proj, self.pe, features, dtype)  # (M, D, h, w), (1, D, h, w)
         image_pe = image_pe.expand(image.shape[0], -1, -1, -1)
-        queries = self.query_proj(query_states.to(dtype)) + self.slot_embed.weight[None]
+        queries = self.query_proj(query_states.to(dtype)) + embedding_rows(self.slot_embed)[None]
         hs, patches = self.decoder(image, image_pe, queries)  # (M, K, D), (M, h*w, D)
         logits = self.obj_head(hs)[..., 0]
         if isinstance(self.box_head, BoxHead):
@@ -206,8 +206,9 @@ class DetectionExpert(DecoderExpert, name="det", num_queries=8, options=Detectio
         obj_target = torch.zeros_like(logits)
         matched_pred, matched_tgt, matched_heat, all_tgt = [], [], [], []
         for i, target in enumerate(targets):
-            tgt = self._target_boxes(target, i, boxes.device)
-            all_tgt.append(tgt)
+            host = self._target_boxes(target, i, torch.device("cpu"))  # checked on the host, then moved
+            all_tgt.append(host)
+            tgt = host.to(boxes.device, non_blocking=True)
             pred_idx, tgt_idx = self.matcher.match(boxes[i].detach(), logits[i].detach(), tgt)
             obj_target[i, pred_idx] = 1.0
             matched_pred.append(boxes[i, pred_idx])
@@ -228,9 +229,11 @@ class DetectionExpert(DecoderExpert, name="det", num_queries=8, options=Detectio
         if outputs.heat is not None:
             terms["det_heat"] = opts.heat_weight * heatmap_loss(torch.cat(matched_heat), tgt, outputs.grid)
         if outputs.center is not None:
-            centers = center_targets(all_tgt, outputs.grid).to(outputs.center.device)  # (M, h*w) in {0, 1}
-            focal = sigmoid_focal_loss(outputs.center.float(), centers, reduction="sum")
-            terms["det_center"] = opts.center_weight * focal / max(1.0, float(centers.sum()))
+            centers = center_targets(all_tgt, outputs.grid)  # (M, h*w) in {0, 1}, on the host
+            count = max(1.0, float(centers.sum()))
+            focal = sigmoid_focal_loss(outputs.center.float(), centers.to(outputs.center.device, non_blocking=True),
+                                       reduction="sum")
+            terms["det_center"] = opts.center_weight * focal / count
         return terms
 
     @torch.no_grad()

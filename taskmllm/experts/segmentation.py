@@ -22,7 +22,7 @@ from taskmllm.errors import InputError, TargetError
 from taskmllm.experts.base import (DecoderOptions, ExpertPrompt, ExpertResult, ExpertSpec, TaskTarget,
                                    VisionFeatures, as_tensor, check_widths, zero_terms)
 from taskmllm.experts.canvas import Canvas, Color
-from taskmllm.experts.common import DecoderExpert, frame_embedding
+from taskmllm.experts.common import DecoderExpert, embedding_rows, frame_embedding
 
 
 @dataclass
@@ -131,7 +131,7 @@ def batched_predict_masks(
     ``pixels (B, 3, S, S)``, ``detail(pixels)`` is added to the upscaled embedding before the mask product.
     """
     b = sparse_prompt_embeddings.shape[0]
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    output_tokens = torch.cat([embedding_rows(decoder.iou_token), embedding_rows(decoder.mask_tokens)], dim=0)
     tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings), dim=1)
     src = image_embeddings + dense_prompt_embeddings
     pos_src = image_pe.expand(b, -1, -1, -1)
@@ -179,7 +179,7 @@ class SegmentationExpert(DecoderExpert, name="seg", num_queries=1, options=Segme
         d = self.no_mask_embed.embedding_dim
         image, image_pe = frame_embedding(self.feature_proj, self.pe, features, dtype)  # (M, D, h, w), (1, D, h, w)
         sparse = self.query_proj(query_states.to(dtype))  # (M, K, D)
-        dense = self.no_mask_embed.weight.reshape(1, d, 1, 1).expand(1, d, h, w)
+        dense = embedding_rows(self.no_mask_embed).reshape(1, d, 1, 1).expand(1, d, h, w)
         pixels = None
         if self.detail is not None:
             if features.pixels is None:

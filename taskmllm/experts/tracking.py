@@ -29,7 +29,7 @@ from taskmllm.experts.base import (DecoderOptions, ExpertPrompt, ExpertResult, E
 from taskmllm.experts.boxes import elementwise_generalized_box_iou
 from taskmllm.experts.canvas import Canvas, Color
 from taskmllm.experts.common import (BoxHead, DecoderExpert, LocalizingBoxHead,
-                                     check_box_head, heatmap_loss)
+                                     check_box_head, embedding_rows, heatmap_loss)
 from taskmllm.experts.temporal import CausalFrameLayer, frame_time_encoding
 
 
@@ -109,7 +109,7 @@ class TrackingExpert(DecoderExpert, name="track", num_queries=1, options=Trackin
 
     def embed_prompt_boxes(self, prompts: Optional[Sequence[ExpertPrompt]], m: int) -> torch.Tensor:
         """``(M, D)``: the embedding of each call's prompt box, or the no-box embedding."""
-        no_box = self.no_box_embed.weight[0]
+        no_box = embedding_rows(self.no_box_embed)[0]
         if prompts is None:
             return no_box[None].expand(m, -1)
         out = []
@@ -120,7 +120,7 @@ class TrackingExpert(DecoderExpert, name="track", num_queries=1, options=Trackin
             box = as_tensor(prompt.box, torch.float32, no_box.device)
             if box.shape != (4,) or not torch.isfinite(box).all():
                 raise InputError(f"track: prompt {i} box must be 4 finite normalized x1, y1, x2, y2, got {box.tolist()}")
-            corners = self.pe.points(box.reshape(2, 2)).to(no_box.dtype) + self.box_corner_embed.weight  # (2, D)
+            corners = self.pe.points(box.reshape(2, 2)).to(no_box.dtype) + embedding_rows(self.box_corner_embed)  # (2, D)
             out.append(self.box_proj(corners.reshape(-1)))
         return torch.stack(out)
 
@@ -177,14 +177,16 @@ class TrackingExpert(DecoderExpert, name="track", num_queries=1, options=Trackin
             return zero_terms(names, outputs.boxes)
         opts: TrackingOptions = self.options  # type: ignore[assignment]
         pred = outputs.boxes.float()
-        pairs = [self._target_track(target, i, t, pred.device) for i, target in enumerate(targets)]
-        boxes = torch.stack([b for b, _ in pairs])
+        # targets are checked and indexed on the host (nothing waits for the device), then moved
+        pairs = [self._target_track(target, i, t, torch.device("cpu")) for i, target in enumerate(targets)]
+        boxes = torch.stack([b for b, _ in pairs]).to(pred.device, non_blocking=True)
         visible = torch.stack([v for _, v in pairs])
         num = max(int(visible.sum()), 1)
         vis_pred, vis_tgt = pred[visible], boxes[visible]
         l1 = (vis_pred - vis_tgt).abs().sum() / num
         giou = (1 - elementwise_generalized_box_iou(vis_pred, vis_tgt)).sum() / num
-        vis = F.binary_cross_entropy_with_logits(outputs.visibility_logits.float(), visible.float())
+        vis = F.binary_cross_entropy_with_logits(outputs.visibility_logits.float(),
+                                                 visible.to(pred.device, non_blocking=True).float())
         terms = {
             "track_l1": opts.l1_weight * l1,
             "track_giou": opts.giou_weight * giou,

@@ -232,7 +232,7 @@ def generate(model: "TaskMLLM", batch: Batch, max_new_tokens: int = 64, do_sampl
     model.eval()
     batch = batch.to(model.device)
     feats, visual = (None, None) if batch.pixel_values is None else model.encode_images(batch.pixel_values)
-    emb = model.embed(batch.input_ids, visual)
+    emb = model.embed(batch.input_ids, visual, batch.on_host().input_ids)  # positions read on the host copy
     mask = batch.attention_mask
     ctx = GenerationContext(batch.input_ids, mask, batch.input_ids == model.image_id, emb)
     eos = model.tokenizer.eos_token_id

@@ -17,7 +17,9 @@ import torch
 from taskmllm.errors import CheckpointError, ConfigError
 from taskmllm.model.config import MLLMConfig, ProjectorConfig, TokenConfig, VisionConfig
 from taskmllm.model.io import CONFIG_FILE
+from taskmllm.model.loading import empty_module
 from taskmllm.model.mllm import TaskMLLM
+from taskmllm.model.vision import build_vision_tower
 
 #: transformers vision model types and the tower adapter that reads each
 VISION_KINDS = {"clip_vision_model": "hf_clip", "siglip_vision_model": "hf_siglip"}
@@ -57,7 +59,7 @@ def import_llava_hf(src: str | Path, tasks: Optional[Mapping[str, int]] = None) 
         ConfigError: a LLaVA variant this import does not support (projector activation, several feature layers,
             another vision tower).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     src = Path(src)
     check_llava_dir(src)
@@ -74,14 +76,26 @@ def import_llava_hf(src: str | Path, tasks: Optional[Mapping[str, int]] = None) 
                           patch_size=vcfg.patch_size, width=vcfg.hidden_size, hf_config=vcfg.to_dict(),
                           feature_layer=cfg.vision_feature_layer,
                           drop_cls=cfg.vision_feature_select_strategy == "default")
-    llm = AutoModelForCausalLM.from_config(cfg.text_config)
-    llm.get_decoder().load_state_dict(llava.model.language_model.state_dict())
-    llm.get_output_embeddings().load_state_dict(llava.lm_head.state_dict())
+    llm = adopt_language_model(llava)
     config = MLLMConfig(vision=vision, projector=ProjectorConfig(bias=getattr(cfg, "multimodal_projector_bias", True)),
                         llm=llm.config.to_diff_dict() | {"model_type": llm.config.model_type},
                         tokens=TokenConfig(tasks=dict(tasks or {}), image_first=True))
     tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
-    model = TaskMLLM(config, tokenizer, llm=llm)  # adds the protocol and task tokens, mean-initialised rows
-    model.vision.model.load_state_dict(llava.model.vision_tower.state_dict())
+    tower = empty_module(lambda: build_vision_tower(vision))
+    tower.model.load_state_dict(llava.model.vision_tower.state_dict(), assign=True)  # llava's tensors, no copy
+    model = TaskMLLM(config, tokenizer, llm=llm, vision=tower)  # adds the protocol and task tokens (mean rows)
     model.projector.load_state_dict(llava.model.multi_modal_projector.state_dict(), strict=False)
     return model.eval()
+
+
+def adopt_language_model(llava) -> torch.nn.Module:
+    """A causal LM holding ``llava``'s language model and LM head: built empty (meta device) and given llava's own
+    tensors (``load_state_dict(assign=True)``), so the import never holds two copies of the LLM."""
+    from transformers import AutoModelForCausalLM
+
+    llm = empty_module(lambda: AutoModelForCausalLM.from_config(llava.config.text_config))
+    llm.get_decoder().load_state_dict(llava.model.language_model.state_dict(), assign=True)
+    llm.get_output_embeddings().load_state_dict(llava.lm_head.state_dict(), assign=True)
+    if getattr(llm.config, "tie_word_embeddings", False):
+        llm.tie_weights()
+    return llm

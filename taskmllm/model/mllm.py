@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Mapping, Optional
+from typing import Callable, Literal, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from taskmllm.model.processor import IGNORE, Batch, Processor, positions
 from taskmllm.model.projector import Projector
 from taskmllm.model.tokenizer import add_protocol_tokens, checkpoint_tokenizer
 from taskmllm.model.tokens import IMAGE, QUERY, task_token
-from taskmllm.model.vision import build_vision_tower
+from taskmllm.model.vision import build_vision_tower, hf_checkpointing
 
 
 @dataclass
@@ -52,6 +52,58 @@ class MLLMOutput:
     expert_inputs: Optional[ExpertInputs]
 
 
+class TaskQueries(nn.Module):
+    """The learnable task queries: task name -> ``(K, H)`` parameter (``queries["seg"]``, state keys
+    ``queries.<task>`` as a ``ParameterDict`` has them).
+
+    Calling the module, ``queries() -> (ΣK, H)``, reads every task's queries at once, stacked in task order
+    (:meth:`rows` gives where each task's begin): the read happens inside the module's forward, where engines that
+    gather a module's parameters when it runs (DeepSpeed ZeRO-3) look for it, and every query's gradient arrives
+    through the same node whichever tasks a batch has, so data-parallel engines see the same order on every rank.
+    """
+
+    def __init__(self, queries: Mapping[str, nn.Parameter]) -> None:
+        super().__init__()
+        for name, value in queries.items():
+            self.register_parameter(name, value)
+
+    def __getitem__(self, task: str) -> nn.Parameter:
+        return self._parameters[task]
+
+    def __setitem__(self, task: str, value: nn.Parameter) -> None:
+        """Add a task's queries (appended: :meth:`rows` of the existing tasks do not move)."""
+        self.register_parameter(task, value)
+
+    def __contains__(self, task: str) -> bool:
+        return task in self._parameters
+
+    def __iter__(self):
+        return iter(self._parameters)
+
+    def __len__(self) -> int:
+        return len(self._parameters)
+
+    def keys(self):
+        return self._parameters.keys()
+
+    def values(self):
+        return self._parameters.values()
+
+    def items(self):
+        return self._parameters.items()
+
+    def rows(self) -> dict[str, int]:
+        """Task -> the row of :meth:`forward`'s output where its first query is."""
+        starts, row = {}, 0
+        for task, value in self._parameters.items():
+            starts[task], row = row, row + value.shape[0]
+        return starts
+
+    def forward(self) -> torch.Tensor:
+        """``(ΣK, H)``: every task's queries, in task order."""
+        return torch.cat(list(self._parameters.values()))
+
+
 def build_llm(llm_config: dict):
     """A randomly initialised transformers causal LM from a config dict with ``model_type``.
 
@@ -73,20 +125,22 @@ class TaskMLLM(nn.Module):
         config: the model's :class:`MLLMConfig`.
         tokenizer: a transformers tokenizer holding every protocol token as one id.
         llm: an existing causal LM (e.g. imported weights); built from ``config.llm`` when None.
+        vision: an existing vision tower for ``config.vision`` (e.g. imported weights); built when None.
     """
 
-    def __init__(self, config: MLLMConfig, tokenizer, llm: Optional[nn.Module] = None) -> None:
+    def __init__(self, config: MLLMConfig, tokenizer, llm: Optional[nn.Module] = None,
+                 vision: Optional[nn.Module] = None) -> None:
         super().__init__()
         config.validate()  # before any module is built: nothing allocates from a malformed config
         self.config = config
         self.tokenizer = tokenizer
-        self.vision = build_vision_tower(config.vision)
+        self.vision = vision if vision is not None else build_vision_tower(config.vision)
         self.llm = llm if llm is not None else build_llm(config.llm)
         add_protocol_tokens(tokenizer, config.tokens.tasks)
         self._fit_vocabulary(pretrained=llm is not None)
         hidden = self.llm.get_input_embeddings().embedding_dim
         self.projector = Projector(config.projector, self.vision.width, hidden)
-        self.queries = nn.ParameterDict({
+        self.queries = TaskQueries({
             name: nn.Parameter(self._init_queries(k)) for name, k in config.tokens.tasks.items()})
         self.grid = self.projector.pooled_grid(self.vision.grid)  # (h', w') of the LLM's visual tokens
         if min(self.vision.grid) < 1 or min(self.grid) < 1:
@@ -154,7 +208,14 @@ class TaskMLLM(nn.Module):
     def _init_queries(self, k: int) -> torch.Tensor:
         """Mean of the existing embedding rows (TPO) plus small noise so the K queries differ."""
         emb = self.llm.get_input_embeddings().weight.detach()
-        return emb.mean(0, keepdim=True).repeat(k, 1) + 0.02 * torch.randn(k, emb.shape[1]) * emb.std()
+        noise = torch.randn(k, emb.shape[1], device=emb.device)  # on the meta device when built empty (loading)
+        return emb.mean(0, keepdim=True).repeat(k, 1) + 0.02 * noise * emb.std()
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute the LLM's and the vision tower's activations in backward instead of storing them (less
+        memory, the same gradients; transformers' and open_clip's own checkpointing, non-reentrant)."""
+        hf_checkpointing(self.llm, enabled)
+        self.vision.set_gradient_checkpointing(enabled)
 
     @property
     def hidden_size(self) -> int:
@@ -174,7 +235,8 @@ class TaskMLLM(nn.Module):
 
     def visual_states(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> Optional[torch.Tensor]:
         """The ``(F, N', H)`` rows of ``hidden (B, L, H)`` at the ``<image>`` positions of ``input_ids``, frame by
-        frame (N' tokens per frame: the projector's pooled grid); None when the batch has no visual tokens."""
+        frame (N' tokens per frame: the projector's pooled grid); None when the batch has no visual tokens.
+        ``input_ids`` may be the batch's host copy (nothing then waits for the device)."""
         pos = input_ids == self.image_id
         if not bool(pos.any()):
             return None
@@ -187,35 +249,43 @@ class TaskMLLM(nn.Module):
         if features is None:
             return None
         return ExpertInputs(features, self.vision.grid, self.config.vision.image_size, list(batch.frames_per_sample),
-                            list(batch.image_sizes), self.visual_states(batch.input_ids, hidden), self.grid,
+                            list(batch.image_sizes), self.visual_states(batch.on_host().input_ids, hidden), self.grid,
                             batch.pixel_values)
 
-    def embed(self, input_ids: torch.Tensor, visual_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, visual_tokens: Optional[torch.Tensor] = None,
+              host_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Input embeddings ``(B, L, H)`` with visual tokens and task queries merged in.
 
         ``visual_tokens`` ``(F, N', H)`` fill the ``<image>`` positions in row-major order (sample by sample).
+        ``host_ids``: ``input_ids`` on the CPU, if the caller has them: where the visual tokens and the queries are
+        is then read there, and nothing waits for the device (copied from ``input_ids`` otherwise).
         """
+        host_ids = input_ids.cpu() if host_ids is None else host_ids
         emb = self.llm.get_input_embeddings()(input_ids)
         image_pos = input_ids == self.image_id
-        n_image = int(image_pos.sum())
+        n_image = int((host_ids == self.image_id).sum())
         n_visual = 0 if visual_tokens is None else visual_tokens.shape[0] * visual_tokens.shape[1]
         if n_image != n_visual:
             raise InputError(f"the batch has {n_image} <image> token positions but {n_visual} visual tokens")
         if n_visual:
             emb = emb.masked_scatter(image_pos.unsqueeze(-1), visual_tokens.reshape(-1, emb.shape[-1]).to(emb.dtype))
-        return self._merge_queries(input_ids, emb)
+        return self._merge_queries(host_ids, emb)
 
-    def _merge_queries(self, input_ids: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        rows, cols, values = [], [], []
-        for b, l in (input_ids == self.query_id).nonzero().tolist():
-            task, k = self.query_owner(input_ids[b], l)
+    def _merge_queries(self, host_ids: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """``emb`` with each ``<query>`` position's embedding replaced by its task's query ``k`` (positions read
+        from the CPU ids ``host_ids``)."""
+        if not len(self.queries):
+            return emb
+        starts = self.queries.rows()
+        rows, cols, which = [], [], []
+        for b, l in (host_ids == self.query_id).nonzero().tolist():
+            task, k = self.query_owner(host_ids[b], l)
             rows.append(b)
             cols.append(l)
-            values.append(self.queries[task][k])
-        if not rows:
-            return emb
-        idx = (torch.tensor(rows, device=emb.device), torch.tensor(cols, device=emb.device))
-        return emb.index_put(idx, torch.stack(values).to(emb.dtype))
+            which.append(starts[task] + k)
+        table = self.queries()  # every query, whether the batch has them or not: the same graph on every batch
+        idx = [torch.tensor(v, dtype=torch.long).to(emb.device, non_blocking=True) for v in (rows, cols, which)]
+        return emb.index_put(tuple(idx[:2]), table[idx[2]].to(emb.dtype))
 
     def query_owner(self, ids: torch.Tensor, pos: int) -> tuple[str, int]:
         """The task and index k of the ``<query>`` at ``pos`` (the task token precedes the run of queries)."""
@@ -238,21 +308,24 @@ class TaskMLLM(nn.Module):
         """
         if logits not in ("all", "supervised", "none"):
             raise InputError(f"logits must be 'all', 'supervised' or 'none', got {logits!r}")
+        host = batch.on_host()  # token ids on the CPU: positions are read there, the device never waits
         feats, visual = (None, None) if batch.pixel_values is None else self.encode_images(batch.pixel_values)
-        emb = self.embed(batch.input_ids, visual)
+        emb = self.embed(batch.input_ids, visual, host.input_ids)
         keep, targets = 0, None  # transformers' logits_to_keep: 0 = every position, or an index tensor
         if logits == "none":
             keep = torch.zeros(0, dtype=torch.long, device=emb.device)
         elif logits == "supervised" and batch.labels is not None:
-            keep = (batch.labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)  # (K,) t: some row supervises t+1
+            kept = (host.labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)  # (K,) t: some row supervises t+1
+            keep = kept.to(emb.device, non_blocking=True)
             targets = batch.labels[:, keep + 1]  # (B, K) the token position t predicts
         out = self.llm(inputs_embeds=emb, attention_mask=batch.attention_mask, logits_to_keep=keep,
                        position_ids=positions(batch.attention_mask), output_hidden_states=True, use_cache=False)
         loss = None
+        supervised = host.labels is not None and bool((host.labels[:, 1:] != IGNORE).any())
         if targets is not None:
-            loss = _cross_entropy(out.logits, targets)
+            loss = _cross_entropy(out.logits, targets, supervised)
         elif batch.labels is not None and logits == "all":
-            loss = lm_loss(out.logits, batch.labels)
+            loss = _cross_entropy(out.logits[:, :-1], batch.labels[:, 1:], supervised)
         hidden = out.hidden_states[-1]
         return MLLMOutput(out.logits, loss, hidden, out.hidden_states, self.expert_inputs(batch, feats, hidden))
 
@@ -288,7 +361,7 @@ class TaskMLLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
                         bases: Optional[Mapping[str, Callable[..., "TaskMLLM"]]] = None,
-                        verify: bool = True) -> "TaskMLLM":
+                        verify: bool = True, dtype: Optional[torch.dtype] = None) -> "TaskMLLM":
         """Load a directory written by :meth:`save_pretrained`, or an adapter directory (``adapter.json``, see
         :mod:`taskmllm.model.adapter`) whose base ``bases[name](**base_args)`` rebuilds.
 
@@ -296,6 +369,11 @@ class TaskMLLM(nn.Module):
         for NaN/inf (:func:`~taskmllm.model.io.verify_checksums`, :func:`~taskmllm.model.io.check_finite_weights`;
         an adapter's own tensors, not its base's, which come from installed packages).
         The config is validated before any module is built.
+
+        ``dtype`` (e.g. ``torch.bfloat16``; None: as stored): the modules are built on the meta device (no random
+        initialisation) and each weight is read onto ``device`` and cast to ``dtype`` there
+        (:mod:`taskmllm.model.loading`): no float32 copy of the model is ever made. An adapter's base is rebuilt from
+        its packages in float32 (its differences are applied at full precision), then cast.
 
         Raises:
             CheckpointError: a missing file, a config of another format version or with bad fields, an unreadable
@@ -315,17 +393,20 @@ class TaskMLLM(nn.Module):
             if verify:
                 verify_checksums(path, [ADAPTER_FILE])
             model = load_adapter(path, bases, verify=verify)  # scans the adapter's tensors, not the package base
-        else:
-            model = cls._load_full(path, verify, device)
-            if verify:
-                check_finite_weights(model, path / WEIGHTS_FILE)
-        return model.to(device).eval()
+            return model.to(device=device, dtype=dtype).eval()
+        model = cls._load_full(path, verify, device, dtype)
+        if verify:
+            check_finite_weights(model, path / WEIGHTS_FILE)
+        return model.eval()
 
     @classmethod
-    def _load_full(cls, path: Path, verify: bool, device: torch.device) -> "TaskMLLM":
-        """A full checkpoint directory (config, weights, tokenizer), its weights read onto ``device``."""
+    def _load_full(cls, path: Path, verify: bool, device: torch.device,
+                   dtype: Optional[torch.dtype]) -> "TaskMLLM":
+        """A full checkpoint directory (config, weights, tokenizer), built without random initialisation and its
+        weights read onto ``device`` in ``dtype`` (None: as stored)."""
         from safetensors import SafetensorError
-        from safetensors.torch import load_model
+
+        from taskmllm.model.loading import empty_module, load_weights
 
         for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR):
             if not (path / name).exists():
@@ -337,11 +418,12 @@ class TaskMLLM(nn.Module):
         except ConfigError as exc:
             raise CheckpointError(path / CONFIG_FILE, str(exc)) from exc
         try:
-            model = cls(config, checkpoint_tokenizer(path / TOKENIZER_DIR))
+            tokenizer = checkpoint_tokenizer(path / TOKENIZER_DIR)
+            model = empty_module(lambda: cls(config, tokenizer))
         except ConfigError as exc:  # the tokenizer does not fit the config
             raise CheckpointError(path, str(exc)) from exc
         try:
-            missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False, device=str(device))
+            missing, unexpected = load_weights(model, path / WEIGHTS_FILE, dtype, device)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(path / WEIGHTS_FILE, f"cannot read weights: {exc}") from exc
         if missing or unexpected:
@@ -355,9 +437,12 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return _cross_entropy(logits[:, :-1], labels[:, 1:])
 
 
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of ``(B, K, V)`` logits against ``(B, K)`` targets; ``-100`` is ignored (0 if all are)."""
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, supervised: Optional[bool] = None) -> torch.Tensor:
+    """Mean cross-entropy of ``(B, K, V)`` logits against ``(B, K)`` targets; ``-100`` is ignored (0 if all are).
+    ``supervised``: whether any target is not ignored, when the caller knows it from the host (else read here)."""
     flat_logits, flat = logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
-    if not bool((flat != IGNORE).any()):
+    if supervised is None:
+        supervised = bool((flat != IGNORE).any())
+    if not supervised:
         return flat_logits.sum() * 0.0
     return F.cross_entropy(flat_logits, flat, ignore_index=IGNORE)

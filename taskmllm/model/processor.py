@@ -37,6 +37,9 @@ class Batch:
         pixel_values: ``(F, 3, S, S)`` all frames of all samples in sample order, or None.
         frames_per_sample: frames each sample contributes (0 for text-only samples).
         image_sizes: per sample, the original ``(height, width)`` of its first frame (None if no image).
+        host: the CPU batch this one was moved from (set by :meth:`to`), so that what depends only on the token
+            ids — where the visual tokens, the queries and the supervised labels are — is read on the host
+            without waiting for the device (:meth:`on_host`).
     """
 
     input_ids: torch.Tensor
@@ -45,14 +48,28 @@ class Batch:
     pixel_values: Optional[torch.Tensor] = None
     frames_per_sample: list[int] = field(default_factory=list)
     image_sizes: list[Optional[tuple[int, int]]] = field(default_factory=list)
+    host: Optional["Batch"] = field(default=None, repr=False, compare=False)
 
-    def to(self, device: Union[str, torch.device], dtype: Optional[torch.dtype] = None) -> "Batch":
-        pv = self.pixel_values
-        if pv is not None:
-            pv = pv.to(device=device, dtype=dtype or pv.dtype)
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device),
-                     None if self.labels is None else self.labels.to(device), pv,
-                     list(self.frames_per_sample), list(self.image_sizes))
+    def to(self, device: Union[str, torch.device], dtype: Optional[torch.dtype] = None,
+           non_blocking: bool = False) -> "Batch":
+        """The batch on ``device`` (pixels in ``dtype`` if given); ``non_blocking`` copies asynchronously from
+        pinned memory. The result keeps this batch as its ``host`` copy when this one is on the CPU."""
+        def move(t: Optional[torch.Tensor], dt: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+            return None if t is None else t.to(device=device, dtype=dt or t.dtype, non_blocking=non_blocking)
+
+        host = self.on_host() if self.input_ids.device.type == "cpu" or self.host is not None else None
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels), move(self.pixel_values, dtype),
+                     list(self.frames_per_sample), list(self.image_sizes), host)
+
+    def on_host(self) -> "Batch":
+        """Token ids, mask and labels on the CPU: the host copy this batch was moved from (no device sync), or
+        this batch when it is on the CPU; a device batch without one is copied (a sync)."""
+        if self.host is not None:
+            return self.host
+        if self.input_ids.device.type == "cpu":
+            return self
+        return Batch(self.input_ids.cpu(), self.attention_mask.cpu(), None if self.labels is None else self.labels.cpu(),
+                     None, list(self.frames_per_sample), list(self.image_sizes))
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:

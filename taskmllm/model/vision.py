@@ -13,10 +13,25 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from taskmllm.errors import ConfigError
 from taskmllm.model.config import VisionConfig
+
+
+def hf_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turn a transformers model's activation checkpointing on (non-reentrant) or off, with the API its version has
+    (``activation_checkpointing_*`` since transformers 5.2x, ``gradient_checkpointing_*`` before)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 class VisionTower(nn.Module):
@@ -27,6 +42,10 @@ class VisionTower(nn.Module):
     grid: tuple[int, int]
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:  # pragma: no cover - interface
+        """Recompute the tower's activations in backward instead of storing them (training only)."""
         raise NotImplementedError
 
 
@@ -46,6 +65,10 @@ class OpenClipVisionTower(VisionTower):
         side = config.image_size // config.patch_size
         self.grid = (side, side)
         self._index = config.feature_layer % config.layers
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """open_clip's own per-block checkpointing (non-reentrant)."""
+        self.vit.set_grad_checkpointing(enabled)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.vit.forward_intermediates(
@@ -78,6 +101,10 @@ class HFVisionTower(VisionTower):
         self.grid = (side, side)
         self._skip = 1 if (has_cls and config.drop_cls) else 0
 
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """transformers' per-layer checkpointing (non-reentrant)."""
+        hf_checkpointing(self.model, enabled)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixel_values, output_hidden_states=True)
         feats = out.hidden_states[self.config.feature_layer]  # (F, [1+]N, C)
@@ -103,10 +130,18 @@ class MobileNetV2Tower(VisionTower):
         self.config = config
         blocks = mobilenet_v2(weights=None).features
         self.features = blocks[: config.feature_layer % len(blocks) + 1]
-        with torch.no_grad():  # channels and grid of the cut, from a shape-only pass
-            probe = self.features.eval()(torch.zeros(1, 3, config.image_size, config.image_size))
+        self.checkpointing = False
+        # channels and grid of the cut from a pass on the meta device: shapes only, wherever the weights are
+        meta = {k: torch.empty_like(v, device="meta") for k, v in self.features.state_dict(keep_vars=True).items()}
+        probe = torch.func.functional_call(self.features.eval(), meta,
+                                           (torch.empty(1, 3, config.image_size, config.image_size, device="meta"),))
         self.width = probe.shape[1]
         self.grid = (probe.shape[2], probe.shape[3])
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Each block's activations recomputed in backward (``torch.utils.checkpoint``, non-reentrant); the
+        BatchNorm layers use their running statistics, so the recomputation is exact."""
+        self.checkpointing = enabled
 
     def train(self, mode: bool = True) -> "MobileNetV2Tower":
         super().train(mode)
@@ -116,7 +151,12 @@ class MobileNetV2Tower(VisionTower):
         return self
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.features(pixel_values)  # (F, 1280, h, w)
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            x = pixel_values
+            for block in self.features:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        else:
+            x = self.features(pixel_values)  # (F, 1280, h, w)
         return x.flatten(2).transpose(1, 2)  # (F, h*w, 1280)
 
 

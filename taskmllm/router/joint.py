@@ -33,13 +33,15 @@ EXPERTS_DIR = "experts"
 @dataclass
 class JointOutput:
     """Losses of one joint forward: ``loss`` = LM loss + sum of expert terms (weights applied by experts);
-    ``mllm``: the MLLM's output (hidden states by layer, expert inputs) for losses that read more."""
+    ``mllm``: the MLLM's output (hidden states by layer, expert inputs) for losses that read more; ``placeholder``:
+    the zero-weight term of the placeholder runs (``forward(placeholders=True)``; included in ``loss``)."""
 
     loss: torch.Tensor
     lm_loss: torch.Tensor
     expert_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     calls: list[TaskCall] = field(default_factory=list)
     mllm: Optional[MLLMOutput] = None
+    placeholder: Optional[torch.Tensor] = None
 
 
 class JointModel(nn.Module):
@@ -106,7 +108,7 @@ class JointModel(nn.Module):
     def forward(self, batch: Batch, targets: Sequence[Sequence[TaskTarget]],
                 tasks: Optional[Collection[str]] = None,
                 logits: Literal["all", "supervised", "none"] = "all",
-                detach_context: Collection[str] = ()) -> JointOutput:
+                detach_context: Collection[str] = (), placeholders: bool = False) -> JointOutput:
         """Joint teacher-forced forward. ``targets[b]`` are sample b's targets in task-token order.
 
         ``tasks``: the experts to run (default all); a stage whose expert weight is 0 skips that expert's
@@ -114,18 +116,35 @@ class JointModel(nn.Module):
         :meth:`TaskMLLM.forward`); training passes ``"supervised"``, or ``"none"`` when the LM weight is 0.
         ``detach_context``: experts that read the LLM's visual-token states (``llm_context``) without
         gradient, so their loss reaches the LLM only through their task queries.
+        ``placeholders``: every expert of ``tasks`` runs, those without a call in the batch on a placeholder call
+        (their own task queries as query states, about the first image) whose outputs enter ``loss`` with weight
+        0: the same modules run on every batch, as data-parallel training needs (``run_calls``). Their gradient
+        is exactly zero; the logged terms are those of the real calls.
         """
         out = self.mllm(batch, logits)
-        calls = self.router.route(batch.input_ids, out.hidden_states, batch.attention_mask)
+        host = batch.on_host()  # routing reads token ids: on the host, without waiting for the device
+        calls = self.router.route(host.input_ids, out.hidden_states, host.attention_mask)
         flat = _match_targets(calls, targets)
         lm = out.loss if out.loss is not None else out.logits.sum() * 0.0
-        total, terms = lm, {}
-        for run in run_calls(self.experts, calls, out.expert_inputs, tasks=tasks, detach_context=detach_context):
+        total, terms, zero = lm, {}, None
+        stand_ins = self._placeholder_queries() if placeholders else None
+        for run in run_calls(self.experts, calls, out.expert_inputs, tasks=tasks, detach_context=detach_context,
+                             placeholders=stand_ins):
+            if run.placeholder:
+                zero = _zero_weight(run.outputs) if zero is None else zero + _zero_weight(run.outputs)
+                continue
             for name, value in self.experts[run.task].loss(run.outputs, [flat[id(c)] for c in run.calls]).items():
                 terms[name] = terms.get(name, 0.0) + value * len(run.calls) / run.group_size
         for value in terms.values():
             total = total + value
-        return JointOutput(total, lm, terms, calls, out)
+        return JointOutput(total if zero is None else total + zero, lm, terms, calls, out, zero)
+
+    def _placeholder_queries(self) -> dict[str, torch.Tensor]:
+        """Every expert's ``(K, H)`` task queries, read in one call of the queries module (the same call on every
+        batch, whichever tasks it has)."""
+        queries = self.mllm.queries
+        table, starts = queries(), queries.rows()
+        return {t: table[starts[t]: starts[t] + queries[t].shape[0]] for t in self.experts}
 
     # ----------------------------------------------------------------------------------------------- i/o
     def save_pretrained(self, path: str | Path, extra: Optional[Mapping[str, str]] = None) -> Path:
@@ -149,25 +168,31 @@ class JointModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        registry: Optional[Mapping[str, type[Expert]]] = None, verify: bool = True) -> "JointModel":
+                        registry: Optional[Mapping[str, type[Expert]]] = None, verify: bool = True,
+                        dtype: Optional[torch.dtype] = None) -> "JointModel":
         """Load a directory written by :meth:`save_pretrained`, or a shipped model by name (``"tiny"``).
 
         ``verify``: check every weight file against the checksums recorded at save and the weights for NaN/inf
-        (see :meth:`TaskMLLM.from_pretrained`). Typed errors name the bad file."""
+        (see :meth:`TaskMLLM.from_pretrained`). ``dtype`` (None: as stored): every module is built without random
+        initialisation and its weights are read onto ``device`` in that dtype. Typed errors name the bad file."""
         from taskmllm.zoo import BUILDERS, resolve_checkpoint
 
         device = check_device(device)
         path = resolve_checkpoint(path)
-        mllm = TaskMLLM.from_pretrained(path, device=device, bases=BUILDERS, verify=verify)
-        experts = {name: _load_expert(path, name, mllm, device, registry, verify) for name in mllm.config.tokens.tasks}
+        mllm = TaskMLLM.from_pretrained(path, device=device, bases=BUILDERS, verify=verify, dtype=dtype)
+        experts = {name: _load_expert(path, name, mllm, device, registry, verify, dtype)
+                   for name in mllm.config.tokens.tasks}
         return cls(mllm, experts).to(device).eval()
 
 
 def _load_expert(path: Path, name: str, mllm: TaskMLLM, device: torch.device,
-                 registry: Optional[Mapping[str, type[Expert]]], verify: bool) -> Expert:
-    """Expert ``name`` of checkpoint ``path``, checked to fit ``mllm`` before it is built."""
+                 registry: Optional[Mapping[str, type[Expert]]], verify: bool,
+                 dtype: Optional[torch.dtype]) -> Expert:
+    """Expert ``name`` of checkpoint ``path``, checked to fit ``mllm`` before it is built (without random
+    initialisation; its weights read onto ``device`` in ``dtype``, None: as stored)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_model
+
+    from taskmllm.model.loading import empty_module, load_weights
 
     d = path / EXPERTS_DIR / name
     for f in ("config.json", "model.safetensors"):
@@ -183,16 +208,26 @@ def _load_expert(path: Path, name: str, mllm: TaskMLLM, device: torch.device,
     if verify:
         verify_checksums(path, [f"{EXPERTS_DIR}/{name}/model.safetensors"])
     try:
-        expert = build_expert(name, spec, registry if registry is not None else EXPERTS)
+        expert = empty_module(lambda: build_expert(name, spec, registry if registry is not None else EXPERTS))
     except ConfigError as exc:
         raise CheckpointError(d / "config.json", str(exc)) from exc
     try:
-        load_model(expert, str(d / "model.safetensors"), strict=True, device=str(device))
+        missing, unexpected = load_weights(expert, d / "model.safetensors", dtype, device)
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise CheckpointError(d / "model.safetensors", f"cannot load expert weights: {exc}") from exc
+    if missing or unexpected:
+        raise CheckpointError(d / "model.safetensors", f"cannot load expert weights: missing "
+                              f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     if verify:
         check_finite_weights(expert, d / "model.safetensors")
     return expert
+
+
+def _zero_weight(outputs: object) -> torch.Tensor:
+    """``0 * Σ`` of every floating tensor of an expert's outputs (a dataclass): on the graph, adding nothing."""
+    values = vars(outputs).values() if hasattr(outputs, "__dict__") else [outputs]
+    tensors = [v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    return sum(t.float().sum() for t in tensors) * 0.0
 
 
 def _match_targets(calls: Sequence[TaskCall], targets: Sequence[Sequence[TaskTarget]]) -> dict[int, TaskTarget]:

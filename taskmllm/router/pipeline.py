@@ -41,15 +41,16 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu",
-                        verify: bool = True) -> "Pipeline":
+                        verify: bool = True, dtype: Optional[torch.dtype] = None) -> "Pipeline":
         """Load a checkpoint directory written by ``JointModel.save_pretrained``, or a shipped model by name
         (``"tiny"``, the embedded default), with the calibrated intervention settings it carries. ``verify``:
         check the weight files' SHA-256 against the checksums recorded at save, and the weights for NaN/inf (a
-        :class:`CheckpointError` naming the file)."""
+        :class:`CheckpointError` naming the file). ``dtype`` (e.g. ``torch.bfloat16``; None: as stored) loads the
+        weights straight into that dtype, with no float32 copy (``JointModel.from_pretrained``)."""
         from taskmllm.zoo import model_calibration
 
         calibration = model_calibration(path)  # a malformed interventions.json fails before the weights load
-        return cls(JointModel.from_pretrained(path, device=device, verify=verify), calibration)
+        return cls(JointModel.from_pretrained(path, device=device, verify=verify, dtype=dtype), calibration)
 
     def intervention(self, name: Optional[str], **overrides: Any) -> Optional[Intervention]:
         """A named intervention for this model: ``"vhr"``, ``"var"``, ``"zerotuning"`` with the model's calibrated

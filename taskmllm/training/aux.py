@@ -189,7 +189,8 @@ class FocusLoss(AuxLoss):
         grid = states.inputs.visual_grid
         hidden = states.layer_states[self.options.layer]
         targets, valid = grounding_cover(samples, grid, states.max_frames)
-        logits = self.linear(hidden[states.visual].float()).squeeze(-1).view(targets.shape)  # (F, N')
+        tokens = hidden[states.visual].to(self.linear.weight.dtype)  # the head's dtype (bf16 under DeepSpeed bf16)
+        logits = self.linear(tokens).float().squeeze(-1).view(targets.shape)  # (F, N')
         if not bool(valid.any()):
             return logits.sum() * 0.0
         valid = valid.to(logits.device)
@@ -223,8 +224,8 @@ class _LabelHeads(AuxLoss):
               samples: Sequence[Sample]) -> torch.Tensor:
         """``tokens (F, N, W)`` on ``grid`` against :func:`label_maps`."""
         maps = label_maps(samples, grid, states.max_frames, self.classes)
-        feats = tokens.float()
-        terms = [F.cross_entropy(head(feats).flatten(0, 1), maps[kind].to(feats.device).flatten())
+        terms = [F.cross_entropy(head(tokens.to(head.weight.dtype)).float().flatten(0, 1),
+                                 maps[kind].to(tokens.device).flatten())
                  for kind, head in self.heads.items()]
         total = terms[0]
         for term in terms[1:]:

@@ -246,14 +246,26 @@ class Checkpointer:
                                   f"this run has {self.world_size}")
         return state
 
-    def load(self, path: Path, state: dict, module: nn.Module, optimizer: Any, scheduler: Any) -> dict:
-        """Restore module, optimizer, scheduler and RNG from a checked checkpoint; returns ``state``."""
+    def load_module(self, path: Path, module: nn.Module) -> None:
+        """Restore the module's weights from a checked checkpoint (in place)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             load_module_tensors(module, load_file(str(path / "model.safetensors"),
                                                   device=str(next(module.parameters()).device)), path)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(path, f"cannot load: {exc}") from exc
+
+    def load(self, path: Path, state: dict, module: Optional[nn.Module], optimizer: Any, scheduler: Any) -> dict:
+        """Restore module (unless None: :meth:`load_module` did), optimizer, scheduler and RNG from a checked
+        checkpoint; returns ``state``."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if module is not None:
+            self.load_module(path, module)
+        try:
             name = (f"optimizer.rank{self.rank}.safetensors" if state["partitioned_optimizer"]
                     else "optimizer.safetensors")
             tensors = load_file(str(path / name))

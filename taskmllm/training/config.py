@@ -69,7 +69,9 @@ class ModelConfig:
     """Where the model comes from: ``init: tiny`` or ``init: smol`` builds that recipe fresh (with the
     overrides below, e.g. ``projector: {pool: 2}``; see ``taskmllm.zoo.BUILDERS``), anything else is a
     :class:`~taskmllm.router.joint.JointModel` directory (a stage's ``final/``). ``experts``: options of the
-    fresh experts by task name (e.g. ``{det: {box_head: localizing}}``; each expert's ``Options`` checks them)."""
+    fresh experts by task name (e.g. ``{det: {box_head: localizing}}``; each expert's ``Options`` checks them).
+    ``gradient_checkpointing``: recompute the LLM's and the vision tower's activations in backward instead of
+    storing them (less memory, about a third more compute; the gradients are the same)."""
 
     init: str = "tiny"
     llm: dict[str, Any] = field(default_factory=dict)
@@ -78,6 +80,7 @@ class ModelConfig:
     projector: dict[str, Any] = field(default_factory=dict)
     experts: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_frames: int = 8
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -86,12 +89,15 @@ class DataConfig:
     (``taskmllm.data.sources.SOURCE_KINDS``: ``shapesworld``, ``llava``), e.g.
     ``{shapes: {kind: shapesworld, mix: {seg: 2.0}}, chat: {kind: llava, path: conv.json, weight: 0.5}}``.
 
-    ``length``: items per epoch; ``seed``: fixes the data (and ShapesWorld's scenes); ``batch_size``: per rank."""
+    ``length``: items per epoch; ``seed``: fixes the data (and ShapesWorld's scenes); ``batch_size``: per rank;
+    ``workers``: DataLoader processes that load and tokenize the samples (0: in the training process; the data
+    are the same for any number)."""
 
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
     length: int = 100_000
     seed: int = 0
     batch_size: int = 8
+    workers: int = 0
 
     def specs(self) -> dict:
         """The parsed, typed sources (``taskmllm.data.sources.parse_sources``)."""
@@ -121,7 +127,10 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     """One training run (one stage). ``resume``: ``auto`` (latest checkpoint in ``out_dir`` if any),
-    ``none``, or a checkpoint directory. ``deepspeed``: a ZeRO JSON path (empty = plain torch)."""
+    ``none``, or a checkpoint directory. ``deepspeed``: a ZeRO JSON path (empty = plain torch, or DDP under
+    torchrun). ``precision``: ``auto`` (bf16 on a CUDA device that has it, else fp32), ``fp32``, ``bf16`` or
+    ``fp16`` (CUDA; ``taskmllm.training.precision``). ``log_every``: steps per ``metrics.jsonl`` row (each row
+    the mean of its steps; reading the values waits for the device, so only then)."""
 
     stage: StageConfig = field(default_factory=StageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -130,8 +139,9 @@ class TrainConfig:
     out_dir: str = "runs/train"
     max_steps: int = 100
     grad_accum: int = 1
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     save_every: int = 50
+    log_every: int = 1
     keep_last: int = 2
     resume: str = "auto"
     deepspeed: str = ""
@@ -160,6 +170,7 @@ class TrainConfig:
 
 #: Integer settings: (dotted name, lowest, highest value).
 INT_RANGES = (("max_steps", 1, 10**9), ("grad_accum", 1, 2**16), ("save_every", 1, 10**9), ("keep_last", 1, 10**6),
+              ("log_every", 1, 10**9), ("data.workers", 0, 1024),
               ("seed", 0, 2**63 - 1), ("data.batch_size", 1, 4096), ("data.length", 1, 2**31 - 1),
               ("data.seed", 0, 2**63 - 1), ("optim.warmup_steps", 0, 10**9), ("model.max_frames", 1, 1024),
               ("stage.lora.r", 1, 4096))

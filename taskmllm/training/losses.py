@@ -33,19 +33,20 @@ def check_expert_names(key: str, names: Iterable[str], experts: Sequence[str]) -
 def total_loss(lm_loss: torch.Tensor, expert_losses: Mapping[str, torch.Tensor], experts: Sequence[str],
                lm_weight: float = 1.0, expert_weights: Optional[Mapping[str, float]] = None,
                extra: Optional[Mapping[str, tuple[float, torch.Tensor]]] = None
-               ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``lm_weight·LM + Σ_e w_e·Σ terms_e + Σ w·extra`` and the weighted parts as floats for logging (the names in
-    ``expert_weights`` are checked once before training, :func:`check_expert_names`)."""
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``lm_weight·LM + Σ_e w_e·Σ terms_e + Σ w·extra`` and the parts for logging, detached on the loss's device
+    (read only at the logging interval: nothing here waits for the device). The names in ``expert_weights`` are
+    checked once before training (:func:`check_expert_names`)."""
     weights = dict(expert_weights or {})
     total = lm_loss * lm_weight
-    parts = {"lm": float(lm_loss.detach())}
+    parts = {"lm": lm_loss.detach()}
     for term, value in expert_losses.items():
         w = weights.get(expert_of(term, experts), 1.0)
         if w:
             total = total + w * value
-        parts[term] = float(value.detach())
+        parts[term] = value.detach()
     for name, (w, value) in (extra or {}).items():
         if w:
             total = total + w * value
-        parts[name] = float(value.detach())
+        parts[name] = value.detach()
     return total, parts

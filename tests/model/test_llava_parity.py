@@ -67,3 +67,20 @@ def test_convert_cli_then_logits_and_greedy_tokens_match(llava_dir, tokenizer, t
     n = ref_tokens.index(eos) + 1 if eos in ref_tokens else 20
     assert ours_tokens[:n] == ref_tokens[:n]
     assert len(set(ref_tokens)) > 1, "the random oracle should not repeat one token (the test would be weak)"
+
+
+def test_import_adopts_llavas_language_model_without_a_copy(llava_dir):
+    """The imported LLM holds llava's own tensors (the same storage): at no point are there two LLMs."""
+    from transformers import LlavaForConditionalGeneration
+
+    from taskmllm.model.llava import adopt_language_model
+
+    llava = LlavaForConditionalGeneration.from_pretrained(llava_dir, local_files_only=True)
+    llm = adopt_language_model(llava)
+    theirs = {**{f"decoder.{k}": v for k, v in llava.model.language_model.named_parameters()},
+              "lm_head.weight": llava.lm_head.weight}
+    ours = {**{f"decoder.{k}": v for k, v in llm.get_decoder().named_parameters()},
+            "lm_head.weight": llm.get_output_embeddings().weight}
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].data_ptr() == theirs[k].data_ptr() for k in ours)
+    assert not any(p.is_meta for p in llm.parameters())

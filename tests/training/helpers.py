@@ -14,7 +14,8 @@ TINY = ["--model.init=tiny", "--model.llm.hidden_size=64", "--model.llm.intermed
         "--model.llm.num_hidden_layers=1", "--model.vision.kind=open_clip", "--model.vision.width=32",
         "--model.vision.layers=1", "--model.vision.heads=2", "--model.vision.image_size=48", "--model.max_frames=2",
         "--data.sources.shapes.image_size=48", "--data.sources.shapes.num_frames=2", "--data.batch_size=2",
-        "--progress=false", "--optim.warmup_steps=1", "--model.vision.pretrained="]  # a tiny random ViT
+        "--progress=false", "--optim.warmup_steps=1", "--model.vision.pretrained=",  # a tiny random ViT
+        "--data.workers=0"]  # loading in the test process (tests/training/test_data_loader.py runs workers)
 
 
 def overrides(tmp_path, *extra: str) -> list[str]:

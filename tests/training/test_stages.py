@@ -235,7 +235,7 @@ def test_attr_loss_equals_the_heads_on_the_llms_hidden_states_by_hand(tmp_path):
     from taskmllm.data.shapesworld import COLORS, SHAPES, WorldConfig, shapesworld_dataset
     from taskmllm.model.processor import positions
     from taskmllm.training.aux import label_maps
-    from taskmllm.training.train import Trainee, forward_loss
+    from taskmllm.training.trainee import Trainee, forward_loss
 
     cfg = load_config(RECIPE / "pretrain.yaml", overrides(tmp_path, "--stage.aux={attr: {layer: 1, labels: "
                       "[category, color]}}", "--model.llm.num_hidden_layers=2"))  # 2 blocks: HF's last state is normed
@@ -245,7 +245,7 @@ def test_attr_loss_equals_the_heads_on_the_llms_hidden_states_by_hand(tmp_path):
     data = shapesworld_dataset({"color": 1.0, "exist": 1.0}, 3, seed=0, config=WorldConfig(image_size=48))
     samples = [data[i] for i in range(3)]
     with torch.no_grad():
-        _, parts = forward_loss(Trainee(joint, aux), samples, cfg, torch.device("cpu"))
+        _, parts = forward_loss(Trainee(joint, aux), samples, torch.device("cpu"))
         mllm = joint.mllm
         batch = mllm.processor.conversations([s.turns for s in samples], [s.image for s in samples])
         emb = mllm.embed(batch.input_ids, mllm.encode_images(batch.pixel_values)[1])
@@ -257,5 +257,5 @@ def test_attr_loss_equals_the_heads_on_the_llms_hidden_states_by_hand(tmp_path):
         heads = aux["attr"].heads
         want = (F.cross_entropy(heads["category"](hidden), maps["category"].flatten())
                 + F.cross_entropy(heads["color"](hidden), maps["color"].flatten()))
-    assert parts["attr"] == pytest.approx(float(want), rel=1e-5)
+    assert float(parts["attr"]) == pytest.approx(float(want), rel=1e-5)
     assert heads["category"].out_features == len(SHAPES) + 1 and heads["color"].out_features == len(COLORS) + 1

@@ -1,0 +1,99 @@
+"""What trains: the joint model and the stage's auxiliary losses as one module whose forward is a micro-batch's loss.
+
+``Trainee.forward(micro_batch) -> (loss, parts)`` is the one call an engine makes per micro-batch: plain torch
+calls the module, ``DistributedDataParallel`` wraps it, DeepSpeed calls it through ``engine(...)``. Every expert
+of the stage runs on every forward (on a zero-weight placeholder call when the micro-batch has no call for it,
+``JointModel.forward(placeholders=True)``), so every rank runs the same modules in the same order: what ZeRO's
+gradient buckets and parameter gathering rely on.
+
+The micro-batch's groups (images, videos: :mod:`taskmllm.training.data_loader`) run as separate forwards and their
+losses are recombined with the weights one forward of the whole micro-batch gives them: LM by supervised tokens,
+each expert's terms by its calls, auxiliary losses by samples. The parts stay tensors on the device (the loop reads
+them at its logging interval only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from taskmllm.training.aux import AuxStates
+from taskmllm.training.data_loader import Collate, Group, MicroBatch
+from taskmllm.training.losses import expert_of, total_loss
+
+
+@dataclass
+class LossSettings:
+    """The stage's loss options (``stage.*``): ``lm_weight``, ``expert_weights`` (an expert of weight 0 does not
+    run), ``detach_context``."""
+
+    lm_weight: float = 1.0
+    expert_weights: dict[str, float] = field(default_factory=dict)
+    detach_context: list[str] = field(default_factory=list)
+
+
+class Trainee(nn.Module):
+    """The joint model plus the stage's auxiliary losses (``stage.aux``); ``forward`` is one micro-batch's loss."""
+
+    def __init__(self, joint: nn.Module, aux: nn.ModuleDict, settings: Optional[LossSettings] = None) -> None:
+        super().__init__()
+        self.joint, self.aux = joint, aux
+        self.settings = settings or LossSettings()
+
+    @property
+    def active(self) -> list[str]:
+        """The experts that run (weight != 0), in the model's order."""
+        return [n for n in self.joint.experts if self.settings.expert_weights.get(n, 1.0) != 0]
+
+    def forward(self, micro: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted loss of ``micro`` (its batches on the model's device) and its parts (detached 0-dim tensors,
+        ``total`` included)."""
+        runs = [self._group(g) for g in micro.groups]
+        experts = list(self.joint.experts)
+        lm = _weighted([(r["lm"], r["tokens"]) for r in runs])
+        terms: dict[str, torch.Tensor] = {}
+        for term in dict.fromkeys(t for r in runs for t in r["experts"]):
+            task = expert_of(term, experts)
+            terms[term] = _weighted([(r["experts"][term], r["calls"].get(task, 0)) for r in runs
+                                     if term in r["experts"]])
+        extra = {name: (w, _weighted([(r["extra"][name][1], r["n"]) for r in runs]))
+                 for name, (w, _) in runs[0]["extra"].items()}
+        loss, parts = total_loss(lm, terms, experts, self.settings.lm_weight, self.settings.expert_weights, extra)
+        for zero in (r["zero"] for r in runs if r["zero"] is not None):
+            loss = loss + zero  # placeholder runs: on the graph, adding nothing
+        parts["total"] = loss.detach()
+        return loss, parts
+
+    def _group(self, group: Group) -> dict:
+        """One joint forward: LM loss and supervised tokens, expert terms and calls per task, auxiliary losses."""
+        joint, s = self.joint, self.settings
+        logits = "supervised" if s.lm_weight != 0 else "none"  # the LM head only where a loss needs it
+        out = joint(group.batch, group.targets, self.active, logits, detach_context=s.detach_context,
+                    placeholders=True)
+        host_ids = group.batch.on_host().input_ids
+        states = AuxStates(out.mllm.layer_states, host_ids == joint.mllm.image_id, out.mllm.expert_inputs,
+                           joint.mllm.config.max_frames)
+        extra = {name: (aux.weight, aux.loss(states, group.samples)) for name, aux in self.aux.items()}
+        calls: dict[str, int] = {}
+        for call in out.calls:
+            calls[call.task] = calls.get(call.task, 0) + 1
+        return {"lm": out.lm_loss, "tokens": group.tokens, "experts": out.expert_losses, "calls": calls,
+                "extra": extra, "n": len(group.samples), "zero": out.placeholder}
+
+
+def _weighted(pairs: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """``Σ value·count / Σ count`` (the plain value when there is one pair)."""
+    if len(pairs) == 1:
+        return pairs[0][0]
+    total = sum(c for _, c in pairs) or 1
+    return sum(v * (c / total) for v, c in pairs)
+
+
+def forward_loss(trainee: Trainee, samples: Sequence, device: torch.device
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of ``samples`` as one micro-batch, collated here (what the data loader's workers do)."""
+    micro = Collate(trainee.joint.mllm.processor)(list(enumerate(samples)))
+    return trainee(micro.to(device))
