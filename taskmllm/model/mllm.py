@@ -165,10 +165,14 @@ class TaskMLLM(nn.Module):
         if not pretrained:
             raise ConfigError(f"tokenizer has {len(self.tokenizer)} tokens but the LLM's embedding has {rows} rows")
         self.llm.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        self._mean_init_rows(rows, len(self.tokenizer))
+        self.config.llm["vocab_size"] = self.llm.config.vocab_size
+
+    def _mean_init_rows(self, start: int, end: int) -> None:
+        """Input and output embedding rows ``start:end`` become the mean of the rows before ``start`` (TPO)."""
         with torch.no_grad():
             for emb in {self.llm.get_input_embeddings(), self.llm.get_output_embeddings()} - {None}:
-                emb.weight[rows:] = emb.weight[:rows].mean(0)
-        self.config.llm["vocab_size"] = self.llm.config.vocab_size
+                emb.weight[start:end] = emb.weight[:start].mean(0)
 
     def add_tasks(self, tasks: Mapping[str, int]) -> list[str]:
         """Give the model the task tokens and learnable queries of ``tasks`` (name -> K) it does not have yet.
@@ -193,9 +197,7 @@ class TaskMLLM(nn.Module):
         if len(self.tokenizer) > self.llm.get_input_embeddings().num_embeddings:
             self.llm.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
             self.config.llm["vocab_size"] = self.llm.config.vocab_size
-        with torch.no_grad():
-            for emb in {self.llm.get_input_embeddings(), self.llm.get_output_embeddings()} - {None}:
-                emb.weight[known:len(self.tokenizer)] = emb.weight[:known].mean(0)
+        self._mean_init_rows(known, len(self.tokenizer))
         ref = self.llm.get_input_embeddings().weight
         for name, k in new.items():
             self.queries[name] = nn.Parameter(self._init_queries(k).to(ref.device, ref.dtype))
