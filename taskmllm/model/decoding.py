@@ -54,8 +54,8 @@ class DynamicDecoder:
     Args:
         model: the TaskMLLM.
         use_cache: False recomputes everything at every step (the reference for the cached path).
-        batch_size, capacity: rows and the most positions one call feeds (prompt + every chunk); the mask of
-            everything fed lives in one ``(B, capacity)`` buffer.
+        batch_size, capacity: rows and the positions one call is expected to feed; the mask of everything fed
+            lives in one ``(B, capacity)`` buffer (doubled when a call feeds more).
     """
 
     def __init__(self, model: "TaskMLLM", use_cache: bool, batch_size: int, capacity: int) -> None:
@@ -78,6 +78,10 @@ class DynamicDecoder:
         (``(B, 1, V)`` with ``last_only``: the left-padded prefill, whose rows all end in the last column) and the
         last hidden states ``(B, C, H)`` of the chunk."""
         c = mask.shape[1]
+        if self.length + c > self.buffer.shape[1]:
+            grown = self.buffer.new_zeros(self.buffer.shape[0], 2 * (self.length + c))
+            grown[:, : self.length] = self.buffer[:, : self.length]
+            self.buffer = grown
         self.buffer[:, self.length: self.length + c] = mask
         self.length += c
         self.padded = self.padded or not bool(mask.all())
@@ -145,35 +149,53 @@ class StaticDecoder:
 
     Every position of the batch is one cache column (shared by the rows, as the dynamic cache's); ``attend``
     ``(B, L_max)`` says which columns each row may read. A row also reads its own new column, so a padding row of
-    a chunk attends to itself only (finite, and read by nobody).
+    a chunk attends to itself only (finite, and read by nobody). Attention reads all ``L_max`` columns at every
+    step, so the cache starts at what a call usually needs (``capacity``: prompt + new tokens + one task's
+    queries) and grows, by a copy into a cache twice as long, when more task queries arrive.
 
     Args:
         model: the TaskMLLM (its ``llm`` must support transformers' ``StaticCache``).
-        batch_size, capacity: rows and the most positions one call feeds (the cache length is
+        batch_size, capacity: rows and the positions one call is expected to feed (the cache length is
             :func:`static_length` of it).
         compiled: run one-token steps through ``torch.compile`` (False: the same static path, eager).
     """
 
     def __init__(self, model: "TaskMLLM", batch_size: int, capacity: int, compiled: bool = True) -> None:
-        from transformers import StaticCache
-
         llm = model.llm
         if not getattr(llm, "_can_compile_fullgraph", False) and compiled:
             raise ConfigError(f"compile=True needs a language model that supports transformers' StaticCache; "
                               f"{type(llm).__name__} does not")
         self.model = model
-        self.length = static_length(capacity, max(capacity, model.processor.max_length))
-        self.cache = StaticCache(config=llm.config, max_cache_len=self.length)
-        self.attend = torch.zeros(batch_size, self.length, dtype=torch.bool, device=model.device)
-        self.columns = torch.arange(self.length, device=model.device)
         self.fed = 0
         self.plain_head = _plain_head(llm)
         self.step = model.decode_steps.get(model) if compiled else None
+        self.attend = torch.zeros(batch_size, 0, dtype=torch.bool, device=model.device)
+        self.cache, self.length = None, 0
+        self._allocate(static_length(capacity, max(capacity, model.processor.max_length)))
+
+    def _allocate(self, length: int) -> None:
+        """A ``StaticCache`` of ``length`` columns holding the columns fed so far (copied from the old one)."""
+        from transformers import StaticCache
+
+        old = self.cache
+        self.cache = StaticCache(config=self.model.llm.config, max_cache_len=length)
+        if old is not None and self.fed:
+            for new_layer, old_layer in zip(self.cache.layers, old.layers):
+                new_layer.lazy_initialization(old_layer.keys, old_layer.values)  # transformers' allocation
+                new_layer.keys[:, :, : self.fed] = old_layer.keys[:, :, : self.fed]
+                new_layer.values[:, :, : self.fed] = old_layer.values[:, :, : self.fed]
+                new_layer.cumulative_length.fill_(self.fed)
+        attend = torch.zeros(self.attend.shape[0], length, dtype=torch.bool, device=self.model.device)
+        attend[:, : self.fed] = self.attend[:, : self.fed]
+        self.attend, self.length = attend, length
+        self.columns = torch.arange(length, device=self.model.device)
 
     def feed(self, emb: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
              last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`DynamicDecoder.feed`."""
         c, t = mask.shape[1], self.fed
+        if t + c > self.length:
+            self._allocate(static_length(max(t + c, 2 * self.length), max(t + c, 2 * self.length)))
         valid = mask.bool()
         if c == 1 and self.step is not None:
             self.attend[:, t] = True  # this step's own column, for every row

@@ -256,8 +256,8 @@ class _State:
         self.counts = [0] * self.bsz  # sampled tokens per sample (query ids not counted)
         self.next_pos = batch.on_host().attention_mask.sum(-1).tolist()
         self.context = model.processor.max_length
-        widest = 1 + max((q.shape[0] for q in model.queries.values()), default=0)
-        capacity = mask.shape[1] + opts["max_new_tokens"] * widest  # every column one call can feed
+        queries = max((q.shape[0] for q in model.queries.values()), default=0)
+        capacity = mask.shape[1] + opts["max_new_tokens"] + queries  # the usual need (a static cache grows)
         self.decoder = make_decoder(model, opts["use_cache"], opts["compile"], self.bsz, capacity)
         self.processors = logits_processors(opts["repetition_penalty"], opts["no_repeat_ngram_size"])
 

@@ -120,3 +120,33 @@ def test_static_length_buckets():
     assert static_length(1, 2048) == 128 and static_length(129, 2048) == 256
     assert static_length(300, 200) == 300  # never below what is needed
     assert static_length(100, 120) == 120
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_decoders_grow_past_their_first_capacity(varied_model, kind):
+    """A call that feeds more than its decoder's first capacity (many task queries): the caches grow, keeping what
+    was fed — the hidden states equal those of a decoder that was large enough from the start."""
+    from taskmllm.model.decoding import DynamicDecoder
+    from taskmllm.model.processor import positions
+
+    model = varied_model
+    batch = model.processor(["Describe it.", "Is there a star?"])
+    emb = model.embed(batch.input_ids, None)
+    mask = batch.attention_mask
+    torch.manual_seed(1)
+    chunks = [torch.randn(2, 40, emb.shape[-1]) for _ in range(4)]
+    outs, sizes = [], []
+    with torch.no_grad():
+        for capacity in (mask.shape[1] + 1, 512):
+            decoder = (DynamicDecoder(model, True, 2, capacity) if kind == "dynamic"
+                       else StaticDecoder(model, 2, capacity, compiled=False))
+            start = mask.sum(-1, keepdim=True)
+            hidden = [decoder.feed(emb, mask, positions(mask), last_only=True)[1]]
+            for i, chunk in enumerate(chunks):
+                pos = start + 40 * i + torch.arange(40)[None]
+                hidden.append(decoder.feed(chunk, torch.ones(2, 40, dtype=torch.long), pos)[1])
+            outs.append(torch.cat(hidden, 1))
+            sizes.append(decoder.buffer.shape[1] if kind == "dynamic" else decoder.length)
+    assert sizes[0] >= mask.shape[1] + 160 and sizes[0] < 512  # the first decoder grew
+    real = torch.cat([mask, torch.ones(2, 160, dtype=torch.long)], 1).bool()
+    assert torch.allclose(outs[0][real], outs[1][real], atol=1e-4, rtol=1e-5)
