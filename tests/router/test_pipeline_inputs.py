@@ -187,3 +187,18 @@ def test_repetition_options_reach_generation(tiny_pipeline):
     assert result.raw_text == direct.text[0]
     ids = [t for t in direct.sequences[0] if t != mllm.tokenizer.eos_token_id]
     assert len(set(ids)) == len(ids)
+
+
+def test_a_mixed_batch_decodes_images_and_videos_apart_with_the_same_answers(tiny_pipeline):
+    """Images and videos in one call run as two batches (no image row padded to a video's length); every answer is
+    the one the request gets alone, in the caller's order."""
+    from taskmllm.router.pipeline import _kind_groups
+
+    video = [IMAGE, IMAGE[::-1].copy()]
+    visuals = [IMAGE, video, None, video, IMAGE]
+    prompts = ["Describe it.", "Track the object.", "Hello?", "What happens?", "Is there a circle?"]
+    assert _kind_groups(visuals) == [[0, 2, 4], [1, 3]]
+    together = tiny_pipeline(visuals, prompts, max_new_tokens=8)
+    alone = [tiny_pipeline(v, p, max_new_tokens=8) for v, p in zip(visuals, prompts)]
+    assert [r.raw_text for r in together] == [r.raw_text for r in alone]
+    assert [bool(r.frames) for r in together] == [False, True, False, True, False]
