@@ -12,12 +12,16 @@ def time_configs(model: Any, batch: Any, configs: dict[str, tuple[Optional[str],
                  repeats: int) -> dict[str, dict[str, float]]:
     """Time ``model.generate(batch, new_tokens, intervention)`` for every ``{name: (attention implementation or
     None = the model's own, intervention)}``, interleaved over ``repeats`` rounds after one warm-up round (the best
-    round is the least disturbed on a shared machine). The model's EOS is disabled meanwhile, so every
+    round is the least disturbed on a shared machine; at one torch thread the clock is the process's CPU time, which
+other processes' load does not inflate). The model's EOS is disabled meanwhile, so every
     configuration generates exactly ``new_tokens`` tokens (restored afterwards, as is the attention implementation).
 
     Returns:
         ``{name: {"best_s", "median_s"}}``.
     """
+    import torch
+
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter  # CPU time at one thread
     tokenizer = model.tokenizer
     eos, attn = tokenizer.eos_token, model.llm.config._attn_implementation
     tokenizer.eos_token = None
@@ -26,9 +30,9 @@ def time_configs(model: Any, batch: Any, configs: dict[str, tuple[Optional[str],
         for round_ in range(repeats + 1):  # round 0 is a warm-up
             for name, (impl, intervention) in configs.items():
                 model.llm.set_attn_implementation(impl or attn)
-                start = time.perf_counter()
+                start = clock()
                 out = model.generate(batch, max_new_tokens=new_tokens, intervention=intervention)
-                elapsed = time.perf_counter() - start
+                elapsed = clock() - start
                 assert all(sum(t != model.query_id for t in s) == new_tokens for s in out.sequences)
                 if round_:
                     times[name].append(elapsed)

@@ -2,7 +2,8 @@
 
 Usage: ``python bench/data.py [--seconds 5] [--size 128] [--frames 8]``. Image samples cycle through every
 image task (scene generation + conversation + targets); video samples through every video task.
-Target (issue): >= 200 image samples/s at 128 px on one core.
+Targets (issue #29): >= 1,000 image and >= 500 video samples/s on one core; on a shared machine the rate per CPU
+second of this process (``per_cpu_s``) is what one dedicated core delivers, and it is what the targets are read on.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def main() -> None:
         "bench": "data", "image_size": args.size, "num_frames": args.frames,
         "image_samples_per_s": image["best"], "video_samples_per_s": video["best"],
         "image": image, "video": video,
-        "target_image_samples_per_s": 200, "meets_target": image["best"] >= 200,
+        "targets_per_cpu_s": {"image": 1000, "video": 500},
+        "meets_targets": image["per_cpu_s"] >= 1000 and video["per_cpu_s"] >= 500,
         "cores_used": 1, "cpu": platform.processor() or platform.machine(), "load_avg": os.getloadavg()[0],
     }))
 

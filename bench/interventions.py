@@ -6,7 +6,8 @@ The BOS embedding carries a planted massive activation (dimension 0) so VAR find
 redistributes (tau = 8: the tiny LLM's hidden size 256 caps |x[d]|/RMS(x) at 16). Configurations are timed
 interleaved, ``--repeats`` rounds; ratios use the best round of each (the least disturbed on a shared machine).
 
-Targets (issue): VHR <= 1.15 x none; VAR <= 1.4 x none with eager attention.
+Targets (issue #29): VHR <= 1.05 x none; VAR <= 1.25 x none with SDPA (the model's own backend), at batch 1 and 8.
+``--threads 1`` times on the process's CPU clock (a shared machine's other load does not count).
 
     python bench/interventions.py --out bench/results/interventions.json
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _bandwidth import machine
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
 from _timing import time_configs
 
@@ -71,8 +73,8 @@ def main() -> None:
 
     model = build_model()
     rng = np.random.default_rng(0)
-    results = {"device": "cpu", "platform": platform.processor() or platform.machine(),
-               "threads": torch.get_num_threads(), "new_tokens": args.new_tokens, "repeats": args.repeats,
+    results = {"device": "cpu", "platform": platform.processor() or platform.machine(), **machine(),
+               "clock": "cpu" if torch.get_num_threads() == 1 else "wall", "new_tokens": args.new_tokens, "repeats": args.repeats,
                "model": "tiny recipe (random weights)", "runs": []}
     var = VAR(p=0.6, rho=0.5, tau=8.0, sink_dims=[0], mode="paper")  # official mode: a BOS-only sink is no visual sink
     vhr = VHR(alpha=2.0)
@@ -92,8 +94,8 @@ def main() -> None:
                "ratio_var_over_none_sdpa": round(best["var"] / best["none_sdpa"], 3),
                "var_rows_redistributed": int(sum(c.sum() for c in var.selected_counts.values())),
                "vhr_heads_selected": int(sum(s.sum() for s in vhr.selected_heads.values()))}
-        run["targets_met"] = {"vhr<=1.15": run["ratio_vhr_over_none"] <= 1.15,
-                              "var<=1.4_eager": run["ratio_var_over_none_eager"] <= 1.4}
+        run["targets_met"] = {"vhr<=1.05": run["ratio_vhr_over_none"] <= 1.05,
+                              "var<=1.25_sdpa": run["ratio_var_over_none_sdpa"] <= 1.25}
         results["runs"].append(run)
     emit(results, args.out)
 

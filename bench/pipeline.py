@@ -1,8 +1,11 @@
-"""Share of Pipeline latency spent in routing + experts, on the tiny recipe's model.
+"""Pipeline latency on the tiny recipe's model: the routing + experts share, and batched vs sequential requests.
 
 The tiny model is first fit for a few steps to answer with task tokens (so every expert really runs: an image
-`<seg>`, an image `<det>` and a video `<track>`), then each request is timed end to end. Prints JSON with the
-per-stage seconds and the routing + experts share; target <= 0.20.
+`<seg>`, an image `<det>` and a video `<track>`), then each request is timed end to end. Then a batch of 8 mixed
+requests (2 each of VQA, seg, det, track) runs as one `Pipeline` call and as 8 sequential calls, interleaved;
+their results must agree (text and tasks exactly, boxes to 1e-4 px, masks to 0.99 IoU). Prints JSON with the
+per-stage seconds, the routing + experts share (target <= 0.20) and the batched/sequential throughput ratio
+(target >= 3, issue #29), with the torch threads, the clock and the load average.
 
     python bench/pipeline.py --out bench/results/pipeline.json
 """
@@ -17,13 +20,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+from _bandwidth import machine
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
 
 REQUESTS = [
     ("image", "Segment the red circle.", "Sure, <ref>the red circle</ref><seg>."),
     ("image", "Find all squares.", "<ref>squares</ref><det>."),
     ("video", "Track the blue heart.", "<ref>the blue heart</ref><track>."),
+    ("image", "Is there a star in the image?", "No."),
 ]
+MIXED = [0, 1, 2, 3, 3, 2, 1, 0]  # 8 requests: 2 x (seg, det, track, VQA), in a mixed order
 
 
 def fit_task_answers(steps: int):
@@ -48,19 +54,66 @@ def fit_task_answers(steps: int):
     return joint, visuals
 
 
+def same_results(a, b) -> bool:
+    """Two results agree: text and called tasks exactly, boxes to 1e-4 px, masks to IoU >= 0.99."""
+    if a.raw_text != b.raw_text or [c.task for c in a.calls] != [c.task for c in b.calls]:
+        return False
+    for x, y in zip(a.calls, b.calls):
+        if (x.boxes is None) != (y.boxes is None) or (x.boxes is not None and not np.allclose(x.boxes, y.boxes,
+                                                                                           atol=1e-4)):
+            return False
+        if x.mask is not None and y.mask is not None:
+            union = np.logical_or(x.mask, y.mask).sum()
+            if union and np.logical_and(x.mask, y.mask).sum() / union < 0.99:
+                return False
+    return True
+
+
+def batched_vs_sequential(pipe, visuals, repeats: int) -> dict:
+    """8 mixed requests as one batched call vs 8 sequential calls (interleaved rounds, best of each)."""
+    import time
+
+    prompts = [REQUESTS[i][1] for i in MIXED]
+    inputs = [visuals[i] for i in MIXED]
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+
+    def batched():
+        return pipe(inputs, prompts, max_new_tokens=32)
+
+    def sequential():
+        return [pipe(v, p, max_new_tokens=32) for v, p in zip(inputs, prompts)]
+
+    best = {"batched": float("inf"), "sequential": float("inf")}
+    together, alone = batched(), sequential()  # warm-up, and the results compared
+    for _ in range(repeats):
+        for name, fn in (("batched", batched), ("sequential", sequential)):
+            start = clock()
+            fn()
+            best[name] = min(best[name], clock() - start)
+    agree = [same_results(x, y) for x, y in zip(together, alone)]
+    return {"requests": len(prompts), "calls": sorted({c.task for r in together for c in r.calls}),
+            "clock": "cpu" if clock is time.process_time else "wall",
+            "batched_s": round(best["batched"], 4), "sequential_s": round(best["sequential"], 4),
+            "throughput_ratio": round(best["sequential"] / best["batched"], 3), "target": 3.0,
+            "same_results": all(agree), "agreeing": sum(agree)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from taskmllm.router.pipeline import Pipeline
 
     joint, visuals = fit_task_answers(args.steps)
     pipe = Pipeline(joint)
     runs = []
-    for (kind, prompt, _), visual in zip(REQUESTS, visuals):
+    for (kind, prompt, _), visual in list(zip(REQUESTS, visuals))[:3]:
         pipe(visual, prompt, max_new_tokens=32)  # warm-up
         stages = {"preprocess": [], "generate": [], "experts": []}
         for _ in range(args.repeats):
@@ -72,8 +125,9 @@ def main() -> None:
         runs.append({"request": prompt, "input": kind, "calls": [c.task for c in result.calls],
                      "seconds": {k: round(v, 4) for k, v in median.items()}, "total_s": round(total, 4),
                      "routing_experts_share": round(median["experts"] / total, 4)})
-    report = {"device": "cpu", "threads": torch.get_num_threads(), "runs": runs,
-              "max_routing_experts_share": max(r["routing_experts_share"] for r in runs), "target": 0.2}
+    report = {"device": "cpu", **machine(), "runs": runs,
+              "max_routing_experts_share": max(r["routing_experts_share"] for r in runs), "target": 0.2,
+              "batched": batched_vs_sequential(pipe, visuals, args.repeats)}
     emit(report, args.out)
 
 

@@ -97,10 +97,19 @@ def _eval(args: argparse.Namespace) -> int:
                           pope_questions=tuple(args.pope_questions or ()), images=args.images or args.image_root,
                           instances=args.instances, captions=args.captions, **seed, **_annotation_options(args))
     report = evaluate(args.model, args.suite, args.out, options, intervention=args.intervention, tau=args.tau,
-                      max_new_tokens=args.max_new_tokens, device=args.device)
+                      max_new_tokens=args.max_new_tokens, device=args.device,
+                      generation={"repetition_penalty": args.repetition_penalty,
+                                  "no_repeat_ngram_size": args.no_repeat_ngram_size})
     print(report.markdown_path.read_text(), end="")
     print(f"wrote {report.json_path}, {report.markdown_path} and {len(report.plot_paths)} plot(s) to {args.out}")
     return 0
+
+
+def _add_repetition_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repetition-penalty", type=positive_float, default=1.0,
+                   help="divide the logits of ids already seen (prompt included) by this (CTRL; 1.0 = off)")
+    p.add_argument("--no-repeat-ngram-size", type=nonnegative_int, default=0,
+                   help="no n-gram of this size twice in prompt + answer (0 = off)")
 
 
 def _annotation_options(args: argparse.Namespace) -> dict:
@@ -177,7 +186,9 @@ def _predict(args: argparse.Namespace) -> int:
 
     pred = predict(args.model, args.instruction, image=args.image, video=args.video, out=args.out,
                    json_path=json_path, intervention=args.intervention,
-                   settings=GenerationSettings(max_new_tokens=args.max_new_tokens), device=args.device,
+                   settings=GenerationSettings(max_new_tokens=args.max_new_tokens,
+                                               repetition_penalty=args.repetition_penalty,
+                                               no_repeat_ngram_size=args.no_repeat_ngram_size), device=args.device,
                    attention=args.attention)
     print(json.dumps(pred.record, indent=2) if args.json else pred.result.text)
     for path in (pred.overlay_path, pred.json_path, pred.attention_path):
@@ -265,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation world / image-sample seed (default: one never used for training)")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: the suite's")
+    _add_repetition_args(p)
     p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--pope-questions", nargs="+", help="POPE question files, one per split (suite pope)")
     p.add_argument("--images", help="image folder (suites pope, chair)")
@@ -304,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write where the answer looked: its attention over the picture, with and without the "
                         "intervention (the heads it acted on), as a PNG")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    _add_repetition_args(p)
     p.add_argument("--device", type=device_name, default="cpu")
     p.set_defaults(func=_predict)
 

@@ -33,13 +33,17 @@ MAX_INSTRUCTION_CHARS = 2000
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Decoding settings of one request: greedy unless ``do_sample``; ``seed`` makes sampling repeatable."""
+    """Decoding settings of one request: greedy unless ``do_sample``; ``seed`` makes sampling repeatable;
+    ``repetition_penalty`` (1.0 = off) and ``no_repeat_ngram_size`` (0 = off) are transformers' logits processors
+    (:func:`taskmllm.model.generation.generate`)."""
 
     max_new_tokens: int = 64
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``Pipeline.__call__``.
@@ -51,7 +55,8 @@ class GenerationSettings:
 
         from taskmllm.model.generation import check_generation
 
-        out = check_generation({"max_new_tokens": self.max_new_tokens})
+        out = check_generation({"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty,
+                                "no_repeat_ngram_size": self.no_repeat_ngram_size})
         if out["max_new_tokens"] > 4096:
             raise ConfigError(f"max_new_tokens must be in 1..4096, got {self.max_new_tokens}")
         if self.do_sample:

@@ -85,6 +85,10 @@ def build_demo(pipeline: "Pipeline", options: DemoOptions = DemoOptions()) -> gr
                     temperature = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="Temperature")
                     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
                     seed = gr.Number(value=0, precision=0, label="Seed")
+                    repetition_penalty = gr.Slider(0.5, 2.0, value=1.0, step=0.05, label="Repetition penalty",
+                                                   info="divides the scores of ids already seen (1 = off)")
+                    no_repeat_ngram_size = gr.Slider(0, 8, value=0, step=1, label="No-repeat n-gram size",
+                                                     info="no n-gram of this size twice (0 = off)")
                     score_threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Box score threshold",
                                                 info="boxes scoring lower are not drawn")
             with gr.Column(scale=1):
@@ -104,7 +108,8 @@ def build_demo(pipeline: "Pipeline", options: DemoOptions = DemoOptions()) -> gr
         gr.Examples(rows, inputs=[image, video, instruction], label="Examples (ShapesWorld and photos)",
                     elem_id="examples")
         inputs = [image, video, instruction, history, intervention, vhr_alpha, var_p, var_rho, var_tau,
-                  max_new_tokens, do_sample, temperature, top_p, seed, score_threshold, zt_gamma, attention]
+                  max_new_tokens, do_sample, temperature, top_p, seed, score_threshold, zt_gamma, attention,
+                  repetition_penalty, no_repeat_ngram_size]
         outputs = [chat, overlay, answer_json, raw, latency, looked, history]
         # preprocess=False: uploads reach the handler as files, decoded (and rejected) by taskmllm itself
         submit.click(handler.answer, inputs, outputs, api_name="answer", preprocess=False,

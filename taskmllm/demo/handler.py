@@ -123,7 +123,8 @@ class DemoHandler:
                intervention: str = "none", vhr_alpha: Optional[float] = None, var_p: Optional[float] = None,
                var_rho: Optional[float] = None, var_tau: Optional[float] = None, max_new_tokens: int = 64,
                do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-               score_threshold: float = 0.5, zt_gamma: Optional[float] = None, attention: bool = False
+               score_threshold: float = 0.5, zt_gamma: Optional[float] = None, attention: bool = False,
+               repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0
                ) -> tuple[list, Optional[str], dict, str, str, Optional[str], list]:
         """One request -> ``(chat messages, overlay file, structured answer, raw transcript, latency, attention
         file, history)``. Intervention settings left None are the model's calibrated ones (else the defaults);
@@ -134,8 +135,10 @@ class DemoHandler:
         """
         try:
             hook = self.make_hook(intervention, vhr_alpha, var_p, var_rho, var_tau, zt_gamma)
+            repetition = (_number(repetition_penalty, "repetition penalty"),
+                          _number(no_repeat_ngram_size or 0, "no-repeat n-gram size", int))
             return self._answer(image, video, instruction, list(history or []), intervention, hook, max_new_tokens,
-                                do_sample, temperature, top_p, seed, score_threshold, bool(attention))
+                                do_sample, temperature, top_p, seed, score_threshold, bool(attention), repetition)
         except TaskMLLMError as exc:
             title = "Bad input" if isinstance(exc, InputError) else "Cannot answer"
             raise gr.Error(str(exc), title=title, print_exception=False) from exc
@@ -145,7 +148,7 @@ class DemoHandler:
                            "log has the traceback", title="Internal error", print_exception=False) from exc
 
     def _answer(self, image, video, instruction, history, intervention, hook, max_new_tokens, do_sample,
-                temperature, top_p, seed, score_threshold, attention):
+                temperature, top_p, seed, score_threshold, attention, repetition=(1.0, 0)):
         start = time.perf_counter()
         text = check_instruction(instruction)
         image_path = _path(image, "image", ImageError)
@@ -153,7 +156,7 @@ class DemoHandler:
         visual = load_visual(image_path, video_source, self.num_frames, self.options.limits)
         settings = GenerationSettings(_number(max_new_tokens, "max new tokens", int), bool(do_sample),
                                       _number(temperature, "temperature"), _number(top_p, "top-p"),
-                                      _number(seed or 0, "seed", int))
+                                      _number(seed or 0, "seed", int), *repetition)
         score_threshold = _number(score_threshold, "box score threshold")
         decoded = time.perf_counter()
         looked = looked_file = None

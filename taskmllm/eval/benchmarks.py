@@ -192,8 +192,12 @@ def report_suite(name: str, answer: Answerer, out: Union[str, Path], options: Op
 
 def evaluate(model: Union[str, Path], suite: str, out: Union[str, Path], options: Optional[EvalOptions] = None,
              intervention: Optional[str] = None, tau: Optional[float] = None,
-             max_new_tokens: Optional[int] = None, device: str = "cpu") -> Report:
+             max_new_tokens: Optional[int] = None, device: str = "cpu",
+             generation: Optional[Mapping[str, Any]] = None) -> Report:
     """Load the checkpoint directory ``model`` into a Pipeline, run ``suite`` on it and write the report to ``out``.
+
+    ``generation``: further ``generate`` options for every answer (``repetition_penalty``,
+    ``no_repeat_ngram_size``, ...), checked before the model loads and recorded in the report's metadata.
 
     Raises:
         CheckpointError: ``model`` is not a checkpoint directory.
@@ -211,6 +215,9 @@ def evaluate(model: Union[str, Path], suite: str, out: Union[str, Path], options
     if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
                                        or max_new_tokens < 1):
         raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    from taskmllm.model.generation import check_generation
+
+    generation = check_generation(dict(generation or {}))
 
     path = resolve_checkpoint(model)
     if not path.is_dir():
@@ -224,7 +231,8 @@ def evaluate(model: Union[str, Path], suite: str, out: Union[str, Path], options
         options = replace(options, world=WorldConfig(num_frames=min(base.num_frames, mllm.config.max_frames)))
     if options.clip_len is None:
         options = replace(options, clip_len=mllm.config.max_frames)
-    answer = pipeline_answerer(pipe, max_new_tokens or SUITES[suite].max_new_tokens, hook)
+    answer = pipeline_answerer(pipe, max_new_tokens or SUITES[suite].max_new_tokens, hook, **generation)
     meta = {"model": str(path), "intervention": repr(hook) if hook is not None else "none",
-            "intervention_settings": pipe.intervention_source(intervention), "device": device, "seed": options.seed}
+            "intervention_settings": pipe.intervention_source(intervention), "device": device, "seed": options.seed,
+            **{k: v for k, v in generation.items() if k != "generator"}}
     return report_suite(suite, answer, out, options, meta)

@@ -101,8 +101,9 @@ class SuiteOutput:
 
 
 def pipeline_answerer(pipe: Any, max_new_tokens: int = 48, intervention: Any = None,
-                      score_threshold: float = 0.0) -> Answerer:
-    """The answer function of a :class:`~taskmllm.router.pipeline.Pipeline` (one batched call per batch).
+                      score_threshold: float = 0.0, **generation: Any) -> Answerer:
+    """The answer function of a :class:`~taskmllm.router.pipeline.Pipeline` (one batched call per batch);
+    ``generation``: further ``generate`` options (``repetition_penalty``, ``no_repeat_ngram_size``, ...).
 
     Every detection slot is kept with its score (``score_threshold`` 0): COCO AP ranks them, as DETR's
     evaluation does, and REC takes the top-scoring box; a user-facing threshold would only remove recall.
@@ -111,7 +112,7 @@ def pipeline_answerer(pipe: Any, max_new_tokens: int = 48, intervention: Any = N
         visuals = [v for v, _ in batch]
         prompts = [p for _, p in batch]
         return pipe(visuals, prompts, max_new_tokens=max_new_tokens, intervention=intervention,
-                    score_threshold=score_threshold)
+                    score_threshold=score_threshold, **generation)
 
     return answer
 

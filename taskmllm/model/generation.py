@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol, Union
 import torch
 
 from taskmllm.errors import ConfigError, InputError
+from taskmllm.model.decoding import make_decoder
 from taskmllm.model.expert_inputs import ExpertInputs
 from taskmllm.model.processor import Batch, positions
 from taskmllm.schema import suggest
@@ -69,14 +70,16 @@ class GenerationOutput:
 
 
 #: The keyword arguments of :func:`generate` besides the model, the batch and the intervention.
-GENERATION_OPTIONS = ("max_new_tokens", "do_sample", "temperature", "top_p", "generator", "use_cache")
+GENERATION_OPTIONS = ("max_new_tokens", "do_sample", "temperature", "top_p", "generator", "use_cache",
+                      "repetition_penalty", "no_repeat_ngram_size", "compile")
 
 
 def check_generation(options: Mapping[str, Any], device: Optional[torch.device] = None) -> dict[str, Any]:
     """Generation keyword arguments checked before any compute; returns them normalized (ints, floats, bools).
 
     ``max_new_tokens`` an integer >= 1 (the context length bounds it further, see :func:`generate`);
-    ``do_sample`` / ``use_cache`` booleans; ``temperature`` a finite number > 0; ``top_p`` in (0, 1];
+    ``do_sample`` / ``use_cache`` / ``compile`` booleans; ``temperature`` and ``repetition_penalty`` finite numbers
+    > 0; ``top_p`` in (0, 1]; ``no_repeat_ngram_size`` an integer >= 0;
     ``generator`` None or a ``torch.Generator`` on the model's ``device`` type.
 
     Raises:
@@ -87,14 +90,15 @@ def check_generation(options: Mapping[str, Any], device: Optional[torch.device] 
         if key not in GENERATION_OPTIONS:
             raise ConfigError(f"unknown generation option {key!r}{suggest(str(key), GENERATION_OPTIONS)}; known: "
                               f"{', '.join(GENERATION_OPTIONS)}")
-        if key == "max_new_tokens":
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ConfigError(f"max_new_tokens must be an integer >= 1, got {value!r} ({type(value).__name__})")
+        if key in ("max_new_tokens", "no_repeat_ngram_size"):
+            low = 1 if key == "max_new_tokens" else 0
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ConfigError(f"{key} must be an integer >= {low}, got {value!r} ({type(value).__name__})")
             value = int(value)
-        elif key in ("do_sample", "use_cache"):
+        elif key in ("do_sample", "use_cache", "compile"):
             if not isinstance(value, bool):
                 raise ConfigError(f"{key} must be True or False, got {value!r} ({type(value).__name__})")
-        elif key in ("temperature", "top_p"):
+        elif key in ("temperature", "top_p", "repetition_penalty"):
             value = _check_positive(key, value, high=1.0 if key == "top_p" else None)
         elif value is not None:  # generator
             if not isinstance(value, torch.Generator):
@@ -159,54 +163,31 @@ def pick_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-class _Decoder:
-    """Feeds chunks to the LLM, with a KV cache or by recomputing the whole sequence."""
+def logits_processors(repetition_penalty: float, no_repeat_ngram_size: int):
+    """transformers' own ``RepetitionPenaltyLogitsProcessor`` / ``NoRepeatNGramLogitsProcessor`` for the options
+    that are on, as a ``LogitsProcessorList`` (None when both are off: 1.0 and 0)."""
+    from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
-    def __init__(self, model: "TaskMLLM", use_cache: bool) -> None:
-        from transformers import DynamicCache
+    out = LogitsProcessorList()
+    if repetition_penalty != 1.0:
+        out.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if no_repeat_ngram_size > 0:
+        out.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
+    return out or None
 
-        self.model = model
-        self.cache = DynamicCache(config=model.llm.config) if use_cache else None
-        self.mask: Optional[torch.Tensor] = None  # (B, T) of everything fed so far
-        self.emb: Optional[torch.Tensor] = None  # (B, T, H), only without cache
-        self.pos: Optional[torch.Tensor] = None
-        cfg = model.llm.config  # logits = lm_head(hidden) unless the LM scales or soft-caps them
-        self.plain_head = getattr(cfg, "final_logit_softcapping", None) is None and not hasattr(cfg, "logit_scale")
 
-    def feed(self, emb: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
-             last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed ``(B, C, H)`` embeddings; returns logits ``(B, C, V)`` and last hidden ``(B, C, H)`` of the chunk.
-
-        ``last_only`` (the left-padded prefill, whose rows all end in the last column): logits ``(B, 1, V)`` of
-        the last position only, as transformers' ``logits_to_keep=1``.
-        """
-        self.mask = mask if self.mask is None else torch.cat([self.mask, mask], 1)
-        if self.cache is None:
-            self.emb = emb if self.emb is None else torch.cat([self.emb, emb], 1)
-            self.pos = pos if self.pos is None else torch.cat([self.pos, pos], 1)
-            emb, pos = self.emb, self.pos
-        llm, c = self.model.llm, mask.shape[1]
-        kwargs = dict(inputs_embeds=emb, attention_mask=self._attention_mask(c), position_ids=pos,
-                      past_key_values=self.cache, use_cache=self.cache is not None)
-        if self.plain_head:  # decoder + lm_head on the chunk: no hidden-state capture of every layer
-            hidden = llm.get_decoder()(**kwargs).last_hidden_state[:, -c:]  # (B, C, H) after the final norm
-            return llm.get_output_embeddings()(hidden[:, -1:] if last_only else hidden), hidden
-        out = llm(**kwargs, output_hidden_states=True)
-        return out.logits[:, -c:], out.hidden_states[-1][:, -c:]
-
-    def _attention_mask(self, c: int) -> torch.Tensor:
-        """The 2D mask of everything fed, or for a one-token SDPA decode step on a padded batch the ready
-        ``(B, 1, 1, T)`` boolean mask (one query row attends to every valid key: no causal part to build), which
-        spares transformers rebuilding a 4D mask from the 2D one at every step."""
-        sdpa = self.model.llm.config._attn_implementation == "sdpa"
-        if self.cache is None or c != 1 or not sdpa or bool(self.mask.all()):
-            return self.mask
-        return self.mask.bool()[:, None, None, :]
+def history(prompt: torch.Tensor, seqs: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
+    """``(B, T)`` ids each sample has seen: its prompt row (left padded, visual tokens expanded, as transformers'
+    ``generate`` sees them) and its new ids (``<query>`` ids included), left padded with ``pad_id`` to one length."""
+    rows = [prompt[b].tolist() + s for b, s in enumerate(seqs)]
+    width = max(len(r) for r in rows)
+    return torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
 
 
 def generate(model: "TaskMLLM", batch: Batch, max_new_tokens: int = 64, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
-             use_cache: bool = True, intervention: Optional[Intervention] = None) -> GenerationOutput:
+             use_cache: bool = True, intervention: Optional[Intervention] = None, repetition_penalty: float = 1.0,
+             no_repeat_ngram_size: int = 0, compile: bool = False) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` sampled tokens per sample (query ids not counted).
 
     A sample also stops when the language model's context is full (``model.processor.max_length`` positions,
@@ -219,56 +200,87 @@ def generate(model: "TaskMLLM", batch: Batch, max_new_tokens: int = 64, do_sampl
         do_sample, temperature, top_p, generator: sampling settings; greedy when ``do_sample`` is False.
         use_cache: False recomputes the whole sequence at every step (a reference for the cached path).
         intervention: a VAR/VHR/ZeroTuning object; attached for the duration of the call.
+        repetition_penalty: transformers' ``RepetitionPenaltyLogitsProcessor`` (CTRL's rule: the logits of every id
+            seen so far, prompt included, divided by it when positive, multiplied when negative); 1.0 = off.
+        no_repeat_ngram_size: transformers' ``NoRepeatNGramLogitsProcessor``: no n-gram of this size occurs twice
+            in prompt + answer; 0 = off.
+        compile: a preallocated ``StaticCache`` and the one-token step compiled with ``torch.compile``
+            (:mod:`taskmllm.model.decoding`); the first call per batch size and cache length pays the compilation.
 
     Raises:
         ConfigError: an option of the wrong type or range, or an intervention that is not one
-            (:func:`check_generation`, :func:`check_intervention`).
+            (:func:`check_generation`, :func:`check_intervention`); ``compile=True`` with ``use_cache=False`` or
+            with an intervention (hooks and eager attention do not go into the compiled step).
     """
     opts = check_generation(dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                 top_p=top_p, generator=generator, use_cache=use_cache), model.device)
+                                 top_p=top_p, generator=generator, use_cache=use_cache,
+                                 repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                                 compile=compile), model.device)
     check_intervention(intervention)
-    max_new_tokens, do_sample, temperature, top_p = (opts[k] for k in ("max_new_tokens", "do_sample", "temperature",
-                                                                       "top_p"))
+    if compile and (intervention is not None or not use_cache):
+        raise ConfigError("compile=True runs a static KV cache without hooks: it cannot be combined with "
+                          f"{'an intervention' if intervention is not None else 'use_cache=False'}")
     model.eval()
     batch = batch.to(model.device)
     feats, visual = (None, None) if batch.pixel_values is None else model.encode_images(batch.pixel_values)
     emb = model.embed(batch.input_ids, visual, batch.on_host().input_ids)  # positions read on the host copy
-    mask = batch.attention_mask
-    ctx = GenerationContext(batch.input_ids, mask, batch.input_ids == model.image_id, emb)
-    eos = model.tokenizer.eos_token_id
-    bsz = mask.shape[0]
-    seqs: list[list[int]] = [[] for _ in range(bsz)]
-    fed: list[tuple[torch.Tensor, list[int]]] = []  # per step: chunk hidden (B, C, H), rows fed per sample
-    done = [False] * bsz
-    counts = [0] * bsz  # sampled tokens per sample (query ids not counted)
-    next_pos = mask.sum(-1).tolist()
-    context = model.processor.max_length
-    decoder = _Decoder(model, use_cache)
+    ctx = GenerationContext(batch.input_ids, batch.attention_mask, batch.input_ids == model.image_id, emb)
+    state = _State(model, batch, opts)
     with _attached(intervention, model, ctx):
-        logits, prompt_hidden = decoder.feed(emb, mask, positions(mask), last_only=True)
+        logits, prompt_hidden = state.decoder.feed(emb, batch.attention_mask, positions(batch.attention_mask),
+                                                   last_only=True)
         inputs = model.expert_inputs(batch, feats, prompt_hidden)
-        last = [logits.shape[1] - 1] * bsz
+        last: Optional[list[int]] = None  # None: every sample's last fed position is the chunk's last column
         while True:
-            # (B, V): the last fed position of each sample
-            step_logits = logits[:, 0] if logits.shape[1] == 1 else logits[torch.arange(bsz), torch.tensor(last)]
-            toks = pick_tokens(step_logits, do_sample, temperature, top_p, generator).tolist()
-            items: list[list[torch.Tensor]] = []
-            for b in range(bsz):
-                items.append(_advance(model, b, toks[b], seqs, counts, done, eos, max_new_tokens,
-                                      room=context - next_pos[b]))
+            items = state.pick(logits, last)
             ctx.step += 1
-            needs_feed = [b for b in range(bsz) if items[b] and (not done[b] or len(items[b]) > 1)]
-            if not needs_feed:
+            if not any(items[b] and (not state.done[b] or len(items[b]) > 1) for b in range(state.bsz)):
                 break
-            chunk, cmask, cpos = _chunk(model, items, next_pos)
-            logits, hidden = decoder.feed(chunk, cmask, cpos)
-            lengths = [len(x) for x in items]
-            fed.append((hidden, lengths))  # sliced once at the end, not per sample per step
-            next_pos = [p + n for p, n in zip(next_pos, lengths)]
-            last = [max(n - 1, 0) for n in lengths]
-            if all(done):
+            logits, last = state.feed(items)
+            if all(state.done):
                 break
-    return _output(model, seqs, fed, inputs)
+    return _output(model, state.seqs, state.fed, inputs)
+
+
+class _State:
+    """One ``generate`` call's bookkeeping: the decoder, what each sample produced and where it stands."""
+
+    def __init__(self, model: "TaskMLLM", batch: Batch, opts: dict[str, Any]) -> None:
+        self.model, self.opts = model, opts
+        mask = batch.attention_mask
+        self.bsz = mask.shape[0]
+        self.prompt = batch.on_host().input_ids
+        self.seqs: list[list[int]] = [[] for _ in range(self.bsz)]
+        self.fed: list[tuple[torch.Tensor, list[int]]] = []  # per step: chunk hidden (B, C, H), rows per sample
+        self.done = [False] * self.bsz
+        self.counts = [0] * self.bsz  # sampled tokens per sample (query ids not counted)
+        self.next_pos = batch.on_host().attention_mask.sum(-1).tolist()
+        self.context = model.processor.max_length
+        queries = max((q.shape[0] for q in model.queries.values()), default=0)
+        capacity = mask.shape[1] + opts["max_new_tokens"] + queries  # the usual need (a static cache grows)
+        self.decoder = make_decoder(model, opts["use_cache"], opts["compile"], self.bsz, capacity)
+        self.processors = logits_processors(opts["repetition_penalty"], opts["no_repeat_ngram_size"])
+
+    def pick(self, logits: torch.Tensor, last: Optional[list[int]]) -> list[list[Union[int, torch.Tensor]]]:
+        """Sample each row's next token from ``logits`` ``(B, C, V)`` at its ``last`` fed column; returns what
+        each sample feeds next (:func:`_advance`)."""
+        step = logits[:, -1] if last is None else logits[torch.arange(self.bsz), torch.tensor(last)]  # (B, V)
+        if self.processors is not None:
+            ids = history(self.prompt, self.seqs, self.model.processor.pad_id, step.device)
+            step = self.processors(ids, step.float())
+        o = self.opts
+        toks = pick_tokens(step, o["do_sample"], o["temperature"], o["top_p"], o["generator"]).tolist()
+        return [_advance(self.model, b, toks[b], self.seqs, self.counts, self.done, self.model.tokenizer.eos_token_id,
+                         o["max_new_tokens"], room=self.context - self.next_pos[b]) for b in range(self.bsz)]
+
+    def feed(self, items: list[list[Union[int, torch.Tensor]]]) -> tuple[torch.Tensor, Optional[list[int]]]:
+        """Feed the samples' next items; returns the chunk's logits and each row's last fed column."""
+        chunk, cmask, cpos = _chunk(self.model, items, self.next_pos)
+        logits, hidden = self.decoder.feed(chunk, cmask, cpos)
+        lengths = [len(x) for x in items]
+        self.fed.append((hidden, lengths))  # sliced once at the end, not per sample per step
+        self.next_pos = [p + n for p, n in zip(self.next_pos, lengths)]
+        return logits, (None if chunk.shape[1] == 1 else [max(n - 1, 0) for n in lengths])
 
 
 def _advance(model: "TaskMLLM", b: int, tok: int, seqs, counts, done, eos: int,

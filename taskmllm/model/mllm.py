@@ -19,6 +19,7 @@ from torch import nn
 from taskmllm.errors import CheckpointError, ConfigError, InputError
 from taskmllm.model.config import MLLMConfig
 from taskmllm.model.expert_inputs import ExpertInputs
+from taskmllm.model.decoding import CompiledSteps
 from taskmllm.model.generation import GenerationOutput, check_generation, generate
 from taskmllm.model.devices import check_device
 from taskmllm.model.io import (CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, atomic_directory_write, check_finite_weights,
@@ -134,6 +135,7 @@ class TaskMLLM(nn.Module):
         config.validate()  # before any module is built: nothing allocates from a malformed config
         self.config = config
         self.tokenizer = tokenizer
+        self.decode_steps = CompiledSteps()  # generate(compile=True)'s compiled steps, kept across calls
         self.vision = vision if vision is not None else build_vision_tower(config.vision)
         self.llm = llm if llm is not None else build_llm(config.llm)
         add_protocol_tokens(tokenizer, config.tokens.tasks)
@@ -333,7 +335,8 @@ class TaskMLLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, batch: Batch, **kwargs) -> GenerationOutput:
-        """Decode with a KV cache; see :func:`taskmllm.model.generation.generate` for the arguments.
+        """Decode with a KV cache; see :func:`taskmllm.model.generation.generate` for the arguments (sampling,
+        ``repetition_penalty``, ``no_repeat_ngram_size``, ``compile``, ``intervention``).
 
         Raises:
             ConfigError: an unknown keyword argument, or a value of the wrong type or range.

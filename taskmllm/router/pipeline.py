@@ -116,6 +116,20 @@ class Pipeline:
         check_intervention(intervention)
         score_threshold = _check_threshold(score_threshold)
         prompt_boxes = [_prompt_box(p) for p in prompts]  # a malformed <box> fails before any compute
+        results: list[Result] = [None] * len(prompts)  # type: ignore[list-item]
+        groups = _kind_groups(visuals) if intervention is None else [list(range(len(prompts)))]
+        for group in groups:  # images and videos decode apart: no image row padded to a video
+            answered = self._run([prompts[i] for i in group], [visuals[i] for i in group],
+                                 [prompt_boxes[i] for i in group], intervention, score_threshold, options)
+            for i, result in zip(group, answered):
+                results[i] = result
+        return results[0] if single else results
+
+    def _run(self, prompts: list[str], visuals: list, prompt_boxes: list[Optional[torch.Tensor]],
+             intervention: Optional[Intervention], score_threshold: Optional[float],
+             options: dict[str, Any]) -> list[Result]:
+        """One batched generation + routing + expert run over checked requests; a result per prompt."""
+        mllm = self.model.mllm
         t0 = time.perf_counter()
         batch = self.processor(prompts, visuals)
         t1 = time.perf_counter()
@@ -131,7 +145,7 @@ class Pipeline:
             results.append(Result(text=strip_protocol(raw, self.model.experts), raw_text=raw,
                                   calls=[per_call[id(c)] for c in calls if c.sample == b], timings=timings,
                                   **self._pictures(visuals[b])))
-        return results[0] if single else results
+        return results
 
     def _pictures(self, visual: VisualInput) -> dict:
         """The pictures a result draws on: the image, or the frames the model saw (sampled like the processor)."""
@@ -154,6 +168,21 @@ class Pipeline:
             for c, r in zip(run.calls, self.model.experts[run.task].postprocess(run.outputs, sizes, **options)):
                 results[id(c)] = CallResult(run.task, c.phrase, r)
         return results
+
+
+def _kind_groups(visuals: Sequence[VisualInput]) -> list[list[int]]:
+    """Indices of a batch's requests in two groups, in order: text-only and image requests, and video requests.
+    A left-padded batch pads every row to its longest prompt: an image question batched with 8-frame videos would
+    prefill ~8x its tokens (``bench/pipeline.py``). Greedy generation is batch-invariant (tested), so the grouping
+    changes no greedy answer; sampled answers of a mixed batch draw from the generator group by group. Calls with
+    an intervention stay one batch (its inspection attributes describe the whole call)."""
+    def video(visual: VisualInput) -> bool:
+        return isinstance(visual, (list, tuple)) or (isinstance(visual, np.ndarray) and visual.ndim == 4)
+
+    groups: dict[bool, list[int]] = {}
+    for i, visual in enumerate(visuals):
+        groups.setdefault(video(visual), []).append(i)
+    return list(groups.values())
 
 
 def _prompt_box(prompt: str) -> Optional[torch.Tensor]:

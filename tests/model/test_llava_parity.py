@@ -84,3 +84,32 @@ def test_import_adopts_llavas_language_model_without_a_copy(llava_dir):
     assert ours.keys() == theirs.keys()
     assert all(ours[k].data_ptr() == theirs[k].data_ptr() for k in ours)
     assert not any(p.is_meta for p in llm.parameters())
+
+
+@pytest.mark.parametrize("options", [{"repetition_penalty": 1.5}, {"no_repeat_ngram_size": 2},
+                                     {"repetition_penalty": 0.7, "no_repeat_ngram_size": 3}])
+def test_repetition_options_match_transformers_generate(llava_dir, options):
+    """``repetition_penalty`` / ``no_repeat_ngram_size`` on a left-padded batch: the ids transformers' own
+    ``LlavaForConditionalGeneration.generate`` picks with the same options (and they change the answer)."""
+    import numpy as np
+    from transformers import LlavaForConditionalGeneration
+
+    from taskmllm.model.llava import import_llava_hf
+
+    ours = import_llava_hf(llava_dir)
+    ref = LlavaForConditionalGeneration.from_pretrained(llava_dir, local_files_only=True).eval()
+    rng = np.random.default_rng(0)
+    prompts = ["What color is the square?", "Describe the image in detail, please."]
+    batch = ours.processor(prompts, [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in prompts])
+    n = 16
+
+    def theirs(**extra):
+        with torch.no_grad():
+            out = ref.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               pixel_values=batch.pixel_values, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               pad_token_id=ours.processor.pad_id, eos_token_id=None, **extra)
+        return out[:, batch.input_ids.shape[1]:].tolist()
+
+    ours.tokenizer.eos_token = None  # both produce exactly n ids
+    assert ours.generate(batch, max_new_tokens=n, **options).sequences == theirs(**options)
+    assert theirs(**options) != theirs(), "the option should change the oracle's answer (else a weak test)"

@@ -118,6 +118,9 @@ def test_the_pixel_cap_is_a_setting(tiny_pipeline):
     ({"max_new_tokens": None}, r"max_new_tokens must be an integer >= 1, got None"),
     ({"max_new_tokens": [5]}, r"max_new_tokens must be an integer >= 1, got \[5\]"),
     ({"max_new_tokens": 0}, r"max_new_tokens must be an integer >= 1, got 0"),
+    ({"repetition_penalty": -1.0}, r"repetition_penalty must be a finite number > 0, got -1.0"),
+    ({"no_repeat_ngram_size": "2"}, r"no_repeat_ngram_size must be an integer >= 0, got '2' \(str\)"),
+    ({"compile": 1}, r"compile must be True or False, got 1 \(int\)"),
     ({"max_new_tokens": -1}, r"max_new_tokens must be an integer >= 1, got -1"),
     ({"max_new_tokens": 0.5}, r"max_new_tokens must be an integer >= 1, got 0.5"),
     ({"max_new_tokens": False}, r"max_new_tokens must be an integer >= 1, got False"),
@@ -169,3 +172,33 @@ def test_sampling_with_a_generator_on_another_device_is_refused(tiny_pipeline):
         pytest.skip("needs a second device type")
     with pytest.raises(ConfigError, match="generator is on cuda"):
         tiny_pipeline(IMAGE, "Describe it.", do_sample=True, generator=torch.Generator(device="cuda"))
+
+
+def test_repetition_options_reach_generation(tiny_pipeline):
+    """Pipeline and predict's settings pass repetition_penalty / no_repeat_ngram_size to ``generate``: the answer is
+    the one ``TaskMLLM.generate`` gives with them, and with 1-grams forbidden no id of prompt + answer repeats."""
+    from taskmllm.predict import GenerationSettings
+
+    mllm = tiny_pipeline.model.mllm
+    kwargs = GenerationSettings(max_new_tokens=12, repetition_penalty=1.3, no_repeat_ngram_size=1).kwargs()
+    assert kwargs == {"max_new_tokens": 12, "repetition_penalty": 1.3, "no_repeat_ngram_size": 1}
+    result = tiny_pipeline(IMAGE, "Describe it.", **kwargs)
+    direct = mllm.generate(tiny_pipeline.processor("Describe it.", IMAGE), **kwargs)
+    assert result.raw_text == direct.text[0]
+    ids = [t for t in direct.sequences[0] if t != mllm.tokenizer.eos_token_id]
+    assert len(set(ids)) == len(ids)
+
+
+def test_a_mixed_batch_decodes_images_and_videos_apart_with_the_same_answers(tiny_pipeline):
+    """Images and videos in one call run as two batches (no image row padded to a video's length); every answer is
+    the one the request gets alone, in the caller's order."""
+    from taskmllm.router.pipeline import _kind_groups
+
+    video = [IMAGE, IMAGE[::-1].copy()]
+    visuals = [IMAGE, video, None, video, IMAGE]
+    prompts = ["Describe it.", "Track the object.", "Hello?", "What happens?", "Is there a circle?"]
+    assert _kind_groups(visuals) == [[0, 2, 4], [1, 3]]
+    together = tiny_pipeline(visuals, prompts, max_new_tokens=8)
+    alone = [tiny_pipeline(v, p, max_new_tokens=8) for v, p in zip(visuals, prompts)]
+    assert [r.raw_text for r in together] == [r.raw_text for r in alone]
+    assert [bool(r.frames) for r in together] == [False, True, False, True, False]

@@ -195,6 +195,7 @@ class VHRSession(contextlib.AbstractContextManager):
         self._worker_ident: Optional[int] = None
         self._pending = list(self.layers)  # layers whose selection is still to be made
         self._last = last_real_positions(ctx.attention_mask)  # (B,) the query position of the image pass
+        self._threads = torch.get_num_threads()  # the caller's intra-op threads, for the worker (see _no_image_pass)
 
     # ------------------------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "VHRSession":
@@ -234,6 +235,10 @@ class VHRSession(contextlib.AbstractContextManager):
         from taskmllm.model.processor import positions
 
         self._worker_ident = threading.get_ident()
+        # OpenMP's thread count is per thread: a new thread would start a pool of every core (whose spin-waiting
+        # cost 1.6x the CPU time of a 64-token decode at one thread); run the pass with the caller's count (the
+        # value the process already has: nothing changes for other threads)
+        torch.set_num_threads(self._threads)
         try:
             with torch.no_grad():
                 self.model.llm.get_decoder()(inputs_embeds=emb, attention_mask=mask, position_ids=positions(mask),

@@ -1,0 +1,34 @@
+"""The machine's memory-read bandwidth, measured by the benchmark itself: a large-array read probe.
+
+A decode step of a small-batch LLM reads every weight once; tokens/s can therefore not exceed
+``bandwidth / weight bytes``. Benchmarks report their speed as a fraction of that bound instead of assuming it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+
+def read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
+    """Best GB/s of summing a ``megabytes`` float32 array (larger than any cache) with torch's threads."""
+    x = torch.ones(megabytes * 2**20 // 4)
+    x.sum()  # touch every page once
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return round(x.numel() * 4 / best / 1e9, 2)
+
+
+def machine() -> dict:
+    """What the numbers were measured on: torch threads, CPUs, the load average when the bench started."""
+    return {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2)}
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the parameters a decode step reads (every parameter once)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())

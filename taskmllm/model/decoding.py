@@ -1,0 +1,225 @@
+"""How ``generate`` feeds chunks to the language model: the cache it keeps and the step it runs.
+
+- :class:`DynamicDecoder` — transformers' ``DynamicCache`` (or, without a cache, recomputation of the whole
+  sequence), the 2D mask of everything fed kept in one buffer allocated per call and sliced per step. The default:
+  on a 2-core CPU eager attention over exactly the fed keys is cheaper than over a preallocated length.
+- :class:`StaticDecoder` — ``compile=True``: transformers' ``StaticCache`` preallocated once per call, a boolean
+  ``(B, L_max)`` "may attend" buffer updated in place, our own 4D masks (no mask building inside transformers),
+  and the one-token decode step compiled with ``torch.compile`` (inductor on CPU, CUDA graphs through
+  ``mode="reduce-overhead"`` on GPU). The compiled step is kept per model (:class:`CompiledSteps`), so its warm-up
+  is paid once per batch size and cache length, not per call; cache lengths are rounded up to
+  :data:`CACHE_BUCKET` so that calls of similar lengths share one graph.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch
+
+from taskmllm.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from taskmllm.model.mllm import TaskMLLM
+
+#: static cache lengths are multiples of this, so that calls of similar lengths reuse one compiled graph
+CACHE_BUCKET = 128
+
+
+def _plain_head(llm: torch.nn.Module) -> bool:
+    """logits = lm_head(hidden) unless the LM scales or soft-caps them (then the whole LM runs)."""
+    cfg = llm.config
+    return getattr(cfg, "final_logit_softcapping", None) is None and not hasattr(cfg, "logit_scale")
+
+
+def run_llm(llm: torch.nn.Module, plain_head: bool, keep: int, last_only: bool, **kwargs: Any
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LM forward -> logits ``(B, keep or 1, V)`` and last hidden states ``(B, keep, H)`` of the last ``keep``
+    positions (the chunk just fed).
+
+    ``kwargs`` go to the decoder (``inputs_embeds``, ``attention_mask``, ``position_ids``, ``past_key_values``,
+    ``use_cache``); ``last_only`` keeps the logits of the last position only (transformers' ``logits_to_keep=1``).
+    """
+    if plain_head:  # decoder + lm_head on the chunk: no hidden-state capture of every layer
+        hidden = llm.get_decoder()(**kwargs).last_hidden_state[:, -keep:]  # after the final norm
+        return llm.get_output_embeddings()(hidden[:, -1:] if last_only else hidden), hidden
+    out = llm(**kwargs, output_hidden_states=True)
+    logits = out.logits[:, -keep:]
+    return (logits[:, -1:] if last_only else logits), out.hidden_states[-1][:, -keep:]
+
+
+class DynamicDecoder:
+    """Feeds chunks with transformers' ``DynamicCache``, or by recomputing the whole sequence (``use_cache=False``).
+
+    Args:
+        model: the TaskMLLM.
+        use_cache: False recomputes everything at every step (the reference for the cached path).
+        batch_size, capacity: rows and the positions one call is expected to feed; the mask of everything fed
+            lives in one ``(B, capacity)`` buffer (doubled when a call feeds more).
+    """
+
+    def __init__(self, model: "TaskMLLM", use_cache: bool, batch_size: int, capacity: int) -> None:
+        from transformers import DynamicCache
+
+        self.model = model
+        self.cache = DynamicCache(config=model.llm.config) if use_cache else None
+        device = model.device
+        self.buffer = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
+        self.length = 0
+        self.emb: Optional[torch.Tensor] = None  # (B, T, H), only without cache
+        self.pos: Optional[torch.Tensor] = None
+        self.plain_head = _plain_head(model.llm)
+        self.sdpa = model.llm.config._attn_implementation == "sdpa"
+        self.padded = False  # any masked position fed so far
+
+    def feed(self, emb: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+             last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed ``(B, C, H)`` embeddings with their ``(B, C)`` mask and positions; returns logits ``(B, C, V)``
+        (``(B, 1, V)`` with ``last_only``: the left-padded prefill, whose rows all end in the last column) and the
+        last hidden states ``(B, C, H)`` of the chunk."""
+        c = mask.shape[1]
+        if self.length + c > self.buffer.shape[1]:
+            grown = self.buffer.new_zeros(self.buffer.shape[0], 2 * (self.length + c))
+            grown[:, : self.length] = self.buffer[:, : self.length]
+            self.buffer = grown
+        self.buffer[:, self.length: self.length + c] = mask
+        self.length += c
+        self.padded = self.padded or not bool(mask.all())
+        if self.cache is None:
+            self.emb = emb if self.emb is None else torch.cat([self.emb, emb], 1)
+            self.pos = pos if self.pos is None else torch.cat([self.pos, pos], 1)
+            emb, pos = self.emb, self.pos
+        kwargs = dict(inputs_embeds=emb, attention_mask=self._attention_mask(c), position_ids=pos,
+                      past_key_values=self.cache, use_cache=self.cache is not None)
+        return run_llm(self.model.llm, self.plain_head, c, last_only, **kwargs)
+
+    def _attention_mask(self, c: int) -> torch.Tensor:
+        """The 2D mask of everything fed, or for a one-token SDPA decode step on a padded batch the ready
+        ``(B, 1, 1, T)`` boolean mask (one query row attends to every valid key: no causal part to build), which
+        spares transformers rebuilding a 4D mask from the 2D one at every step."""
+        mask = self.buffer[:, : self.length]
+        if self.cache is None or c != 1 or not self.sdpa or not self.padded:
+            return mask
+        return mask.bool()[:, None, None, :]
+
+
+class CompiledSteps:
+    """A model's compiled one-token decode steps, built on first use and kept for later calls (the warm-up is
+    paid once per batch size and cache length). A copy of the model starts with none."""
+
+    def __init__(self) -> None:
+        self._steps: dict[tuple, Callable] = {}
+
+    def __deepcopy__(self, memo: dict) -> "CompiledSteps":
+        return CompiledSteps()
+
+    def get(self, model: "TaskMLLM") -> Callable:
+        """The compiled step of ``model`` on its current device and attention implementation."""
+        llm = model.llm
+        key = (model.device.type, llm.config._attn_implementation)
+        if key not in self._steps:
+            plain = _plain_head(llm)
+
+            def step(emb, attend, pos, cache):
+                mask = attention_bias(attend[:, None, None, :], llm, emb.dtype)
+                return run_llm(llm, plain, 1, False, inputs_embeds=emb, attention_mask=mask, position_ids=pos,
+                               past_key_values=cache, use_cache=True)
+
+            mode = "reduce-overhead" if model.device.type == "cuda" else None
+            self._steps[key] = torch.compile(step, mode=mode, dynamic=False)
+        return self._steps[key]
+
+
+def attention_bias(allowed: torch.Tensor, llm: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A ``(B, 1, Q, K)`` boolean "may attend" mask in the form the LM's attention takes a ready 4D mask: as is for
+    SDPA (and flex/flash-free backends that read booleans), additive (0 / the dtype's minimum) for eager."""
+    if llm.config._attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros((), dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def static_length(needed: int, context: int) -> int:
+    """The static cache length for ``needed`` positions: rounded up to :data:`CACHE_BUCKET`, at most ``context``
+    (but never below ``needed``)."""
+    return max(needed, min(context, -(-needed // CACHE_BUCKET) * CACHE_BUCKET))
+
+
+class StaticDecoder:
+    """Feeds chunks through a preallocated ``StaticCache``; one-token steps run the model's compiled step.
+
+    Every position of the batch is one cache column (shared by the rows, as the dynamic cache's); ``attend``
+    ``(B, L_max)`` says which columns each row may read. A row also reads its own new column, so a padding row of
+    a chunk attends to itself only (finite, and read by nobody). Attention reads all ``L_max`` columns at every
+    step, so the cache starts at what a call usually needs (``capacity``: prompt + new tokens + one task's
+    queries) and grows, by a copy into a cache twice as long, when more task queries arrive.
+
+    Args:
+        model: the TaskMLLM (its ``llm`` must support transformers' ``StaticCache``).
+        batch_size, capacity: rows and the positions one call is expected to feed (the cache length is
+            :func:`static_length` of it).
+        compiled: run one-token steps through ``torch.compile`` (False: the same static path, eager).
+    """
+
+    def __init__(self, model: "TaskMLLM", batch_size: int, capacity: int, compiled: bool = True) -> None:
+        llm = model.llm
+        if not getattr(llm, "_can_compile_fullgraph", False) and compiled:
+            raise ConfigError(f"compile=True needs a language model that supports transformers' StaticCache; "
+                              f"{type(llm).__name__} does not")
+        self.model = model
+        self.fed = 0
+        self.plain_head = _plain_head(llm)
+        self.step = model.decode_steps.get(model) if compiled else None
+        self.attend = torch.zeros(batch_size, 0, dtype=torch.bool, device=model.device)
+        self.cache, self.length = None, 0
+        self._allocate(static_length(capacity, max(capacity, model.processor.max_length)))
+
+    def _allocate(self, length: int) -> None:
+        """A ``StaticCache`` of ``length`` columns holding the columns fed so far (copied from the old one)."""
+        from transformers import StaticCache
+
+        old = self.cache
+        self.cache = StaticCache(config=self.model.llm.config, max_cache_len=length)
+        if old is not None and self.fed:
+            for new_layer, old_layer in zip(self.cache.layers, old.layers):
+                new_layer.lazy_initialization(old_layer.keys, old_layer.values)  # transformers' allocation
+                new_layer.keys[:, :, : self.fed] = old_layer.keys[:, :, : self.fed]
+                new_layer.values[:, :, : self.fed] = old_layer.values[:, :, : self.fed]
+                new_layer.cumulative_length.fill_(self.fed)
+        attend = torch.zeros(self.attend.shape[0], length, dtype=torch.bool, device=self.model.device)
+        attend[:, : self.fed] = self.attend[:, : self.fed]
+        self.attend, self.length = attend, length
+        self.columns = torch.arange(length, device=self.model.device)
+
+    def feed(self, emb: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+             last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`DynamicDecoder.feed`."""
+        c, t = mask.shape[1], self.fed
+        if t + c > self.length:
+            self._allocate(static_length(max(t + c, 2 * self.length), max(t + c, 2 * self.length)))
+        valid = mask.bool()
+        if c == 1 and self.step is not None:
+            self.attend[:, t] = True  # this step's own column, for every row
+            logits, hidden = self.step(emb, self.attend, pos, self.cache)
+            logits, hidden = logits.clone(), hidden.clone()  # the compiled step may reuse its output buffers
+        else:
+            self.attend[:, t: t + c] = True
+            rows = self.columns[t: t + c]  # (C,) the chunk's columns
+            causal = self.columns[None, :] <= rows[:, None]  # (C, L_max)
+            own = self.columns[None, :] == rows[:, None]
+            allowed = (self.attend[:, None, :] & causal[None]) | own[None]  # (B, C, L_max)
+            allowed[:, :, t: t + c] &= valid[:, None, :] | own[None, :, t: t + c]
+            bias = attention_bias(allowed[:, None], self.model.llm, emb.dtype)
+            logits, hidden = run_llm(self.model.llm, self.plain_head, c, last_only, inputs_embeds=emb,
+                                     attention_mask=bias, position_ids=pos, past_key_values=self.cache,
+                                     use_cache=True)
+        self.attend[:, t: t + c] = valid  # what later positions may read of this chunk
+        self.fed += c
+        return logits, hidden
+
+
+def make_decoder(model: "TaskMLLM", use_cache: bool, compile: bool, batch_size: int, capacity: int):
+    """The decoder of one ``generate`` call (see the module docstring)."""
+    if compile:
+        return StaticDecoder(model, batch_size, capacity, compiled=True)
+    return DynamicDecoder(model, use_cache, batch_size, capacity)
+
