@@ -112,6 +112,18 @@ def test_torchrun_ddp_matches_single_process(root):
         assert rank["engine"] == "DDPTrainer" and rank["grad_numel"] > 0.95 * rank["trainable_numel"]
 
 
+def test_torchrun_ddp_with_fuller_calibration_matches_single_process(root):
+    """``stage.grad_calibration: fuller`` under DDP: each rank calibrates its own micro-batch's task gradients
+    and DDP averages the result, as one process accumulating the same micro-batches does (the gradient-norm
+    terms it logs included)."""
+    fuller = "--stage.grad_calibration=fuller"
+    out, ref = Path(root) / "ddp-fuller", Path(root) / "ref-fuller-b2-a2"
+    torchrun(out, batch=2, accum=1, extra=(fuller,))
+    train(load_config(STAGE, run_config(ref, 2, 2, fuller)))
+    assert any(k.startswith("gradnorm_") for k in rows(ref)[0])
+    assert_same_training(out, ref)
+
+
 def test_the_zero_runs_have_a_rank_without_an_expert_call(root):
     """The precondition of the ZeRO tests below, checked on their data: at batch 1 per rank, some micro-batch has
     an expert called on one rank and not on the other (those runs then show no hang and the same weights)."""
