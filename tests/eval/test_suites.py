@@ -89,6 +89,9 @@ def test_oracle_scores_perfectly_on_every_task(oracle):
     routing = out.results["routing"]
     assert routing["task_questions"] == 1.0 and routing["false_call_rate"] == 0.0
     assert routing["n_task_questions"] == 5 * N and routing["n_no_call_questions"] == 6 * N
+    from taskmllm.eval.report import render_markdown
+
+    assert "| false_call_rate | 0" in render_markdown(out.results)  # results.md has the routing block
 
 
 def test_false_call_rate_counts_task_tokens_on_questions_that_need_no_expert():
