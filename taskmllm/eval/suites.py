@@ -10,6 +10,8 @@ protocol tokens) and ``.calls`` (objects with ``.task``, ``.mask``, ``.boxes``, 
 Scoring conventions of ``shapes`` (per task, on ``n`` questions of the ``test`` split drawn with ``seed``):
 
 - routing: the task tokens the model emitted (one per call, in order) must equal those of the reference answer;
+  questions that need no expert (VQA, caption) also report their ``false_call_rate`` (answers with any task
+  token), and the suite's ``routing`` block sums both up (:func:`routing_summary`);
 - ``exist``/``color``/``shape``/``count``/``relation``: exact match after
   :func:`~taskmllm.eval.vqa.normalize_answer`; ``caption``: CHAIR against the objects present;
 - ``seg``: cIoU/gIoU of the first ``seg`` call's mask; ``rec``: Acc@0.5 of the first ``det`` call's
@@ -50,13 +52,15 @@ from taskmllm.model.tokens import task_token
 
 __all__ = ["DEFAULT_EVAL_SEED", "HELDOUT_TASKS", "SHAPES_TASKS", "Answerer", "EvalItem", "SuiteOutput",
            "answer_all", "pipeline_answerer", "pope_shapes_samples", "run_chair_shapes", "run_pope_shapes", "run_shapes",
-           "score_task", "shapes_items", "summarize_tasks"]
+           "routing_summary", "score_task", "shapes_items", "summarize_tasks"]
 
 #: Seed of the evaluation worlds; training uses small seeds (default 0), so these scenes are never seen.
 DEFAULT_EVAL_SEED = 1_000_003
 SHAPES_TASKS: tuple[str, ...] = IMAGE_TASKS + VIDEO_TASKS
 HELDOUT_TASKS: tuple[str, ...] = ("caption", "exist", "color", "shape", "count", "seg", "rec", "det")
 VQA_TASKS = ("exist", "color", "shape", "count", "relation")
+#: the tasks whose questions need no expert (their references have no task token): the false-call rate's questions
+NO_CALL_TASKS = VQA_TASKS + ("caption",)
 EXPERT_OF = {"seg": "seg", "rec": "det", "det": "det", "track": "track", "track_box": "track"}
 _TASK_TOKEN_RE = re.compile("|".join(re.escape(task_token(t)) for t in sorted(set(EXPERT_OF.values()))))
 _INTERVAL_RE = re.compile(r"frame\s+(\d+)\s+to\s+frame\s+(\d+)", re.IGNORECASE)
@@ -219,6 +223,8 @@ def score_task(task: str, items: Sequence[EvalItem], results: Sequence[ResultLik
     elif task == "caption":
         vocab = ChairVocabulary.from_synonyms(CHAIR_SYNONYMS)
         out = chair([r.text for r in results], [chair_ground_truth(it.sample) for it in items], vocab)
+    if task in NO_CALL_TASKS:  # questions that need no expert: any task token is a false call
+        out["false_call_rate"] = sum(bool(r.calls) for r in results) / len(results)
     elif task == "seg":
         preds, targets = [], []
         for it, r in zip(items, results):
@@ -286,6 +292,20 @@ def summarize_tasks(per_task: dict[str, dict[str, Any]],
     return rows
 
 
+def routing_summary(per_task: dict[str, dict[str, Any]], items: dict[str, list[EvalItem]]) -> dict[str, Any]:
+    """Routing over the suite: ``task_questions`` — the routing accuracy of the questions that need an expert
+    (their references call one), ``false_call_rate`` — the fraction of the questions that need none (VQA and
+    caption) whose answer emitted a task token anyway; each with its number of questions."""
+    def mean(tasks: list[str], key: str) -> Optional[float]:
+        n = sum(len(items[t]) for t in tasks)
+        return sum(per_task[t][key] * len(items[t]) for t in tasks) / n if n else None
+
+    expert = [t for t in per_task if t in EXPERT_OF]
+    plain = [t for t in per_task if t in NO_CALL_TASKS]
+    return {"task_questions": mean(expert, "routing"), "n_task_questions": sum(len(items[t]) for t in expert),
+            "false_call_rate": mean(plain, "false_call_rate"), "n_no_call_questions": sum(len(items[t]) for t in plain)}
+
+
 # ------------------------------------------------------------------------------------------- suites
 
 
@@ -312,7 +332,8 @@ def run_shapes(answer: Answerer, n: int = 200, seed: int = DEFAULT_EVAL_SEED, wo
     per_task, items = _run_tasks(answer, tasks, n, seed, world, "test", batch_size, progress)
     held, held_items = _run_tasks(answer, heldout_tasks, n, seed, world, "heldout", batch_size, progress)
     results: dict[str, Any] = {"suite": "shapes", "n_per_task": n, "seed": seed,
-                               "summary": summarize_tasks(per_task, items)}
+                               "summary": summarize_tasks(per_task, items),
+                               "routing": routing_summary(per_task, items)}
     if held:
         results["heldout_summary"] = summarize_tasks(held, held_items)
     results["tasks"] = per_task

@@ -180,6 +180,31 @@ class Processor:
         self._check_length(ids, num_frames)
         return ids, [IGNORE] * len(ids)
 
+    def encode_chat(self, history: Sequence[tuple[str, str]], question: str, num_frames: int,
+                    is_video: bool) -> tuple[list[int], list[int]]:
+        """Ids (and unsupervised labels) of a conversation to continue: the earlier ``(question, answer)`` turns
+        encoded as in training (:meth:`encode_turns`: the visual placeholder with the first question, every answer
+        followed by EOS, queries after its task tokens), then ``question`` up to where the assistant answers.
+        Without history this is :meth:`encode`.
+
+        Raises:
+            InputError: a turn that is not text, or a placeholder in ``question`` after the first turn (the picture
+                belongs to the first question).
+            PromptTooLongError: the conversation does not fit the LLM's context.
+        """
+        if not history:
+            return self.encode(question, num_frames, is_video)
+        question = check_text(question)
+        if IMAGE in question or VIDEO in question:
+            raise InputError("only the conversation's first question may hold the <image>/<video> placeholder")
+        # an answer as decoded starts with the separator the template puts before it
+        history = [(q, a.lstrip() if isinstance(a, str) else a) for q, a in history]
+        ids, _ = self.encode_turns(history, num_frames, is_video)
+        text = self.chat.user_prefix + question + self.chat.assistant_prefix
+        ids = ids + self.tokenizer.encode(text, add_special_tokens=False)
+        self._check_length(ids, num_frames)
+        return ids, [IGNORE] * len(ids)
+
     def encode_turns(self, turns: Sequence[tuple[str, str]], num_frames: int, is_video: bool,
                      add_eos: bool = True) -> tuple[list[int], list[int]]:
         """Ids and labels of a conversation ``[(question, answer), ...]``: every answer is supervised (LLaVA's
@@ -247,8 +272,11 @@ class Processor:
         return out
 
     def __call__(self, prompts: Union[str, Sequence[str]], images: Union[VisualInput, Sequence[VisualInput]] = None,
-                 answers: Optional[Sequence[Optional[str]]] = None, padding_side: str = "left") -> Batch:
+                 answers: Optional[Sequence[Optional[str]]] = None, padding_side: str = "left",
+                 histories: Optional[Sequence[Sequence[tuple[str, str]]]] = None) -> Batch:
         """Build a batch. ``images[i]`` is an image, a list of frames (a video) or None for sample ``i``.
+        ``histories[i]``: the earlier ``(question, answer)`` turns of sample ``i``'s conversation about its image
+        (:meth:`encode_chat`; generation only, not with ``answers``).
 
         Raises:
             InputError: no prompts, a prompt that is not valid text, or as many images as prompts missing.
@@ -264,13 +292,18 @@ class Processor:
             raise InputError(f"{len(prompts)} prompts but {len(images)} images")
         if answers is not None and len(_sequence(answers, "answers")) != len(prompts):
             raise InputError(f"{len(prompts)} prompts but {len(answers)} answers")
+        if histories is not None and (answers is not None or len(_sequence(histories, "histories")) != len(prompts)):
+            raise InputError(f"{len(prompts)} prompts need as many histories (and no answers)")
         rows, pix, counts, sizes = [], [], [], []
         for i, prompt in enumerate(prompts):
             is_video, frames, tensors = self._visual(images[i])
             pix += [t for t, _ in tensors]
             counts.append(len(frames))
             sizes.append(tensors[0][1] if tensors else None)
-            rows.append(self.encode(prompt, len(frames), is_video, None if answers is None else answers[i]))
+            if histories is not None:
+                rows.append(self.encode_chat(histories[i], prompt, len(frames), is_video))
+            else:
+                rows.append(self.encode(prompt, len(frames), is_video, None if answers is None else answers[i]))
         return self._pad(rows, pix, counts, sizes, padding_side, with_labels=answers is not None)
 
     def conversations(self, turns: Sequence[Sequence[tuple[str, str]]], images: Sequence[VisualInput],

@@ -111,6 +111,42 @@ class Pipeline:
             intervention = self.intervention(intervention)
         single = isinstance(prompt, str)
         prompts, visuals = _requests(visual, prompt)
+        results = self._answer(prompts, visuals, None, max_new_tokens, intervention, score_threshold, generation)
+        return results[0] if single else results
+
+    @torch.no_grad()
+    def chat(self, visual: VisualInput, messages: Sequence[Any], /, max_new_tokens: int = 64,
+             intervention: Union[Intervention, str, None] = None, score_threshold: Optional[float] = None,
+             **generation) -> Result:
+        """The next answer of a conversation about ``visual`` (an image, a list of frames, or None).
+
+        ``messages``: the conversation so far, alternating user and assistant turns and ending with the user's
+        new question, each a ``{"role": "user" | "assistant", "content": text}`` dict (the chat-message format of
+        transformers and Gradio) or a ``(role, text)`` pair::
+
+            first = pipe(image, "Is there a red circle?")
+            pipe.chat(image, [("user", "Is there a red circle?"), ("assistant", first.raw_text),
+                              ("user", "Segment it.")])
+
+        An assistant turn is the model's transcript (``Result.raw_text``, task tokens included: what the model
+        said), the picture goes with the first question. The earlier turns are encoded as in multi-turn training
+        (:meth:`Processor.encode_chat`); one user message is the same as ``pipe(visual, text)``. The options are
+        those of :meth:`__call__`.
+
+        Raises:
+            InputError: messages that are not such a conversation (naming the first bad one), or one too long for
+                the model (:class:`PromptTooLongError`).
+        """
+        if isinstance(intervention, str):
+            intervention = self.intervention(intervention)
+        history, question = chat_turns(messages)
+        return self._answer([question], [visual], [history], max_new_tokens, intervention, score_threshold,
+                            generation)[0]
+
+    def _answer(self, prompts: list[str], visuals: list, histories: Optional[list], max_new_tokens: int,
+                intervention: Union[Intervention, str, None], score_threshold: Optional[float],
+                generation: dict) -> list[Result]:
+        """Checked options, one generation over the batch, the experts: a :class:`Result` per prompt."""
         mllm = self.model.mllm
         options = check_generation({"max_new_tokens": max_new_tokens, **generation}, mllm.device)
         check_intervention(intervention)
@@ -131,7 +167,7 @@ class Pipeline:
         """One batched generation + routing + expert run over checked requests; a result per prompt."""
         mllm = self.model.mllm
         t0 = time.perf_counter()
-        batch = self.processor(prompts, visuals)
+        batch = self.processor(prompts, visuals, histories=histories)
         t1 = time.perf_counter()
         out = mllm.generate(batch, intervention=intervention, **options)
         t2 = time.perf_counter()
@@ -213,6 +249,29 @@ def _requests(visual: object, prompt: object) -> tuple[list[str], list]:
     if len(visual) != len(prompts):
         raise InputError(f"{len(prompts)} prompts but {len(visual)} visuals; give one visual (or None) per prompt")
     return prompts, list(visual)
+
+
+def chat_turns(messages: object) -> tuple[list[tuple[str, str]], str]:
+    """``(history, question)`` of a conversation: ``messages`` alternate ``user`` and ``assistant`` (dicts with
+    ``role`` and ``content``, or ``(role, text)`` pairs), starting and ending with ``user``.
+
+    Raises:
+        InputError: not a non-empty list of such messages, naming the first bad one.
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InputError(f"messages must be a non-empty list of user/assistant turns, got {type(messages).__name__}")
+    texts = []
+    for i, m in enumerate(messages):
+        role, content = ((m.get("role"), m.get("content")) if isinstance(m, Mapping)
+                         else tuple(m) if isinstance(m, (list, tuple)) and len(m) == 2 else (None, None))
+        want = "user" if i % 2 == 0 else "assistant"
+        if role != want:
+            raise InputError(f"message {i} must be a {want!r} turn ({{'role': ..., 'content': ...}} or (role, text); "
+                             f"turns alternate, starting with the user's), got {m!r:.80}")
+        texts.append(check_text(content, f"message {i}'s content"))
+    if len(texts) % 2 == 0:
+        raise InputError("the conversation must end with the user's question (an odd number of messages)")
+    return list(zip(texts[0:-1:2], texts[1::2])), texts[-1]
 
 
 def _check_threshold(value: object) -> Optional[float]:

@@ -13,6 +13,8 @@ from typing import Any, Optional, Sequence
 
 #: (task, summary key) rows of the headline table and the floor issue #6 sets for the shipped default.
 FLOORS = {"routing": 0.95, "vqa": 0.75, "seg": 0.55, "rec": 0.50, "det": 0.40, "track": 0.40, "pope_f1": 0.75}
+#: upper bounds (the card prints "≤"): task tokens emitted on questions that need no expert
+CEILINGS = {"false_call_rate": 0.02}
 INTERVENTIONS_HEADING = "## Hallucination interventions (calibrated)"
 
 
@@ -30,7 +32,7 @@ def headline(shapes: dict[str, Any], pope: dict[str, Any] | None) -> dict[str, f
     out = {"routing": routing, "vqa": sum(vqa) / len(vqa) if vqa else None,
            "exist": score.get("exist"), "color": score.get("color"), "count": score.get("count"),
            "seg": _seg_giou(shapes), "rec": score.get("rec"), "det": shapes.get("tasks", {}).get("det", {}).get("AP50"),
-           "track": score.get("track")}
+           "track": score.get("track"), "false_call_rate": shapes.get("routing", {}).get("false_call_rate")}
     if pope is not None:
         out["pope_f1"] = pope["pope"]["splits"]["random"]["f1"]
     return out
@@ -157,12 +159,14 @@ def _metrics_section(evals: dict, compared: dict[str, dict] | None = None) -> li
     names = {"routing": "task-token routing accuracy (all questions)", "vqa": "VQA accuracy (exist/color/count)",
              "exist": "  existence", "color": "  color", "count": "  count", "seg": "referring segmentation gIoU",
              "rec": "REC Acc@0.5", "det": "detection AP50", "track": "tracking success AUC",
+             "false_call_rate": "  false-call rate (task tokens on VQA and caption questions)",
              "pope_f1": "POPE-random F1"}
     for key, label in names.items():
         value = numbers.get(key)
-        floor = FLOORS.get(key)
+        floor, ceiling = FLOORS.get(key), CEILINGS.get(key)
+        bound = f"≥ {floor:.2f}" if floor is not None else f"≤ {ceiling:.2f}" if ceiling is not None else ""
         beside = "".join(f" | {_fmt(c['headline'].get(key))}" for c in compared.values())
-        lines.append(f"| {label} | {_fmt(value)}{beside} | {'' if floor is None else f'≥ {floor:.2f}'} |")
+        lines.append(f"| {label} | {_fmt(value)}{beside} | {bound} |")
     lines += ["", "Every task (test split):", "", f"| task | n | routing | metric | score{others} |",
               "|---|---|---|---|---|" + "---|" * len(compared)]
     for task, row in shapes.get("summary", {}).items():

@@ -53,6 +53,10 @@ class StageConfig:
         detach_context: experts whose loss does not train the LLM through the visual-token states they read
             (``llm_context``): their gradient reaches the LLM only through their task queries, as in TPO. The
             visual tokens are what VQA answers read, and the experts' pull on them costs answer accuracy.
+        grad_calibration: ``none`` (the plain sum of the losses' gradients) or ``fuller``: FULLER's multi-task
+            gradient calibration (``taskmllm.training.grad_calibration``): the tasks' gradients on the LLM's last
+            hidden states lose their conflicting components and are balanced in magnitude; the gradients
+            reaching the visual and the text positions of the LLM's input are balanced again.
     """
 
     name: str = "stage"
@@ -62,6 +66,7 @@ class StageConfig:
     expert_weights: dict[str, float] = field(default_factory=dict)
     aux: dict[str, dict[str, Any]] = field(default_factory=dict)
     detach_context: list[str] = field(default_factory=list)
+    grad_calibration: Literal["none", "fuller"] = "none"
 
 
 @dataclass

@@ -238,6 +238,7 @@ class DeepSpeedTrainer(Trainer):
 
         ds = deepspeed_config(self.cfg, self.precision, self.ctx.world)
         self.stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+        check_zero_stage(self.cfg, self.stage)
         self.engine, *_ = deepspeed.initialize(model=self.trainee, optimizer=self.optimizer,
                                                lr_scheduler=self.scheduler, config=ds)
         if self.stage == 3:
@@ -334,6 +335,19 @@ def register_external_parameters(joint: nn.Module) -> None:
                 register(module, p)
     for p in joint.mllm.vision.parameters():
         register(joint.mllm.vision, p)
+
+
+def check_zero_stage(cfg: TrainConfig, stage: int) -> None:
+    """Refuse stage options a ZeRO stage cannot run: FULLER's calibration takes each task's gradient inside the
+    forward (``torch.autograd.grad`` on the LLM's last hidden states), which ZeRO-3's parameter gathering does not
+    expect (the ranks hang; ZeRO-1/2 and DDP train exactly like one process).
+
+    Raises:
+        ConfigError: ``stage.grad_calibration: fuller`` under ZeRO-3.
+    """
+    if stage == 3 and cfg.stage.grad_calibration == "fuller":
+        raise ConfigError(f"stage.grad_calibration: fuller does not run under DeepSpeed ZeRO-3 ({cfg.deepspeed}); "
+                          "use ZeRO-2 (ds_zero2.json), torchrun (DDP) or grad_calibration: none")
 
 
 def deepspeed_config(cfg: TrainConfig, precision: str, world: int) -> dict[str, Any]:

@@ -118,7 +118,8 @@ def build_trainee(cfg: TrainConfig, specs: dict, device: torch.device) -> tuple[
     report = apply_stage(joint, cfg.stage, aux, protocol_token_ids(joint.mllm.tokenizer, joint.mllm.config.tokens.tasks))
     if cfg.model.gradient_checkpointing:
         joint.mllm.set_gradient_checkpointing(True)
-    settings = LossSettings(cfg.stage.lm_weight, dict(cfg.stage.expert_weights), list(cfg.stage.detach_context))
+    settings = LossSettings(cfg.stage.lm_weight, dict(cfg.stage.expert_weights), list(cfg.stage.detach_context),
+                            cfg.stage.grad_calibration)
     return Trainee(joint, aux, settings).to(device), report
 
 

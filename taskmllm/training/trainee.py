@@ -14,6 +14,7 @@ them at its logging interval only).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -22,17 +23,20 @@ from torch import nn
 
 from taskmllm.training.aux import AuxStates
 from taskmllm.training.data_loader import Collate, Group, MicroBatch
+from taskmllm.training.grad_calibration import balance_modalities, calibrated_loss
 from taskmllm.training.losses import expert_of, total_loss
 
 
 @dataclass
 class LossSettings:
     """The stage's loss options (``stage.*``): ``lm_weight``, ``expert_weights`` (an expert of weight 0 does not
-    run), ``detach_context``."""
+    run), ``detach_context``, ``grad_calibration`` (``none`` or ``fuller``:
+    :mod:`taskmllm.training.grad_calibration`)."""
 
     lm_weight: float = 1.0
     expert_weights: dict[str, float] = field(default_factory=dict)
     detach_context: list[str] = field(default_factory=list)
+    grad_calibration: str = "none"
 
 
 class Trainee(nn.Module):
@@ -65,6 +69,10 @@ class Trainee(nn.Module):
         for zero in (r["zero"] for r in runs if r["zero"] is not None):
             loss = loss + zero  # placeholder runs: on the graph, adding nothing
         parts["total"] = loss.detach()
+        if self.settings.grad_calibration == "fuller":
+            tasks = task_losses(lm, terms, experts, self.settings, extra)
+            loss, norms = calibrated_loss(loss, tasks, [r["hidden"] for r in runs])
+            parts.update(norms)
         return loss, parts
 
     def _group(self, group: Group) -> dict:
@@ -80,8 +88,29 @@ class Trainee(nn.Module):
         calls: dict[str, int] = {}
         for call in out.calls:
             calls[call.task] = calls.get(call.task, 0) + 1
+        embeddings = out.mllm.layer_states[0]
+        if s.grad_calibration == "fuller" and embeddings.requires_grad:  # FULLER's modality level (this forward)
+            visual = group.batch.input_ids == joint.mllm.image_id
+            embeddings.register_hook(functools.partial(balance_modalities, visual=visual))
         return {"lm": out.lm_loss, "tokens": group.tokens, "experts": out.expert_losses, "calls": calls,
-                "extra": extra, "n": len(group.samples), "zero": out.placeholder}
+                "extra": extra, "n": len(group.samples), "zero": out.placeholder, "hidden": out.mllm.hidden_states,
+                "embeddings": embeddings}
+
+
+def task_losses(lm: torch.Tensor, terms: dict[str, torch.Tensor], experts: list[str], settings: LossSettings,
+                extra: dict[str, tuple[float, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The weighted loss of each task of the stage: ``lm``, each expert (the sum of its terms), each auxiliary
+    loss; tasks of weight 0 are left out (what FULLER calibrates)."""
+    tasks: dict[str, torch.Tensor] = {}
+    if settings.lm_weight:
+        tasks["lm"] = lm * settings.lm_weight
+    for term, value in terms.items():
+        task = expert_of(term, experts)
+        w = settings.expert_weights.get(task, 1.0)
+        if w:
+            tasks[task] = tasks[task] + w * value if task in tasks else w * value
+    tasks.update({f"aux_{name}": w * value for name, (w, value) in extra.items() if w})
+    return tasks
 
 
 def _weighted(pairs: list[tuple[torch.Tensor, float]]) -> torch.Tensor:

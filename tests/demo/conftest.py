@@ -23,6 +23,10 @@ TRAIN = [
     (None, "What is a circle?", "A round shape."),
 ]
 SEG, DET, TRACK, TEXT = TRAIN
+#: two three-turn conversations about one picture whose third answer depends only on the first turn
+CHAT_PICTURE = "shapes-seg.png"
+CHAT = {color: [(f"My favourite colour is {color}.", "Noted."), ("What is a circle?", "A round shape."),
+                ("What is my favourite colour?", f"{color.capitalize()}.")] for color in ("red", "blue")}
 
 
 def free_port() -> int:
@@ -48,7 +52,8 @@ def visual_of(name):
 
 @pytest.fixture(scope="session")
 def demo_checkpoint(tokenizer, tmp_path_factory) -> Path:
-    """A random tiny JointModel whose LLM is overfit (60 AdamW steps) to :data:`TRAIN`; experts stay random.
+    """A random tiny JointModel whose LLM is overfit (60 AdamW steps) to :data:`TRAIN` and the conversations of
+    :data:`CHAT` (every answer supervised, as in multi-turn training); experts stay random.
 
     ``TASKMLLM_E2E_MODEL=tiny`` (or a checkpoint directory) uses that model instead, for the README's
     screenshot: ``TASKMLLM_E2E_MODEL=tiny TASKMLLM_E2E_SCREENSHOT=docs/demo.png make test-e2e``.
@@ -63,10 +68,11 @@ def demo_checkpoint(tokenizer, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     mllm = TaskMLLM(tiny_config(tokenizer), tokenizer)
     batch = mllm.processor([t[1] for t in TRAIN], [visual_of(t[0]) for t in TRAIN], answers=[t[2] for t in TRAIN])
+    chats = mllm.processor.conversations(list(CHAT.values()), [visual_of(CHAT_PICTURE)] * len(CHAT))
     opt = torch.optim.AdamW(mllm.parameters(), lr=3e-3)
     mllm.train()
     for _ in range(60):
-        loss = mllm(batch).loss
+        loss = mllm(batch).loss + mllm(chats).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -95,8 +101,9 @@ def demo_url(demo_pipeline):
     demo.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def client(demo_url):
+    """A client with its own session: the demo keeps a chat history per session, and each test starts a chat."""
     from gradio_client import Client
 
     return Client(demo_url, verbose=False)

@@ -206,10 +206,10 @@ def test_bad_api_settings_are_named_and_the_server_keeps_answering(client, setti
 def test_eight_concurrent_requests_all_complete_correctly(demo_url, demo_pipeline):
     from gradio_client import Client
 
-    client = Client(demo_url, verbose=False)
     requests = [SEG, DET, TRACK, TEXT] * 2
     jobs = []
-    for name, instruction, _ in requests:
+    for name, instruction, _ in requests:  # eight users: each session has its own chat (history)
+        client = Client(demo_url, verbose=False)
         file = None if name is None else handle_file(str(example_file(name)))
         video = name is not None and name.endswith(".gif")
         jobs.append(client.submit(image=None if video else file, video=[file] if video else None,

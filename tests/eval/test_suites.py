@@ -86,6 +86,29 @@ def test_oracle_scores_perfectly_on_every_task(oracle):
     assert tasks["caption"]["chair_s"] == 0.0 and tasks["caption"]["recall"] == 1.0
     assert held["seg"]["giou"] == 1.0 and held["color"]["accuracy"] == 1.0
     assert [p.kind for p in out.plots] == ["detection_pr", "tracking_success", "tracking_precision"]
+    routing = out.results["routing"]
+    assert routing["task_questions"] == 1.0 and routing["false_call_rate"] == 0.0
+    assert routing["n_task_questions"] == 5 * N and routing["n_no_call_questions"] == 6 * N
+    from taskmllm.eval.report import render_markdown
+
+    assert "| false_call_rate | 0" in render_markdown(out.results)  # results.md has the routing block
+
+
+def test_false_call_rate_counts_task_tokens_on_questions_that_need_no_expert():
+    """Of 4 exist questions and 4 captions, 1 + 2 answers call an expert: rate 3/8 over the suite, per task 1/4
+    and 2/4; answers on expert questions do not enter it, and the rate is reported beside routing."""
+    from taskmllm.eval.suites import routing_summary
+
+    call = SimpleNamespace(task="det", mask=None, boxes=np.zeros((0, 4)), scores=np.zeros(0))
+    items = {t: shapes_items(t, N, SEED, WORLD) for t in ("exist", "caption", "seg")}
+    answers = {"exist": [[call], [], [], []], "caption": [[call, call], [], [call], []], "seg": [[]] * N}
+    per_task = {t: score_task(t, items[t], [SimpleNamespace(text="Yes.", calls=c) for c in answers[t]])
+                for t in items}
+    assert per_task["exist"]["false_call_rate"] == 0.25 and per_task["caption"]["false_call_rate"] == 0.5
+    assert "false_call_rate" not in per_task["seg"]
+    got = routing_summary(per_task, items)
+    assert got["false_call_rate"] == pytest.approx(3 / 8) and got["n_no_call_questions"] == 8
+    assert got["task_questions"] == 0.0 and got["n_task_questions"] == N  # the seg answers called nothing
 
 
 def test_missing_calls_count_as_misses():

