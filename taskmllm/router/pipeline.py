@@ -156,15 +156,17 @@ class Pipeline:
         groups = _kind_groups(visuals) if intervention is None else [list(range(len(prompts)))]
         for group in groups:  # images and videos decode apart: no image row padded to a video
             answered = self._run([prompts[i] for i in group], [visuals[i] for i in group],
+                                 None if histories is None else [histories[i] for i in group],
                                  [prompt_boxes[i] for i in group], intervention, score_threshold, options)
             for i, result in zip(group, answered):
                 results[i] = result
-        return results[0] if single else results
+        return results
 
-    def _run(self, prompts: list[str], visuals: list, prompt_boxes: list[Optional[torch.Tensor]],
-             intervention: Optional[Intervention], score_threshold: Optional[float],
-             options: dict[str, Any]) -> list[Result]:
-        """One batched generation + routing + expert run over checked requests; a result per prompt."""
+    def _run(self, prompts: list[str], visuals: list, histories: Optional[list],
+             prompt_boxes: list[Optional[torch.Tensor]], intervention: Optional[Intervention],
+             score_threshold: Optional[float], options: dict[str, Any]) -> list[Result]:
+        """One batched generation + routing + expert run over checked requests (``histories``: each request's
+        earlier chat turns, or None); a result per prompt."""
         mllm = self.model.mllm
         t0 = time.perf_counter()
         batch = self.processor(prompts, visuals, histories=histories)

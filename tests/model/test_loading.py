@@ -106,6 +106,8 @@ def test_a_bf16_load_allocates_no_float32_copy(big_checkpoint):
     fp32_mb = (big_checkpoint / "model.safetensors").stat().st_size / 2**20
     half = _load(big_checkpoint, "bf16")
     assert half["params_mb"] == pytest.approx(fp32_mb / 2, rel=0.02)
-    assert half["peak_mb"] < 0.5 * fp32_mb + 20, half  # the bf16 weights (+ one tensor as stored, some slack)
+    # the bf16 weights (half) + transients: one tensor as stored, the finite-weight scan's masks, allocator slack
+    # (measured 125-160 MB of 246 under load); a float32 copy of the model would be >= 0.9 x (the control below)
+    assert half["peak_mb"] < 0.75 * fp32_mb, half
     control = _load(big_checkpoint, "random-fp32")  # the measurement sees a float32 model when there is one
     assert control["peak_mb"] > 0.9 * fp32_mb, control
