@@ -51,12 +51,18 @@ def nonnegative_int(text: str) -> int:
 
 
 def _int_at_least(text: str, low: int) -> int:
+    return _int_in(text, low, None, f"an integer >= {low}")
+
+
+def _int_in(text: str, low: int, high: Optional[int], expected: str) -> int:
+    """``text`` as an integer in ``[low, high]`` (``high`` None: no upper bound), else an error saying it must be
+    ``expected``."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}") from None
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {value}")
     return value
 
 
@@ -81,13 +87,7 @@ def positive_float(text: str) -> float:
 
 def port_number(text: str) -> int:
     """A TCP port, 1..65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a port number in 1..65535, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number in 1..65535, got {value}")
-    return value
+    return _int_in(text, 1, 65535, "a port number in 1..65535")
 
 
 def check_host(text: str) -> str:

@@ -107,8 +107,6 @@ class Pipeline:
         ``intervention``: an object (``VHR(...)``, ``VAR(...)``, ``ZeroTuning(...)``) or a name resolved by
         :meth:`intervention` (the model's calibrated settings).
         """
-        if isinstance(intervention, str):
-            intervention = self.intervention(intervention)
         single = isinstance(prompt, str)
         prompts, visuals = _requests(visual, prompt)
         results = self._answer(prompts, visuals, None, max_new_tokens, intervention, score_threshold, generation)
@@ -137,8 +135,6 @@ class Pipeline:
             InputError: messages that are not such a conversation (naming the first bad one), or one too long for
                 the model (:class:`PromptTooLongError`).
         """
-        if isinstance(intervention, str):
-            intervention = self.intervention(intervention)
         history, question = chat_turns(messages)
         return self._answer([question], [visual], [history], max_new_tokens, intervention, score_threshold,
                             generation)[0]
@@ -149,6 +145,8 @@ class Pipeline:
         """Checked options, one generation over the batch, the experts: a :class:`Result` per prompt."""
         mllm = self.model.mllm
         options = check_generation({"max_new_tokens": max_new_tokens, **generation}, mllm.device)
+        if isinstance(intervention, str):
+            intervention = self.intervention(intervention)
         check_intervention(intervention)
         score_threshold = _check_threshold(score_threshold)
         prompt_boxes = [_prompt_box(p) for p in prompts]  # a malformed <box> fails before any compute

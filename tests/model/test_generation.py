@@ -5,19 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from taskmllm.model.mllm import TaskMLLM
-from tests.conftest import tiny_config
-
-PROMPTS = ["Is there a red circle?", "What color is the square in the image?", "Track the yellow heart."]
+from tests.model.intervention_models import PROMPTS, varied_model
 
 
-@pytest.fixture(scope="module")
-def varied_model(tokenizer):
-    """A random model with large weights, so greedy decoding does not collapse to one repeated token."""
-    torch.manual_seed(3)
-    cfg = tiny_config(tokenizer)
-    cfg.llm["initializer_range"] = 0.4
-    return TaskMLLM(cfg, tokenizer).eval()
+@pytest.fixture(scope="module", name="varied_model")
+def varied_model_fixture(tokenizer):
+    """A random 2-layer model with large weights, so greedy decoding does not collapse to one repeated token."""
+    return varied_model(tokenizer, layers=2)
 
 
 def _images(rgb_image):
