@@ -237,7 +237,8 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"taskmllm: error: the demo needs the demo extra ({exc}): pip install 'taskmllm[demo]'",
               file=sys.stderr)
         return 2
-    options = DemoOptions(limits, concurrency_limit=args.concurrency, max_queue=args.max_queue)
+    options = DemoOptions(limits, concurrency_limit=args.concurrency, max_queue=args.max_queue,
+                          max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000)
     launch(build_demo(pipe, options), host=args.host, port=args.port, options=options)
     return 0
 
@@ -329,11 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="answer an instruction about an image or a video; write the overlay + JSON",
                        description="taskmllm predict --image PATH|--video PATH \"instruction\" [--out overlay.png] "
                                    "[--json]. --out also writes the JSON record (masks as COCO RLE, boxes in "
-                                   "pixels) beside the overlay, with the suffix .json. Many requests: taskmllm "
-                                   "predict --requests FILE.jsonl --out-dir DIR, one JSON object per line "
-                                   '({"image"|"video": PATH, "prompt": TEXT, "id": NAME}, paths relative to the '
-                                   "file), answered in batches (--batch-size per batched model call); DIR gets "
-                                   "ID.png|gif + ID.json per request.")
+                                   "pixels) beside the overlay, with the suffix .json. Many requests: --requests "
+                                   'FILE.jsonl, a JSON object per line {"image"|"video": PATH, "prompt": TEXT, "id": '
+                                   "NAME} (paths relative to FILE), batched; --out-dir DIR gets ID.png|gif + ID.json.")
     p.add_argument("instruction", nargs="?", help='e.g. "Segment the red circle." (not with --requests)')
     p.add_argument("--requests", metavar="FILE.jsonl", default=None,
                    help="answer every request of this JSON-lines file (see above) instead of one instruction")
@@ -363,8 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=port_number, default=7860)
     p.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="largest accepted upload")
     p.add_argument("--max-video-seconds", type=positive_float, default=60.0, help="longest accepted video")
-    p.add_argument("--concurrency", type=positive_int, default=2,
-                   help="requests processed at once (model calls run one at a time)")
+    p.add_argument("--concurrency", type=positive_int, default=8,
+                   help="requests in the handler at once (model calls run one at a time, batched)")
+    p.add_argument("--max-batch-size", type=positive_int, default=8, help="most concurrent requests (same settings)"
+                   " per batched model call (1 = no batching; at most --concurrency)")
+    p.add_argument("--batch-wait-ms", type=nonnegative_int, default=10,
+                   help="how long a request at an idle model waits for others to join its batch")
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before new ones are refused")
     p.add_argument("--device", type=device_name, default="cpu")
     p.set_defaults(func=_demo)
