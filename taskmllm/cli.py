@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 from taskmllm.cli_args import (OneLineParser, check_host, device_name, finite_float, nonnegative_int, port_number,
                                positive_float, positive_int, run_command)
+from taskmllm.errors import ConfigError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -179,22 +180,48 @@ def _train_recipe(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import json
 
+    if args.requests is not None:
+        return _predict_requests(args)
+    if args.out_dir is not None or args.batch_size is not None:
+        raise ConfigError("--out-dir and --batch-size go with --requests FILE.jsonl (a single request: --out FILE)")
+    if args.instruction is None:
+        raise ConfigError('give an instruction (taskmllm predict --image photo.png "Is there a dog?") or a file of '
+                          "requests (--requests FILE.jsonl --out-dir DIR)")
     json_path = None if args.out is None else os.path.splitext(args.out)[0] + ".json"
     for flag, path in (("--out", args.out), ("--out (its .json)", json_path), ("--attention", args.attention)):
         _check_outputs(file=path, what=f"predict {flag}")
-    from taskmllm.predict import GenerationSettings, predict
+    from taskmllm.predict import predict
 
     pred = predict(args.model, args.instruction, image=args.image, video=args.video, out=args.out,
-                   json_path=json_path, intervention=args.intervention,
-                   settings=GenerationSettings(max_new_tokens=args.max_new_tokens,
-                                               repetition_penalty=args.repetition_penalty,
-                                               no_repeat_ngram_size=args.no_repeat_ngram_size), device=args.device,
+                   json_path=json_path, intervention=args.intervention, settings=_settings(args), device=args.device,
                    attention=args.attention)
     print(json.dumps(pred.record, indent=2) if args.json else pred.result.text)
     for path in (pred.overlay_path, pred.json_path, pred.attention_path):
         if path is not None:
             print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _settings(args: argparse.Namespace):
+    from taskmllm.predict import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+                              no_repeat_ngram_size=args.no_repeat_ngram_size)
+
+
+def _predict_requests(args: argparse.Namespace) -> int:
+    given = [flag for flag, value in (("an instruction", args.instruction), ("--image", args.image),
+                                      ("--video", args.video), ("--out", args.out), ("--attention", args.attention))
+             if value is not None]
+    if given:
+        raise ConfigError(f"--requests takes each request's instruction and picture from the file; drop "
+                          f"{', '.join(given)} (outputs go to --out-dir)")
+    _check_outputs(folder=args.out_dir, what="predict --out-dir")
+    from taskmllm.predict_requests import predict_requests, print_answers
+
+    answers = predict_requests(args.model, args.requests, args.out_dir, args.batch_size or 8,
+                               intervention=args.intervention, device=args.device, settings=_settings(args))
+    return print_answers(answers, as_json=args.json, out_dir=args.out_dir)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -210,7 +237,8 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"taskmllm: error: the demo needs the demo extra ({exc}): pip install 'taskmllm[demo]'",
               file=sys.stderr)
         return 2
-    options = DemoOptions(limits, concurrency_limit=args.concurrency, max_queue=args.max_queue)
+    options = DemoOptions(limits, concurrency_limit=args.concurrency, max_queue=args.max_queue,
+                          max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000)
     launch(build_demo(pipe, options), host=args.host, port=args.port, options=options)
     return 0
 
@@ -302,8 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="answer an instruction about an image or a video; write the overlay + JSON",
                        description="taskmllm predict --image PATH|--video PATH \"instruction\" [--out overlay.png] "
                                    "[--json]. --out also writes the JSON record (masks as COCO RLE, boxes in "
-                                   "pixels) beside the overlay, with the suffix .json.")
-    p.add_argument("instruction", help='e.g. "Segment the red circle."')
+                                   "pixels) beside the overlay, with the suffix .json. Many requests: --requests "
+                                   'FILE.jsonl, a JSON object per line {"image"|"video": PATH, "prompt": TEXT, "id": '
+                                   "NAME} (paths relative to FILE), batched; --out-dir DIR gets ID.png|gif + ID.json.")
+    p.add_argument("instruction", nargs="?", help='e.g. "Segment the red circle." (not with --requests)')
+    p.add_argument("--requests", metavar="FILE.jsonl", default=None,
+                   help="answer every request of this JSON-lines file (see above) instead of one instruction")
+    p.add_argument("--out-dir", default=None, help="with --requests: write ID.png|gif and ID.json per request here")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="with --requests: requests per batched model call (default 8)")
     visual = p.add_mutually_exclusive_group()
     visual.add_argument("--image", help="image file (png, jpg, webp, bmp, tiff, gif)")
     visual.add_argument("--video", help="video file (mp4, webm, mov, avi, mkv, animated gif) or a folder of frames")
@@ -327,8 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=port_number, default=7860)
     p.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="largest accepted upload")
     p.add_argument("--max-video-seconds", type=positive_float, default=60.0, help="longest accepted video")
-    p.add_argument("--concurrency", type=positive_int, default=2,
-                   help="requests processed at once (model calls run one at a time)")
+    p.add_argument("--concurrency", type=positive_int, default=8,
+                   help="requests in the handler at once (model calls run one at a time, batched)")
+    p.add_argument("--max-batch-size", type=positive_int, default=8, help="most concurrent requests (same settings)"
+                   " per batched model call (1 = no batching; at most --concurrency)")
+    p.add_argument("--batch-wait-ms", type=nonnegative_int, default=10,
+                   help="how long a request at an idle model waits for others to join its batch")
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before new ones are refused")
     p.add_argument("--device", type=device_name, default="cpu")
     p.set_defaults(func=_demo)

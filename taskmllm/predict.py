@@ -6,6 +6,10 @@
 
     taskmllm predict --image photo.png "Segment the red circle." --out overlay.png --json result.json
     taskmllm predict --image photo.png "Is there a dog?" --intervention vhr --attention looked.png
+
+Several requests run as one batched ``Pipeline`` call: ``predict(model, [instr, ...], image=[path, None, ...],
+video=[None, None, ...])``, or from a JSON-lines file with ``taskmllm predict --requests FILE.jsonl --out-dir DIR``
+(:mod:`taskmllm.predict_requests`).
 """
 
 from __future__ import annotations
@@ -170,45 +174,125 @@ class Prediction:
     attention_path: Optional[Path] = None
 
 
-def predict(model: Union[str, Path, "Pipeline"], instruction: str, image: Optional[PathLike] = None,
-            video: Optional[PathLike] = None, out: Optional[PathLike] = None, json_path: Optional[PathLike] = None,
+def predict(model: Union[str, Path, "Pipeline"], instruction: Union[str, Sequence[str]],
+            image: Union[PathLike, Sequence[Optional[PathLike]], None] = None,
+            video: Union[PathLike, Sequence[Optional[PathLike]], None] = None,
+            out: Union[PathLike, Sequence[Optional[PathLike]], None] = None,
+            json_path: Union[PathLike, Sequence[Optional[PathLike]], None] = None,
             intervention: Optional[str] = None, settings: GenerationSettings = GenerationSettings(),
             limits: MediaLimits = MediaLimits(), device: str = "cpu",
-            attention: Optional[PathLike] = None) -> Prediction:
+            attention: Union[PathLike, Sequence[Optional[PathLike]], None] = None
+            ) -> Union[Prediction, list[Prediction]]:
     """Answer ``instruction`` about an image/video file with a checkpoint (a directory, ``"tiny"`` or a loaded
     ``Pipeline``); write the overlay to ``out`` (format from its suffix) and the JSON record to ``json_path``;
     with ``attention``, write there a PNG of where the answer looked, with and without the intervention.
+
+    Several requests: ``instruction`` a list of n instructions, and ``image``, ``video``, ``out``, ``json_path``
+    and ``attention`` each None or a list of n (None where a request has none). The n requests are answered by
+    **one** batched ``Pipeline`` call (its generation and every expert call batched) and a list of n
+    :class:`Prediction` is returned; a greedy answer is the same as the request's own call (tested). Every
+    request is checked and decoded before any compute; an error names the request (``request 3: ...``, 1-based).
 
     ``intervention`` is a name (:func:`make_intervention`: the model's calibrated settings, else the defaults).
     The record is ``Result.to_dict()`` (masks as COCO RLE, boxes in pixels, timings) plus ``instruction``,
     ``input``, ``intervention`` (the object's repr), ``intervention_settings`` (``"calibrated"``,
     ``"defaults"`` or None), ``overlay`` and ``attention`` (path, heads, answers and attention on the picture).
     """
+    if isinstance(instruction, str):
+        return predict_batch(model, [BatchRequest(instruction, image, video, out, json_path, attention)],
+                             intervention, settings, limits, device, labels=None)[0]
+    if not isinstance(instruction, (list, tuple)) or not instruction:
+        raise InputError(f"instruction must be a string or a non-empty list of strings, got {instruction!r:.80}")
+    n = len(instruction)
+    columns = [_column(value, n, name) for name, value in
+               (("image", image), ("video", video), ("out", out), ("json_path", json_path), ("attention", attention))]
+    requests = [BatchRequest(text, *row) for text, *row in zip(instruction, *columns)]
+    return predict_batch(model, requests, intervention, settings, limits, device,
+                         labels=[f"request {i + 1}" for i in range(n)])
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """One request of :func:`predict_batch`: the instruction, its image or video file, and the files to write."""
+
+    instruction: str
+    image: Optional[PathLike] = None
+    video: Optional[PathLike] = None
+    out: Optional[PathLike] = None
+    json_path: Optional[PathLike] = None
+    attention: Optional[PathLike] = None
+
+
+def predict_batch(model: Union[str, Path, "Pipeline"], requests: Sequence[BatchRequest],
+                  intervention: Optional[str] = None, settings: GenerationSettings = GenerationSettings(),
+                  limits: MediaLimits = MediaLimits(), device: str = "cpu",
+                  labels: Optional[Sequence[str]] = None) -> list[Prediction]:
+    """:func:`predict` of several requests as one batched ``Pipeline`` call; ``labels[i]`` prefixes the message of
+    an error about request ``i`` (e.g. ``"requests.jsonl line 3"``; None: the message as it is).
+
+    Raises:
+        InputError (or its ImageError / VideoError): a bad instruction or picture, naming the request;
+        ConfigError: an unwritable output path, a bad setting.
+    """
     from taskmllm.router.pipeline import Pipeline
 
-    instruction = check_instruction(instruction)
-    for flag, path in (("--out", out), ("--json", json_path), ("--attention", attention)):
-        if path is not None:  # before any compute: an answer is never lost to an unwritable path
-            check_output_file(path, f"predict {flag}")
+    def named(i: int, check, *args):
+        if labels is None:
+            return check(*args)
+        try:
+            return check(*args)
+        except (InputError, ConfigError) as exc:  # the same type, its message naming the request
+            raise type(exc)(f"{labels[i]}: {exc}") from exc
+
+    texts = [named(i, check_instruction, r.instruction) for i, r in enumerate(requests)]
+    for i, r in enumerate(requests):
+        for flag, path in (("--out", r.out), ("--json", r.json_path), ("--attention", r.attention)):
+            if path is not None:  # before any compute: an answer is never lost to an unwritable path
+                named(i, check_output_file, path, f"predict {flag}")
     pipe = model if isinstance(model, Pipeline) else Pipeline.from_pretrained(model, device=device)
-    visual = load_visual(image, video, pipe.model.mllm.config.max_frames, limits)
-    if attention is not None and visual is None:
-        raise InputError("--attention needs an image or a video: a text-only answer looks at no picture")
+    frames = pipe.model.mllm.config.max_frames
+    visuals = [named(i, load_visual, r.image, r.video, frames, limits) for i, r in enumerate(requests)]
+    for i, (r, visual) in enumerate(zip(requests, visuals)):
+        if r.attention is not None and visual is None:
+            named(i, _no_picture)
     hook = make_intervention(intervention, pipe)
-    result = pipe(visual, instruction, intervention=hook, **settings.kwargs())
+    results = pipe(visuals, texts, intervention=hook, **settings.kwargs())
+    return [_finish(pipe, r, text, visual, result, hook, intervention, settings)
+            for r, text, visual, result in zip(requests, texts, visuals, results)]
+
+
+def _no_picture() -> None:
+    raise InputError("--attention needs an image or a video: a text-only answer looks at no picture")
+
+
+def _column(value: Any, n: int, name: str) -> list:
+    """A per-request argument of a list call: None (n Nones) or a list of n entries."""
+    if value is None:
+        return [None] * n
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        raise InputError(f"{n} instructions need {name} as None or a list of {n} (None where a request has none), "
+                         f"got {value!r:.80}")
+    return list(value)
+
+
+def _finish(pipe: "Pipeline", request: BatchRequest, instruction: str, visual: Any, result: "Result",
+            hook: Optional["Intervention"], intervention: Optional[str], settings: GenerationSettings) -> Prediction:
+    """One request's files (overlay, attention PNG, JSON record) from its result."""
     overlay_path = attention_path = None
+    out = request.out
     if out is not None and (result.image is not None or result.frames):
         overlay_path = atomic_write_bytes(out, render_overlay(result, Path(out).suffix or "png")[0])
     looked = None
-    if attention is not None:
+    if request.attention is not None:
         data, looked = render_attention(pipe, visual, instruction, hook, settings.max_new_tokens)
-        attention_path = atomic_write_bytes(attention, data)
+        attention_path = atomic_write_bytes(request.attention, data)
         looked = {"path": str(attention_path), **looked}
-    record = {"instruction": instruction, "input": str(image or video or ""),
-              "intervention": "none" if hook is None else repr(hook), "intervention_settings": pipe.intervention_source(intervention),
+    record = {"instruction": instruction, "input": str(request.image or request.video or ""),
+              "intervention": "none" if hook is None else repr(hook),
+              "intervention_settings": pipe.intervention_source(intervention),
               **result.to_dict(), "overlay": None if overlay_path is None else str(overlay_path),
               "attention": looked}
     written = None
-    if json_path is not None:
-        written = atomic_write_bytes(json_path, (json.dumps(record, indent=2) + "\n").encode())
+    if request.json_path is not None:
+        written = atomic_write_bytes(request.json_path, (json.dumps(record, indent=2) + "\n").encode())
     return Prediction(result, record, overlay_path, written, attention_path)

@@ -10,7 +10,8 @@ tracks as an annotated GIF), VHR/VAR/ZeroTuning with their main settings (starti
 settings when it carries them), where the answer looked (its attention over the picture with and without the
 intervention), generation settings, examples (ShapesWorld and real photos), latency, the structured answer (JSON)
 and the raw transcript with task tokens. One API endpoint, ``/answer``, serves the page and ``gradio_client``
-alike. No model logic lives here.
+alike; concurrent requests with the same settings are answered by one batched Pipeline call
+(``DemoOptions.max_batch_size``, :mod:`taskmllm.demo.batching`). No model logic lives here.
 """
 
 from __future__ import annotations

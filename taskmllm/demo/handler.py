@@ -1,4 +1,5 @@
-"""The demo's request handler: raw Gradio payloads -> one Pipeline call -> the page's outputs.
+"""The demo's request handler: raw Gradio payloads -> a Pipeline call (shared with concurrent requests of the same
+settings, :mod:`taskmllm.demo.batching`) -> the page's outputs.
 
 It holds no model logic: files are decoded by :mod:`taskmllm.data.media` (through :mod:`taskmllm.predict`,
 shared with ``taskmllm predict``), the answer comes from :class:`~taskmllm.router.pipeline.Pipeline`, and
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 import gradio as gr
 
 from taskmllm.data.media import MediaLimits
+from taskmllm.demo.batching import RequestBatcher, batch_key
 from taskmllm.errors import ConfigError, ImageError, InputError, PromptTooLongError, TaskMLLMError, VideoError
 from taskmllm.predict import (GenerationSettings, check_instruction, load_visual, make_intervention,
                               render_attention, render_overlay)
@@ -41,15 +43,22 @@ class DemoOptions:
 
     Attributes:
         limits: per-request media limits (file size, video length, minimum image side).
-        concurrency_limit: requests processed at once (model calls themselves run one at a time).
+        concurrency_limit: requests in the handler at once (decoding uploads, waiting for and sharing a model
+            call, drawing); model calls themselves run one at a time.
         max_queue: requests waiting in the queue before new ones are turned away.
         title: page title.
+        max_batch_size: the most concurrent requests answered by one batched Pipeline call (1: one call per
+            request); only requests with the same generation settings and intervention share a call, never
+            sampled ones. A batch holds at most ``concurrency_limit`` requests (the others wait in Gradio's queue).
+        batch_wait_s: how long a request arriving at an idle model waits for others to join its batch.
     """
 
     limits: MediaLimits = field(default_factory=lambda: MediaLimits(max_file_mb=20.0, max_video_seconds=60.0))
-    concurrency_limit: int = 2
+    concurrency_limit: int = 8
     max_queue: int = 64
     title: str = "taskmllm"
+    max_batch_size: int = 8
+    batch_wait_s: float = 0.01
 
 
 def _path(payload: Any, what: str, error: type) -> Optional[str]:
@@ -79,9 +88,21 @@ def _video_source(files: Sequence[str]) -> Union[str, list[str], None]:
     return sorted(files, key=lambda f: Path(f).name)
 
 
+@dataclass(frozen=True)
+class _Request:
+    """A checked, decoded request waiting for its model call."""
+
+    visual: Any
+    turns: list
+    text: str
+    hook: Any
+    settings: GenerationSettings
+
+
 class DemoHandler:
     """Answers demo requests with one :class:`Pipeline`; model calls are serialized by a per-handler lock
-    (interventions attach hooks to the shared model, so two calls must not overlap)."""
+    (interventions attach hooks to the shared model, so two calls must not overlap), and concurrent requests with
+    the same settings share one batched call (:class:`~taskmllm.demo.batching.RequestBatcher`)."""
 
     def __init__(self, pipeline: "Pipeline", options: DemoOptions = DemoOptions()) -> None:
         import tempfile
@@ -92,6 +113,8 @@ class DemoHandler:
         self._lock = threading.Lock()
         self._files: deque[Path] = deque()
         self._files_lock = threading.Lock()
+        self._batcher = RequestBatcher(self._run_batch, min(options.max_batch_size, options.concurrency_limit),
+                                       options.batch_wait_s)
 
     @property
     def num_frames(self) -> int:
@@ -159,22 +182,24 @@ class DemoHandler:
                                       _number(temperature, "temperature"), _number(top_p, "top-p"),
                                       _number(seed or 0, "seed", int), *repetition)
         score_threshold = _number(score_threshold, "box score threshold")
+        settings.kwargs()  # a bad setting is named here, before the request waits for a model call
         decoded = time.perf_counter()
         looked = looked_file = None
         key = _visual_key(image_path, video_source)
-        with self._lock:
-            result = self._reply(visual, _turns(history, key), text, hook, settings)
-            answered = time.perf_counter()
-            if attention and visual is not None:
+        result, batch_size = self._batcher.submit(batch_key(hook, settings),
+                                                  _Request(visual, _turns(history, key), text, hook, settings))
+        answered = time.perf_counter()
+        if attention and visual is not None:
+            with self._lock:
                 data, looked = render_attention(self.pipeline, visual, text, hook, settings.max_new_tokens)
-                looked_file = self._keep(data, "attention", "png")
+            looked_file = self._keep(data, "attention", "png")
         overlay = None
         if result.image is not None or result.frames:
             overlay = self._write_overlay(result, score_threshold)
         total = time.perf_counter() - start
         record = {"instruction": text, "intervention": "none" if hook is None else repr(hook),
                   "intervention_settings": self.pipeline.intervention_source(intervention), **result.to_dict(),
-                  "attention": looked}
+                  "attention": looked, "batch_size": batch_size}
         latency = {"decode_input": decoded - start, **result.timings, "model_total": answered - decoded,
                    "render": time.perf_counter() - answered, "total": total}
         record["latency"] = {k: round(v, 4) for k, v in latency.items()}
@@ -186,14 +211,35 @@ class DemoHandler:
         chat = [{"role": m["role"], "content": m["content"]} for m in history]
         return chat, overlay, record, result.raw_text, _latency_markdown(latency), looked_file, history
 
+    def _run_batch(self, requests: list[_Request]) -> list[Any]:
+        """One outcome per request (``(result, batch size)`` or its exception): one batched call for several
+        requests (their settings and intervention are the same: :func:`batch_key`); when it fails (e.g. one
+        conversation too long for the model), each request alone, with its own answer or error."""
+        with self._lock:
+            if len(requests) > 1:
+                first = requests[0]
+                conversations = [_messages(r.turns, r.text) for r in requests]
+                try:
+                    results = self.pipeline.chat_batch([r.visual for r in requests], conversations,
+                                                       intervention=first.hook, **first.settings.kwargs())
+                    return [(result, len(requests)) for result in results]
+                except TaskMLLMError:
+                    pass
+            outcomes: list[Any] = []
+            for r in requests:
+                try:
+                    outcomes.append((self._reply(r.visual, r.turns, r.text, r.hook, r.settings), 1))
+                except Exception as exc:  # noqa: BLE001 - raised in the request's own thread (see answer)
+                    outcomes.append(exc)
+            return outcomes
+
     def _reply(self, visual: Any, turns: list[tuple[str, str]], text: str, hook: Any,
                settings: GenerationSettings) -> "Result":
         """The answer to ``text`` after the earlier ``turns`` about the same picture; the oldest turns are left out
         while the conversation is too long for the model."""
         while True:
-            messages = [m for q, a in turns for m in (("user", q), ("assistant", a))] + [("user", text)]
             try:
-                return self.pipeline.chat(visual, messages, intervention=hook, **settings.kwargs())
+                return self.pipeline.chat(visual, _messages(turns, text), intervention=hook, **settings.kwargs())
             except PromptTooLongError:
                 if not turns:
                     raise
@@ -236,6 +282,11 @@ def _turns(history: list, key: str) -> list[tuple[str, str]]:
             break
         turns.insert(0, (user["prompt"], reply["raw"]))
     return turns
+
+
+def _messages(turns: list[tuple[str, str]], text: str) -> list[tuple[str, str]]:
+    """The chat messages of the earlier ``(question, transcript)`` turns and the new question."""
+    return [m for q, a in turns for m in (("user", q), ("assistant", a))] + [("user", text)]
 
 
 def _number(value: Any, name: str, kind: type = float) -> Any:

@@ -139,6 +139,30 @@ class Pipeline:
         return self._answer([question], [visual], [history], max_new_tokens, intervention, score_threshold,
                             generation)[0]
 
+    @torch.no_grad()
+    def chat_batch(self, visuals: Sequence[VisualInput], conversations: Sequence[Sequence[Any]], /,
+                   max_new_tokens: int = 64, intervention: Union[Intervention, str, None] = None,
+                   score_threshold: Optional[float] = None, **generation) -> list[Result]:
+        """The next answers of several conversations as one batch: ``conversations[i]`` (messages as in
+        :meth:`chat`) about ``visuals[i]``. A greedy answer is the one :meth:`chat` gives that conversation alone;
+        the options are those of :meth:`__call__` (one intervention and one set of generation options for all).
+
+        Raises:
+            InputError: not two lists of the same non-zero length, or a conversation that is not one (naming it).
+        """
+        if (not isinstance(visuals, (list, tuple)) or not isinstance(conversations, (list, tuple)) or not conversations
+                or len(visuals) != len(conversations)):
+            raise InputError("chat_batch needs a non-empty list of conversations and a list of as many visuals (an "
+                             "image, a list of frames or None each)")
+        turns = []
+        for i, messages in enumerate(conversations):
+            try:
+                turns.append(chat_turns(messages))
+            except InputError as exc:
+                raise InputError(f"conversation {i}: {exc}") from exc
+        return self._answer([q for _, q in turns], list(visuals), [h for h, _ in turns], max_new_tokens,
+                            intervention, score_threshold, generation)
+
     def _answer(self, prompts: list[str], visuals: list, histories: Optional[list], max_new_tokens: int,
                 intervention: Union[Intervention, str, None], score_threshold: Optional[float],
                 generation: dict) -> list[Result]:

@@ -84,3 +84,21 @@ def test_the_demo_chat_keeps_its_history(client, demo_url):
                                                   instruction=question, api_name="/answer")
             assert record["text"] == answer, (color, question)
         assert len(chat) == 6 and chat[4]["content"][0]["text"] == CHAT[color][2][0] + " [image]"
+
+
+def test_chat_batch_answers_each_conversation_as_chat_alone(demo_pipeline):
+    """Conversations of different lengths (and a text-only one) in one batch: each answer is ``chat``'s alone."""
+    image = visual_of(CHAT_PICTURE)
+    conversations = [[m for q, a in CHAT["red"][:2] for m in (("user", q), ("assistant", a))]
+                     + [("user", CHAT["red"][2][0])],
+                     [("user", TEXT[1])],
+                     [("user", CHAT["blue"][0][0]), ("assistant", CHAT["blue"][0][1]), ("user", CHAT["blue"][2][0])]]
+    visuals = [image, None, image]
+    batched = demo_pipeline.chat_batch(visuals, conversations)
+    alone = [demo_pipeline.chat(v, m) for v, m in zip(visuals, conversations)]
+    assert [r.raw_text for r in batched] == [r.raw_text for r in alone]
+    assert [r.text for r in batched][:2] == ["Red.", "A round shape."]
+    with pytest.raises(InputError, match="conversation 1: message 0 must be a 'user' turn"):
+        demo_pipeline.chat_batch(visuals[:2], [conversations[0], [("assistant", "Hi.")]])
+    with pytest.raises(InputError, match="a list of as many visuals"):
+        demo_pipeline.chat_batch(visuals, conversations[:2])
