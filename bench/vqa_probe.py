@@ -175,6 +175,7 @@ def main() -> None:
     parser.add_argument("--llm", choices=("full", "lora", "frozen"), default="full",
                         help="how the LLM trains beside the projector (lora: the recipes' r16 on every linear)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--held", type=int, default=128, help="held-out questions per task (the gap's sample)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.features == "answer" and args.tasks != ["exist"]:
@@ -198,7 +199,7 @@ def main() -> None:
                              max_objects=args.max_objects) for i, (tasks, _) in enumerate(phases)]
     seen = [t for tasks, _ in phases for t in tasks]
     held_tasks = list(dict.fromkeys(t for t in seen if t != "qa")) or ["exist", "color", "count"]
-    held = {t: cached_batches(mllm, [t], 128, "test", DEFAULT_EVAL_SEED, args.features, args.image_first,
+    held = {t: cached_batches(mllm, [t], args.held, "test", DEFAULT_EVAL_SEED, args.features, args.image_first,
                               max_objects=args.max_objects) for t in held_tasks}
     cache_s = time.perf_counter() - t0
     context = AuxContext(mllm.hidden_size, mllm.vision.width, len(mllm.llm.get_decoder().layers), CLASSES)
@@ -238,7 +239,7 @@ def main() -> None:
     emit({"features": args.features, "match_loss": args.match_loss, "attr_loss": args.attr_loss,
           "match_layer": args.match_layer, "phases": [{"tasks": t, "steps": n} for t, n in phases], "lr": args.lr,
           "image_first": args.image_first, "max_objects": args.max_objects, "cache_s": round(cache_s, 1),
-          "recipe": args.recipe, "llm": args.llm, "batch_size": args.batch_size,
+          "recipe": args.recipe, "llm": args.llm, "batch_size": args.batch_size, "held": args.held,
           "curve": curve}, args.out)
 
 
