@@ -261,6 +261,11 @@ def predict_batch(model: Union[str, Path, "Pipeline"], requests: Sequence[BatchR
             for r, text, visual, result in zip(requests, texts, visuals, results)]
 
 
+def write_record(path: PathLike, record: dict) -> Path:
+    """``record`` as indented JSON at ``path`` (its folder made if missing), written atomically; the path written."""
+    return atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
+
+
 def _no_picture() -> None:
     raise InputError("--attention needs an image or a video: a text-only answer looks at no picture")
 
@@ -294,5 +299,5 @@ def _finish(pipe: "Pipeline", request: BatchRequest, instruction: str, visual: A
               "attention": looked}
     written = None
     if request.json_path is not None:
-        written = atomic_write_bytes(request.json_path, (json.dumps(record, indent=2) + "\n").encode())
+        written = write_record(request.json_path, record)
     return Prediction(result, record, overlay_path, written, attention_path)

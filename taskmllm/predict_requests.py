@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 from taskmllm.data.media import MediaLimits
 from taskmllm.errors import ConfigError, InputError
-from taskmllm.model.io import atomic_write_bytes, check_output_dir
-from taskmllm.predict import BatchRequest, GenerationSettings, Prediction, predict_batch
+from taskmllm.model.io import check_output_dir
+from taskmllm.predict import BatchRequest, GenerationSettings, Prediction, predict_batch, write_record
 
 if TYPE_CHECKING:
     from taskmllm.router.pipeline import Pipeline
@@ -157,8 +157,7 @@ def _answers(pipe: "Pipeline", requests: list[FileRequest], source: str, folder:
         for request, pred in zip(chunk, predict_batch(pipe, batch, intervention, settings, limits, labels=labels)):
             pred.record = {"id": request.id, "line": request.line, **pred.record}
             if folder is not None:
-                pred.json_path = atomic_write_bytes(folder / f"{request.id}.json",
-                                                    (json.dumps(pred.record, indent=2) + "\n").encode())
+                pred.json_path = write_record(folder / f"{request.id}.json", pred.record)
             yield request, pred
 
 
