@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from taskmllm.data.shapesworld import COLORS, SHAPES, ConversationConfig, WorldConfig, shapesworld_dataset
 from taskmllm.eval.reliance import sequence_nll
@@ -41,13 +42,13 @@ from taskmllm.model.processor import positions
 from taskmllm.training.recipe_run import RECIPES
 from taskmllm.training.config import load_config
 from taskmllm.training.aux import (AttributeLoss, AttributeOptions, AuxContext, AuxStates, FocusLoss, FocusOptions,
-                                   grounding_cover, label_maps)
+                                   WordLoss, WordOptions, grounding_cover, label_maps)
 from taskmllm.training.config import StageConfig
 from taskmllm.training.stages import apply_stage
-from taskmllm.training.train import build_joint
+from taskmllm.training.train import build_joint, word_vectors
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
 
-FEATURES = ("tower", "patches", "answer")
+FEATURES = ("tower", "patches", "answer", "words")
 CLASSES = {"category": tuple(SHAPES), "color": tuple(COLORS)}
 
 
@@ -68,6 +69,8 @@ def cached_batches(mllm, tasks, n, split, seed, features, image_first, batch_siz
             feats = torch.zeros_like(feats)
             feats.scatter_(2, maps["category"].unsqueeze(-1), 1.0)
             feats.scatter_(2, 16 + maps["color"].unsqueeze(-1), 1.0)
+        elif features == "words":
+            feats = word_tokens(mllm, samples)  # (B, N', H): already LLM inputs (the projector is skipped)
         elif features == "answer":
             yes = torch.tensor([s.turns[0][1] == "Yes." for s in samples], dtype=feats.dtype)
             feats = torch.randn_like(feats) * 0.1 + (2 * yes - 1)[:, None, None]
@@ -75,30 +78,56 @@ def cached_batches(mllm, tasks, n, split, seed, features, image_first, batch_siz
     return out
 
 
-def answer_loss(mllm, batch, feats, reduce: bool = True, match=None):
+def word_tokens(mllm, samples, cover: float = 0.2) -> torch.Tensor:
+    """Oracle visual tokens in the LLM's own vocabulary: each token of the LLM's visual grid is the mean input
+    embedding of the words " <color> <shape>" of the object covering most of it (>= ``cover``), else of " none".
+    Can the pretrained LLM answer from image tokens that read like words?"""
+    emb = mllm.llm.get_input_embeddings().weight.detach()
+    tok = mllm.processor.tokenizer
+
+    def words(text):
+        return emb[tok(text, add_special_tokens=False)["input_ids"]].mean(0)
+
+    grid = mllm.grid
+    out = words(" none").expand(len(samples), grid[0] * grid[1], -1).clone()
+    for b, s in enumerate(samples):
+        masks = [torch.from_numpy(o.frame_mask(0, s.hw).astype(np.float32)) for o in s.objects]
+        if not masks:
+            continue
+        frac, which = F.adaptive_avg_pool2d(torch.stack(masks)[None], grid)[0].flatten(1).max(0)
+        for i in torch.nonzero(frac >= cover).flatten().tolist():
+            o = s.objects[int(which[i])]
+            out[b, i] = words(f" {o.label('color')} {o.label('category')}")
+    return out
+
+
+def visual_inputs(mllm, feats):
+    """The LLM's visual tokens for cached ``feats``: projected tower features, or the ``words`` oracle as is."""
+    if feats.shape[-1] == mllm.hidden_size:
+        return feats
+    pooled, _ = mllm.projector.pool(feats, mllm.vision.grid)
+    return mllm.projector(pooled)
+
+
+def answer_loss(mllm, batch, feats, reduce: bool = True, aux=None, samples=None):
     """LM loss of the answers given cached features (mean over tokens, or summed per sample).
 
-    ``match = (FocusLoss, samples, weight, attr)`` adds the focus loss (the training recipe's ``stage.aux.focus``):
-    does each visual token show what the question names? and, when ``attr = (AttributeLoss, weight)``, the shape
-    and color of the object each visual token shows (``stage.aux.attr``, at the same layer).
+    ``aux``: ``[(loss, weight)]`` auxiliary losses of the training recipe's ``stage.aux`` (focus, attr, words)
+    on this forward's hidden states, added with their weights (``samples`` give their targets).
     """
-    pooled, _ = mllm.projector.pool(feats, mllm.vision.grid)
-    emb = mllm.embed(batch.input_ids, mllm.projector(pooled))
+    emb = mllm.embed(batch.input_ids, visual_inputs(mllm, feats))
     out = mllm.llm(inputs_embeds=emb, attention_mask=batch.attention_mask,
                    position_ids=positions(batch.attention_mask), use_cache=False,
-                   output_hidden_states=match is not None)
+                   output_hidden_states=bool(aux))
     if not reduce:
         return sequence_nll(out.logits, batch.labels)
     loss = lm_loss(out.logits, batch.labels)
-    if match is not None:
-        head, samples, weight, attr = match
+    if aux:
         inputs = ExpertInputs(feats, mllm.vision.grid, mllm.config.vision.image_size, [1] * len(samples),
                               [s.hw for s in samples], visual_grid=mllm.grid)
         states = AuxStates(out.hidden_states, batch.input_ids == mllm.image_id, inputs, max_frames=1)
-        if weight:
+        for head, weight in aux:
             loss = loss + weight * head.loss(states, samples)
-        if attr is not None:
-            loss = loss + attr[1] * attr[0].loss(states, samples)
     return loss
 
 
@@ -121,8 +150,7 @@ def focus_iou(mllm, head, batches) -> float:
     ious = []
     for batch, feats, samples in batches:
         targets, valid = grounding_cover(samples, mllm.grid, 1)
-        pooled, _ = mllm.projector.pool(feats, mllm.vision.grid)
-        emb = mllm.embed(batch.input_ids, mllm.projector(pooled))
+        emb = mllm.embed(batch.input_ids, visual_inputs(mllm, feats))
         out = mllm.llm(inputs_embeds=emb, attention_mask=batch.attention_mask,
                        position_ids=positions(batch.attention_mask), use_cache=False, output_hidden_states=True)
         hidden = out.hidden_states[head.options.layer][batch.input_ids == mllm.image_id]
@@ -169,6 +197,9 @@ def main() -> None:
     parser.add_argument("--attr-loss", type=float, default=0.0, help="weight of a per-token shape + color "
                         "classifier at the match layer (color must be linear there to be read by attention)")
     parser.add_argument("--match-layer", type=int, default=2, help="after how many LLM blocks the match is read")
+    parser.add_argument("--words-loss", type=float, default=0.0, help="weight of the recipe's stage.aux.words: "
+                        "visual tokens point to the LLM's word vectors of their object's shape and color")
+    parser.add_argument("--words-layer", type=int, default=0, help="after how many LLM blocks (0: the inputs)")
     parser.add_argument("--cosine", action="store_true", help="decay the rate as the recipe does (to 5%)")
     parser.add_argument("--recipe", choices=("tiny", "smol"), default="tiny",
                         help="the model: tiny's pretrain stage (a fresh LLM) or smol's align stage (SmolLM2)")
@@ -202,11 +233,16 @@ def main() -> None:
     held = {t: cached_batches(mllm, [t], args.held, "test", DEFAULT_EVAL_SEED, args.features, args.image_first,
                               max_objects=args.max_objects) for t in held_tasks}
     cache_s = time.perf_counter() - t0
-    context = AuxContext(mllm.hidden_size, mllm.vision.width, len(mllm.llm.get_decoder().layers), CLASSES)
+    context = AuxContext(mllm.hidden_size, mllm.vision.width, len(mllm.llm.get_decoder().layers), CLASSES,
+                         word_vectors=lambda phrases: word_vectors(mllm, phrases))
     head = FocusLoss(FocusOptions(layer=args.match_layer), context)
-    attr_head = AttributeLoss(AttributeOptions(layer=args.match_layer, labels=list(CLASSES)), context)
-    params = [p for p in mllm.parameters() if p.requires_grad] + list(head.parameters())
-    params += list(attr_head.parameters()) if args.attr_loss else []
+    aux = [(head, args.match_loss)] if args.match_loss else []
+    if args.attr_loss:
+        aux.append((AttributeLoss(AttributeOptions(layer=args.match_layer, labels=list(CLASSES)), context),
+                    args.attr_loss))
+    if args.words_loss:
+        aux.append((WordLoss(WordOptions(layer=args.words_layer, labels=list(CLASSES)), context), args.words_loss))
+    params = [p for p in mllm.parameters() if p.requires_grad] + [p for h, _ in aux for p in h.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=cfg.optim.weight_decay)
     total = sum(n for _, n in phases)
     cosine = lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))  # the recipe's decay
@@ -217,9 +253,7 @@ def main() -> None:
         for local in range(1, steps + 1):
             step += 1
             batch, feats, samples = train[(local - 1) % len(train)]
-            attr = (attr_head, args.attr_loss) if args.attr_loss else None
-            match = (head, samples, args.match_loss, attr) if args.match_loss or attr else None
-            loss = answer_loss(mllm, batch, feats, match=match)
+            loss = answer_loss(mllm, batch, feats, aux=aux, samples=samples)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
@@ -237,6 +271,7 @@ def main() -> None:
                 curve.append(row)
                 print(row, flush=True)
     emit({"features": args.features, "match_loss": args.match_loss, "attr_loss": args.attr_loss,
+          "words_loss": args.words_loss, "words_layer": args.words_layer,
           "match_layer": args.match_layer, "phases": [{"tasks": t, "steps": n} for t, n in phases], "lr": args.lr,
           "image_first": args.image_first, "max_objects": args.max_objects, "cache_s": round(cache_s, 1),
           "recipe": args.recipe, "llm": args.llm, "batch_size": args.batch_size, "held": args.held,

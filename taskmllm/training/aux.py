@@ -13,13 +13,16 @@ today, RefCOCO/COCO annotations as well. A sample without that ground truth cont
   color) of the object they show, so an answer that needs them finds them where its attention reads.
 - ``patch`` (:class:`PatchLoss`) — the vision tower's own patch features name those labels (the direct
   supervision a from-scratch tower needs).
+- ``words`` (:class:`WordLoss`) — the visual tokens (by default as the LLM receives them, after the projector)
+  point where the LLM's own input embeddings of their labels' words point (" red", " circle"; cosine
+  classification against the frozen word vectors), so a pretrained LLM reads them as it reads those words.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Optional, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -63,12 +66,15 @@ class AuxContext:
     Attributes:
         hidden_size: the LLM's width H; vision_width: the tower's width C; num_layers: the LLM's blocks.
         label_classes: per labelling kind, the classes the data sources declare (``SourceSpec.label_classes``).
+        word_vectors: the LLM's input embedding of each phrase, ``list[str] -> (P, H)`` (the mean over a phrase's
+            tokens; no gradient); None where the model has no tokenizer at hand (then ``words`` cannot be built).
     """
 
     hidden_size: int
     vision_width: int
     num_layers: int
     label_classes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    word_vectors: Optional[Callable[[Sequence[str]], torch.Tensor]] = None
 
 
 @dataclass
@@ -132,9 +138,9 @@ def grounding_cover(samples: Sequence[Sample], grid: tuple[int, int],
 
 
 def label_maps(samples: Sequence[Sample], grid: tuple[int, int], max_frames: int,
-               classes: Mapping[str, Sequence[str]]) -> dict[str, torch.Tensor]:
+               classes: Mapping[str, Sequence[str]], min_cover: float = 0.5) -> dict[str, torch.Tensor]:
     """Per labelling kind, the ``(F, h*w)`` class index of each token of ``grid``: that of the object covering
-    the largest fraction of it when that fraction is >= 0.5, else 0 (background). An object's index is
+    the largest fraction of it when that fraction is >= ``min_cover``, else 0 (background). An object's index is
     ``classes[kind].index(label) + 1``; an object with another label counts as background."""
     maps: dict[str, list[torch.Tensor]] = {kind: [] for kind in classes}
     ids = {kind: {c: i + 1 for i, c in enumerate(names)} for kind, names in classes.items()}
@@ -151,7 +157,7 @@ def label_maps(samples: Sequence[Sample], grid: tuple[int, int], max_frames: int
         if masks:
             cover = F.adaptive_avg_pool2d(torch.from_numpy(np.stack(masks))[None], grid)[0].flatten(1)
             frac, which = cover.max(0)
-            keep = frac >= 0.5
+            keep = frac >= min_cover
         for kind in classes:
             out = torch.zeros(n, dtype=torch.long)
             if masks:
@@ -263,13 +269,64 @@ class PatchLoss(_LabelHeads):
         return self._loss(states.inputs.features, states.inputs.grid, states, samples)
 
 
+@dataclass
+class WordOptions(LabelOptions):
+    """``layer``: after how many LLM blocks the visual tokens are read (0: the LLM's inputs, the projector's
+    output); ``background``: the word a token showing no object points to; ``scale``: the initial logit scale
+    of the cosine similarities (learned, as CLIP's temperature); ``cover``: the share of a token an object must
+    cover to name it (pooled tokens are coarse: a small object covers half of none)."""
+
+    layer: int = 0
+    background: str = "background"
+    scale: float = 10.0
+    cover: float = 0.25
+
+
+class WordLoss(AuxLoss):
+    """The visual tokens after ``layer`` blocks point in the direction of the LLM's input embedding of the
+    words of their object's labels: per labelling kind, ``scale * cos(token, vector(" " + class))`` over the
+    classes and the background word, cross-entropy against :func:`label_maps`.
+
+    The classifier's weights are the LLM's own word vectors, read at every call (no gradient): a token that
+    shows a red circle is pulled toward " red" and " circle", which the pretrained LLM already knows how to
+    match against the question's words; the directions the labels do not fix stay free for the rest."""
+
+    options_cls = WordOptions
+
+    def __init__(self, options: WordOptions, context: AuxContext) -> None:
+        super().__init__(options, context)
+        if context.word_vectors is None:
+            raise ConfigError("words needs the LLM's word vectors (a model with a tokenizer)")
+        if not 0 <= options.layer <= context.num_layers:
+            raise ConfigError(f"layer must be in 0..{context.num_layers} (0: the LLM's inputs), got {options.layer}")
+        missing = [k for k in options.labels if k not in context.label_classes]
+        if missing or not options.labels:
+            raise ConfigError(f"labels {missing or options.labels}: the data sources declare classes for "
+                              f"{sorted(context.label_classes) or 'no label kind'}")
+        self.classes = {k: tuple(context.label_classes[k]) for k in options.labels}
+        self.phrases = {k: [" " + options.background] + [" " + c for c in names] for k, names in self.classes.items()}
+        self._vectors = context.word_vectors  # a function, not a module: the LLM's embedding stays the LLM's
+        self.log_scale = nn.Parameter(torch.tensor(float(np.log(options.scale))))
+
+    def loss(self, states: AuxStates, samples: Sequence[Sample]) -> torch.Tensor:
+        tokens = F.normalize(states.visual_tokens(self.options.layer).float(), dim=-1)  # (F, N, H)
+        maps = label_maps(samples, states.inputs.visual_grid, states.max_frames, self.classes, self.options.cover)
+        total = tokens.new_zeros(())
+        for kind, phrases in self.phrases.items():
+            words = F.normalize(self._vectors(phrases).float().to(tokens.device), dim=-1)  # (K + 1, H)
+            logits = self.log_scale.exp() * tokens @ words.T  # (F, N, K + 1)
+            total = total + F.cross_entropy(logits.flatten(0, 1), maps[kind].to(tokens.device).flatten())
+        return total
+
+
 def _check_layer(layer: int, num_layers: int) -> None:
     if not 1 <= layer <= num_layers:
         raise ConfigError(f"layer must be in 1..{num_layers} (the LLM's blocks), got {layer}")
 
 
 #: name -> auxiliary loss class (what ``stage.aux`` names)
-AUX_LOSSES: dict[str, type[AuxLoss]] = {"focus": FocusLoss, "attr": AttributeLoss, "patch": PatchLoss}
+AUX_LOSSES: dict[str, type[AuxLoss]] = {"focus": FocusLoss, "attr": AttributeLoss, "patch": PatchLoss,
+                                        "words": WordLoss}
 
 
 def parse_aux(raw: Mapping[str, Any], where: str = "stage.aux") -> dict[str, AuxOptions]:

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -193,7 +193,16 @@ def aux_context(joint: nn.Module, specs: dict) -> AuxContext:
 
     mllm = joint.mllm
     return AuxContext(mllm.hidden_size, mllm.vision.width, len(mllm.llm.get_decoder().layers),
-                      label_classes(specs))
+                      label_classes(specs), word_vectors=lambda phrases: word_vectors(mllm, phrases))
+
+
+def word_vectors(mllm: nn.Module, phrases: Sequence[str]) -> torch.Tensor:
+    """``(P, H)``: the LLM's input embedding of each phrase, averaged over its tokens (no gradient)."""
+    table = mllm.llm.get_input_embeddings()
+    with torch.no_grad():
+        rows = [table(torch.tensor(mllm.tokenizer(p, add_special_tokens=False)["input_ids"], device=mllm.device))
+                for p in phrases]
+    return torch.stack([r.mean(0) for r in rows])
 
 
 TOKEN_ROWS = "trainable_tokens_delta"  # peft's name of the trainable embedding rows
