@@ -9,7 +9,11 @@ its own, nats per answer; :mod:`taskmllm.eval.reliance`) is logged as it trains.
 - ``tower``: the recipe's frozen MobileNetV2 features (what the model sees);
 - ``patches``: an oracle per-patch one-hot of the shape and color covering >= half of each patch (the answer is
   in the features, but must be looked up where the question points);
-- ``answer``: an oracle that writes "yes"/"no" into every patch (exist only; the answer needs no lookup).
+- ``answer``: an oracle that writes "yes"/"no" into every patch (exist only; the answer needs no lookup);
+- ``words``: oracle visual tokens in the LLM's own vocabulary (each token the mean input embedding of
+  " <color> <shape>" of the object covering most of it, else " none"; the projector is skipped): can a
+  pretrained LLM answer from tokens that read like words? ``--words-loss`` trains the real projector toward
+  them (the recipe's ``stage.aux.words``).
 
 ``--max-objects 1`` is the positive control with real features: one object per scene, so no lookup is needed
 (color, 300 steps at 192 px: gap 2.1 nats). ``--tasks qa`` trains on multi-turn conversations (several
