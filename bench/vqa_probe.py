@@ -35,7 +35,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from taskmllm.data.shapesworld import COLORS, SHAPES, ConversationConfig, WorldConfig, shapesworld_dataset
 from taskmllm.eval.reliance import sequence_nll
@@ -86,22 +85,12 @@ def word_tokens(mllm, samples, cover: float = 0.2) -> torch.Tensor:
     """Oracle visual tokens in the LLM's own vocabulary: each token of the LLM's visual grid is the mean input
     embedding of the words " <color> <shape>" of the object covering most of it (>= ``cover``), else of " none".
     Can the pretrained LLM answer from image tokens that read like words?"""
-    emb = mllm.llm.get_input_embeddings().weight.detach()
-    tok = mllm.processor.tokenizer
-
-    def words(text):
-        return emb[tok(text, add_special_tokens=False)["input_ids"]].mean(0)
-
-    grid = mllm.grid
-    out = words(" none").expand(len(samples), grid[0] * grid[1], -1).clone()
-    for b, s in enumerate(samples):
-        masks = [torch.from_numpy(o.frame_mask(0, s.hw).astype(np.float32)) for o in s.objects]
-        if not masks:
-            continue
-        frac, which = F.adaptive_avg_pool2d(torch.stack(masks)[None], grid)[0].flatten(1).max(0)
-        for i in torch.nonzero(frac >= cover).flatten().tolist():
-            o = s.objects[int(which[i])]
-            out[b, i] = words(f" {o.label('color')} {o.label('category')}")
+    maps = label_maps(samples, mllm.grid, 1, CLASSES, min_cover=cover)  # (B, N') class ids, 0 = background
+    colors, shapes = CLASSES["color"], CLASSES["category"]
+    combos = word_vectors(mllm, [f" {c} {s}" for c in colors for s in shapes]).view(len(colors), len(shapes), -1)
+    out = word_vectors(mllm, [" none"])[0].expand(*maps["color"].shape, -1).clone()  # (B, N', H)
+    shown = maps["category"] > 0
+    out[shown] = combos[maps["color"][shown] - 1, maps["category"][shown] - 1]
     return out
 
 

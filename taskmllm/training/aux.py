@@ -219,11 +219,7 @@ class _LabelHeads(AuxLoss):
 
     def __init__(self, options: LabelOptions, context: AuxContext, width: int) -> None:
         super().__init__(options, context)
-        missing = [k for k in options.labels if k not in context.label_classes]
-        if missing or not options.labels:
-            raise ConfigError(f"labels {missing or options.labels}: the data sources declare classes for "
-                              f"{sorted(context.label_classes) or 'no label kind'}")
-        self.classes = {k: tuple(context.label_classes[k]) for k in options.labels}
+        self.classes = _label_classes(options.labels, context)
         self.heads = nn.ModuleDict({k: nn.Linear(width, len(c) + 1) for k, c in self.classes.items()})
 
     def _loss(self, tokens: torch.Tensor, grid: tuple[int, int], states: AuxStates,
@@ -299,11 +295,7 @@ class WordLoss(AuxLoss):
             raise ConfigError("words needs the LLM's word vectors (a model with a tokenizer)")
         if not 0 <= options.layer <= context.num_layers:
             raise ConfigError(f"layer must be in 0..{context.num_layers} (0: the LLM's inputs), got {options.layer}")
-        missing = [k for k in options.labels if k not in context.label_classes]
-        if missing or not options.labels:
-            raise ConfigError(f"labels {missing or options.labels}: the data sources declare classes for "
-                              f"{sorted(context.label_classes) or 'no label kind'}")
-        self.classes = {k: tuple(context.label_classes[k]) for k in options.labels}
+        self.classes = _label_classes(options.labels, context)
         self.phrases = {k: [" " + options.background] + [" " + c for c in names] for k, names in self.classes.items()}
         self._vectors = context.word_vectors  # a function, not a module: the LLM's embedding stays the LLM's
         self.log_scale = nn.Parameter(torch.tensor(float(np.log(options.scale))))
@@ -317,6 +309,15 @@ class WordLoss(AuxLoss):
             logits = self.log_scale.exp() * tokens @ words.T  # (F, N, K + 1)
             total = total + F.cross_entropy(logits.flatten(0, 1), maps[kind].to(tokens.device).flatten())
         return total
+
+
+def _label_classes(labels: Sequence[str], context: AuxContext) -> dict[str, tuple[str, ...]]:
+    """``{kind: classes}`` of the labelling kinds a loss names, or :class:`ConfigError` for one the data lack."""
+    missing = [k for k in labels if k not in context.label_classes]
+    if missing or not labels:
+        raise ConfigError(f"labels {missing or list(labels)}: the data sources declare classes for "
+                          f"{sorted(context.label_classes) or 'no label kind'}")
+    return {k: tuple(context.label_classes[k]) for k in labels}
 
 
 def _check_layer(layer: int, num_layers: int) -> None:
