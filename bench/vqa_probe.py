@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument("--words-loss", type=float, default=0.0, help="weight of the recipe's stage.aux.words: "
                         "visual tokens point to the LLM's word vectors of their object's shape and color")
     parser.add_argument("--words-layer", type=int, default=0, help="after how many LLM blocks (0: the inputs)")
-    parser.add_argument("--cosine", action="store_true", help="decay the rate as the recipe does (to 5%)")
+    parser.add_argument("--cosine", action="store_true", help="decay the rate as the recipe does (to 5%%)")
     parser.add_argument("--recipe", choices=("tiny", "smol"), default="tiny",
                         help="the model: tiny's pretrain stage (a fresh LLM) or smol's align stage (SmolLM2)")
     parser.add_argument("--llm", choices=("full", "lora", "frozen"), default="full",

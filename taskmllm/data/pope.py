@@ -14,7 +14,7 @@ Ties are broken by the class order of the statistics.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -85,8 +85,11 @@ def negatives(present: Sequence[str], k: int, split: str, stats: CooccurrenceSta
 
 
 def pope_samples(scenes: Iterable[Sample], split: str, stats: CooccurrenceStats, per_image: int = 3,
-                 seed: int = 0, question_first: bool = True) -> list[Sample]:
+                 seed: int = 0, question_first: Optional[bool] = True) -> list[Sample]:
     """POPE samples of ``split``: one yes/no turn each, ``task="pope"``, 1:1 yes:no per image.
+
+    ``question_first``: the question before (True) or after (False) the ``<image>`` placeholder; None: no
+    placeholder (the model's processor places it by its ``tokens.image_first``).
 
     Each sample's ``meta`` holds ``pope_split``, ``object`` and ``label`` (``"yes"`` / ``"no"``).
     """
@@ -104,7 +107,9 @@ def pope_samples(scenes: Iterable[Sample], split: str, stats: CooccurrenceStats,
         neg = negatives(present, k, split, stats, rng)
         for label, names in (("yes", pos), ("no", neg)):
             for name in names:
-                question = place_visual(pope_question(name), image_first=not question_first)
+                question = pope_question(name)
+                if question_first is not None:
+                    question = place_visual(question, image_first=not question_first)
                 turn = (question, "Yes." if label == "yes" else "No.")
                 s = scene.with_turns("pope", [turn], [], f"pope/{split}/{name}")
                 s.meta.update(pope_split=split, object=name, label=label)

@@ -10,7 +10,8 @@
   optional extra synonyms ``{category: [synonym, ...]}``.
 
 Both pass the image **path** as the visual (the Pipeline reads it), so memory stays flat on large sets; every
-path is checked before the model runs. Prompts follow the token protocol: question, newline, ``<image>``.
+path is checked before the model runs. Prompts are the question text: the model's processor adds ``<image>`` where
+the model was trained to see it (``tokens.image_first``).
 """
 
 from __future__ import annotations

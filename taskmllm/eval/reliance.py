@@ -92,13 +92,13 @@ def reliance_by_task(mllm: Any, tasks: Sequence[str] = RELIANCE_TASKS, n: int = 
                      batch_size: int = 16) -> dict[str, dict[str, float]]:
     """:func:`image_reliance` on ``n`` ShapesWorld ``test`` questions of each task (drawn at the model's input
     size, from the evaluation world ``seed``, default ``DEFAULT_EVAL_SEED``)."""
-    from taskmllm.data.shapesworld import WorldConfig, shapesworld_dataset
+    from taskmllm.data.shapesworld import ConversationConfig, WorldConfig, shapesworld_dataset
     from taskmllm.eval.suites import DEFAULT_EVAL_SEED
 
     world = WorldConfig(image_size=mllm.config.vision.image_size)
     out = {}
     for task in tasks:
         data = shapesworld_dataset({task: 1.0}, n, seed=DEFAULT_EVAL_SEED if seed is None else seed, split="test",
-                                   config=world)
+                                   config=world, conversation=ConversationConfig(question_first=None))
         out[task] = image_reliance(mllm, [data[i] for i in range(n)], batch_size)
     return out

@@ -2,7 +2,8 @@
 
 Every suite takes an **answer function** ``answer(batch) -> results``: ``batch`` is a list of
 ``(visual, prompt)`` pairs (an ``(H, W, 3)`` uint8 image or a list of frames, and a prompt in the token
-protocol) and the answer is one Result-like object per pair — anything with ``.text`` (the answer without
+protocol, as a user types it: without the ``<image>`` / ``<video>`` placeholder, which the model's processor puts
+where the model was trained to see it, ``tokens.image_first``) and the answer is one Result-like object per pair — anything with ``.text`` (the answer without
 protocol tokens) and ``.calls`` (objects with ``.task``, ``.mask``, ``.boxes``, ``.scores`` as
 :class:`~taskmllm.router.result.CallResult`). :func:`pipeline_answerer` makes one from a
 :class:`~taskmllm.router.pipeline.Pipeline`; tests inject stubs (an oracle, an always-"yes" model).
@@ -38,8 +39,8 @@ from tqdm.auto import tqdm
 from taskmllm.data.chair import chair_ground_truth
 from taskmllm.data.pope import POPE_SPLITS, CooccurrenceStats, pope_samples
 from taskmllm.data.sample import Sample
-from taskmllm.data.shapesworld import (CHAIR_SYNONYMS, IMAGE_TASKS, VIDEO_TASKS, ConversationBuilder, ShapesWorld,
-                                      WorldConfig)
+from taskmllm.data.shapesworld import (CHAIR_SYNONYMS, IMAGE_TASKS, VIDEO_TASKS, ConversationBuilder,
+                                      ConversationConfig, ShapesWorld, WorldConfig)
 from taskmllm.errors import ConfigError, MetricInputError
 from taskmllm.eval.detection import DetectionGroundTruth, DetectionPrediction, coco_ap
 from taskmllm.eval.grounding import rec_accuracy, referring_segmentation, temporal_grounding
@@ -158,7 +159,7 @@ def shapes_items(task: str, n: int, seed: int = DEFAULT_EVAL_SEED, world: Option
     if n < 1:
         raise ConfigError(f"n must be >= 1, got {n}")
     shapes_world = ShapesWorld(world or WorldConfig(), seed=seed)
-    builder = ConversationBuilder()
+    builder = ConversationBuilder(ConversationConfig(question_first=None))  # the model places the image
     video = task in VIDEO_TASKS
     items: list[EvalItem] = []
     for i in range(20 * n):
@@ -360,7 +361,8 @@ def pope_shapes_samples(n: int = 200, seed: int = DEFAULT_EVAL_SEED, world: Opti
     shapes_world = ShapesWorld(world or WorldConfig(), seed=seed)
     scenes = [shapes_world.image(i, split) for i in range(n)]
     stats = CooccurrenceStats.from_samples(scenes, shapes_world.config.shapes)
-    return {s: pope_samples(scenes, s, stats, per_image=per_image, seed=seed) for s in POPE_SPLITS}
+    return {s: pope_samples(scenes, s, stats, per_image=per_image, seed=seed, question_first=None)
+            for s in POPE_SPLITS}
 
 
 def run_pope_shapes(answer: Answerer, n: int = 200, seed: int = DEFAULT_EVAL_SEED,

@@ -68,6 +68,8 @@ class AuxContext:
         label_classes: per labelling kind, the classes the data sources declare (``SourceSpec.label_classes``).
         word_vectors: the LLM's input embedding of each phrase, ``list[str] -> (P, H)`` (the mean over a phrase's
             tokens; no gradient); None where the model has no tokenizer at hand (then ``words`` cannot be built).
+        image_first: the model's layout (``tokens.image_first``): the visual tokens come before the question, so
+            they cannot see it (``focus`` cannot be built).
     """
 
     hidden_size: int
@@ -75,6 +77,7 @@ class AuxContext:
     num_layers: int
     label_classes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     word_vectors: Optional[Callable[[Sequence[str]], torch.Tensor]] = None
+    image_first: bool = False
 
 
 @dataclass
@@ -189,6 +192,10 @@ class FocusLoss(AuxLoss):
     def __init__(self, options: FocusOptions, context: AuxContext) -> None:
         super().__init__(options, context)
         _check_layer(options.layer, context.num_layers)
+        if context.image_first:
+            raise ConfigError("stage.aux.focus: the visual tokens mark what the question names, so they must come "
+                              "after it, and this model puts the image first (tokens.image_first: true); use "
+                              "words or attr instead")
         self.linear = nn.Linear(context.hidden_size, 1)
 
     def loss(self, states: AuxStates, samples: Sequence[Sample]) -> torch.Tensor:

@@ -193,7 +193,8 @@ def aux_context(joint: nn.Module, specs: dict) -> AuxContext:
 
     mllm = joint.mllm
     return AuxContext(mllm.hidden_size, mllm.vision.width, len(mllm.llm.get_decoder().layers),
-                      label_classes(specs), word_vectors=lambda phrases: word_vectors(mllm, phrases))
+                      label_classes(specs), word_vectors=lambda phrases: word_vectors(mllm, phrases),
+                      image_first=mllm.config.tokens.image_first)
 
 
 def word_vectors(mllm: nn.Module, phrases: Sequence[str]) -> torch.Tensor:

@@ -4,7 +4,8 @@ Text conventions (all ShapesWorld texts follow them; the tokenizer corpus is :fu
 
 - A question holds the visual placeholder once: ``"Segment the red circle.\\n<image>"`` with the question
   first (default, ``ConversationConfig.question_first``) or ``"<image>\\nSegment the red circle."``; videos use
-  ``<video>``.
+  ``<video>``. With ``question_first=None`` it holds none: the model's processor puts it where the model was
+  trained to see it (``tokens.image_first``), as the real-annotation builder (:mod:`taskmllm.data.grounded`) does.
 - Answers carry task tokens **without** ``<query>`` placeholders (the processor inserts the K queries):
   ``"Sure, <ref>the red circle</ref><seg>."`` (referring segmentation), ``"<ref>the red circle</ref><det>."``
   (referring detection, one box), ``"<ref>triangles</ref><det>."`` (all triangles, possibly none),
@@ -58,13 +59,14 @@ class ConversationConfig:
     """Text options.
 
     Attributes:
-        question_first: put the question text before the ``<image>`` / ``<video>`` placeholder.
+        question_first: put the question text before the ``<image>`` / ``<video>`` placeholder (True) or after it
+            (False); None: write no placeholder (the processor places it by the model's ``tokens.image_first``).
         boxes_in_answer: write detection boxes as ``<box>`` text after the ``<det>`` token.
         positional: allow leftmost/rightmost/... in image referring expressions.
         qa_turns: questions per ``qa`` conversation (fewer when the scene supports fewer distinct ones).
     """
 
-    question_first: bool = True
+    question_first: Optional[bool] = True
     boxes_in_answer: bool = False
     positional: bool = True
     qa_turns: int = 4
@@ -109,7 +111,9 @@ class ConversationBuilder:
         self._tasks: dict[str, Callable] = {t: getattr(self, f"_{t}") for t in IMAGE_TASKS + VIDEO_TASKS}
 
     def question(self, text: str, video: bool = False) -> str:
-        """Place the visual placeholder around the question text."""
+        """Place the visual placeholder around the question text (none with ``question_first=None``)."""
+        if self.config.question_first is None:
+            return text
         return place_visual(text, video, image_first=not self.config.question_first)
 
     def build(self, scene: Sample, task: str, rng: np.random.Generator) -> Optional[Sample]:

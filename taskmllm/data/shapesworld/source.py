@@ -84,6 +84,9 @@ class ShapesWorldSpec(SourceSpec):
         image_size, num_frames: side of the images and frames per video.
         mix: conversation task -> relative weight (:data:`DEFAULT_MIX`).
         world: further :class:`WorldConfig` fields, e.g. ``{max_objects: 1}`` for one-object scenes.
+        question_first: where the questions put the visual placeholder: None (default) writes none, so the
+            model's processor places it where the model sees it (``tokens.image_first``, as for every source);
+            True / False fix the question before / after it whatever the model.
     """
 
     split: str = "train"
@@ -91,6 +94,7 @@ class ShapesWorldSpec(SourceSpec):
     num_frames: int = 8
     mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
     world: dict[str, Any] = field(default_factory=dict)
+    question_first: Optional[bool] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -126,7 +130,8 @@ class ShapesWorldSpec(SourceSpec):
             raise ConfigError(f"world: {err}") from err
 
     def build(self, length: int, seed: int) -> MixedDataset:
-        return shapesworld_dataset(self.mix, length, seed, self.split, self.world_config())
+        return shapesworld_dataset(self.mix, length, seed, self.split, self.world_config(),
+                                   ConversationConfig(question_first=self.question_first))
 
     def label_classes(self) -> dict[str, tuple[str, ...]]:
         return {"category": tuple(SHAPES), "color": tuple(COLORS), "size": tuple(SIZES)}
