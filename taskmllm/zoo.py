@@ -138,9 +138,10 @@ def load_tiny_tokenizer(tasks: Iterable[str] = ()):
 
 def build_tiny(max_frames: int = 8, llm: Optional[Mapping[str, Any]] = None,
                vision: Optional[Mapping[str, Any]] = None, tasks: Optional[Mapping[str, int]] = None,
-               projector: Optional[Mapping[str, Any]] = None) -> "TaskMLLM":
+               projector: Optional[Mapping[str, Any]] = None, image_first: bool = False) -> "TaskMLLM":
     """A fresh (randomly initialised) ``tiny`` model; ``llm`` / ``vision`` / ``tasks`` / ``projector`` override
-    its sizes (e.g. ``projector: {pool: 2}`` gives the LLM a 2 x 2-pooled grid while the experts read the full one).
+    its sizes (e.g. ``projector: {pool: 2}`` gives the LLM a 2 x 2-pooled grid while the experts read the full one);
+    ``image_first``: its prompt layout (``tokens.image_first``).
 
     Raises :class:`ConfigError` for a ``vision`` or ``projector`` key that its config class does not have.
     """
@@ -156,7 +157,8 @@ def build_tiny(max_frames: int = 8, llm: Optional[Mapping[str, Any]] = None,
         if key in vision:
             vision[key] = tuple(float(x) for x in vision[key])
     cfg = dataclasses.replace(base, llm={**base.llm, **(llm or {})}, vision=dataclasses.replace(base.vision, **vision),
-                              projector=dataclasses.replace(base.projector, **(projector or {})))
+                              projector=dataclasses.replace(base.projector, **(projector or {})),
+                              tokens=dataclasses.replace(base.tokens, image_first=image_first))
     model = TaskMLLM(cfg, tok)
     load_pretrained_vision(model)
     return model
@@ -200,13 +202,14 @@ SMOL_PROJECTOR_OVERRIDES = ("pool",)
 
 
 def smol_config(llm_config: Mapping[str, Any], max_frames: int = 8, vision: Optional[Mapping[str, Any]] = None,
-                tasks: Optional[Mapping[str, int]] = None, pool: int = 2) -> MLLMConfig:
+                tasks: Optional[Mapping[str, int]] = None, pool: int = 2, image_first: bool = False) -> MLLMConfig:
     """The ``smol`` recipe's :class:`MLLMConfig` around ``llm_config`` (the resized SmolLM2 config dict);
-    ``vision`` overrides keys of :data:`SMOL_VISION` (``image_size``, ``feature_layer``)."""
+    ``vision`` overrides keys of :data:`SMOL_VISION` (``image_size``, ``feature_layer``); ``image_first``: the
+    prompt layout (``tokens.image_first``)."""
     vision_config = VisionConfig(**{**SMOL_VISION, **(vision or {})})
+    tokens = TokenConfig(tasks={**registry_tasks(), **(tasks or {})}, chat=dict(SMOL_CHAT), image_first=image_first)
     return MLLMConfig(vision=vision_config, projector=ProjectorConfig(pool=pool), llm=dict(llm_config),
-                      tokens=TokenConfig(tasks={**registry_tasks(), **(tasks or {})}, chat=dict(SMOL_CHAT)),
-                      max_frames=max_frames)
+                      tokens=tokens, max_frames=max_frames)
 
 
 def load_smol_tokenizer(llm_dir: str | Path, tasks: Iterable[str] = ()):
@@ -225,8 +228,9 @@ def load_smol_tokenizer(llm_dir: str | Path, tasks: Iterable[str] = ()):
 
 def build_smol(max_frames: int = 8, llm: Optional[Mapping[str, Any]] = None,
                vision: Optional[Mapping[str, Any]] = None, tasks: Optional[Mapping[str, int]] = None,
-               projector: Optional[Mapping[str, Any]] = None) -> "TaskMLLM":
-    """The ``smol`` model: pretrained SmolLM2-135M-Instruct + MobileNetV2, a fresh projector and task queries.
+               projector: Optional[Mapping[str, Any]] = None, image_first: bool = False) -> "TaskMLLM":
+    """The ``smol`` model: pretrained SmolLM2-135M-Instruct + MobileNetV2, a fresh projector and task queries;
+    ``image_first``: the prompt layout (``tokens.image_first``).
 
     The LLM's embedding grows by the protocol tokens (new rows drawn around the mean of the old ones,
     transformers' ``mean_resizing``). Converts the GGUF on first use (about a minute; cached afterwards).
@@ -263,7 +267,7 @@ def build_smol(max_frames: int = 8, llm: Optional[Mapping[str, Any]] = None,
     if len(tok) > lm.get_input_embeddings().num_embeddings:
         lm.resize_token_embeddings(len(tok), mean_resizing=True)
     llm_config = lm.config.to_diff_dict() | {"model_type": lm.config.model_type}
-    cfg = smol_config(llm_config, max_frames, vision, tasks, int(projector.get("pool", 2)))
+    cfg = smol_config(llm_config, max_frames, vision, tasks, int(projector.get("pool", 2)), image_first)
     model = TaskMLLM(cfg, tok, llm=lm)
     load_mobilenet_v2_features(model.vision.features, vision_state)
     return model.eval()

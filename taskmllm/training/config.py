@@ -76,7 +76,8 @@ class ModelConfig:
     :class:`~taskmllm.router.joint.JointModel` directory (a stage's ``final/``). ``experts``: options of the
     fresh experts by task name (e.g. ``{det: {box_head: localizing}}``; each expert's ``Options`` checks them).
     ``gradient_checkpointing``: recompute the LLM's and the vision tower's activations in backward instead of
-    storing them (less memory, about a third more compute; the gradients are the same)."""
+    storing them (less memory, about a third more compute; the gradients are the same). ``image_first``: a fresh
+    model's prompt layout (``tokens.image_first``: the image before the question, LLaVA's, or after it)."""
 
     init: str = "tiny"
     llm: dict[str, Any] = field(default_factory=dict)
@@ -86,6 +87,12 @@ class ModelConfig:
     experts: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_frames: int = 8
     gradient_checkpointing: bool = False
+    image_first: bool = False
+
+    def builder_args(self) -> dict[str, Any]:
+        """The arguments of ``BUILDERS[init]`` (a fresh recipe model; an adapter's ``base_args``)."""
+        return {"max_frames": self.max_frames, "llm": self.llm, "vision": self.vision, "tasks": self.tasks,
+                "projector": self.projector, "image_first": self.image_first}
 
 
 @dataclass

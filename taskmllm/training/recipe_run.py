@@ -111,8 +111,7 @@ def run_recipe(name: str, out: str | Path, overrides: Sequence[str] = (), ship: 
         base = None
         if plan.ship == "adapter":
             mc = configs[0].model
-            base = (mc.init, {"max_frames": mc.max_frames, "llm": mc.llm, "vision": mc.vision, "tasks": mc.tasks,
-                              "projector": mc.projector})
+            base = (mc.init, mc.builder_args())
         ship_model(model, card, out, Path(ship), base, log.get("eval", {}))
     return model
 

@@ -166,8 +166,9 @@ def build_joint(cfg: TrainConfig):
     mc = cfg.model
     if mc.init not in BUILDERS:
         plain = not (Path(mc.init) / EXPERTS_DIR).is_dir()
-        if mc.llm or mc.vision or mc.projector or (mc.tasks and not plain):
-            raise ConfigError(f"model.llm / model.vision / model.projector override only a fresh recipe model "
+        if mc.llm or mc.vision or mc.projector or mc.image_first or (mc.tasks and not plain):
+            raise ConfigError(f"model.llm / model.vision / model.projector / model.image_first override only a "
+                              f"fresh recipe model "
                               f"({', '.join(BUILDERS)}); model.tasks also a plain MLLM checkpoint")
         if plain:
             from taskmllm.training.model_init import joint_from_mllm
@@ -175,8 +176,7 @@ def build_joint(cfg: TrainConfig):
             return joint_from_mllm(cfg.model)
         # a checkpoint's experts may change options that keep their parameters (a stage's loss weights)
         return JointModel.from_pretrained(mc.init).set_expert_options(mc.experts)
-    mllm = BUILDERS[mc.init](max_frames=mc.max_frames, llm=mc.llm, vision=mc.vision, tasks=mc.tasks,
-                            projector=mc.projector)
+    mllm = BUILDERS[mc.init](**mc.builder_args())
     return JointModel.build(mllm, options=mc.experts)
 
 

@@ -84,3 +84,18 @@ def test_focus_needs_the_question_before_the_image():
     with pytest.raises(ConfigError, match="image_first"):
         FocusLoss(FocusOptions(layer=1), context)
     FocusLoss(FocusOptions(layer=1), dataclasses.replace(context, image_first=False))  # builds
+
+
+def test_a_fresh_model_takes_its_layout_from_the_stage():
+    from taskmllm.training.config import TrainConfig
+    from taskmllm.training.train import build_joint
+
+    cfg = TrainConfig()
+    cfg.model.llm = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    cfg.model.image_first = True
+    assert cfg.model.builder_args()["image_first"] is True
+    mllm = build_joint(cfg).mllm
+    assert mllm.config.tokens.image_first
+    ids, _ = mllm.processor.encode("Is there a red circle?", 1, False)
+    text = mllm.processor.tokenizer.decode(ids)
+    assert text.index("<image>") < text.index("red circle")

@@ -89,3 +89,5 @@ def test_init_names_the_experts_and_their_queries(converted):
         build_joint(_cfg(path, tasks={"point": 1}))
     with pytest.raises(ConfigError, match="override only a fresh recipe model"):
         build_joint(_cfg(path, llm={"hidden_size": 8}))
+    with pytest.raises(ConfigError, match="model.image_first"):
+        build_joint(_cfg(path, image_first=True))
