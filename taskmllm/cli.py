@@ -96,7 +96,8 @@ def _eval(args: argparse.Namespace) -> int:
     seed = {} if args.seed is None else {"seed": args.seed}
     options = EvalOptions(n=args.n, batch_size=args.batch_size, progress=not args.no_progress,
                           pope_questions=tuple(args.pope_questions or ()), images=args.images or args.image_root,
-                          instances=args.instances, captions=args.captions, **seed, **_annotation_options(args))
+                          instances=args.instances, captions=args.captions, tasks=args.tasks, **seed,
+                          **_annotation_options(args))
     report = evaluate(args.model, args.suite, args.out, options, intervention=args.intervention, tau=args.tau,
                       max_new_tokens=args.max_new_tokens, device=args.device,
                       generation={"repetition_penalty": args.repetition_penalty,
@@ -297,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="questions per task (shapes) / images (pope-shapes, chair-shapes, chair) / questions per "
                         "file (pope) / sentences (refcoco), images (coco), tracks (mot); default 200 for "
                         "ShapesWorld suites, everything for real data")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                   help="shapes suite: only these tasks (e.g. exist color count; default all)")
     p.add_argument("--intervention", choices=INTERVENTION_CHOICES, default=None, help=INTERVENTION_HELP)
     p.add_argument("--tau", type=positive_float, default=None,
                    help="VAR sink threshold (default min(20, 0.5*sqrt(hidden size)); must be < sqrt(hidden size))")

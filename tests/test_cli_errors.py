@@ -123,6 +123,8 @@ def _table(ckpt: Path, root: Path) -> list[tuple[str, list, str]]:
         ("eval --no-repeat-ngram-size -1", ["eval", *model, "--suite", "shapes", "--out", str(root / "r"),
                                             "--no-repeat-ngram-size", "-1"],
          r"argument --no-repeat-ngram-size: must be an integer >= 0, got -1"),
+        ("eval --tasks colour", ["eval", *model, "--suite", "shapes", "--out", str(root / "r"), "--tasks", "exist",
+                                 "colour"], r"EvalOptions.tasks: \['colour'\]; the shapes suite's tasks are"),
         ("demo --port -1", ["demo", *model, "--port", "-1"], r"argument --port: must be a port number in 1..65535"),
         ("demo --port 70000", ["demo", *model, "--port", "70000"], r"must be a port number in 1..65535, got 70000"),
         ("demo --host 999.1.1.1", ["demo", *model, "--host", "999.1.1.1"],
@@ -163,7 +165,7 @@ _ROW_IDS = [
     "bad adapter base_args", "train binary YAML", "train YAML syntax error", "train lr .nan", "train betas [2, -1]",
     "train negative mix weight", "train --device=cuda:7", "train --device=foo", "train --out_dir under a file",
     "eval --out an existing file", "eval --n 0", "eval --max-new-tokens 0", "predict --repetition-penalty 0",
-    "eval --no-repeat-ngram-size -1", "demo --port -1", "demo --port 70000",
+    "eval --no-repeat-ngram-size -1", "eval --tasks colour", "demo --port -1", "demo --port 70000",
     "demo --host 999.1.1.1", "convert garbage config.json", "convert a taskmllm directory",
     "data preview --out DIR", "data preview --n 0", "data preview --n -1", "data preview --seed -3",
 ]

@@ -40,8 +40,8 @@ from taskmllm.errors import CheckpointError, ConfigError
 from taskmllm.eval.grounded_suites import run_coco, run_mot, run_refcoco
 from taskmllm.eval.realdata import run_chair, run_pope
 from taskmllm.eval.report import Report, write_report
-from taskmllm.eval.suites import (DEFAULT_EVAL_SEED, Answerer, SuiteOutput, pipeline_answerer, run_chair_shapes,
-                                  run_pope_shapes, run_shapes)
+from taskmllm.eval.suites import (DEFAULT_EVAL_SEED, HELDOUT_TASKS, SHAPES_TASKS, Answerer, SuiteOutput,
+                                  pipeline_answerer, run_chair_shapes, run_pope_shapes, run_shapes)
 from taskmllm.predict import INTERVENTIONS, make_intervention  # one constructor for the CLI, eval and demo
 
 __all__ = ["INTERVENTIONS", "SUITES", "EvalOptions", "Suite", "evaluate", "make_intervention", "report_suite",
@@ -67,6 +67,9 @@ class EvalOptions:
         split: the refs kept (``refcoco``; all when None).
         clip_len, stride: frames per clip and frame step (``mot``; ``clip_len`` None: the model's ``max_frames``).
         templates: a templates YAML replacing some of the shipped question paraphrases (the first one is asked).
+        tasks: the ``shapes`` suite's tasks (default all, :data:`~taskmllm.eval.suites.SHAPES_TASKS`; its
+            held-out split repeats those of them it covers), e.g. ``("exist", "color", "count")`` for a model whose
+            experts are not trained yet.
     """
 
     n: Optional[int] = None
@@ -84,6 +87,7 @@ class EvalOptions:
     clip_len: Optional[int] = None
     stride: int = 1
     templates: Optional[Union[str, Path]] = None
+    tasks: Optional[Sequence[str]] = None
 
     def need_data(self, suite: str) -> Union[str, Path]:
         """``data``, or a ConfigError naming the option the suite needs."""
@@ -98,6 +102,11 @@ class EvalOptions:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"EvalOptions.{name} must be an integer >= {low}, got {value!r}")
+        if self.tasks is not None:
+            unknown = [t for t in self.tasks if t not in SHAPES_TASKS]
+            if unknown or not self.tasks:
+                raise ConfigError(f"EvalOptions.tasks: {unknown or 'none given'}; the shapes suite's tasks are "
+                                  f"{', '.join(SHAPES_TASKS)}")
 
 
 @dataclass(frozen=True)
@@ -116,7 +125,9 @@ def _n(o: EvalOptions) -> int:
 
 
 def _shapes(answer: Answerer, o: EvalOptions) -> SuiteOutput:
-    return run_shapes(answer, _n(o), o.seed, o.world, o.batch_size, progress=o.progress)
+    tasks = tuple(o.tasks or SHAPES_TASKS)
+    return run_shapes(answer, _n(o), o.seed, o.world, o.batch_size, tasks,
+                      tuple(t for t in HELDOUT_TASKS if t in tasks), progress=o.progress)
 
 
 def _pope_shapes(answer: Answerer, o: EvalOptions) -> SuiteOutput:

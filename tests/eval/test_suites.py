@@ -202,3 +202,14 @@ def test_pipeline_answerer_keeps_every_detection_for_ap():
 
     assert pipeline_answerer(pipe, 12)([(None, "a"), (None, "b")]) == ["r", "r"]
     assert seen == {"max_new_tokens": 12, "intervention": None, "score_threshold": 0.0}
+
+
+def test_shapes_suite_runs_the_tasks_asked(oracle):
+    from taskmllm.errors import ConfigError
+
+    options = EvalOptions(n=N, seed=SEED, world=WORLD, batch_size=8, progress=False, tasks=("exist", "track"))
+    results = run_suite("shapes", oracle, options).results
+    assert sorted(results["tasks"]) == ["exist", "track"] and sorted(results["heldout"]) == ["exist"]
+    assert results["tasks"]["exist"]["accuracy"] == 1.0
+    with pytest.raises(ConfigError, match="'colour'"):
+        EvalOptions(tasks=("exist", "colour"))
