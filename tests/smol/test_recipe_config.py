@@ -14,6 +14,7 @@ RECIPE = Path(taskmllm.__file__).parent / "training" / "recipes" / "smol"
 
 @pytest.mark.parametrize("stage,trainable", [
     ("align", {"projector": "full"}),
+    ("see", {"projector": "full", "llm": "lora"}),
     ("heads", {"experts": "full", "queries": "full"}),
     ("joint", {"projector": "full", "llm": "lora", "queries": "full", "experts": "full"}),
 ])

@@ -1,4 +1,4 @@
-"""Two steps of each smol stage (align -> heads -> joint), chained through each stage's ``final/``, from the
+"""Two steps of each smol stage (align -> see -> heads -> joint), chained through each stage's ``final/``, from the
 recipe YAMLs with a small batch: the real pretrained weights, the real stage settings."""
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ SMALL = ["--max_steps=2", "--save_every=2", "--data.batch_size=2", "--model.max_
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
-    """Run align, heads and joint for two steps each; yields ``{stage: (config, out_dir)}``."""
+    """Run align, see, heads and joint for two steps each; yields ``{stage: (config, out_dir)}``."""
     from taskmllm.training.config import load_config
     from taskmllm.training.train import train
 
     root = tmp_path_factory.mktemp("smol")
     done, init = {}, None
-    for stage in ("align", "heads", "joint"):
+    for stage in ("align", "see", "heads", "joint"):
         extra = [f"--out_dir={root / stage}"] + ([f"--model.init={init}"] if init else [])
         cfg = load_config(RECIPE / f"{stage}.yaml", SMALL + extra)
         init = train(cfg)
@@ -37,7 +37,7 @@ def stages(tmp_path_factory):
     shutil.rmtree(root)  # ~1 GB per stage (fp32 SmolLM2 in each checkpoint and final/)
 
 
-@pytest.mark.parametrize("stage", ["align", "heads", "joint"])
+@pytest.mark.parametrize("stage", ["align", "see", "heads", "joint"])
 def test_two_steps_of_each_stage(stages, stage):
     cfg, out = stages[stage]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -48,6 +48,7 @@ def test_two_steps_of_each_stage(stages, stage):
     assert trainable["vision"]["trainable"] == 0  # MobileNetV2 stays frozen in every smol stage
     assert {n for n, r in trainable.items() if r["trainable"]} == {
         "align": {"projector"},
+        "see": {"projector", "llm"},
         "heads": {"queries", "experts.seg", "experts.det", "experts.track"},
         "joint": {"projector", "llm", "queries", "experts.seg", "experts.det", "experts.track"},
     }[stage]

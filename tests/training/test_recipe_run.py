@@ -41,7 +41,7 @@ def test_headline_weights_routing_by_questions_and_averages_vqa():
 
 def test_smol_plan_ships_an_adapter_and_compares_with_tiny(tmp_path):
     plan = load_plan("smol")
-    assert plan.stages == ["align", "heads", "joint"] and plan.ship == "adapter" and plan.compare == ["tiny"]
+    assert plan.stages == ["align", "see", "heads", "joint"] and plan.ship == "adapter" and plan.compare == ["tiny"]
     (tmp_path / "a.yaml").write_text("{}")
     (tmp_path / "recipe.yaml").write_text("stages: [a]\nship: zip\n")
     with pytest.raises(ConfigError, match="ship must be"):
