@@ -29,8 +29,15 @@ def test_stage_yamls_load(stage, trainable):
 def test_align_starts_from_the_recipe_and_deepspeed_config_resolves_beside_it():
     cfg = load_config(RECIPE / "align.yaml", ["--deepspeed=ds_zero2.json"])
     assert cfg.model.init == "smol"
+    assert cfg.model.image_first  # LLaVA's layout; later stages keep the checkpoint's
+    assert shapes_layouts() == {None}  # every stage's questions follow the model's layout
     assert Path(cfg.deepspeed) == RECIPE / "ds_zero2.json"
     check_paths(cfg)  # 'smol' is a recipe name, not a directory
+
+
+def shapes_layouts() -> set:
+    return {load_config(RECIPE / f"{s}.yaml").data.specs()["shapes"].question_first
+            for s in ("align", "see", "heads", "joint")}
 
 
 def test_later_stages_need_the_previous_final_directory():
