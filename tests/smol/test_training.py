@@ -47,10 +47,11 @@ def test_two_steps_of_each_stage(stages, stage):
     trainable = {r["name"]: r for r in json.loads((out / "trainable.json").read_text())}
     assert trainable["vision"]["trainable"] == 0  # MobileNetV2 stays frozen in every smol stage
     assert {n for n, r in trainable.items() if r["trainable"]} == {
-        "align": {"projector"},
-        "see": {"projector", "llm"},
+        "align": {"projector", "aux.words"},
+        "see": {"projector", "llm", "aux.words", "aux.attr"},
         "heads": {"queries", "experts.seg", "experts.det", "experts.track"},
-        "joint": {"projector", "llm", "queries", "experts.seg", "experts.det", "experts.track"},
+        "joint": {"projector", "llm", "queries", "experts.seg", "experts.det", "experts.track", "aux.words",
+                  "aux.attr"},
     }[stage]
     assert (out / "final" / "config.json").is_file()
 
@@ -76,7 +77,7 @@ def test_final_model_keeps_the_pretrained_parts(stages, smol_model):
 
 def test_recipe_tower_is_torchvisions_mobilenet_cut_at_stride_16(stages):
     """align.yaml's tower: torchvision's ImageNet ``features[:14]`` (oracle), a 12 x 12 x 96 grid at 192 px for
-    the experts, pooled 3 x 3 into 16 visual tokens per frame for the LLM."""
+    the experts, pooled 2 x 2 into 36 visual tokens per frame for the LLM, placed before the question."""
     from torchvision.models import mobilenet_v2
 
     from taskmllm.model.packaged import mobilenet_v2_state_dict
@@ -92,5 +93,6 @@ def test_recipe_tower_is_torchvisions_mobilenet_cut_at_stride_16(stages):
         pooled, grid = joint.mllm.projector.pool(ours, joint.mllm.vision.grid)
     assert joint.mllm.vision.grid == (12, 12) and ours.shape == (2, 144, 96)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    assert pooled.shape == (2, 16, 96) and grid == (4, 4)
+    assert pooled.shape == (2, 36, 96) and grid == (6, 6)
+    assert joint.mllm.config.tokens.image_first
     assert joint.experts["det"].spec.options["box_head"] == "localizing"
