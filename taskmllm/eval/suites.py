@@ -3,8 +3,9 @@
 Every suite takes an **answer function** ``answer(batch) -> results``: ``batch`` is a list of
 ``(visual, prompt)`` pairs (an ``(H, W, 3)`` uint8 image or a list of frames, and a prompt in the token
 protocol, as a user types it: without the ``<image>`` / ``<video>`` placeholder, which the model's processor puts
-where the model was trained to see it, ``tokens.image_first``) and the answer is one Result-like object per pair — anything with ``.text`` (the answer without
-protocol tokens) and ``.calls`` (objects with ``.task``, ``.mask``, ``.boxes``, ``.scores`` as
+where the model was trained to see it, ``tokens.image_first``) and the answer is one Result-like object per
+pair — anything with ``.text`` (the answer without protocol tokens) and ``.calls`` (objects with ``.task``,
+``.mask``, ``.boxes``, ``.scores`` as
 :class:`~taskmllm.router.result.CallResult`). :func:`pipeline_answerer` makes one from a
 :class:`~taskmllm.router.pipeline.Pipeline`; tests inject stubs (an oracle, an always-"yes" model).
 
