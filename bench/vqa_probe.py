@@ -192,6 +192,8 @@ def main() -> None:
     parser.add_argument("--match-layer", type=int, default=2, help="after how many LLM blocks the match is read")
     parser.add_argument("--words-loss", type=float, default=0.0, help="weight of the recipe's stage.aux.words: "
                         "visual tokens point to the LLM's word vectors of their object's shape and color")
+    parser.add_argument("--words-regress", type=float, default=0.0, help="stage.aux.words.regress: pull the tokens "
+                        "onto their words (relative squared error), not only toward them")
     parser.add_argument("--words-layer", type=int, default=0, help="after how many LLM blocks (0: the inputs)")
     parser.add_argument("--cosine", action="store_true", help="decay the rate as the recipe does (to 5%%)")
     parser.add_argument("--recipe", choices=("tiny", "smol"), default="tiny",
@@ -234,7 +236,8 @@ def main() -> None:
         aux.append((AttributeLoss(AttributeOptions(layer=args.match_layer, labels=list(CLASSES)), context),
                     args.attr_loss))
     if args.words_loss:
-        aux.append((WordLoss(WordOptions(layer=args.words_layer, labels=list(CLASSES)), context), args.words_loss))
+        options = WordOptions(layer=args.words_layer, labels=list(CLASSES), regress=args.words_regress)
+        aux.append((WordLoss(options, context), args.words_loss))
     params = [p for p in mllm.parameters() if p.requires_grad] + [p for h, _ in aux for p in h.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=cfg.optim.weight_decay)
     total = sum(n for _, n in phases)
@@ -264,7 +267,7 @@ def main() -> None:
                 curve.append(row)
                 print(row, flush=True)
     emit({"features": args.features, "match_loss": args.match_loss, "attr_loss": args.attr_loss,
-          "words_loss": args.words_loss, "words_layer": args.words_layer,
+          "words_loss": args.words_loss, "words_layer": args.words_layer, "words_regress": args.words_regress,
           "match_layer": args.match_layer, "phases": [{"tasks": t, "steps": n} for t, n in phases], "lr": args.lr,
           "image_first": args.image_first, "max_objects": args.max_objects, "cache_s": round(cache_s, 1),
           "recipe": args.recipe, "llm": args.llm, "batch_size": args.batch_size, "held": args.held,

@@ -277,12 +277,15 @@ class WordOptions(LabelOptions):
     """``layer``: after how many LLM blocks the visual tokens are read (0: the LLM's inputs, the projector's
     output); ``background``: the word a token showing no object points to; ``scale``: the initial logit scale
     of the cosine similarities (learned, as CLIP's temperature); ``cover``: the share of a token an object must
-    cover to name it (pooled tokens are coarse: a small object covers half of none)."""
+    cover to name it (pooled tokens are coarse: a small object covers half of none); ``regress``: the weight of a
+    second term that pulls each token onto its words (the mean of its labels' word vectors, or the background
+    word's), not only toward them: ``|token - target|^2 / |target|^2`` (0 = off)."""
 
     layer: int = 0
     background: str = "background"
     scale: float = 10.0
     cover: float = 0.25
+    regress: float = 0.0
 
 
 class WordLoss(AuxLoss):
@@ -308,13 +311,20 @@ class WordLoss(AuxLoss):
         self.log_scale = nn.Parameter(torch.tensor(float(np.log(options.scale))))
 
     def loss(self, states: AuxStates, samples: Sequence[Sample]) -> torch.Tensor:
-        tokens = F.normalize(states.visual_tokens(self.options.layer).float(), dim=-1)  # (F, N, H)
+        raw = states.visual_tokens(self.options.layer).float()  # (F, N, H)
+        tokens = F.normalize(raw, dim=-1)
         maps = label_maps(samples, states.inputs.visual_grid, states.max_frames, self.classes, self.options.cover)
-        total = tokens.new_zeros(())
+        total, targets = tokens.new_zeros(()), []
         for kind, phrases in self.phrases.items():
-            words = F.normalize(self._vectors(phrases).float().to(tokens.device), dim=-1)  # (K + 1, H)
-            logits = self.log_scale.exp() * tokens @ words.T  # (F, N, K + 1)
-            total = total + F.cross_entropy(logits.flatten(0, 1), maps[kind].to(tokens.device).flatten())
+            vectors = self._vectors(phrases).float().to(tokens.device)  # (K + 1, H)
+            logits = self.log_scale.exp() * tokens @ F.normalize(vectors, dim=-1).T  # (F, N, K + 1)
+            index = maps[kind].to(tokens.device)  # (F, N)
+            total = total + F.cross_entropy(logits.flatten(0, 1), index.flatten())
+            targets.append(vectors[index])  # (F, N, H): each token's word of this kind (background: that word)
+        if self.options.regress:
+            target = torch.stack(targets).mean(0)  # (F, N, H): the mean of the token's words
+            error = (raw - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp(min=1e-6)
+            total = total + self.options.regress * error.mean()
         return total
 
 

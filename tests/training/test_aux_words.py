@@ -26,15 +26,15 @@ def test_word_vectors_are_the_mean_input_embedding_of_each_phrase(tmp_path):
     assert not got.requires_grad
 
 
-def test_words_loss_by_hand():
-    """Two tokens: one on a red circle, one on background; cosine logits scaled by ``scale``, cross-entropy."""
+def _two_token_case(**options):
+    """A words loss on two tokens, one on a circle (the left half of a 4 x 4 image) and one on background."""
     from taskmllm.data.sample import ObjectGT, Sample
     from taskmllm.model.expert_inputs import ExpertInputs
 
     vectors = {" background": [1.0, 0, 0], " circle": [0, 2.0, 0], " square": [0, 0, 3.0]}
     context = AuxContext(3, 2, 1, {"category": ("circle", "square")},
                          word_vectors=lambda phrases: torch.tensor([vectors[p] for p in phrases]))
-    loss = WordLoss(WordOptions(labels=["category"], scale=5.0, cover=0.5), context)
+    loss = WordLoss(WordOptions(labels=["category"], scale=5.0, cover=0.5, **options), context)
     mask = np.zeros((4, 4), bool)
     mask[:, 0:2] = True  # the left token
     sample = Sample("s", "any", image=np.zeros((4, 4, 3), np.uint8), objects=[ObjectGT(1, "circle", mask=mask)])
@@ -44,13 +44,28 @@ def test_words_loss_by_hand():
     visual = torch.tensor([[False, True, True, False]])
     inputs = ExpertInputs(torch.zeros(1, 2, 2), (1, 2), 4, [1], [(4, 4)], visual_grid=(1, 2))
     states = AuxStates((embeds, embeds + 1), visual, inputs, max_frames=1)  # layer 0: the LLM's inputs
+    return loss, states, [sample], tokens
+
+
+def test_words_loss_by_hand():
+    """Cosine logits scaled by ``scale``, cross-entropy against background / circle."""
+    loss, states, samples, tokens = _two_token_case()
     words = torch.eye(3)  # the three word vectors, normalized: the axes
     logits = 5.0 * F.normalize(tokens, dim=-1) @ words.T  # (2, 3): background, circle, square
     want = F.cross_entropy(logits, torch.tensor([1, 0]))
-    got = loss.loss(states, [sample])
+    got = loss.loss(states, samples)
     assert float(got.detach()) == pytest.approx(float(want), rel=1e-6)
     got.backward()
     assert loss.log_scale.grad is not None  # the scale is learned
+
+
+def test_words_regress_pulls_each_token_onto_its_word():
+    """``regress``: + weight x mean |token - word|^2 / |word|^2; the circle token's word is (0, 2, 0), the
+    background's (1, 0, 0): (0.25 + 1) / 4 and 1 / 1, mean 0.65625."""
+    plain, states, samples, _ = _two_token_case()
+    pulled = _two_token_case(regress=2.0)[0]
+    got = pulled.loss(states, samples) - plain.loss(states, samples)
+    assert float(got) == pytest.approx(2.0 * 0.65625, rel=1e-6)
 
 
 def test_words_loss_bad_settings(tmp_path):
