@@ -12,11 +12,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from taskmllm.cli_args import (OneLineParser, check_host, device_name, finite_float, nonnegative_int, port_number,
                                positive_float, positive_int, run_command)
 from taskmllm.errors import ConfigError
+
+#: the bundled prompts of ``taskmllm data replay``
+REPLAY_PROMPTS = Path(__file__).parent / "assets" / "replay" / "prompts.json"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -58,6 +62,23 @@ def _data_tokenizer(args: argparse.Namespace) -> int:
 
     build_tiny_tokenizer(args.out, vocab_size=args.vocab_size)
     print(f"wrote tokenizer to {args.out}")
+    return 0
+
+
+def _data_replay(args: argparse.Namespace) -> int:
+    _check_outputs(file=args.out, what="data replay --out")
+    from taskmllm.data.replay import write_replay
+    from taskmllm.router.pipeline import Pipeline
+
+    if args.model:
+        pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    else:  # the recipe's untouched pretrained parts (the LLM as its authors ship it)
+        from taskmllm.router.joint import JointModel
+        from taskmllm.zoo import build_smol
+
+        pipe = Pipeline(JointModel.build(build_smol()).to(args.device).eval())
+    n = write_replay(pipe, args.prompts, args.out, args.max_new_tokens, progress=not args.no_progress)
+    print(f"wrote {n} conversations to {args.out}")
     return 0
 
 
@@ -386,6 +407,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=positive_int, default=1024)
     p.set_defaults(func=_data_tokenizer)
     _add_data_export(data)
+    p = data.add_parser("replay", help="text conversations answered by a base LLM (a llava source that keeps its "
+                                       "language while it learns images)")
+    p.add_argument("--prompts", default=str(REPLAY_PROMPTS), help="prompt file: {single: [...], chats: [[...]]}")
+    p.add_argument("--out", required=True, help="output LLaVA JSON")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--base", choices=["smol"], default="smol", help="the untouched pretrained LLM of a recipe")
+    who.add_argument("--model", help="a model name or checkpoint folder instead")
+    p.add_argument("--max-new-tokens", type=positive_int, default=96)
+    p.add_argument("--device", type=device_name, default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_data_replay)
     return parser
 
 

@@ -260,12 +260,25 @@ def load_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> TrainC
     for item in overrides:
         key, value = parse_override(item)
         _set_path(raw, key.split("."), value)
-    if isinstance(raw.get("deepspeed"), str) and raw["deepspeed"] and not Path(raw["deepspeed"]).is_absolute():
-        candidate = path.parent / raw["deepspeed"]  # a recipe's ds_zero2.json sits beside its YAMLs
-        raw["deepspeed"] = str(candidate) if candidate.exists() else raw["deepspeed"]
+    # a recipe's ds_zero2.json and data files (e.g. its text replay) sit beside its YAMLs
+    if "deepspeed" in raw:
+        raw["deepspeed"] = _beside(path, raw["deepspeed"])
+    sources = (raw.get("data") or {}).get("sources") if isinstance(raw.get("data"), dict) else None
+    for source in (sources or {}).values():
+        if isinstance(source, dict) and "path" in source:
+            source["path"] = _beside(path, source["path"])
     cfg = from_dict(TrainConfig, raw)
     cfg.validate()
     return cfg
+
+
+def _beside(config: Path, value: Any) -> Any:
+    """A relative file name of a stage YAML: the file beside the YAML when there is one, else as written
+    (relative to the working directory)."""
+    if not isinstance(value, str) or not value or Path(value).is_absolute():
+        return value
+    candidate = config.parent / value
+    return str(candidate) if candidate.exists() else value
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -1,0 +1,85 @@
+"""Text replay: the base model's own answers as a text-only ``llava`` source (taskmllm.data.replay)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from taskmllm.data.formats import load_llava
+from taskmllm.data.replay import load_prompts, replay_conversations, whole_sentences, write_replay
+from taskmllm.errors import ConfigError
+from taskmllm.training.config import load_config
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from taskmllm.router.pipeline import Pipeline
+
+    return Pipeline.from_pretrained("tiny")
+
+
+def test_entries_hold_the_pipelines_own_greedy_answers_turn_by_turn(pipe):
+    """Each answer is what ``Pipeline.chat`` says to that conversation so far (the oracle), batched or not."""
+    convs = [["Describe the picture."], ["What is in the image?", "And what color is it?"], ["Hello."]]
+    entries = replay_conversations(pipe, convs, max_new_tokens=12, batch_size=2, progress=False)
+    by_first = {e["conversations"][0]["value"]: e["conversations"] for e in entries}
+    assert len(entries) >= 1
+    for turns in by_first.values():
+        history = []
+        for k in range(0, len(turns), 2):
+            assert [turns[k]["from"], turns[k + 1]["from"]] == ["human", "gpt"]
+            history.append(("user", turns[k]["value"]))
+            expected = pipe.chat(None, history, max_new_tokens=12)
+            assert not expected.calls and turns[k + 1]["value"] == whole_sentences(expected.raw_text)
+            history.append(("assistant", turns[k + 1]["value"]))
+    left_out = [c for c in convs if c[0] not in by_first]
+    for c in left_out:  # only a conversation with an expert call or an empty answer is left out
+        answers = [pipe.chat(None, [("user", c[0])], max_new_tokens=12)]
+        assert answers[0].calls or whole_sentences(answers[0].raw_text) is None
+
+
+def test_written_file_loads_as_text_only_llava_samples(pipe, tmp_path):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"single": ["Hello.", "What is this?"], "chats": [["Hi.", "Who are you?"]]}))
+    n = write_replay(pipe, prompts, tmp_path / "out" / "replay.json", max_new_tokens=8, progress=False)
+    samples = load_llava(tmp_path / "out" / "replay.json").samples
+    assert len(samples) == n
+    assert all(s.image_path is None and s.frame_paths is None for s in samples)
+    assert not (tmp_path / "out" / "replay.json.tmp").exists()
+
+
+@pytest.mark.parametrize(("text", "kept"), [("Hi there. And then", "Hi there."), ("no end", None), ("Fine!", "Fine!"),
+                                           ('He said "go." Then', 'He said "go."'), ("Is 3 < 4? Yes", "Is 3 < 4?")])
+def test_an_answer_is_kept_to_its_last_whole_sentence(text, kept):
+    assert whole_sentences(text) == kept
+
+
+@pytest.mark.parametrize("content", ['{"single": []}', "[1, 2]", '{"single": ["ok", ""]}', '{"chats": [[]]}', "{"])
+def test_bad_prompt_files_are_named(tmp_path, content):
+    path = tmp_path / "p.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match="prompts"):
+        load_prompts(path)
+
+
+def test_bundled_prompts_leave_out_the_smol_tests_questions():
+    from taskmllm.cli import REPLAY_PROMPTS
+    from tests.smol.test_chat import TURNS
+    from tests.smol.test_shipped import FACTS
+
+    texts = {t.lower() for conv in load_prompts(REPLAY_PROMPTS) for t in conv}
+    assert len(texts) > 100
+    assert not texts & {q.lower() for q, _ in FACTS}
+    assert not texts & {t.format(name=n).lower() for t in TURNS for n in ("Alice", "Bob")}
+
+
+def test_a_stage_finds_a_data_file_beside_its_yaml(tmp_path):
+    (tmp_path / "replay.json").write_text("[]")
+    (tmp_path / "stage.yaml").write_text(
+        "stage: {name: s, trainable: {projector: full}}\nmodel: {init: tiny}\n"
+        "data: {sources: {text: {kind: llava, path: replay.json}, far: {kind: llava, path: /abs/x.json}}}\n")
+    cfg = load_config(tmp_path / "stage.yaml")
+    specs = cfg.data.specs()
+    assert specs["text"].path == str(tmp_path / "replay.json")
+    assert specs["far"].path == "/abs/x.json"
