@@ -174,7 +174,8 @@ class Sample:
                                    grounding=grounding)
 
     def load(self) -> "Sample":
-        """This sample with pixels in memory (reads ``image_path`` / ``frame_paths`` when needed).
+        """This sample with pixels in memory (reads ``image_path`` / ``frame_paths`` when needed); a text-only
+        sample (no pixels and no paths: a conversation without an image) comes back as it is.
 
         Raises:
             ImageError: a file is missing, corrupt, or frames differ in size.
@@ -187,7 +188,7 @@ class Sample:
                 raise ImageError(f"{self.id}: frames are missing or differ in size")
             return dataclasses.replace(self, frames=np.stack(frames))
         if self.image_path is None:
-            raise ImageError(f"{self.id}: sample has neither pixels nor an image path")
+            return self  # text only
         return dataclasses.replace(self, image=read_rgb(self.image_path))
 
 

@@ -83,3 +83,22 @@ def test_a_stage_finds_a_data_file_beside_its_yaml(tmp_path):
     specs = cfg.data.specs()
     assert specs["text"].path == str(tmp_path / "replay.json")
     assert specs["far"].path == "/abs/x.json"
+
+
+def test_a_stage_trains_on_shapes_and_text_replay_together(tmp_path):
+    """Batches that mix text-only replay conversations with grounded images run the LM and auxiliary losses (the
+    text samples have no visual tokens, so the alignment losses skip them); the metrics log finite losses."""
+    from taskmllm.training.train import train
+    from tests.training.helpers import RECIPE, overrides
+
+    replay = tmp_path / "replay.json"
+    replay.write_text(json.dumps([{"id": f"r{i}", "conversations": [{"from": "human", "value": f"Count to {i}."},
+                                                                     {"from": "gpt", "value": "One, two."}]}
+                                  for i in range(4)]))
+    cfg = load_config(RECIPE / "pretrain.yaml", overrides(
+        tmp_path / "run", "--max_steps=3", "--data.batch_size=4",
+        f"--data.sources.text={{kind: llava, path: {replay}, weight: 1.0}}"))
+    out = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(row["lm"] == row["lm"] and row["lm"] > 0 for row in rows)
+    assert (out / "model.safetensors").is_file() or any(out.iterdir())
