@@ -45,3 +45,17 @@ def test_later_stages_need_the_previous_final_directory():
 
     with pytest.raises(ConfigError, match="neither a recipe"):
         check_paths(load_config(RECIPE / "heads.yaml", ["--model.init=/nonexistent/final"]))
+
+
+@pytest.mark.parametrize("stage", ["see", "joint"])
+def test_stages_that_tune_the_llm_replay_its_own_text_answers(stage):
+    """see and joint mix SmolLM2's own answers (``replay.json`` beside the YAMLs, text-only LLaVA entries) into
+    their batches, so LoRA keeps its language; the visual tokens are pulled onto their words."""
+    from taskmllm.data.formats import load_llava
+
+    cfg = load_config(RECIPE / f"{stage}.yaml")
+    text = cfg.data.specs()["text"]
+    assert text.kind == "llava" and Path(text.path) == RECIPE / "replay.json" and 0 < text.weight < 1
+    samples = load_llava(text.path).samples
+    assert len(samples) >= 100 and all(s.image_path is None for s in samples)
+    assert cfg.stage.aux["words"]["regress"] == 1.0
