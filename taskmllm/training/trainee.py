@@ -84,7 +84,12 @@ class Trainee(nn.Module):
         host_ids = group.batch.on_host().input_ids
         states = AuxStates(out.mllm.layer_states, host_ids == joint.mllm.image_id, out.mllm.expert_inputs,
                            joint.mllm.config.max_frames)
-        extra = {name: (aux.weight, aux.loss(states, group.samples)) for name, aux in self.aux.items()}
+        if out.mllm.expert_inputs is None:  # a text-only group: no visual token for any auxiliary loss to read
+            nothing = out.mllm.layer_states[-1].sum() * 0.0
+            extra = {name: (aux.weight, nothing) for name, aux in self.aux.items()}
+        else:
+            extra = {name: (aux.weight, aux.loss(states, group.samples)) for name, aux in self.aux.items()}
+        seen = sum(x.image is not None or x.frames is not None for x in group.samples)
         calls: dict[str, int] = {}
         for call in out.calls:
             calls[call.task] = calls.get(call.task, 0) + 1
@@ -93,7 +98,7 @@ class Trainee(nn.Module):
             visual = group.batch.input_ids == joint.mllm.image_id
             embeddings.register_hook(functools.partial(balance_modalities, visual=visual))
         return {"lm": out.lm_loss, "tokens": group.tokens, "experts": out.expert_losses, "calls": calls,
-                "extra": extra, "n": len(group.samples), "zero": out.placeholder, "hidden": out.mllm.hidden_states,
+                "extra": extra, "n": seen, "zero": out.placeholder, "hidden": out.mllm.hidden_states,
                 "embeddings": embeddings}
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 import pytest
 
 from taskmllm.data.formats import load_llava
@@ -102,3 +104,33 @@ def test_a_stage_trains_on_shapes_and_text_replay_together(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(row["lm"] == row["lm"] and row["lm"] > 0 for row in rows)
     assert (out / "model.safetensors").is_file() or any(out.iterdir())
+
+
+def test_a_batch_of_text_only_samples_gives_the_auxiliary_losses_nothing(tmp_path):
+    """A micro-batch drawn wholly from the text source has no visual token: every auxiliary loss of the stage is
+    an exact zero (on the graph) while the LM loss trains, and beside image samples it does not dilute their
+    average (the regression behind CI's smol stage errors)."""
+    from taskmllm.data.shapesworld import WorldConfig, shapesworld_dataset
+    from taskmllm.data.sample import Sample
+    from taskmllm.training.aux import build_aux
+    from taskmllm.training.train import aux_context, build_joint
+    from taskmllm.training.trainee import LossSettings, Trainee, forward_loss
+    from tests.training.helpers import RECIPE, overrides
+
+    cfg = load_config(RECIPE / "pretrain.yaml", overrides(tmp_path, "--stage.aux.words={labels: [category]}"))
+    joint = build_joint(cfg)
+    aux = build_aux(cfg.stage.aux, aux_context(joint, cfg.data.specs()))
+    assert set(aux) >= {"focus", "attr", "words"}
+    trainee = Trainee(joint, aux, LossSettings(lm_weight=cfg.stage.lm_weight))
+    text = [Sample(id="t0", source="llava", task="text", turns=[("Count to three.", "One, two, three.")]),
+            Sample(id="t1", source="llava", task="text", turns=[("Say hi.", "Hi.")])]
+    loss, parts = forward_loss(trainee, text, torch.device("cpu"))
+    assert all(float(parts[name]) == 0.0 for name in aux)
+    assert torch.isfinite(loss) and float(loss) > 0
+    loss.backward()
+    torch.manual_seed(0)
+    images = list(shapesworld_dataset({"color": 1.0}, 2, seed=0, config=WorldConfig(image_size=48)))
+    _, alone = forward_loss(trainee, images, torch.device("cpu"))
+    _, mixed = forward_loss(trainee, images + text, torch.device("cpu"))
+    for name in aux:
+        assert float(mixed[name]) == pytest.approx(float(alone[name]), rel=1e-4)
