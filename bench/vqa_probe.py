@@ -45,7 +45,7 @@ from taskmllm.model.processor import positions
 from taskmllm.training.recipe_run import RECIPES
 from taskmllm.training.config import load_config
 from taskmllm.training.aux import (AttributeLoss, AttributeOptions, AuxContext, AuxStates, FocusLoss, FocusOptions,
-                                   WordLoss, WordOptions, grounding_cover, label_maps)
+                                   LookupLoss, LookupOptions, WordLoss, WordOptions, grounding_cover, label_maps)
 from taskmllm.training.config import StageConfig
 from taskmllm.training.stages import apply_stage
 from taskmllm.training.train import build_joint, word_vectors
@@ -118,7 +118,8 @@ def answer_loss(mllm, batch, feats, reduce: bool = True, aux=None, samples=None)
     if aux:
         inputs = ExpertInputs(feats, mllm.vision.grid, mllm.config.vision.image_size, [1] * len(samples),
                               [s.hw for s in samples], visual_grid=mllm.grid)
-        states = AuxStates(out.hidden_states, batch.input_ids == mllm.image_id, inputs, max_frames=1)
+        states = AuxStates(out.hidden_states, batch.input_ids == mllm.image_id, inputs, max_frames=1,
+                           labels=batch.labels)
         for head, weight in aux:
             loss = loss + weight * head.loss(states, samples)
     return loss
@@ -154,6 +155,28 @@ def focus_iou(mllm, head, batches) -> float:
                 ious.append(float((m & t).sum() / (m | t).sum()))
     mllm.train()
     return float(np.mean(ious)) if ious else float("nan")
+
+
+@torch.no_grad()
+def lookup_accuracy(mllm, head, batches) -> float:
+    """Held-out: how often "some token's lookup logit > 0" agrees with "the question names something present"
+    (the lookup head answering the existence question itself, read off the answer position's state)."""
+    mllm.eval()
+    right = []
+    for batch, feats, samples in batches:
+        emb = mllm.embed(batch.input_ids, visual_inputs(mllm, feats))
+        out = mllm.llm(inputs_embeds=emb, attention_mask=batch.attention_mask,
+                       position_ids=positions(batch.attention_mask), use_cache=False, output_hidden_states=True)
+        inputs = ExpertInputs(feats, mllm.vision.grid, mllm.config.vision.image_size, [1] * len(samples),
+                              [s.hw for s in samples], visual_grid=mllm.grid)
+        states = AuxStates(out.hidden_states, batch.input_ids == mllm.image_id, inputs, max_frames=1,
+                           labels=batch.labels)
+        logits, _ = head.logits(states, samples)
+        for said, s in zip((logits > 0).any(1), samples):
+            if s.grounding is not None:
+                right.append(bool(said) == bool(s.grounding.objects))
+    mllm.train()
+    return float(np.mean(right)) if right else float("nan")
 
 
 def parse_schedule(items: list[str]) -> list[tuple[list[str], int]]:
@@ -195,6 +218,9 @@ def main() -> None:
     parser.add_argument("--words-regress", type=float, default=0.0, help="stage.aux.words.regress: pull the tokens "
                         "onto their words (relative squared error), not only toward them")
     parser.add_argument("--words-layer", type=int, default=0, help="after how many LLM blocks (0: the inputs)")
+    parser.add_argument("--lookup-loss", type=float, default=0.0, help="weight of stage.aux.lookup: the answer "
+                        "position's state queries the visual tokens for what the question names (image first too)")
+    parser.add_argument("--lookup-layer", type=int, default=4, help="after how many LLM blocks the lookup reads")
     parser.add_argument("--cosine", action="store_true", help="decay the rate as the recipe does (to 5%%)")
     parser.add_argument("--recipe", choices=("tiny", "smol"), default="tiny",
                         help="the model: tiny's pretrain stage (a fresh LLM) or smol's align stage (SmolLM2)")
@@ -238,6 +264,9 @@ def main() -> None:
     if args.words_loss:
         options = WordOptions(layer=args.words_layer, labels=list(CLASSES), regress=args.words_regress)
         aux.append((WordLoss(options, context), args.words_loss))
+    lookup = LookupLoss(LookupOptions(layer=args.lookup_layer), context) if args.lookup_loss else None
+    if lookup is not None:
+        aux.append((lookup, args.lookup_loss))
     params = [p for p in mllm.parameters() if p.requires_grad] + [p for h, _ in aux for p in h.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=cfg.optim.weight_decay)
     total = sum(n for _, n in phases)
@@ -263,12 +292,14 @@ def main() -> None:
                        "sure_per_task": {t: round(a, 3) for t, (_, a) in stats.items()},
                        "focus_iou": {t: round(focus_iou(mllm, head, b), 3) for t, b in held.items()}
                        if args.match_loss else None,
+                       "lookup_acc": {t: round(lookup_accuracy(mllm, lookup, b), 3) for t, b in held.items()}
+                       if lookup is not None else None,
                        "wall_s": round(time.perf_counter() - t0, 1)}
                 curve.append(row)
                 print(row, flush=True)
     emit({"features": args.features, "match_loss": args.match_loss, "attr_loss": args.attr_loss,
           "words_loss": args.words_loss, "words_layer": args.words_layer, "words_regress": args.words_regress,
-          "match_layer": args.match_layer, "phases": [{"tasks": t, "steps": n} for t, n in phases], "lr": args.lr,
+          "match_layer": args.match_layer, "lookup_loss": args.lookup_loss, "lookup_layer": args.lookup_layer, "phases": [{"tasks": t, "steps": n} for t, n in phases], "lr": args.lr,
           "image_first": args.image_first, "max_objects": args.max_objects, "cache_s": round(cache_s, 1),
           "recipe": args.recipe, "llm": args.llm, "batch_size": args.batch_size, "held": args.held,
           "curve": curve}, args.out)

@@ -16,6 +16,9 @@ today, RefCOCO/COCO annotations as well. A sample without that ground truth cont
 - ``words`` (:class:`WordLoss`) — the visual tokens (by default as the LLM receives them, after the projector)
   point where the LLM's own input embeddings of their labels' words point (" red", " circle"; cosine
   classification against the frozen word vectors), so a pretrained LLM reads them as it reads those words.
+- ``lookup`` (:class:`LookupLoss`) — region-phrase alignment read from the question's side: the state that
+  predicts the first answer token queries the visual tokens (a bilinear head) for what the question names, so it
+  works when the image comes first and its tokens cannot see the question (where ``focus`` cannot be built).
 """
 
 from __future__ import annotations
@@ -46,12 +49,23 @@ class AuxStates:
         visual: ``(B, L)`` bool, the visual-token positions (frame by frame, in sample order).
         inputs: the batch's :class:`ExpertInputs` (vision features and grids; None for a text-only batch).
         max_frames: the model's frame budget (a longer video is sampled down as the processor does).
+        labels: ``(B, L)`` the LM targets (``-100`` where unsupervised), or None: where the answers start.
     """
 
     layer_states: Sequence[torch.Tensor]
     visual: torch.Tensor
     inputs: Optional[ExpertInputs]
     max_frames: int
+    labels: Optional[torch.Tensor] = None
+
+    def answer_positions(self) -> torch.Tensor:
+        """``(B,)`` per sample the position whose state predicts the first answer token (the first question's
+        last token), -1 where the sample has no supervised answer (or the batch no labels)."""
+        if self.labels is None:
+            return torch.full((self.visual.shape[0],), -1, dtype=torch.long)
+        supervised = self.labels.cpu() != -100
+        first = supervised.float().argmax(1)  # (B,) the first supervised position
+        return torch.where(supervised.any(1), first - 1, torch.full_like(first, -1))
 
     def visual_tokens(self, layer: int) -> torch.Tensor:
         """``(F, N', H)`` hidden states of the visual tokens after ``layer`` blocks."""
@@ -138,6 +152,12 @@ def grounding_cover(samples: Sequence[Sample], grid: tuple[int, int],
     if not targets:
         return torch.zeros(0, grid[0] * grid[1]), torch.zeros(0, dtype=torch.bool)
     return torch.stack(targets), torch.tensor(valid)
+
+
+def frame_rows(samples: Sequence[Sample], max_frames: int) -> torch.Tensor:
+    """``(F,)`` the batch row (sample index) of every frame the processor feeds, in its order."""
+    rows = {id(s): i for i, s in enumerate(samples)}
+    return torch.tensor([rows[id(s)] for s, _ in _frames(samples, max_frames)], dtype=torch.long)
 
 
 def label_maps(samples: Sequence[Sample], grid: tuple[int, int], max_frames: int,
@@ -328,6 +348,59 @@ class WordLoss(AuxLoss):
         return total
 
 
+@dataclass
+class LookupOptions(AuxOptions):
+    """``layer``: after how many LLM blocks both sides are read; ``dim``: the width of the query and key
+    projections; ``pos_weight``: BCE weight of a positive token."""
+
+    layer: int = 4
+    dim: int = 64
+    pos_weight: float = 10.0
+
+
+class LookupLoss(AuxLoss):
+    """Region-phrase alignment from the question's side: after ``layer`` blocks, the state that predicts the
+    first answer token is projected to a query, every visual token of its sample to a key, and their scaled dot
+    product (one attention logit) says whether the token shows what the question names (BCE against
+    :func:`grounding_cover`; a question naming nothing present has no positive token).
+
+    It asks of the answer position what an attention head must do to answer "is there ...?": find the tokens
+    that match the phrase, or none. Unlike ``focus`` it needs no question before the image."""
+
+    options_cls = LookupOptions
+
+    def __init__(self, options: LookupOptions, context: AuxContext) -> None:
+        super().__init__(options, context)
+        _check_layer(options.layer, context.num_layers)
+        if options.dim < 1:
+            raise ConfigError(f"dim must be >= 1, got {options.dim}")
+        self.query = nn.Linear(context.hidden_size, options.dim)
+        self.key = nn.Linear(context.hidden_size, options.dim)
+        self.bias = nn.Parameter(torch.tensor(-2.0))
+
+    def logits(self, states: AuxStates, samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(F, N')`` the lookup logits of every frame's visual tokens and ``(F,)`` bool: the frame's sample has
+        an answer position."""
+        tokens = states.visual_tokens(self.options.layer).to(self.key.weight.dtype)  # (F, N', H)
+        hidden = states.layer_states[self.options.layer]  # (B, L, H)
+        rows = frame_rows(samples, states.max_frames)  # (F,)
+        at = states.answer_positions()[rows]  # (F,)
+        asked = hidden[rows.to(hidden.device), at.clamp(min=0).to(hidden.device)]  # (F, H)
+        q = self.query(asked.to(self.query.weight.dtype))  # (F, d)
+        k = self.key(tokens)  # (F, N', d)
+        logits = torch.einsum("fd,fnd->fn", q, k).float() / self.options.dim ** 0.5 + self.bias
+        return logits, at >= 0
+
+    def loss(self, states: AuxStates, samples: Sequence[Sample]) -> torch.Tensor:
+        logits, asked = self.logits(states, samples)
+        targets, valid = grounding_cover(samples, states.inputs.visual_grid, states.max_frames)
+        valid = (valid & asked).to(logits.device)
+        if not bool(valid.any()):
+            return logits.sum() * 0.0
+        weight = torch.tensor(self.options.pos_weight, device=logits.device)
+        return F.binary_cross_entropy_with_logits(logits[valid], targets.to(logits)[valid], pos_weight=weight)
+
+
 def _label_classes(labels: Sequence[str], context: AuxContext) -> dict[str, tuple[str, ...]]:
     """``{kind: classes}`` of the labelling kinds a loss names, or :class:`ConfigError` for one the data lack."""
     missing = [k for k in labels if k not in context.label_classes]
@@ -344,7 +417,7 @@ def _check_layer(layer: int, num_layers: int) -> None:
 
 #: name -> auxiliary loss class (what ``stage.aux`` names)
 AUX_LOSSES: dict[str, type[AuxLoss]] = {"focus": FocusLoss, "attr": AttributeLoss, "patch": PatchLoss,
-                                        "words": WordLoss}
+                                        "words": WordLoss, "lookup": LookupLoss}
 
 
 def parse_aux(raw: Mapping[str, Any], where: str = "stage.aux") -> dict[str, AuxOptions]:

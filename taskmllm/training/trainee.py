@@ -81,9 +81,9 @@ class Trainee(nn.Module):
         logits = "supervised" if s.lm_weight != 0 else "none"  # the LM head only where a loss needs it
         out = joint(group.batch, group.targets, self.active, logits, detach_context=s.detach_context,
                     placeholders=True)
-        host_ids = group.batch.on_host().input_ids
-        states = AuxStates(out.mllm.layer_states, host_ids == joint.mllm.image_id, out.mllm.expert_inputs,
-                           joint.mllm.config.max_frames)
+        host = group.batch.on_host()
+        states = AuxStates(out.mllm.layer_states, host.input_ids == joint.mllm.image_id, out.mllm.expert_inputs,
+                           joint.mllm.config.max_frames, host.labels)
         if out.mllm.expert_inputs is None:  # a text-only group: no visual token for any auxiliary loss to read
             nothing = out.mllm.layer_states[-1].sum() * 0.0
             extra = {name: (aux.weight, nothing) for name, aux in self.aux.items()}
