@@ -179,6 +179,40 @@ def lookup_accuracy(mllm, head, batches) -> float:
     return float(np.mean(right)) if right else float("nan")
 
 
+def words_first(mllm, words, batches, steps: int, lr: float) -> list[dict]:
+    """Train the projector alone with the words loss at the LLM's inputs for ``steps`` steps (no LLM forward: the
+    loss reads only the embedded visual tokens), so the answers later start from tokens that read like words."""
+    params = list(mllm.projector.parameters()) + list(words.parameters())
+    opt = torch.optim.AdamW(params, lr=lr)
+    curve = []
+    for step in range(1, steps + 1):
+        batch, feats, samples = batches[(step - 1) % len(batches)]
+        emb = mllm.embed(batch.input_ids, visual_inputs(mllm, feats))
+        inputs = ExpertInputs(feats, mllm.vision.grid, mllm.config.vision.image_size, [1] * len(samples),
+                              [s.hw for s in samples], visual_grid=mllm.grid)
+        loss = words.loss(AuxStates((emb,), batch.input_ids == mllm.image_id, inputs, max_frames=1), samples)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % max(1, steps // 4) == 0 or step == steps:
+            curve.append({"words_first_step": step, "words_loss": round(loss.item(), 4)})
+            print(curve[-1], flush=True)
+    return curve
+
+
+@torch.no_grad()
+def oracle_cosine(mllm, batches) -> dict:
+    """Held-out mean cosine of the projected tokens to the ``words`` oracle, on tokens an object covers (>= 0.2)
+    and on background tokens."""
+    obj, bg = [], []
+    for batch, feats, samples in batches:
+        cos = torch.nn.functional.cosine_similarity(visual_inputs(mllm, feats), word_tokens(mllm, samples), dim=-1)
+        shown = label_maps(samples, mllm.grid, 1, CLASSES, min_cover=0.2)["category"] > 0
+        obj.append(cos[shown])
+        bg.append(cos[~shown])
+    return {"object": round(float(torch.cat(obj).mean()), 3), "background": round(float(torch.cat(bg).mean()), 3)}
+
+
 def parse_schedule(items: list[str]) -> list[tuple[list[str], int]]:
     """``["color:400", "exist,count:600"]`` -> ``[(["color"], 400), (["exist", "count"], 600)]``."""
     phases = []
@@ -221,6 +255,8 @@ def main() -> None:
     parser.add_argument("--lookup-loss", type=float, default=0.0, help="weight of stage.aux.lookup: the answer "
                         "position's state queries the visual tokens for what the question names (image first too)")
     parser.add_argument("--lookup-layer", type=int, default=4, help="after how many LLM blocks the lookup reads")
+    parser.add_argument("--words-first", type=int, default=0, help="steps of the projector alone on the words "
+                        "loss (needs --words-loss; no LLM forward) before the answers train")
     parser.add_argument("--cosine", action="store_true", help="decay the rate as the recipe does (to 5%%)")
     parser.add_argument("--recipe", choices=("tiny", "smol"), default="tiny",
                         help="the model: tiny's pretrain stage (a fresh LLM) or smol's align stage (SmolLM2)")
@@ -267,6 +303,14 @@ def main() -> None:
     lookup = LookupLoss(LookupOptions(layer=args.lookup_layer), context) if args.lookup_loss else None
     if lookup is not None:
         aux.append((lookup, args.lookup_loss))
+    first = []
+    if args.words_first:
+        if not args.words_loss:
+            parser.error("--words-first trains the words loss: give --words-loss")
+        words = next(h for h, _ in aux if isinstance(h, WordLoss))
+        first = words_first(mllm, words, trains[0], args.words_first, args.lr)
+        first.append({"oracle_cosine": {t: oracle_cosine(mllm, b) for t, b in held.items()}})
+        print(first[-1], flush=True)
     params = [p for p in mllm.parameters() if p.requires_grad] + [p for h, _ in aux for p in h.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=cfg.optim.weight_decay)
     total = sum(n for _, n in phases)
@@ -302,7 +346,7 @@ def main() -> None:
           "match_layer": args.match_layer, "lookup_loss": args.lookup_loss, "lookup_layer": args.lookup_layer, "phases": [{"tasks": t, "steps": n} for t, n in phases], "lr": args.lr,
           "image_first": args.image_first, "max_objects": args.max_objects, "cache_s": round(cache_s, 1),
           "recipe": args.recipe, "llm": args.llm, "batch_size": args.batch_size, "held": args.held,
-          "curve": curve}, args.out)
+          "words_first": first, "curve": curve}, args.out)
 
 
 if __name__ == "__main__":
