@@ -114,6 +114,12 @@ class AuxLoss(nn.Module, ABC):
     def weight(self) -> float:
         return self.options.weight
 
+    @property
+    def depth(self) -> int:
+        """The deepest LLM state the loss reads: ``n`` = after n blocks, 0 = the LLM's inputs or the vision
+        features (a stage whose every loss has depth 0 need not run the LLM)."""
+        return int(getattr(self.options, "layer", 0))
+
     @abstractmethod
     def loss(self, states: AuxStates, samples: Sequence[Sample]) -> torch.Tensor:
         """A scalar loss of one forward of ``samples`` (zero, still on the graph, when none has a target)."""

@@ -75,8 +75,16 @@ class Trainee(nn.Module):
             parts.update(norms)
         return loss, parts
 
+    @property
+    def reads_llm(self) -> bool:
+        """Whether any loss of the stage reads past the LLM's inputs: the LM loss, a running expert (the router
+        reads the last layer), an auxiliary loss at depth > 0. When none does, a forward stops at the inputs."""
+        return self.settings.lm_weight != 0 or bool(self.active) or any(a.depth > 0 for a in self.aux.values())
+
     def _group(self, group: Group) -> dict:
         """One joint forward: LM loss and supervised tokens, expert terms and calls per task, auxiliary losses."""
+        if not self.reads_llm:
+            return self._inputs_only(group)
         joint, s = self.joint, self.settings
         logits = "supervised" if s.lm_weight != 0 else "none"  # the LM head only where a loss needs it
         out = joint(group.batch, group.targets, self.active, logits, detach_context=s.detach_context,
@@ -84,12 +92,7 @@ class Trainee(nn.Module):
         host = group.batch.on_host()
         states = AuxStates(out.mllm.layer_states, host.input_ids == joint.mllm.image_id, out.mllm.expert_inputs,
                            joint.mllm.config.max_frames, host.labels)
-        if out.mllm.expert_inputs is None:  # a text-only group: no visual token for any auxiliary loss to read
-            nothing = out.mllm.layer_states[-1].sum() * 0.0
-            extra = {name: (aux.weight, nothing) for name, aux in self.aux.items()}
-        else:
-            extra = {name: (aux.weight, aux.loss(states, group.samples)) for name, aux in self.aux.items()}
-        seen = sum(x.image is not None or x.frames is not None for x in group.samples)
+        extra, seen = self._aux_losses(states, group, out.mllm.layer_states[-1])
         calls: dict[str, int] = {}
         for call in out.calls:
             calls[call.task] = calls.get(call.task, 0) + 1
@@ -100,6 +103,32 @@ class Trainee(nn.Module):
         return {"lm": out.lm_loss, "tokens": group.tokens, "experts": out.expert_losses, "calls": calls,
                 "extra": extra, "n": seen, "zero": out.placeholder, "hidden": out.mllm.hidden_states,
                 "embeddings": embeddings}
+
+    def _inputs_only(self, group: Group) -> dict:
+        """The auxiliary losses of ``group`` on the LLM's input embeddings (visual tokens and queries merged),
+        the LLM not run: what a stage whose losses all read depth 0 needs (e.g. a projector warm-up on
+        ``words``; on SmolLM2 a step then costs the vision tower, not 30 blocks)."""
+        mllm, batch = self.joint.mllm, group.batch
+        host = batch.on_host()
+        feats, visual = (None, None) if batch.pixel_values is None else mllm.encode_images(batch.pixel_values)
+        emb = mllm.embed(batch.input_ids, visual, host.input_ids)  # (B, L, H)
+        states = AuxStates((emb,), host.input_ids == mllm.image_id, mllm.expert_inputs(batch, feats, emb),
+                           mllm.config.max_frames, host.labels)
+        extra, seen = self._aux_losses(states, group, emb)
+        return {"lm": emb.sum() * 0.0, "tokens": group.tokens, "experts": {}, "calls": {}, "extra": extra, "n": seen,
+                "zero": None, "hidden": emb, "embeddings": emb}
+
+    def _aux_losses(self, states: AuxStates, group: Group, anchor: torch.Tensor
+                    ) -> tuple[dict[str, tuple[float, torch.Tensor]], int]:
+        """``{name: (weight, loss)}`` of the stage's auxiliary losses on ``states`` and the number of samples with
+        pixels (their weight when groups are recombined). A text-only group has no visual token to read: every
+        loss is then an exact zero on ``anchor``'s graph."""
+        if states.inputs is None:
+            nothing = anchor.sum() * 0.0
+            extra = {name: (aux.weight, nothing) for name, aux in self.aux.items()}
+        else:
+            extra = {name: (aux.weight, aux.loss(states, group.samples)) for name, aux in self.aux.items()}
+        return extra, sum(x.image is not None or x.frames is not None for x in group.samples)
 
 
 def task_losses(lm: torch.Tensor, terms: dict[str, torch.Tensor], experts: list[str], settings: LossSettings,

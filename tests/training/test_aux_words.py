@@ -100,3 +100,34 @@ def test_words_loss_trains_in_a_stage(tmp_path):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in joint.mllm.projector.parameters())
     table = joint.mllm.llm.get_input_embeddings().weight.grad
     assert table is None or not table.any()  # the word vectors are targets, not trained by this loss
+
+
+def test_a_stage_whose_losses_read_only_the_inputs_does_not_run_the_llm(tmp_path):
+    """LM weight 0, no expert, ``words`` at layer 0 (a projector warm-up): the LLM's blocks never run, and the
+    loss equals the words loss on the input embeddings of a full forward (the oracle); a loss at depth > 0 runs it."""
+    from taskmllm.data.shapesworld import WorldConfig, shapesworld_dataset
+    from taskmllm.training.trainee import LossSettings, Trainee, forward_loss
+
+    cfg = load_config(RECIPE / "pretrain.yaml", overrides(
+        tmp_path, "--stage.aux={words: {labels: [category, color], regress: 1.0}}", "--stage.lm_weight=0",
+        "--stage.expert_weights={seg: 0, det: 0, track: 0}"))
+    joint = build_joint(cfg)
+    aux = build_aux(cfg.stage.aux, aux_context(joint, cfg.data.specs()))
+    trainee = Trainee(joint, aux, LossSettings(lm_weight=0.0, expert_weights=cfg.stage.expert_weights))
+    assert not trainee.reads_llm
+    blocks = []
+    hook = joint.mllm.llm.get_decoder().layers[0].register_forward_hook(lambda *a: blocks.append(1))
+    data = shapesworld_dataset({"color": 1.0, "caption": 1.0}, 3, seed=0, config=WorldConfig(image_size=48))
+    loss, parts = forward_loss(trainee, list(data), torch.device("cpu"))
+    assert blocks == []
+    batch = joint.mllm.processor.conversations([s.turns for s in data], [s.image for s in data])
+    out = joint.mllm(batch, "none")
+    assert blocks  # the oracle's full forward runs the blocks
+    hook.remove()
+    states = AuxStates(out.layer_states, batch.input_ids == joint.mllm.image_id, out.expert_inputs, 1, batch.labels)
+    assert float(loss) == pytest.approx(float(aux["words"].loss(states, list(data))), rel=1e-5)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in joint.mllm.projector.parameters())
+    deeper = build_aux({"words": {"labels": ["category"], "layer": 1}}, aux_context(joint, cfg.data.specs()))
+    assert Trainee(joint, deeper, LossSettings(lm_weight=0.0, expert_weights=cfg.stage.expert_weights)).reads_llm
+    assert Trainee(joint, aux, LossSettings(lm_weight=1.0, expert_weights=cfg.stage.expert_weights)).reads_llm
