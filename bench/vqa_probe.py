@@ -257,6 +257,8 @@ def main() -> None:
     parser.add_argument("--lookup-layer", type=int, default=4, help="after how many LLM blocks the lookup reads")
     parser.add_argument("--words-first", type=int, default=0, help="steps of the projector alone on the words "
                         "loss (needs --words-loss; no LLM forward) before the answers train")
+    parser.add_argument("--freeze-projector", action="store_true", help="after --words-first, keep the projector "
+                        "fixed: only the LLM (its LoRA) learns to read the tokens")
     parser.add_argument("--cosine", action="store_true", help="decay the rate as the recipe does (to 5%%)")
     parser.add_argument("--recipe", choices=("tiny", "smol"), default="tiny",
                         help="the model: tiny's pretrain stage (a fresh LLM) or smol's align stage (SmolLM2)")
@@ -311,6 +313,10 @@ def main() -> None:
         first = words_first(mllm, words, trains[0], args.words_first, args.lr)
         first.append({"oracle_cosine": {t: oracle_cosine(mllm, b) for t, b in held.items()}})
         print(first[-1], flush=True)
+    if args.freeze_projector:
+        for p in mllm.projector.parameters():
+            p.requires_grad_(False)
+        aux = [(h, w) for h, w in aux if not isinstance(h, WordLoss)]  # it trains only the projector
     params = [p for p in mllm.parameters() if p.requires_grad] + [p for h, _ in aux for p in h.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=cfg.optim.weight_decay)
     total = sum(n for _, n in phases)
@@ -346,7 +352,7 @@ def main() -> None:
           "match_layer": args.match_layer, "lookup_loss": args.lookup_loss, "lookup_layer": args.lookup_layer, "phases": [{"tasks": t, "steps": n} for t, n in phases], "lr": args.lr,
           "image_first": args.image_first, "max_objects": args.max_objects, "cache_s": round(cache_s, 1),
           "recipe": args.recipe, "llm": args.llm, "batch_size": args.batch_size, "held": args.held,
-          "words_first": first, "curve": curve}, args.out)
+          "words_first": first, "freeze_projector": args.freeze_projector, "curve": curve}, args.out)
 
 
 if __name__ == "__main__":
