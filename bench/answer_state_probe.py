@@ -24,10 +24,10 @@ import time
 import torch
 
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
-from vqa_probe import CLASSES, cached_batches, visual_inputs, word_tokens, words_first
+from vqa_probe import CLASSES, aux_states, cached_batches, visual_inputs, word_tokens, words_first
 from taskmllm.eval.suites import DEFAULT_EVAL_SEED
 from taskmllm.model.processor import positions
-from taskmllm.training.aux import AuxContext, AuxStates, WordLoss, WordOptions
+from taskmllm.training.aux import AuxContext, WordLoss, WordOptions
 from taskmllm.training.config import load_config
 from taskmllm.training.recipe_run import RECIPES
 from taskmllm.training.train import build_joint, word_vectors
@@ -47,7 +47,7 @@ def answer_states(mllm, batches, kind: str, layers: list[int]) -> tuple[torch.Te
         emb = mllm.embed(batch.input_ids, tokens)
         out = mllm.llm(inputs_embeds=emb, attention_mask=batch.attention_mask,
                        position_ids=positions(batch.attention_mask), use_cache=False, output_hidden_states=True)
-        at = AuxStates(out.hidden_states, batch.input_ids == mllm.image_id, None, 1, batch.labels).answer_positions()
+        at = aux_states(mllm, batch, feats, samples, out.hidden_states).answer_positions()
         rows = torch.arange(len(samples))
         for i, layer in enumerate(layers):
             per_layer[i].append(out.hidden_states[layer][rows, at].float())  # (B, H)
@@ -103,8 +103,8 @@ def main() -> None:
         rows[kind] = {layer: round(probe_accuracy(x[i], y, x_held[i], y_held), 3)
                       for i, layer in enumerate(args.layers)}
         print(kind, rows[kind], flush=True)
-    emit({"n": args.n, "held": args.held, "words_first": args.words_first, "yes_share_held": round(float(y_held.mean()), 3),
-          "accuracy_by_layer": rows, "wall_s": round(time.perf_counter() - t0, 1)}, args.out)
+    emit({"n": args.n, "held": args.held, "words_first": args.words_first,
+          "yes_share_held": round(float(y_held.mean()), 3), "accuracy_by_layer": rows, "wall_s": round(time.perf_counter() - t0, 1)}, args.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """How many objects can a grid of visual tokens show? The share of a world's objects that some token shows.
 
 A token "shows" an object when that object covers the largest part of the token and at least ``cover`` of it
-(the rule of the auxiliary losses' targets, ``taskmllm.training.aux.label_maps``). An object no token shows is
+(the rule of the auxiliary losses' targets, ``taskmllm.training.aux_targets.label_maps``). An object no token shows is
 a question the LLM can only answer from a mixture: on ShapesWorld at 192 px the recipe's 4 x 4 tokens (the 12 x 12
 grid pooled 3 x 3) show about a quarter of the objects at half cover, so an existence question is often about an
 object that is nowhere in the tokens. Pure geometry of the data: no model runs.

@@ -28,7 +28,7 @@ from torch import nn
 from taskmllm.data.shapesworld import COLORS, SHAPES, ShapesWorld, WorldConfig
 from taskmllm.model.config import VisionConfig
 from taskmllm.model.vision import build_vision_tower
-from taskmllm.training.aux import label_maps
+from taskmllm.training.aux_targets import label_maps
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
 
 SIZE, GRID = 96, (6, 6)

@@ -45,7 +45,8 @@ from taskmllm.model.processor import positions
 from taskmllm.training.recipe_run import RECIPES
 from taskmllm.training.config import load_config
 from taskmllm.training.aux import (AttributeLoss, AttributeOptions, AuxContext, AuxStates, FocusLoss, FocusOptions,
-                                   LookupLoss, LookupOptions, WordLoss, WordOptions, grounding_cover, label_maps)
+                                   LookupLoss, LookupOptions, WordLoss, WordOptions)
+from taskmllm.training.aux_targets import grounding_cover, label_maps
 from taskmllm.training.config import StageConfig
 from taskmllm.training.stages import apply_stage
 from taskmllm.training.train import build_joint, word_vectors
@@ -102,6 +103,13 @@ def visual_inputs(mllm, feats):
     return mllm.projector(pooled)
 
 
+def aux_states(mllm, batch, feats, samples, layer_states) -> AuxStates:
+    """What the auxiliary losses read of a probe forward over cached ``feats`` (one frame per sample)."""
+    inputs = ExpertInputs(feats, mllm.vision.grid, mllm.config.vision.image_size, [1] * len(samples),
+                          [s.hw for s in samples], visual_grid=mllm.grid)
+    return AuxStates(layer_states, batch.input_ids == mllm.image_id, inputs, max_frames=1, labels=batch.labels)
+
+
 def answer_loss(mllm, batch, feats, reduce: bool = True, aux=None, samples=None):
     """LM loss of the answers given cached features (mean over tokens, or summed per sample).
 
@@ -116,10 +124,7 @@ def answer_loss(mllm, batch, feats, reduce: bool = True, aux=None, samples=None)
         return sequence_nll(out.logits, batch.labels)
     loss = lm_loss(out.logits, batch.labels)
     if aux:
-        inputs = ExpertInputs(feats, mllm.vision.grid, mllm.config.vision.image_size, [1] * len(samples),
-                              [s.hw for s in samples], visual_grid=mllm.grid)
-        states = AuxStates(out.hidden_states, batch.input_ids == mllm.image_id, inputs, max_frames=1,
-                           labels=batch.labels)
+        states = aux_states(mllm, batch, feats, samples, out.hidden_states)
         for head, weight in aux:
             loss = loss + weight * head.loss(states, samples)
     return loss
@@ -167,11 +172,7 @@ def lookup_accuracy(mllm, head, batches) -> float:
         emb = mllm.embed(batch.input_ids, visual_inputs(mllm, feats))
         out = mllm.llm(inputs_embeds=emb, attention_mask=batch.attention_mask,
                        position_ids=positions(batch.attention_mask), use_cache=False, output_hidden_states=True)
-        inputs = ExpertInputs(feats, mllm.vision.grid, mllm.config.vision.image_size, [1] * len(samples),
-                              [s.hw for s in samples], visual_grid=mllm.grid)
-        states = AuxStates(out.hidden_states, batch.input_ids == mllm.image_id, inputs, max_frames=1,
-                           labels=batch.labels)
-        logits, _ = head.logits(states, samples)
+        logits, _ = head.logits(aux_states(mllm, batch, feats, samples, out.hidden_states), samples)
         for said, s in zip((logits > 0).any(1), samples):
             if s.grounding is not None:
                 right.append(bool(said) == bool(s.grounding.objects))
@@ -188,9 +189,7 @@ def words_first(mllm, words, batches, steps: int, lr: float) -> list[dict]:
     for step in range(1, steps + 1):
         batch, feats, samples = batches[(step - 1) % len(batches)]
         emb = mllm.embed(batch.input_ids, visual_inputs(mllm, feats))
-        inputs = ExpertInputs(feats, mllm.vision.grid, mllm.config.vision.image_size, [1] * len(samples),
-                              [s.hw for s in samples], visual_grid=mllm.grid)
-        loss = words.loss(AuxStates((emb,), batch.input_ids == mllm.image_id, inputs, max_frames=1), samples)
+        loss = words.loss(aux_states(mllm, batch, feats, samples, (emb,)), samples)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -349,7 +348,8 @@ def main() -> None:
                 print(row, flush=True)
     emit({"features": args.features, "match_loss": args.match_loss, "attr_loss": args.attr_loss,
           "words_loss": args.words_loss, "words_layer": args.words_layer, "words_regress": args.words_regress,
-          "match_layer": args.match_layer, "lookup_loss": args.lookup_loss, "lookup_layer": args.lookup_layer, "phases": [{"tasks": t, "steps": n} for t, n in phases], "lr": args.lr,
+          "match_layer": args.match_layer, "lookup_loss": args.lookup_loss, "lookup_layer": args.lookup_layer,
+          "phases": [{"tasks": t, "steps": n} for t, n in phases], "lr": args.lr,
           "image_first": args.image_first, "max_objects": args.max_objects, "cache_s": round(cache_s, 1),
           "recipe": args.recipe, "llm": args.llm, "batch_size": args.batch_size, "held": args.held,
           "words_first": first, "freeze_projector": args.freeze_projector, "curve": curve}, args.out)

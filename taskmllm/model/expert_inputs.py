@@ -40,6 +40,11 @@ class ExpertInputs:
     visual_grid: Optional[tuple[int, int]] = None
     pixels: Optional[torch.Tensor] = None
 
+    def frame_samples(self) -> torch.Tensor:
+        """``(F,)`` the sample (batch row) of each row of ``features``, on the CPU."""
+        counts = torch.as_tensor(list(self.frames_per_sample), dtype=torch.long)
+        return torch.repeat_interleave(torch.arange(len(counts)), counts)
+
     def frames(self, sample: int) -> slice:
         """The rows of ``features`` (and ``visual_states``, ``pixels``) that hold sample ``sample``'s frames.
 

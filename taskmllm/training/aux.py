@@ -35,8 +35,8 @@ from torch import nn
 from taskmllm.data.sample import Sample
 from taskmllm.errors import ConfigError
 from taskmllm.model.expert_inputs import ExpertInputs
-from taskmllm.model.processor import sample_frames
 from taskmllm.schema import from_dict, suggest
+from taskmllm.training.aux_targets import grounding_cover, label_maps
 
 
 @dataclass
@@ -49,7 +49,8 @@ class AuxStates:
         visual: ``(B, L)`` bool, the visual-token positions (frame by frame, in sample order).
         inputs: the batch's :class:`ExpertInputs` (vision features and grids; None for a text-only batch).
         max_frames: the model's frame budget (a longer video is sampled down as the processor does).
-        labels: ``(B, L)`` the LM targets (``-100`` where unsupervised), or None: where the answers start.
+        labels: ``(B, L)`` the LM targets (``-100`` where unsupervised; the batch's host copy), or None: where
+            the answers start.
     """
 
     layer_states: Sequence[torch.Tensor]
@@ -63,7 +64,7 @@ class AuxStates:
         last token), -1 where the sample has no supervised answer (or the batch no labels)."""
         if self.labels is None:
             return torch.full((self.visual.shape[0],), -1, dtype=torch.long)
-        supervised = self.labels.cpu() != -100
+        supervised = self.labels != -100
         first = supervised.float().argmax(1)  # (B,) the first supervised position
         return torch.where(supervised.any(1), first - 1, torch.full_like(first, -1))
 
@@ -123,76 +124,6 @@ class AuxLoss(nn.Module, ABC):
     @abstractmethod
     def loss(self, states: AuxStates, samples: Sequence[Sample]) -> torch.Tensor:
         """A scalar loss of one forward of ``samples`` (zero, still on the graph, when none has a target)."""
-
-
-# --------------------------------------------------------------------------------------------- targets
-def _frames(samples: Sequence[Sample], max_frames: int):
-    """``(sample, frame index)`` of every frame the processor feeds, in its order (text-only samples have none)."""
-    for s in samples:
-        if s.frames is None and s.image is None:
-            continue
-        n = s.frames.shape[0] if s.frames is not None else 1
-        for t in sample_frames(list(range(n)), max_frames):
-            yield s, t
-
-
-def grounding_cover(samples: Sequence[Sample], grid: tuple[int, int],
-                    max_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per frame, how much of each token of ``grid`` the regions the question names cover.
-
-    Returns ``(F, h*w)`` targets in [0, 1] — the area fraction covered by the union of the named objects'
-    masks (boxes where there is no mask), doubled and capped at 1, so a token half covered counts as on it —
-    and ``(F,)`` bool: the frame's sample has a :class:`~taskmllm.data.sample.Grounding`.
-    """
-    targets, valid = [], []
-    for s, t in _frames(samples, max_frames):
-        named = [o for o in s.objects if s.grounding is not None and o.id in s.grounding.objects]
-        hit = np.zeros(s.hw, np.float32)
-        for obj in named:
-            m = obj.frame_mask(t, s.hw)
-            if m is not None:
-                hit = np.maximum(hit, m.astype(np.float32))
-        cover = F.adaptive_avg_pool2d(torch.from_numpy(hit)[None, None], grid).flatten()
-        targets.append((2 * cover).clamp(max=1.0))
-        valid.append(s.grounding is not None)
-    if not targets:
-        return torch.zeros(0, grid[0] * grid[1]), torch.zeros(0, dtype=torch.bool)
-    return torch.stack(targets), torch.tensor(valid)
-
-
-def frame_rows(samples: Sequence[Sample], max_frames: int) -> torch.Tensor:
-    """``(F,)`` the batch row (sample index) of every frame the processor feeds, in its order."""
-    rows = {id(s): i for i, s in enumerate(samples)}
-    return torch.tensor([rows[id(s)] for s, _ in _frames(samples, max_frames)], dtype=torch.long)
-
-
-def label_maps(samples: Sequence[Sample], grid: tuple[int, int], max_frames: int,
-               classes: Mapping[str, Sequence[str]], min_cover: float = 0.5) -> dict[str, torch.Tensor]:
-    """Per labelling kind, the ``(F, h*w)`` class index of each token of ``grid``: that of the object covering
-    the largest fraction of it when that fraction is >= ``min_cover``, else 0 (background). An object's index is
-    ``classes[kind].index(label) + 1``; an object with another label counts as background."""
-    maps: dict[str, list[torch.Tensor]] = {kind: [] for kind in classes}
-    ids = {kind: {c: i + 1 for i, c in enumerate(names)} for kind, names in classes.items()}
-    n = grid[0] * grid[1]
-    for s, t in _frames(samples, max_frames):
-        masks, labels = [], {kind: [] for kind in classes}
-        for obj in s.objects:
-            m = obj.frame_mask(t, s.hw)
-            if m is None:
-                continue
-            masks.append(m.astype(np.float32))
-            for kind in classes:
-                labels[kind].append(ids[kind].get(obj.label(kind), 0))
-        if masks:
-            cover = F.adaptive_avg_pool2d(torch.from_numpy(np.stack(masks))[None], grid)[0].flatten(1)
-            frac, which = cover.max(0)
-            keep = frac >= min_cover
-        for kind in classes:
-            out = torch.zeros(n, dtype=torch.long)
-            if masks:
-                out[keep] = torch.tensor(labels[kind])[which[keep]]
-            maps[kind].append(out)
-    return {kind: torch.stack(v) if v else torch.zeros(0, n, dtype=torch.long) for kind, v in maps.items()}
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -389,7 +320,7 @@ class LookupLoss(AuxLoss):
         an answer position."""
         tokens = states.visual_tokens(self.options.layer).to(self.key.weight.dtype)  # (F, N', H)
         hidden = states.layer_states[self.options.layer]  # (B, L, H)
-        rows = frame_rows(samples, states.max_frames)  # (F,)
+        rows = states.inputs.frame_samples()  # (F,)
         at = states.answer_positions()[rows]  # (F,)
         asked = hidden[rows.to(hidden.device), at.clamp(min=0).to(hidden.device)]  # (F, H)
         q = self.query(asked.to(self.query.weight.dtype))  # (F, d)

@@ -128,7 +128,7 @@ class Trainee(nn.Module):
             extra = {name: (aux.weight, nothing) for name, aux in self.aux.items()}
         else:
             extra = {name: (aux.weight, aux.loss(states, group.samples)) for name, aux in self.aux.items()}
-        return extra, sum(x.image is not None or x.frames is not None for x in group.samples)
+        return extra, sum(1 for frames in group.batch.frames_per_sample if frames)
 
 
 def task_losses(lm: torch.Tensor, terms: dict[str, torch.Tensor], experts: list[str], settings: LossSettings,

@@ -99,3 +99,9 @@ def test_lookup_trains_in_an_image_first_stage(tmp_path):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters())
     with pytest.raises(ConfigError, match=r"stage.aux.lookup: layer must be in 1\.\.1 "):
         build_aux({"lookup": {"layer": 9}}, aux_context(joint, cfg.data.specs()))
+
+
+def test_each_frame_knows_its_sample():
+    """A 2-frame video, a text-only sample, an image: the lookup reads frame f's question at row 0, 0, 2."""
+    inputs = ExpertInputs(torch.zeros(3, 4, 2), (2, 2), 8, [2, 0, 1], [(8, 8), None, (8, 8)])
+    assert inputs.frame_samples().tolist() == [0, 0, 2]

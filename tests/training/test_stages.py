@@ -163,7 +163,8 @@ def _aux(joint, cfg):
 def test_focus_targets_and_loss_against_hand_computed_values():
     from taskmllm.data.sample import Grounding, ObjectGT, Sample
     from taskmllm.model.expert_inputs import ExpertInputs
-    from taskmllm.training.aux import AuxContext, AuxStates, FocusLoss, FocusOptions, grounding_cover
+    from taskmllm.training.aux import AuxContext, AuxStates, FocusLoss, FocusOptions
+    from taskmllm.training.aux_targets import grounding_cover
 
     mask = np.zeros((8, 8), bool)
     mask[0:4, 0:2] = True  # half of the top-left 4 x 4 cell, nothing elsewhere
@@ -213,7 +214,7 @@ def test_aux_bad_settings_are_typed_errors(tmp_path):
 def test_label_maps_by_hand():
     """Each token takes the class of the object covering most of it when that is >= half, else background."""
     from taskmllm.data.sample import ObjectGT, Sample
-    from taskmllm.training.aux import label_maps
+    from taskmllm.training.aux_targets import label_maps
 
     a, b = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
     a[0:2, 0:2] = True  # the whole top-left cell
@@ -234,7 +235,7 @@ def test_attr_loss_equals_the_heads_on_the_llms_hidden_states_by_hand(tmp_path):
 
     from taskmllm.data.shapesworld import COLORS, SHAPES, WorldConfig, shapesworld_dataset
     from taskmllm.model.processor import positions
-    from taskmllm.training.aux import label_maps
+    from taskmllm.training.aux_targets import label_maps
     from taskmllm.training.trainee import Trainee, forward_loss
 
     cfg = load_config(RECIPE / "pretrain.yaml", overrides(tmp_path, "--stage.aux={attr: {layer: 1, labels: "
