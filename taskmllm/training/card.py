@@ -173,9 +173,22 @@ def _metrics_section(evals: dict, compared: dict[str, dict] | None = None) -> li
         beside = "".join(f" | {_fmt(c['summary'].get(task, {}).get('score'))}" for c in compared.values())
         lines.append(f"| {task} | {row['n']} | {row['routing']:.3f} | {row['metric']} | {_fmt(row.get('score'))}"
                      f"{beside} |")
+    lines += ["", decoding_line(shapes)]
     if "image_reliance" in evals:
         lines += _reliance_section(json.loads(Path(evals["image_reliance"]["json"]).read_text()))
     return lines
+
+
+def decoding_line(report: dict[str, Any]) -> str:
+    """How the evaluated answers were decoded (from a report's metadata): greedy unless it says otherwise, and
+    transformers' repetition processors at the values the report records (absent: off, the library's default)."""
+    sampling = "sampled" if report.get("do_sample") else "greedy"
+    penalty = report.get("repetition_penalty", 1.0)
+    ngram = report.get("no_repeat_ngram_size", 0)
+    return (f"Decoding of these numbers: {sampling}, `repetition_penalty` {penalty:g}"
+            f"{' (off)' if penalty == 1.0 else ''}, `no_repeat_ngram_size` {ngram}{' (off)' if ngram == 0 else ''} "
+            "(transformers' logits processors). `Pipeline`, `predict`, `eval` and the demo default to greedy with "
+            "both off and take both as options.")
 
 
 def _reliance_section(per_task: dict[str, dict]) -> list[str]:

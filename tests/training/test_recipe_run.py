@@ -85,3 +85,13 @@ def test_card_shows_the_image_reliance_table(tmp_path):
                               "image_reliance": {"json": str(tmp_path / "image_reliance.json")}})
     assert "| exist | 64 | 0.700 | 0.700 | 0.000 |" in lines
     assert "| caption | 64 | 19.900 | 27.300 | 7.400 |" in lines
+
+
+def test_card_says_how_its_answers_were_decoded():
+    """The decoding line reads the report's metadata: the defaults (both processors off) or what the eval used."""
+    from taskmllm.training.card import decoding_line
+
+    plain = decoding_line({"seed": 5})
+    assert "greedy, `repetition_penalty` 1 (off), `no_repeat_ngram_size` 0 (off)" in plain
+    tuned = decoding_line({"repetition_penalty": 1.2, "no_repeat_ngram_size": 4})
+    assert "`repetition_penalty` 1.2, `no_repeat_ngram_size` 4 (" in tuned and "(off)" not in tuned
