@@ -128,13 +128,16 @@ class DetectionResult(ExpertResult):
         return {"boxes": np.round(self.boxes, 2).tolist(), "scores": np.round(self.scores, 4).tolist()}
 
 
-def center_targets(boxes: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+def center_targets(boxes: Sequence[torch.Tensor], grid: tuple[int, int],
+                   device: Optional[torch.device] = None) -> torch.Tensor:
     """CenterNet's targets on a row-major ``(h, w)`` grid: per call ``(n, 4)`` normalized xyxy boxes -> ``(M, h*w)``
-    with 1 at every patch holding a box center, 0 elsewhere."""
-    out = torch.zeros(len(boxes), grid[0] * grid[1])
+    with 1 at every patch holding a box center, 0 elsewhere; on ``device`` (default: the boxes' device)."""
+    if device is None:
+        device = boxes[0].device if len(boxes) else torch.device("cpu")
+    out = torch.zeros(len(boxes), grid[0] * grid[1], device=device)
     for i, b in enumerate(boxes):
         if b.shape[0]:
-            out[i, center_cells(b.cpu(), grid)] = 1.0
+            out[i, center_cells(b.to(device), grid)] = 1.0
     return out
 
 
@@ -229,10 +232,9 @@ class DetectionExpert(DecoderExpert, name="det", num_queries=8, options=Detectio
         if outputs.heat is not None:
             terms["det_heat"] = opts.heat_weight * heatmap_loss(torch.cat(matched_heat), tgt, outputs.grid)
         if outputs.center is not None:
-            centers = center_targets(all_tgt, outputs.grid)  # (M, h*w) in {0, 1}, on the host
-            count = max(1.0, float(centers.sum()))
-            focal = sigmoid_focal_loss(outputs.center.float(), centers.to(outputs.center.device, non_blocking=True),
-                                       reduction="sum")
+            centers = center_targets(all_tgt, outputs.grid, outputs.center.device)  # (M, h*w) in {0, 1}
+            count = centers.sum().clamp(min=1.0)  # stays on the device: no host sync
+            focal = sigmoid_focal_loss(outputs.center.float(), centers, reduction="sum")
             terms["det_center"] = opts.center_weight * focal / count
         return terms
 
