@@ -155,3 +155,14 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
         print(f"taskmllm: internal error: {type(exc).__name__}: {one_line(exc, 300)} ({where}; please report it)",
               file=sys.stderr)
         return 1
+
+
+def check_outputs(file: Optional[str] = None, folder: Optional[str] = None, what: str = "") -> None:
+    """An output argument checked before the command imports its (heavy) library: the answer comes at once.
+    The library functions check the same paths again for their Python callers."""
+    from taskmllm.model.io import check_output_dir, check_output_file
+
+    if file is not None:
+        check_output_file(file, what)
+    if folder is not None:
+        check_output_dir(folder, what)
