@@ -48,7 +48,7 @@ def test_two_steps_of_each_stage(stages, stage):
     assert trainable["vision"]["trainable"] == 0  # MobileNetV2 stays frozen in every smol stage
     assert {n for n, r in trainable.items() if r["trainable"]} == {
         "align": {"projector", "aux.words"},
-        "see": {"projector", "llm", "aux.words", "aux.attr"},
+        "see": {"llm"},  # the projector stays at align's word-like tokens
         "heads": {"queries", "experts.seg", "experts.det", "experts.track"},
         "joint": {"projector", "llm", "queries", "experts.seg", "experts.det", "experts.track", "aux.words",
                   "aux.attr"},
