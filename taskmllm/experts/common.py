@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -90,7 +91,9 @@ def frame_embedding(projection: FeatureProjection, pe: GridPositionalEncoding, f
 
 
 class GridPositionalEncoding(nn.Module):
-    """segment_anything's random-Fourier positional encoding of a patch grid and of points.
+    """segment_anything's random-Fourier positional encoding of a patch grid and of points, always computed in
+    fp32 (the model may be cast to bf16: sin/cos of ``2 pi (2x - 1) @ G`` in bf16 loses the position, and SAM's
+    own ``forward`` builds its grid in fp32 beside a cast matrix, which fails). Callers cast the result.
 
     ``grid(h, w) -> (h*w, D)`` row-major like the patch tokens; ``points((..., 2) normalized x, y) -> (..., D)``.
     """
@@ -102,11 +105,18 @@ class GridPositionalEncoding(nn.Module):
         self.pe = PositionEmbeddingRandom(dim // 2)
 
     def grid(self, size: tuple[int, int]) -> torch.Tensor:
-        pe = self.pe(size)  # (D, h, w)
-        return pe.flatten(1).transpose(0, 1)
+        h, w = size
+        device = self.pe.positional_encoding_gaussian_matrix.device
+        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+        coords = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w)], dim=-1)  # (h, w, 2) as SAM's x, y
+        return self.points(coords).flatten(0, 1)  # (h*w, D)
 
     def points(self, coords: torch.Tensor) -> torch.Tensor:
-        return self.pe._pe_encoding(coords.to(self.pe.positional_encoding_gaussian_matrix.dtype))
+        """SAM's ``_pe_encoding`` in fp32: ``(..., 2)`` in [0, 1] -> ``(..., D)`` fp32."""
+        gaussian = self.pe.positional_encoding_gaussian_matrix.float()  # (2, D/2)
+        projected = 2 * math.pi * ((2 * coords.float() - 1) @ gaussian)
+        return torch.cat([torch.sin(projected), torch.cos(projected)], dim=-1)
 
 
 class BoxHead(nn.Module):

@@ -65,6 +65,17 @@ class DistContext:
             torch.distributed.barrier()
 
 
+def resolve_device(device: str, local_rank: int) -> torch.device:
+    """The training device of a process: ``auto`` is ``cuda:<local rank>`` when CUDA is available, else the CPU;
+    a bare ``cuda`` gets the local rank's index too (``torch.cuda.set_device`` and DDP's ``device_ids`` need one)."""
+    if device == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", local_rank)
+    return dev
+
+
 def setup_distributed(device: str) -> DistContext:
     """The process's :class:`DistContext` from torchrun/deepspeed's environment (``WORLD_SIZE``, ``LOCAL_RANK``);
     the process group is NCCL on CUDA, gloo on the CPU; ``device`` ``auto`` is ``cuda:<local rank>`` when CUDA
@@ -72,9 +83,7 @@ def setup_distributed(device: str) -> DistContext:
     over one rank); a plain ``taskmllm train`` is not."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device, local)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if "WORLD_SIZE" not in os.environ:

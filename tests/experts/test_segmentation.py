@@ -179,3 +179,26 @@ def test_detail_gets_gradient_and_needs_pixels():
     assert all(p.grad is not None for p in expert.detail.parameters())
     with pytest.raises(InputError, match="pixels"):
         expert(torch.randn(1, 1, H), _features(1))
+
+
+def test_positional_encoding_is_sams_in_fp32_also_on_a_bf16_model():
+    """The grid and point encodings equal segment_anything's ``PositionEmbeddingRandom`` bit for bit in fp32, and a
+    bf16-cast module still encodes in fp32 (SAM's own ``forward`` fails there: an fp32 grid against a bf16 matrix)."""
+    from taskmllm.experts.common import GridPositionalEncoding
+
+    torch.manual_seed(0)
+    pe = GridPositionalEncoding(32)
+    for size in [(6, 6), (3, 5)]:
+        want = pe.pe(size).flatten(1).transpose(0, 1)  # SAM: (D, h, w) -> (h*w, D)
+        assert torch.equal(pe.grid(size), want)
+    points = torch.rand(4, 2)
+    assert torch.equal(pe.points(points), pe.pe._pe_encoding(points.clone()))
+
+    half = GridPositionalEncoding(32).to(torch.bfloat16)
+    with pytest.raises(RuntimeError):
+        half.pe((6, 6))
+    rounded = half.pe.positional_encoding_gaussian_matrix.float()
+    reference = GridPositionalEncoding(32)
+    reference.pe.positional_encoding_gaussian_matrix.copy_(rounded)
+    assert half.grid((6, 6)).dtype == torch.float32
+    assert torch.equal(half.grid((6, 6)), reference.grid((6, 6)))

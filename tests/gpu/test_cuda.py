@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.recorded.prompts import answers, assert_same
+from tests.recorded.prompts import answers, assert_like, assert_same
 from tests.training.helpers import RECIPE, STAGES, overrides
 
 pytestmark = [pytest.mark.gpu,
@@ -69,25 +69,13 @@ def test_pipeline_on_cuda_answers_as_recorded_on_the_cpu(fp32_answers):
 
 def test_pipeline_in_bf16_answers_like_fp32(fp32_answers):
     """bf16 weights (read straight into bf16): the same text for at least 11 of the 13 requests and, where the text
-    agrees, masks within IoU 0.9, boxes within 4 px, scores within 0.05."""
-    from pycocotools import mask as mask_utils
-
+    agrees, masks within IoU 0.85, boxes within 4 px, scores within 0.05."""
     from taskmllm.router.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained("tiny", device="cuda", dtype=torch.bfloat16)
     assert {p.dtype for p in pipe.model.parameters()} == {torch.bfloat16}
     got = answers(pipe)["single"]
-    same = [i for i, (g, w) in enumerate(zip(got, fp32_answers["single"])) if g["text"] == w["text"]]
-    assert len(same) >= 11, [(g["text"], w["text"]) for g, w in zip(got, fp32_answers["single"])]
-    for i in same:
-        for g, w in zip(got[i]["calls"], fp32_answers["single"][i]["calls"]):
-            if "mask_rle" in w:
-                a, b = (mask_utils.decode({"size": m["size"], "counts": m["counts"].encode()}).astype(bool)
-                        for m in (g["mask_rle"], w["mask_rle"]))
-                assert (a | b).sum() == 0 or (a & b).sum() / (a | b).sum() >= 0.9
-            for key, tol in (("boxes", 4.0), ("scores", 0.05), ("visibility", 0.05)):
-                if key in w and len(g[key]) == len(w[key]):
-                    np.testing.assert_allclose(np.asarray(g[key], float), np.asarray(w[key], float), atol=tol)
+    assert_like(got, fp32_answers["single"], min_same=11)
 
 
 # ----------------------------------------------------------------------------------------------- training

@@ -59,6 +59,28 @@ def answers(pipe, batched: int = 7) -> dict[str, list]:
     return {"prompts": [p for _, p in reqs], "single": single, "batched": batch}
 
 
+def assert_like(got: list[dict], want: list[dict], min_same: int, mask_iou: float = 0.85) -> None:
+    """Lower-precision answers against fp32 ones: the same text for at least ``min_same`` requests and, where the
+    text agrees, masks within IoU ``mask_iou``, boxes within 4 px, scores and visibility within 0.05. (bf16 keeps 8
+    bits of mantissa in the mask logits: on the CPU the 1,417-pixel mask of request 0 moves its boundary to IoU
+    0.896 with fp32.)"""
+    from pycocotools import mask as mask_utils
+
+    same = [i for i, (g, w) in enumerate(zip(got, want)) if g["text"] == w["text"]]
+    assert len(same) >= min_same, [(g["text"], w["text"]) for g, w in zip(got, want)]
+    for i in same:
+        for g, w in zip(got[i]["calls"], want[i]["calls"]):
+            if "mask_rle" in w:
+                a, b = (mask_utils.decode({"size": m["size"], "counts": m["counts"].encode()}).astype(bool)
+                        for m in (g["mask_rle"], w["mask_rle"]))
+                iou = (a & b).sum() / max((a | b).sum(), 1)
+                assert (a | b).sum() == 0 or iou >= mask_iou, f"request {i}: mask IoU {iou:.3f} < {mask_iou}"
+            for key, tol in (("boxes", 4.0), ("scores", 0.05), ("visibility", 0.05)):
+                if key in w and len(g[key]) == len(w[key]):
+                    np.testing.assert_allclose(np.asarray(g[key], float), np.asarray(w[key], float), atol=tol,
+                                               err_msg=f"request {i}: {key}")
+
+
 def assert_same(got: dict[str, Any], want: dict[str, Any]) -> None:
     """Texts and calls identical; masks within IoU 0.99, boxes within 1 px, scores within 2e-3 (floating-point
     reductions may differ between CPUs)."""

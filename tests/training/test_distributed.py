@@ -212,3 +212,21 @@ def test_deepspeed_resume_matches_uninterrupted_run(tmp_path, stage):
         assert {k: v for k, v in x.items() if k != "time_s"} == {k: v for k, v in y.items() if k != "time_s"}
     wa, wb = weights(tmp_path / "resumed"), weights(tmp_path / "full")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("device, local, want", [
+    ("cuda", 1, torch.device("cuda", 1)),      # a bare `cuda` gets the rank's index (set_device needs one)
+    ("cuda:0", 1, torch.device("cuda", 0)),    # an explicit index is kept
+    ("cpu", 1, torch.device("cpu")),
+])
+def test_resolve_device_gives_cuda_an_index(device, local, want):
+    from taskmllm.training.distributed import resolve_device
+
+    assert resolve_device(device, local) == want
+
+
+def test_resolve_device_auto_is_the_cpu_without_cuda(monkeypatch):
+    from taskmllm.training.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", 3) == torch.device("cpu")
