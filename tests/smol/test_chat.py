@@ -20,8 +20,8 @@ NAMES = ["Alice", "Bob"]
 TURNS = ["My name is {name}. Please remember it.", "What is the capital of France?", "What is my name?"]
 
 
-@pytest.mark.skip(reason="the shipped smol (before the #27 retraining) does not use the first turn (it answers "
-                         "'Alice.' to both names): waits for the retrained smol (remove this mark then)")
+@pytest.mark.skip(reason="the retrained smol (stop 38) still does not use the first turn: to 'What is my name?' it "
+                         "answers \"I'm Emily.\" after 'My name is Alice.' (issue #27 open; remove this mark when it passes)")
 @pytest.mark.parametrize("name", NAMES)
 def test_the_third_answer_names_the_first_turn(name):
     from taskmllm.demo.examples import example_file

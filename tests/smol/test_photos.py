@@ -17,8 +17,6 @@ if not (SHIPPED["smol"] / "adapter.json").is_file():
 #: bundled photo -> (what it shows, what it does not)
 PHOTOS = {"photo-cat.jpg": ("cat", "dog"), "photo-astronaut.jpg": ("person", "horse"),
           "photo-coffee.jpg": ("cup", "bicycle")}
-NOT_YET = pytest.mark.xfail(strict=True, reason="the shipped smol predates the #27 retraining: it answers yes/no "
-                                                "questions about photos with a <det> call and loops in captions")
 
 
 def repeated_ngram(text: str, n: int = 4, times: int = 3) -> tuple[str, ...] | None:
@@ -52,7 +50,6 @@ def _photo(name: str) -> np.ndarray:
     return np.asarray(Image.open(example_file(name)).convert("RGB"))
 
 
-@NOT_YET
 def test_yes_no_questions_about_photos_call_no_expert(pipe):
     asked = []
     for name, objects in PHOTOS.items():
@@ -63,7 +60,6 @@ def test_yes_no_questions_about_photos_call_no_expert(pipe):
     assert all("<" not in raw for _, _, raw in asked), asked
 
 
-@NOT_YET
 def test_photo_descriptions_do_not_loop(pipe):
     captions = {name: pipe(_photo(name), "Describe the image.", max_new_tokens=64).text for name in PHOTOS}
     print(captions)

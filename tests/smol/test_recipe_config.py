@@ -16,7 +16,7 @@ RECIPE = Path(taskmllm.__file__).parent / "training" / "recipes" / "smol"
     ("align", {"projector": "full"}),
     ("see", {"projector": "frozen", "llm": "lora"}),
     ("heads", {"experts": "full", "queries": "full"}),
-    ("joint", {"projector": "full", "llm": "lora", "queries": "full", "experts": "full"}),
+    ("joint", {"projector": "frozen", "llm": "lora", "queries": "full", "experts": "full"}),
 ])
 def test_stage_yamls_load(stage, trainable):
     cfg = load_config(RECIPE / f"{stage}.yaml")

@@ -21,7 +21,9 @@ def pipe():
 
 def test_adapter_is_small_and_holds_no_base_weights():
     size = sum(f.stat().st_size for f in SHIPPED["smol"].rglob("*") if f.is_file())
-    assert size <= 30 * 2**20, f"{size / 2**20:.1f} MB"
+    # the LLM's difference is low rank: see's and joint's LoRA (r16 each) merged, rank <= 32 per matrix (~20 MB),
+    # beside the projector, queries, experts and tokenizer; SmolLM2 itself is 270 MB in bf16
+    assert size <= 40 * 2**20, f"{size / 2**20:.1f} MB"
     assert not (SHIPPED["smol"] / "model.safetensors").exists()
 
 

@@ -1,4 +1,5 @@
-"""The shipped ``smol`` answers a fixed set of requests exactly as recorded before the architecture refactor."""
+"""The shipped ``smol`` answers a fixed set of requests exactly as recorded when it was shipped (re-recorded with
+``python -m tests.recorded.prompts smol tests/recorded/smol_answers.json`` whenever a new smol is shipped)."""
 
 from __future__ import annotations
 

@@ -50,8 +50,7 @@ def test_two_steps_of_each_stage(stages, stage):
         "align": {"projector", "aux.words"},
         "see": {"llm"},  # the projector stays at align's word-like tokens
         "heads": {"queries", "experts.seg", "experts.det", "experts.track"},
-        "joint": {"projector", "llm", "queries", "experts.seg", "experts.det", "experts.track", "aux.words",
-                  "aux.attr"},
+        "joint": {"llm", "queries", "experts.seg", "experts.det", "experts.track", "aux.attr"},  # projector frozen
     }[stage]
     assert (out / "final" / "config.json").is_file()
 
