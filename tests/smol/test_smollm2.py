@@ -75,3 +75,26 @@ def test_converted_directory_is_reused():
     first = packaged.smollm2_dir()
     assert packaged.is_converted(first, packaged.locate(packaged.SMOLLM2))
     assert packaged.smollm2_dir() == first
+
+
+def test_a_three_turn_chat_matches_transformers_turn_by_turn(smol_model, reference):
+    """``Pipeline.chat`` with no image on the untouched SmolLM2: each of three greedy answers equals transformers'
+    ``generate`` on ``apply_chat_template`` of the same conversation. (Both then fail to recall the name: to
+    "What is my name?" the 135M base answers without it — the bar for the shipped smol's chat test.)"""
+    from taskmllm.router.joint import JointModel
+    from taskmllm.router.pipeline import Pipeline
+
+    tok, hf = reference
+    pipe = Pipeline(JointModel.build(smol_model).eval())
+    ours, theirs = [], []
+    for turn in ["My name is Alice. Please remember it.", "What is the capital of France?", "What is my name?"]:
+        ours.append(("user", turn))
+        theirs.append({"role": "user", "content": turn})
+        answer = pipe.chat(None, ours, max_new_tokens=24).raw_text
+        ids = tok.apply_chat_template(theirs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = hf.generate(**ids, max_new_tokens=24, do_sample=False)
+        expected = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert answer.strip() == expected.strip(), (ours, answer, expected)
+        ours.append(("assistant", answer))
+        theirs.append({"role": "assistant", "content": expected})
