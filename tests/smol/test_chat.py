@@ -20,8 +20,9 @@ NAMES = ["Alice", "Bob"]
 TURNS = ["My name is {name}. Please remember it.", "What is the capital of France?", "What is my name?"]
 
 
-@pytest.mark.skip(reason="the retrained smol (stop 38) still does not use the first turn: to 'What is my name?' it "
-                         "answers \"I'm Emily.\" after 'My name is Alice.' (issue #27 open; remove this mark when it passes)")
+@pytest.mark.skip(reason="the shipped smol does not use the first turn ('What is my name?' -> \"I'm Emily.\" after "
+                         "'My name is Alice.'), nor does the untouched SmolLM2-135M-Instruct in transformers itself "
+                         "(test_smollm2.py::test_a_three_turn_chat_matches_transformers_turn_by_turn): issue #27 open")
 @pytest.mark.parametrize("name", NAMES)
 def test_the_third_answer_names_the_first_turn(name):
     from taskmllm.demo.examples import example_file
