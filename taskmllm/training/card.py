@@ -15,6 +15,27 @@ from typing import Any, Optional, Sequence
 FLOORS = {"routing": 0.95, "vqa": 0.75, "seg": 0.55, "rec": 0.50, "det": 0.40, "track": 0.40, "pope_f1": 0.75}
 #: upper bounds (the card prints "≤"): task tokens emitted on questions that need no expert
 CEILINGS = {"false_call_rate": 0.02}
+#: a bound of the headline table: (lowest, highest) allowed, either None
+Bound = tuple[Optional[float], Optional[float]]
+#: the headline rows and their labels, in the card's order
+HEADLINE_ROWS = {"routing": "task-token routing accuracy (all questions)", "vqa": "VQA accuracy (exist/color/count)",
+                 "exist": "  existence", "color": "  color", "count": "  count", "seg": "referring segmentation gIoU",
+                 "rec": "REC Acc@0.5", "det": "detection AP50", "track": "tracking success AUC",
+                 "false_call_rate": "  false-call rate (task tokens on VQA and caption questions)",
+                 "pope_f1": "POPE-random F1", "pope_acc": "POPE-random accuracy",
+                 "pope_yes_ratio": "  POPE-random yes-ratio"}
+
+
+def default_bounds() -> dict[str, Bound]:
+    """The bounds a recipe gets when its ``recipe.yaml`` names none: :data:`FLOORS` and :data:`CEILINGS`."""
+    return {**{k: (v, None) for k, v in FLOORS.items()}, **{k: (None, v) for k, v in CEILINGS.items()}}
+
+
+def _bound_text(bound: Optional[Bound]) -> str:
+    low, high = bound if bound is not None else (None, None)
+    if low is not None and high is not None:
+        return f"{low:.2f}–{high:.2f}"
+    return f"≥ {low:.2f}" if low is not None else f"≤ {high:.2f}" if high is not None else ""
 INTERVENTIONS_HEADING = "## Hallucination interventions (calibrated)"
 
 
@@ -34,7 +55,9 @@ def headline(shapes: dict[str, Any], pope: dict[str, Any] | None) -> dict[str, f
            "seg": _seg_giou(shapes), "rec": score.get("rec"), "det": shapes.get("tasks", {}).get("det", {}).get("AP50"),
            "track": score.get("track"), "false_call_rate": shapes.get("routing", {}).get("false_call_rate")}
     if pope is not None:
-        out["pope_f1"] = pope["pope"]["splits"]["random"]["f1"]
+        random = pope["pope"]["splits"]["random"]
+        out["pope_f1"] = random["f1"]
+        out["pope_acc"], out["pope_yes_ratio"] = random.get("accuracy"), random.get("yes_ratio")
     return out
 
 
@@ -66,7 +89,7 @@ def write_model_card(run: Path, plan, configs: Sequence, log: dict) -> Path:
               f"`train` split generated on the fly (world seed {first.data.seed}); training seed {first.seed}. "
               "Evaluation uses a world seed never used in training (`DEFAULT_EVAL_SEED`).", "",
               "![learning curves](curves/learning_curves.png)" if curves else "", ""]
-    lines += _metrics_section(log.get("eval", {}), _compared(plan.compare))
+    lines += _metrics_section(log.get("eval", {}), _compared(plan.compare), plan.bounds)
     lines += interventions_section(run / plan.stages[-1] / "final")
     path = run / "MODEL_CARD.md"
     path.write_text("\n".join(lines) + "\n")
@@ -143,7 +166,11 @@ def _fmt(value: Any) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-def _metrics_section(evals: dict, compared: dict[str, dict] | None = None) -> list[str]:
+def _metrics_section(evals: dict, compared: dict[str, dict] | None = None,
+                     bounds: Optional[dict[str, Bound]] = None) -> list[str]:
+    """The metrics section: the headline rows with their ``bounds`` (default :func:`default_bounds`; a row with
+    no number and no bound is left out), every task, decoding, image reliance."""
+    bounds = default_bounds() if bounds is None else bounds
     if "shapes" not in evals:
         return ["## Metrics", "", "Not evaluated yet."]
     compared = compared or {}
@@ -155,18 +182,13 @@ def _metrics_section(evals: dict, compared: dict[str, dict] | None = None) -> li
     lines = ["## Metrics", "", f"`taskmllm eval --suite shapes --n {n}` (and `--suite pope-shapes`) on the test "
              f"world (seed {shapes.get('seed')})" + (", beside the shipped " + ", ".join(f"`{c}`" for c in compared)
                                                      + " (same command)" if compared else "") + ":", "",
-             f"| metric | value{others} | floor |", "|---|---|" + "---|" * len(compared) + "---|"]
-    names = {"routing": "task-token routing accuracy (all questions)", "vqa": "VQA accuracy (exist/color/count)",
-             "exist": "  existence", "color": "  color", "count": "  count", "seg": "referring segmentation gIoU",
-             "rec": "REC Acc@0.5", "det": "detection AP50", "track": "tracking success AUC",
-             "false_call_rate": "  false-call rate (task tokens on VQA and caption questions)",
-             "pope_f1": "POPE-random F1"}
-    for key, label in names.items():
+             f"| metric | value{others} | target |", "|---|---|" + "---|" * len(compared) + "---|"]
+    for key, label in HEADLINE_ROWS.items():
         value = numbers.get(key)
-        floor, ceiling = FLOORS.get(key), CEILINGS.get(key)
-        bound = f"≥ {floor:.2f}" if floor is not None else f"≤ {ceiling:.2f}" if ceiling is not None else ""
+        if value is None and key not in bounds:
+            continue
         beside = "".join(f" | {_fmt(c['headline'].get(key))}" for c in compared.values())
-        lines.append(f"| {label} | {_fmt(value)}{beside} | {bound} |")
+        lines.append(f"| {label} | {_fmt(value)}{beside} | {_bound_text(bounds.get(key))} |")
     lines += ["", "Every task (test split):", "", f"| task | n | routing | metric | score{others} |",
               "|---|---|---|---|---|" + "---|" * len(compared)]
     for task, row in shapes.get("summary", {}).items():

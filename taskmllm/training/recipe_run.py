@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import yaml
 
 from taskmllm.errors import ConfigError
+from taskmllm.training.card import HEADLINE_ROWS, Bound, default_bounds
 
 RECIPES = Path(__file__).parent / "recipes"
 
@@ -36,6 +37,8 @@ class RecipePlan:
         folder: the folder holding ``recipe.yaml`` and the stage YAMLs.
         ship: ``full`` (every weight) or ``adapter`` (the difference from the first stage's pretrained base,
             rebuilt from installed packages at load time; see :mod:`taskmllm.model.adapter`).
+        bounds: the targets the card prints beside the headline numbers (``eval.targets``: a number is a floor,
+            ``[low, high]`` a range with either end ``null``); default :func:`~taskmllm.training.card.default_bounds`.
     """
 
     name: str
@@ -46,6 +49,30 @@ class RecipePlan:
     description: str = ""
     folder: Path = RECIPES
     ship: str = "full"
+    bounds: dict[str, Bound] = field(default_factory=default_bounds)
+
+
+def _targets(raw: dict, path: Path) -> dict[str, Bound]:
+    """``eval.targets`` of ``recipe.yaml`` as bounds.
+
+    Raises:
+        ConfigError: an unknown metric, or a target that is neither a number nor ``[low, high]``.
+    """
+    unknown = sorted(set(raw) - set(HEADLINE_ROWS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown eval.targets {unknown}; known: {sorted(HEADLINE_ROWS)}")
+    out: dict[str, Bound] = {}
+    for key, value in raw.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = (float(value), None)
+        elif (isinstance(value, list) and len(value) == 2
+              and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in value)
+              and value != [None, None]):
+            out[key] = (None if value[0] is None else float(value[0]), None if value[1] is None else float(value[1]))
+        else:
+            raise ConfigError(f"{path}: eval.targets.{key} must be a number (a floor) or [low, high] with either "
+                              f"end null, got {value!r}")
+    return out
 
 
 def load_plan(name: str) -> RecipePlan:
@@ -62,12 +89,13 @@ def load_plan(name: str) -> RecipePlan:
     if raw.get("ship", "full") not in ("full", "adapter"):
         raise ConfigError(f"{path}: ship must be 'full' or 'adapter', got {raw['ship']!r}")
     ev = raw.get("eval", {})
-    unknown = sorted(set(ev) - {"suites", "n", "compare"})
+    unknown = sorted(set(ev) - {"suites", "n", "compare", "targets"})
     if unknown:
-        raise ConfigError(f"{path}: unknown eval keys {unknown}; known: ['compare', 'n', 'suites']")
+        raise ConfigError(f"{path}: unknown eval keys {unknown}; known: ['compare', 'n', 'suites', 'targets']")
+    bounds = _targets(ev["targets"], path) if "targets" in ev else default_bounds()
     plan = RecipePlan(folder.name, list(raw.get("stages", [])), list(ev.get("suites", ["shapes"])),
                       int(ev.get("n", 100)), list(ev.get("compare", [])), str(raw.get("description", "")).strip(),
-                      folder, str(raw.get("ship", "full")))
+                      folder, str(raw.get("ship", "full")), bounds)
     missing = [s for s in plan.stages if not (folder / f"{s}.yaml").is_file()]
     if not plan.stages or missing:
         raise ConfigError(f"{path}: stages must name YAML files in {folder}; missing: {missing or 'all'}")

@@ -95,3 +95,29 @@ def test_card_says_how_its_answers_were_decoded():
     assert "greedy, `repetition_penalty` 1 (off), `no_repeat_ngram_size` 0 (off)" in plain
     tuned = decoding_line({"repetition_penalty": 1.2, "no_repeat_ngram_size": 4})
     assert "`repetition_penalty` 1.2, `no_repeat_ngram_size` 4 (" in tuned and "(off)" not in tuned
+
+
+def test_recipe_targets_become_the_cards_bounds(tmp_path):
+    import json
+
+    from taskmllm.training.card import _metrics_section
+
+    plan = load_plan("smol")  # issue #27's floors
+    assert plan.bounds["pope_acc"] == (0.85, None) and plan.bounds["pope_yes_ratio"] == (0.40, 0.60)
+    assert plan.bounds["false_call_rate"] == (None, 0.02) and "pope_f1" not in plan.bounds
+    shapes = {"seed": 5, "n_per_task": 10, "summary": {}, "tasks": {"seg": {"giou": 0.3}}}
+    pope = {"pope": {"splits": {"random": {"f1": 0.7, "accuracy": 0.77, "yes_ratio": 0.46}}}}
+    (tmp_path / "shapes.json").write_text(json.dumps(shapes))
+    (tmp_path / "pope.json").write_text(json.dumps(pope))
+    lines = _metrics_section({"shapes": {"json": str(tmp_path / "shapes.json")},
+                              "pope-shapes": {"json": str(tmp_path / "pope.json")}}, None, plan.bounds)
+    assert "| POPE-random accuracy | 0.770 | ≥ 0.85 |" in lines
+    assert "|   POPE-random yes-ratio | 0.460 | 0.40–0.60 |" in lines
+    assert "| referring segmentation gIoU | 0.300 | ≥ 0.50 |" in lines
+    assert "| POPE-random F1 | 0.700 |  |" in lines  # measured, no target in this recipe
+    (tmp_path / "a.yaml").write_text("{}")
+    for bad, match in [("{pope_acc: [0.1]}", "must be a number"), ("{pope: 0.8}", "unknown eval.targets"),
+                       ("{seg: [null, null]}", "must be a number"), ("{seg: yes}", "must be a number")]:
+        (tmp_path / "recipe.yaml").write_text(f"stages: [a]\neval: {{targets: {bad}}}\n")
+        with pytest.raises(ConfigError, match=match):
+            load_plan(str(tmp_path))
