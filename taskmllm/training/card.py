@@ -24,6 +24,7 @@ HEADLINE_ROWS = {"routing": "task-token routing accuracy (all questions)", "vqa"
                  "false_call_rate": "  false-call rate (task tokens on VQA and caption questions)",
                  "pope_f1": "POPE-random F1", "pope_acc": "POPE-random accuracy",
                  "pope_yes_ratio": "  POPE-random yes-ratio"}
+INTERVENTIONS_HEADING = "## Hallucination interventions (calibrated)"
 
 
 def default_bounds() -> dict[str, Bound]:
@@ -36,7 +37,6 @@ def _bound_text(bound: Optional[Bound]) -> str:
     if low is not None and high is not None:
         return f"{low:.2f}–{high:.2f}"
     return f"≥ {low:.2f}" if low is not None else f"≤ {high:.2f}" if high is not None else ""
-INTERVENTIONS_HEADING = "## Hallucination interventions (calibrated)"
 
 
 def headline(shapes: dict[str, Any], pope: dict[str, Any] | None) -> dict[str, float | None]:

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import yaml
 
 from taskmllm.errors import ConfigError
-from taskmllm.training.card import HEADLINE_ROWS, Bound, default_bounds
+from taskmllm.training.card import HEADLINE_ROWS, Bound, default_bounds, write_model_card
 
 RECIPES = Path(__file__).parent / "recipes"
 
@@ -61,17 +61,18 @@ def _targets(raw: dict, path: Path) -> dict[str, Bound]:
     unknown = sorted(set(raw) - set(HEADLINE_ROWS))
     if unknown:
         raise ConfigError(f"{path}: unknown eval.targets {unknown}; known: {sorted(HEADLINE_ROWS)}")
+    def number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
     out: dict[str, Bound] = {}
     for key, value in raw.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[key] = (float(value), None)
-        elif (isinstance(value, list) and len(value) == 2
-              and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in value)
-              and value != [None, None]):
-            out[key] = (None if value[0] is None else float(value[0]), None if value[1] is None else float(value[1]))
-        else:
+        if number(value):
+            value = [value, None]
+        if not (isinstance(value, list) and len(value) == 2 and all(v is None or number(v) for v in value)
+                and value != [None, None]):
             raise ConfigError(f"{path}: eval.targets.{key} must be a number (a floor) or [low, high] with either "
-                              f"end null, got {value!r}")
+                              f"end null, got {raw[key]!r}")
+        out[key] = tuple(None if v is None else float(v) for v in value)
     return out
 
 
@@ -109,7 +110,6 @@ def run_recipe(name: str, out: str | Path, overrides: Sequence[str] = (), ship: 
     ``overrides`` (``--a.b=c``) apply to every stage. With ``ship``, the final model, its card and learning
     curves are copied there atomically (the package-data directory of a shipped model).
     """
-    from taskmllm.training.card import write_model_card
     from taskmllm.training.config import load_config
     from taskmllm.training.train import train
 

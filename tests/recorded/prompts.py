@@ -73,8 +73,8 @@ def assert_like(got: list[dict], want: list[dict], min_same: int, mask_iou: floa
             if "mask_rle" in w:
                 a, b = (mask_utils.decode({"size": m["size"], "counts": m["counts"].encode()}).astype(bool)
                         for m in (g["mask_rle"], w["mask_rle"]))
-                iou = (a & b).sum() / max((a | b).sum(), 1)
-                assert (a | b).sum() == 0 or iou >= mask_iou, f"request {i}: mask IoU {iou:.3f} < {mask_iou}"
+                union = (a | b).sum()
+                assert union == 0 or (a & b).sum() / union >= mask_iou, f"request {i}: mask IoU < {mask_iou}"
             for key, tol in (("boxes", 4.0), ("scores", 0.05), ("visibility", 0.05)):
                 if key in w and len(g[key]) == len(w[key]):
                     np.testing.assert_allclose(np.asarray(g[key], float), np.asarray(w[key], float), atol=tol,
