@@ -47,10 +47,10 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     given = {"alphas": args.alphas, "ps": args.ps, "rhos": args.rhos, "taus": args.taus, "gammas": args.gammas}
     grids: dict = {k: tuple(v) for k, v in given.items() if v is not None}
-    if args.seed is not None:
-        grids["seed"] = args.seed
+    grids.update({k: v for k, v in (("seed", args.seed), ("profile_n", args.profile_n)) if v is not None})
     options = CalibrationOptions(n=args.n, split=args.split, batch_size=args.batch_size, var_mode=args.var_mode,
-                                 progress=not args.no_progress, **grids)  # bad options fail before the model loads
+                                 profile=args.profile, progress=not args.no_progress,
+                                 **grids)  # bad options fail before the model loads
     dest = Path(args.out) if args.out is not None else calibration_dir(args.model)
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
     calibration = calibrate_model(pipe, args.intervention, options)
@@ -214,6 +214,11 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--rhos", type=finite_float, nargs="+", help="VAR rho (default 0.3 0.5 0.8)")
     p.add_argument("--taus", type=finite_float, nargs="+", help="VAR tau (default: the per-model tau)")
     p.add_argument("--gammas", type=finite_float, nargs="+", help="ZeroTuning gammas (default 0.5 0.75 1.25 1.5 2)")
+    p.add_argument("--profile", default="scaled", choices=["scaled", "gradient"],
+                   help="ZeroTuning's head profile: each head scaled up and down alone (the paper; 2 x heads + 1 "
+                        "forwards) or its first-order estimate from one backward (for LMs with many heads)")
+    p.add_argument("--profile-n", type=positive_int, default=None,
+                   help="val images whose POPE questions profile ZeroTuning's heads (default: --n)")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")

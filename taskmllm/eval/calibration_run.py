@@ -34,7 +34,8 @@ from taskmllm.eval.calibrate import (LAYER_SETS, CalibrationResult, Objective, g
 from taskmllm.eval.hallucination import pope_summary
 from taskmllm.eval.suites import (DEFAULT_EVAL_SEED, answer_all, pipeline_answerer, pope_shapes_samples,
                                   score_task, shapes_items)
-from taskmllm.model.interventions import VAR, VHR, ZeroTuning, all_heads, likelihood_score, profile_heads
+from taskmllm.model.interventions import (VAR, VHR, ZeroTuning, all_heads, gradient_profile, likelihood_score,
+                                          profile_heads)
 from taskmllm.model.interventions.hooks import decoder_layers
 from taskmllm.model.interventions.zerotuning_calibration import next_token_logits
 from taskmllm.model.processor import Batch
@@ -44,6 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 CALIBRATION_SPLITS = ("val", "train")  # never the split a report is made on
 POPE_TOKENS, CAPTION_TOKENS = 8, 64  # the pope-shapes / chair-shapes suites' answer lengths
+PROFILES = ("scaled", "gradient")  # ZeroTuning's head profile: each head run scaled, or its first-order estimate
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,9 @@ class CalibrationOptions:
         objective: the objective and constraints.
         var_mode: VAR's mode for the grid; ps / rhos / taus: VAR's grid (tau None = the per-model default).
         alphas / layer_sets: VHR's grid; gammas: ZeroTuning's; profile_n: scenes whose POPE questions profile
-            ZeroTuning's heads (default ``n``).
+            ZeroTuning's heads (default ``n``); profile: ``"scaled"`` (the paper: each head scaled up and down
+            alone, ``2 * heads + 1`` forwards) or ``"gradient"`` (its first-order estimate from one backward,
+            :func:`~taskmllm.model.interventions.zerotuning_calibration.gradient_profile`, for LMs with many heads).
         progress: progress lines on stderr.
     """
 
@@ -77,12 +81,15 @@ class CalibrationOptions:
     layer_sets: Sequence[str] = ("paper", "late-half", "late-quarter")
     gammas: Sequence[float] = (0.5, 0.75, 1.25, 1.5, 2.0)
     profile_n: Optional[int] = None
+    profile: str = "scaled"
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.split not in CALIBRATION_SPLITS:
             raise ConfigError(f"calibrate on one of {list(CALIBRATION_SPLITS)}, not {self.split!r}: settings chosen "
                               f"on the split a report is made on would overstate what they do")
+        if self.profile not in PROFILES:
+            raise ConfigError(f"unknown head profile {self.profile!r}; known: {list(PROFILES)}")
         if self.n < 1 or self.batch_size < 1 or (self.profile_n is not None and self.profile_n < 1):
             raise ConfigError(f"n, batch_size and profile_n must be >= 1, got {self.n}, {self.batch_size}, "
                               f"{self.profile_n}")
@@ -256,14 +263,14 @@ def candidates_for(name: str, suite: ValSuite) -> tuple[list[dict[str, Any]], di
         return grid, {"visual_sinks": unique, **note}
     if name == "zerotuning":
         batch, candidates, labels = suite.yes_no_batch(o.profile_n or o.n)
-        score = likelihood_score(mllm, batch, candidates, labels)
         if o.progress:
-            print(f"[calibrate] profiling {len(all_heads(mllm))} heads on {len(labels)} val POPE questions",
-                  file=sys.stderr, flush=True)
-        profile = profile_heads(score, all_heads(mllm))
+            print(f"[calibrate] profiling {len(all_heads(mllm))} heads ({o.profile}) on {len(labels)} val POPE "
+                  f"questions", file=sys.stderr, flush=True)
+        profile = (gradient_profile(mllm, batch, candidates, labels) if o.profile == "gradient" else
+                   profile_heads(likelihood_score(mllm, batch, candidates, labels), all_heads(mllm)))
         up, down = profile.heads("up"), profile.heads("down")
         grid = zerotuning_grid({"up": up, "down": down}, o.gammas)
-        return grid, {"profile": {"questions": len(labels), "score": "mean log p(right Yes/No)",
+        return grid, {"profile": {"method": o.profile, "questions": len(labels), "score": "mean log p(right Yes/No)",
                                   "base": profile.base, "gamma_up": profile.gamma_up,
                                   "gamma_down": profile.gamma_down, "up": [list(h) for h in up],
                                   "down": [list(h) for h in down], "neutral": len(profile.heads("neutral"))}}

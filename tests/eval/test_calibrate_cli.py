@@ -142,9 +142,31 @@ def test_bad_options_fail_before_the_model_loads(tmp_path, capsys):
         CalibrationOptions(split="test")
     with pytest.raises(ConfigError, match="unknown layer sets"):
         CalibrationOptions(layer_sets=("everything",))
+    with pytest.raises(ConfigError, match="unknown head profile"):
+        CalibrationOptions(profile="sampled")
     with pytest.raises(SystemExit):
         main(["calibrate", "--model", missing, "--intervention", "vcd"])
 
+
+def test_gradient_profile_from_the_cli(checkpoint, tmp_path):
+    """``--profile gradient --profile-n 1``: the head kinds are those of the first-order profile on the first
+    scene's POPE questions (the library function on the same batch), and the grid is built from them."""
+    from taskmllm.eval.calibration_run import ValSuite
+    from taskmllm.model.interventions import gradient_profile
+
+    out = tmp_path / "grad"
+    assert main(["calibrate", "--model", str(checkpoint), "--intervention", "zerotuning", "--n", str(N),
+                 "--profile", "gradient", "--profile-n", "1", "--gammas", "0.5", "2.0", "--no-progress",
+                 "--out", str(out)]) == 0
+    record = load_calibration(out, raw=True)["zerotuning"]["calibration"]
+    profile = record["profile"]
+    pipe = Pipeline.from_pretrained(checkpoint)
+    batch, candidates, labels = ValSuite(pipe, CalibrationOptions(n=N, progress=False)).yes_no_batch(1)
+    want = gradient_profile(pipe.model.mllm, batch, candidates, labels)
+    assert profile["method"] == "gradient" and profile["questions"] == len(labels) < record["pope_questions"]
+    assert [tuple(h) for h in profile["up"]] == want.heads("up")
+    assert [tuple(h) for h in profile["down"]] == want.heads("down")
+    assert profile["base"] == pytest.approx(want.base, rel=1e-5)
 
 def test_a_shipped_name_is_calibrated_into_the_user_directory(checkpoint, tmp_path, monkeypatch):
     from taskmllm.zoo import SHIPPED, user_calibration_dir

@@ -12,8 +12,8 @@ import torch
 
 from taskmllm.errors import ConfigError
 from taskmllm.model.interventions import (ZeroTuning, accuracy_score, all_heads, calibrate_from_profile,
-                                          calibrate_gamma, context_for, entropy_score, likelihood_score,
-                                          profile_heads)
+                                          calibrate_gamma, context_for, entropy_score, gradient_profile,
+                                          likelihood_score, profile_heads)
 from taskmllm.model.interventions.hooks import attention_module, decoder_layers
 from tests.model.intervention_models import PROMPTS, images, varied_model
 
@@ -162,6 +162,34 @@ def test_scores_against_hand_computed_values(models):
     assert [g for g, _ in cal.table] == [0.5, 1.0, 2.0]
     assert cal.score == max(s for _, s in cal.table)
 
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_gradient_profile_is_the_derivative_of_the_scaled_score(models, attn):
+    """The gradient profile's slope per head equals the central finite difference of the real ZeroTuning's
+    likelihood score in log gamma (oracle: two forwards per head with gamma = exp(+-eps)), and it classifies a
+    head as profile_heads would at small scales."""
+    m = models[attn]
+    batch = m.processor(PROMPTS, images(), padding_side="left")
+    yes, no, labels = 5, 9, [0, 1, 1]
+    score = likelihood_score(m, batch, [yes, no], labels)
+    heads = [(0, 1), (1, 2), (3, 0)]
+    profile = gradient_profile(m, batch, [yes, no], labels, heads=heads, gamma_up=2.0, gamma_down=0.5)
+    assert profile.base == pytest.approx(score(None), rel=1e-5)
+    assert set(profile.kinds) == set(heads)
+    eps = 1e-2  # float32 scores: the difference is exact to ~1e-4 in slope
+    slopes = {}
+    for head in heads:
+        slopes[head] = (profile.up[head] - profile.base) / math.log(2.0)
+        numeric = (score(ZeroTuning(gamma=math.exp(eps), heads=[head]))
+                   - score(ZeroTuning(gamma=math.exp(-eps), heads=[head]))) / (2 * eps)
+        assert slopes[head] == pytest.approx(numeric, rel=2e-2, abs=2e-4), head
+    assert max(abs(v) for v in slopes.values()) > 0.05, f"a head with a clear effect is among the checked: {slopes}"
+    small = profile_heads(score, heads, gamma_up=math.exp(0.05), gamma_down=math.exp(-0.05))
+    first_order = gradient_profile(m, batch, [yes, no], labels, heads=heads, gamma_up=math.exp(0.05),
+                                   gamma_down=math.exp(-0.05))
+    assert first_order.kinds == small.kinds
+    with pytest.raises(ConfigError):
+        gradient_profile(m, batch, [yes, no], labels, gamma_up=0.5)
 
 def test_additive_mask_forms():
     """The three mask forms transformers hands an attention function, as one additive mask (hand-built)."""

@@ -13,12 +13,12 @@ from taskmllm.model.interventions.hooks import context_for
 from taskmllm.model.interventions.sinks import calibrate_sink_dims, default_tau, sink_values
 from taskmllm.model.interventions.var import VAR, redistribute
 from taskmllm.model.interventions.vhr import VHR, default_layers, select_heads
-from taskmllm.model.interventions.zerotuning import ZeroTuning
+from taskmllm.model.interventions.zerotuning import InitialTokenBias, ZeroTuning
 from taskmllm.model.interventions.zerotuning_calibration import (accuracy_score, all_heads, calibrate_from_profile,
-                                                                 calibrate_gamma, entropy_score, likelihood_score,
-                                                                 profile_heads)
+                                                                 calibrate_gamma, entropy_score, gradient_profile,
+                                                                 likelihood_score, profile_heads)
 
-__all__ = ["VAR", "VHR", "AttentionMaps", "ZeroTuning", "accuracy_score", "all_heads", "attention_maps",
-           "calibrate_from_profile", "calibrate_gamma", "calibrate_sink_dims", "compare_attention_maps", "context_for",
-           "default_layers", "default_tau", "entropy_score", "likelihood_score", "profile_heads", "redistribute",
-           "select_heads", "sink_values"]
+__all__ = ["VAR", "VHR", "AttentionMaps", "InitialTokenBias", "ZeroTuning", "accuracy_score", "all_heads",
+           "attention_maps", "calibrate_from_profile", "calibrate_gamma", "calibrate_sink_dims",
+           "compare_attention_maps", "context_for", "default_layers", "default_tau", "entropy_score",
+           "gradient_profile", "likelihood_score", "profile_heads", "redistribute", "select_heads", "sink_values"]

@@ -155,22 +155,53 @@ class ZeroTuning:
 
     def attach(self, model: "TaskMLLM", context: Union[GenerationContext, Batch]) -> "ZeroTuningSession":
         """A context manager applying ZeroTuning to ``model``'s LM for the prompt of ``context``."""
-        return ZeroTuningSession(self, model, as_context(model, context))
+        heads, _ = head_layout(model.llm)
+        gammas = self.head_gammas(len(decoder_layers(model.llm)), heads)
+        return ZeroTuningSession({layer: torch.log(g) for layer, g in gammas.items()}, model,
+                                 as_context(model, context))
+
+
+class InitialTokenBias:
+    """ZeroTuning in log space, differentiable: ``log_gammas`` ``(num_layers, num_heads)`` (a tensor that may
+    require grad) is added to the initial token's attention logit of every head — the bias
+    ``ZeroTuning(gammas=exp(log_gammas))`` adds. Every layer is hooked, so ``d score / d log_gammas`` at zero is the
+    first-order effect of scaling each head (:func:`~taskmllm.model.interventions.zerotuning_calibration.
+    gradient_profile`).
+
+    Raises:
+        ConfigError: ``log_gammas`` is not 2-d.
+    """
+
+    def __init__(self, log_gammas: torch.Tensor) -> None:
+        if log_gammas.dim() != 2:
+            raise ConfigError(f"log_gammas must be (num_layers, num_heads), got shape {tuple(log_gammas.shape)}")
+        self.log_gammas = log_gammas
+
+    def attach(self, model: "TaskMLLM", context: Union[GenerationContext, Batch]) -> "ZeroTuningSession":
+        """A context manager adding the bias to ``model``'s LM for the prompt of ``context``."""
+        heads, _ = head_layout(model.llm)
+        if tuple(self.log_gammas.shape) != (len(decoder_layers(model.llm)), heads):
+            raise ConfigError(f"log_gammas has shape {tuple(self.log_gammas.shape)}; this model has "
+                              f"{len(decoder_layers(model.llm))} layers of {heads} heads")
+        return ZeroTuningSession(dict(enumerate(self.log_gammas)), model, as_context(model, context))
 
 
 class ZeroTuningSession(contextlib.AbstractContextManager):
-    """One ZeroTuning attach: mask-rewriting pre-hooks on the chosen layers' attention modules."""
+    """One ZeroTuning attach: mask-rewriting pre-hooks on the chosen layers' attention modules.
 
-    def __init__(self, zt: ZeroTuning, model: "TaskMLLM", ctx: GenerationContext) -> None:
+    Args:
+        log_gammas: ``{layer: (num_heads,) log gamma}`` (0 = head untouched); a layer not in it gets no hook.
+    """
+
+    def __init__(self, log_gammas: dict[int, torch.Tensor], model: "TaskMLLM", ctx: GenerationContext) -> None:
         layers = decoder_layers(model.llm)
-        heads, _ = head_layout(model.llm)
-        self.gammas = zt.head_gammas(len(layers), heads)
+        self.log_gammas = log_gammas
         backend = model.llm.config._attn_implementation
-        if self.gammas and backend not in MASK_BACKENDS:
+        if self.log_gammas and backend not in MASK_BACKENDS:
             raise ConfigError(f"ZeroTuning adds a bias to the attention mask; the '{backend}' attention does not "
                               f"take an additive mask: use attn_implementation 'sdpa' or 'eager'")
         self.model = model
-        self.modules = {i: attention_module(layers[i]) for i in self.gammas}
+        self.modules = {i: attention_module(layers[i]) for i in self.log_gammas}
         self.first = first_real_positions(ctx.attention_mask).to(model.device)  # (B,) the initial token
         self.hooks = HookSet()
 
@@ -188,7 +219,7 @@ class ZeroTuningSession(contextlib.AbstractContextManager):
         return None
 
     def _hook(self, layer: int):
-        log_gamma = torch.log(self.gammas[layer]).to(self.model.device)  # (heads,) float64, 0 where gamma = 1
+        log_gamma = self.log_gammas[layer].to(self.model.device)  # (heads,) 0 where gamma = 1
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             hidden = args[0] if args else kwargs["hidden_states"]  # (B, Q, H)

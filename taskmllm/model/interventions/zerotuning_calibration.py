@@ -21,8 +21,9 @@ e.g. the space of ``" ASSISTANT: Yes"``, which the tokenizer may keep as its own
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Literal, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Sequence, Union
 
 import torch
 
@@ -30,7 +31,7 @@ from taskmllm.errors import ConfigError, InputError
 from taskmllm.model.generation import GenerationContext
 from taskmllm.model.interventions.hooks import context_for, decoder_layers, head_layout, resolve_layers
 from taskmllm.model.interventions.vhr import last_real_positions
-from taskmllm.model.interventions.zerotuning import Head, ZeroTuning
+from taskmllm.model.interventions.zerotuning import Head, InitialTokenBias, ZeroTuning
 from taskmllm.model.processor import Batch
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -110,6 +111,38 @@ def profile_heads(score: Score, heads: Sequence[Head], gamma_up: float = 2.0, ga
     return profile
 
 
+def gradient_profile(model: "TaskMLLM", batch: Batch, candidates: Sequence[int], labels: Sequence[int],
+                     heads: Optional[Sequence[Head]] = None, gamma_up: float = 2.0, gamma_down: float = 0.5,
+                     tolerance: float = 0.0) -> HeadProfile:
+    """:func:`profile_heads` to first order, in one forward and one backward instead of ``2 * heads + 1`` forwards
+    (a 30-layer, 9-head LM has 270 heads): the gradient ``g`` of :func:`likelihood_score` with respect to every
+    head's ``log gamma`` at 0 estimates a head's scores as ``base + g * log(gamma_up)`` and
+    ``base + g * log(gamma_down)``, classified as :func:`profile_heads` does. Exact in the limit of small scales;
+    the larger ``|log gamma|``, the more the estimate can miss curvature (measure against :func:`profile_heads` on
+    a subset of heads before relying on it).
+
+    Args:
+        heads: the heads to classify (default: every head).
+    """
+    if not gamma_up > 1.0 > gamma_down > 0.0:
+        raise ConfigError(f"gradient_profile needs gamma_up > 1 > gamma_down > 0, got {gamma_up}, {gamma_down}")
+    target = _labels(labels, batch, candidates).to(model.device)
+    ctx = context_for(model, batch)
+    num_heads, _ = head_layout(model.llm)
+    log_gammas = torch.zeros(len(decoder_layers(model.llm)), num_heads, device=model.device, requires_grad=True)
+    with torch.enable_grad():
+        logp = _candidate_logits(model, ctx, candidates, InitialTokenBias(log_gammas), grad=True).log_softmax(-1)
+        base = logp[torch.arange(len(target), device=model.device), target].mean()
+        (grad,) = torch.autograd.grad(base, log_gammas)  # (layers, heads) d score / d log gamma
+    profile = HeadProfile(float(base.detach()), float(gamma_up), float(gamma_down), float(tolerance))
+    up, down = math.log(gamma_up), math.log(gamma_down)
+    for layer, head in (all_heads(model) if heads is None else heads):
+        pair, g = (int(layer), int(head)), float(grad[int(layer), int(head)])
+        profile.up[pair], profile.down[pair] = profile.base + g * up, profile.base + g * down
+        profile.kinds[pair] = classify(profile.base, profile.up[pair], profile.down[pair], tolerance)
+    return profile
+
+
 @dataclass
 class GammaCalibration:
     """The chosen gamma and every candidate's score (``table``: ``[(gamma, score), ...]`` in grid order)."""
@@ -154,9 +187,14 @@ def next_token_logits(model: "TaskMLLM", batch: Union[Batch, GenerationContext],
     """``(B, V)`` float32 logits of the token after each sample's last real prompt token (any padding side),
     under ``intervention`` (attached for this prompt). A :class:`GenerationContext` (:func:`context_for`) skips the
     vision tower: the score builders embed their batch once and reuse it for every call."""
+    ctx = batch if isinstance(batch, GenerationContext) else context_for(model, batch)
+    return _last_token_logits(model, ctx, intervention)
+
+
+def _last_token_logits(model: "TaskMLLM", ctx: GenerationContext, intervention: Optional[Any]) -> torch.Tensor:
+    """:func:`next_token_logits`' body, under the caller's grad mode."""
     from taskmllm.model.processor import positions
 
-    ctx = batch if isinstance(batch, GenerationContext) else context_for(model, batch)
     mask = ctx.attention_mask
     last = last_real_positions(mask)
     rows = torch.arange(mask.shape[0], device=mask.device)
@@ -171,11 +209,12 @@ def next_token_logits(model: "TaskMLLM", batch: Union[Batch, GenerationContext],
 
 
 def _candidate_logits(model: "TaskMLLM", ctx: GenerationContext, candidates: Sequence[int],
-                      intervention: Optional["Intervention"]) -> torch.Tensor:
+                      intervention: Optional[Any], grad: bool = False) -> torch.Tensor:
     if len(candidates) < 2:
         raise InputError(f"need at least 2 candidate answer tokens, got {list(candidates)}")
     idx = torch.as_tensor(list(candidates), device=model.device)
-    return next_token_logits(model, ctx, intervention).index_select(-1, idx)  # (B, C)
+    logits = _last_token_logits(model, ctx, intervention) if grad else next_token_logits(model, ctx, intervention)
+    return logits.index_select(-1, idx)  # (B, C)
 
 
 def _labels(labels: Sequence[int], batch: Batch, candidates: Sequence[int]) -> torch.Tensor:
