@@ -96,6 +96,14 @@ def write_model_card(run: Path, plan, configs: Sequence, log: dict) -> Path:
     return path
 
 
+def _setting(value: Any) -> str:
+    """A setting as the card shows it: a long list of (layer, head) pairs by its size and layer span."""
+    if isinstance(value, list) and len(value) > 8 and all(isinstance(v, list) and len(v) == 2 for v in value):
+        layers = sorted({int(v[0]) for v in value})
+        return f"{len(value)} heads in {len(layers)} layers ({layers[0]}–{layers[-1]}; all in interventions.json)"
+    return str(value)
+
+
 def interventions_section(model_dir: Path) -> list[str]:
     """The card's section listing the calibrated intervention settings of ``model_dir`` (its
     ``interventions.json``, written by ``taskmllm calibrate``); no lines when it has none."""
@@ -111,8 +119,10 @@ def interventions_section(model_dir: Path) -> list[str]:
              "| intervention | settings | val objective: plain → chosen | POPE acc | CHAIR_S | recall | data |",
              "|---|---|---|---|---|---|---|"]
     for name, entry in sorted(entries.items()):
-        settings = ", ".join(f"{k}={v}" for k, v in entry["settings"].items() if v is not None)
         rec = entry.get("calibration") or {}
+        settings = ", ".join(f"{k}={_setting(v)}" for k, v in entry["settings"].items() if v is not None)
+        if (rec.get("profile") or {}).get("method") and entry["settings"].get("heads"):
+            settings += f" ({rec['profile']['method']} head profile on {rec['profile'].get('questions')} questions)"
         chosen = next((row["metrics"] for row in rec.get("table", []) if row["settings"] == entry["settings"]), None)
         if chosen is None and rec:
             settings += " (identity: no candidate beat the plain model)"

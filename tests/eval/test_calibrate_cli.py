@@ -168,6 +168,21 @@ def test_gradient_profile_from_the_cli(checkpoint, tmp_path):
     assert [tuple(h) for h in profile["down"]] == want.heads("down")
     assert profile["base"] == pytest.approx(want.base, rel=1e-5)
 
+
+def test_the_card_shows_a_long_head_list_by_its_size(tmp_path):
+    from taskmllm.training.card import update_card_interventions
+
+    (tmp_path / "MODEL_CARD.md").write_text("# card\n")
+    heads = [[layer, head] for layer in (2, 5, 7) for head in range(3)]
+    save_calibration(tmp_path, {"zerotuning": {"gamma": 1.25, "heads": heads}, "vhr": {"alpha": 1.5, "layers": [1]}},
+                     {"zerotuning": {"profile": {"method": "gradient", "questions": 106}}})
+    update_card_interventions(tmp_path)
+    rows = {line.split(" | ")[0]: line for line in (tmp_path / "MODEL_CARD.md").read_text().splitlines()
+            if line.startswith("| zerotuning") or line.startswith("| vhr")}
+    assert "heads=9 heads in 3 layers (2–7; all in interventions.json) (gradient head profile on 106 questions)" \
+        in rows["| zerotuning"]
+    assert "layers=[1]" in rows["| vhr"]
+
 def test_a_shipped_name_is_calibrated_into_the_user_directory(checkpoint, tmp_path, monkeypatch):
     from taskmllm.zoo import SHIPPED, user_calibration_dir
 
