@@ -67,13 +67,14 @@ def test_bad_prompt_files_are_named(tmp_path, content):
 
 def test_bundled_prompts_leave_out_the_smol_tests_questions():
     from taskmllm.cli import REPLAY_PROMPTS
-    from tests.smol.test_chat import TURNS
+    from tests.smol.test_chat import FRUITS, TURNS
     from tests.smol.test_shipped import FACTS
 
     texts = {t.lower() for conv in load_prompts(REPLAY_PROMPTS) for t in conv}
     assert len(texts) > 100
     assert not texts & {q.lower() for q, _ in FACTS}
-    assert not texts & {t.format(name=n).lower() for t in TURNS for n in ("Alice", "Bob")}
+    assert not texts & {t.format(fruit=f).lower() for t in TURNS for f in FRUITS}
+    assert not texts & {t.lower() for t in TURNS if "{" not in t}
 
 
 def test_a_stage_finds_a_data_file_beside_its_yaml(tmp_path):
