@@ -44,7 +44,7 @@ def main() -> None:
 
     from taskmllm.data.shapesworld import WorldConfig
     from taskmllm.eval.suites import DEFAULT_EVAL_SEED, pope_shapes_samples, shapes_items
-    from taskmllm.model.interventions import compare_attention_maps
+    from taskmllm.model.interventions import attention_maps, compare_attention_maps
     from taskmllm.router.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(args.model)
@@ -63,8 +63,9 @@ def main() -> None:
         for kind, items in prompts.items():
             batch = pipe.processor([p for _, p in items], [v for v, _ in items])
             with_sel, without_sel = compare_attention_maps(mllm, batch, hook, max_new_tokens=args.tokens)
-            with_all, without_all = compare_attention_maps(mllm, batch, hook, heads=None,
-                                                           max_new_tokens=args.tokens)
+            # every head, over the same answers (teacher-forced again, not generated again)
+            with_all = attention_maps(mllm, batch, hook, answers=with_sel.answers)
+            without_all = attention_maps(mllm, batch, None, answers=without_sel.answers)
             rows[kind] = {"heads_acted_on": round(heads_per_sample(with_sel), 1),
                           "image_share_selected": {"with": image_share(with_sel), "without": image_share(without_sel)},
                           "image_share_all_heads": {"with": image_share(with_all), "without": image_share(without_all)}}

@@ -169,7 +169,7 @@ class InitialTokenBias:
     gradient_profile`).
 
     Raises:
-        ConfigError: ``log_gammas`` is not 2-d.
+        ConfigError: ``log_gammas`` is not 2-d, or (at attach) not the model's ``(num_layers, num_heads)``.
     """
 
     def __init__(self, log_gammas: torch.Tensor) -> None:
