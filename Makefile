@@ -32,7 +32,7 @@ test-slow: install  ## long checks: training runs, real-size runs
 test-e2e: install  ## browser end-to-end tests (needs Debian's chromium; they skip without it)
 	$(BIN)/python -m pytest -q -m e2e
 
-test-gpu: install  ## the CUDA suite: bf16 Pipeline, every tiny stage, torchrun/NCCL, DeepSpeed ZeRO-2/3 (skips without CUDA)
+test-gpu: install  ## the CUDA suite: bf16 Pipeline, every tiny stage, torchrun/NCCL, DeepSpeed ZeRO-2/3, interventions and CUDA-graph decoding (skips without CUDA)
 	$(BIN)/python -m pytest -q -s -rs -m gpu tests/gpu
 
 fuzz: install  ## >= 10,000 generated inputs at every public boundary (~30 min): bench/results/fuzz.json

@@ -12,21 +12,35 @@ import time
 import torch
 
 
-def read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
-    """Best GB/s of summing a ``megabytes`` float32 array (larger than any cache) with torch's threads."""
-    x = torch.ones(megabytes * 2**20 // 4)
+def read_bandwidth(megabytes: int = 1024, repeats: int = 5, device: str = "cpu") -> float:
+    """Best GB/s of summing a ``megabytes`` float32 array (larger than any cache) on ``device`` (the CPU with
+    torch's threads, or a GPU's memory)."""
+    x = torch.ones(megabytes * 2**20 // 4, device=device)
     x.sum()  # touch every page once
     best = float("inf")
     for _ in range(repeats):
+        sync(device)
         start = time.perf_counter()
         x.sum()
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return round(x.numel() * 4 / best / 1e9, 2)
 
 
-def machine() -> dict:
-    """What the numbers were measured on: torch threads, CPUs, the load average when the bench started."""
-    return {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2)}
+def sync(device: str | torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so that wall-clock timers measure it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine(device: str = "cpu") -> dict:
+    """What the numbers were measured on: the device (with the GPU's name), torch threads, CPUs, the load average
+    when the bench started."""
+    out = {"device": device}
+    if torch.device(device).type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return {**out, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
 def weight_bytes(module: torch.nn.Module) -> int:

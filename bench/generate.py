@@ -6,9 +6,11 @@ batch 1 and batch ``--batch``: ours with the default decoder and with ``compile=
 reported), transformers' ``generate`` as users call it. Runs alternate within each round; ratios use each one's
 best round. Every run's tokens must equal transformers' (asserted). Prints JSON with tokens/s, the ratios (target
 >= 1.5, issue #29), the measured memory-read bandwidth and the fraction of the bound it sets (weights read once per
-step), the torch threads and the load average.
+step), the torch threads and the load average. ``--device cuda`` runs both on a GPU (fp32; the bandwidth probe then
+reads the GPU's memory).
 
     python bench/generate.py --out bench/results/generate.json
+    python bench/generate.py --device cuda --batch 32 --out bench/results/generate_cuda.json
 """
 
 from __future__ import annotations
@@ -68,9 +70,10 @@ def clock_for(threads: int):
 
 
 def run_batch(ours, ref, bsz: int, n: int, repeats: int, llm_bytes: int, bandwidth: float) -> dict:
-    """One batch size: tokens of each decoder checked against transformers', then timed interleaved."""
+    """One batch size: tokens of each decoder checked against transformers', then timed interleaved (every run
+    ends in ``tolist()``, which waits for a GPU's queued work)."""
     prompts = [f"Describe image {i} in detail." + " Be brief." * (i % 4) for i in range(bsz)]  # padded batch
-    batch = ours.processor(prompts, [torch.rand(96, 96, 3).numpy() for _ in range(bsz)])
+    batch = ours.processor(prompts, [torch.rand(96, 96, 3).numpy() for _ in range(bsz)]).to(ours.device)
 
     def run_ref():
         with torch.no_grad():
@@ -83,12 +86,13 @@ def run_batch(ours, ref, bsz: int, n: int, repeats: int, llm_bytes: int, bandwid
     fns = {"transformers": run_ref}
     for name, compile in (("ours", False), ("ours_compiled", True)):
         fns[name] = lambda compile=compile: ours.generate(batch, max_new_tokens=n, compile=compile).sequences
-    warm, best = timed(fns, repeats, clock_for(torch.get_num_threads()))
+    warm, best = timed(fns, repeats, clock_for(torch.get_num_threads() if ours.device.type == "cpu" else 0))
     same = {name: fn() == want for name, fn in fns.items() if name != "transformers"}
     assert all(same.values()), f"tokens differ from transformers': {same}"
     rate = {k: round(bsz * n / v, 1) for k, v in best.items()}
     bound = bandwidth * 1e9 / llm_bytes  # steps/s if a step only read the LLM's weights once
-    return {"batch": bsz, "clock": "cpu" if torch.get_num_threads() == 1 else "wall", "tokens_per_s": rate, "identical_tokens": same,
+    cpu_clock = torch.get_num_threads() == 1 and ours.device.type == "cpu"
+    return {"batch": bsz, "clock": "cpu" if cpu_clock else "wall", "tokens_per_s": rate, "identical_tokens": same,
             "ratio_ours_over_transformers": round(best["transformers"] / best["ours"], 3),
             "ratio_ours_compiled_over_transformers": round(best["transformers"] / best["ours_compiled"], 3),
             "compile_warmup_s": round(warm["ours_compiled"], 1),
@@ -104,6 +108,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -113,12 +118,12 @@ def main() -> None:
 
     from taskmllm.model.llava import import_llava_hf
 
-    results = {"device": "cpu", **machine(), "new_tokens": args.new_tokens, "read_bandwidth_gb_s": read_bandwidth(),
-               "runs": []}
+    results = {**machine(args.device), "new_tokens": args.new_tokens,
+               "read_bandwidth_gb_s": read_bandwidth(device=args.device), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         build_llava(Path(tmp), args.hidden, args.layers, vocab=1024)
-        ref = LlavaForConditionalGeneration.from_pretrained(tmp, local_files_only=True).eval()
-        ours = import_llava_hf(tmp)
+        ref = LlavaForConditionalGeneration.from_pretrained(tmp, local_files_only=True).eval().to(args.device)
+        ours = import_llava_hf(tmp).to(args.device)
         ours.tokenizer.eos_token = None  # no early stop: both produce exactly new_tokens
         llm_bytes = weight_bytes(ours.llm)
         results["llm_weight_mb"] = round(llm_bytes / 2**20, 1)

@@ -73,7 +73,7 @@ def main() -> None:
 
     model = build_model()
     rng = np.random.default_rng(0)
-    results = {"device": "cpu", "platform": platform.processor() or platform.machine(), **machine(),
+    results = {"platform": platform.processor() or platform.machine(), **machine(),
                "clock": "cpu" if torch.get_num_threads() == 1 else "wall", "new_tokens": args.new_tokens, "repeats": args.repeats,
                "model": "tiny recipe (random weights)", "runs": []}
     var = VAR(p=0.6, rho=0.5, tau=8.0, sink_dims=[0], mode="paper")  # official mode: a BOS-only sink is no visual sink

@@ -125,7 +125,7 @@ def main() -> None:
         runs.append({"request": prompt, "input": kind, "calls": [c.task for c in result.calls],
                      "seconds": {k: round(v, 4) for k, v in median.items()}, "total_s": round(total, 4),
                      "routing_experts_share": round(median["experts"] / total, 4)})
-    report = {"device": "cpu", **machine(), "runs": runs,
+    report = {**machine(), "runs": runs,
               "max_routing_experts_share": max(r["routing_experts_share"] for r in runs), "target": 0.2,
               "batched": batched_vs_sequential(pipe, visuals, args.repeats)}
     emit(report, args.out)
