@@ -29,6 +29,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
+from tqdm.auto import tqdm
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
 from _timing import time_configs
 
@@ -167,11 +168,16 @@ def main() -> None:
     report: dict[str, Any] = {"model": str(args.model), "n": args.n, "seeds": args.seeds, "split": "test",
                               "world_seeds": [DEFAULT_EVAL_SEED + i for i in range(args.seeds)],
                               "bootstrap": args.bootstrap, "methods": {}}
+    bar = tqdm(total=len(hooks) * args.seeds, desc="hallucination (method x world)", unit="world")
     for name, hook in hooks.items():
         identity = name != "none" and is_identity(hook, *layout)
         t0 = time.perf_counter()
-        counts[name] = counts["none"] if identity else [run_world(pipe, hook, pope, caps, args.n, args.batch_size)
-                                                         for pope, caps in worlds]
+        bar.set_postfix(method=name)
+        counts[name] = counts["none"] if identity else []
+        for pope, caps in ([] if identity else worlds):
+            counts[name].append(run_world(pipe, hook, pope, caps, args.n, args.batch_size))
+            bar.update()
+        bar.update(args.seeds if identity else 0)
         per_world = [{k: float(v) for k, v in w.metrics().items()} for w in counts[name]]
         report["methods"][name] = {
             "intervention": "none" if hook is None else repr(hook), "identity": identity,
@@ -187,6 +193,7 @@ def main() -> None:
             report["methods"][name].update(diff=diff, target=target(diff, none_chair_s))
     if args.overhead_tokens > 0:
         report["overhead"] = overhead(pipe, hooks, worlds[0][0], args.overhead_tokens, args.overhead_repeats)
+    bar.close()
     report["wall_s"] = round(time.perf_counter() - start, 1)
     report["markdown"] = markdown(report)
     if args.md:
