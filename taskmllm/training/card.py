@@ -168,7 +168,8 @@ def _compared(names: Sequence[str]) -> dict[str, dict]:
         if (folder / "shapes.json").is_file():
             shapes = json.loads((folder / "shapes.json").read_text())
             pope = json.loads((folder / "pope-shapes.json").read_text()) if (folder / "pope-shapes.json").is_file() else None
-            out[name] = {"headline": headline(shapes, pope), "summary": shapes.get("summary", {})}
+            out[name] = {"headline": headline(shapes, pope), "summary": shapes.get("summary", {}),
+                         "n": shapes.get("n_per_task")}
     return out
 
 
@@ -189,9 +190,10 @@ def _metrics_section(evals: dict, compared: dict[str, dict] | None = None,
     numbers = headline(shapes, pope)
     n = shapes.get("n_per_task")
     others = "".join(f" | shipped `{name}`" for name in compared)
+    beside = ", ".join(f"`{c}` (same command" + ("" if info.get("n") in (None, n) else f" at `--n {info['n']}`")
+                       + ")" for c, info in compared.items())
     lines = ["## Metrics", "", f"`taskmllm eval --suite shapes --n {n}` (and `--suite pope-shapes`) on the test "
-             f"world (seed {shapes.get('seed')})" + (", beside the shipped " + ", ".join(f"`{c}`" for c in compared)
-                                                     + " (same command)" if compared else "") + ":", "",
+             f"world (seed {shapes.get('seed')})" + (f", beside the shipped {beside}" if compared else "") + ":", "",
              f"| metric | value{others} | target |", "|---|---|" + "---|" * len(compared) + "---|"]
     for key, label in HEADLINE_ROWS.items():
         value = numbers.get(key)

@@ -69,6 +69,12 @@ def test_card_shows_a_compared_model_beside_this_one(tmp_path):
                              _compared([str(tmp_path / "other")]))
     assert "| referring segmentation gIoU | 0.510 | 0.210 | ≥ 0.55 |" in lines
     assert "| seg | 10 | 1.000 | cIoU | 0.500 | 0.200 |" in lines
+    assert lines[2].endswith(f"beside the shipped `{tmp_path / 'other'}` (same command):")
+    other = results(0.2) | {"n_per_task": 100}  # evaluated at another n: the card says so
+    (tmp_path / "other" / "eval" / "shapes.json").write_text(json.dumps(other))
+    lines = _metrics_section({"shapes": {"json": str(tmp_path / "run" / "shapes.json")}},
+                             _compared([str(tmp_path / "other")]))
+    assert lines[2].endswith(f"beside the shipped `{tmp_path / 'other'}` (same command at `--n 100`):")
 
 
 def test_card_shows_the_image_reliance_table(tmp_path):
