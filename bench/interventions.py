@@ -7,6 +7,7 @@ redistributes (tau = 8: the tiny LLM's hidden size 256 caps |x[d]|/RMS(x) at 16)
 interleaved, ``--repeats`` rounds; ratios use the best round of each (the least disturbed on a shared machine).
 
 Targets (issue #29): VHR <= 1.05 x none; VAR <= 1.25 x none with SDPA (the model's own backend), at batch 1 and 8.
+ZeroTuning (gamma 1.5 on every head, SDPA) is timed beside them. ``--device cuda`` times them on a GPU.
 ``--threads 1`` times on the process's CPU clock (a shared machine's other load does not count).
 
     python bench/interventions.py --out bench/results/interventions.json
@@ -64,26 +65,30 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (each run ends in a host copy of the tokens)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from taskmllm.model.interventions import VAR, VHR
+    from taskmllm.model.interventions import VAR, VHR, ZeroTuning
 
-    model = build_model()
+    model = build_model().to(args.device)
     rng = np.random.default_rng(0)
-    results = {"platform": platform.processor() or platform.machine(), **machine(),
-               "clock": "cpu" if torch.get_num_threads() == 1 else "wall", "new_tokens": args.new_tokens, "repeats": args.repeats,
+    results = {"platform": platform.processor() or platform.machine(), **machine(args.device),
+               "clock": "cpu" if torch.get_num_threads() == 1 and args.device == "cpu" else "wall", "new_tokens": args.new_tokens, "repeats": args.repeats,
                "model": "tiny recipe (random weights)", "runs": []}
     var = VAR(p=0.6, rho=0.5, tau=8.0, sink_dims=[0], mode="paper")  # official mode: a BOS-only sink is no visual sink
     vhr = VHR(alpha=2.0)
+    zerotuning = ZeroTuning(gamma=1.5)  # every head: the largest bias ZeroTuning adds
     for bsz in (1, args.batch):
         prompts = [f"Describe image {i} in detail." if i % 2 else "What is in the image?" for i in range(bsz)]
-        batch = model.processor(prompts, [rng.integers(0, 256, (96, 96, 3), dtype=np.uint8) for _ in range(bsz)])
+        batch = model.processor(prompts, [rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)
+                                          for _ in range(bsz)]).to(args.device)
         configs = {  # name -> (attention implementation, intervention)
             "none_sdpa": ("sdpa", None), "vhr_sdpa": ("sdpa", vhr),
-            "none_eager": ("eager", None), "vhr_eager": ("eager", vhr), "var": ("eager", var)}
+            "none_eager": ("eager", None), "vhr_eager": ("eager", vhr), "var": ("eager", var),
+            "zerotuning_sdpa": ("sdpa", zerotuning)}
         timed = time_configs(model, batch, configs, args.new_tokens, args.repeats)
         best = {k: v["best_s"] for k, v in timed.items()}
         run = {"batch": bsz, "prompt_tokens": batch.input_ids.shape[1],
@@ -92,6 +97,7 @@ def main() -> None:
                "ratio_vhr_over_none_eager": round(best["vhr_eager"] / best["none_eager"], 3),
                "ratio_var_over_none_eager": round(best["var"] / best["none_eager"], 3),
                "ratio_var_over_none_sdpa": round(best["var"] / best["none_sdpa"], 3),
+               "ratio_zerotuning_over_none": round(best["zerotuning_sdpa"] / best["none_sdpa"], 3),
                "var_rows_redistributed": int(sum(c.sum() for c in var.selected_counts.values())),
                "vhr_heads_selected": int(sum(s.sum() for s in vhr.selected_heads.values()))}
         run["targets_met"] = {"vhr<=1.05": run["ratio_vhr_over_none"] <= 1.05,
