@@ -204,6 +204,19 @@ class ZeroTuningSession(contextlib.AbstractContextManager):
         self.modules = {i: attention_module(layers[i]) for i in self.log_gammas}
         self.first = first_real_positions(ctx.attention_mask).to(model.device)  # (B,) the initial token
         self.hooks = HookSet()
+        self._shared: Optional[tuple] = None  # (mask, key, base, onehot) of the last forward
+
+    def _mask_parts(self, mask: Optional[torch.Tensor], q_len: int, k_len: int, hidden: torch.Tensor):
+        """The additive base mask ``(B|1, 1, Q, K)`` and the initial-token one-hot ``(B, 1, 1, K)`` of this forward,
+        built by its first hooked layer and reused by the others: every layer of a forward gets the same mask
+        tensor. Reuse needs that very tensor (held, so its id is not recycled) at the same version (not modified in
+        place) and the same lengths and dtype, so a new or changed mask never gets stale parts."""
+        key = (None if mask is None else mask._version, q_len, k_len, hidden.dtype, hidden.device)
+        if self._shared is None or self._shared[0] is not mask or self._shared[1] != key:
+            base = additive_mask(mask, q_len, k_len, hidden.dtype, hidden.device)
+            onehot = torch.arange(k_len, device=hidden.device)[None] == self.first[:, None]  # (B, K)
+            self._shared = (mask, key, base, onehot[:, None, None, :].to(hidden.dtype))
+        return self._shared[2], self._shared[3]
 
     def __enter__(self) -> "ZeroTuningSession":
         try:
@@ -216,6 +229,7 @@ class ZeroTuningSession(contextlib.AbstractContextManager):
 
     def __exit__(self, *exc) -> None:
         self.hooks.remove()
+        self._shared = None
         return None
 
     def _hook(self, layer: int):
@@ -234,10 +248,8 @@ class ZeroTuningSession(contextlib.AbstractContextManager):
             if self.first.shape[0] != bsz:
                 raise InputError(f"ZeroTuning was attached for a batch of {self.first.shape[0]} but a forward "
                                  f"has {bsz}")
-            base = additive_mask(mask, q_len, k_len, hidden.dtype, hidden.device)  # (B|1, 1, Q, K)
-            onehot = torch.arange(k_len, device=hidden.device)[None] == self.first[:, None]  # (B, K)
-            bias = onehot[:, None, None, :].to(hidden.dtype) * log_gamma.to(hidden.dtype)[None, :, None, None]
-            kwargs["attention_mask"] = base + bias  # (B, heads, Q, K)
+            base, onehot = self._mask_parts(mask, q_len, k_len, hidden)  # (B|1, 1, Q, K), (B, 1, 1, K)
+            kwargs["attention_mask"] = base + onehot * log_gamma.to(hidden.dtype)[None, :, None, None]  # (B, h, Q, K)
             return args, kwargs
 
         return hook
