@@ -10,11 +10,15 @@ expert on them from three query sources, same features, same batches, same steps
 - ``none``: one learned constant (the expert sees only the image: a floor that shows how far the features alone
   get, e.g. by always boxing the largest object).
 
-If ``oracle`` learns REC and ``llm`` does not, the LLM's query states do not carry the phrase; if neither
-does, the expert or the features are the bottleneck. Reports held-out Acc@0.5 (the top-scoring slot's IoU with
-the target >= 0.5) and mean IoU against the step count, plus the model's own trained expert on ``llm``.
+If ``oracle`` learns REC and ``llm`` does not, either the LLM's query states do not carry the phrase or the
+expert does not read it there: the report's ``phrase_readout_heldout_acc`` tells which (a linear probe reading the
+phrase's shape and colour words from the first query state, per depth). If neither source learns, the expert or
+the features are the bottleneck. Reports held-out Acc@0.5 (the top-scoring slot's IoU with the target >= 0.5) and
+mean IoU against the step count, plus the model's own trained expert on ``llm``. ``--query-layers`` takes the
+states of other depths, ``--query-norm`` standardizes them before the expert.
 
     python bench/expert_probe.py --model tiny --steps 600 --out bench/results/expert_probe_tiny.json
+    python bench/expert_probe.py --model smol --sources llm --query-layers 6 12 18 24 -1 --cache /tmp/probe_smol
 """
 
 from __future__ import annotations
@@ -37,20 +41,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
 
 
-def cache(joint, samples, batch_size: int = 32):
-    """``(features (N, 1, n, C), queries (N, K, H), phrase ids list, boxes (N, 4))`` of REC samples."""
+def cache(joint, samples, layers: tuple[int, ...] = (-1,), batch_size: int = 32):
+    """``(features (N, 1, n, C), queries (N, len(layers), K, H), phrase ids list, boxes (N, 4))`` of REC samples.
+
+    ``layers`` index ``MLLMOutput.layer_states`` (0 the input embeddings, -1 the last block after the final norm);
+    an intermediate block's states go through the LM's final norm too (as the last layer's do), so that every
+    layer reaches the expert at the scale it was built for."""
     proc = joint.mllm.processor
+    norm = joint.mllm.llm.get_decoder().norm
     feats, queries, phrases, boxes = [], [], [], []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start: start + batch_size]
         batch = proc([s.turns[0][0] for s in chunk], [s.image for s in chunk], answers=[s.turns[0][1] for s in chunk])
         with torch.no_grad():
             out = joint.mllm(batch, "none")
-            calls = joint.router.route(batch.input_ids, out.hidden_states, batch.attention_mask)
-        for c in calls:
+            last = len(out.layer_states) - 1
+            states = [out.layer_states[l] if l in (-1, last) else norm(out.layer_states[l]) for l in layers]
+            per_layer = [joint.router.route(batch.input_ids, h, batch.attention_mask) for h in states]
+        for c, *same in zip(*per_layer):
             s = chunk[c.sample]
             feats.append(out.expert_inputs.features[out.expert_inputs.frames(c.sample)])
-            queries.append(c.query_states)
+            queries.append(torch.stack([c.query_states] + [d.query_states for d in same]))  # (len(layers), K, H)
             phrases.append(proc.tokenizer.encode(c.phrase or "", add_special_tokens=False) or [0])
             boxes.append(torch.as_tensor(s.targets[0].boxes, dtype=torch.float32).reshape(-1, 4)[0])
     return torch.stack(feats), torch.stack(queries), phrases, torch.stack(boxes)
@@ -116,6 +127,43 @@ class PhraseEncoder(nn.Module):
         flat = torch.tensor([i for p in phrases for i in p])
         offsets = torch.tensor([0] + [len(p) for p in phrases[:-1]]).cumsum(0)
         return self.mlp(self.bag(flat, offsets)).view(len(phrases), self.k, self.hidden)
+
+
+def phrase_readout(train_q: torch.Tensor, train_words: list[list[str]], val_q: torch.Tensor,
+                   val_words: list[list[str]], vocab: tuple[str, ...], steps: int = 300) -> Optional[float]:
+    """Held-out accuracy of a linear probe reading from the first query state ``(N, H)`` (standardized with the
+    train statistics) which word of ``vocab`` the phrase names; phrases naming none or several are left out.
+    None when the held-out set has no such phrase."""
+    def labels(words):
+        hits = [[i for i, w in enumerate(vocab) if w in ws] for ws in words]
+        return torch.tensor([h[0] if len(h) == 1 else -1 for h in hits])
+
+    ytr, yva = labels(train_words), labels(val_words)
+    if not bool((yva >= 0).any()):
+        return None
+    xtr, xva = train_q[ytr >= 0], val_q[yva >= 0]
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    torch.manual_seed(0)
+    probe = nn.Linear(xtr.shape[1], len(vocab))
+    opt = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(probe((xtr - mu) / sd), ytr[ytr >= 0]).backward()
+        opt.step()
+    with torch.no_grad():
+        return float((probe((xva - mu) / sd).argmax(1) == yva[yva >= 0]).float().mean())
+
+
+def normalize_queries(kind: str, train_q: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The query states as the expert gets them: ``none`` as cached, ``zscore`` each dimension standardized with
+    the train statistics, ``layernorm`` each state normalized (no affine)."""
+    if kind == "none":
+        return (train_q, *others)
+    if kind == "layernorm":
+        return tuple(nn.functional.layer_norm(q, q.shape[-1:]) for q in (train_q, *others))
+    flat = train_q.reshape(-1, train_q.shape[-1])
+    mu, sd = flat.mean(0), flat.std(0) + 1e-6
+    return tuple((q - mu) / sd for q in (train_q, *others))
 
 
 def evaluate(expert, features, queries, boxes, vf) -> dict[str, float]:
@@ -190,6 +238,11 @@ def main() -> None:
     parser.add_argument("--tower", default=None, metavar="LAYER:SIZE",
                         help="give the expert ImageNet MobileNetV2 features cut after block LAYER at SIZE px "
                              "instead of the model's own (the queries stay the model's)")
+    parser.add_argument("--query-layers", type=int, nargs="+", default=[-1],
+                        help="the LLM depths whose query states the 'llm' source reads (layer_states indices; -1 the "
+                             "last, which the router uses); one probe per layer")
+    parser.add_argument("--query-norm", choices=["none", "zscore", "layernorm"], default="none",
+                        help="how the 'llm' source's states reach the fresh expert (see normalize_queries)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--cache", type=Path, default=None,
                         help="keep the cached features and query states in this folder (safetensors) for later runs")
@@ -205,11 +258,15 @@ def main() -> None:
     val_ds = shapesworld_dataset({"rec": 1.0}, length=args.val, seed=DEFAULT_EVAL_SEED, split="val")
     train_samples = [train_ds[i] for i in range(args.train)]
     val_samples = [val_ds[i] for i in range(args.val)]
-    data = cached(args.cache, "train", f"{args.model}:{args.train}", lambda: cache(joint, train_samples))
-    val = cached(args.cache, "val", f"{args.model}:{args.val}", lambda: cache(joint, val_samples))
+    layers = tuple(args.query_layers)
+    key = "" if layers == (-1,) else f":layers={','.join(map(str, layers))}"  # the default keeps older caches
+    data = cached(args.cache, "train", f"{args.model}:{args.train}{key}", lambda: cache(joint, train_samples, layers))
+    val = cached(args.cache, "val", f"{args.model}:{args.val}{key}", lambda: cache(joint, val_samples, layers))
+    data, val = ((*d[:1], d[1] if d[1].dim() == 4 else d[1][:, None], *d[2:]) for d in (data, val))  # (N, layers, K, H)
     cache_s = time.perf_counter() - start
     vf = (joint.mllm.vision.grid, joint.mllm.config.vision.image_size)
-    shipped = evaluate(joint.experts["det"].eval(), val[0], val[1], val[3], vf)
+    last = layers.index(-1) if -1 in layers else None
+    shipped = None if last is None else evaluate(joint.experts["det"].eval(), val[0], val[1][:, last], val[3], vf)
     spec = joint.experts["det"].spec
     if args.tower:
         layer, size = (int(v) for v in args.tower.split(":"))
@@ -218,15 +275,28 @@ def main() -> None:
         data, val = (train_f, *data[1:]), (val_f, *val[1:])
         spec = dataclasses.replace(spec, vision_dim=train_f.shape[-1], grid=grid, image_size=size)
         vf = (grid, size)
-    spread = float(data[1][:, 0].std(0).mean() / data[1][:, 0].abs().mean())  # query variation across prompts
-    results = {s: train_probe(s, joint, spec, data, val, vf, args.steps, args.lr, args.batch, seed=0,
-                              options=args.options) for s in args.sources}
+    first = data[1][:, -1 if last is None else last, 0]  # (N, H) the first query state
+    spread = float(first.std(0).mean() / first.abs().mean())  # query variation across prompts
+    from taskmllm.data.shapesworld.vocab import COLORS, SHAPES
+
+    words = [[joint.mllm.tokenizer.decode(p).split() for p in d[2]] for d in (data, val)]
+    readout = {f"{name}@{layer}": phrase_readout(data[1][:, i, 0], words[0], val[1][:, i, 0], words[1], vocab)
+               for i, layer in enumerate(layers) for name, vocab in (("shape", SHAPES), ("color", tuple(COLORS)))}
+    data, val = ((d[0], q, *d[2:]) for d, q in zip((data, val), normalize_queries(args.query_norm, data[1], val[1])))
+    results = {}
+    for source in args.sources:
+        for i, layer in enumerate(layers if source == "llm" else layers[:1]):
+            at = lambda d: (d[0], d[1][:, i], *d[2:])  # noqa: E731  the query states of one depth
+            name = source if source != "llm" or layers == (-1,) else f"llm@{layer}"
+            results[name] = train_probe(source, joint, spec, at(data), at(val), vf, args.steps, args.lr, args.batch,
+                                        seed=0, options=args.options)
     ratio = None
     if {"llm", "oracle"} <= results.keys():
         ratio = results["oracle"]["acc50"] / max(results["llm"]["acc50"], 1e-9)
     emit({"model": str(args.model), "train": len(data[3]), "val": len(val[3]), "steps": args.steps, "lr": args.lr,
           "batch": args.batch, "options": args.options, "cache_s": round(cache_s, 1), "query_relative_std": spread,
-          "shipped_expert_on_llm_queries": shipped, "probes": results, "oracle_over_llm_acc50": ratio}, args.out)
+          "shipped_expert_on_llm_queries": shipped, "query_norm": args.query_norm,
+          "phrase_readout_heldout_acc": readout, "probes": results, "oracle_over_llm_acc50": ratio}, args.out)
 
 
 if __name__ == "__main__":
