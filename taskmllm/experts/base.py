@@ -196,6 +196,8 @@ class DecoderOptions(ExpertOptions):
             projected to ``dim``, spread over the patches each token pools and added to the projected patch
             features. Those tokens come after the question, so with the recipe's focus loss they mark what it
             names: the phrase-to-patch lookup the expert otherwise has to learn from its own sparse loss.
+        query_norm: ``none`` or ``batch``: standardize each dimension of the query states before the projection
+            (:class:`~taskmllm.experts.common.QueryProjection`).
     """
 
     dim: int = 64
@@ -203,6 +205,7 @@ class DecoderOptions(ExpertOptions):
     num_heads: int = 4
     mlp_dim: int = 256
     llm_context: bool = False
+    query_norm: str = "none"
 
 
 #: Upper bounds of a decoder's sizes (SAM's decoder: dim 256, depth 2, mlp_dim 2048).

@@ -33,17 +33,35 @@ def embedding_rows(embedding: nn.Embedding) -> torch.Tensor:
     return embedding(torch.arange(embedding.num_embeddings, device=embedding.weight.device))
 
 
+QUERY_NORMS = ("none", "batch")
+"""How :class:`QueryProjection` normalizes the LLM's states first (``DecoderOptions.query_norm``)."""
+
+
 class QueryProjection(nn.Module):
     """LISA's projection of LLM hidden states into the expert width: ``Linear(H,H) -> ReLU -> Linear(H,D)``.
+
+    With ``norm="batch"`` each of the H dimensions is first standardized (``BatchNorm1d`` without affine: batch
+    statistics in training, running ones in eval, and in training too when a batch has fewer than two states).
+    A pretrained LLM's last states can keep most of their variance in a few dimensions (SmolLM2-135M: 60% in 8 of
+    576), which the default-initialized projection then reads and little else.
 
     ``(..., H) -> (..., D)``.
     """
 
-    def __init__(self, hidden_size: int, dim: int) -> None:
+    def __init__(self, hidden_size: int, dim: int, norm: str = "none") -> None:
         super().__init__()
+        if norm not in QUERY_NORMS:
+            raise ConfigError(f"query_norm must be one of {QUERY_NORMS}, got {norm!r}")
+        self.norm = nn.BatchNorm1d(hidden_size, affine=False) if norm == "batch" else None
         self.net = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, dim))
 
     def forward(self, query_states: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            flat = query_states.reshape(-1, query_states.shape[-1])  # (N, H)
+            batch_stats = self.training and flat.shape[0] > 1
+            flat = F.batch_norm(flat, self.norm.running_mean, self.norm.running_var, training=batch_stats,
+                                momentum=self.norm.momentum, eps=self.norm.eps)
+            query_states = flat.reshape(query_states.shape)
         return self.net(query_states)
 
 
@@ -192,7 +210,7 @@ class DecoderExpert(Expert, options=DecoderOptions):
     def __init__(self, spec: ExpertSpec) -> None:
         super().__init__(spec)
         d = self.options.dim  # type: ignore[attr-defined]
-        self.query_proj = QueryProjection(spec.hidden_size, d)
+        self.query_proj = QueryProjection(spec.hidden_size, d, self.options.query_norm)  # type: ignore[attr-defined]
         self.feature_proj = FeatureProjection(spec.vision_dim, d,
                                               spec.hidden_size if self.options.llm_context else 0)  # type: ignore
         self.pe = GridPositionalEncoding(d)

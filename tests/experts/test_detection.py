@@ -213,3 +213,31 @@ def test_center_score_head_needs_the_localizing_box_head():
         build_expert("det", default_spec("det", H, C, GRID, SIZE, score_head="center"))
     with pytest.raises(ConfigError, match="score_head must be one of"):
         build_expert("det", default_spec("det", H, C, GRID, SIZE, box_head="localizing", score_head="peak"))
+
+
+def test_match_center_map_is_the_patches_dot_the_mean_projected_query():
+    from taskmllm.experts.detection import MatchCenterHead
+
+    torch.manual_seed(0)
+    expert = build_expert("det", default_spec("det", H, C, GRID, SIZE, num_queries=K, dim=32, box_head="localizing",
+                                              score_head="match"))
+    assert isinstance(expert.center_head, MatchCenterHead)
+    assert expert.center_head.bias.item() == pytest.approx(-np.log(99.0))  # RetinaNet's prior, as `center`
+    head = expert.center_head
+    patches, queries = torch.randn(2, 36, 32), torch.randn(2, K, 32)
+    by_hand = torch.einsum("mnd,md->mn", patches, head.proj(queries.mean(1))) / np.sqrt(32) + head.bias
+    torch.testing.assert_close(head(patches, queries), by_hand)
+    # the map depends on the query (a `center` map reads the patches only): the same image, two phrases
+    f = _features(1).features.expand(2, -1, -1, -1)
+    with torch.no_grad():
+        out = expert(torch.randn(2, K, H), VisionFeatures(f, GRID, SIZE))
+    assert out.center.shape == (2, 36) and not torch.allclose(out.center[0], out.center[1], atol=1e-3)
+    losses = expert.loss(expert(torch.randn(2, K, H), _features(2)),
+                         [TaskTarget("det", boxes=TARGET), TaskTarget("det", boxes=np.zeros((0, 4), np.float32))])
+    losses["det_center"].backward()
+    assert head.proj.weight.grad.abs().sum() > 0 and expert.query_proj.net[0].weight.grad.abs().sum() > 0
+
+
+def test_match_score_head_needs_the_localizing_box_head():
+    with pytest.raises(ConfigError, match="needs box_head='localizing'"):
+        build_expert("det", default_spec("det", H, C, GRID, SIZE, score_head="match"))
