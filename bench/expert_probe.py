@@ -262,9 +262,9 @@ def main() -> None:
     train_samples = [train_ds[i] for i in range(args.train)]
     val_samples = [val_ds[i] for i in range(args.val)]
     layers = tuple(args.query_layers)
-    key = "" if layers == (-1,) else f":layers={','.join(map(str, layers))}"  # the default keeps older caches
-    data = cached(args.cache, "train", f"{args.model}:{args.train}{key}", lambda: cache(joint, train_samples, layers))
-    val = cached(args.cache, "val", f"{args.model}:{args.val}{key}", lambda: cache(joint, val_samples, layers))
+    key = "" if layers == (-1,) else f"_layers={'_'.join(map(str, layers))}"  # the default keeps older caches
+    data = cached(args.cache, f"train{key}", f"{args.model}:{args.train}{key}", lambda: cache(joint, train_samples, layers))
+    val = cached(args.cache, f"val{key}", f"{args.model}:{args.val}{key}", lambda: cache(joint, val_samples, layers))
     data, val = ((*d[:1], d[1] if d[1].dim() == 4 else d[1][:, None], *d[2:]) for d in (data, val))  # (N, layers, K, H)
     cache_s = time.perf_counter() - start
     vf = (joint.mllm.vision.grid, joint.mllm.config.vision.image_size)
