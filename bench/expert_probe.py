@@ -141,17 +141,16 @@ def phrase_readout(train_q: torch.Tensor, train_words: list[list[str]], val_q: t
     ytr, yva = labels(train_words), labels(val_words)
     if not bool((yva >= 0).any()):
         return None
-    xtr, xva = train_q[ytr >= 0], val_q[yva >= 0]
-    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    xtr, xva = normalize_queries("zscore", train_q[ytr >= 0], val_q[yva >= 0])
     torch.manual_seed(0)
     probe = nn.Linear(xtr.shape[1], len(vocab))
     opt = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=1e-3)
     for _ in range(steps):
         opt.zero_grad()
-        nn.functional.cross_entropy(probe((xtr - mu) / sd), ytr[ytr >= 0]).backward()
+        nn.functional.cross_entropy(probe(xtr), ytr[ytr >= 0]).backward()
         opt.step()
     with torch.no_grad():
-        return float((probe((xva - mu) / sd).argmax(1) == yva[yva >= 0]).float().mean())
+        return float((probe(xva).argmax(1) == yva[yva >= 0]).float().mean())
 
 
 def normalize_queries(kind: str, train_q: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:

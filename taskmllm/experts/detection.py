@@ -101,6 +101,17 @@ class DetectionOptions(DecoderOptions):
                               f"box_head='localizing', got {self.box_head!r}")
 
 
+class PatchCenterHead(nn.Linear):
+    """CenterNet's center map (``score_head="center"``): a linear logit per decoded patch; the query is not read.
+    ``patches (M, N, D)``, ``queries (M, K, D)`` -> ``(M, N)`` logits (the call signature of every center head)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, 1)
+
+    def forward(self, patches: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        return super().forward(patches)[..., 0]
+
+
 class MatchCenterHead(nn.Module):
     """The center map as the decoded patches' match with the call's query (``score_head="match"``): per patch
     ``<patch, W mean_k(q_k)> / sqrt(D) + b``; ``patches (M, N, D)``, ``queries (M, K, D)`` -> ``(M, N)`` logits."""
@@ -176,7 +187,7 @@ class DetectionExpert(DecoderExpert, name="det", num_queries=8, options=Detectio
         self.obj_head = nn.Linear(d, 1)
         self.center_head: Optional[nn.Module] = None
         if opts.score_head == "center":
-            self.center_head = nn.Linear(d, 1)
+            self.center_head = PatchCenterHead(d)
         elif opts.score_head == "match":
             self.center_head = MatchCenterHead(d)
         if self.center_head is not None:  # RetinaNet's prior init: p = 0.01 everywhere, so the focal loss of the
@@ -200,10 +211,7 @@ class DetectionExpert(DecoderExpert, name="det", num_queries=8, options=Detectio
         boxes, heat = self.box_head(hs, patches, (h, w))
         center = None
         if self.center_head is not None:
-            if isinstance(self.center_head, MatchCenterHead):
-                center = self.center_head(patches, phrase)  # (M, h*w)
-            else:
-                center = self.center_head(patches)[..., 0]  # (M, h*w)
+            center = self.center_head(patches, phrase)  # (M, h*w)
             logits = logits + (heat.softmax(-1) @ center[..., None])[..., 0]  # + the center map under each slot
         return DetectionOutput(boxes=boxes, logits=logits, heat=heat, grid=(h, w), center=center)
 
