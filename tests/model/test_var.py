@@ -152,6 +152,22 @@ def test_cache_recompute_batch_and_scoped_state(sink_model):
     assert not any(d._forward_pre_hooks for d in decoder_layers(m.llm))
 
 
+def test_sdpa_model_decodes_as_the_eager_one(tokenizer, sink_model):
+    """On an SDPA model VAR's layers run its eager attention (SDPA passes no mask while decoding one query):
+    the same rows are redistributed and the same tokens come out as on the eager model."""
+    m = varied_model(tokenizer, attn="sdpa")
+    plant_sink(m, tokenizer.bos_token_id, SINK_DIM)
+    batch = m.processor(PROMPTS, images())
+    eager_var, sdpa_var = (VAR(p=P, rho=RHO, tau=TAU, sink_dims=[SINK_DIM], mode="paper") for _ in range(2))
+    want = sink_model.generate(batch, max_new_tokens=8, intervention=eager_var)
+    got = m.generate(batch, max_new_tokens=8, intervention=sdpa_var)
+    assert got.sequences == want.sequences
+    assert sum(int(c.sum()) for c in sdpa_var.selected_counts.values()) > 0
+    for layer, counts in eager_var.selected_counts.items():
+        assert torch.equal(sdpa_var.selected_counts[layer], counts)
+        assert torch.equal(sdpa_var.sinks[layer], eager_var.sinks[layer])
+
+
 def test_restored_after_exception_and_other_model_untouched(tokenizer, sink_model):
     other = varied_model(tokenizer, seed=5)
     batch = sink_model.processor(PROMPTS, images())

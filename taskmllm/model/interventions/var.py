@@ -74,6 +74,12 @@ DEFAULT_P = {"official": 0.4, "paper": 0.6}
 OFFICIAL_EPS = 1e-6  # the official code adds 1e-6 per image token to the visual-sink share's denominator
 
 
+def key_basis(sinks: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """``(B, K)`` bool sink and image flags -> ``(B, K, 4)`` float32 columns: image ``I``, non-sink image
+    ``I \\ S``, sink ``S``, visual sink ``I & S`` (one matmul with the weights gives every row's four sums)."""
+    return torch.stack([image, image & ~sinks, sinks, image & sinks], -1).float()
+
+
 def redistribute(weights: torch.Tensor, sinks: torch.Tensor, image: torch.Tensor, p: float, rho: float,
                  min_image_attention: float, mode: str = "paper", rows: Optional[torch.Tensor] = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,27 +98,38 @@ def redistribute(weights: torch.Tensor, sinks: torch.Tensor, image: torch.Tensor
         ``(new weights (B, heads, Q, K) in the input dtype, selected rows (B, heads, Q) bool)``; unselected rows
         are returned unchanged (bit for bit).
     """
-    w = weights.float()
-    snk, img = sinks.to(w.dtype), image.to(w.dtype)
-    vns = img * (1.0 - snk)
-    sums = torch.matmul(w, torch.stack([img, vns, snk, img * snk], -1).unsqueeze(1))  # (B, heads, Q, 4)
-    a_img, a_vns, a_snk, a_vsink = sums.unbind(-1)
-    if mode == "official":
-        n_img = img.sum(-1)[:, None, None]
-        gate = (sinks & image).any(-1)[:, None, None]  # (B, 1, 1): the sample has a visual sink in this layer
-        portion = a_vsink / (a_img + OFFICIAL_EPS * n_img).clamp_min(torch.finfo(torch.float32).tiny)
-        selected = gate & (a_img >= min_image_attention) & (portion <= 1.0 - rho) & (a_vns > 0)
-    elif mode == "paper":
-        selected = (a_img >= min_image_attention) & (a_vns / a_img >= rho) & (a_vns > 0)
-    else:
+    if mode not in MODES:
         raise ConfigError(f"VAR mode must be one of {list(MODES)}, got {mode!r}")
+    official = mode == "official"
+    gate = (sinks & image).any(-1)[:, None, None] if official else None  # (B, 1, 1): a visual sink in this layer
+    n_img = image.sum(-1).float()[:, None, None] if official else None
+    return _redistribute(weights, key_basis(sinks, image), p, rho, min_image_attention, gate, n_img, rows)
+
+
+def _redistribute(weights: torch.Tensor, basis: torch.Tensor, p: float, rho: float, min_image_attention: float,
+                  gate: Optional[torch.Tensor], n_img: Optional[torch.Tensor], rows: Optional[torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`redistribute` on a :func:`key_basis` ``(B, K, 4)``; official mode when ``gate`` ``(B, 1, 1)`` and
+    ``n_img`` ``(B, 1, 1)`` (image tokens per sample) are given. Few kernels: it runs in every decode step."""
+    w = weights.float()
+    bsz, heads, q_len, k_len = w.shape
+    # one batched GEMM per sample over all heads' rows: (B, heads * Q, K) @ (B, K, 4)
+    sums = torch.bmm(w.reshape(bsz, heads * q_len, k_len), basis).view(bsz, heads, q_len, 4)
+    a_img, a_vns, a_snk, a_vsink = sums.unbind(-1)  # each (B, heads, Q)
+    tiny = torch.finfo(torch.float32).tiny
+    if gate is not None:
+        portion = a_vsink / (a_img + OFFICIAL_EPS * n_img).clamp_min(tiny)
+        selected = gate & (a_img >= min_image_attention) & (portion <= 1.0 - rho) & (a_vns > 0)
+    else:
+        selected = (a_img >= min_image_attention) & (a_vns / a_img >= rho) & (a_vns > 0)
     if rows is not None:
         selected = selected & rows[:, None, :]
-    gain = (p * a_snk / a_vns.clamp_min(torch.finfo(torch.float32).tiny)).unsqueeze(-1)  # (B, heads, Q, 1)
-    # factor per key: 1 - p on sinks, 1 + gain on non-sink image tokens, exactly 1 elsewhere
-    factor = (1.0 - p * snk)[:, None, None, :] + vns[:, None, None, :] * gain
-    new = (w * factor).to(weights.dtype)
-    return torch.where(selected.unsqueeze(-1), new, weights), selected
+    gain = p * a_snk / a_vns.clamp_min(tiny)
+    # per row: + gain on non-sink image keys, - p on sinks; 0 on unselected rows, whose factor is then exactly 1
+    coef = torch.stack([gain, torch.full_like(gain, -p)], -1) * selected.unsqueeze(-1)  # (B, heads, Q, 2)
+    delta = torch.bmm(coef.view(bsz, heads * q_len, 2), basis[..., 1:3].transpose(1, 2))  # (B, heads * Q, K)
+    delta = delta.view(bsz, heads, q_len, k_len)
+    return (w * (delta + 1.0)).to(weights.dtype), selected
 
 
 def _attention(fallback: Optional[Any], module: nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -127,16 +144,18 @@ def _attention(fallback: Optional[Any], module: nn.Module, query: torch.Tensor, 
     state: Optional[_VARState] = getattr(module, STATE_ATTR, None)
     if fallback is not None and (state is None or not state.may_change(module)):
         return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    groups = query.shape[1] // key.shape[1]
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: copies as transformers' eager (same bits)
     key = key.repeat_interleave(groups, dim=1) if groups > 1 else key
     value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None or fallback is not None:
+    # an SDPA model passes no mask where causality is all there is: one query (decoding) then sees every key
+    if attention_mask is not None or (fallback is not None and query.shape[2] > 1):
         weights = weights + additive_mask(attention_mask, query.shape[2], key.shape[2], weights.dtype, weights.device)
     weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     if state is not None and state.may_change(module):
         weights = state.apply(module, weights)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    if dropout and module.training:
+        weights = nn.functional.dropout(weights, p=dropout, training=True)
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return out, weights
 
@@ -263,7 +282,8 @@ class VAR:
 
 
 class _VARState:
-    """Per-attach state read by the attention function (sink flags per layer, image mask, selections)."""
+    """Per-attach state read by the attention function: per layer, the keys' :func:`key_basis` (built in the
+    prefill, extended in place while decoding), the selections; the image mask of the prompt."""
 
     def __init__(self, var: VAR, ctx: GenerationContext, layer_of: dict[int, int]) -> None:
         self.var = var
@@ -273,63 +293,78 @@ class _VARState:
         length = self.image_mask.shape[1]
         cols = torch.arange(length, device=self.image_mask.device)
         self.last_image = torch.where(self.image_mask, cols, -1).amax(-1)  # (B,) -1 without an image
+        self.after_image = int(self.last_image.max()) + 1 if length else 0  # rows from here on are all after it
+        self.n_img = self.image_mask.sum(-1).float()[:, None, None]  # (B, 1, 1)
         self.layer_of = layer_of  # id(attention module) -> layer index
         self.chunk_sinks: dict[int, torch.Tensor] = {}  # paper: layer -> (B, C) flags of the current forward
         self.prompt_sinks: dict[int, torch.Tensor] = {}  # official: layer -> (B, L) flags found in the prefill
-        self.visual_gate: dict[int, bool] = {}  # official: layer -> some sample has a visual sink
-        self.sinks: dict[int, torch.Tensor] = {}  # layer -> (B, K) flags of all keys
+        self.visual_gate: dict[int, torch.Tensor] = {}  # official: layer -> (B, 1, 1) sample has a visual sink
+        self.basis: dict[int, torch.Tensor] = {}  # layer -> (B, capacity, 4) key basis, zero past the keys
+        self.keys: dict[int, int] = {}  # layer -> key positions in the last forward
+        self.sinks: dict[int, torch.Tensor] = {}  # layer -> (B, K) flags (layers VAR never changed)
         self.selected: dict[int, torch.Tensor] = {}
-        self.counts: dict[int, torch.Tensor] = {}
-        self._image_keys: Optional[torch.Tensor] = None
-
-    def image_keys(self, length: int) -> torch.Tensor:
-        """``(B, length)`` image flags of the key positions (generated positions are never image)."""
-        return self._extend(length, "_image_keys", self.image_mask)
-
-    def _extend(self, length: int, attr: str, base: torch.Tensor) -> torch.Tensor:
-        cached = getattr(self, attr)
-        if cached is None or cached.shape[1] < length:  # grown by doubling, sliced
-            pad = max(length, 2 * base.shape[1]) - base.shape[1]
-            cached = torch.cat([base, base.new_zeros(base.shape[0], pad)], 1)
-            setattr(self, attr, cached)
-        return cached[:, :length]
+        self.history: dict[int, list[torch.Tensor]] = {}  # layer -> selected rows of every forward
 
     def record_prompt_sinks(self, layer: int, flags: torch.Tensor) -> None:
         """Official mode: the prefill's ``(B, L)`` sink flags of ``layer`` (prompt tokens only)."""
         flags = flags & self.prompt_mask
         self.prompt_sinks[layer] = flags
-        self.visual_gate[layer] = bool((flags & self.image_mask).any())
+        gate = (flags & self.image_mask).any(-1)
+        if bool(gate.any()):
+            self.visual_gate[layer] = gate[:, None, None]
+            self.basis[layer] = key_basis(flags, self.image_mask)
         self.sinks[layer] = flags
 
     def may_change(self, module: nn.Module) -> bool:
         """Whether VAR may change a row of ``module`` in this forward (official: a visual sink in the batch)."""
+        return not self.official or self.layer_of[id(module)] in self.visual_gate
+
+    def _basis(self, layer: int, past: int, keys: int) -> torch.Tensor:
+        """``(B, keys, 4)`` basis of ``layer``'s keys; paper mode first writes this forward's sink flags."""
+        basis = self.basis.get(layer)
+        if basis is not None and basis.shape[1] < keys:  # grown by doubling with zeros (non-image, non-sink)
+            basis = torch.cat([basis, basis.new_zeros(basis.shape[0], max(keys, 2 * basis.shape[1]) - basis.shape[1],
+                                                      4)], 1)
+            self.basis[layer] = basis
         if not self.official:
-            return True
-        return self.visual_gate.get(self.layer_of[id(module)], False)
+            chunk = self.chunk_sinks.pop(layer)  # (B, keys - past)
+            prompt = self.image_mask.shape[1]
+            if basis is None or past < prompt:  # the prefill (or a chunk reaching into the prompt): rebuilt
+                image = torch.zeros(chunk.shape[0], keys, dtype=torch.bool, device=chunk.device)
+                image[:, :min(keys, prompt)] = self.image_mask[:, :keys]
+                old = basis[:, :past, 2].bool() if basis is not None else chunk[:, :0]
+                basis = key_basis(torch.cat([old, chunk], 1), image)
+                self.basis[layer] = basis
+            else:  # generated keys are never image: only the sink column changes
+                basis[:, past:keys, 2] = chunk
+        self.keys[layer] = keys
+        return basis[:, :keys]
 
     def apply(self, module: nn.Module, weights: torch.Tensor) -> torch.Tensor:
         """``(B, heads, Q, K)`` post-softmax weights of ``module`` -> the redistributed weights."""
         layer = self.layer_of[id(module)]
         q, k = weights.shape[-2], weights.shape[-1]
-        var = self.var
-        if self.official:
-            prompt = self.prompt_sinks[layer]
-            keys = prompt[:, :k] if k <= prompt.shape[1] else torch.cat([prompt, prompt.new_zeros(
-                prompt.shape[0], k - prompt.shape[1])], 1)
+        basis = self._basis(layer, k - q, k)
+        rows = None
+        if self.official and k - q < self.after_image:  # some row at or before a sample's last image token
             cols = torch.arange(k - q, k, device=weights.device)
             rows = cols[None, :] > self.last_image.to(weights.device)[:, None]  # (B, Q) after the image
-        else:
-            chunk = self.chunk_sinks.pop(layer)
-            past = k - q
-            keys = chunk if past == 0 else torch.cat([self.sinks[layer][:, :past], chunk], 1)
-            rows = None
-        self.sinks[layer] = keys
-        new, selected = redistribute(weights, keys, self.image_keys(k), var.p, var.rho, var.min_image_attention,
-                                     var.mode, rows)
+        var = self.var
+        new, selected = _redistribute(weights, basis, var.p, var.rho, var.min_image_attention,
+                                      self.visual_gate.get(layer), self.n_img if self.official else None, rows)
         self.selected[layer] = selected
-        count = selected.sum(-1)
-        self.counts[layer] = count if layer not in self.counts else self.counts[layer] + count
+        self.history.setdefault(layer, []).append(selected)
         return new
+
+    def all_sinks(self) -> dict[int, torch.Tensor]:
+        """``{layer: (B, K) bool}`` sink flags of every key of the last forward."""
+        flags = dict(self.sinks)
+        flags.update({layer: self.basis[layer][:, :k, 2].bool() for layer, k in self.keys.items()})
+        return flags
+
+    def counts(self) -> dict[int, torch.Tensor]:
+        """``{layer: (B, heads)}`` rows redistributed over every forward."""
+        return {layer: sum(s.sum(-1) for s in seen) for layer, seen in self.history.items()}
 
 
 class VARSession(contextlib.AbstractContextManager):
@@ -366,9 +401,9 @@ class VARSession(contextlib.AbstractContextManager):
 
     def __exit__(self, *exc) -> None:
         self._close()
-        self.var.sinks = dict(self.state.sinks)
+        self.var.sinks = self.state.all_sinks()
         self.var.selected_heads = dict(self.state.selected)
-        self.var.selected_counts = dict(self.state.counts)
+        self.var.selected_counts = self.state.counts()
         self.var.resolved = {"tau": self.tau, "sink_dims": list(self.dims), "layers": list(self.layers)}
         return None
 
