@@ -7,7 +7,8 @@ is separated from the prefill as ``(t(N) - t(1)) / (N - 1)`` (N tokens generated
 ``--repeats`` interleaved rounds, with the default decoder and with ``compile=True``. Then the answers to the
 factual questions of ``tests/smol`` (greedy, 32 tokens) in each dtype are compared with the first dtype's
 (float32 by default): how many are the same text, and how many name the right answer (issue #29: ``smol`` decode
->= 60% of its dtype's bound, answers equal to float32).
+>= 60% of its dtype's bound, answers equal to float32). Each dtype is timed with the weights as stored and with
+``weight_layout="tuned"`` (each LLM weight shape in the memory order the BLAS streams fastest, timed at load).
 
     python bench/decode.py --model smol --threads 1 --out bench/results/decode_smol.json
 """
@@ -74,6 +75,8 @@ def main() -> None:
     parser.add_argument("--model", default="smol", help="a shipped model's name or a checkpoint directory")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES),
                         help="the first is the reference for the answers")
+    parser.add_argument("--layouts", nargs="+", default=["stored", "tuned"], choices=["stored", "tuned"],
+                        help="weight layouts (Pipeline.from_pretrained(weight_layout=...)); each dtype in each")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
@@ -89,19 +92,21 @@ def main() -> None:
               "clock": "cpu" if torch.get_num_threads() == 1 else "wall", "dtypes": {}}
     reference = None
     for name in args.dtypes:
-        pipe = Pipeline.from_pretrained(args.model, dtype=DTYPES[name])
-        llm_bytes = weight_bytes(pipe.model.mllm.llm)
-        bound = bandwidth * 1e9 / llm_bytes  # steps/s if a step only read the LLM's weights once
-        rates = decode_rates(pipe.model.mllm, args.new_tokens, args.repeats)
-        answers = factual_answers(pipe)
-        reference = answers if reference is None else reference
-        report["dtypes"][name] = {
-            "llm_weight_mb": round(llm_bytes / 1e6, 1), "bound_tokens_per_s": round(bound, 2), **rates,
-            "fraction_of_bound": {k: round(v["tokens_per_s"] / bound, 3) for k, v in rates.items()},
-            "answers_equal_to_reference": sum(a == r for a, r in zip(answers, reference)),
-            "answers_right": sum(any(w.lower() in a.lower() for w in words) for a, (_, words) in zip(answers, FACTS)),
-            "questions": len(FACTS), "answers": answers}
-        del pipe
+        for layout in args.layouts:
+            pipe = Pipeline.from_pretrained(args.model, dtype=DTYPES[name], weight_layout=layout)
+            llm_bytes = weight_bytes(pipe.model.mllm.llm)
+            bound = bandwidth * 1e9 / llm_bytes  # steps/s if a step only read the LLM's weights once
+            rates = decode_rates(pipe.model.mllm, args.new_tokens, args.repeats)
+            answers = factual_answers(pipe)
+            reference = answers if reference is None else reference
+            report["dtypes"][name if layout == "stored" else f"{name}+{layout}"] = {
+                "llm_weight_mb": round(llm_bytes / 1e6, 1), "bound_tokens_per_s": round(bound, 2), **rates,
+                "fraction_of_bound": {k: round(v["tokens_per_s"] / bound, 3) for k, v in rates.items()},
+                "answers_equal_to_reference": sum(a == r for a, r in zip(answers, reference)),
+                "answers_right": sum(any(w.lower() in a.lower() for w in words)
+                                     for a, (_, words) in zip(answers, FACTS)),
+                "questions": len(FACTS), "answers": answers}
+            del pipe
     emit(report, args.out)
 
 if __name__ == "__main__":

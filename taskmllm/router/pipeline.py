@@ -41,16 +41,25 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu",
-                        verify: bool = True, dtype: Optional[torch.dtype] = None) -> "Pipeline":
+                        verify: bool = True, dtype: Optional[torch.dtype] = None,
+                        weight_layout: str = "stored") -> "Pipeline":
         """Load a checkpoint directory written by ``JointModel.save_pretrained``, or a shipped model by name
         (``"tiny"``, the embedded default), with the calibrated intervention settings it carries. ``verify``:
         check the weight files' SHA-256 against the checksums recorded at save, and the weights for NaN/inf (a
         :class:`CheckpointError` naming the file). ``dtype`` (e.g. ``torch.bfloat16``; None: as stored) loads the
-        weights straight into that dtype, with no float32 copy (``JointModel.from_pretrained``)."""
+        weights straight into that dtype, with no float32 copy (``JointModel.from_pretrained``). ``weight_layout``:
+        ``"stored"`` (row-major, as saved) or ``"tuned"``: each LLM weight shape in the memory order that the CPU's
+        BLAS streams fastest at batch 1, timed at load (~1 s; :mod:`taskmllm.model.weight_layout`; CPU only)."""
+        from taskmllm.model.weight_layout import tune_linear_layout
         from taskmllm.zoo import model_calibration
 
+        if weight_layout not in ("stored", "tuned"):
+            raise ConfigError(f"weight_layout must be 'stored' or 'tuned', got {weight_layout!r}")
         calibration = model_calibration(path)  # a malformed interventions.json fails before the weights load
-        return cls(JointModel.from_pretrained(path, device=device, verify=verify, dtype=dtype), calibration)
+        model = JointModel.from_pretrained(path, device=device, verify=verify, dtype=dtype)
+        if weight_layout == "tuned":
+            tune_linear_layout(model.mllm.llm)
+        return cls(model, calibration)
 
     def intervention(self, name: Optional[str], **overrides: Any) -> Optional[Intervention]:
         """A named intervention for this model: ``"vhr"``, ``"var"``, ``"zerotuning"`` with the model's calibrated
