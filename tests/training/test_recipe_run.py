@@ -127,3 +127,21 @@ def test_recipe_targets_become_the_cards_bounds(tmp_path):
         (tmp_path / "recipe.yaml").write_text(f"stages: [a]\neval: {{targets: {bad}}}\n")
         with pytest.raises(ConfigError, match=match):
             load_plan(str(tmp_path))
+
+
+def test_every_stage_file_of_every_recipe_loads(tmp_path):
+    """Stage YAMLs outside a recipe's ``stages`` (e.g. smol's optional ``experts.yaml``) are still valid configs."""
+    from pathlib import Path
+
+    import taskmllm.training.recipes as recipes
+    from taskmllm.training.config import load_config
+
+    root = Path(recipes.__path__[0])
+    files = [f for f in sorted(root.glob("*/*.yaml")) if not f.name.startswith("_") and f.name != "recipe.yaml"]
+    assert any(f.name == "experts.yaml" for f in files)
+    for f in files:
+        cfg = load_config(f, [f"--out_dir={tmp_path / f.parent.name / f.stem}"])
+        assert cfg.max_steps > 0, f
+    experts = load_config(root / "smol" / "experts.yaml", [f"--out_dir={tmp_path / 'e'}"])
+    assert {k for k, m in experts.stage.trainable.items() if m != "frozen"} == {"experts"}
+    assert experts.stage.lm_weight == 0.0
