@@ -10,8 +10,9 @@ context manager that installs scoped hooks and removes them on exit, also after 
 
 from taskmllm.model.interventions.attention_map import AttentionMaps, attention_maps, compare_attention_maps
 from taskmllm.model.interventions.hooks import context_for
+from taskmllm.model.interventions.redistribution import redistribute
 from taskmllm.model.interventions.sinks import calibrate_sink_dims, default_tau, sink_values
-from taskmllm.model.interventions.var import VAR, redistribute
+from taskmllm.model.interventions.var import VAR
 from taskmllm.model.interventions.vhr import VHR, default_layers, select_heads
 from taskmllm.model.interventions.zerotuning import InitialTokenBias, ZeroTuning
 from taskmllm.model.interventions.zerotuning_calibration import (accuracy_score, all_heads, calibrate_from_profile,

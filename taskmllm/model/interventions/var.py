@@ -58,6 +58,7 @@ from taskmllm.errors import ConfigError, InputError
 from taskmllm.model.generation import GenerationContext
 from taskmllm.model.interventions.hooks import HookSet, as_context, attention_module, decoder_layers, resolve_layers
 from taskmllm.model.interventions.masks import additive_mask
+from taskmllm.model.interventions.redistribution import MODES, key_basis, redistribute_on_basis
 from taskmllm.model.interventions.sinks import (calibrate_sink_dims, check_tau, default_tau, sink_flags,
                                                 sink_flags_official)
 from taskmllm.model.interventions.validation import check_choice, check_index_list, check_number, check_settings
@@ -69,67 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover
 ATTN_NAME = "taskmllm_var"
 ATTN_NAME_SDPA = "taskmllm_var_sdpa"
 STATE_ATTR = "_taskmllm_var_state"
-MODES = ("official", "paper")
 DEFAULT_P = {"official": 0.4, "paper": 0.6}
-OFFICIAL_EPS = 1e-6  # the official code adds 1e-6 per image token to the visual-sink share's denominator
-
-
-def key_basis(sinks: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-    """``(B, K)`` bool sink and image flags -> ``(B, K, 4)`` float32 columns: image ``I``, non-sink image
-    ``I \\ S``, sink ``S``, visual sink ``I & S`` (one matmul with the weights gives every row's four sums)."""
-    return torch.stack([image, image & ~sinks, sinks, image & sinks], -1).float()
-
-
-def redistribute(weights: torch.Tensor, sinks: torch.Tensor, image: torch.Tensor, p: float, rho: float,
-                 min_image_attention: float, mode: str = "paper", rows: Optional[torch.Tensor] = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply VAR's row rule and redistribution to post-softmax attention weights.
-
-    Args:
-        weights: ``(B, heads, Q, K)`` attention rows.
-        sinks: ``(B, K)`` bool, sink key tokens.
-        image: ``(B, K)`` bool, image key tokens.
-        p: fraction of the sinks' weight moved; rho, min_image_attention: the row rule of ``mode`` (module table).
-        mode: ``"official"`` (visual-sink gate, ``sum_{I&S} a / (sum_I a + 1e-6 |I|) <= 1 - rho``) or ``"paper"``
-            (``sum_{I\\S} a / sum_I a >= rho``).
-        rows: ``(B, Q)`` bool, rows allowed to change (official mode: after the image); None = all.
-
-    Returns:
-        ``(new weights (B, heads, Q, K) in the input dtype, selected rows (B, heads, Q) bool)``; unselected rows
-        are returned unchanged (bit for bit).
-    """
-    if mode not in MODES:
-        raise ConfigError(f"VAR mode must be one of {list(MODES)}, got {mode!r}")
-    official = mode == "official"
-    gate = (sinks & image).any(-1)[:, None, None] if official else None  # (B, 1, 1): a visual sink in this layer
-    n_img = image.sum(-1).float()[:, None, None] if official else None
-    return _redistribute(weights, key_basis(sinks, image), p, rho, min_image_attention, gate, n_img, rows)
-
-
-def _redistribute(weights: torch.Tensor, basis: torch.Tensor, p: float, rho: float, min_image_attention: float,
-                  gate: Optional[torch.Tensor], n_img: Optional[torch.Tensor], rows: Optional[torch.Tensor]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`redistribute` on a :func:`key_basis` ``(B, K, 4)``; official mode when ``gate`` ``(B, 1, 1)`` and
-    ``n_img`` ``(B, 1, 1)`` (image tokens per sample) are given. Few kernels: it runs in every decode step."""
-    w = weights.float()
-    bsz, heads, q_len, k_len = w.shape
-    # one batched GEMM per sample over all heads' rows: (B, heads * Q, K) @ (B, K, 4)
-    sums = torch.bmm(w.reshape(bsz, heads * q_len, k_len), basis).view(bsz, heads, q_len, 4)
-    a_img, a_vns, a_snk, a_vsink = sums.unbind(-1)  # each (B, heads, Q)
-    tiny = torch.finfo(torch.float32).tiny
-    if gate is not None:
-        portion = a_vsink / (a_img + OFFICIAL_EPS * n_img).clamp_min(tiny)
-        selected = gate & (a_img >= min_image_attention) & (portion <= 1.0 - rho) & (a_vns > 0)
-    else:
-        selected = (a_img >= min_image_attention) & (a_vns / a_img >= rho) & (a_vns > 0)
-    if rows is not None:
-        selected = selected & rows[:, None, :]
-    gain = p * a_snk / a_vns.clamp_min(tiny)
-    # per row: + gain on non-sink image keys, - p on sinks; 0 on unselected rows, whose factor is then exactly 1
-    coef = torch.stack([gain, torch.full_like(gain, -p)], -1) * selected.unsqueeze(-1)  # (B, heads, Q, 2)
-    delta = torch.bmm(coef.view(bsz, heads * q_len, 2), basis[..., 1:3].transpose(1, 2))  # (B, heads * Q, K)
-    delta = delta.view(bsz, heads, q_len, k_len)
-    return (w * (delta + 1.0)).to(weights.dtype), selected
 
 
 def _attention(fallback: Optional[Any], module: nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -297,18 +238,15 @@ class _VARState:
         self.n_img = self.image_mask.sum(-1).float()[:, None, None]  # (B, 1, 1)
         self.layer_of = layer_of  # id(attention module) -> layer index
         self.chunk_sinks: dict[int, torch.Tensor] = {}  # paper: layer -> (B, C) flags of the current forward
-        self.prompt_sinks: dict[int, torch.Tensor] = {}  # official: layer -> (B, L) flags found in the prefill
         self.visual_gate: dict[int, torch.Tensor] = {}  # official: layer -> (B, 1, 1) sample has a visual sink
         self.basis: dict[int, torch.Tensor] = {}  # layer -> (B, capacity, 4) key basis, zero past the keys
         self.keys: dict[int, int] = {}  # layer -> key positions in the last forward
-        self.sinks: dict[int, torch.Tensor] = {}  # layer -> (B, K) flags (layers VAR never changed)
-        self.selected: dict[int, torch.Tensor] = {}
+        self.sinks: dict[int, torch.Tensor] = {}  # layer -> (B, K) flags (official: the prefill's, prompt only)
         self.history: dict[int, list[torch.Tensor]] = {}  # layer -> selected rows of every forward
 
     def record_prompt_sinks(self, layer: int, flags: torch.Tensor) -> None:
         """Official mode: the prefill's ``(B, L)`` sink flags of ``layer`` (prompt tokens only)."""
         flags = flags & self.prompt_mask
-        self.prompt_sinks[layer] = flags
         gate = (flags & self.image_mask).any(-1)
         if bool(gate.any()):
             self.visual_gate[layer] = gate[:, None, None]
@@ -350,9 +288,8 @@ class _VARState:
             cols = torch.arange(k - q, k, device=weights.device)
             rows = cols[None, :] > self.last_image.to(weights.device)[:, None]  # (B, Q) after the image
         var = self.var
-        new, selected = _redistribute(weights, basis, var.p, var.rho, var.min_image_attention,
+        new, selected = redistribute_on_basis(weights, basis, var.p, var.rho, var.min_image_attention,
                                       self.visual_gate.get(layer), self.n_img if self.official else None, rows)
-        self.selected[layer] = selected
         self.history.setdefault(layer, []).append(selected)
         return new
 
@@ -402,7 +339,7 @@ class VARSession(contextlib.AbstractContextManager):
     def __exit__(self, *exc) -> None:
         self._close()
         self.var.sinks = self.state.all_sinks()
-        self.var.selected_heads = dict(self.state.selected)
+        self.var.selected_heads = {layer: seen[-1] for layer, seen in self.state.history.items()}
         self.var.selected_counts = self.state.counts()
         self.var.resolved = {"tau": self.tau, "sink_dims": list(self.dims), "layers": list(self.layers)}
         return None
@@ -423,7 +360,7 @@ class VARSession(contextlib.AbstractContextManager):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]  # (B, C, H) entering the layer
             if official:
-                if layer not in state.prompt_sinks:  # the prefill; later forwards reuse its sinks
+                if layer not in state.sinks:  # the prefill; later forwards reuse its sinks
                     length = state.prompt_mask.shape[1]
                     if hidden.shape[1] < length:
                         raise InputError(f"VAR was attached for a prompt of length {length} but the first forward "
