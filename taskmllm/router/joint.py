@@ -76,32 +76,30 @@ class JointModel(nn.Module):
             experts[name] = build_expert(name, spec, registry)
         return cls(mllm, experts)
 
-    def set_expert_options(self, options: Mapping[str, Mapping[str, object]]) -> "JointModel":
+    def set_expert_options(self, options: Mapping[str, Mapping[str, object]],
+                           fresh: Collection[str] = ()) -> "JointModel":
         """Change options of trained experts that keep their parameters (loss weights, matching costs,
         thresholds) or only add new ones (a detection ``score_head="center"``: the new head starts from its
-        initialization); each expert is rebuilt from its new spec and given its weights back. Returns self.
+        initialization); each expert is rebuilt from its new spec and given its weights back. ``fresh`` names
+        parts ``"<expert>.<module path>"`` (e.g. ``"det.center_head"``) that start from their initialization
+        instead: their parameters may change shape (``center`` -> ``match`` replaces the center head). Returns self.
 
         Raises:
-            ConfigError: an unknown expert or option, a bad value, or an option that changes or removes the
-                expert's parameters (a width, depth or box head: train a fresh model for those).
+            ConfigError: an unknown expert or option, a bad value, a ``fresh`` part the rebuilt expert lacks, or
+                an option that changes or removes the expert's other parameters (a width, depth or box head:
+                train a fresh model for those).
         """
-        for name, opts in options.items():
+        parts: dict[str, list[str]] = {}
+        for item in fresh:
+            name, _, part = item.partition(".")
+            if name not in self.experts or not part:
+                raise ConfigError(f"fresh part {item!r}: expected '<expert>.<module>' with an expert of "
+                                  f"{sorted(self.experts)}")
+            parts.setdefault(name, []).append(part)
+        for name in sorted(set(options) | set(parts)):
             if name not in self.experts:
                 raise ConfigError(f"expert options for {name!r}: the model has experts {sorted(self.experts)}")
-            old = self.experts[name]
-            spec = replace(old.spec, options={**old.spec.options, **dict(opts)})
-            with torch.random.fork_rng(devices=[]):  # building the new module must not shift training's RNG
-                new = type(old)(spec)
-            fresh = {k: tuple(v.shape) for k, v in new.state_dict().items()}
-            if any(fresh.get(k) != tuple(v.shape) for k, v in old.state_dict().items()):
-                raise ConfigError(f"expert options {sorted(opts)} of {name!r} change its parameters; a trained "
-                                  f"expert can change only options that keep them (loss weights, thresholds) or "
-                                  f"add new ones")
-            ref = next(old.parameters(), None)
-            if ref is not None:
-                new.to(ref.device, ref.dtype)
-            new.load_state_dict(old.state_dict(), strict=False)  # keys checked above: only new ones are missing
-            self.experts[name] = new.train(old.training)
+            self.experts[name] = _rebuilt(name, self.experts[name], options.get(name, {}), parts.get(name, []))
         return self
 
     # ------------------------------------------------------------------------------------------ forward
@@ -243,3 +241,31 @@ def _match_targets(calls: Sequence[TaskCall], targets: Sequence[Sequence[TaskTar
                               f"targets {[t.task for t in want]}")
         matched.update({id(c): t for c, t in zip(got, want)})
     return matched
+
+
+def _rebuilt(name: str, old: nn.Module, opts: Mapping[str, object], fresh: Sequence[str]) -> nn.Module:
+    """Expert ``name`` (module ``old``) rebuilt with options ``opts`` and its weights, except the submodules ``fresh`` (module paths),
+    which keep the new module's initialization. See :meth:`JointModel.set_expert_options`."""
+    spec = replace(old.spec, options={**old.spec.options, **dict(opts)})
+    with torch.random.fork_rng(devices=[]):  # building the new module must not shift training's RNG
+        new = type(old)(spec)
+    for part in fresh:
+        try:
+            new.get_submodule(part)
+        except AttributeError as exc:
+            raise ConfigError(f"fresh part {part!r}: the rebuilt {name!r} expert has no such module") from exc
+    def is_fresh(key: str) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in fresh)
+
+    kept = {k: v for k, v in old.state_dict().items() if not is_fresh(k)}
+    shapes = {k: tuple(v.shape) for k, v in new.state_dict().items()}
+    if any(shapes.get(k) != tuple(v.shape) for k, v in kept.items()):
+        raise ConfigError(f"expert options {sorted(opts)} of {name!r} change its parameters; a trained "
+                          f"expert can change only options that keep them (loss weights, thresholds), add new "
+                          f"ones, or name the changed part in model.fresh (e.g. det.center_head)")
+    ref = next(old.parameters(), None)
+    if ref is not None:
+        new.to(ref.device, ref.dtype)
+    new.load_state_dict(kept, strict=False)  # keys checked above: only new or fresh ones are missing
+    return new.train(old.training)
+

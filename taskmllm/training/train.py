@@ -170,12 +170,16 @@ def build_joint(cfg: TrainConfig):
             raise ConfigError(f"model.llm / model.vision / model.projector / model.image_first override only a "
                               f"fresh recipe model "
                               f"({', '.join(BUILDERS)}); model.tasks also a plain MLLM checkpoint")
+        if plain and mc.fresh:
+            raise ConfigError(f"model.fresh {mc.fresh} names parts of a checkpoint's experts; {mc.init} has none")
         if plain:
             from taskmllm.training.model_init import joint_from_mllm
 
             return joint_from_mllm(cfg.model)
         # a checkpoint's experts may change options that keep their parameters (a stage's loss weights)
-        return JointModel.from_pretrained(mc.init).set_expert_options(mc.experts)
+        return JointModel.from_pretrained(mc.init).set_expert_options(mc.experts, mc.fresh)
+    if mc.fresh:
+        raise ConfigError(f"model.fresh {mc.fresh}: a fresh {mc.init!r} model's experts all start fresh")
     mllm = BUILDERS[mc.init](**mc.builder_args())
     return JointModel.build(mllm, options=mc.experts)
 

@@ -134,6 +134,24 @@ def test_recipe_sets_expert_options_of_a_fresh_model(tmp_path):
     assert centered.center_head is not None
     for key, value in joint.experts["det"].state_dict().items():
         assert torch.equal(centered.state_dict()[key], value), key
+    # a changed head starts fresh when the stage names it (model.fresh); the rest of the expert is kept
+    ckpt = joint.set_expert_options({"det": {"score_head": "center"}}).save_pretrained(tmp_path / "centered")
+    with pytest.raises(ConfigError, match="model.fresh"):  # center -> match replaces the center head
+        from_ckpt("{det: {score_head: match}}")
+    stage.write_text(f"inherit: {RECIPE / 'heads.yaml'}\nmodel: {{experts: {{det: {{score_head: match}}}}, "
+                     "fresh: [det.center_head]}\n")
+    matched = build_joint(load_config(stage, [f"--out_dir={tmp_path}", f"--model.init={ckpt}"])).experts["det"]
+    assert type(matched.center_head).__name__ == "MatchCenterHead"
+    new = matched.state_dict()  # heads.yaml also adds llm_context: its projection is new as well
+    kept = {k: v for k, v in joint.experts["det"].state_dict().items() if not k.startswith("center_head.")}
+    assert len(kept) > 10 and all(torch.equal(new[k], v) for k, v in kept.items())
+    for fresh, match in [("det.centre_head", "no such module"), ("dte.center_head", "expected '<expert>.<module>'"),
+                         ("det", "expected '<expert>.<module>'")]:
+        with pytest.raises(ConfigError, match=match):
+            joint.set_expert_options({}, [fresh])
+    stage.write_text(f"inherit: {RECIPE / 'pretrain.yaml'}\nmodel: {{fresh: [det.center_head]}}\n")
+    with pytest.raises(ConfigError, match="all start fresh"):  # a fresh recipe model has nothing to keep
+        build_joint(load_config(stage, overrides(tmp_path)))
     with pytest.raises(ConfigError, match="dice_wieght"):
         from_ckpt("{seg: {dice_wieght: 2.0}}")
     with pytest.raises(ConfigError, match="experts \\['det', 'seg', 'track'\\]"):
