@@ -68,7 +68,7 @@ def _seg_giou(shapes: dict[str, Any]) -> float | None:
 
 def write_model_card(run: Path, plan, configs: Sequence, log: dict) -> Path:
     """Write ``<run>/MODEL_CARD.md`` and ``<run>/learning_curves.png``; returns the card's path."""
-    curves = plot_learning_curves(run, plan.stages)
+    curves = plot_learning_curves(run, plan.stages, log)
     lines = [f"# `{plan.name}` — model card", "", plan.description, "",
              "Reproduce: `" + f"taskmllm train-recipe --out {run} {plan.name} {' '.join(log.get('overrides', []))}".rstrip()
              + "`", "",
@@ -78,8 +78,7 @@ def write_model_card(run: Path, plan, configs: Sequence, log: dict) -> Path:
     for stage, cfg in zip(plan.stages, configs):
         info = log["stages"].get(stage, {})
         total += info.get("wall_s", 0.0)
-        rows = _metrics(run / stage / "metrics.jsonl")
-        loss = f"{rows[-1]['loss_weighted']:.3f}" if rows else "–"
+        loss = final_loss(run / stage / "metrics.jsonl", info.get("final_loss"))
         trainable = ", ".join(f"{k}: {v}" for k, v in cfg.stage.trainable.items())
         lr = f"{cfg.optim.lr:g}" + ("" if cfg.optim.token_lr is None else f" (token rows {cfg.optim.token_lr:g})")
         lines.append(f"| {stage} | {trainable} | {cfg.max_steps} × {cfg.data.batch_size} | {lr} | "
@@ -239,8 +238,18 @@ def _metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def plot_learning_curves(run: Path, stages: Sequence[str]) -> Path | None:
-    """One figure: every loss term of every stage against cumulative training wall time (minutes)."""
+def final_loss(metrics: Path, recorded: float | None = None) -> str:
+    """The last ``loss_weighted`` of a stage's ``metrics.jsonl`` as the card prints it; ``recorded`` (the value
+    ``recipe.json`` kept when the stage finished) when the file is not in the run directory; else ``–``."""
+    rows = _metrics(metrics)
+    value = rows[-1].get("loss_weighted") if rows else recorded
+    return "–" if value is None else f"{value:.3f}"
+
+
+def plot_learning_curves(run: Path, stages: Sequence[str], log: Optional[dict] = None) -> Path | None:
+    """One figure: every loss term of every stage against cumulative training wall time (minutes). A stage
+    without ``metrics.jsonl`` in ``run`` gets an empty panel, and its ``wall_s`` in ``log`` (``recipe.json``)
+    still moves the later stages' time axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -251,6 +260,8 @@ def plot_learning_curves(run: Path, stages: Sequence[str]) -> Path | None:
     for ax, stage in zip(axes[0], stages):
         rows = _metrics(run / stage / "metrics.jsonl")
         if not rows:
+            ax.set_title(f"{stage} (no metrics.jsonl here)", fontsize=8)
+            offset += ((log or {}).get("stages", {}).get(stage) or {}).get("wall_s", 0.0)
             continue
         minutes = [(offset + r.get("time_s", r["step"])) / 60 for r in rows]
         skip = {"step", "lr", "grad_norm", "time_s"}
