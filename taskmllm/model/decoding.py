@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
@@ -37,15 +39,26 @@ def run_llm(llm: torch.nn.Module, plain_head: bool, keep: int, last_only: bool, 
     """One LM forward -> logits ``(B, keep or 1, V)`` and last hidden states ``(B, keep, H)`` of the last ``keep``
     positions (the chunk just fed).
 
-    ``kwargs`` go to the decoder (``inputs_embeds``, ``attention_mask``, ``position_ids``, ``past_key_values``,
-    ``use_cache``); ``last_only`` keeps the logits of the last position only (transformers' ``logits_to_keep=1``).
+    ``kwargs`` go to the decoder (``inputs_embeds``, ``attention_mask``, ``position_ids``, ``cache``,
+    ``use_cache``); ``cache`` is passed under the name the installed transformers reads (:func:`cache_keyword`);
+    ``last_only`` keeps the logits of the last position only (transformers' ``logits_to_keep=1``).
     """
+    decoder = llm.get_decoder()
+    if "cache" in kwargs:
+        kwargs[cache_keyword(type(decoder))] = kwargs.pop("cache")
     if plain_head:  # decoder + lm_head on the chunk: no hidden-state capture of every layer
-        hidden = llm.get_decoder()(**kwargs).last_hidden_state[:, -keep:]  # after the final norm
+        hidden = decoder(**kwargs).last_hidden_state[:, -keep:]  # after the final norm
         return llm.get_output_embeddings()(hidden[:, -1:] if last_only else hidden), hidden
     out = llm(**kwargs, output_hidden_states=True)
     logits = out.logits[:, -keep:]
     return (logits[:, -1:] if last_only else logits), out.hidden_states[-1][:, -keep:]
+
+
+@functools.lru_cache(maxsize=None)
+def cache_keyword(decoder_type: type) -> str:
+    """The name under which ``decoder_type.forward`` takes its KV cache: ``cache`` from transformers 5.24 (which
+    warns on ``past_key_values`` and drops it in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(decoder_type.forward).parameters else "past_key_values"
 
 
 class DynamicDecoder:
@@ -90,7 +103,7 @@ class DynamicDecoder:
             self.pos = pos if self.pos is None else torch.cat([self.pos, pos], 1)
             emb, pos = self.emb, self.pos
         kwargs = dict(inputs_embeds=emb, attention_mask=self._attention_mask(c), position_ids=pos,
-                      past_key_values=self.cache, use_cache=self.cache is not None)
+                      cache=self.cache, use_cache=self.cache is not None)
         return run_llm(self.model.llm, self.plain_head, c, last_only, **kwargs)
 
     def _attention_mask(self, c: int) -> torch.Tensor:
@@ -123,7 +136,7 @@ class CompiledSteps:
             def step(emb, attend, pos, cache):
                 mask = attention_bias(attend[:, None, None, :], llm, emb.dtype)
                 return run_llm(llm, plain, 1, False, inputs_embeds=emb, attention_mask=mask, position_ids=pos,
-                               past_key_values=cache, use_cache=True)
+                               cache=cache, use_cache=True)
 
             mode = "reduce-overhead" if model.device.type == "cuda" else None
             self._steps[key] = torch.compile(step, mode=mode, dynamic=False)
@@ -210,7 +223,7 @@ class StaticDecoder:
             allowed[:, :, t: t + c] &= valid[:, None, :] | own[None, :, t: t + c]
             bias = attention_bias(allowed[:, None], self.model.llm, emb.dtype)
             logits, hidden = run_llm(self.model.llm, self.plain_head, c, last_only, inputs_embeds=emb,
-                                     attention_mask=bias, position_ids=pos, past_key_values=self.cache,
+                                     attention_mask=bias, position_ids=pos, cache=self.cache,
                                      use_cache=True)
         self.attend[:, t: t + c] = valid  # what later positions may read of this chunk
         self.fed += c

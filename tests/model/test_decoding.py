@@ -144,3 +144,25 @@ def test_decoders_grow_past_their_first_capacity(varied_model, kind):
     assert sizes[0] >= mask.shape[1] + 160 and sizes[0] < 512  # the first decoder grew
     real = torch.cat([mask, torch.ones(2, 160, dtype=torch.long)], 1).bool()
     assert torch.allclose(outs[0][real], outs[1][real], atol=1e-4, rtol=1e-5)
+
+
+def test_the_cache_reaches_the_decoder_under_the_installed_name(varied_model, rgb_image):
+    """run_llm passes the cache as the installed transformers names it (``cache`` from 5.24, which warns on
+    ``past_key_values``): the prefill fills it, with no deprecation warning, and generate's tokens are unchanged."""
+    import warnings
+
+    from taskmllm.model.decoding import DynamicDecoder, cache_keyword
+    from taskmllm.model.processor import positions
+
+    model = varied_model
+    name = cache_keyword(type(model.llm.get_decoder()))
+    assert name in __import__("inspect").signature(type(model.llm.get_decoder()).forward).parameters
+    batch = model.processor(PROMPTS[:1], [rgb_image])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        emb = model.embed(batch.input_ids, model.encode_images(batch.pixel_values)[1])
+        decoder = DynamicDecoder(model, True, 1, 64)
+        decoder.feed(emb, batch.attention_mask, positions(batch.attention_mask), last_only=True)
+        assert decoder.cache.get_seq_length() == emb.shape[1]
+        cached = model.generate(batch, max_new_tokens=6)
+    assert cached.sequences == model.generate(batch, max_new_tokens=6, use_cache=False).sequences
