@@ -17,6 +17,7 @@ RECIPE = Path(taskmllm.__file__).parent / "training" / "recipes" / "smol"
     ("see", {"projector": "frozen", "llm": "lora"}),
     ("heads", {"experts": "full", "queries": "full"}),
     ("joint", {"projector": "frozen", "llm": "lora", "queries": "full", "experts": "full"}),
+    ("experts", {"experts": "full"}),
 ])
 def test_stage_yamls_load(stage, trainable):
     cfg = load_config(RECIPE / f"{stage}.yaml")
@@ -46,7 +47,7 @@ def test_align_is_a_words_warm_up_that_never_runs_the_llm():
 
 def shapes_layouts() -> set:
     return {load_config(RECIPE / f"{s}.yaml").data.specs()["shapes"].question_first
-            for s in ("align", "see", "heads", "joint")}
+            for s in ("align", "see", "heads", "joint", "experts")}
 
 
 def test_later_stages_need_the_previous_final_directory():

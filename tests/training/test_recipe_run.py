@@ -41,7 +41,7 @@ def test_headline_weights_routing_by_questions_and_averages_vqa():
 
 def test_smol_plan_ships_an_adapter_and_compares_with_tiny(tmp_path):
     plan = load_plan("smol")
-    assert plan.stages == ["align", "see", "heads", "joint"] and plan.ship == "adapter" and plan.compare == ["tiny"]
+    assert plan.stages == ["align", "see", "heads", "joint", "experts"] and plan.ship == "adapter" and plan.compare == ["tiny"]
     (tmp_path / "a.yaml").write_text("{}")
     (tmp_path / "recipe.yaml").write_text("stages: [a]\nship: zip\n")
     with pytest.raises(ConfigError, match="ship must be"):
@@ -130,7 +130,8 @@ def test_recipe_targets_become_the_cards_bounds(tmp_path):
 
 
 def test_every_stage_file_of_every_recipe_loads(tmp_path):
-    """Stage YAMLs outside a recipe's ``stages`` (e.g. smol's optional ``experts.yaml``) are still valid configs."""
+    """Every stage YAML loads, also one outside its recipe's ``stages``; smol's ``experts`` trains the experts only,
+    restarting det's center head as a ``match`` head."""
     from pathlib import Path
 
     import taskmllm.training.recipes as recipes
@@ -145,6 +146,7 @@ def test_every_stage_file_of_every_recipe_loads(tmp_path):
     experts = load_config(root / "smol" / "experts.yaml", [f"--out_dir={tmp_path / 'e'}"])
     assert {k for k, m in experts.stage.trainable.items() if m != "frozen"} == {"experts"}
     assert experts.stage.lm_weight == 0.0
+    assert experts.model.fresh == ["det.center_head"] and experts.model.experts["det"]["score_head"] == "match"
 
 
 def test_card_reads_a_stages_loss_from_recipe_json_when_its_metrics_are_elsewhere(tmp_path):
