@@ -244,8 +244,8 @@ def _match_targets(calls: Sequence[TaskCall], targets: Sequence[Sequence[TaskTar
 
 
 def _rebuilt(name: str, old: nn.Module, opts: Mapping[str, object], fresh: Sequence[str]) -> nn.Module:
-    """Expert ``name`` (module ``old``) rebuilt with options ``opts`` and its weights, except the submodules ``fresh`` (module paths),
-    which keep the new module's initialization. See :meth:`JointModel.set_expert_options`."""
+    """Expert ``name`` (module ``old``) rebuilt with options ``opts`` and its weights, except the submodules
+    ``fresh`` (module paths), which keep the new module's initialization. See :meth:`JointModel.set_expert_options`."""
     spec = replace(old.spec, options={**old.spec.options, **dict(opts)})
     with torch.random.fork_rng(devices=[]):  # building the new module must not shift training's RNG
         new = type(old)(spec)
@@ -254,10 +254,8 @@ def _rebuilt(name: str, old: nn.Module, opts: Mapping[str, object], fresh: Seque
             new.get_submodule(part)
         except AttributeError as exc:
             raise ConfigError(f"fresh part {part!r}: the rebuilt {name!r} expert has no such module") from exc
-    def is_fresh(key: str) -> bool:
-        return any(key == p or key.startswith(p + ".") for p in fresh)
-
-    kept = {k: v for k, v in old.state_dict().items() if not is_fresh(k)}
+    restarted = tuple(f"{part}." for part in fresh)  # state keys of a module are "<path>.<tensor>"
+    kept = {k: v for k, v in old.state_dict().items() if not k.startswith(restarted)}
     shapes = {k: tuple(v.shape) for k, v in new.state_dict().items()}
     if any(shapes.get(k) != tuple(v.shape) for k, v in kept.items()):
         raise ConfigError(f"expert options {sorted(opts)} of {name!r} change its parameters; a trained "

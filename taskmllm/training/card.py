@@ -238,11 +238,17 @@ def _metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def final_loss(metrics: Path, recorded: float | None = None) -> str:
-    """The last ``loss_weighted`` of a stage's ``metrics.jsonl`` as the card prints it; ``recorded`` (the value
-    ``recipe.json`` kept when the stage finished) when the file is not in the run directory; else ``–``."""
+def last_loss(metrics: Path) -> float | None:
+    """The last ``loss_weighted`` of a stage's ``metrics.jsonl``; None when the file is absent or empty."""
     rows = _metrics(metrics)
-    value = rows[-1].get("loss_weighted") if rows else recorded
+    return rows[-1].get("loss_weighted") if rows else None
+
+
+def final_loss(metrics: Path, recorded: float | None = None) -> str:
+    """:func:`last_loss` as the card prints it; ``recorded`` (the value ``recipe.json`` kept when the stage
+    finished) when the file is not in the run directory; else ``–``."""
+    value = last_loss(metrics)
+    value = recorded if value is None else value
     return "–" if value is None else f"{value:.3f}"
 
 

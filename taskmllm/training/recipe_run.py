@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import yaml
 
 from taskmllm.errors import ConfigError
-from taskmllm.training.card import HEADLINE_ROWS, Bound, default_bounds, write_model_card
+from taskmllm.training.card import HEADLINE_ROWS, Bound, default_bounds, last_loss, write_model_card
 
 RECIPES = Path(__file__).parent / "recipes"
 
@@ -128,7 +128,7 @@ def run_recipe(name: str, out: str | Path, overrides: Sequence[str] = (), ship: 
         t0 = time.perf_counter()
         train(cfg)
         log["stages"][stage] = {"wall_s": round(time.perf_counter() - t0, 1), "steps": cfg.max_steps,
-                                "batch_size": cfg.data.batch_size, "final_loss": _last_loss(out / stage)}
+                                "batch_size": cfg.data.batch_size, "final_loss": last_loss(out / stage / "metrics.jsonl")}
         _write_json(out / "recipe.json", log)
     model = out / plan.stages[-1] / "final"
     if not skip_eval:
@@ -142,13 +142,6 @@ def run_recipe(name: str, out: str | Path, overrides: Sequence[str] = (), ship: 
             base = (mc.init, mc.builder_args())
         ship_model(model, card, out, Path(ship), base, log.get("eval", {}))
     return model
-
-
-def _last_loss(stage_dir: Path) -> Optional[float]:
-    """The stage's last ``loss_weighted`` (``metrics.jsonl``), kept in ``recipe.json`` for the card."""
-    metrics = stage_dir / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    return json.loads(lines[-1]).get("loss_weighted") if lines else None
 
 
 def _evaluate(model: Path, plan: RecipePlan, out: Path) -> dict:

@@ -154,13 +154,13 @@ def test_card_reads_a_stages_loss_from_recipe_json_when_its_metrics_are_elsewher
     recipe.json recorded; a stage with neither prints a dash; the curves still draw the stages that have rows."""
     import json
 
-    from taskmllm.training.card import final_loss, plot_learning_curves
-    from taskmllm.training.recipe_run import _last_loss
+    from taskmllm.training.card import final_loss, last_loss, plot_learning_curves
 
     (tmp_path / "b").mkdir()
     rows = [{"step": s, "time_s": 60.0 * s, "loss_weighted": 4.0 / s, "lm": 2.0 / s} for s in (1, 2, 3)]
     (tmp_path / "b" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert _last_loss(tmp_path / "b") == pytest.approx(4.0 / 3) and _last_loss(tmp_path / "a") is None
+    assert last_loss(tmp_path / "b" / "metrics.jsonl") == pytest.approx(4.0 / 3)
+    assert last_loss(tmp_path / "a" / "metrics.jsonl") is None
     assert final_loss(tmp_path / "b" / "metrics.jsonl", 9.0) == "1.333"  # the file wins over the record
     assert final_loss(tmp_path / "a" / "metrics.jsonl", 0.342) == "0.342"
     assert final_loss(tmp_path / "a" / "metrics.jsonl") == "–"
