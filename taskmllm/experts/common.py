@@ -65,6 +65,25 @@ class QueryProjection(nn.Module):
         return self.net(query_states)
 
 
+class QueryMatch(nn.Module):
+    """Each patch's match with the call's query, SAM's and LISA's mask-logit form and CRIS's text-to-pixel
+    contrast: ``<patch, W mean_k(q_k)> / sqrt(D) + b``; ``patches (M, N, D)``, ``queries (M, K, D)`` -> ``(M, N)``
+    logits. A patch scores where what the query names is, not where any object is. ``zero_init`` starts ``W`` and
+    ``b`` at zero (the map adds nothing until it trains: a checkpoint gaining it predicts as before)."""
+
+    def __init__(self, dim: int, zero_init: bool = False) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.bias = nn.Parameter(torch.zeros(()))
+        if zero_init:
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+
+    def forward(self, patches: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        key = self.proj(queries.mean(1))  # (M, D)
+        return (patches @ key[..., None])[..., 0] / math.sqrt(patches.shape[-1]) + self.bias
+
+
 class FeatureProjection(nn.Module):
     """Vision features into the expert width: ``Linear(C, D) -> LayerNorm(D)``; ``(..., N, C) -> (..., N, D)``.
 

@@ -45,7 +45,7 @@ from taskmllm.experts.base import (DecoderOptions, ExpertPrompt, ExpertResult, E
                                    VisionFeatures, as_tensor, check_widths, zero_terms)
 from taskmllm.experts.boxes import elementwise_generalized_box_iou, nms
 from taskmllm.experts.canvas import Canvas, Color
-from taskmllm.experts.common import (BoxHead, DecoderExpert, LocalizingBoxHead,
+from taskmllm.experts.common import (BoxHead, DecoderExpert, LocalizingBoxHead, QueryMatch,
                                      center_cells, check_box_head, embedding_rows, frame_embedding, heatmap_loss)
 from taskmllm.experts.matching import HungarianMatcher, MatchCosts
 
@@ -112,18 +112,9 @@ class PatchCenterHead(nn.Linear):
         return super().forward(patches)[..., 0]
 
 
-class MatchCenterHead(nn.Module):
-    """The center map as the decoded patches' match with the call's query (``score_head="match"``): per patch
-    ``<patch, W mean_k(q_k)> / sqrt(D) + b``; ``patches (M, N, D)``, ``queries (M, K, D)`` -> ``(M, N)`` logits."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(dim, dim)
-        self.bias = nn.Parameter(torch.zeros(()))
-
-    def forward(self, patches: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        key = self.proj(queries.mean(1))  # (M, D)
-        return (patches @ key[..., None])[..., 0] / math.sqrt(patches.shape[-1]) + self.bias
+class MatchCenterHead(QueryMatch):
+    """The center map as the decoded patches' match with the call's query (``score_head="match"``, a
+    :class:`~taskmllm.experts.common.QueryMatch`); ``patches (M, N, D)``, ``queries (M, K, D)`` -> ``(M, N)``."""
 
 
 @dataclass

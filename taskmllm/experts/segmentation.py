@@ -22,7 +22,7 @@ from taskmllm.errors import InputError, TargetError
 from taskmllm.experts.base import (DecoderOptions, ExpertPrompt, ExpertResult, ExpertSpec, TaskTarget,
                                    VisionFeatures, as_tensor, check_widths, zero_terms)
 from taskmllm.experts.canvas import Canvas, Color
-from taskmllm.experts.common import DecoderExpert, embedding_rows, frame_embedding
+from taskmllm.experts.common import DecoderExpert, QueryMatch, embedding_rows, frame_embedding
 
 
 @dataclass
@@ -40,6 +40,10 @@ class SegmentationOptions(DecoderOptions):
         detail: add a learned stride-4 encoding of the frame's pixels (:class:`DetailStem`) to the decoder's
             upscaled mask embedding, so mask edges are not limited to the patch grid (the low-level skip of
             DeepLabv3+, HQ-SAM's early-feature fusion). Needs ``VisionFeatures.pixels``.
+        query_match: add to SAM's mask logits each decoded patch's match with the projected query
+            (:class:`~taskmllm.experts.common.QueryMatch`, CRIS's text-to-pixel contrast; det's ``score_head:
+            match``), upsampled bilinearly from the patch grid: a direct path from the phrase to the patches it
+            names, beside the mask token's. Starts at zero, so a checkpoint gaining it predicts the same masks.
     """
 
     bce_weight: float = 2.0
@@ -47,6 +51,7 @@ class SegmentationOptions(DecoderOptions):
     iou_weight: float = 1.0
     mask_threshold: float = 0.0
     detail: bool = False
+    query_match: bool = False
 
     def __post_init__(self) -> None:
         check_widths("SegmentationOptions", self.dim, self.num_heads, self.depth, multiple=8, mlp_dim=self.mlp_dim)
@@ -120,6 +125,7 @@ def batched_predict_masks(
     dense_prompt_embeddings: torch.Tensor,
     detail: Optional[DetailStem] = None,
     pixels: Optional[torch.Tensor] = None,
+    match: Optional[QueryMatch] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``MaskDecoder.predict_masks`` for B images with one prompt set each, in one batched pass.
 
@@ -128,7 +134,8 @@ def batched_predict_masks(
     ``image_pe (1, D, h, w)``, ``sparse_prompt_embeddings (B, K, D)``, ``dense_prompt_embeddings (1|B, D, h, w)``
     and returns the mask token's masks ``(B, 1, 4h, 4w)`` and quality ``(B, 1)`` — equal to calling
     ``decoder(image_embeddings[i:i+1], ..., multimask_output=False)`` per call (tested). With ``detail`` and
-    ``pixels (B, 3, S, S)``, ``detail(pixels)`` is added to the upscaled embedding before the mask product.
+    ``pixels (B, 3, S, S)``, ``detail(pixels)`` is added to the upscaled embedding before the mask product; with ``match``, the decoded
+    patches' match with the mean sparse prompt, upsampled bilinearly, is added to the masks.
     """
     b = sparse_prompt_embeddings.shape[0]
     output_tokens = torch.cat([embedding_rows(decoder.iou_token), embedding_rows(decoder.mask_tokens)], dim=0)
@@ -145,6 +152,9 @@ def batched_predict_masks(
     hyper_in = decoder.output_hypernetworks_mlps[0](mask_token_out)[:, None]  # (B, 1, D/8)
     _, c8, uh, uw = upscaled.shape
     masks = (hyper_in @ upscaled.reshape(b, c8, uh * uw)).reshape(b, 1, uh, uw)
+    if match is not None:
+        patch_logits = match(src, sparse_prompt_embeddings).reshape(b, 1, h, w)  # src: (B, h*w, D) decoded patches
+        masks = masks + F.interpolate(patch_logits, size=(uh, uw), mode="bilinear", align_corners=False)
     iou_pred = decoder.iou_prediction_head(iou_token_out)[:, :1]
     return masks, iou_pred
 
@@ -165,6 +175,7 @@ class SegmentationExpert(DecoderExpert, name="seg", num_queries=1, options=Segme
             iou_head_hidden_dim=d,
         )
         self.detail = DetailStem(d // 8) if opts.detail else None
+        self.match = QueryMatch(d, zero_init=True) if opts.query_match else None
 
     @property
     def reads_pixels(self) -> bool:
@@ -186,7 +197,8 @@ class SegmentationExpert(DecoderExpert, name="seg", num_queries=1, options=Segme
                 raise InputError("seg: this expert refines masks from the pixels (detail) but the call has none "
                                  "(VisionFeatures.pixels)")
             pixels = features.pixels[:, 0]  # (M, 3, S, S)
-        masks, ious = batched_predict_masks(self.mask_decoder, image, image_pe, sparse, dense, self.detail, pixels)
+        masks, ious = batched_predict_masks(self.mask_decoder, image, image_pe, sparse, dense, self.detail, pixels,
+                                            self.match)
         return SegmentationOutput(mask_logits=masks[:, 0], iou_scores=ious[:, 0].sigmoid())
 
     def _target_masks(self, targets: Sequence[TaskTarget], size: int, device: torch.device) -> torch.Tensor:

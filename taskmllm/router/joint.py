@@ -81,8 +81,9 @@ class JointModel(nn.Module):
         """Change options of trained experts that keep their parameters (loss weights, matching costs,
         thresholds) or only add new ones (a detection ``score_head="center"``: the new head starts from its
         initialization); each expert is rebuilt from its new spec and given its weights back. ``fresh`` names
-        parts ``"<expert>.<module path>"`` (e.g. ``"det.center_head"``) that start from their initialization
-        instead: their parameters may change shape (``center`` -> ``match`` replaces the center head). Returns self.
+        parts ``"<expert>.<module path>"`` (e.g. ``"det.center_head"``), or whole experts (``"seg"``), that start
+        from their initialization instead: their parameters may change shape (``center`` -> ``match`` replaces the
+        center head). Returns self.
 
         Raises:
             ConfigError: an unknown expert or option, a bad value, a ``fresh`` part the rebuilt expert lacks, or
@@ -91,10 +92,10 @@ class JointModel(nn.Module):
         """
         parts: dict[str, list[str]] = {}
         for item in fresh:
-            name, _, part = item.partition(".")
-            if name not in self.experts or not part:
-                raise ConfigError(f"fresh part {item!r}: expected '<expert>.<module>' with an expert of "
-                                  f"{sorted(self.experts)}")
+            name, dot, part = item.partition(".")
+            if name not in self.experts or (dot and not part):
+                raise ConfigError(f"fresh part {item!r}: expected '<expert>' or '<expert>.<module>' with an expert "
+                                  f"of {sorted(self.experts)}")
             parts.setdefault(name, []).append(part)
         for name in sorted(set(options) | set(parts)):
             if name not in self.experts:
@@ -245,7 +246,7 @@ def _match_targets(calls: Sequence[TaskCall], targets: Sequence[Sequence[TaskTar
 
 def _rebuilt(name: str, old: nn.Module, opts: Mapping[str, object], fresh: Sequence[str]) -> nn.Module:
     """Expert ``name`` (module ``old``) rebuilt with options ``opts`` and its weights, except the submodules
-    ``fresh`` (module paths), which keep the new module's initialization. See :meth:`JointModel.set_expert_options`."""
+    ``fresh`` (module paths; ``""`` the whole expert), which keep the new module's initialization. See :meth:`JointModel.set_expert_options`."""
     spec = replace(old.spec, options={**old.spec.options, **dict(opts)})
     with torch.random.fork_rng(devices=[]):  # building the new module must not shift training's RNG
         new = type(old)(spec)
@@ -254,7 +255,7 @@ def _rebuilt(name: str, old: nn.Module, opts: Mapping[str, object], fresh: Seque
             new.get_submodule(part)
         except AttributeError as exc:
             raise ConfigError(f"fresh part {part!r}: the rebuilt {name!r} expert has no such module") from exc
-    restarted = tuple(f"{part}." for part in fresh)  # state keys of a module are "<path>.<tensor>"
+    restarted = tuple(f"{part}." if part else "" for part in fresh)  # state keys are "<path>.<tensor>"
     kept = {k: v for k, v in old.state_dict().items() if not k.startswith(restarted)}
     shapes = {k: tuple(v.shape) for k, v in new.state_dict().items()}
     if any(shapes.get(k) != tuple(v.shape) for k, v in kept.items()):

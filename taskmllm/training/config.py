@@ -75,8 +75,9 @@ class ModelConfig:
     overrides below, e.g. ``projector: {pool: 2}``; see ``taskmllm.zoo.BUILDERS``), anything else is a
     :class:`~taskmllm.router.joint.JointModel` directory (a stage's ``final/``). ``experts``: options of the
     fresh experts by task name (e.g. ``{det: {box_head: localizing}}``; each expert's ``Options`` checks them).
-    ``fresh``: parts of a checkpoint's experts that start from their initialization (``["det.center_head"]``:
-    with ``experts: {det: {score_head: match}}`` on a ``center`` checkpoint; ``JointModel.set_expert_options``).
+    ``fresh``: parts of a checkpoint's experts, or whole experts, that start from their initialization
+    (``["det.center_head"]``: with ``experts: {det: {score_head: match}}`` on a ``center`` checkpoint; ``["seg"]``;
+    ``JointModel.set_expert_options``).
     ``gradient_checkpointing``: recompute the LLM's and the vision tower's activations in backward instead of
     storing them (less memory, about a third more compute; the gradients are the same). ``image_first``: a fresh
     model's prompt layout (``tokens.image_first``: the image before the question, LLaVA's, or after it)."""

@@ -167,6 +167,36 @@ def test_detail_adds_the_pixel_stem_to_the_upscaled_embedding_before_the_mask_pr
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+def test_query_match_adds_the_decoded_patches_match_with_the_query_to_the_masks():
+    """Reference by hand: SAM's decoder step by step, then ``<src patch, W mean(q)> / sqrt(D) + b`` on the patch
+    grid, upsampled bilinearly to the mask size and added; a fresh match (zero) changes nothing."""
+    torch.manual_seed(0)
+    expert = build_expert("seg", default_spec("seg", H, C, GRID, SIZE, dim=32, query_match=True)).eval()
+    plain = build_expert("seg", default_spec("seg", H, C, GRID, SIZE, dim=32))
+    plain.load_state_dict({k: v for k, v in expert.state_dict().items() if not k.startswith("match.")})
+    plain.eval()
+    torch.manual_seed(4)
+    expert.num_queries = plain.num_queries = 2
+    q, feats = torch.randn(2, 2, H), _features(2)
+    torch.testing.assert_close(expert(q, feats).mask_logits, plain(q, feats).mask_logits)
+
+    torch.nn.init.normal_(expert.match.proj.weight)
+    torch.nn.init.constant_(expert.match.bias, 0.3)
+    got = expert(q, feats).mask_logits
+    d, dec = 32, expert.mask_decoder
+    image = expert.feature_proj(feats.features[:, 0]).transpose(1, 2).reshape(2, d, *GRID)
+    pe = expert.pe.grid(GRID).transpose(0, 1).reshape(1, d, *GRID)
+    sparse = expert.query_proj(q)
+    tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight])[None].expand(2, -1, -1)
+    _, src = dec.transformer(image + expert.no_mask_embed.weight.reshape(1, d, 1, 1), pe.expand(2, -1, -1, -1),
+                             torch.cat([tokens, sparse], 1))
+    key = sparse.mean(1) @ expert.match.proj.weight.T + expert.match.proj.bias  # (2, D)
+    patch = torch.einsum("bnd,bd->bn", src, key) / d ** 0.5 + 0.3
+    up = torch.nn.functional.interpolate(patch.reshape(2, 1, *GRID), size=(4 * GRID[0], 4 * GRID[1]),
+                                         mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(got, plain(q, feats).mask_logits + up, atol=1e-5, rtol=1e-4)
+
+
 def test_detail_gets_gradient_and_needs_pixels():
     expert = _detail_expert().train()
     torch.nn.init.normal_(expert.detail.net[-1].weight, std=0.1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import json
 
 import numpy as np
@@ -145,8 +147,16 @@ def test_recipe_sets_expert_options_of_a_fresh_model(tmp_path):
     new = matched.state_dict()  # heads.yaml also adds llm_context: its projection is new as well
     kept = {k: v for k, v in joint.experts["det"].state_dict().items() if not k.startswith("center_head.")}
     assert len(kept) > 10 and all(torch.equal(new[k], v) for k, v in kept.items())
-    for fresh, match in [("det.centre_head", "no such module"), ("dte.center_head", "expected '<expert>.<module>'"),
-                         ("det", "expected '<expert>.<module>'")]:
+    torch.manual_seed(0)  # a whole expert named fresh is its initialization from the RNG's state at the call
+    whole = copy.deepcopy(joint).set_expert_options({"seg": {"query_match": True}}, ["seg"]).experts["seg"]
+    torch.manual_seed(0)
+    want = type(whole)(whole.spec).state_dict()
+    assert whole.state_dict().keys() == want.keys() and "match.proj.weight" in want
+    assert all(torch.equal(v, want[k]) for k, v in whole.state_dict().items())
+    assert not torch.equal(whole.state_dict()["query_proj.net.0.weight"],
+                           joint.experts["seg"].state_dict()["query_proj.net.0.weight"])
+    for fresh, match in [("det.centre_head", "no such module"), ("dte.center_head", "expected '<expert>'"),
+                         ("det.", "expected '<expert>'")]:
         with pytest.raises(ConfigError, match=match):
             joint.set_expert_options({}, [fresh])
     stage.write_text(f"inherit: {RECIPE / 'pretrain.yaml'}\nmodel: {{fresh: [det.center_head]}}\n")
