@@ -1,0 +1,171 @@
+"""Where does referring tracking fail: in the ``<track>`` query states or in the tracking expert?
+
+The tracking counterpart of ``bench/seg_probe.py``. A trained model's MLLM is frozen; for ShapesWorld tracking
+samples ("track the ...", the target named by a phrase; train split and the held-out eval seed) the frozen vision
+features of every frame, the LLM's visual-token states and the ``<track>`` query states the MLLM computes on the
+teacher-forced answer are cached once, then a FRESH tracking expert trains on them from three query sources,
+same batches, same steps: ``llm`` (the model's query states), ``oracle`` (a learned bag-of-words encoding of the
+``<ref>`` phrase) and ``none`` (one learned constant: the floor of "follow the salient object"). Reports held-out
+success AUC (:func:`taskmllm.eval.tracking.tracking_metrics`, OPE) and first-frame IoU against the step count.
+``--options`` gives the fresh expert other options (``'{"llm_context": true}'``).
+
+    python bench/track_probe.py --model smol --cache /tmp/track_probe_smol
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
+from expert_probe import PhraseEncoder, normalize_queries  # the REC probe's parts
+from seg_probe import cached, phrase_ids  # the seg probe's cache
+
+
+def cache(joint, samples, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """``features (N, T, n, C)``, ``context (N, T, n', H)``, ``queries (N, K, H)``, ``phrases (N, L)`` (-1 padded),
+    ``boxes (N, T, 4)`` normalized xyxy and ``visible (N, T)`` of referring-tracking samples."""
+    proc = joint.mllm.processor
+    rows = {k: [] for k in ("features", "context", "queries", "phrases", "boxes", "visible")}
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start: start + batch_size]
+        batch = proc([s.turns[0][0] for s in chunk], [s.frames for s in chunk], answers=[s.turns[0][1] for s in chunk])
+        with torch.no_grad():
+            out = joint.mllm(batch, "none")
+            calls = joint.router.route(batch.input_ids, out.hidden_states, batch.attention_mask)
+        for c in calls:
+            if c.task != "track":
+                continue
+            frames = out.expert_inputs.frames(c.sample)
+            target = chunk[c.sample].targets[0]
+            rows["features"].append(out.expert_inputs.features[frames])
+            rows["context"].append(out.expert_inputs.visual_states[frames])
+            rows["queries"].append(c.query_states)
+            rows["phrases"].append(proc.tokenizer.encode(c.phrase or "", add_special_tokens=False) or [0])
+            rows["boxes"].append(torch.as_tensor(np.nan_to_num(np.asarray(target.boxes, np.float32))))
+            rows["visible"].append(torch.as_tensor(np.asarray(target.visible, bool)))
+    width = max(len(p) for p in rows["phrases"])
+    rows["phrases"] = [torch.tensor(p + [-1] * (width - len(p))) for p in rows["phrases"]]
+    return {k: torch.stack(v) for k, v in rows.items()}
+
+
+def evaluate(expert, data: dict, queries: torch.Tensor, vf) -> dict[str, float]:
+    """Held-out OPE success AUC and mean IoU of the expert's boxes (visible frames), and first-frame IoU."""
+    from taskmllm.eval.tracking import tracking_metrics
+    from taskmllm.experts.boxes import elementwise_box_iou
+
+    with torch.no_grad():
+        boxes = torch.cat([expert(queries[s:s + 64], vf(data, slice(s, s + 64))).boxes.float().clamp(0, 1)
+                           for s in range(0, len(queries), 64)])  # (N, T, 4)
+    gt = data["boxes"].clone()
+    gt[~data["visible"]] = float("nan")
+    size = 100.0  # normalized boxes in a 100-px frame: the AUC does not depend on the scale
+    m = tracking_metrics(list((boxes * size).numpy()), list((gt * size).numpy()), list(data["visible"].numpy()))
+    first = data["visible"][:, 0]
+    iou0 = elementwise_box_iou(boxes[first, 0], data["boxes"][first, 0])
+    return {"auc": round(float(m["success_auc"]), 4), "mean_iou": round(float(m["mean_iou"]), 4),
+            "first_frame_iou": round(float(iou0.mean()), 4)}
+
+
+def train_probe(source: str, joint, spec, data: dict, val: dict, vf, steps: int, lr: float, batch: int,
+                options: dict) -> dict:
+    """A fresh tracking expert (``options``) trained on ``source``'s queries; its held-out curve."""
+    from taskmllm.experts import build_expert
+    from taskmllm.experts.base import TaskTarget
+
+    torch.manual_seed(0)
+    expert = build_expert("track", dataclasses.replace(spec, options=options))
+    k, hidden = data["queries"].shape[1:]
+    encoder = {"llm": None, "oracle": PhraseEncoder(len(joint.mllm.tokenizer), hidden, k),
+               "none": torch.nn.ParameterList([torch.nn.Parameter(torch.randn(1, k, hidden) * 0.02)])}[source]
+    params = list(expert.parameters()) + (list(encoder.parameters()) if encoder is not None else [])
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+    def queries_of(d: dict, idx: torch.Tensor) -> torch.Tensor:
+        if source == "llm":
+            return d["queries"][idx]
+        if source == "oracle":
+            return encoder([phrase_ids(d["phrases"][i]) for i in idx.tolist()])
+        return encoder[0].expand(len(idx), -1, -1)
+
+    curve, start, g = [], time.perf_counter(), torch.Generator().manual_seed(0)
+    for step in range(1, steps + 1):
+        idx = torch.randint(len(data["boxes"]), (batch,), generator=g)
+        out = expert(queries_of(data, idx), vf(data, idx))
+        targets = [TaskTarget("track", boxes=data["boxes"][i].numpy(), visible=data["visible"][i].numpy())
+                   for i in idx.tolist()]
+        loss = sum(expert.loss(out, targets).values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % max(steps // 6, 1) == 0 or step == steps:
+            expert.eval()
+            with torch.no_grad():
+                q = queries_of(val, torch.arange(len(val["boxes"])))
+            curve.append({"step": step, "wall_s": round(time.perf_counter() - start, 1), "loss": round(loss.item(), 4),
+                          **evaluate(expert, val, q, vf)})
+            expert.train()
+            print(f"[track_probe] {source} {curve[-1]}", flush=True)
+    return {"source": source, "curve": curve, **{k: v for k, v in curve[-1].items() if k != "step"}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smol", help="a checkpoint directory or a shipped model's name")
+    parser.add_argument("--train", type=int, default=1500, help="tracking training samples to cache")
+    parser.add_argument("--val", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--sources", nargs="+", default=["llm", "oracle", "none"])
+    parser.add_argument("--options", type=json.loads, default=None,
+                        help="the fresh expert's options as JSON (default: the model's track options)")
+    parser.add_argument("--query-norm", choices=["none", "zscore", "layernorm"], default="none")
+    parser.add_argument("--cache", type=Path, default=None, help="keep the cached tensors here for later runs")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    from taskmllm.data.shapesworld import WorldConfig, shapesworld_dataset
+    from taskmllm.eval.suites import DEFAULT_EVAL_SEED
+    from taskmllm.experts.base import VisionFeatures
+    from taskmllm.router.joint import JointModel
+
+    joint = JointModel.from_pretrained(args.model).eval()
+    world = WorldConfig(image_size=joint.mllm.config.vision.image_size, num_frames=joint.mllm.config.max_frames)
+    start = time.perf_counter()
+    train_ds = shapesworld_dataset({"track": 1.0}, length=args.train, seed=0, config=world)
+    val_ds = shapesworld_dataset({"track": 1.0}, length=args.val, seed=DEFAULT_EVAL_SEED, split="val", config=world)
+    data = cached(args.cache, "track_train", f"{args.model}:{args.train}",
+                  lambda: cache(joint, [train_ds[i] for i in range(args.train)]))
+    val = cached(args.cache, "track_val", f"{args.model}:{args.val}",
+                 lambda: cache(joint, [val_ds[i] for i in range(args.val)]))
+    cache_s = time.perf_counter() - start
+    grid, size, context_grid = joint.mllm.vision.grid, joint.mllm.config.vision.image_size, joint.mllm.grid
+
+    def vf(d: dict, rows) -> VisionFeatures:  # the expert's inputs for some rows of a cached set
+        return VisionFeatures(d["features"][rows], grid, size, d["context"][rows], context_grid)
+
+    shipped_expert = joint.experts["track"].eval()
+    shipped = evaluate(shipped_expert, val, val["queries"], vf)
+    spec = shipped_expert.spec
+    options = dict(spec.options) if args.options is None else args.options
+    data["queries"], val["queries"] = normalize_queries(args.query_norm, data["queries"], val["queries"])
+    results = {source: train_probe(source, joint, spec, data, val, vf, args.steps, args.lr, args.batch, options)
+               for source in args.sources}
+    emit({"model": str(args.model), "train": len(data["boxes"]), "val": len(val["boxes"]), "steps": args.steps,
+          "lr": args.lr, "batch": args.batch, "options": options, "query_norm": args.query_norm,
+          "cache_s": round(cache_s, 1), "shipped_expert_on_llm_queries": shipped, "probes": results}, args.out)
+
+
+if __name__ == "__main__":
+    main()
