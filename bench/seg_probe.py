@@ -35,7 +35,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -118,14 +118,19 @@ def evaluate(expert, data: dict, queries: torch.Tensor, vf) -> dict[str, float]:
             "empty": round(float((area == 0).mean()), 4)}
 
 
-def train_probe(source: str, joint, spec, data: dict, val: dict, vf, steps: int, lr: float, batch: int, seed: int,
-                options: dict) -> dict:
-    """A fresh seg expert (``options``) trained on ``source``'s queries; its held-out curve."""
+def train_probe(source: str, joint, spec, data: dict, val: dict, vf, steps: int, lr: float, batch: int,
+                options: dict, targets_of: Optional[Callable] = None, score: Optional[Callable] = None,
+                task: str = "seg") -> dict:
+    """A fresh ``task`` expert (``spec`` with ``options``) trained on ``source``'s queries; its held-out curve
+    (``score(expert, val, queries, vf)`` at six points). ``targets_of(data, i)`` is sample ``i``'s TaskTarget
+    (default: the seg mask; ``bench/track_probe.py`` passes its own, with its ``evaluate``)."""
     from taskmllm.experts import build_expert
     from taskmllm.experts.base import TaskTarget
 
-    torch.manual_seed(seed)
-    expert = build_expert("seg", dataclasses.replace(spec, options=options))
+    targets_of = targets_of or (lambda d, i: TaskTarget("seg", mask=d["masks"][i].numpy().astype(bool)))
+    score = score or evaluate
+    torch.manual_seed(0)
+    expert = build_expert(task, dataclasses.replace(spec, options=options))
     k, hidden = data["queries"].shape[1:]
     encoder = {"llm": None, "oracle": PhraseEncoder(len(joint.mllm.tokenizer), hidden, k),
                "none": torch.nn.ParameterList([torch.nn.Parameter(torch.randn(1, k, hidden) * 0.02)])}[source]
@@ -139,14 +144,12 @@ def train_probe(source: str, joint, spec, data: dict, val: dict, vf, steps: int,
             return encoder([phrase_ids(d["phrases"][i]) for i in idx.tolist()])
         return encoder[0].expand(len(idx), -1, -1)
 
-    curve, start = [], time.perf_counter()
-    g = torch.Generator().manual_seed(seed)
-    n = len(data["masks"])
+    curve, start, g = [], time.perf_counter(), torch.Generator().manual_seed(0)
+    n = len(data["queries"])
     for step in range(1, steps + 1):
         idx = torch.randint(n, (batch,), generator=g)
         out = expert(queries_of(data, idx), vf(data, idx))
-        terms = expert.loss(out, [TaskTarget("seg", mask=data["masks"][i].numpy().astype(bool)) for i in idx.tolist()])
-        loss = sum(terms.values())
+        loss = sum(expert.loss(out, [targets_of(data, i) for i in idx.tolist()]).values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -154,28 +157,34 @@ def train_probe(source: str, joint, spec, data: dict, val: dict, vf, steps: int,
         if step % max(steps // 6, 1) == 0 or step == steps:
             expert.eval()
             with torch.no_grad():
-                q = queries_of(val, torch.arange(len(val["masks"])))
+                q = queries_of(val, torch.arange(len(val["queries"])))
             curve.append({"step": step, "wall_s": round(time.perf_counter() - start, 1), "loss": round(loss.item(), 4),
-                          **evaluate(expert, val, q, vf)})
+                          **score(expert, val, q, vf)})
             expert.train()
-            print(f"[seg_probe] {source} {curve[-1]}", flush=True)
+            print(f"[{task}_probe] {source} {curve[-1]}", flush=True)
     return {"source": source, "curve": curve, **{k: v for k, v in curve[-1].items() if k != "step"}}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def probe_parser(doc: str, task: str, train: int, val: int, steps: int, lr: float, batch: int) -> argparse.ArgumentParser:
+    """The probes' shared command line (``bench/seg_probe.py``, ``bench/track_probe.py``)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--model", default="smol", help="a checkpoint directory or a shipped model's name")
-    parser.add_argument("--train", type=int, default=2000, help="seg training samples to cache")
-    parser.add_argument("--val", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--train", type=int, default=train, help=f"{task} training samples to cache")
+    parser.add_argument("--val", type=int, default=val)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--sources", nargs="+", default=["llm", "oracle", "none"])
     parser.add_argument("--options", type=json.loads, default=None,
-                        help="the fresh expert's options as JSON (default: the model's seg options)")
+                        help=f"the fresh expert's options as JSON (default: the model's {task} options)")
     parser.add_argument("--query-norm", choices=["none", "zscore", "layernorm"], default="none")
     parser.add_argument("--cache", type=Path, default=None, help="keep the cached tensors here for later runs")
     parser.add_argument("--out", default=None)
+    return parser
+
+
+def main() -> None:
+    parser = probe_parser(__doc__, "seg", train=2000, val=300, steps=1200, lr=1e-3, batch=32)
     args = parser.parse_args()
 
     from taskmllm.data.shapesworld import shapesworld_dataset
@@ -201,7 +210,7 @@ def main() -> None:
     spec = shipped_expert.spec
     options = dict(spec.options) if args.options is None else args.options
     data["queries"], val["queries"] = normalize_queries(args.query_norm, data["queries"], val["queries"])
-    results = {source: train_probe(source, joint, spec, data, val, vf, args.steps, args.lr, args.batch, 0, options)
+    results = {source: train_probe(source, joint, spec, data, val, vf, args.steps, args.lr, args.batch, options)
                for source in args.sources}
     emit({"model": str(args.model), "train": len(data["masks"]), "val": len(val["masks"]), "steps": args.steps,
           "lr": args.lr, "batch": args.batch, "options": options, "query_norm": args.query_norm,

@@ -14,12 +14,8 @@ success AUC (:func:`taskmllm.eval.tracking.tracking_metrics`, OPE) and first-fra
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,8 +23,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
-from expert_probe import PhraseEncoder, normalize_queries  # the REC probe's parts
-from seg_probe import cached, phrase_ids  # the seg probe's cache
+from expert_probe import normalize_queries  # the REC probe's parts
+from seg_probe import cached, probe_parser, train_probe  # the seg probe's cache, command line and loop
 
 
 def cache(joint, samples, batch_size: int = 16) -> dict[str, torch.Tensor]:
@@ -76,63 +72,15 @@ def evaluate(expert, data: dict, queries: torch.Tensor, vf) -> dict[str, float]:
             "first_frame_iou": round(float(iou0.mean()), 4)}
 
 
-def train_probe(source: str, joint, spec, data: dict, val: dict, vf, steps: int, lr: float, batch: int,
-                options: dict) -> dict:
-    """A fresh tracking expert (``options``) trained on ``source``'s queries; its held-out curve."""
-    from taskmllm.experts import build_expert
+def track_target(d: dict, i: int):
+    """Sample ``i``'s TaskTarget: its per-frame boxes and visibility."""
     from taskmllm.experts.base import TaskTarget
 
-    torch.manual_seed(0)
-    expert = build_expert("track", dataclasses.replace(spec, options=options))
-    k, hidden = data["queries"].shape[1:]
-    encoder = {"llm": None, "oracle": PhraseEncoder(len(joint.mllm.tokenizer), hidden, k),
-               "none": torch.nn.ParameterList([torch.nn.Parameter(torch.randn(1, k, hidden) * 0.02)])}[source]
-    params = list(expert.parameters()) + (list(encoder.parameters()) if encoder is not None else [])
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-
-    def queries_of(d: dict, idx: torch.Tensor) -> torch.Tensor:
-        if source == "llm":
-            return d["queries"][idx]
-        if source == "oracle":
-            return encoder([phrase_ids(d["phrases"][i]) for i in idx.tolist()])
-        return encoder[0].expand(len(idx), -1, -1)
-
-    curve, start, g = [], time.perf_counter(), torch.Generator().manual_seed(0)
-    for step in range(1, steps + 1):
-        idx = torch.randint(len(data["boxes"]), (batch,), generator=g)
-        out = expert(queries_of(data, idx), vf(data, idx))
-        targets = [TaskTarget("track", boxes=data["boxes"][i].numpy(), visible=data["visible"][i].numpy())
-                   for i in idx.tolist()]
-        loss = sum(expert.loss(out, targets).values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % max(steps // 6, 1) == 0 or step == steps:
-            expert.eval()
-            with torch.no_grad():
-                q = queries_of(val, torch.arange(len(val["boxes"])))
-            curve.append({"step": step, "wall_s": round(time.perf_counter() - start, 1), "loss": round(loss.item(), 4),
-                          **evaluate(expert, val, q, vf)})
-            expert.train()
-            print(f"[track_probe] {source} {curve[-1]}", flush=True)
-    return {"source": source, "curve": curve, **{k: v for k, v in curve[-1].items() if k != "step"}}
+    return TaskTarget("track", boxes=d["boxes"][i].numpy(), visible=d["visible"][i].numpy())
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smol", help="a checkpoint directory or a shipped model's name")
-    parser.add_argument("--train", type=int, default=1500, help="tracking training samples to cache")
-    parser.add_argument("--val", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--lr", type=float, default=6e-4)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--sources", nargs="+", default=["llm", "oracle", "none"])
-    parser.add_argument("--options", type=json.loads, default=None,
-                        help="the fresh expert's options as JSON (default: the model's track options)")
-    parser.add_argument("--query-norm", choices=["none", "zscore", "layernorm"], default="none")
-    parser.add_argument("--cache", type=Path, default=None, help="keep the cached tensors here for later runs")
-    parser.add_argument("--out", default=None)
+    parser = probe_parser(__doc__, "track", train=1500, val=200, steps=1200, lr=6e-4, batch=16)
     args = parser.parse_args()
 
     from taskmllm.data.shapesworld import WorldConfig, shapesworld_dataset
@@ -160,8 +108,8 @@ def main() -> None:
     spec = shipped_expert.spec
     options = dict(spec.options) if args.options is None else args.options
     data["queries"], val["queries"] = normalize_queries(args.query_norm, data["queries"], val["queries"])
-    results = {source: train_probe(source, joint, spec, data, val, vf, args.steps, args.lr, args.batch, options)
-               for source in args.sources}
+    results = {source: train_probe(source, joint, spec, data, val, vf, args.steps, args.lr, args.batch, options,
+                                   track_target, evaluate, task="track") for source in args.sources}
     emit({"model": str(args.model), "train": len(data["boxes"]), "val": len(val["boxes"]), "steps": args.steps,
           "lr": args.lr, "batch": args.batch, "options": options, "query_norm": args.query_norm,
           "cache_s": round(cache_s, 1), "shipped_expert_on_llm_queries": shipped, "probes": results}, args.out)
