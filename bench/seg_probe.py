@@ -46,30 +46,36 @@ from _report import emit  # bench/_report.py (scripts run as `python bench/<name
 from expert_probe import PhraseEncoder, normalize_queries  # bench/expert_probe.py: the REC probe's parts
 
 
-def cache(joint, samples, batch_size: int = 32) -> dict[str, torch.Tensor]:
-    """``features (N, 1, n, C)``, ``context (N, 1, n', H)`` the LLM's last-layer visual-token states,
-    ``queries (N, K, H)``, ``phrases (N, L)`` token ids padded with -1 and ``masks (N, S, S)`` uint8 of
-    referring-segmentation samples (the answer teacher-forced, the MLLM run once)."""
+def cache_calls(joint, samples, task: str, target_rows, batch_size: int) -> dict[str, torch.Tensor]:
+    """Per ``task`` call of ``samples`` (the answer teacher-forced, the MLLM run once): ``features (N, T, n, C)``,
+    ``context (N, T, n', H)`` the LLM's last-layer visual-token states, ``queries (N, K, H)``, ``phrases (N, L)``
+    token ids padded with -1, and the tensors ``target_rows(target)`` names (the call's sample's first target)."""
     proc = joint.mllm.processor
-    feats, context, queries, phrases, masks = [], [], [], [], []
+    rows: dict[str, list] = {k: [] for k in ("features", "context", "queries", "phrases")}
     for start in range(0, len(samples), batch_size):
         chunk = samples[start: start + batch_size]
-        batch = proc([s.turns[0][0] for s in chunk], [s.image for s in chunk], answers=[s.turns[0][1] for s in chunk])
+        visuals = [s.image if s.image is not None else s.frames for s in chunk]
+        batch = proc([s.turns[0][0] for s in chunk], visuals, answers=[s.turns[0][1] for s in chunk])
         with torch.no_grad():
             out = joint.mllm(batch, "none")
             calls = joint.router.route(batch.input_ids, out.hidden_states, batch.attention_mask)
-        for c in calls:
-            if c.task != "seg":
-                continue
-            rows = out.expert_inputs.frames(c.sample)
-            feats.append(out.expert_inputs.features[rows])
-            context.append(out.expert_inputs.visual_states[rows])
-            queries.append(c.query_states)
-            phrases.append(proc.tokenizer.encode(c.phrase or "", add_special_tokens=False) or [0])
-            masks.append(torch.as_tensor(np.asarray(chunk[c.sample].targets[0].mask), dtype=torch.uint8))
-    width = max(len(p) for p in phrases)
-    return {"features": torch.stack(feats), "context": torch.stack(context), "queries": torch.stack(queries),
-            "phrases": torch.tensor([p + [-1] * (width - len(p)) for p in phrases]), "masks": torch.stack(masks)}
+        for c in (c for c in calls if c.task == task):
+            frames = out.expert_inputs.frames(c.sample)
+            rows["features"].append(out.expert_inputs.features[frames])
+            rows["context"].append(out.expert_inputs.visual_states[frames])
+            rows["queries"].append(c.query_states)
+            rows["phrases"].append(proc.tokenizer.encode(c.phrase or "", add_special_tokens=False) or [0])
+            for key, value in target_rows(chunk[c.sample].targets[0]).items():
+                rows.setdefault(key, []).append(value)
+    width = max(len(p) for p in rows["phrases"])
+    rows["phrases"] = [torch.tensor(p + [-1] * (width - len(p))) for p in rows["phrases"]]
+    return {k: torch.stack(v) for k, v in rows.items()}
+
+
+def cache(joint, samples, batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """:func:`cache_calls` of referring-segmentation samples, with ``masks (N, S, S)`` uint8."""
+    return cache_calls(joint, samples, "seg",
+                       lambda t: {"masks": torch.as_tensor(np.asarray(t.mask), dtype=torch.uint8)}, batch_size)
 
 
 def cached(folder: Optional[Path], name: str, key: str, compute) -> dict[str, torch.Tensor]:

@@ -24,34 +24,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
 from expert_probe import normalize_queries  # the REC probe's parts
-from seg_probe import cached, probe_parser, train_probe  # the seg probe's cache, command line and loop
+from seg_probe import cache_calls, cached, probe_parser, train_probe  # the seg probe's cache, command line and loop
 
 
 def cache(joint, samples, batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """``features (N, T, n, C)``, ``context (N, T, n', H)``, ``queries (N, K, H)``, ``phrases (N, L)`` (-1 padded),
-    ``boxes (N, T, 4)`` normalized xyxy and ``visible (N, T)`` of referring-tracking samples."""
-    proc = joint.mllm.processor
-    rows = {k: [] for k in ("features", "context", "queries", "phrases", "boxes", "visible")}
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start: start + batch_size]
-        batch = proc([s.turns[0][0] for s in chunk], [s.frames for s in chunk], answers=[s.turns[0][1] for s in chunk])
-        with torch.no_grad():
-            out = joint.mllm(batch, "none")
-            calls = joint.router.route(batch.input_ids, out.hidden_states, batch.attention_mask)
-        for c in calls:
-            if c.task != "track":
-                continue
-            frames = out.expert_inputs.frames(c.sample)
-            target = chunk[c.sample].targets[0]
-            rows["features"].append(out.expert_inputs.features[frames])
-            rows["context"].append(out.expert_inputs.visual_states[frames])
-            rows["queries"].append(c.query_states)
-            rows["phrases"].append(proc.tokenizer.encode(c.phrase or "", add_special_tokens=False) or [0])
-            rows["boxes"].append(torch.as_tensor(np.nan_to_num(np.asarray(target.boxes, np.float32))))
-            rows["visible"].append(torch.as_tensor(np.asarray(target.visible, bool)))
-    width = max(len(p) for p in rows["phrases"])
-    rows["phrases"] = [torch.tensor(p + [-1] * (width - len(p))) for p in rows["phrases"]]
-    return {k: torch.stack(v) for k, v in rows.items()}
+    """``bench/seg_probe.py``'s :func:`cache_calls` of referring-tracking samples, with ``boxes (N, T, 4)``
+    normalized xyxy (invisible rows 0) and ``visible (N, T)``."""
+    return cache_calls(joint, samples, "track", lambda t: {
+        "boxes": torch.as_tensor(np.nan_to_num(np.asarray(t.boxes, np.float32))),
+        "visible": torch.as_tensor(np.asarray(t.visible, bool))}, batch_size)
 
 
 def evaluate(expert, data: dict, queries: torch.Tensor, vf) -> dict[str, float]:

@@ -138,6 +138,18 @@ def _detail_expert(seed: int = 0):
     return build_expert("seg", default_spec("seg", H, C, GRID, SIZE, dim=32, detail=True)).eval()
 
 
+def _decoded_by_hand(expert, q, feats, d):
+    """SAM's two-way transformer run step by step on the expert's projected inputs: ``(hs, src, sparse)``."""
+    dec, m = expert.mask_decoder, q.shape[0]
+    image = expert.feature_proj(feats.features[:, 0]).transpose(1, 2).reshape(m, d, *GRID)
+    pe = expert.pe.grid(GRID).transpose(0, 1).reshape(1, d, *GRID)
+    sparse = expert.query_proj(q)
+    tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight])[None].expand(m, -1, -1)
+    hs, src = dec.transformer(image + expert.no_mask_embed.weight.reshape(1, d, 1, 1), pe.expand(m, -1, -1, -1),
+                              torch.cat([tokens, sparse], 1))
+    return hs, src, sparse
+
+
 def test_detail_adds_the_pixel_stem_to_the_upscaled_embedding_before_the_mask_product():
     """Reference by hand: SAM's decoder run step by step, ``DetailStem(pixels)`` added to ``output_upscaling``'s
     output, then the hypernetwork product; and a fresh stem (last layer zero) changes nothing."""
@@ -154,12 +166,7 @@ def test_detail_adds_the_pixel_stem_to_the_upscaled_embedding_before_the_mask_pr
     torch.nn.init.normal_(expert.detail.net[-1].weight)
     got = expert(q, with_pixels).mask_logits
     d, dec = 32, expert.mask_decoder
-    image = expert.feature_proj(feats.features[:, 0]).transpose(1, 2).reshape(2, d, *GRID)
-    pe = expert.pe.grid(GRID).transpose(0, 1).reshape(1, d, *GRID)
-    sparse = expert.query_proj(q)
-    tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight])[None].expand(2, -1, -1)
-    hs, src = dec.transformer(image + expert.no_mask_embed.weight.reshape(1, d, 1, 1), pe.expand(2, -1, -1, -1),
-                              torch.cat([tokens, sparse], 1))
+    hs, src, _ = _decoded_by_hand(expert, q, feats, d)
     up = dec.output_upscaling(src.transpose(1, 2).reshape(2, d, *GRID))
     up = up + expert.detail.net(pixels[:, 0])  # stride 4: 96 px -> 24 x 24 = 4 x the 6 x 6 grid
     hyper = dec.output_hypernetworks_mlps[0](hs[:, 1])
@@ -183,13 +190,8 @@ def test_query_match_adds_the_decoded_patches_match_with_the_query_to_the_masks(
     torch.nn.init.normal_(expert.match.proj.weight)
     torch.nn.init.constant_(expert.match.bias, 0.3)
     got = expert(q, feats).mask_logits
-    d, dec = 32, expert.mask_decoder
-    image = expert.feature_proj(feats.features[:, 0]).transpose(1, 2).reshape(2, d, *GRID)
-    pe = expert.pe.grid(GRID).transpose(0, 1).reshape(1, d, *GRID)
-    sparse = expert.query_proj(q)
-    tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight])[None].expand(2, -1, -1)
-    _, src = dec.transformer(image + expert.no_mask_embed.weight.reshape(1, d, 1, 1), pe.expand(2, -1, -1, -1),
-                             torch.cat([tokens, sparse], 1))
+    d = 32
+    _, src, sparse = _decoded_by_hand(expert, q, feats, d)
     key = sparse.mean(1) @ expert.match.proj.weight.T + expert.match.proj.bias  # (2, D)
     patch = torch.einsum("bnd,bd->bn", src, key) / d ** 0.5 + 0.3
     up = torch.nn.functional.interpolate(patch.reshape(2, 1, *GRID), size=(4 * GRID[0], 4 * GRID[1]),
