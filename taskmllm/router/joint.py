@@ -123,14 +123,14 @@ class JointModel(nn.Module):
         out = self.mllm(batch, logits)
         host = batch.on_host()  # routing reads token ids: on the host, without waiting for the device
         calls = self.router.route(host.input_ids, out.hidden_states, host.attention_mask)
-        flat = _match_targets(calls, targets)
+        flat = match_targets(calls, targets)
         lm = out.loss if out.loss is not None else out.logits.sum() * 0.0
         total, terms, zero = lm, {}, None
         stand_ins = self._placeholder_queries() if placeholders else None
         for run in run_calls(self.experts, calls, out.expert_inputs, tasks=tasks, detach_context=detach_context,
                              placeholders=stand_ins):
             if run.placeholder:
-                zero = _zero_weight(run.outputs) if zero is None else zero + _zero_weight(run.outputs)
+                zero = zero_weight(run.outputs) if zero is None else zero + zero_weight(run.outputs)
                 continue
             for name, value in self.experts[run.task].loss(run.outputs, [flat[id(c)] for c in run.calls]).items():
                 terms[name] = terms.get(name, 0.0) + value * len(run.calls) / run.group_size
@@ -222,14 +222,14 @@ def _load_expert(path: Path, name: str, mllm: TaskMLLM, device: torch.device,
     return expert
 
 
-def _zero_weight(outputs: object) -> torch.Tensor:
+def zero_weight(outputs: object) -> torch.Tensor:
     """``0 * Σ`` of every floating tensor of an expert's outputs (a dataclass): on the graph, adding nothing."""
     values = vars(outputs).values() if hasattr(outputs, "__dict__") else [outputs]
     tensors = [v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()]
     return sum(t.float().sum() for t in tensors) * 0.0
 
 
-def _match_targets(calls: Sequence[TaskCall], targets: Sequence[Sequence[TaskTarget]]) -> dict[int, TaskTarget]:
+def match_targets(calls: Sequence[TaskCall], targets: Sequence[Sequence[TaskTarget]]) -> dict[int, TaskTarget]:
     """Pair each call with its sample's target of the same order; task names must agree."""
     per_sample: dict[int, list[TaskCall]] = {}
     for c in calls:

@@ -57,6 +57,10 @@ class StageConfig:
             gradient calibration (``taskmllm.training.grad_calibration``): the tasks' gradients on the LLM's last
             hidden states lose their conflicting components and are balanced in magnitude; the gradients
             reaching the visual and the text positions of the LLM's input are balanced again.
+        cached_calls: 0 (off), or N: a stage that trains the experts alone runs the frozen MLLM once over its
+            first N samples (per rank), keeps every expert call's inputs and target, and trains on calls drawn
+            from that cache, ``data.batch_size`` per micro-batch: a step then costs the experts only
+            (``taskmllm.training.call_cache``).
     """
 
     name: str = "stage"
@@ -67,6 +71,7 @@ class StageConfig:
     aux: dict[str, dict[str, Any]] = field(default_factory=dict)
     detach_context: list[str] = field(default_factory=list)
     grad_calibration: Literal["none", "fuller"] = "none"
+    cached_calls: int = 0
 
 
 @dataclass
@@ -182,6 +187,10 @@ class TrainConfig:
 
         parse_aux(self.stage.aux)
         self.data.specs()
+        if self.stage.cached_calls:
+            from taskmllm.training.call_cache import check_cacheable
+
+            check_cacheable(self.stage, self.stage.trainable)
 
 
 #: Integer settings: (dotted name, lowest, highest value).
@@ -189,7 +198,7 @@ INT_RANGES = (("max_steps", 1, 10**9), ("grad_accum", 1, 2**16), ("save_every", 
               ("log_every", 1, 10**9), ("data.workers", 0, 1024),
               ("seed", 0, 2**63 - 1), ("data.batch_size", 1, 4096), ("data.length", 1, 2**31 - 1),
               ("data.seed", 0, 2**63 - 1), ("optim.warmup_steps", 0, 10**9), ("model.max_frames", 1, 1024),
-              ("stage.lora.r", 1, 4096))
+              ("stage.lora.r", 1, 4096), ("stage.cached_calls", 0, 10**8))
 #: Float settings: (dotted name, lowest, highest, whether the lowest is excluded); every one must be finite.
 FLOAT_RANGES = (("optim.lr", 0.0, 10.0, True), ("optim.weight_decay", 0.0, 1e3, False),
                 ("optim.eps", 0.0, 1.0, True), ("optim.min_lr_ratio", 0.0, 1.0, False),

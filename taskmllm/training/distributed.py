@@ -255,7 +255,10 @@ class DeepSpeedTrainer(Trainer):
 
     def prepare(self, micro: MicroBatch) -> MicroBatch:
         """Every rank must run the same forwards: a micro-batch runs as one forward wherever some rank's has one
-        group only; a group without any image cannot run the vision modules the other ranks run."""
+        group only; a group without any image cannot run the vision modules the other ranks run. A cached
+        micro-batch (``stage.cached_calls``) runs every expert on every rank already."""
+        if not isinstance(micro, MicroBatch):
+            return micro.to(self.ctx.device)
         if self.ctx.world > 1 and agree_min(len(micro.groups), self.ctx) < len(micro.groups):
             micro = MicroBatch([self.collate.group([s for g in micro.groups for s in g.samples])], micro.indices)
         if self.ctx.world > 1 and any(g.batch.pixel_values is None for g in micro.groups):
@@ -351,12 +354,18 @@ def check_zero_stage(cfg: TrainConfig, stage: int) -> None:
     forward (``torch.autograd.grad`` on the LLM's last hidden states), which ZeRO-3's parameter gathering does not
     expect (the ranks hang; ZeRO-1/2 and DDP train exactly like one process).
 
+    ``stage.cached_calls`` runs the frozen MLLM outside the engine's forward, where ZeRO-3's partitioned parameters
+    are not gathered (and the experts it trains alone are small: ZeRO-2 or DDP hold them whole).
+
     Raises:
-        ConfigError: ``stage.grad_calibration: fuller`` under ZeRO-3.
+        ConfigError: ``stage.grad_calibration: fuller`` or ``stage.cached_calls`` under ZeRO-3.
     """
     if stage == 3 and cfg.stage.grad_calibration == "fuller":
         raise ConfigError(f"stage.grad_calibration: fuller does not run under DeepSpeed ZeRO-3 ({cfg.deepspeed}); "
                           "use ZeRO-2 (ds_zero2.json), torchrun (DDP) or grad_calibration: none")
+    if stage == 3 and cfg.stage.cached_calls:
+        raise ConfigError(f"stage.cached_calls does not run under DeepSpeed ZeRO-3 ({cfg.deepspeed}): the frozen "
+                          "MLLM runs outside the engine; use ZeRO-2 (ds_zero2.json) or torchrun (DDP)")
 
 
 def deepspeed_config(cfg: TrainConfig, precision: str, world: int) -> dict[str, Any]:

@@ -18,13 +18,14 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 from taskmllm.errors import ConfigError
 from taskmllm.training.aux import AuxContext, build_aux
+from taskmllm.training.call_cache import CallCache
 from taskmllm.training.checkpoint import Checkpointer
 from taskmllm.training.config import OptimConfig, TrainConfig, check_paths, config_yaml, save_config
 from taskmllm.training.data_loader import Collate, build_loader
@@ -69,8 +70,7 @@ def train(cfg: TrainConfig) -> Path:
         trainer.loaded()
         start_step, position = state["step"], state["data_position"]
         log.info("resumed from %s at step %d", resume_from, start_step)
-    loader = build_loader(build_dataset(cfg, specs), joint.mllm.processor, cfg.data.batch_size, cfg.seed, ctx.rank,
-                          ctx.world, position, cfg.data.workers, pin_memory=ctx.device.type == "cuda")
+    batches = training_batches(cfg, specs, trainee, ctx, position)
     if ctx.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "train_config.yaml")
@@ -83,7 +83,7 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                disable=ctx.rank != 0 or not cfg.progress, desc=cfg.stage.name)
     trainee.train()
-    batches, meter, t0 = iter(loader), Meter(), time.perf_counter()
+    meter, t0 = Meter(), time.perf_counter()
     for step in bar:
         for k in range(cfg.grad_accum):
             parts = trainer.forward_backward(trainer.prepare(next(batches)), last=k == cfg.grad_accum - 1)
@@ -105,6 +105,26 @@ def train(cfg: TrainConfig) -> Path:
     del batches  # stops the loader's workers
     trainer.write_memory(out)
     return export(out, cfg, joint, aux, trainer, ctx)
+
+
+def training_batches(cfg: TrainConfig, specs: dict, trainee: Trainee, ctx: DistContext, position: int) -> Iterator:
+    """This rank's micro-batches from ``position`` on: the data loader's, or with ``stage.cached_calls`` calls
+    drawn from a cache the frozen MLLM fills once from the stage's first samples (``training/call_cache.py``)."""
+    def loader(start: int) -> Iterator:
+        return iter(build_loader(build_dataset(cfg, specs), trainee.joint.mllm.processor, cfg.data.batch_size,
+                                 cfg.seed, ctx.rank, ctx.world, start, cfg.data.workers,
+                                 pin_memory=ctx.device.type == "cuda"))
+
+    if not cfg.stage.cached_calls:
+        return loader(position)
+    source = loader(0)
+    cache = CallCache.build(trainee.joint, source, cfg.stage.cached_calls, trainee.active,
+                            progress=cfg.progress and ctx.rank == 0)
+    del source  # stops the loader's workers
+    if ctx.rank == 0:
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out_dir) / "call_cache.json").write_text(json.dumps(cache.stats, indent=1))
+    return cache.batches(cfg.data.batch_size, cfg.seed, position)
 
 
 def build_trainee(cfg: TrainConfig, specs: dict, device: torch.device) -> tuple[Trainee, list]:

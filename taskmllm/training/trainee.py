@@ -21,7 +21,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from taskmllm.router.joint import zero_weight
 from taskmllm.training.aux import AuxStates
+from taskmllm.training.call_cache import CachedBatch
 from taskmllm.training.data_loader import Collate, Group, MicroBatch
 from taskmllm.training.grad_calibration import balance_modalities, calibrated_loss
 from taskmllm.training.losses import expert_of, total_loss
@@ -52,9 +54,11 @@ class Trainee(nn.Module):
         """The experts that run (weight != 0), in the model's order."""
         return [n for n in self.joint.experts if self.settings.expert_weights.get(n, 1.0) != 0]
 
-    def forward(self, micro: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, micro: MicroBatch | CachedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted loss of ``micro`` (its batches on the model's device) and its parts (detached 0-dim tensors,
-        ``total`` included)."""
+        ``total`` included). A :class:`CachedBatch` (``stage.cached_calls``) runs the experts alone."""
+        if isinstance(micro, CachedBatch):
+            return self._cached(micro)
         runs = [self._group(g) for g in micro.groups]
         experts = list(self.joint.experts)
         lm = _weighted([(r["lm"], r["tokens"]) for r in runs])
@@ -73,6 +77,25 @@ class Trainee(nn.Module):
             tasks = task_losses(lm, terms, experts, self.settings, extra)
             loss, norms = calibrated_loss(loss, tasks, [r["hidden"] for r in runs])
             parts.update(norms)
+        return loss, parts
+
+    def _cached(self, micro: CachedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The experts' loss on cached calls, each run weighted as ``JointModel.forward`` weighs it."""
+        experts, active = self.joint.experts, self.active
+        terms: dict[str, torch.Tensor] = {}
+        zero = None
+        for run in (r for r in micro.runs if r.task in active):
+            outputs = experts[run.task](run.queries, run.features, run.prompts)
+            if run.placeholder:
+                zero = zero_weight(outputs) if zero is None else zero + zero_weight(outputs)
+                continue
+            for name, value in experts[run.task].loss(outputs, run.targets).items():
+                terms[name] = terms.get(name, 0.0) + value * len(run.targets) / run.group_size
+        anchor = next(iter(terms.values()), zero)
+        loss, parts = total_loss(anchor * 0.0, terms, list(experts), 0.0, self.settings.expert_weights)
+        if zero is not None:
+            loss = loss + zero
+        parts["total"] = loss.detach()
         return loss, parts
 
     @property

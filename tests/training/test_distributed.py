@@ -136,8 +136,9 @@ def test_deepspeed_zero2_with_fuller_calibration_matches_single_process(root):
     assert_same_training(out, ref)
 
 
-def test_fuller_calibration_is_refused_under_zero3(tmp_path):
-    """ZeRO-3 hangs on the per-task gradients taken inside the forward: a typed error before the engine starts."""
+def test_fuller_and_cached_calls_are_refused_under_zero3(tmp_path):
+    """ZeRO-3 hangs on the per-task gradients taken inside the forward, and does not gather its parameters for the
+    cached calls' frozen forward outside the engine: a typed error before the engine starts."""
     from taskmllm.errors import ConfigError
     from taskmllm.training.distributed import check_zero_stage
 
@@ -147,6 +148,10 @@ def test_fuller_calibration_is_refused_under_zero3(tmp_path):
         check_zero_stage(cfg, 3)
     check_zero_stage(cfg, 2)
     check_zero_stage(load_config(STAGE, run_config(tmp_path, 1, 1)), 3)  # none: ZeRO-3 as before
+    cached = load_config(STAGE, run_config(tmp_path, 1, 1, "--stage.trainable={experts: full}", "--stage.lm_weight=0",
+                                           "--stage.aux={}", "--stage.cached_calls=8"))
+    with pytest.raises(ConfigError, match="cached_calls does not run under DeepSpeed ZeRO-3"):
+        check_zero_stage(cached, 3)
 
 
 def test_the_zero_runs_have_a_rank_without_an_expert_call(root):
@@ -230,3 +235,20 @@ def test_resolve_device_auto_is_the_cpu_without_cuda(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto", 3) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("engine", ["ddp", pytest.param("zero2", marks=pytest.mark.slow)])
+def test_a_cached_stage_runs_on_two_ranks(tmp_path, engine):
+    """``stage.cached_calls`` under torchrun: each rank runs the frozen MLLM over its own shard of the stage's
+    first samples (outside the engine's forward), then every rank runs
+    every expert on each micro-batch of cached calls (a placeholder for an expert its draw misses)."""
+    extra = ["--stage.trainable={experts: full}", "--stage.lm_weight=0", "--stage.aux={}", "--stage.cached_calls=24"]
+    if engine == "zero2":
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'taskmllm[deepspeed]')")
+        extra.append(f"--deepspeed={RECIPE / 'ds_zero2.json'}")
+    out = tmp_path / engine
+    torchrun(out, batch=2, accum=1, extra=tuple(extra))
+    stats = json.loads((out / "call_cache.json").read_text())
+    assert stats["samples"] == 24 and all(stats["calls"].values())
+    assert [r["step"] for r in rows(out)] == [1, 2, 3] and all(r["loss_weighted"] > 0 for r in rows(out))
+    assert all(torch.isfinite(v).all() for v in weights(out).values())
