@@ -1,6 +1,7 @@
 """Checkpoints side by side on the ``val`` split of ShapesWorld: VQA (exist / color / count), seg gIoU, REC
 Acc@0.5, det AP50, track success AUC, routing — what a recipe's ablations are chosen on (the test world stays
-unseen). ``shapes_items(task, n, split="val")`` + ``score_task``, greedy, the same questions for every checkpoint.
+unseen). ``shapes_items(task, n, split="val")`` + ``score_task``, greedy, the same questions for every checkpoint;
+videos have the model's frame count at most (as ``taskmllm eval`` renders them: ``smol`` sees 4, not 8).
 
     python bench/val_tasks.py none=/tmp/runs/none/final fuller=/tmp/runs/fuller/final --n 100 \\
         --out bench/results/grad_calibration.json
@@ -13,6 +14,7 @@ import time
 
 from _report import emit
 
+from taskmllm.data.shapesworld import WorldConfig
 from taskmllm.eval.suites import answer_all, pipeline_answerer, score_task, shapes_items
 from taskmllm.router.pipeline import Pipeline
 
@@ -22,10 +24,12 @@ HEADLINE = {"seg": "giou", "rec": "acc@0.5", "det": "AP50", "track": "success_au
 
 def evaluate(path: str, tasks: tuple[str, ...], n: int, batch_size: int) -> dict:
     """Headline score and routing per task of the checkpoint at ``path``, and the VQA mean."""
-    answer = pipeline_answerer(Pipeline.from_pretrained(path))
+    pipe = Pipeline.from_pretrained(path)
+    answer = pipeline_answerer(pipe)
+    world = WorldConfig(num_frames=min(WorldConfig().num_frames, pipe.model.mllm.config.max_frames))
     row: dict = {}
     for task in tasks:
-        items = shapes_items(task, n, split="val")
+        items = shapes_items(task, n, world=world, split="val")
         metrics = score_task(task, items, answer_all(answer, [(it.visual, it.prompt) for it in items], batch_size,
                                                      task, progress=False))
         row[task] = round(float(metrics[HEADLINE.get(task, "accuracy")]), 4)
