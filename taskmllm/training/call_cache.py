@@ -16,9 +16,13 @@ gives it at the same cost.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import time
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -31,6 +35,9 @@ from taskmllm.router.joint import match_targets
 from taskmllm.training.data_loader import TARGET_ARRAYS, micro_batch_indices
 
 log = logging.getLogger(__name__)
+
+#: the tensor fields of a :class:`CachedCall`, in its constructor's order
+CALL_TENSORS = ("queries", "features", "context", "pixels")
 
 
 @dataclass
@@ -141,7 +148,62 @@ class CallCache:
     def nbytes(self) -> int:
         """Bytes of the cached tensors."""
         return sum(t.numel() * t.element_size() for c in self.calls
-                   for t in (c.queries, c.features, c.context, c.pixels) if t is not None)
+                   for t in (getattr(c, n) for n in CALL_TENSORS) if t is not None)
+
+    # ------------------------------------------------------------------------------------------------ files
+    def save(self, path: Path, key: str) -> Path:
+        """Write the cache to ``path`` (safetensors: the tensors, and in its metadata ``key``, the geometry, each
+        call's task and phrase and its target's task and phrase), atomically."""
+        from safetensors.torch import save_file
+
+        tensors, rows = {}, []
+        for i, c in enumerate(self.calls):
+            for name in CALL_TENSORS:
+                if getattr(c, name) is not None:
+                    tensors[f"{i}.{name}"] = getattr(c, name).contiguous()
+            for name in TARGET_ARRAYS:
+                if getattr(c.target, name) is not None:
+                    tensors[f"{i}.target.{name}"] = torch.as_tensor(getattr(c.target, name)).contiguous()
+            rows.append([c.task, c.phrase, c.target.task, c.target.phrase])
+        meta = {"key": key, "calls": json.dumps(rows), "tasks": json.dumps(self.tasks), "stats": json.dumps(self.stats),
+                "geometry": json.dumps([list(self.grid), self.image_size,
+                                        None if self.visual_grid is None else list(self.visual_grid)])}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: Path, key: str) -> Optional["CallCache"]:
+        """The cache saved at ``path`` for ``key``, or None (no file, or one written for another model, data,
+        count or set of experts)."""
+        from safetensors import safe_open
+
+        if not path.is_file():
+            return None
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key:
+                return None
+            names = set(f.keys())
+
+            def get(name: str) -> Optional[torch.Tensor]:
+                return f.get_tensor(name) if name in names else None
+
+            calls = []
+            for i, (task, phrase, target_task, target_phrase) in enumerate(json.loads(meta["calls"])):
+                target = TaskTarget(target_task, target_phrase,
+                                    **{n: get(f"{i}.target.{n}") for n in TARGET_ARRAYS})
+                calls.append(CachedCall(task, *(get(f"{i}.{n}") for n in CALL_TENSORS), phrase, target))
+        grid, image_size, visual_grid = json.loads(meta["geometry"])
+        cache = cls(calls, json.loads(meta["tasks"]), tuple(grid), image_size,
+                    None if visual_grid is None else tuple(visual_grid))
+        cache.stats = {**json.loads(meta["stats"]), "loaded_from": str(path)}
+        return cache
 
     def batches(self, batch_size: int, seed: int, start: int) -> Iterator[CachedBatch]:
         """Micro-batches ``start``, ``start + 1``, ... of ``batch_size`` calls (epoch-seeded permutations)."""

@@ -61,6 +61,9 @@ class StageConfig:
             first N samples (per rank), keeps every expert call's inputs and target, and trains on calls drawn
             from that cache, ``data.batch_size`` per micro-batch: a step then costs the experts only
             (``taskmllm.training.call_cache``).
+        cached_calls_dir: where each rank's cache is written (default ``<out_dir>/call_cache``); a resumed run, or
+            another run of the same frozen model, data and count (e.g. other expert options), reads it instead of
+            running the MLLM again (the file records what it was built from).
     """
 
     name: str = "stage"
@@ -72,6 +75,7 @@ class StageConfig:
     detach_context: list[str] = field(default_factory=list)
     grad_calibration: Literal["none", "fuller"] = "none"
     cached_calls: int = 0
+    cached_calls_dir: str = ""
 
 
 @dataclass

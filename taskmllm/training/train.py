@@ -13,6 +13,7 @@ every ``save_every`` steps. Launch with ``taskmllm train``, ``torchrun --nproc-p
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -117,14 +118,33 @@ def training_batches(cfg: TrainConfig, specs: dict, trainee: Trainee, ctx: DistC
 
     if not cfg.stage.cached_calls:
         return loader(position)
-    source = loader(0)
-    cache = CallCache.build(trainee.joint, source, cfg.stage.cached_calls, trainee.active,
-                            progress=cfg.progress and ctx.rank == 0)
-    del source  # stops the loader's workers
+    folder = Path(cfg.stage.cached_calls_dir or Path(cfg.out_dir) / "call_cache")
+    path, key = folder / f"rank{ctx.rank}-of-{ctx.world}.safetensors", call_cache_key(cfg, trainee, ctx)
+    cache = CallCache.load(path, key)
+    if cache is None:
+        source = loader(0)
+        cache = CallCache.build(trainee.joint, source, cfg.stage.cached_calls, trainee.active,
+                                progress=cfg.progress and ctx.rank == 0)
+        del source  # stops the loader's workers
+        cache.save(path, key)
     if ctx.rank == 0:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out_dir) / "call_cache.json").write_text(json.dumps(cache.stats, indent=1))
     return cache.batches(cfg.data.batch_size, cfg.seed, position)
+
+
+def call_cache_key(cfg: TrainConfig, trainee: Trainee, ctx: DistContext) -> str:
+    """What a rank's call cache is a function of, hashed: the frozen model (its ``init`` and, for a checkpoint,
+    its checksums; a fresh model's builder overrides and seed), the data, the count, the rank's shard and the
+    experts' inputs (which read every frame, which read pixels)."""
+    init = Path(cfg.model.init)
+    sums = init / "checksums.json"
+    experts = {t: [trainee.joint.experts[t].video, trainee.joint.experts[t].reads_pixels] for t in trainee.active}
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "workers"}  # workers change no sample
+    fields = {"init": cfg.model.init, "checksums": sums.read_text() if sums.is_file() else None,
+              "builder": cfg.model.builder_args(), "seed": cfg.seed, "data": data, "calls": cfg.stage.cached_calls,
+              "rank": ctx.rank, "world": ctx.world, "experts": experts}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def build_trainee(cfg: TrainConfig, specs: dict, device: torch.device) -> tuple[Trainee, list]:

@@ -5,6 +5,8 @@ experts is refused."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -110,3 +112,36 @@ def test_a_cached_stage_trains_and_resumes_like_an_uninterrupted_run(tmp_path):
         b = load_file(str(run / "experts" / name / "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert len((tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()) == 4
+    assert "loaded_from" not in json.loads((tmp_path / "run" / "call_cache.json").read_text())
+
+    # a third run reads the first one's cache file instead of running the MLLM: the same experts again
+    shared = f"--stage.cached_calls_dir={tmp_path / 'ref' / 'call_cache'}"
+    again = train(load_config(RECIPE / "heads.yaml", overrides(tmp_path / "again", *steps, shared)))
+    assert json.loads((tmp_path / "again" / "call_cache.json").read_text())["loaded_from"].startswith(str(tmp_path))
+    for name in ("seg", "det", "track"):
+        a = load_file(str(ref / "experts" / name / "model.safetensors"))
+        b = load_file(str(again / "experts" / name / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_saved_cache_reads_back_equal_and_only_for_its_key(tmp_path):
+    trainee, samples = _trainee_and_samples(tmp_path)
+    micro = Collate(trainee.joint.mllm.processor)(list(enumerate(samples)))
+    cache = CallCache.build(trainee.joint, iter([micro]), len(samples), trainee.active)
+    path = cache.save(tmp_path / "c" / "rank0-of-1.safetensors", "key-a")
+    assert CallCache.load(path, "key-b") is None and CallCache.load(tmp_path / "none.safetensors", "key-a") is None
+    back = CallCache.load(path, "key-a")
+    assert (back.tasks, back.grid, back.image_size, back.visual_grid) == (
+        cache.tasks, cache.grid, cache.image_size, cache.visual_grid)
+    assert len(back) == len(cache)
+    for a, b in zip(cache.calls, back.calls):
+        assert (a.task, a.phrase, a.target.task, a.target.phrase) == (b.task, b.phrase, b.target.task, b.target.phrase)
+        for name in ("queries", "features", "context", "pixels"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None and y is None) or torch.equal(x, y), name
+        for name in ("mask", "boxes", "visible", "prompt_box"):
+            x, y = getattr(a.target, name), getattr(b.target, name)
+            assert (x is None and y is None) or torch.equal(torch.as_tensor(x), y), name
+    loss_a, _ = trainee(cache.batch(range(len(cache))))
+    loss_b, _ = trainee(back.batch(range(len(back))))
+    assert float(loss_a.detach()) == float(loss_b.detach())
