@@ -5,8 +5,8 @@ the inputs of every expert call — its query states, the vision features and LL
 its phrase and its target — are a fixed function of the sample. ``stage.cached_calls: N`` runs the frozen MLLM once
 (teacher-forced, without autograd, in eval mode) over the stage's first N samples of this rank and keeps every
 call; each training step then draws ``data.batch_size`` calls from the cache (an epoch-seeded permutation, a pure
-function of ``(seed, position)``, so a resumed run rebuilds the same cache and draws the next batches) and runs
-only the experts. The calls are grouped as :func:`~taskmllm.router.dispatch.run_calls` groups them (per expert,
+function of ``(seed, position)``) and runs only the experts. Each rank's cache is also written to a file keyed by
+what it was built from, which a resumed run, or another run on the same frozen model and data, reads back. The calls are grouped as :func:`~taskmllm.router.dispatch.run_calls` groups them (per expert,
 per frame count), and each run's loss is weighted as in ``JointModel.forward``: a cached step's loss is the live
 step's loss on the same calls (tested). Linear probing on frozen features, applied to the experts of a trained
 MLLM: ``bench/seg_probe.py`` showed SAM's decoder needs far more passes over smol's states than a live stage
@@ -251,17 +251,18 @@ def _group_calls(joint: nn.Module, group, tasks: Sequence[str]) -> list[CachedCa
     for call in routed:
         if call.task not in tasks:
             continue
-        f = call_features(joint.experts[call.task], [call], out.expert_inputs)
-
-        def host_copy(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if t is None else t[0].detach().to("cpu", copy=True)
-
+        f = call_features(joint.experts[call.task], [call], out.expert_inputs)  # (1, T, ...) each
         target = targets[id(call)]
         target = dataclasses.replace(target, **{k: getattr(target, k).cpu() for k in TARGET_ARRAYS
                                                 if isinstance(getattr(target, k), torch.Tensor)})
         kept.append(CachedCall(call.task, call.query_states.detach().to("cpu", copy=True), host_copy(f.features),
                                host_copy(f.context), host_copy(f.pixels), call.phrase, target))
     return kept
+
+
+def host_copy(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Row 0 of ``t`` as its own CPU tensor (None stays None)."""
+    return None if t is None else t[0].detach().to("cpu", copy=True)
 
 
 def check_cacheable(stage, trainable: Mapping[str, str]) -> None:
