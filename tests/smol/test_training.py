@@ -1,4 +1,4 @@
-"""Two steps of each smol stage (align -> see -> heads -> joint), chained through each stage's ``final/``, from the
+"""Two steps of each smol stage (align -> see -> heads -> joint -> experts), chained through each stage's ``final/``, from the
 recipe YAMLs with a small batch: the real pretrained weights, the real stage settings."""
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ def stages(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("smol")
     done, init = {}, None
-    for stage in ("align", "see", "heads", "joint"):
+    for stage in ("align", "see", "heads", "joint", "experts"):
         extra = [f"--out_dir={root / stage}"] + ([f"--model.init={init}"] if init else [])
+        if stage == "experts":  # the calls of 16 scenes cached (every expert has some), 2 steps of 2 cached calls
+            extra += ["--stage.cached_calls=16", "--log_every=1"]
         cfg = load_config(RECIPE / f"{stage}.yaml", SMALL + extra)
         init = train(cfg)
         done[stage] = (cfg, root / stage)
@@ -37,7 +39,7 @@ def stages(tmp_path_factory):
     shutil.rmtree(root)  # ~1 GB per stage (fp32 SmolLM2 in each checkpoint and final/)
 
 
-@pytest.mark.parametrize("stage", ["align", "see", "heads", "joint"])
+@pytest.mark.parametrize("stage", ["align", "see", "heads", "joint", "experts"])
 def test_two_steps_of_each_stage(stages, stage):
     cfg, out = stages[stage]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -51,6 +53,7 @@ def test_two_steps_of_each_stage(stages, stage):
         "see": {"llm"},  # the projector stays at align's word-like tokens
         "heads": {"queries", "experts.seg", "experts.det", "experts.track"},
         "joint": {"llm", "queries", "experts.seg", "experts.det", "experts.track", "aux.attr"},  # projector frozen
+        "experts": {"experts.seg", "experts.det", "experts.track"},
     }[stage]
     assert (out / "final" / "config.json").is_file()
 

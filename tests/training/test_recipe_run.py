@@ -146,7 +146,8 @@ def test_every_stage_file_of_every_recipe_loads(tmp_path):
     experts = load_config(root / "smol" / "experts.yaml", [f"--out_dir={tmp_path / 'e'}"])
     assert {k for k, m in experts.stage.trainable.items() if m != "frozen"} == {"experts"}
     assert experts.stage.lm_weight == 0.0
-    assert experts.model.fresh == ["det.center_head"] and experts.model.experts["det"]["score_head"] == "match"
+    assert experts.model.fresh == ["det.center_head", "seg"] and experts.model.experts["det"]["score_head"] == "match"
+    assert experts.stage.cached_calls > 0  # the frozen MLLM's calls cached once
 
 
 def test_card_reads_a_stages_loss_from_recipe_json_when_its_metrics_are_elsewhere(tmp_path):
