@@ -61,6 +61,11 @@ def headline(shapes: dict[str, Any], pope: dict[str, Any] | None) -> dict[str, f
     return out
 
 
+def _read_cache_stats(path: Path) -> dict[str, Any]:
+    """A stage's ``call_cache.json`` (``stage.cached_calls``), or ``{}``."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _seg_giou(shapes: dict[str, Any]) -> float | None:
     """Referring segmentation gIoU (the floor's metric; the summary's headline is cIoU)."""
     return shapes.get("tasks", {}).get("seg", {}).get("giou")
@@ -74,17 +79,25 @@ def write_model_card(run: Path, plan, configs: Sequence, log: dict) -> Path:
              + "`", "",
              "## Training", "", "| stage | trainable | steps × batch | lr | wall time | final loss |",
              "|---|---|---|---|---|---|"]
-    total = 0.0
+    total, reused = 0.0, 0.0
     for stage, cfg in zip(plan.stages, configs):
         info = log["stages"].get(stage, {})
         total += info.get("wall_s", 0.0)
         loss = final_loss(run / stage / "metrics.jsonl", info.get("final_loss"))
         trainable = ", ".join(f"{k}: {v}" for k, v in cfg.stage.trainable.items())
         lr = f"{cfg.optim.lr:g}" + ("" if cfg.optim.token_lr is None else f" (token rows {cfg.optim.token_lr:g})")
-        lines.append(f"| {stage} | {trainable} | {cfg.max_steps} × {cfg.data.batch_size} | {lr} | "
-                     f"{info.get('wall_s', 0) / 60:.1f} min | {loss} |")
+        wall = f"{info.get('wall_s', 0) / 60:.1f} min"
+        cache = _read_cache_stats(run / stage / "call_cache.json")
+        if cache.get("loaded_from"):  # the stage read a call cache an earlier identical run built
+            reused += cache.get("seconds", 0.0)
+            wall += f" (+ {cache.get('seconds', 0.0) / 60:.1f} min building its call cache, read from a file)"
+        lines.append(f"| {stage} | {trainable} | {cfg.max_steps} × {cfg.data.batch_size} | {lr} | {wall} | {loss} |")
     first = configs[0]
-    lines += ["", f"Total training wall time: **{total / 60:.1f} min** on the machine that ran it. Data: ShapesWorld "
+    if reused:
+        total_text = f"**{total / 60:.1f} min** + {reused / 60:.1f} min of call caching done before"
+    else:
+        total_text = f"**{total / 60:.1f} min**"
+    lines += ["", f"Total training wall time: {total_text} on the machine that ran it. Data: ShapesWorld "
               f"`train` split generated on the fly (world seed {first.data.seed}); training seed {first.seed}. "
               "Evaluation uses a world seed never used in training (`DEFAULT_EVAL_SEED`).", "",
               "![learning curves](curves/learning_curves.png)" if curves else "", ""]

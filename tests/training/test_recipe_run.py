@@ -168,3 +168,25 @@ def test_card_reads_a_stages_loss_from_recipe_json_when_its_metrics_are_elsewher
     log = {"stages": {"a": {"wall_s": 300.0, "final_loss": 0.342}}}
     assert plot_learning_curves(tmp_path, ["a", "b"], log) == tmp_path / "learning_curves.png"
     assert plot_learning_curves(tmp_path, ["a"], log) is None  # nothing to draw: no figure
+
+
+def test_card_counts_a_call_cache_read_from_a_file(tmp_path):
+    """A stage that read its call cache from an earlier identical run's file (``call_cache.json`` says
+    ``loaded_from``): its row and the total say how long building that cache took, apart from the stage's own time."""
+    import json
+
+    from taskmllm.training.card import write_model_card
+    from taskmllm.training.config import load_config
+    from taskmllm.training.recipe_run import load_plan
+
+    plan = load_plan("smol")
+    configs = [load_config(plan.folder / f"{s}.yaml", [f"--out_dir={tmp_path / s}"]) for s in plan.stages]
+    log = {"stages": {s: {"wall_s": 60.0, "final_loss": 1.0} for s in plan.stages}}
+    (tmp_path / "experts").mkdir()
+    (tmp_path / "experts" / "call_cache.json").write_text(json.dumps({"seconds": 1800.0, "loaded_from": "x"}))
+    text = write_model_card(tmp_path, plan, configs, log).read_text()
+    assert "| 1.0 min (+ 30.0 min building its call cache, read from a file) | 1.000 |" in text
+    assert f"Total training wall time: **{len(plan.stages):.1f} min** + 30.0 min of call caching done before" in text
+    (tmp_path / "experts" / "call_cache.json").write_text(json.dumps({"seconds": 1800.0}))  # built in this run
+    text = write_model_card(tmp_path, plan, configs, log).read_text()
+    assert "building its call cache" not in text and f"**{len(plan.stages):.1f} min** on the machine" in text
