@@ -125,15 +125,12 @@ class JointModel(nn.Module):
         calls = self.router.route(host.input_ids, out.hidden_states, host.attention_mask)
         flat = match_targets(calls, targets)
         lm = out.loss if out.loss is not None else out.logits.sum() * 0.0
-        total, terms, zero = lm, {}, None
         stand_ins = self._placeholder_queries() if placeholders else None
-        for run in run_calls(self.experts, calls, out.expert_inputs, tasks=tasks, detach_context=detach_context,
-                             placeholders=stand_ins):
-            if run.placeholder:
-                zero = zero_weight(run.outputs) if zero is None else zero + zero_weight(run.outputs)
-                continue
-            for name, value in self.experts[run.task].loss(run.outputs, [flat[id(c)] for c in run.calls]).items():
-                terms[name] = terms.get(name, 0.0) + value * len(run.calls) / run.group_size
+        runs = run_calls(self.experts, calls, out.expert_inputs, tasks=tasks, detach_context=detach_context,
+                         placeholders=stand_ins)
+        terms, zero = weighted_terms(self.experts, [(r.task, r.outputs, [flat[id(c)] for c in r.calls], r.group_size,
+                                                     r.placeholder) for r in runs])
+        total = lm
         for value in terms.values():
             total = total + value
         return JointOutput(total if zero is None else total + zero, lm, terms, calls, out, zero)
@@ -220,6 +217,24 @@ def _load_expert(path: Path, name: str, mllm: TaskMLLM, device: torch.device,
     if verify:
         check_finite_weights(expert, d / "model.safetensors")
     return expert
+
+
+def weighted_terms(experts: Mapping[str, Expert],
+                   runs: Sequence[tuple[str, object, Sequence[TaskTarget], int, bool]]
+                   ) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:
+    """Every expert's loss terms over its runs ``(task, outputs, targets, group_size, placeholder)``: a run's terms
+    weigh ``len(targets) / group_size`` in its task's (a task's calls split by frame count are one mean), and the
+    placeholder runs' outputs sum into one zero-weight term (None without any). Training's one weighting, live
+    (``JointModel.forward``) and on cached calls (``training/trainee.py``)."""
+    terms: dict[str, torch.Tensor] = {}
+    zero = None
+    for task, outputs, targets, group_size, placeholder in runs:
+        if placeholder:
+            zero = zero_weight(outputs) if zero is None else zero + zero_weight(outputs)
+            continue
+        for name, value in experts[task].loss(outputs, list(targets)).items():
+            terms[name] = terms.get(name, 0.0) + value * len(targets) / group_size
+    return terms, zero
 
 
 def zero_weight(outputs: object) -> torch.Tensor:

@@ -23,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -252,11 +252,9 @@ def _group_calls(joint: nn.Module, group, tasks: Sequence[str]) -> list[CachedCa
         if call.task not in tasks:
             continue
         f = call_features(joint.experts[call.task], [call], out.expert_inputs)  # (1, T, ...) each
-        target = targets[id(call)]
-        target = dataclasses.replace(target, **{k: getattr(target, k).cpu() for k in TARGET_ARRAYS
-                                                if isinstance(getattr(target, k), torch.Tensor)})
         kept.append(CachedCall(call.task, call.query_states.detach().to("cpu", copy=True), host_copy(f.features),
-                               host_copy(f.context), host_copy(f.pixels), call.phrase, target))
+                               host_copy(f.context), host_copy(f.pixels), call.phrase,
+                               targets[id(call)]))  # a micro-batch's targets stay on the host
     return kept
 
 
@@ -265,9 +263,9 @@ def host_copy(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t[0].detach().to("cpu", copy=True)
 
 
-def check_cacheable(stage, trainable: Mapping[str, str]) -> None:
+def check_cacheable(stage) -> None:
     """Raise :class:`ConfigError` unless ``stage`` trains the experts alone (what ``stage.cached_calls`` needs)."""
-    upstream = sorted(k for k, m in trainable.items() if m != "frozen" and k.split(".", 1)[0] != "experts")
+    upstream = sorted(k for k, m in stage.trainable.items() if m != "frozen" and k.split(".", 1)[0] != "experts")
     why = [f"trains {', '.join(upstream)}" if upstream else "",
            f"has lm_weight {stage.lm_weight}" if stage.lm_weight else "",
            f"has auxiliary losses {sorted(stage.aux)}" if stage.aux else "",

@@ -194,7 +194,7 @@ class TrainConfig:
         if self.stage.cached_calls:
             from taskmllm.training.call_cache import check_cacheable
 
-            check_cacheable(self.stage, self.stage.trainable)
+            check_cacheable(self.stage)
 
 
 #: Integer settings: (dotted name, lowest, highest value).

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from taskmllm.router.joint import zero_weight
+from taskmllm.router.joint import weighted_terms
 from taskmllm.training.aux import AuxStates
 from taskmllm.training.call_cache import CachedBatch
 from taskmllm.training.data_loader import Collate, Group, MicroBatch
@@ -82,15 +82,9 @@ class Trainee(nn.Module):
     def _cached(self, micro: CachedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The experts' loss on cached calls, each run weighted as ``JointModel.forward`` weighs it."""
         experts, active = self.joint.experts, self.active
-        terms: dict[str, torch.Tensor] = {}
-        zero = None
-        for run in (r for r in micro.runs if r.task in active):
-            outputs = experts[run.task](run.queries, run.features, run.prompts)
-            if run.placeholder:
-                zero = zero_weight(outputs) if zero is None else zero + zero_weight(outputs)
-                continue
-            for name, value in experts[run.task].loss(outputs, run.targets).items():
-                terms[name] = terms.get(name, 0.0) + value * len(run.targets) / run.group_size
+        terms, zero = weighted_terms(experts, [
+            (r.task, experts[r.task](r.queries, r.features, r.prompts), r.targets, r.group_size, r.placeholder)
+            for r in micro.runs if r.task in active])
         anchor = next(iter(terms.values()), zero)
         loss, parts = total_loss(anchor * 0.0, terms, list(experts), 0.0, self.settings.expert_weights)
         if zero is not None:
