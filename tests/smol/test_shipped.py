@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
+from torchvision.ops import box_iou
 
 from taskmllm.zoo import SHIPPED
 from tests.smol.conftest import require_smol_packages
@@ -72,7 +75,11 @@ def test_shapesworld_task_is_routed_to_its_expert(pipe, prompt, task):
     h, w = sample.image.shape[:2]
     if task == "seg":  # the expert ran on the call (how well it segments is in the model card, not asserted here)
         assert call.mask.shape == (h, w)
-    else:  # every slot of the expert, scored, in pixels of the image
-        assert call.boxes.shape == (pipe.model.experts["det"].num_queries, 4)
+    else:  # every slot of the expert that NMS keeps, scored and sorted, in pixels of the image
+        det = pipe.model.experts["det"]
+        assert 1 <= call.boxes.shape[0] <= det.num_queries and call.boxes.shape[1] == 4
+        assert (np.diff(call.scores) <= 0).all()
+        iou = box_iou(torch.as_tensor(call.boxes), torch.as_tensor(call.boxes)).fill_diagonal_(0)
+        assert (iou <= det.options.nms_iou + 1e-6).all()  # no kept pair overlaps more than the option allows
         assert (call.boxes >= 0).all() and (call.boxes[:, [0, 2]] <= w).all() and (call.boxes[:, [1, 3]] <= h).all()
         assert ((call.scores > 0) & (call.scores < 1)).all()
