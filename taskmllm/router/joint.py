@@ -130,9 +130,7 @@ class JointModel(nn.Module):
                          placeholders=stand_ins)
         terms, zero = weighted_terms(self.experts, [(r.task, r.outputs, [flat[id(c)] for c in r.calls], r.group_size,
                                                      r.placeholder) for r in runs])
-        total = lm
-        for value in terms.values():
-            total = total + value
+        total = sum(terms.values(), lm)
         return JointOutput(total if zero is None else total + zero, lm, terms, calls, out, zero)
 
     def _placeholder_queries(self) -> dict[str, torch.Tensor]:

@@ -89,8 +89,9 @@ def write_model_card(run: Path, plan, configs: Sequence, log: dict) -> Path:
         wall = f"{info.get('wall_s', 0) / 60:.1f} min"
         cache = _read_cache_stats(run / stage / "call_cache.json")
         if cache.get("loaded_from"):  # the stage read a call cache an earlier identical run built
-            reused += cache.get("seconds", 0.0)
-            wall += f" (+ {cache.get('seconds', 0.0) / 60:.1f} min building its call cache, read from a file)"
+            built = cache.get("seconds", 0.0)
+            reused += built
+            wall += f" (+ {built / 60:.1f} min building its call cache, read from a file)"
         lines.append(f"| {stage} | {trainable} | {cfg.max_steps} × {cfg.data.batch_size} | {lr} | {wall} | {loss} |")
     first = configs[0]
     if reused:
