@@ -1,6 +1,6 @@
 """Checkpoints side by side on the ``val`` split of ShapesWorld: VQA (exist / color / count), seg gIoU, REC
-Acc@0.5, det AP50, track success AUC, routing — what a recipe's ablations are chosen on (the test world stays
-unseen). ``shapes_items(task, n, split="val")`` + ``score_task``, greedy, the same questions for every checkpoint;
+Acc@0.5, det AP50, track success AUC, routing, and POPE-random accuracy and yes-ratio (task ``pope``: ``n`` val
+scenes, 1:1 yes:no) — what a recipe's ablations are chosen on (the test world stays unseen). ``shapes_items(task, n, split="val")`` + ``score_task``, greedy, the same questions for every checkpoint;
 videos have the model's frame count at most (as ``taskmllm eval`` renders them: ``smol`` sees 4, not 8).
 
     python bench/val_tasks.py none=/tmp/runs/none/final fuller=/tmp/runs/fuller/final --n 100 \\
@@ -15,10 +15,12 @@ import time
 from _report import emit
 
 from taskmllm.data.shapesworld import WorldConfig
-from taskmllm.eval.suites import answer_all, pipeline_answerer, score_task, shapes_items
+from taskmllm.eval.hallucination import pope_metrics
+from taskmllm.eval.suites import (answer_all, pipeline_answerer, pope_shapes_samples, score_task,
+                                  shapes_items)
 from taskmllm.router.pipeline import Pipeline
 
-TASKS = ("exist", "color", "count", "seg", "rec", "det", "track")
+TASKS = ("exist", "color", "count", "seg", "rec", "det", "track")  # and "pope" when asked
 HEADLINE = {"seg": "giou", "rec": "acc@0.5", "det": "AP50", "track": "success_auc"}
 
 
@@ -29,6 +31,13 @@ def evaluate(path: str, tasks: tuple[str, ...], n: int, batch_size: int) -> dict
     world = WorldConfig(num_frames=min(WorldConfig().num_frames, pipe.model.mllm.config.max_frames))
     row: dict = {}
     for task in tasks:
+        if task == "pope":
+            samples = pope_shapes_samples(n, world=world, split="val")["random"]
+            pairs = [(s.image, s.turns[0][0]) for s in samples]
+            answers = answer_all(answer, pairs, batch_size, "pope", progress=False)
+            random = pope_metrics([r.text for r in answers], [s.meta["label"] for s in samples])
+            row["pope"], row["pope_yes"] = round(float(random["accuracy"]), 4), round(float(random["yes_ratio"]), 4)
+            continue
         items = shapes_items(task, n, world=world, split="val")
         metrics = score_task(task, items, answer_all(answer, [(it.visual, it.prompt) for it in items], batch_size,
                                                      task, progress=False))
