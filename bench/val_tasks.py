@@ -1,6 +1,7 @@
 """Checkpoints side by side on the ``val`` split of ShapesWorld: VQA (exist / color / count), seg gIoU, REC
 Acc@0.5, det AP50, track success AUC, routing, and POPE-random accuracy and yes-ratio (task ``pope``: ``n`` val
-scenes, 1:1 yes:no) — what a recipe's ablations are chosen on (the test world stays unseen). ``shapes_items(task, n, split="val")`` + ``score_task``, greedy, the same questions for every checkpoint;
+scenes, 1:1 yes:no) — what a recipe's ablations are chosen on (the test world stays unseen).
+``shapes_items(task, n, split="val")`` + ``score_task``, greedy, the same questions for every checkpoint;
 videos have the model's frame count at most (as ``taskmllm eval`` renders them: ``smol`` sees 4, not 8).
 
     python bench/val_tasks.py none=/tmp/runs/none/final fuller=/tmp/runs/fuller/final --n 100 \\
