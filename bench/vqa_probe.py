@@ -13,7 +13,9 @@ its own, nats per answer; :mod:`taskmllm.eval.reliance`) is logged as it trains.
 - ``words``: oracle visual tokens in the LLM's own vocabulary (each token the mean input embedding of
   " <color> <shape>" of the object covering most of it, else " none"; the projector is skipped): can a
   pretrained LLM answer from tokens that read like words? ``--words-loss`` trains the real projector toward
-  them (the recipe's ``stage.aux.words``).
+  them (the recipe's ``stage.aux.words``);
+- ``words2``: the same oracle as two tokens per visual cell, the color word then the shape word, as text writes
+  them (twice the visual tokens): is one mixed vector per cell what keeps the LLM from binding color to shape?
 
 ``--max-objects 1`` is the positive control with real features: one object per scene, so no lookup is needed
 (color, 300 steps at 192 px: gap 2.1 nats). ``--tasks qa`` trains on multi-turn conversations (several
@@ -52,7 +54,7 @@ from taskmllm.training.stages import apply_stage
 from taskmllm.training.train import build_joint, word_vectors
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
 
-FEATURES = ("tower", "patches", "answer", "words")
+FEATURES = ("tower", "patches", "answer", "words", "words2")
 CLASSES = {"category": tuple(SHAPES), "color": tuple(COLORS)}
 
 
@@ -73,8 +75,8 @@ def cached_batches(mllm, tasks, n, split, seed, features, image_first, batch_siz
             feats = torch.zeros_like(feats)
             feats.scatter_(2, maps["category"].unsqueeze(-1), 1.0)
             feats.scatter_(2, 16 + maps["color"].unsqueeze(-1), 1.0)
-        elif features == "words":
-            feats = word_tokens(mllm, samples)  # (B, N', H): already LLM inputs (the projector is skipped)
+        elif features in ("words", "words2"):
+            feats = word_tokens(mllm, samples, split=features == "words2")  # (B, N' or 2N', H): LLM inputs
         elif features == "answer":
             yes = torch.tensor([s.turns[0][1] == "Yes." for s in samples], dtype=feats.dtype)
             feats = torch.randn_like(feats) * 0.1 + (2 * yes - 1)[:, None, None]
@@ -82,15 +84,26 @@ def cached_batches(mllm, tasks, n, split, seed, features, image_first, batch_siz
     return out
 
 
-def word_tokens(mllm, samples, cover: float = 0.2) -> torch.Tensor:
+def word_tokens(mllm, samples, cover: float = 0.2, split: bool = False) -> torch.Tensor:
     """Oracle visual tokens in the LLM's own vocabulary: each token of the LLM's visual grid is the mean input
     embedding of the words " <color> <shape>" of the object covering most of it (>= ``cover``), else of " none".
-    Can the pretrained LLM answer from image tokens that read like words?"""
+    Can the pretrained LLM answer from image tokens that read like words?
+
+    ``split``: two tokens per cell instead, ``" <color>"`` then ``" <shape>"`` (``" none"`` twice on background):
+    ``(B, 2N', H)``, the processor's ``tokens_per_frame`` doubled by the caller."""
     maps = label_maps(samples, mllm.grid, 1, CLASSES, min_cover=cover)  # (B, N') class ids, 0 = background
     colors, shapes = CLASSES["color"], CLASSES["category"]
-    combos = word_vectors(mllm, [f" {c} {s}" for c in colors for s in shapes]).view(len(colors), len(shapes), -1)
-    out = word_vectors(mllm, [" none"])[0].expand(*maps["color"].shape, -1).clone()  # (B, N', H)
     shown = maps["category"] > 0
+    none = word_vectors(mllm, [" none"])[0]
+    if split:
+        color_vec = word_vectors(mllm, [f" {c}" for c in colors])  # (C, H)
+        shape_vec = word_vectors(mllm, [f" {s}" for s in shapes])  # (S, H)
+        out = none.expand(*maps["color"].shape, 2, -1).clone()  # (B, N', 2, H)
+        out[shown, 0] = color_vec[maps["color"][shown] - 1]
+        out[shown, 1] = shape_vec[maps["category"][shown] - 1]
+        return out.flatten(1, 2)  # (B, 2N', H): color, shape, color, shape, ...
+    combos = word_vectors(mllm, [f" {c} {s}" for c in colors for s in shapes]).view(len(colors), len(shapes), -1)
+    out = none.expand(*maps["color"].shape, -1).clone()  # (B, N', H)
     out[shown] = combos[maps["color"][shown] - 1, maps["category"][shown] - 1]
     return out
 
@@ -282,6 +295,8 @@ def main() -> None:
     trainable = {"projector": "full"} | ({} if args.llm == "frozen" else {"llm": args.llm})
     apply_stage(joint, StageConfig(trainable=trainable, lora=cfg.stage.lora))
     mllm = joint.mllm.train()
+    if args.features == "words2":
+        mllm.processor.tokens_per_frame *= 2  # two word tokens per visual cell
     phases = parse_schedule(args.schedule) if args.schedule else [(list(args.tasks), args.steps)]
     t0 = time.perf_counter()
     trains = [cached_batches(mllm, tasks, args.n, "train", i, args.features, args.image_first, args.batch_size,
