@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from taskmllm.data.shapesworld import COLORS, SHAPES, ConversationConfig, WorldConfig, shapesworld_dataset
+from taskmllm.data.shapesworld.referring import POSITIONS
 from taskmllm.eval.reliance import sequence_nll
 from taskmllm.eval.suites import DEFAULT_EVAL_SEED
 from taskmllm.model.expert_inputs import ExpertInputs
@@ -55,6 +56,7 @@ from taskmllm.training.train import build_joint, word_vectors
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
 
 FEATURES = ("tower", "patches", "answer", "words", "words2")
+POSITION_WORDS = tuple(POSITIONS)  # "leftmost", ...: the referring grammar's position words
 CLASSES = {"category": tuple(SHAPES), "color": tuple(COLORS)}
 
 
@@ -108,12 +110,33 @@ def word_tokens(mllm, samples, cover: float = 0.2, split: bool = False) -> torch
     return out
 
 
-def visual_inputs(mllm, feats):
-    """The LLM's visual tokens for cached ``feats``: projected tower features, or the ``words`` oracle as is."""
+class GridPosition(torch.nn.Module):
+    """A learned 2D position signal for the visual tokens: a row and a column embedding, each ``(side, H)``,
+    added to every token of a ``grid`` in raster order (the LLM otherwise sees a token's place only as its 1D
+    sequence index). Initialized at 0.02 x the mean norm of the LLM's word embeddings, so it starts small."""
+
+    def __init__(self, grid: tuple[int, int], hidden: int, scale: float) -> None:
+        super().__init__()
+        self.grid = grid
+        self.rows = torch.nn.Parameter(torch.randn(grid[0], hidden) * scale / math.sqrt(hidden))
+        self.cols = torch.nn.Parameter(torch.randn(grid[1], hidden) * scale / math.sqrt(hidden))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, h*w, H)`` tokens -> the same with their row and column embeddings added."""
+        h, w = self.grid
+        pos = (self.rows[:, None, :] + self.cols[None, :, :]).reshape(h * w, -1)  # (h*w, H), raster order
+        return tokens + pos
+
+
+def visual_inputs(mllm, feats, position: GridPosition | None = None):
+    """The LLM's visual tokens for cached ``feats``: projected tower features, or the ``words`` oracle as is;
+    ``position`` adds a 2D position signal."""
     if feats.shape[-1] == mllm.hidden_size:
-        return feats
-    pooled, _ = mllm.projector.pool(feats, mllm.vision.grid)
-    return mllm.projector(pooled)
+        tokens = feats
+    else:
+        pooled, _ = mllm.projector.pool(feats, mllm.vision.grid)
+        tokens = mllm.projector(pooled)
+    return tokens if position is None else position(tokens)
 
 
 def aux_states(mllm, batch, feats, samples, layer_states) -> AuxStates:
@@ -123,13 +146,14 @@ def aux_states(mllm, batch, feats, samples, layer_states) -> AuxStates:
     return AuxStates(layer_states, batch.input_ids == mllm.image_id, inputs, max_frames=1, labels=batch.labels)
 
 
-def answer_loss(mllm, batch, feats, reduce: bool = True, aux=None, samples=None):
+def answer_loss(mllm, batch, feats, reduce: bool = True, aux=None, samples=None, position=None):
     """LM loss of the answers given cached features (mean over tokens, or summed per sample).
 
     ``aux``: ``[(loss, weight)]`` auxiliary losses of the training recipe's ``stage.aux`` (focus, attr, words)
-    on this forward's hidden states, added with their weights (``samples`` give their targets).
+    on this forward's hidden states, added with their weights (``samples`` give their targets). ``position``: a
+    :class:`GridPosition` added to the visual tokens.
     """
-    emb = mllm.embed(batch.input_ids, visual_inputs(mllm, feats))
+    emb = mllm.embed(batch.input_ids, visual_inputs(mllm, feats, position))
     out = mllm.llm(inputs_embeds=emb, attention_mask=batch.attention_mask,
                    position_ids=positions(batch.attention_mask), use_cache=False,
                    output_hidden_states=bool(aux))
@@ -144,14 +168,20 @@ def answer_loss(mllm, batch, feats, reduce: bool = True, aux=None, samples=None)
 
 
 @torch.no_grad()
-def reliance_gap(mllm, batches) -> tuple[float, float]:
-    """Held-out ``(gap, sure)``: mean NLL(another scene's features) - NLL(own features) in nats, and the share of
-    answers given probability > 0.5 (NLL < ln 2: surely the model's argmax; for yes/no, its accuracy)."""
+def reliance_gap(mllm, batches, position=None) -> tuple[float, float, dict]:
+    """Held-out ``(gap, sure, sure_by_form)``: mean NLL(another scene's features) - NLL(own features) in nats, the
+    share of answers given probability > 0.5 (NLL < ln 2: surely the model's argmax; for yes/no, its accuracy),
+    and that share split by whether the question names its object by position ("the leftmost ...")."""
     mllm.eval()
-    own = torch.cat([answer_loss(mllm, b, f, False) for b, f, _ in batches])
-    other = torch.cat([answer_loss(mllm, b, f.roll(1, 0), False) for b, f, _ in batches])
+    own = torch.cat([answer_loss(mllm, b, f, False, position=position) for b, f, _ in batches])
+    other = torch.cat([answer_loss(mllm, b, f.roll(1, 0), False, position=position) for b, f, _ in batches])
     mllm.train()
-    return float((other - own).mean()), float((own < np.log(2)).float().mean())
+    sure = own < np.log(2)
+    positional = torch.tensor([any(w in s.turns[0][0].split() for w in POSITION_WORDS)
+                               for _, _, samples in batches for s in samples])
+    by_form = {form: (round(float(sure[m].float().mean()), 3), int(m.sum()))
+               for form, m in (("positional", positional), ("other", ~positional)) if m.any()}
+    return float((other - own).mean()), float(sure.float().mean()), by_form
 
 
 @torch.no_grad()
@@ -276,6 +306,9 @@ def main() -> None:
                         help="the model: tiny's pretrain stage (a fresh LLM) or smol's align stage (SmolLM2)")
     parser.add_argument("--llm", choices=("full", "lora", "frozen"), default="full",
                         help="how the LLM trains beside the projector (lora: the recipes' r16 on every linear)")
+    parser.add_argument("--position", choices=("none", "learned"), default="none",
+                        help="learned: a row + column embedding added to the visual tokens, trained with them "
+                             "(does a 2D position signal help questions that name objects by position?)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--held", type=int, default=128, help="held-out questions per task (the gap's sample)")
     parser.add_argument("--out", default=None)
@@ -297,6 +330,12 @@ def main() -> None:
     mllm = joint.mllm.train()
     if args.features == "words2":
         mllm.processor.tokens_per_frame *= 2  # two word tokens per visual cell
+        if args.position != "none":
+            parser.error("--position needs one token per grid cell: not with --features words2")
+    position = None
+    if args.position == "learned":
+        scale = float(mllm.llm.get_input_embeddings().weight.norm(dim=-1).mean()) * 0.02
+        position = GridPosition(mllm.grid, mllm.hidden_size, scale)
     phases = parse_schedule(args.schedule) if args.schedule else [(list(args.tasks), args.steps)]
     t0 = time.perf_counter()
     trains = [cached_batches(mllm, tasks, args.n, "train", i, args.features, args.image_first, args.batch_size,
@@ -332,6 +371,7 @@ def main() -> None:
             p.requires_grad_(False)
         aux = [(h, w) for h, w in aux if not isinstance(h, WordLoss)]  # it trains only the projector
     params = [p for p in mllm.parameters() if p.requires_grad] + [p for h, _ in aux for p in h.parameters()]
+    params += [] if position is None else list(position.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=cfg.optim.weight_decay)
     total = sum(n for _, n in phases)
     cosine = lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))  # the recipe's decay
@@ -342,18 +382,19 @@ def main() -> None:
         for local in range(1, steps + 1):
             step += 1
             batch, feats, samples = train[(local - 1) % len(train)]
-            loss = answer_loss(mllm, batch, feats, aux=aux, samples=samples)
+            loss = answer_loss(mllm, batch, feats, aux=aux, samples=samples, position=position)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             opt.step()
             warmup.step()
             if step % args.every == 0 or local == steps:
-                stats = {t: reliance_gap(mllm, b) for t, b in held.items()}
-                gaps = {t: round(g, 4) for t, (g, _) in stats.items()}
+                stats = {t: reliance_gap(mllm, b, position) for t, b in held.items()}
+                gaps = {t: round(g, 4) for t, (g, _, _) in stats.items()}
                 row = {"step": step, "phase": ",".join(tasks), "train_loss": round(loss.item(), 4),
                        "gap": round(sum(gaps.values()) / len(gaps), 4), "gap_per_task": gaps,
-                       "sure_per_task": {t: round(a, 3) for t, (_, a) in stats.items()},
+                       "sure_per_task": {t: round(a, 3) for t, (_, a, _) in stats.items()},
+                       "sure_by_form": {t: f for t, (_, _, f) in stats.items() if len(f) > 1},
                        "focus_iou": {t: round(focus_iou(mllm, head, b), 3) for t, b in held.items()}
                        if args.match_loss else None,
                        "lookup_acc": {t: round(lookup_accuracy(mllm, lookup, b), 3) for t, b in held.items()}
@@ -367,7 +408,8 @@ def main() -> None:
           "phases": [{"tasks": t, "steps": n} for t, n in phases], "lr": args.lr,
           "image_first": args.image_first, "max_objects": args.max_objects, "cache_s": round(cache_s, 1),
           "recipe": args.recipe, "llm": args.llm, "batch_size": args.batch_size, "held": args.held,
-          "words_first": first, "freeze_projector": args.freeze_projector, "curve": curve}, args.out)
+          "words_first": first, "freeze_projector": args.freeze_projector, "position": args.position,
+          "curve": curve}, args.out)
 
 
 if __name__ == "__main__":
