@@ -254,11 +254,14 @@ class DeepSpeedTrainer(Trainer):
             register_external_parameters(self.trainee.joint)
 
     def prepare(self, micro: MicroBatch) -> MicroBatch:
-        """Every rank must run the same forwards: a micro-batch runs as one forward wherever some rank's has one
-        group only; a group without any image cannot run the vision modules the other ranks run. A cached
+        """Every rank must run the same forwards: text-only samples ride with the images, a micro-batch runs as one
+        forward wherever some rank's has one group only; a group without any image cannot run the vision modules
+        the other ranks run. A cached
         micro-batch (``stage.cached_calls``) runs every expert on every rank already."""
         if not isinstance(micro, MicroBatch):
             return micro.to(self.ctx.device)
+        if self.ctx.world > 1:
+            micro = self.collate.text_with_visuals(micro)
         if self.ctx.world > 1 and agree_min(len(micro.groups), self.ctx) < len(micro.groups):
             micro = MicroBatch([self.collate.group([s for g in micro.groups for s in g.samples])], micro.indices)
         if self.ctx.world > 1 and any(g.batch.pixel_values is None for g in micro.groups):

@@ -135,3 +135,60 @@ def test_a_batch_of_text_only_samples_gives_the_auxiliary_losses_nothing(tmp_pat
     _, mixed = forward_loss(trainee, images + text, torch.device("cpu"))
     for name in aux:
         assert float(mixed[name]) == pytest.approx(float(alone[name]), rel=1e-4)
+
+
+def _trainee_and_samples(tmp_path):
+    """The tiny recipe's pretrain trainee, and two ShapesWorld images beside two text-only replay conversations
+    (one long answer: what padded every image row of a micro-batch before the text had its own group)."""
+    from taskmllm.data.sample import Sample
+    from taskmllm.data.shapesworld import WorldConfig, shapesworld_dataset
+    from taskmllm.training.aux import build_aux
+    from taskmllm.training.train import aux_context, build_joint
+    from taskmllm.training.trainee import LossSettings, Trainee
+    from tests.training.helpers import RECIPE, overrides
+
+    cfg = load_config(RECIPE / "pretrain.yaml", overrides(tmp_path, "--stage.aux.words={labels: [category]}"))
+    joint = build_joint(cfg).eval()  # no dropout: the two layouts must compute the same function
+    trainee = Trainee(joint, build_aux(cfg.stage.aux, aux_context(joint, cfg.data.specs())),
+                      LossSettings(lm_weight=cfg.stage.lm_weight))
+    long = " ".join(["one, two, three, four, five, six, seven, eight, nine, ten."] * 6)
+    text = [Sample(id="t0", source="llava", task="text", turns=[("Count to ten, six times.", long)]),
+            Sample(id="t1", source="llava", task="text", turns=[("Say hi.", "Hi.")])]
+    images = list(shapesworld_dataset({"color": 1.0, "count": 1.0}, 2, seed=0, config=WorldConfig(image_size=48)))
+    return trainee, [images[0], text[0], images[1], text[1]]
+
+
+def test_text_only_samples_get_their_own_group_and_the_loss_of_one_forward(tmp_path):
+    """Collate groups a micro-batch's images, text-only samples and videos apart (the images no longer pad to a
+    long text answer), and the trainee's loss and parts equal those of one padded forward of everything (the
+    oracle: ``Collate(split=False)``); merged back for multi-rank DeepSpeed, the same again."""
+    from taskmllm.training.data_loader import Collate
+
+    trainee, samples = _trainee_and_samples(tmp_path)
+    processor = trainee.joint.mllm.processor
+    items = list(enumerate(samples))
+    split, whole = Collate(processor)(items), Collate(processor, split=False)(items)
+    assert [[s.id for s in g.samples] for g in split.groups] == [[samples[0].id, samples[2].id], ["t0", "t1"]]
+    image_len, text_len = (g.batch.input_ids.shape[1] for g in split.groups)
+    assert image_len < text_len == whole.groups[0].batch.input_ids.shape[1]
+    assert split.groups[1].batch.pixel_values is None
+    merged = Collate(processor).text_with_visuals(split)
+    assert len(merged.groups) == 1 and merged.indices == split.indices
+    assert sorted(s.id for s in merged.groups[0].samples) == sorted(s.id for s in samples)
+    with torch.no_grad():
+        loss, parts = trainee(whole)
+        for micro in (split, merged):
+            other, other_parts = trainee(micro)
+            assert float(other) == pytest.approx(float(loss), rel=1e-5)
+            assert set(other_parts) == set(parts)
+            for name in parts:
+                assert float(other_parts[name]) == pytest.approx(float(parts[name]), rel=1e-5, abs=1e-7)
+
+
+def test_text_with_visuals_leaves_a_micro_batch_without_text_or_without_pixels_alone(tmp_path):
+    from taskmllm.training.data_loader import Collate
+
+    trainee, samples = _trainee_and_samples(tmp_path)
+    collate = Collate(trainee.joint.mllm.processor)
+    images, text = collate([(0, samples[0]), (2, samples[2])]), collate([(1, samples[1]), (3, samples[3])])
+    assert collate.text_with_visuals(images) is images and collate.text_with_visuals(text) is text
