@@ -22,7 +22,9 @@ its own, nats per answer; :mod:`taskmllm.eval.reliance`) is logged as it trains.
 questions per image, every answer supervised) and measures the gap on single exist/color/count questions.
 ``--schedule color:300 exist,color,count:500`` trains phases in order (a curriculum) and reports the gap per task:
 color alone learns to look (0.1-0.4 nats), exist alone does not (0.000 through 600 steps), and color's looking
-survives a following mixed phase without carrying over to exist.
+survives a following mixed phase without carrying over to exist. ``--position learned`` adds a learned row + column
+embedding to the visual tokens (a 2D position signal); every report splits the held-out "sure" share by whether
+the question names its object by position ("the leftmost ...").
 
     python bench/vqa_probe.py --features patches --tasks exist --steps 1000 --out bench/results/vqa_probe.json
     python bench/vqa_probe.py --image-size 96 --pool 1 ...   # the previous recipe's 6 x 6 grid
