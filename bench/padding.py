@@ -16,19 +16,15 @@ from _report import emit  # bench/_report.py (scripts run as `python bench/<name
 
 from taskmllm.router.pipeline import Pipeline
 from taskmllm.training.config import load_config
+from taskmllm.training.data_loader import Collate
 from taskmllm.training.recipe_run import RECIPES
 from taskmllm.training.train import build_dataset
 
 
-def positions(processor, groups) -> tuple[int, int]:
-    """``(rows x padded length, real tokens)`` summed over the non-empty ``groups`` of samples."""
-    computed = real = 0
-    for group in (g for g in groups if g):
-        batch = processor.conversations([s.turns for s in group],
-                                        [s.frames if s.frames is not None else s.image for s in group])
-        computed += batch.input_ids.numel()
-        real += int(batch.attention_mask.sum())
-    return computed, real
+def positions(micro) -> tuple[int, int]:
+    """``(rows x padded length, real tokens)`` summed over a :class:`MicroBatch`'s groups."""
+    return (sum(g.batch.input_ids.numel() for g in micro.groups),
+            sum(int(g.batch.attention_mask.sum()) for g in micro.groups))
 
 
 def main() -> None:
@@ -41,19 +37,19 @@ def main() -> None:
     cfg = load_config(RECIPES / args.recipe / f"{args.stage}.yaml", ["--out_dir=/tmp/bench_padding"])
     data, bs = build_dataset(cfg), cfg.data.batch_size
     processor = Pipeline.from_pretrained(args.recipe).model.mllm.processor
+    apart, together = Collate(processor), Collate(processor, split=False)  # the loader's grouping; one batch
     totals = {"one_group": 0, "images_videos": 0, "images_text_videos": 0, "real": 0}
     with_text = 0
     for b in range(args.batches):
-        samples = [data[b * bs + i] for i in range(bs)]
-        videos = [s for s in samples if s.frames is not None]
-        images = [s for s in samples if s.frames is None and s.image is not None]
-        text = [s for s in samples if s.frames is None and s.image is None]
-        with_text += bool(text)
-        one, real = positions(processor, [samples])
+        items = [(i, data[b * bs + i]) for i in range(bs)]
+        videos = [item for item in items if item[1].frames is not None]
+        stills = [item for item in items if item[1].frames is None]  # images and text: one group before
+        with_text += any(s.image is None for _, s in stills)
+        one, real = positions(together(items))
         totals["one_group"] += one
         totals["real"] += real
-        totals["images_videos"] += positions(processor, [images + text, videos])[0]
-        totals["images_text_videos"] += positions(processor, [images, text, videos])[0]
+        totals["images_videos"] += sum(positions(together(g))[0] for g in (stills, videos) if g)
+        totals["images_text_videos"] += positions(apart(items))[0]
     base = totals["images_videos"]
     emit({"recipe": args.recipe, "stage": args.stage, "batch_size": bs, "batches": args.batches,
           "batches_with_text": with_text, "positions": totals,

@@ -256,8 +256,8 @@ class DeepSpeedTrainer(Trainer):
     def prepare(self, micro: MicroBatch) -> MicroBatch:
         """Every rank must run the same forwards: text-only samples ride with the images, a micro-batch runs as one
         forward wherever some rank's has one group only; a group without any image cannot run the vision modules
-        the other ranks run. A cached
-        micro-batch (``stage.cached_calls``) runs every expert on every rank already."""
+        the other ranks run. A cached micro-batch (``stage.cached_calls``) runs every expert on every rank
+        already."""
         if not isinstance(micro, MicroBatch):
             return micro.to(self.ctx.device)
         if self.ctx.world > 1:
