@@ -25,6 +25,8 @@ color alone learns to look (0.1-0.4 nats), exist alone does not (0.000 through 6
 survives a following mixed phase without carrying over to exist. ``--position learned`` adds a learned row + column
 embedding to the visual tokens (a 2D position signal); every report splits the held-out "sure" share by whether
 the question names its object by position ("the leftmost ...").
+``--layout sandwich`` writes the question, the image, then the question again (``tokens.repeat_question``): the
+visual tokens can depend on what the question names while the answer still follows the question.
 
     python bench/vqa_probe.py --features patches --tasks exist --steps 1000 --out bench/results/vqa_probe.json
     python bench/vqa_probe.py --image-size 96 --pool 1 ...   # the previous recipe's 6 x 6 grid
@@ -62,12 +64,13 @@ POSITION_WORDS = tuple(POSITIONS)  # "leftmost", ...: the referring grammar's po
 CLASSES = {"category": tuple(SHAPES), "color": tuple(COLORS)}
 
 
-def cached_batches(mllm, tasks, n, split, seed, features, image_first, batch_size=16, max_objects=6):
-    """``[(batch, features (B, N, C), samples)]`` of ``n`` questions: the processor's batches, the tower run once."""
+def cached_batches(mllm, tasks, n, split, seed, features, batch_size=16, max_objects=6):
+    """``[(batch, features (B, N, C), samples)]`` of ``n`` questions: the processor's batches (laid out as the
+    model's ``tokens`` say), the tower run once."""
     mix = {t: 1.0 for t in tasks}
     world = WorldConfig(image_size=mllm.config.vision.image_size, max_objects=max_objects)
     data = shapesworld_dataset(mix, n, seed=seed, split=split, config=world,
-                               conversation=ConversationConfig(question_first=not image_first))
+                               conversation=ConversationConfig(question_first=None))
     out = []
     for start in range(0, n, batch_size):
         samples = [data[i] for i in range(start, min(n, start + batch_size))]
@@ -281,7 +284,11 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--n", type=int, default=4000, help="training questions (cycled)")
-    parser.add_argument("--image-first", action="store_true", help="<image> before the question text")
+    parser.add_argument("--image-first", action="store_true", help="<image> before the question text "
+                        "(= --layout image)")
+    parser.add_argument("--layout", choices=("question", "image", "sandwich"), default="question",
+                        help="the first turn: question then <image>, <image> then question, or question, <image>, "
+                        "question again")
     parser.add_argument("--max-objects", type=int, default=6, help="objects per scene, train and held-out "
                         "(1: the answer is wherever the model looks; a positive control)")
     parser.add_argument("--image-size", type=int, default=None, help="input size (default: the recipe's)")
@@ -315,6 +322,10 @@ def main() -> None:
     parser.add_argument("--held", type=int, default=128, help="held-out questions per task (the gap's sample)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.image_first:
+        if args.layout not in ("question", "image"):
+            parser.error("--image-first is --layout image: give one of them")
+        args.layout = "image"
     if args.features == "answer" and args.tasks != ["exist"]:
         parser.error("--features answer writes yes/no into the features: use it with --tasks exist")
     torch.manual_seed(0)
@@ -330,6 +341,8 @@ def main() -> None:
     trainable = {"projector": "full"} | ({} if args.llm == "frozen" else {"llm": args.llm})
     apply_stage(joint, StageConfig(trainable=trainable, lora=cfg.stage.lora))
     mllm = joint.mllm.train()
+    mllm.config.tokens.image_first = args.layout == "image"  # where the processor places <image>
+    mllm.config.tokens.repeat_question = args.layout == "sandwich"
     if args.features == "words2":
         mllm.processor.tokens_per_frame *= 2  # two word tokens per visual cell
         if args.position != "none":
@@ -340,11 +353,11 @@ def main() -> None:
         position = GridPosition(mllm.grid, mllm.hidden_size, scale)
     phases = parse_schedule(args.schedule) if args.schedule else [(list(args.tasks), args.steps)]
     t0 = time.perf_counter()
-    trains = [cached_batches(mllm, tasks, args.n, "train", i, args.features, args.image_first, args.batch_size,
+    trains = [cached_batches(mllm, tasks, args.n, "train", i, args.features, args.batch_size,
                              max_objects=args.max_objects) for i, (tasks, _) in enumerate(phases)]
     seen = [t for tasks, _ in phases for t in tasks]
     held_tasks = list(dict.fromkeys(t for t in seen if t != "qa")) or ["exist", "color", "count"]
-    held = {t: cached_batches(mllm, [t], args.held, "test", DEFAULT_EVAL_SEED, args.features, args.image_first,
+    held = {t: cached_batches(mllm, [t], args.held, "test", DEFAULT_EVAL_SEED, args.features,
                               max_objects=args.max_objects) for t in held_tasks}
     cache_s = time.perf_counter() - t0
     context = AuxContext(mllm.hidden_size, mllm.vision.width, len(mllm.llm.get_decoder().layers), CLASSES,
@@ -408,7 +421,7 @@ def main() -> None:
           "words_loss": args.words_loss, "words_layer": args.words_layer, "words_regress": args.words_regress,
           "match_layer": args.match_layer, "lookup_loss": args.lookup_loss, "lookup_layer": args.lookup_layer,
           "phases": [{"tasks": t, "steps": n} for t, n in phases], "lr": args.lr,
-          "image_first": args.image_first, "max_objects": args.max_objects, "cache_s": round(cache_s, 1),
+          "layout": args.layout, "max_objects": args.max_objects, "cache_s": round(cache_s, 1),
           "recipe": args.recipe, "llm": args.llm, "batch_size": args.batch_size, "held": args.held,
           "words_first": first, "freeze_projector": args.freeze_projector, "position": args.position,
           "curve": curve}, args.out)

@@ -138,10 +138,11 @@ def load_tiny_tokenizer(tasks: Iterable[str] = ()):
 
 def build_tiny(max_frames: int = 8, llm: Optional[Mapping[str, Any]] = None,
                vision: Optional[Mapping[str, Any]] = None, tasks: Optional[Mapping[str, int]] = None,
-               projector: Optional[Mapping[str, Any]] = None, image_first: bool = False) -> "TaskMLLM":
+               projector: Optional[Mapping[str, Any]] = None, image_first: bool = False,
+               repeat_question: bool = False) -> "TaskMLLM":
     """A fresh (randomly initialised) ``tiny`` model; ``llm`` / ``vision`` / ``tasks`` / ``projector`` override
     its sizes (e.g. ``projector: {pool: 2}`` gives the LLM a 2 x 2-pooled grid while the experts read the full one);
-    ``image_first``: its prompt layout (``tokens.image_first``).
+    ``image_first`` / ``repeat_question``: its prompt layout (``tokens``).
 
     Raises :class:`ConfigError` for a ``vision`` or ``projector`` key that its config class does not have.
     """
@@ -158,7 +159,8 @@ def build_tiny(max_frames: int = 8, llm: Optional[Mapping[str, Any]] = None,
             vision[key] = tuple(float(x) for x in vision[key])
     cfg = dataclasses.replace(base, llm={**base.llm, **(llm or {})}, vision=dataclasses.replace(base.vision, **vision),
                               projector=dataclasses.replace(base.projector, **(projector or {})),
-                              tokens=dataclasses.replace(base.tokens, image_first=image_first))
+                              tokens=dataclasses.replace(base.tokens, image_first=image_first,
+                                                         repeat_question=repeat_question))
     model = TaskMLLM(cfg, tok)
     load_pretrained_vision(model)
     return model
@@ -202,12 +204,14 @@ SMOL_PROJECTOR_OVERRIDES = ("pool",)
 
 
 def smol_config(llm_config: Mapping[str, Any], max_frames: int = 8, vision: Optional[Mapping[str, Any]] = None,
-                tasks: Optional[Mapping[str, int]] = None, pool: int = 2, image_first: bool = False) -> MLLMConfig:
+                tasks: Optional[Mapping[str, int]] = None, pool: int = 2, image_first: bool = False,
+                repeat_question: bool = False) -> MLLMConfig:
     """The ``smol`` recipe's :class:`MLLMConfig` around ``llm_config`` (the resized SmolLM2 config dict);
-    ``vision`` overrides keys of :data:`SMOL_VISION` (``image_size``, ``feature_layer``); ``image_first``: the
-    prompt layout (``tokens.image_first``)."""
+    ``vision`` overrides keys of :data:`SMOL_VISION` (``image_size``, ``feature_layer``); ``image_first`` /
+    ``repeat_question``: the prompt layout (``tokens``)."""
     vision_config = VisionConfig(**{**SMOL_VISION, **(vision or {})})
-    tokens = TokenConfig(tasks={**registry_tasks(), **(tasks or {})}, chat=dict(SMOL_CHAT), image_first=image_first)
+    tokens = TokenConfig(tasks={**registry_tasks(), **(tasks or {})}, chat=dict(SMOL_CHAT), image_first=image_first,
+                         repeat_question=repeat_question)
     return MLLMConfig(vision=vision_config, projector=ProjectorConfig(pool=pool), llm=dict(llm_config),
                       tokens=tokens, max_frames=max_frames)
 
@@ -228,9 +232,10 @@ def load_smol_tokenizer(llm_dir: str | Path, tasks: Iterable[str] = ()):
 
 def build_smol(max_frames: int = 8, llm: Optional[Mapping[str, Any]] = None,
                vision: Optional[Mapping[str, Any]] = None, tasks: Optional[Mapping[str, int]] = None,
-               projector: Optional[Mapping[str, Any]] = None, image_first: bool = False) -> "TaskMLLM":
+               projector: Optional[Mapping[str, Any]] = None, image_first: bool = False,
+               repeat_question: bool = False) -> "TaskMLLM":
     """The ``smol`` model: pretrained SmolLM2-135M-Instruct + MobileNetV2, a fresh projector and task queries;
-    ``image_first``: the prompt layout (``tokens.image_first``).
+    ``image_first`` / ``repeat_question``: the prompt layout (``tokens``).
 
     The LLM's embedding grows by the protocol tokens (new rows drawn around the mean of the old ones,
     transformers' ``mean_resizing``). Converts the GGUF on first use (about a minute; cached afterwards).
@@ -267,7 +272,8 @@ def build_smol(max_frames: int = 8, llm: Optional[Mapping[str, Any]] = None,
     if len(tok) > lm.get_input_embeddings().num_embeddings:
         lm.resize_token_embeddings(len(tok), mean_resizing=True)
     llm_config = lm.config.to_diff_dict() | {"model_type": lm.config.model_type}
-    cfg = smol_config(llm_config, max_frames, vision, tasks, int(projector.get("pool", 2)), image_first)
+    cfg = smol_config(llm_config, max_frames, vision, tasks, int(projector.get("pool", 2)), image_first,
+                      repeat_question)
     model = TaskMLLM(cfg, tok, llm=lm)
     load_mobilenet_v2_features(model.vision.features, vision_state)
     return model.eval()

@@ -79,11 +79,15 @@ class TokenConfig:
         image_first: where a prompt without an ``<image>``/``<video>`` placeholder gets one: before the question
             (LLaVA's layout, what an imported LLaVA uses) or after it (the layout the shipped tiny and smol models
             learned: the visual tokens then follow the question and can depend on it).
+        repeat_question: such a prompt gets the question on both sides of the placeholder (question, image,
+            question; ``image_first`` then has no effect): the visual tokens can depend on what the question names,
+            and the answer still follows the question, as with the image first.
     """
 
     tasks: dict[str, int] = field(default_factory=dict)
     chat: dict[str, str] = field(default_factory=dict)
     image_first: bool = False
+    repeat_question: bool = False
 
 
 @dataclass

@@ -159,11 +159,12 @@ class Processor:
 
     # -------------------------------------------------------------------------------------------- text
     def format_prompt(self, text: str, num_frames: int, is_video: bool) -> str:
-        """Chat-formatted prompt; adds ``<image>`` / ``<video>`` when the text has no placeholder, before or after
-        it as the model's ``tokens.image_first`` says (the layout it was trained with)."""
+        """Chat-formatted prompt; adds ``<image>`` / ``<video>`` when the text has no placeholder, where the model's
+        ``tokens.image_first`` / ``tokens.repeat_question`` say (the layout it was trained with)."""
         has_marker = IMAGE in text or VIDEO in text
         if num_frames and not has_marker:
-            text = place_visual(text, is_video, self.config.tokens.image_first)
+            layout = self.config.tokens
+            text = place_visual(text, is_video, layout.image_first, layout.repeat_question)
         elif not num_frames and has_marker:
             raise InputError("the prompt has an <image>/<video> placeholder but no image was given")
         return self.chat.prompt(text)

@@ -78,10 +78,13 @@ def decode_boxes(text: str, width: float = 1.0, height: float = 1.0) -> list[tup
     return boxes
 
 
-def place_visual(text: str, video: bool = False, image_first: bool = False) -> str:
+def place_visual(text: str, video: bool = False, image_first: bool = False, repeat_question: bool = False) -> str:
     """``text`` with one ``<image>`` (``<video>``) placeholder on its own line before it (``image_first``,
-    LLaVA's layout) or after it (the question first)."""
+    LLaVA's layout) or after it (the question first); ``repeat_question``: the text on both sides of it
+    (``"<text>\n<image>\n<text>"``, whatever ``image_first`` says)."""
     marker = VIDEO if video else IMAGE
+    if repeat_question:
+        return f"{text}\n{marker}\n{text}"
     return f"{marker}\n{text}" if image_first else f"{text}\n{marker}"
 
 

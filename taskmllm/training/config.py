@@ -89,7 +89,8 @@ class ModelConfig:
     ``JointModel.set_expert_options``).
     ``gradient_checkpointing``: recompute the LLM's and the vision tower's activations in backward instead of
     storing them (less memory, about a third more compute; the gradients are the same). ``image_first``: a fresh
-    model's prompt layout (``tokens.image_first``: the image before the question, LLaVA's, or after it)."""
+    model's prompt layout (``tokens.image_first``: the image before the question, LLaVA's, or after it;
+    ``repeat_question``: the question on both sides of the image)."""
 
     init: str = "tiny"
     llm: dict[str, Any] = field(default_factory=dict)
@@ -101,11 +102,13 @@ class ModelConfig:
     max_frames: int = 8
     gradient_checkpointing: bool = False
     image_first: bool = False
+    repeat_question: bool = False
 
     def builder_args(self) -> dict[str, Any]:
         """The arguments of ``BUILDERS[init]`` (a fresh recipe model; an adapter's ``base_args``)."""
         return {"max_frames": self.max_frames, "llm": self.llm, "vision": self.vision, "tasks": self.tasks,
-                "projector": self.projector, "image_first": self.image_first}
+                "projector": self.projector, "image_first": self.image_first,
+                "repeat_question": self.repeat_question}
 
 
 @dataclass

@@ -206,8 +206,9 @@ def build_joint(cfg: TrainConfig):
     mc = cfg.model
     if mc.init not in BUILDERS:
         plain = not (Path(mc.init) / EXPERTS_DIR).is_dir()
-        if mc.llm or mc.vision or mc.projector or mc.image_first or (mc.tasks and not plain):
-            raise ConfigError(f"model.llm / model.vision / model.projector / model.image_first override only a "
+        if mc.llm or mc.vision or mc.projector or mc.image_first or mc.repeat_question or (mc.tasks and not plain):
+            raise ConfigError(f"model.llm / model.vision / model.projector / model.image_first / "
+                              f"model.repeat_question override only a "
                               f"fresh recipe model "
                               f"({', '.join(BUILDERS)}); model.tasks also a plain MLLM checkpoint")
         if plain and mc.fresh:
@@ -238,7 +239,7 @@ def aux_context(joint: nn.Module, specs: dict) -> AuxContext:
     mllm = joint.mllm
     return AuxContext(mllm.hidden_size, mllm.vision.width, len(mllm.llm.get_decoder().layers),
                       label_classes(specs), word_vectors=lambda phrases: word_vectors(mllm, phrases),
-                      image_first=mllm.config.tokens.image_first)
+                      image_first=mllm.config.tokens.image_first and not mllm.config.tokens.repeat_question)
 
 
 def word_vectors(mllm: nn.Module, phrases: Sequence[str]) -> torch.Tensor:

@@ -26,11 +26,11 @@ def _samples(question_first, task: str, n: int = 4):
     return [src[i] for i in range(n)]
 
 
-def _processor(tokenizer, image_first: bool):
+def _processor(tokenizer, image_first: bool, repeat_question: bool = False):
     from taskmllm.model.mllm import TaskMLLM
 
     cfg = tiny_config(tokenizer)
-    cfg.tokens = dataclasses.replace(cfg.tokens, image_first=image_first)
+    cfg.tokens = dataclasses.replace(cfg.tokens, image_first=image_first, repeat_question=repeat_question)
     return TaskMLLM(cfg, tokenizer).processor
 
 
@@ -99,3 +99,36 @@ def test_a_fresh_model_takes_its_layout_from_the_stage():
     ids, _ = mllm.processor.encode("Is there a red circle?", 1, False)
     text = mllm.processor.tokenizer.decode(ids)
     assert text.index("<image>") < text.index("red circle")
+
+
+@pytest.mark.parametrize("image_first", [False, True])
+def test_repeated_question_on_both_sides_of_the_image(tokenizer, image_first):
+    """``tokens.repeat_question``: the first question, the image, the question again (whatever ``image_first``);
+    later turns and a prompt that holds its own placeholder are left as written; the same ids as the text
+    written that way by hand."""
+    processor = _processor(tokenizer, image_first, repeat_question=True)
+    question, answer = "Is there a red circle?", "Yes."
+    by_hand = f"{question}\n<image>\n{question}"
+    assert processor.encode(question, 1, False) == processor.encode(by_hand, 1, False)
+    turns = [(question, answer), ("What color is it?", "Red.")]
+    assert processor.encode_turns(turns, 1, False) == processor.encode_turns([(by_hand, answer), turns[1]], 1, False)
+    text = tokenizer.decode(processor.encode(question, 1, False)[0])
+    assert text.count("red circle") == 2 and text.index("red circle") < text.index("<image>") < text.rindex("red")
+    own = processor.encode(f"<image>\n{question}", 1, False)[0]
+    assert tokenizer.decode(own).count("red circle") == 1
+    frames = processor.encode(question, 4, True)[0]
+    assert tokenizer.decode(frames).count("red circle") == 2
+
+
+def test_focus_may_train_a_model_that_repeats_the_question():
+    from taskmllm.training.config import TrainConfig
+    from taskmllm.training.train import aux_context, build_joint
+
+    cfg = TrainConfig()
+    cfg.model.llm = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    cfg.model.image_first, cfg.model.repeat_question = True, True
+    joint = build_joint(cfg)
+    assert joint.mllm.config.tokens.repeat_question
+    context = aux_context(joint, parse_sources({"a": {"kind": "shapesworld", "image_size": 48}}))
+    assert not context.image_first  # the visual tokens follow the question
+    FocusLoss(FocusOptions(layer=1), context)  # builds

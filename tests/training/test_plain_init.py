@@ -91,3 +91,5 @@ def test_init_names_the_experts_and_their_queries(converted):
         build_joint(_cfg(path, llm={"hidden_size": 8}))
     with pytest.raises(ConfigError, match="model.image_first"):
         build_joint(_cfg(path, image_first=True))
+    with pytest.raises(ConfigError, match="model.repeat_question"):  # a checkpoint keeps its layout
+        build_joint(_cfg(path, repeat_question=True))
