@@ -83,8 +83,8 @@ class AuxContext:
         label_classes: per labelling kind, the classes the data sources declare (``SourceSpec.label_classes``).
         word_vectors: the LLM's input embedding of each phrase, ``list[str] -> (P, H)`` (the mean over a phrase's
             tokens; no gradient); None where the model has no tokenizer at hand (then ``words`` cannot be built).
-        image_first: the model's layout (``tokens.image_first``): the visual tokens come before the question, so
-            they cannot see it (``focus`` cannot be built).
+        image_first: the model's layout (``tokens.image_first`` without ``tokens.repeat_question``): the visual
+            tokens come before the question, so they cannot see it (``focus`` cannot be built).
     """
 
     hidden_size: int
@@ -152,7 +152,8 @@ class FocusLoss(AuxLoss):
         if context.image_first:
             raise ConfigError("stage.aux.focus: the visual tokens mark what the question names, so they must come "
                               "after it, and this model puts the image first (tokens.image_first: true); use "
-                              "words or attr instead")
+                              "words or attr instead, or a fresh model with model.repeat_question: true (the "
+                              "question before and after the image)")
         self.linear = nn.Linear(context.hidden_size, 1)
 
     def loss(self, states: AuxStates, samples: Sequence[Sample]) -> torch.Tensor:
