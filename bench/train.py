@@ -13,9 +13,12 @@ from the per-step clock of ``metrics.jsonl``.
 - **MFU** = FLOPs per sample x samples/s / peak FLOP/s. The peak is ``--peak-tflops`` when given, else measured in
   the same run by a matmul probe (the best of several ``n x n`` matmuls in the training precision's dtype).
 - Peak memory: the process's peak RSS and, on a GPU, the peak CUDA allocation.
+- ``--profile K``: where a step's time goes — ``torch.profiler`` over one forward + backward of the counted
+  micro-batch (after one untimed pass), its K ops with the most self time (ms, calls, share), in the report's
+  ``profile``. On smol's ``see`` this showed LoRA dropout's masks (``aten::bernoulli_``) at 17% of a CPU step.
 
     python bench/train.py --out bench/results/train.json [--recipe tiny --stage joint --steps 8 --warmup 2
-                          --device cuda --peak-tflops 989 --data.batch_size=16 --precision=bf16]
+                          --device cuda --peak-tflops 989 --profile 12 --data.batch_size=16 --precision=bf16]
 
 On a shared CPU the timings (and the probe) move with the other load: indicative only.
 """
@@ -30,10 +33,12 @@ import resource
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from taskmllm.model.processor import IGNORE
@@ -62,8 +67,22 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
     return 2 * n**3 / best
 
 
-def count_micro_batch(cfg, device: torch.device, precision: str) -> dict[str, float]:
-    """Model FLOPs of one micro-batch's forward + backward, its samples and tokens (a fresh trainee)."""
+def top_ops(step, device: torch.device, k: int) -> list[dict[str, float]]:
+    """The ``k`` ops with the most self time (CPU, and CUDA on a GPU) in one call of ``step`` under
+    ``torch.profiler``: name, milliseconds, calls and share of the profiled total."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    return [{"op": e.key, "ms": round(getattr(e, key) / 1e3, 2), "calls": e.count,
+             "share": round(getattr(e, key) / total, 4)} for e in events[:k]]
+
+
+def count_micro_batch(cfg, device: torch.device, precision: str, profile_ops: int = 0) -> dict[str, Any]:
+    """Model FLOPs of one micro-batch's forward + backward, its samples and tokens (a fresh trainee); with
+    ``profile_ops`` > 0 also the top ops of a profiled forward + backward of the same micro-batch."""
     specs = cfg.data.specs()
     trainee, _ = train_module.build_trainee(cfg, specs, device)
     trainee.joint.mllm.set_gradient_checkpointing(False)  # model FLOPs: no recomputation
@@ -72,14 +91,21 @@ def count_micro_batch(cfg, device: torch.device, precision: str) -> dict[str, fl
     tokens = sum(int(g.batch.attention_mask.sum()) for g in micro.groups)
     supervised = sum(int((g.batch.labels[:, 1:] != IGNORE).sum()) for g in micro.groups)
     trainee.train()
-    with FlopCounterMode(display=False) as counter:
+    micro = micro.to(device)
+
+    def step() -> None:
         with autocast_context(precision, device):
-            loss, _ = trainee(micro.to(device))
+            loss, _ = trainee(micro)
         loss.backward()
+        trainee.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    ops = top_ops(step, device, profile_ops) if profile_ops > 0 else None
     llm = trainee.joint.mllm.llm
     llm_trainable = sum(p.numel() for n, p in llm.named_parameters() if p.requires_grad and "embed" not in n)
     return {"flops": counter.get_total_flops(), "samples": micro.size, "tokens": tokens, "supervised": supervised,
-            "llm_trainable": llm_trainable}
+            "llm_trainable": llm_trainable, "profile": ops}
 
 
 def main() -> None:
@@ -92,6 +118,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak TFLOP/s in the training dtype (default: measured by a matmul probe)")
+    parser.add_argument("--profile", type=int, default=0, metavar="K",
+                        help="report the K ops with the most self time in one profiled forward + backward")
     parser.add_argument("--out", type=Path, default=None)
     args, overrides = parser.parse_known_args()  # the rest: config overrides, e.g. --data.batch_size=8
     if args.threads:
@@ -104,7 +132,7 @@ def main() -> None:
                            f"--save_every={total}", "--progress=false", f"--device={args.device}", *overrides])
         device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
         precision = resolve_precision(cfg.precision, device)
-        counted = count_micro_batch(cfg, device, precision)
+        counted = count_micro_batch(cfg, device, precision, args.profile)
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         train_module.train(cfg)
         rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
@@ -136,6 +164,8 @@ def main() -> None:
         "final_loss": rows[-1]["loss_weighted"],
         "cpu": platform.processor() or platform.machine(), "load_avg": os.getloadavg()[0],
     }
+    if counted["profile"] is not None:
+        report["profile"] = counted["profile"]
     emit(report, args.out)
 
 
