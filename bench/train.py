@@ -67,7 +67,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
     return 2 * n**3 / best
 
 
-def top_ops(step, device: torch.device, k: int) -> list[dict[str, float]]:
+def top_ops(step, device: torch.device, k: int) -> list[dict[str, Any]]:
     """The ``k`` ops with the most self time (CPU, and CUDA on a GPU) in one call of ``step`` under
     ``torch.profiler``: name, milliseconds, calls and share of the profiled total."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
