@@ -45,11 +45,13 @@ def describe(sample) -> str:
 
 
 def message(item) -> str:
+    """The user turn: the scene as text, the item's question (its image placeholder dropped), the instruction."""
     question = item.prompt.replace("<image>", "").strip()
     return f"{describe(item.sample)}\n{question} {INSTRUCTION}"
 
 
 def load(name: str) -> Pipeline:
+    """``base``: the untouched SmolLM2 in a fresh smol model (text-only use); else a shipped name or directory."""
     if name != "base":
         return Pipeline.from_pretrained(name)
     from taskmllm.router.joint import JointModel
