@@ -18,9 +18,9 @@ import argparse
 import collections
 
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
+from color_readout import form_of  # bench/color_readout.py: a question's referring form ("the POS SIZE X")
 
 from taskmllm.data.shapesworld import WorldConfig
-from taskmllm.data.shapesworld.referring import POSITIONS
 from taskmllm.eval.suites import shapes_items
 from taskmllm.eval.vqa import normalize_answer
 from taskmllm.router.pipeline import Pipeline
@@ -89,7 +89,7 @@ def main() -> None:
             answers += [r.text for r in results]
         for item, answer in zip(items, answers):
             ok = normalize_answer(answer) == normalize_answer(item.reference)
-            form = "positional" if any(p in item.prompt for p in POSITIONS) else "other"
+            form = "positional" if "POS" in form_of(item.prompt).split() else "other"
             right[form] += ok
             total[form] += 1
             if len(examples) < 4:
