@@ -21,8 +21,9 @@ from taskmllm.eval.suites import (answer_all, pipeline_answerer, pope_shapes_sam
                                   shapes_items)
 from taskmllm.router.pipeline import Pipeline
 
-TASKS = ("exist", "color", "count", "seg", "rec", "det", "track")  # and "pope" when asked
-HEADLINE = {"seg": "giou", "rec": "acc@0.5", "det": "AP50", "track": "success_auc"}
+TASKS = ("exist", "color", "count", "seg", "rec", "det", "track")  # and "pope", "track_box", "temporal" when asked
+HEADLINE = {"seg": "giou", "rec": "acc@0.5", "det": "AP50", "track": "success_auc", "track_box": "success_auc",
+            "temporal": "r1@0.5"}
 
 
 def evaluate(path: str, tasks: tuple[str, ...], n: int, batch_size: int) -> dict:
