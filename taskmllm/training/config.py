@@ -62,8 +62,9 @@ class StageConfig:
             from that cache, ``data.batch_size`` per micro-batch: a step then costs the experts only
             (``taskmllm.training.call_cache``).
         cached_calls_dir: where each rank's cache is written (default ``<out_dir>/call_cache``); a resumed run, or
-            another run of the same frozen model, data and count (e.g. other expert options), reads it instead of
-            running the MLLM again (the file records what it was built from).
+            another run of the same frozen model (by its checksums: any path to the same checkpoint), data and
+            count (e.g. other expert options), reads it instead of running the MLLM again (the file records what it
+            was built from). A file there built from anything else raises instead of being overwritten.
     """
 
     name: str = "stage"

@@ -121,6 +121,10 @@ def training_batches(cfg: TrainConfig, specs: dict, trainee: Trainee, ctx: DistC
     folder = Path(cfg.stage.cached_calls_dir or Path(cfg.out_dir) / "call_cache")
     path, key = folder / f"rank{ctx.rank}-of-{ctx.world}.safetensors", call_cache_key(cfg, trainee, ctx)
     cache = CallCache.load(path, key)
+    if cache is None and cfg.stage.cached_calls_dir and path.is_file():  # never rebuild over a cache given to reuse
+        raise ConfigError(f"stage.cached_calls_dir: {path} was built for another model, data, call count or set of "
+                          "experts than this stage's; point stage.cached_calls_dir at a new folder (or delete the "
+                          "file) to build one")
     if cache is None:
         source = loader(0)
         cache = CallCache.build(trainee.joint, source, cfg.stage.cached_calls, trainee.active,
@@ -134,14 +138,16 @@ def training_batches(cfg: TrainConfig, specs: dict, trainee: Trainee, ctx: DistC
 
 
 def call_cache_key(cfg: TrainConfig, trainee: Trainee, ctx: DistContext) -> str:
-    """What a rank's call cache is a function of, hashed: the frozen model (its ``init`` and, for a checkpoint,
-    its checksums; a fresh model's builder overrides and seed), the data, the count, the rank's shard and the
+    """What a rank's call cache is a function of, hashed: the frozen model (a checkpoint's checksums, else its
+    ``init``; a fresh model's builder overrides and seed), the data, the count, the rank's shard and the
     experts' inputs (which read every frame, which read pixels)."""
     init = Path(cfg.model.init)
     sums = init / "checksums.json"
     experts = {t: [trainee.joint.experts[t].video, trainee.joint.experts[t].reads_pixels] for t in trainee.active}
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "workers"}  # workers change no sample
-    fields = {"init": cfg.model.init, "checksums": sums.read_text() if sums.is_file() else None,
+    # a checkpoint is named by its content, so another path to the same files (a link, a copy) finds the cache
+    checksums = sums.read_text() if sums.is_file() else None
+    fields = {"init": None if checksums else cfg.model.init, "checksums": checksums,
               "builder": cfg.model.builder_args(), "seed": cfg.seed, "data": data, "calls": cfg.stage.cached_calls,
               "rank": ctx.rank, "world": ctx.world, "experts": experts}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()

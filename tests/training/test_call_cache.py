@@ -6,6 +6,7 @@ experts is refused."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from taskmllm.training.call_cache import CallCache
 from taskmllm.training.config import load_config
 from taskmllm.training.data_loader import Collate
 from taskmllm.training.train import build_trainee, train
-from tests.training.helpers import RECIPE, overrides
+from tests.training.helpers import RECIPE, TINY, overrides
 
 EXPERTS_ONLY = ["--stage.trainable={experts: full}", "--stage.lm_weight=0", "--stage.aux={}"]
 
@@ -145,3 +146,29 @@ def test_a_saved_cache_reads_back_equal_and_only_for_its_key(tmp_path):
     loss_a, _ = trainee(cache.batch(range(len(cache))))
     loss_b, _ = trainee(back.batch(range(len(back))))
     assert float(loss_a.detach()) == float(loss_b.detach())
+
+
+def test_a_cache_is_found_by_the_checkpoint_content_and_never_overwritten(tmp_path):
+    """Another path to the same checkpoint (a link) reads the cache; a cache given through ``cached_calls_dir``
+    that was built for something else (here another call count) is refused, the file left as it was."""
+    checkpoint = train(load_config(RECIPE / "heads.yaml", overrides(tmp_path / "ckpt", "--model.init=tiny",
+                                                                    "--max_steps=1")))
+    link = tmp_path / "link"
+    link.symlink_to(checkpoint, target_is_directory=True)
+    data_only = [o for o in TINY if not o.startswith("--model.")]  # a checkpoint carries its model's settings
+
+    def stage(out: str, init: Path, *extra: str):
+        return load_config(RECIPE / "heads.yaml", [*data_only, f"--out_dir={tmp_path / out}", f"--model.init={init}",
+                                                   *EXPERTS_ONLY, "--stage.cached_calls=6", "--data.batch_size=3",
+                                                   "--max_steps=1", *extra])
+
+    train(stage("a", checkpoint))
+    cache = tmp_path / "a" / "call_cache" / "rank0-of-1.safetensors"
+    before = cache.read_bytes()
+    shared = f"--stage.cached_calls_dir={cache.parent}"
+    train(stage("b", link, shared))
+    assert json.loads((tmp_path / "b" / "call_cache.json").read_text())["loaded_from"] == str(cache)
+
+    with pytest.raises(ConfigError, match="was built for another model, data, call count"):
+        train(stage("c", link, shared, "--stage.cached_calls=5"))
+    assert cache.read_bytes() == before
