@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from taskmllm.training.host import hosts_text
+
 #: (task, summary key) rows of the headline table and the floor issue #6 sets for the shipped default.
 FLOORS = {"routing": 0.95, "vqa": 0.75, "seg": 0.55, "rec": 0.50, "det": 0.40, "track": 0.40, "pope_f1": 0.75}
 #: upper bounds (the card prints "≤"): task tokens emitted on questions that need no expert
@@ -98,7 +100,8 @@ def write_model_card(run: Path, plan, configs: Sequence, log: dict) -> Path:
         total_text = f"**{total / 60:.1f} min** + {reused / 60:.1f} min of call caching done before"
     else:
         total_text = f"**{total / 60:.1f} min**"
-    lines += ["", f"Total training wall time: {total_text} on the machine that ran it. Data: ShapesWorld "
+    hosts = hosts_text([(log["stages"].get(s) or {}).get("host") for s in plan.stages])
+    lines += ["", f"Total training wall time: {total_text} {hosts}. Data: ShapesWorld "
               f"`train` split generated on the fly (world seed {first.data.seed}); training seed {first.seed}. "
               "Evaluation uses a world seed never used in training (`DEFAULT_EVAL_SEED`).", "",
               "![learning curves](curves/learning_curves.png)" if curves else "", ""]

@@ -19,6 +19,7 @@ import yaml
 
 from taskmllm.errors import ConfigError
 from taskmllm.training.card import HEADLINE_ROWS, Bound, default_bounds, last_loss, write_model_card
+from taskmllm.training.host import describe_host
 
 RECIPES = Path(__file__).parent / "recipes"
 
@@ -125,10 +126,12 @@ def run_recipe(name: str, out: str | Path, overrides: Sequence[str] = (), ship: 
         if (final / "config.json").is_file() and stage in log["stages"]:
             print(f"[{plan.name}] {stage}: done already ({final})")
             continue
-        t0 = time.perf_counter()
+        t0, host = time.perf_counter(), describe_host(cfg.device)
         train(cfg)
+        host["load_avg_end"] = describe_host()["load_avg_1min"]
         log["stages"][stage] = {"wall_s": round(time.perf_counter() - t0, 1), "steps": cfg.max_steps,
-                                "batch_size": cfg.data.batch_size, "final_loss": last_loss(out / stage / "metrics.jsonl")}
+                                "batch_size": cfg.data.batch_size, "final_loss": last_loss(out / stage / "metrics.jsonl"),
+                                "host": host}
         _write_json(out / "recipe.json", log)
     model = out / plan.stages[-1] / "final"
     if not skip_eval:

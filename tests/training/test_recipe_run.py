@@ -190,3 +190,44 @@ def test_card_counts_a_call_cache_read_from_a_file(tmp_path):
     (tmp_path / "experts" / "call_cache.json").write_text(json.dumps({"seconds": 1800.0}))  # built in this run
     text = write_model_card(tmp_path, plan, configs, log).read_text()
     assert "building its call cache" not in text and f"**{len(plan.stages):.1f} min** on the machine" in text
+
+
+def test_a_recipe_run_records_the_host_of_each_stage_and_the_card_names_it(tmp_path):
+    """``recipe.json`` keeps, beside each stage's wall time, the CPU it ran on (oracle: /proc/cpuinfo's model name
+    and torch's own capability and thread count) and the load at its start and end; the card names the machine."""
+    import json
+
+    import torch
+
+    from taskmllm.training.host import cpu_name, host_label
+    from taskmllm.training.recipe_run import run_recipe
+    from tests.training.helpers import RECIPE, TINY
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "recipe.yaml").write_text("description: one stage of the tiny recipe\nstages: [joint]\n")
+    (folder / "joint.yaml").write_text(f"inherit: {RECIPE / 'joint.yaml'}\nmax_steps: 1\nmodel: {{init: tiny}}\n")
+    run_recipe(str(folder), tmp_path / "run", [o for o in TINY if not o.startswith("--model.init")], skip_eval=True)
+    host = json.loads((tmp_path / "run" / "recipe.json").read_text())["stages"]["joint"]["host"]
+    assert host["cpu"] == cpu_name() and host["cpus"] >= 1
+    assert host["isa"] == torch.backends.cpu.get_cpu_capability() and host["threads"] == torch.get_num_threads()
+    assert host["load_avg_1min"] >= 0 and host["load_avg_end"] >= 0
+    card = (tmp_path / "run" / "MODEL_CARD.md").read_text()
+    assert f"on {host_label(host)} (1-minute load average" in card
+
+
+def test_the_card_names_each_machine_when_stages_ran_on_several(tmp_path):
+    from taskmllm.training.host import cpu_name, hosts_text
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu\n")
+    assert cpu_name(info) == "AMD EPYC 9R14"
+    fast = {"cpu": "AMD EPYC 9R14", "isa": "AVX512", "cpus": 2, "threads": 2, "load_avg_1min": 2.04,
+            "load_avg_end": 2.31}
+    slow = {**fast, "cpu": "AMD EPYC 7R13", "isa": "AVX2", "load_avg_1min": 1.1}
+    assert hosts_text([fast, fast]) == ("on AMD EPYC 9R14 (AVX512), 2 CPUs, 2 torch threads (1-minute load average "
+                                        "2.0–2.3 at the stages' starts and ends)")
+    assert hosts_text([fast, slow]).startswith("on 2 machines: AMD EPYC 9R14 (AVX512), 2 CPUs, 2 torch threads; "
+                                               "AMD EPYC 7R13 (AVX2)")
+    assert "and one not recorded" in hosts_text([fast, None])
+    assert hosts_text([None, None]) == "on the machine that ran it"  # a recipe.json written before hosts were
