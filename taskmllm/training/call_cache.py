@@ -119,29 +119,39 @@ class CallCache:
 
     @classmethod
     def build(cls, joint: nn.Module, loader: Iterator, samples: int, tasks: Sequence[str],
-              progress: bool = False) -> "CallCache":
+              progress: bool = False, parts: Optional["CacheParts"] = None,
+              state: Optional["BuildState"] = None) -> "CallCache":
         """Run ``joint``'s frozen MLLM over ``loader``'s micro-batches until ``samples`` samples are read and keep
-        the calls of ``tasks`` (in the model's expert order). The MLLM runs in eval mode, without autograd."""
+        the calls of ``tasks`` (in the model's expert order). The MLLM runs in eval mode, without autograd.
+
+        ``state``: what an interrupted build had done (:meth:`CacheParts.resume`; ``loader`` then starts at its
+        micro-batch ``state.position``); ``parts``: where the calls are saved as they accumulate."""
         from tqdm.auto import tqdm
 
         mllm, experts = joint.mllm, joint.experts
-        was_training, start, seen, calls = mllm.training, time.perf_counter(), 0, []
+        state = state or BuildState()
+        was_training, start, resumed_at = mllm.training, time.perf_counter(), state.seen
         mllm.eval()
-        bar = tqdm(total=samples, disable=not progress, desc="caching calls")
+        bar = tqdm(total=samples, initial=state.seen, disable=not progress, desc="caching calls")
         try:
-            while seen < samples:
+            while state.seen < samples:
                 micro = next(loader).to(mllm.device)
                 for group in micro.groups:
-                    calls += _group_calls(joint, group, tasks)
-                seen += micro.size
+                    state.calls += _group_calls(joint, group, tasks)
+                state.seen, state.position = state.seen + micro.size, state.position + 1
                 bar.update(micro.size)
+                if parts is not None:
+                    parts.save(state, state.seconds + time.perf_counter() - start)
         finally:
             bar.close()
             mllm.train(was_training)
-        cache = cls(calls, [t for t in experts if t in tasks], mllm.vision.grid, mllm.config.vision.image_size,
+        cache = cls(state.calls, [t for t in experts if t in tasks], mllm.vision.grid, mllm.config.vision.image_size,
                     mllm.grid)
-        cache.stats = {"samples": seen, "calls": cache.counts(), "seconds": round(time.perf_counter() - start, 1),
+        cache.stats = {"samples": state.seen, "calls": cache.counts(),
+                       "seconds": round(state.seconds + time.perf_counter() - start, 1),
                        "megabytes": round(cache.nbytes() / 2**20, 1)}
+        if resumed_at:
+            cache.stats["resumed_at_sample"] = resumed_at
         log.info("call cache: %s", cache.stats)
         return cache
 
@@ -154,51 +164,19 @@ class CallCache:
     def save(self, path: Path, key: str) -> Path:
         """Write the cache to ``path`` (safetensors: the tensors, and in its metadata ``key``, the geometry, each
         call's task and phrase and its target's task and phrase), atomically."""
-        from safetensors.torch import save_file
-
-        tensors, rows = {}, []
-        for i, c in enumerate(self.calls):
-            for name in CALL_TENSORS:
-                if getattr(c, name) is not None:
-                    tensors[f"{i}.{name}"] = getattr(c, name).contiguous()
-            for name in TARGET_ARRAYS:
-                if getattr(c.target, name) is not None:
-                    tensors[f"{i}.target.{name}"] = torch.as_tensor(getattr(c.target, name)).contiguous()
-            rows.append([c.task, c.phrase, c.target.task, c.target.phrase])
-        meta = {"key": key, "calls": json.dumps(rows), "tasks": json.dumps(self.tasks), "stats": json.dumps(self.stats),
+        meta = {"key": key, "tasks": json.dumps(self.tasks), "stats": json.dumps(self.stats),
                 "geometry": json.dumps([list(self.grid), self.image_size,
                                         None if self.visual_grid is None else list(self.visual_grid)])}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return write_calls(path, self.calls, meta)
 
     @classmethod
     def load(cls, path: Path, key: str) -> Optional["CallCache"]:
         """The cache saved at ``path`` for ``key``, or None (no file, or one written for another model, data,
         count or set of experts)."""
-        from safetensors import safe_open
-
-        if not path.is_file():
+        read = read_calls(path, key)
+        if read is None:
             return None
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("key") != key:
-                return None
-            names = set(f.keys())
-
-            def get(name: str) -> Optional[torch.Tensor]:
-                return f.get_tensor(name) if name in names else None
-
-            calls = []
-            for i, (task, phrase, target_task, target_phrase) in enumerate(json.loads(meta["calls"])):
-                target = TaskTarget(target_task, target_phrase,
-                                    **{n: get(f"{i}.target.{n}") for n in TARGET_ARRAYS})
-                calls.append(CachedCall(task, *(get(f"{i}.{n}") for n in CALL_TENSORS), phrase, target))
+        calls, meta = read
         grid, image_size, visual_grid = json.loads(meta["geometry"])
         cache = cls(calls, json.loads(meta["tasks"]), tuple(grid), image_size,
                     None if visual_grid is None else tuple(visual_grid))
@@ -237,6 +215,113 @@ class CallCache:
                                   self.visual_grid, stacked("pixels"))
         return CachedRun(task, stacked("queries"), features, [ExpertPrompt(c.phrase) for c in calls],
                          [c.target for c in calls], group_size)
+
+
+
+def write_calls(path: Path, calls: Sequence[CachedCall], meta: dict[str, str]) -> Path:
+    """``calls`` to the safetensors file ``path`` (their tensors; in the metadata ``meta`` and each call's task,
+    phrase and target task and phrase), atomically."""
+    from safetensors.torch import save_file
+
+    tensors, rows = {}, []
+    for i, c in enumerate(calls):
+        for name in CALL_TENSORS:
+            if getattr(c, name) is not None:
+                tensors[f"{i}.{name}"] = getattr(c, name).contiguous()
+        for name in TARGET_ARRAYS:
+            if getattr(c.target, name) is not None:
+                tensors[f"{i}.target.{name}"] = torch.as_tensor(getattr(c.target, name)).contiguous()
+        rows.append([c.task, c.phrase, c.target.task, c.target.phrase])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        save_file(tensors, str(tmp), metadata={**meta, "calls": json.dumps(rows)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_calls(path: Path, key: str) -> Optional[tuple[list[CachedCall], dict[str, str]]]:
+    """The calls :func:`write_calls` wrote to ``path`` and its metadata, or None (no file, or another ``key``)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("key") != key:
+            return None
+        names = set(f.keys())
+
+        def get(name: str) -> Optional[torch.Tensor]:
+            return f.get_tensor(name) if name in names else None
+
+        calls = []
+        for i, (task, phrase, target_task, target_phrase) in enumerate(json.loads(meta["calls"])):
+            target = TaskTarget(target_task, target_phrase, **{n: get(f"{i}.target.{n}") for n in TARGET_ARRAYS})
+            calls.append(CachedCall(task, *(get(f"{i}.{n}") for n in CALL_TENSORS), phrase, target))
+    return calls, meta
+
+
+@dataclass
+class BuildState:
+    """How far a cache build got: its calls, the samples read, the next micro-batch position, the seconds spent."""
+
+    calls: list[CachedCall] = field(default_factory=list)
+    seen: int = 0
+    position: int = 0
+    seconds: float = 0.0
+
+
+class CacheParts:
+    """A cache build saved as it grows, so that a killed build (a 20-40 minute phase on a CPU) resumes instead of
+    starting over: every ``every_s`` seconds the calls added since the last part go to
+    ``<folder>/<stem>.<key[:16]>.part-<k>.safetensors`` with the position reached; :meth:`resume` reads this key's
+    parts back in order, and :meth:`clear` deletes them once the whole cache is saved. Parts of another key (another
+    model or data) are never read nor touched."""
+
+    def __init__(self, folder: Path, stem: str, key: str, every_s: float = 300.0) -> None:
+        self.folder, self.key, self.every_s = Path(folder), key, every_s
+        self.prefix = f"{stem}.{key[:16]}.part-"
+        self.saved, self.count, self.last = 0, 0, time.perf_counter()
+
+    def files(self) -> list[Path]:
+        """This key's parts, in the order they were written."""
+        return sorted(self.folder.glob(f"{self.prefix}*.safetensors")) if self.folder.is_dir() else []
+
+    def resume(self) -> BuildState:
+        """The state the parts reach (an empty state when there are none)."""
+        state = BuildState()
+        for path in self.files():
+            read = read_calls(path, self.key)
+            if read is None:
+                break
+            calls, meta = read
+            state.calls += calls
+            state.seen, state.position, state.seconds = (int(meta["seen"]), int(meta["position"]),
+                                                        float(meta["seconds"]))
+            self.count += 1
+        self.saved = len(state.calls)
+        if self.count:
+            log.info("call cache: resuming at sample %d (micro-batch %d) from %d parts", state.seen, state.position,
+                     self.count)
+        return state
+
+    def save(self, state: BuildState, seconds: float, force: bool = False) -> Optional[Path]:
+        """Write the calls added since the last part, if ``every_s`` seconds have passed (or ``force``)."""
+        if not force and time.perf_counter() - self.last < self.every_s:
+            return None
+        path = self.folder / f"{self.prefix}{self.count:05d}.safetensors"
+        write_calls(path, state.calls[self.saved:], {"key": self.key, "seen": str(state.seen),
+                                                     "position": str(state.position), "seconds": repr(float(seconds))})
+        self.saved, self.count, self.last = len(state.calls), self.count + 1, time.perf_counter()
+        return path
+
+    def clear(self) -> None:
+        """Delete this key's parts."""
+        for path in self.files():
+            path.unlink(missing_ok=True)
 
 
 def _group_calls(joint: nn.Module, group, tasks: Sequence[str]) -> list[CachedCall]:

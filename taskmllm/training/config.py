@@ -64,7 +64,8 @@ class StageConfig:
         cached_calls_dir: where each rank's cache is written (default ``<out_dir>/call_cache``); a resumed run, or
             another run of the same frozen model (by its checksums: any path to the same checkpoint), data and
             count (e.g. other expert options), reads it instead of running the MLLM again (the file records what it
-            was built from). A file there built from anything else raises instead of being overwritten.
+            was built from). A file there built from anything else raises instead of being overwritten. A build
+            saves its calls in parts there as it goes, and a killed one resumes at its last part.
     """
 
     name: str = "stage"

@@ -26,7 +26,7 @@ from torch import nn
 
 from taskmllm.errors import ConfigError
 from taskmllm.training.aux import AuxContext, build_aux
-from taskmllm.training.call_cache import CallCache
+from taskmllm.training.call_cache import CacheParts, CallCache
 from taskmllm.training.checkpoint import Checkpointer
 from taskmllm.training.config import OptimConfig, TrainConfig, check_paths, config_yaml, save_config
 from taskmllm.training.data_loader import Collate, build_loader
@@ -125,12 +125,15 @@ def training_batches(cfg: TrainConfig, specs: dict, trainee: Trainee, ctx: DistC
         raise ConfigError(f"stage.cached_calls_dir: {path} was built for another model, data, call count or set of "
                           "experts than this stage's; point stage.cached_calls_dir at a new folder (or delete the "
                           "file) to build one")
-    if cache is None:
-        source = loader(0)
+    if cache is None:  # built from where an interrupted build's saved parts end (none: from the start)
+        parts = CacheParts(folder, path.stem, key)
+        state = parts.resume()
+        source = loader(state.position)
         cache = CallCache.build(trainee.joint, source, cfg.stage.cached_calls, trainee.active,
-                                progress=cfg.progress and ctx.rank == 0)
+                                progress=cfg.progress and ctx.rank == 0, parts=parts, state=state)
         del source  # stops the loader's workers
         cache.save(path, key)
+        parts.clear()
     if ctx.rank == 0:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out_dir) / "call_cache.json").write_text(json.dumps(cache.stats, indent=1))

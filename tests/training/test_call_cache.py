@@ -172,3 +172,43 @@ def test_a_cache_is_found_by_the_checkpoint_content_and_never_overwritten(tmp_pa
     with pytest.raises(ConfigError, match="was built for another model, data, call count"):
         train(stage("c", link, shared, "--stage.cached_calls=5"))
     assert cache.read_bytes() == before
+
+
+def test_an_interrupted_build_resumes_where_its_last_saved_part_ended(tmp_path):
+    """A build killed after two of three micro-batches leaves two parts; a new build resumes from them (the loader
+    started at micro-batch 2) and ends with the calls of an uninterrupted build, tensor for tensor; the parts are
+    deleted once the whole cache is saved, and another key's parts are neither read nor touched."""
+    from taskmllm.training.call_cache import BuildState, CacheParts
+
+    trainee, samples = _trainee_and_samples(tmp_path)
+    collate = Collate(trainee.joint.mllm.processor)
+    micros = [collate(list(enumerate(samples))[i:i + 2]) for i in (0, 2, 4)]
+    whole = CallCache.build(trainee.joint, iter(micros), len(samples), trainee.active)
+
+    def killed_after_two():
+        yield from micros[:2]
+        raise RuntimeError("killed")
+
+    folder = tmp_path / "c"
+    other = CacheParts(folder, "rank0-of-1", "key-b", every_s=0)
+    other.save(BuildState(calls=list(whole.calls[:1]), seen=2, position=1), 1.0)
+    parts = CacheParts(folder, "rank0-of-1", "key-a", every_s=0)
+    with pytest.raises(RuntimeError, match="killed"):
+        CallCache.build(trainee.joint, killed_after_two(), len(samples), trainee.active, parts=parts)
+    assert len(parts.files()) == 2
+
+    again = CacheParts(folder, "rank0-of-1", "key-a", every_s=0)
+    state = again.resume()
+    assert (state.seen, state.position) == (4, 2) and state.seconds > 0
+    cache = CallCache.build(trainee.joint, iter(micros[state.position:]), len(samples), trainee.active,
+                            parts=again, state=state)
+    assert cache.stats["resumed_at_sample"] == 4 and cache.stats["samples"] == len(samples)
+    assert len(cache) == len(whole) and len(whole) > 2
+    for a, b in zip(whole.calls, cache.calls):
+        assert (a.task, a.phrase, a.target.phrase) == (b.task, b.phrase, b.target.phrase)
+        for name in ("queries", "features", "context", "pixels"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None and y is None) or torch.equal(x, y), name
+    again.clear()
+    assert again.files() == [] and len(other.files()) == 1
+    assert CacheParts(folder, "rank0-of-1", "key-a").resume().seen == 0  # nothing left to resume from
