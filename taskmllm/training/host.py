@@ -38,7 +38,7 @@ def describe_host(device: str | torch.device = "cpu") -> dict[str, Any]:
                            "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():  # else the training's own check says so
         out["gpu"] = torch.cuda.get_device_name(torch.device(device))
     out["load_avg_1min"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     return out
