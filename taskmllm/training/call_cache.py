@@ -217,7 +217,6 @@ class CallCache:
                          [c.target for c in calls], group_size)
 
 
-
 def write_calls(path: Path, calls: Sequence[CachedCall], meta: dict[str, str]) -> Path:
     """``calls`` to the safetensors file ``path`` (their tensors; in the metadata ``meta`` and each call's task,
     phrase and target task and phrase), atomically."""
@@ -308,9 +307,9 @@ class CacheParts:
                      self.count)
         return state
 
-    def save(self, state: BuildState, seconds: float, force: bool = False) -> Optional[Path]:
-        """Write the calls added since the last part, if ``every_s`` seconds have passed (or ``force``)."""
-        if not force and time.perf_counter() - self.last < self.every_s:
+    def save(self, state: BuildState, seconds: float) -> Optional[Path]:
+        """Write the calls added since the last part, if ``every_s`` seconds have passed since the last one."""
+        if time.perf_counter() - self.last < self.every_s:
             return None
         path = self.folder / f"{self.prefix}{self.count:05d}.safetensors"
         write_calls(path, state.calls[self.saved:], {"key": self.key, "seen": str(state.seen),

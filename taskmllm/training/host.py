@@ -40,8 +40,13 @@ def describe_host(device: str | torch.device = "cpu") -> dict[str, Any]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if torch.device(device).type == "cuda" and torch.cuda.is_available():  # else the training's own check says so
         out["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    out["load_avg_1min"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    out["load_avg_1min"] = load_average()
     return out
+
+
+def load_average() -> Optional[float]:
+    """The 1-minute load average (other work on the machine), or None where the OS has none."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def host_label(host: Mapping[str, Any]) -> str:

@@ -19,7 +19,7 @@ import yaml
 
 from taskmllm.errors import ConfigError
 from taskmllm.training.card import HEADLINE_ROWS, Bound, default_bounds, last_loss, write_model_card
-from taskmllm.training.host import describe_host
+from taskmllm.training.host import describe_host, load_average
 
 RECIPES = Path(__file__).parent / "recipes"
 
@@ -128,7 +128,7 @@ def run_recipe(name: str, out: str | Path, overrides: Sequence[str] = (), ship: 
             continue
         t0, host = time.perf_counter(), describe_host(cfg.device)
         train(cfg)
-        host["load_avg_end"] = describe_host()["load_avg_1min"]
+        host["load_avg_end"] = load_average()
         log["stages"][stage] = {"wall_s": round(time.perf_counter() - t0, 1), "steps": cfg.max_steps,
                                 "batch_size": cfg.data.batch_size, "final_loss": last_loss(out / stage / "metrics.jsonl"),
                                 "host": host}
