@@ -116,10 +116,11 @@ class ChatTemplate:
 
     def prompt(self, question: str, history: Sequence[tuple[str, str]] = (), eos: str = "") -> str:
         """The text up to where the assistant starts answering ``question`` after earlier turns."""
-        text = self.system
-        for q, a in history:
-            text += f"{self.user_prefix}{q}{self.assistant_prefix}{self.answer_sep}{a}{eos}"
-        return text + f"{self.user_prefix}{question}{self.assistant_prefix}"
+        text, prefix = self.system, self.user_prefix if self.system else self.user_prefix.lstrip("\n")
+        for q, a in history:  # without system text the first turn opens the prompt: no newline before it
+            text += f"{prefix}{q}{self.assistant_prefix}{self.answer_sep}{a}{eos}"
+            prefix = self.user_prefix
+        return text + f"{prefix}{question}{self.assistant_prefix}"
 
     def full(self, question: str, answer: str, eos: str) -> str:
         """Prompt followed by the answer and ``eos``: one supervised training text."""

@@ -92,7 +92,8 @@ class ModelConfig:
     ``gradient_checkpointing``: recompute the LLM's and the vision tower's activations in backward instead of
     storing them (less memory, about a third more compute; the gradients are the same). ``image_first``: a fresh
     model's prompt layout (``tokens.image_first``: the image before the question, LLaVA's, or after it;
-    ``repeat_question``: the question on both sides of the image)."""
+    ``repeat_question``: the question on both sides of the image); ``chat_system``: false drops the chat's system
+    text (smol: SmolLM2's default system turn, 19 of a ``see`` sample's ~97 tokens; HF's SmolVLM has none)."""
 
     init: str = "tiny"
     llm: dict[str, Any] = field(default_factory=dict)
@@ -105,12 +106,13 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     image_first: bool = False
     repeat_question: bool = False
+    chat_system: bool = True
 
     def builder_args(self) -> dict[str, Any]:
         """The arguments of ``BUILDERS[init]`` (a fresh recipe model; an adapter's ``base_args``)."""
         return {"max_frames": self.max_frames, "llm": self.llm, "vision": self.vision, "tasks": self.tasks,
                 "projector": self.projector, "image_first": self.image_first,
-                "repeat_question": self.repeat_question}
+                "repeat_question": self.repeat_question, "chat_system": self.chat_system}
 
 
 @dataclass

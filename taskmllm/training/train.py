@@ -215,9 +215,10 @@ def build_joint(cfg: TrainConfig):
     mc = cfg.model
     if mc.init not in BUILDERS:
         plain = not (Path(mc.init) / EXPERTS_DIR).is_dir()
-        if mc.llm or mc.vision or mc.projector or mc.image_first or mc.repeat_question or (mc.tasks and not plain):
+        if (mc.llm or mc.vision or mc.projector or mc.image_first or mc.repeat_question or not mc.chat_system
+                or (mc.tasks and not plain)):
             raise ConfigError(f"model.llm / model.vision / model.projector / model.image_first / "
-                              f"model.repeat_question override only a "
+                              f"model.repeat_question / model.chat_system override only a "
                               f"fresh recipe model "
                               f"({', '.join(BUILDERS)}); model.tasks also a plain MLLM checkpoint")
         if plain and mc.fresh:
