@@ -219,7 +219,7 @@ def smol_config(llm_config: Mapping[str, Any], max_frames: int = 8, vision: Opti
     """The ``smol`` recipe's :class:`MLLMConfig` around ``llm_config`` (the resized SmolLM2 config dict);
     ``vision`` overrides keys of :data:`SMOL_VISION` (``image_size``, ``feature_layer``); ``image_first`` /
     ``repeat_question``: the prompt layout (``tokens``); ``chat_system``: the chat keeps SmolLM2's default system
-    turn (false: none, as HF's SmolVLM prompts; 19 tokens fewer per sequence)."""
+    turn (false: none, as HF's SmolVLM prompts; 21 tokens fewer per sequence)."""
     vision_config = VisionConfig(**{**SMOL_VISION, **(vision or {})})
     tokens = TokenConfig(tasks={**registry_tasks(), **(tasks or {})}, chat=chat_fields(SMOL_CHAT, chat_system),
                          image_first=image_first,

@@ -93,7 +93,7 @@ class ModelConfig:
     storing them (less memory, about a third more compute; the gradients are the same). ``image_first``: a fresh
     model's prompt layout (``tokens.image_first``: the image before the question, LLaVA's, or after it;
     ``repeat_question``: the question on both sides of the image); ``chat_system``: false drops the chat's system
-    text (smol: SmolLM2's default system turn, 19 of a ``see`` sample's ~97 tokens; HF's SmolVLM has none)."""
+    text (smol: SmolLM2's default system turn, 21 of a ``see`` sample's ~97 tokens; HF's SmolVLM has none)."""
 
     init: str = "tiny"
     llm: dict[str, Any] = field(default_factory=dict)

@@ -98,3 +98,31 @@ def test_a_three_turn_chat_matches_transformers_turn_by_turn(smol_model, referen
         assert answer.strip() == expected.strip(), (ours, answer, expected)
         ours.append(("assistant", answer))
         theirs.append({"role": "assistant", "content": expected})
+
+
+def test_without_the_system_turn_a_chat_is_smollm2s_template_less_its_system_message(smol_model, reference):
+    """``model.chat_system: false`` (the smol recipe's layout): a two-turn conversation with an image encodes to the
+    ids of SmolLM2's own ``apply_chat_template`` for the same messages with its system message cut off (the
+    template's first turn), the image's tokens in place of the placeholder."""
+    import dataclasses
+
+    from taskmllm.model.processor import IGNORE, Processor
+    from taskmllm.zoo import SMOL_CHAT, chat_fields
+
+    tok, _ = reference
+    p = smol_model.processor
+    tokens = dataclasses.replace(smol_model.config.tokens, chat=chat_fields(SMOL_CHAT, system=False))
+    processor = Processor(p.tokenizer, dataclasses.replace(smol_model.config, tokens=tokens), p.tokens_per_frame,
+                          p.max_length)
+    first, answer, second = "<image>\nIs there a red circle?", "Yes.", "What colour is the square?"
+    ids, labels = processor.encode_chat([(first, answer)], second, num_frames=1, is_video=False)
+    messages = [{"role": "user", "content": first}, {"role": "assistant", "content": answer},
+                {"role": "user", "content": second}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    system = SMOL_CHAT["system"] + "\n"
+    assert text.startswith(system)  # the default system message SmolLM2's template inserts itself
+    expected = [t for i in p.tokenizer.encode(text[len(system):], add_special_tokens=False)  # knows <image>
+                for t in ([p.image_id] * p.tokens_per_frame if i == p.image_id else [i])]
+    assert ids == expected and set(labels) == {IGNORE}
+    with_system, _ = p.encode_chat([(first, answer)], second, num_frames=1, is_video=False)
+    assert len(with_system) - len(ids) == len(tok.encode(system, add_special_tokens=False)) == 21

@@ -93,3 +93,5 @@ def test_init_names_the_experts_and_their_queries(converted):
         build_joint(_cfg(path, image_first=True))
     with pytest.raises(ConfigError, match="model.repeat_question"):  # a checkpoint keeps its layout
         build_joint(_cfg(path, repeat_question=True))
+    with pytest.raises(ConfigError, match="model.chat_system"):
+        build_joint(_cfg(path, chat_system=False))
