@@ -222,8 +222,7 @@ def smol_config(llm_config: Mapping[str, Any], max_frames: int = 8, vision: Opti
     turn (false: none, as HF's SmolVLM prompts; 21 tokens fewer per sequence)."""
     vision_config = VisionConfig(**{**SMOL_VISION, **(vision or {})})
     tokens = TokenConfig(tasks={**registry_tasks(), **(tasks or {})}, chat=chat_fields(SMOL_CHAT, chat_system),
-                         image_first=image_first,
-                         repeat_question=repeat_question)
+                         image_first=image_first, repeat_question=repeat_question)
     return MLLMConfig(vision=vision_config, projector=ProjectorConfig(pool=pool), llm=dict(llm_config),
                       tokens=tokens, max_frames=max_frames)
 
