@@ -44,5 +44,14 @@ def machine(device: str = "cpu") -> dict:
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the parameters a decode step reads (every parameter once)."""
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+    """Bytes of the weights a decode step reads: every parameter and buffer once (a tied tensor once: an LM head
+    that is the input embedding), except an embedding table no other layer uses (a step reads one row of it, e.g.
+    beside an int8-quantized LM head). Quantized layers count their int8 weights and scales."""
+    tensors: dict[int, torch.Tensor] = {}
+    read: set[int] = set()
+    for layer in module.modules():
+        for t in [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]:
+            tensors[id(t)] = t
+            if not isinstance(layer, torch.nn.Embedding):
+                read.add(id(t))
+    return sum(t.numel() * t.element_size() for i, t in tensors.items() if i in read)

@@ -9,8 +9,11 @@ factual questions of ``tests/smol`` (greedy, 32 tokens) in each dtype are compar
 (float32 by default): how many are the same text, and how many name the right answer (issue #29: ``smol`` decode
 >= 60% of its dtype's bound, answers equal to float32). Each dtype is timed with the weights as stored and with
 ``weight_layout="tuned"`` (each LLM weight shape in the memory order the BLAS streams fastest, timed at load).
+``int8`` is ``Pipeline.from_pretrained(model, dtype=torch.bfloat16, quantize="int8")``: int8 weights (bound:
+their bytes and scales) with bfloat16 activations, as stored only.
 
     python bench/decode.py --model smol --threads 1 --out bench/results/decode_smol.json
+    python bench/decode.py --model smol --threads 1 --dtypes float32 bfloat16 int8 --layouts stored
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from _report import emit  # bench/_report.py (scripts run as `python bench/<name
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the question set
 from tests.smol.test_shipped import FACTS  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: name -> (dtype of the activations and float weights, quantization of the LLM's linear layers)
+VARIANTS = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, None), "float16": (torch.float16, None),
+            "int8": (torch.bfloat16, "int8")}
 PROMPT = "Write a short story about a cat who learns to swim."
 
 
@@ -73,8 +78,9 @@ def factual_answers(pipe) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smol", help="a shipped model's name or a checkpoint directory")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES),
-                        help="the first is the reference for the answers")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(VARIANTS),
+                        help="the first is the reference for the answers; int8: int8 weights with bfloat16 "
+                             "activations (Pipeline.from_pretrained(quantize='int8'))")
     parser.add_argument("--layouts", nargs="+", default=["stored", "tuned"], choices=["stored", "tuned"],
                         help="weight layouts (Pipeline.from_pretrained(weight_layout=...)); each dtype in each")
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -92,15 +98,16 @@ def main() -> None:
               "clock": "cpu" if torch.get_num_threads() == 1 else "wall", "dtypes": {}}
     reference = None
     for name in args.dtypes:
-        for layout in args.layouts:
-            pipe = Pipeline.from_pretrained(args.model, dtype=DTYPES[name], weight_layout=layout)
+        dtype, quantize = VARIANTS[name]
+        for layout in args.layouts if quantize is None else ["stored"]:  # layouts order float weights only
+            pipe = Pipeline.from_pretrained(args.model, dtype=dtype, weight_layout=layout, quantize=quantize)
             llm_bytes = weight_bytes(pipe.model.mllm.llm)
             bound = bandwidth * 1e9 / llm_bytes  # steps/s if a step only read the LLM's weights once
             rates = decode_rates(pipe.model.mllm, args.new_tokens, args.repeats)
             answers = factual_answers(pipe)
             reference = answers if reference is None else reference
             report["dtypes"][name if layout == "stored" else f"{name}+{layout}"] = {
-                "llm_weight_mb": round(llm_bytes / 1e6, 1), "bound_tokens_per_s": round(bound, 2), **rates,
+                "activations": str(dtype).removeprefix("torch."), "llm_weight_mb": round(llm_bytes / 1e6, 1), "bound_tokens_per_s": round(bound, 2), **rates,
                 "fraction_of_bound": {k: round(v["tokens_per_s"] / bound, 3) for k, v in rates.items()},
                 "answers_equal_to_reference": sum(a == r for a, r in zip(answers, reference)),
                 "answers_right": sum(any(w.lower() in a.lower() for w in words)

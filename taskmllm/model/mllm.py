@@ -26,6 +26,7 @@ from taskmllm.model.io import (CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, atomic_
                                record_checksums, verify_checksums)
 from taskmllm.model.processor import IGNORE, Batch, Processor, positions
 from taskmllm.model.projector import Projector
+from taskmllm.model.quantization import check_not_quantized
 from taskmllm.model.queries import TaskQueries
 from taskmllm.model.tokenizer import add_protocol_tokens, checkpoint_tokenizer
 from taskmllm.model.tokens import IMAGE, QUERY, task_token
@@ -308,6 +309,7 @@ class TaskMLLM(nn.Module):
         them over everything it writes)."""
         from safetensors.torch import save_model
 
+        check_not_quantized(self)  # int8 layers are inference only: a checkpoint holds float weights
         self.config.save(directory / CONFIG_FILE)
         save_model(self, str(directory / WEIGHTS_FILE))
         self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))

@@ -42,21 +42,30 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu",
                         verify: bool = True, dtype: Optional[torch.dtype] = None,
-                        weight_layout: str = "stored") -> "Pipeline":
+                        weight_layout: str = "stored", quantize: Optional[str] = None) -> "Pipeline":
         """Load a checkpoint directory written by ``JointModel.save_pretrained``, or a shipped model by name
         (``"tiny"``, the embedded default), with the calibrated intervention settings it carries. ``verify``:
         check the weight files' SHA-256 against the checksums recorded at save, and the weights for NaN/inf (a
         :class:`CheckpointError` naming the file). ``dtype`` (e.g. ``torch.bfloat16``; None: as stored) loads the
         weights straight into that dtype, with no float32 copy (``JointModel.from_pretrained``). ``weight_layout``:
         ``"stored"`` (row-major, as saved) or ``"tuned"``: each LLM weight shape in the memory order that the CPU's
-        BLAS streams fastest at batch 1, timed at load (~1 s; :mod:`taskmllm.model.weight_layout`; CPU only)."""
+        BLAS streams fastest at batch 1, timed at load (~1 s; :mod:`taskmllm.model.weight_layout`; CPU only).
+        ``quantize``: None, or ``"int8"``: the LLM's linear layers (LM head included) get int8 weights with one
+        scale per output row, quantized from the stored weights before the cast to ``dtype``; on the CPU pair it
+        with ``dtype=torch.bfloat16`` (:mod:`taskmllm.model.quantization`). Inference only: answers can differ
+        from the float model's (``bench/decode.py`` reports how many do)."""
+        from taskmllm.model.quantization import quantize_linears
         from taskmllm.model.weight_layout import tune_linear_layout
         from taskmllm.zoo import model_calibration
 
         if weight_layout not in ("stored", "tuned"):
             raise ConfigError(f"weight_layout must be 'stored' or 'tuned', got {weight_layout!r}")
         calibration = model_calibration(path)  # a malformed interventions.json fails before the weights load
-        model = JointModel.from_pretrained(path, device=device, verify=verify, dtype=dtype)
+        model = JointModel.from_pretrained(path, device=device, verify=verify, dtype=None if quantize else dtype)
+        if quantize is not None:
+            quantize_linears(model.mllm.llm, quantize)  # from the stored precision, then the cast
+            if dtype is not None:
+                model.to(dtype=dtype)
         if weight_layout == "tuned":
             tune_linear_layout(model.mllm.llm)
         return cls(model, calibration)
