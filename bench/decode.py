@@ -9,11 +9,11 @@ factual questions of ``tests/smol`` (greedy, 32 tokens) in each dtype are compar
 (float32 by default): how many are the same text, and how many name the right answer (issue #29: ``smol`` decode
 >= 60% of its dtype's bound, answers equal to float32). Each dtype is timed with the weights as stored and with
 ``weight_layout="tuned"`` (each LLM weight shape in the memory order the BLAS streams fastest, timed at load).
-``int8`` is ``Pipeline.from_pretrained(model, dtype=torch.bfloat16, quantize="int8")``: int8 weights (bound:
-their bytes and scales) with bfloat16 activations, as stored only.
+``int8`` / ``int4`` are ``Pipeline.from_pretrained(model, dtype=torch.bfloat16, quantize=...)``: integer weights
+(bound: their bytes with the scales) with bfloat16 activations, as stored only.
 
     python bench/decode.py --model smol --threads 1 --out bench/results/decode_smol.json
-    python bench/decode.py --model smol --threads 1 --dtypes float32 bfloat16 int8 --layouts stored
+    python bench/decode.py --model smol --threads 1 --dtypes float32 bfloat16 int8 int4 --layouts stored
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from tests.smol.test_shipped import FACTS  # noqa: E402
 
 #: name -> (dtype of the activations and float weights, quantization of the LLM's linear layers)
 VARIANTS = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, None), "float16": (torch.float16, None),
-            "int8": (torch.bfloat16, "int8")}
+            "int8": (torch.bfloat16, "int8"), "int4": (torch.bfloat16, "int4")}
 PROMPT = "Write a short story about a cat who learns to swim."
 
 
@@ -79,8 +79,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smol", help="a shipped model's name or a checkpoint directory")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(VARIANTS),
-                        help="the first is the reference for the answers; int8: int8 weights with bfloat16 "
-                             "activations (Pipeline.from_pretrained(quantize='int8'))")
+                        help="the first is the reference for the answers; int8 / int4: integer weights with "
+                             "bfloat16 activations (Pipeline.from_pretrained(quantize=...))")
     parser.add_argument("--layouts", nargs="+", default=["stored", "tuned"], choices=["stored", "tuned"],
                         help="weight layouts (Pipeline.from_pretrained(weight_layout=...)); each dtype in each")
     parser.add_argument("--new-tokens", type=int, default=32)

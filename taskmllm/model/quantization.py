@@ -1,4 +1,4 @@
-"""Int8 weight-only quantization of linear layers, for decoding on the CPU (inference only).
+"""Int8 and int4 weight-only quantization of linear layers, for decoding on the CPU (inference only).
 
 A batch-1 decode step streams every LLM weight from memory once, so its speed follows the weight bytes: int8
 weights are half of bf16's and a quarter of float32's. Each output row ``i`` of a weight ``W (out, in)`` gets one
@@ -12,6 +12,11 @@ on the project's AVX-512 host, so pair ``"int8"`` with ``dtype=torch.bfloat16``)
 elsewhere. The scales are a floating buffer, so ``module.to(dtype)`` casts them with the activations; the int8
 weights stay int8. A quantized model computes a slightly different function and cannot be saved as a checkpoint
 (:func:`check_not_quantized`): quantize after loading, as ``Pipeline.from_pretrained(..., quantize="int8")`` does.
+
+``"int4"`` (:class:`Int4Linear`) stores each row in groups of 32 input columns, each group with its own scale and
+minimum (llama.cpp's Q4_1 and gpt-fast's int4 scheme): 0.625 bytes per weight with the bf16 scales, the CPU only
+(ATen's ``torch._weight_int4pack_mm_for_cpu``), a larger error than int8's (half a step of 1/15 of a group's
+range, against 1/254 of a row's).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from taskmllm.errors import ConfigError
+from taskmllm.errors import ConfigError, InputError
 
 QMAX = 127
 
@@ -77,7 +82,77 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-QUANTIZERS = {"int8": Int8Linear.from_linear}
+class Int4Linear(nn.Module):
+    """``y = x @ W.T + bias`` with each row of ``W`` in groups of ``group_size`` input columns stored as 4-bit
+    ``q`` in ``[0, 15]``, ``W ≈ q * scale + minimum`` per group; ATen's CPU int4 kernel (CPU only).
+
+    Args:
+        packed: the kernel's layout of ``q`` (``torch._convert_weight_to_int4pack_for_cpu``), ``(out', in' / 2)``
+            uint8: the rows padded to a multiple of 16 (the kernel's block), the columns to one of ``group_size``.
+        scales_and_zeros: ``(in' / group_size, out', 2)`` floating: per group its scale and the kernel's zero
+            (``minimum + 8 * scale``: the kernel computes ``(q - 8) * scale + zero``).
+        in_features, out_features: the real columns and rows (the input is padded, the output sliced).
+        group_size: input columns per group.
+        bias: ``(out,)`` or None.
+    """
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, in_features: int, out_features: int,
+                 group_size: int, bias: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> "Int4Linear":
+        """Quantize ``linear``'s weight per row and group (computed in float32); scales and bias keep its dtype.
+        Input columns are padded with zeros to a multiple of ``group_size`` (and the input with them).
+
+        Raises:
+            ConfigError: a weight off the CPU.
+        """
+        weight = linear.weight.detach()
+        if weight.device.type != "cpu":
+            raise ConfigError(f"int4 quantization runs on ATen's CPU kernel only, the weight is on {weight.device}; "
+                              "use 'int8' there")
+        out, inp = weight.shape
+        rows, cols = -(-out // 16) * 16, -(-inp // group_size) * group_size  # the kernel's blocks; padding is 0
+        groups = F.pad(weight.float(), (0, cols - inp, 0, rows - out)).reshape(rows, cols // group_size, group_size)
+        low, high = groups.amin(-1), groups.amax(-1)  # (rows, cols / group_size)
+        scale = (high - low) / 15
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group is its minimum
+        q = torch.round((groups - low[..., None]) / safe[..., None]).clamp_(0, 15).reshape(rows, cols)
+        packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)  # (rows, cols / 2) uint8
+        zeros = low + 8 * scale
+        scales_and_zeros = torch.stack([scale, zeros], -1).transpose(0, 1).contiguous()  # (cols / G, rows, 2)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(packed, scales_and_zeros.to(weight.dtype), inp, out, group_size, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., in)`` -> ``(..., out)`` in ``x``'s dtype.
+
+        Raises:
+            InputError: ``x`` off the CPU (the kernel's packing is the CPU's).
+        """
+        if x.device.type != "cpu":
+            raise InputError(f"an int4-quantized layer runs on the CPU only, got input on {x.device}")
+        flat = x.reshape(-1, self.in_features)  # (N, in)
+        cols = self.packed.shape[1] * 2
+        flat = F.pad(flat, (0, cols - self.in_features)) if cols > self.in_features else flat.contiguous()
+        out = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size,
+                                                self.scales_and_zeros.to(x.dtype))  # (N, rows)
+        out = out[:, :self.out_features]
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"bias={self.bias is not None}")
+
+
+QUANTIZERS = {"int8": Int8Linear.from_linear, "int4": Int4Linear.from_linear}
 
 
 def quantize_linears(module: nn.Module, method: str = "int8") -> int:
@@ -101,6 +176,6 @@ def quantize_linears(module: nn.Module, method: str = "int8") -> int:
 
 def check_not_quantized(module: nn.Module) -> None:
     """Raise :class:`ConfigError` if ``module`` holds quantized layers (a checkpoint stores float weights)."""
-    if any(isinstance(m, Int8Linear) for m in module.modules()):
-        raise ConfigError("this model's linear layers are int8-quantized (inference only) and cannot be saved; "
+    if any(isinstance(m, (Int8Linear, Int4Linear)) for m in module.modules()):
+        raise ConfigError("this model's linear layers are quantized (inference only) and cannot be saved; "
                           "save the float model and quantize after loading")

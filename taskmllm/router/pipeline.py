@@ -50,10 +50,11 @@ class Pipeline:
         weights straight into that dtype, with no float32 copy (``JointModel.from_pretrained``). ``weight_layout``:
         ``"stored"`` (row-major, as saved) or ``"tuned"``: each LLM weight shape in the memory order that the CPU's
         BLAS streams fastest at batch 1, timed at load (~1 s; :mod:`taskmllm.model.weight_layout`; CPU only).
-        ``quantize``: None, or ``"int8"``: the LLM's linear layers (LM head included) get int8 weights with one
-        scale per output row, quantized from the stored weights before the cast to ``dtype``; on the CPU pair it
-        with ``dtype=torch.bfloat16`` (:mod:`taskmllm.model.quantization`). Inference only: answers can differ
-        from the float model's (``bench/decode.py`` reports how many do)."""
+        ``quantize``: None, ``"int8"`` (one scale per output row) or ``"int4"`` (a scale and minimum per row and
+        group of 32 columns, llama.cpp's Q4_1 scheme; CPU only): the LLM's linear layers (LM head included) get
+        integer weights, quantized from the stored weights before the cast to ``dtype``; on the CPU pair it with
+        ``dtype=torch.bfloat16`` (:mod:`taskmllm.model.quantization`). Inference only: answers can differ from
+        the float model's (``bench/decode.py`` reports how many do)."""
         from taskmllm.model.quantization import quantize_linears
         from taskmllm.model.weight_layout import tune_linear_layout
         from taskmllm.zoo import model_calibration

@@ -1,5 +1,6 @@
-"""Int8 weight-only quantization: the per-row scheme against hand-computed values, the ATen kernel against the
-dequantized product, its error bound, and Pipeline's ``quantize="int8"`` on the shipped tiny model."""
+"""Int8 / int4 weight-only quantization: the schemes against hand-computed values, the ATen kernels against the
+dequantized product (the test's own port of each scheme), their error bounds, and Pipeline's ``quantize=`` on the
+shipped tiny model."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from taskmllm.errors import ConfigError
-from taskmllm.model.quantization import Int8Linear, quantize_linears
+from taskmllm.errors import ConfigError, InputError
+from taskmllm.model.quantization import Int4Linear, Int8Linear, quantize_linears
 from taskmllm.router.pipeline import Pipeline
 
 
@@ -45,20 +46,62 @@ def test_bad_weights_and_methods_are_named():
         Int8Linear(torch.zeros(2, 3), torch.ones(2))
     with pytest.raises(ConfigError, match=r"shape \(2,\)"):
         Int8Linear(torch.zeros(2, 3, dtype=torch.int8), torch.ones(3))
-    with pytest.raises(ConfigError, match="unknown quantization 'int4'"):
-        quantize_linears(nn.Linear(2, 2), "int4")
+    with pytest.raises(ConfigError, match="unknown quantization 'int2'"):
+        quantize_linears(nn.Linear(2, 2), "int2")
+    with pytest.raises(InputError, match="CPU only"):
+        Int4Linear.from_linear(nn.Linear(32, 16)).to("meta")(torch.zeros(1, 32, device="meta"))
 
 
-@pytest.fixture(scope="module")
-def tiny_pair():
-    return Pipeline.from_pretrained("tiny"), Pipeline.from_pretrained("tiny", quantize="int8")
+def test_int4_keeps_weights_on_its_grid_exactly():
+    """A row whose 32 weights are -2 + 0.5 * (j mod 16): minimum -2, scale 0.5, q = j mod 16, no rounding; the
+    one real row of a 16-row kernel block comes out alone."""
+    linear = nn.Linear(32, 1, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(-2 + 0.5 * (torch.arange(32) % 16).float()[None])
+    q = Int4Linear.from_linear(linear)
+    assert q.packed.shape == (16, 16) and q.scales_and_zeros.shape == (1, 16, 2)
+    torch.testing.assert_close(q.scales_and_zeros[0, 0], torch.tensor([0.5, -2 + 8 * 0.5]))
+    got = q(torch.eye(32))  # row j: the weight of column j
+    assert got.shape == (32, 1)
+    torch.testing.assert_close(got[:, 0], linear.weight[0], rtol=0, atol=1e-6)
+
+
+def int4_oracle(weight: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_1 by hand: per row and group of ``group`` columns, scale = (max - min) / 15, q = round((w - min) / scale);
+    returns the dequantized weight and each weight's scale."""
+    out, inp = weight.shape
+    w = weight.double().reshape(out, inp // group, group)
+    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = (high - low) / 15
+    q = torch.round((w - low) / scale).clamp(0, 15)
+    return (q * scale + low).reshape(out, inp), scale.expand_as(w).reshape(out, inp)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_int4_is_the_groupwise_dequantized_matmul_within_half_a_step(dtype, tol):
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 40)  # 40 rows padded to 48 for the kernel, 48 columns to 64 (zeros): sliced back
+    q = Int4Linear.from_linear(linear).to(dtype)
+    x = torch.randn(2, 3, 48)
+    padded = torch.cat([linear.weight.detach(), torch.zeros(40, 16)], 1)
+    dequantized, scale = (t[:, :48] for t in int4_oracle(padded))
+    want = x.double() @ dequantized.T + linear.bias.double()
+    got = q(x.to(dtype))
+    assert got.shape == (2, 3, 40) and got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    assert ((dequantized - linear.weight.double()).abs() <= scale / 2 + 1e-7).all(), "each weight within half a step"
+
+
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def tiny_pair(request):
+    return Pipeline.from_pretrained("tiny"), Pipeline.from_pretrained("tiny", quantize=request.param)
 
 
 def test_pipeline_quantizes_every_llm_linear_and_keeps_the_embedding(tiny_pair):
     plain, quant = tiny_pair
     llm = quant.model.mllm.llm
     assert not any(isinstance(m, nn.Linear) for m in llm.modules())
-    assert isinstance(llm.get_output_embeddings(), Int8Linear)
+    assert isinstance(llm.get_output_embeddings(), (Int8Linear, Int4Linear))
     embed = llm.get_input_embeddings().weight
     assert embed.dtype == torch.float32 and torch.equal(embed, plain.model.mllm.llm.get_input_embeddings().weight)
     assert any(isinstance(m, nn.Linear) for m in quant.model.mllm.projector.modules()), "only the LLM is quantized"
@@ -70,7 +113,7 @@ def test_quantized_logits_stay_close_and_the_compiled_step_agrees(tiny_pair):
     with torch.no_grad():
         want = plain.model.mllm(batch).logits
         got = quant.model.mllm(batch).logits
-    assert (got - want).abs().max() < 0.02 * want.abs().max()
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
     with torch.no_grad():
         eager = quant.model.mllm.generate(batch, max_new_tokens=6)
         compiled = quant.model.mllm.generate(batch, max_new_tokens=6, compile=True)
@@ -87,6 +130,6 @@ def test_a_bfloat16_quantized_model_answers_like_the_float_one():
 
 
 def test_a_quantized_model_is_not_saved(tiny_pair, tmp_path):
-    with pytest.raises(ConfigError, match="int8-quantized"):
+    with pytest.raises(ConfigError, match="are quantized"):
         tiny_pair[1].model.save_pretrained(tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists(), "the atomic write leaves nothing behind"
