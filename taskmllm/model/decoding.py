@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 
 from taskmllm.errors import ConfigError
+from taskmllm.model.attention import is_sdpa
 
 if TYPE_CHECKING:  # pragma: no cover
     from taskmllm.model.mllm import TaskMLLM
@@ -82,7 +83,7 @@ class DynamicDecoder:
         self.emb: Optional[torch.Tensor] = None  # (B, T, H), only without cache
         self.pos: Optional[torch.Tensor] = None
         self.plain_head = _plain_head(model.llm)
-        self.sdpa = model.llm.config._attn_implementation == "sdpa"
+        self.sdpa = is_sdpa(model.llm.config._attn_implementation)
         self.padded = False  # any masked position fed so far
 
     def feed(self, emb: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
@@ -146,7 +147,7 @@ class CompiledSteps:
 def attention_bias(allowed: torch.Tensor, llm: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """A ``(B, 1, Q, K)`` boolean "may attend" mask in the form the LM's attention takes a ready 4D mask: as is for
     SDPA (and flex/flash-free backends that read booleans), additive (0 / the dtype's minimum) for eager."""
-    if llm.config._attn_implementation == "sdpa":
+    if is_sdpa(llm.config._attn_implementation):
         return allowed
     return torch.zeros((), dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 

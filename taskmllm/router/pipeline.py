@@ -55,6 +55,7 @@ class Pipeline:
         integer weights, quantized from the stored weights before the cast to ``dtype``; on the CPU pair it with
         ``dtype=torch.bfloat16`` (:mod:`taskmllm.model.quantization`). Inference only: answers can differ from
         the float model's (``bench/decode.py`` reports how many do)."""
+        from taskmllm.model.attention import use_float32_decode_attention
         from taskmllm.model.quantization import quantize_linears
         from taskmllm.model.weight_layout import tune_linear_layout
         from taskmllm.zoo import model_calibration
@@ -69,6 +70,7 @@ class Pipeline:
                 model.to(dtype=dtype)
         if weight_layout == "tuned":
             tune_linear_layout(model.mllm.llm)
+        use_float32_decode_attention(model.mllm.llm)  # bf16/fp16 on the CPU: decode-step SDPA in float32
         return cls(model, calibration)
 
     def intervention(self, name: Optional[str], **overrides: Any) -> Optional[Intervention]:

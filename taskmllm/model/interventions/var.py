@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from taskmllm.errors import ConfigError, InputError
+from taskmllm.model.attention import float32_decode_sdpa, is_sdpa
 from taskmllm.model.generation import GenerationContext
 from taskmllm.model.interventions.hooks import HookSet, as_context, attention_module, decoder_layers, resolve_layers
 from taskmllm.model.interventions.masks import additive_mask
@@ -109,11 +110,9 @@ def var_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
 
 def var_attention_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: Optional[torch.Tensor], scaling: float, dropout: float = 0.0, **kwargs):
-    """``taskmllm_var_sdpa``: SDPA where VAR cannot change rows, else eager attention + VAR (SDPA masks)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    return _attention(ALL_ATTENTION_FUNCTIONS["sdpa"], module, query, key, value, attention_mask, scaling, dropout,
-                      **kwargs)
+    """``taskmllm_var_sdpa``: SDPA where VAR cannot change rows (``taskmllm_sdpa``: transformers' SDPA, a
+    half-precision decode step on the CPU in float32), else eager attention + VAR (SDPA masks)."""
+    return _attention(float32_decode_sdpa, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 
 
 def _register(previous: Optional[str]) -> str:
@@ -125,7 +124,7 @@ def _register(previous: Optional[str]) -> str:
     AttentionMaskInterface.register(ATTN_NAME, eager_mask)
     AttentionInterface.register(ATTN_NAME_SDPA, var_attention_sdpa)
     AttentionMaskInterface.register(ATTN_NAME_SDPA, sdpa_mask)
-    return ATTN_NAME_SDPA if previous == "sdpa" else ATTN_NAME
+    return ATTN_NAME_SDPA if is_sdpa(previous) else ATTN_NAME
 
 
 class VAR:

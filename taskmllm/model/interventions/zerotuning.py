@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from taskmllm.errors import ConfigError, InputError
+from taskmllm.model.attention import ATTN_NAME as SDPA_FLOAT32_DECODE
 from taskmllm.model.generation import GenerationContext
 from taskmllm.model.interventions.hooks import HookSet, as_context, attention_module, decoder_layers, head_layout
 from taskmllm.model.interventions.validation import check_index_list, check_number, check_settings
@@ -44,7 +45,7 @@ Head = tuple[int, int]
 #: the largest scale accepted (a logit bias of log(1e4) = 9.2 already gives the initial token nearly all attention)
 MAX_GAMMA = 1e4
 #: attention implementations that receive the (additive) mask the hook rewrites
-MASK_BACKENDS = ("eager", "sdpa", ATTN_NAME, ATTN_NAME_SDPA)
+MASK_BACKENDS = ("eager", "sdpa", SDPA_FLOAT32_DECODE, ATTN_NAME, ATTN_NAME_SDPA)
 
 
 def first_real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
