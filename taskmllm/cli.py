@@ -88,6 +88,29 @@ def _add_repetition_args(p: argparse.ArgumentParser) -> None:
                    help="no n-gram of this size twice in prompt + answer (0 = off)")
 
 
+def _add_weight_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="the weights' and activations' dtype (default: as stored)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="integer weights for the LLM's linear layers (inference only; int4: CPU only); on a CPU "
+                        "with --dtype bfloat16 (--dtype bfloat16 --quantize int8 decodes smol fastest there)")
+
+
+def _pipeline(args: argparse.Namespace):
+    """The Pipeline of ``--model`` on ``--device`` with ``--dtype`` / ``--quantize``."""
+    import torch
+
+    from taskmllm.router.pipeline import Pipeline
+
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    return Pipeline.from_pretrained(args.model, device=args.device, dtype=dtype, quantize=args.quantize)
+
+
+def _model(args: argparse.Namespace):
+    """``--model`` as given, or its loaded Pipeline when ``--dtype`` / ``--quantize`` ask for another precision."""
+    return args.model if args.dtype is None and args.quantize is None else _pipeline(args)
+
+
 def _annotation_options(args: argparse.Namespace) -> dict:
     """The EvalOptions of the suites on annotation files (refcoco, coco, mot)."""
     return {"data": args.data, "split": args.split, "clip_len": args.clip_len, "stride": args.stride,
@@ -137,7 +160,7 @@ def _predict(args: argparse.Namespace) -> int:
         check_outputs(file=path, what=f"predict {flag}")
     from taskmllm.predict import predict
 
-    pred = predict(args.model, args.instruction, image=args.image, video=args.video, out=args.out,
+    pred = predict(_model(args), args.instruction, image=args.image, video=args.video, out=args.out,
                    json_path=json_path, intervention=args.intervention, settings=_settings(args), device=args.device,
                    attention=args.attention)
     print(json.dumps(pred.record, indent=2) if args.json else pred.result.text)
@@ -164,17 +187,16 @@ def _predict_requests(args: argparse.Namespace) -> int:
     check_outputs(folder=args.out_dir, what="predict --out-dir")
     from taskmllm.predict_requests import predict_requests, print_answers
 
-    answers = predict_requests(args.model, args.requests, args.out_dir, args.batch_size or 8,
+    answers = predict_requests(_model(args), args.requests, args.out_dir, args.batch_size or 8,
                                intervention=args.intervention, device=args.device, settings=_settings(args))
     return print_answers(answers, as_json=args.json, out_dir=args.out_dir)
 
 
 def _demo(args: argparse.Namespace) -> int:
     from taskmllm.data.media import MediaLimits
-    from taskmllm.router.pipeline import Pipeline
 
     limits = MediaLimits(max_file_mb=args.max_upload_mb, max_video_seconds=args.max_video_seconds)
-    pipe = Pipeline.from_pretrained(args.model, device=args.device)  # a missing model fails before gradio loads
+    pipe = _pipeline(args)  # a missing model fails before gradio loads
     try:
         from taskmllm.demo.app import build_demo, launch
         from taskmllm.demo.handler import DemoOptions
@@ -305,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     _add_repetition_args(p)
     p.add_argument("--device", type=device_name, default="cpu")
+    _add_weight_args(p)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("demo", help="serve the Gradio demo (localhost by default)")
@@ -322,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a request at an idle model waits for others to join its batch")
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before new ones are refused")
     p.add_argument("--device", type=device_name, default="cpu")
+    _add_weight_args(p)
     p.set_defaults(func=_demo)
 
     add_data_commands(sub)

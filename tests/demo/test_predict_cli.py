@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from taskmllm.cli import build_parser, main
@@ -96,8 +97,6 @@ def test_predict_attention_png_with_the_calibrated_intervention(demo_checkpoint,
     ``--attention`` writes both maps, whose attention on the picture equals ``attention_maps`` over the same heads."""
     import shutil
 
-    import pytest
-
     from taskmllm.model.interventions import ZeroTuning
     from taskmllm.model.interventions.attention_map import attention_maps
     from taskmllm.model.interventions.calibrated import save_calibration
@@ -131,3 +130,20 @@ def test_predict_attention_png_with_the_calibrated_intervention(demo_checkpoint,
     assert Image.open(png).size == (2 * round(w * k), round(h * k) + 30), "two panels side by side"
     assert main(["predict", "--model", str(model), "What is a circle?", "--attention", str(png)]) == 2
     assert "needs an image or a video" in capsys.readouterr().err
+
+
+def test_predict_and_demo_take_a_dtype_and_a_quantization(demo_checkpoint, capsys):
+    import torch
+
+    from taskmllm.router.pipeline import Pipeline
+
+    args = ["--dtype", "bfloat16", "--quantize", "int8"]
+    rc = main(["predict", "--model", str(demo_checkpoint), "--image", str(example_file(SEG[0])), SEG[1], *args])
+    assert rc == 0
+    want = Pipeline.from_pretrained(demo_checkpoint, dtype=torch.bfloat16, quantize="int8")(visual_of(SEG[0]), SEG[1])
+    assert capsys.readouterr().out.strip() == want.text
+    demo = build_parser().parse_args(["demo", *args])
+    assert (demo.dtype, demo.quantize) == ("bfloat16", "int8")
+    with pytest.raises(SystemExit) as exit_:  # argparse: one line naming the choices, exit 2
+        main(["predict", "--quantize", "int3", "Hi."])
+    assert exit_.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
