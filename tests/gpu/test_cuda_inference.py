@@ -107,3 +107,20 @@ def test_pipeline_with_calibrated_vhr_answers_on_cuda_as_on_the_cpu():
     got, want = ([record(pipe(v, p, max_new_tokens=48, intervention="vhr")) for v, p in reqs]
                  for pipe in (Pipeline.from_pretrained("tiny", device="cuda"), Pipeline.from_pretrained("tiny")))
     assert_like(got, want, min_same=12)
+
+
+def test_int8_quantized_pipeline_on_cuda_gives_the_cpu_logits():
+    """``quantize="int8"`` on the GPU (dequantize + ``F.linear``) computes the CPU kernel's product; int4 is refused
+    there with its reason."""
+    from taskmllm.errors import ConfigError
+    from taskmllm.router.pipeline import Pipeline
+
+    cpu = Pipeline.from_pretrained("tiny", quantize="int8")
+    gpu = Pipeline.from_pretrained("tiny", device="cuda", quantize="int8")
+    batch = cpu.processor(["What is a circle?"], [None])
+    with torch.no_grad():
+        want = cpu.model.mllm(batch).logits
+        got = gpu.model.mllm(batch.to("cuda")).logits.cpu()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="CPU kernel only"):
+        Pipeline.from_pretrained("tiny", device="cuda", quantize="int4")
