@@ -83,3 +83,17 @@ def test_shapesworld_task_is_routed_to_its_expert(pipe, prompt, task):
         assert (iou <= det.options.nms_iou + 1e-6).all()  # no kept pair overlaps more than the option allows
         assert (call.boxes >= 0).all() and (call.boxes[:, [0, 2]] <= w).all() and (call.boxes[:, [1, 3]] <= h).all()
         assert ((call.scores > 0) & (call.scores < 1)).all()
+
+
+def test_int8_smol_keeps_its_facts_and_its_routing(pipe):
+    """The documented CPU choice (int8 LLM weights, bf16 activations) answers the factual questions float32 smol
+    answers, give or take one greedy flip, and still routes a segmentation request to the seg expert."""
+    from taskmllm.data.shapesworld import ShapesWorld, WorldConfig
+    from taskmllm.router.pipeline import Pipeline
+
+    quant = Pipeline.from_pretrained("smol", dtype=torch.bfloat16, quantize="int8")
+    assert _facts_known(quant) >= _facts_known(pipe) - 1
+    sample = ShapesWorld(WorldConfig(image_size=256), seed=5).image(0, "test")
+    obj = sample.objects[-1]
+    result = quant(sample.image, f"Please segment the {obj.color} {obj.category}.", max_new_tokens=32)
+    assert [c.task for c in result.calls] == ["seg"] and result.calls[0].mask.shape == sample.image.shape[:2]
