@@ -164,14 +164,19 @@ def quantize_linears(module: nn.Module, method: str = "int8") -> int:
     Raises:
         ConfigError: an unknown ``method`` (one of :data:`QUANTIZERS`).
     """
-    if method not in QUANTIZERS:
-        raise ConfigError(f"unknown quantization {method!r}; one of {sorted(QUANTIZERS)}")
+    check_quantization(method)
     targets = [(parent, name, child) for parent in module.modules()
                for name, child in parent.named_children() if isinstance(child, nn.Linear)]
     with torch.no_grad():
         for parent, name, child in targets:
             setattr(parent, name, QUANTIZERS[method](child))
     return len(targets)
+
+
+def check_quantization(method: str) -> None:
+    """Raise :class:`ConfigError` naming the choices unless ``method`` is one of :data:`QUANTIZERS`."""
+    if method not in QUANTIZERS:
+        raise ConfigError(f"unknown quantization {method!r}; one of {sorted(QUANTIZERS)}")
 
 
 def check_not_quantized(module: nn.Module) -> None:

@@ -56,12 +56,14 @@ class Pipeline:
         ``dtype=torch.bfloat16`` (:mod:`taskmllm.model.quantization`). Inference only: answers can differ from
         the float model's (``bench/decode.py`` reports how many do)."""
         from taskmllm.model.attention import use_float32_decode_attention
-        from taskmllm.model.quantization import quantize_linears
+        from taskmllm.model.quantization import check_quantization, quantize_linears
         from taskmllm.model.weight_layout import tune_linear_layout
         from taskmllm.zoo import model_calibration
 
         if weight_layout not in ("stored", "tuned"):
             raise ConfigError(f"weight_layout must be 'stored' or 'tuned', got {weight_layout!r}")
+        if quantize is not None:
+            check_quantization(quantize)  # before the weights load
         calibration = model_calibration(path)  # a malformed interventions.json fails before the weights load
         model = JointModel.from_pretrained(path, device=device, verify=verify, dtype=None if quantize else dtype)
         if quantize is not None:

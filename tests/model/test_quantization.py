@@ -48,6 +48,8 @@ def test_bad_weights_and_methods_are_named():
         Int8Linear(torch.zeros(2, 3, dtype=torch.int8), torch.ones(3))
     with pytest.raises(ConfigError, match="unknown quantization 'int2'"):
         quantize_linears(nn.Linear(2, 2), "int2")
+    with pytest.raises(ConfigError, match="unknown quantization 'int3'"):
+        Pipeline.from_pretrained("/nonexistent/checkpoint", quantize="int3")  # refused before any file is read
     with pytest.raises(InputError, match="CPU only"):
         Int4Linear.from_linear(nn.Linear(32, 16)).to("meta")(torch.zeros(1, 32, device="meta"))
 
