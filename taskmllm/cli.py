@@ -75,7 +75,8 @@ def _eval(args: argparse.Namespace) -> int:
     report = evaluate(args.model, args.suite, args.out, options, intervention=args.intervention, tau=args.tau,
                       max_new_tokens=args.max_new_tokens, device=args.device,
                       generation={"repetition_penalty": args.repetition_penalty,
-                                  "no_repeat_ngram_size": args.no_repeat_ngram_size})
+                                  "no_repeat_ngram_size": args.no_repeat_ngram_size},
+                      dtype=_dtype(args), quantize=args.quantize)
     print(report.markdown_path.read_text(), end="")
     print(f"wrote {report.json_path}, {report.markdown_path} and {len(report.plot_paths)} plot(s) to {args.out}")
     return 0
@@ -98,12 +99,16 @@ def _add_weight_args(p: argparse.ArgumentParser) -> None:
 
 def _pipeline(args: argparse.Namespace):
     """The Pipeline of ``--model`` on ``--device`` with ``--dtype`` / ``--quantize``."""
-    import torch
-
     from taskmllm.router.pipeline import Pipeline
 
-    dtype = None if args.dtype is None else getattr(torch, args.dtype)
-    return Pipeline.from_pretrained(args.model, device=args.device, dtype=dtype, quantize=args.quantize)
+    return Pipeline.from_pretrained(args.model, device=args.device, dtype=_dtype(args), quantize=args.quantize)
+
+
+def _dtype(args: argparse.Namespace):
+    """``--dtype`` as a torch dtype (None: as stored)."""
+    import torch
+
+    return None if args.dtype is None else getattr(torch, args.dtype)
 
 
 def _model(args: argparse.Namespace):
@@ -280,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: the suite's")
     _add_repetition_args(p)
     p.add_argument("--device", type=device_name, default="cpu")
+    _add_weight_args(p)
     p.add_argument("--pope-questions", nargs="+", help="POPE question files, one per split (suite pope)")
     p.add_argument("--images", help="image folder (suites pope, chair)")
     p.add_argument("--instances", help="COCO instances JSON (suites chair, refcoco)")

@@ -33,7 +33,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from taskmllm.data.shapesworld import WorldConfig
 from taskmllm.errors import CheckpointError, ConfigError
@@ -43,6 +43,9 @@ from taskmllm.eval.report import Report, write_report
 from taskmllm.eval.suites import (DEFAULT_EVAL_SEED, HELDOUT_TASKS, SHAPES_TASKS, Answerer, SuiteOutput,
                                   pipeline_answerer, run_chair_shapes, run_pope_shapes, run_shapes)
 from taskmllm.predict import INTERVENTIONS, make_intervention  # one constructor for the CLI, eval and demo
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 __all__ = ["INTERVENTIONS", "SUITES", "EvalOptions", "Suite", "evaluate", "make_intervention", "report_suite",
            "run_suite"]
@@ -204,8 +207,12 @@ def report_suite(name: str, answer: Answerer, out: Union[str, Path], options: Op
 def evaluate(model: Union[str, Path], suite: str, out: Union[str, Path], options: Optional[EvalOptions] = None,
              intervention: Optional[str] = None, tau: Optional[float] = None,
              max_new_tokens: Optional[int] = None, device: str = "cpu",
-             generation: Optional[Mapping[str, Any]] = None) -> Report:
+             generation: Optional[Mapping[str, Any]] = None, dtype: Optional[torch.dtype] = None,
+             quantize: Optional[str] = None) -> Report:
     """Load the checkpoint directory ``model`` into a Pipeline, run ``suite`` on it and write the report to ``out``.
+
+    ``dtype`` / ``quantize``: load the model as ``Pipeline.from_pretrained`` does with them (evaluate the precision
+    you will run), recorded in the report's metadata.
 
     ``generation``: further ``generate`` options for every answer (``repetition_penalty``,
     ``no_repeat_ngram_size``, ...), checked before the model loads and recorded in the report's metadata.
@@ -233,7 +240,7 @@ def evaluate(model: Union[str, Path], suite: str, out: Union[str, Path], options
     path = resolve_checkpoint(model)
     if not path.is_dir():
         raise CheckpointError(path, "not a checkpoint directory (write one with JointModel.save_pretrained)")
-    pipe = Pipeline.from_pretrained(model, device=device)  # by name: its user calibration too
+    pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, quantize=quantize)  # by name: its calibration
     mllm = pipe.model.mllm
     hook = make_intervention(intervention, pipe, tau=tau)
     options = options or EvalOptions()
@@ -245,5 +252,6 @@ def evaluate(model: Union[str, Path], suite: str, out: Union[str, Path], options
     answer = pipeline_answerer(pipe, max_new_tokens or SUITES[suite].max_new_tokens, hook, **generation)
     meta = {"model": str(path), "intervention": repr(hook) if hook is not None else "none",
             "intervention_settings": pipe.intervention_source(intervention), "device": device, "seed": options.seed,
+            "dtype": str(dtype or "as stored").removeprefix("torch."), "quantize": quantize or "none",
             **{k: v for k, v in generation.items() if k != "generator"}}
     return report_suite(suite, answer, out, options, meta)

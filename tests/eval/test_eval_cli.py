@@ -56,6 +56,18 @@ def test_eval_pope_with_var_intervention(checkpoint, tmp_path):
         assert im.format == "PNG"
 
 
+def test_eval_runs_the_precision_it_is_given_and_records_it(checkpoint, tmp_path):
+    runs = {}
+    for name, flags in (("plain", []), ("int8", ["--dtype", "bfloat16", "--quantize", "int8"])):
+        out = tmp_path / name
+        assert main(["eval", "--model", str(checkpoint), "--suite", "pope-shapes", "--n", "2", "--out", str(out),
+                     "--no-progress", *flags]) == 0
+        runs[name] = json.loads((out / "results.json").read_text())
+    assert (runs["plain"]["dtype"], runs["plain"]["quantize"]) == ("as stored", "none")
+    assert (runs["int8"]["dtype"], runs["int8"]["quantize"]) == ("bfloat16", "int8")
+    assert runs["int8"]["pope"]["splits"].keys() == runs["plain"]["pope"]["splits"].keys()
+
+
 def test_eval_errors_are_typed(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "missing"), "--suite", "shapes", "--out", str(tmp_path)]) == 2
     assert "not a checkpoint directory" in capsys.readouterr().err
