@@ -309,7 +309,7 @@ class TaskMLLM(nn.Module):
         them over everything it writes)."""
         from safetensors.torch import save_model
 
-        check_not_quantized(self)  # int8 layers are inference only: a checkpoint holds float weights
+        check_not_quantized(self)  # quantized layers are inference only: a checkpoint holds float weights
         self.config.save(directory / CONFIG_FILE)
         save_model(self, str(directory / WEIGHTS_FILE))
         self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))

@@ -7,7 +7,7 @@ per output channel: torchao's and gpt-fast's int8 weight-only scheme), so ``W â‰
 at most ``s_i / 2`` per weight. Activations stay in the model's floating dtype.
 
 The product ``x @ (q * s).T`` is ATen's ``torch._weight_int8pack_mm`` on the CPU (the kernel torch.compile's
-weight-only-int8 pattern lowers to; vectorized for bf16/fp16 activations, measured ~12x slower with float32 ones
+weight-only-int8 pattern lowers to; vectorized for bf16/fp16 activations, measured ~10x slower with float32 ones
 on the project's AVX-512 host, so pair ``"int8"`` with ``dtype=torch.bfloat16``), and a dequantize + ``F.linear``
 elsewhere. The scales are a floating buffer, so ``module.to(dtype)`` casts them with the activations; the int8
 weights stay int8. A quantized model computes a slightly different function and cannot be saved as a checkpoint
