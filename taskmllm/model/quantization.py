@@ -6,10 +6,10 @@ scale ``s_i = max_j |W_ij| / 127`` and is stored as ``q_ij = round(W_ij / s_i)``
 per output channel: torchao's and gpt-fast's int8 weight-only scheme), so ``W ≈ q * s[:, None]`` with an error of
 at most ``s_i / 2`` per weight. Activations stay in the model's floating dtype.
 
-The product ``x @ (q * s).T`` is ATen's ``torch._weight_int8pack_mm`` on the CPU (the kernel torch.compile's
-weight-only-int8 pattern lowers to; vectorized for bf16/fp16 activations, measured ~10x slower with float32 ones
-on the project's AVX-512 host, so pair ``"int8"`` with ``dtype=torch.bfloat16``), and a dequantize + ``F.linear``
-elsewhere. The scales are a floating buffer, so ``module.to(dtype)`` casts them with the activations; the int8
+The product ``x @ (q * s).T`` is ATen's ``torch._weight_int8pack_mm`` on the CPU for inputs of fewer than
+:data:`KERNEL_MAX_ROWS` rows (decode steps; the kernel torch.compile's weight-only-int8 pattern lowers to;
+vectorized for bf16/fp16 activations, measured ~10x slower with float32 ones on the project's AVX-512 host, so
+pair ``"int8"`` with ``dtype=torch.bfloat16``), and a dequantize + ``F.linear`` for longer inputs and elsewhere. The scales are a floating buffer, so ``module.to(dtype)`` casts them with the activations; the int8
 weights stay int8. A quantized model computes a slightly different function and cannot be saved as a checkpoint
 (:func:`check_not_quantized`): quantize after loading, as ``Pipeline.from_pretrained(..., quantize="int8")`` does.
 
@@ -30,6 +30,11 @@ from torch.nn import functional as F
 from taskmllm.errors import ConfigError, InputError
 
 QMAX = 127
+#: inputs with at least this many rows are multiplied by the dequantized weight instead: the int8 kernel is a
+#: matrix-vector product per row (its time grows linearly with the rows), measured on SmolLM2's 1536 x 576 MLP
+#: weight in bf16 at one thread: 0.02 ms at 1 row, 0.38 at 32, 18.9 at 1,600 against 0.27 / 0.38 / 6.6 ms for
+#: dequantize + the BLAS's bf16 GEMM (a prefill or a batch of long prompts)
+KERNEL_MAX_ROWS = 32
 
 
 class Int8Linear(nn.Module):
@@ -70,7 +75,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (..., in)`` -> ``(..., out)`` in ``x``'s dtype."""
         flat = x.reshape(-1, self.in_features)  # (N, in)
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        kernel = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        if kernel and flat.shape[0] < KERNEL_MAX_ROWS:
             out = torch._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scales.to(x.dtype))  # (N, out)
         else:
             out = F.linear(flat, self.dequantized(x.dtype))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from taskmllm.errors import ConfigError, InputError
-from taskmllm.model.quantization import Int4Linear, Int8Linear, quantize_linears
+from taskmllm.model.quantization import KERNEL_MAX_ROWS, Int4Linear, Int8Linear, quantize_linears
 from taskmllm.router.pipeline import Pipeline
 
 
@@ -24,16 +24,19 @@ def test_rows_are_scaled_by_their_largest_weight():
     assert q.qweight.dtype == torch.int8 and q.scales.dtype == torch.float32
 
 
+@pytest.mark.parametrize("rows", [5, 20])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float64, 1e-12)])
-def test_the_product_is_the_dequantized_matmul_and_within_half_a_step(dtype, tol):
-    """float32/bfloat16 run ATen's int8 kernel, float64 the dequantize fallback; both equal ``x @ (q s).T``."""
+def test_the_product_is_the_dequantized_matmul_and_within_half_a_step(dtype, tol, rows):
+    """float32/bfloat16 with fewer than KERNEL_MAX_ROWS rows run ATen's int8 kernel, 40 rows and float64 the
+    dequantized weight; each equals ``x @ (q s).T``."""
+    assert 2 * 5 < KERNEL_MAX_ROWS <= 2 * 20, "the two row counts take the two paths"
     torch.manual_seed(0)
     linear = nn.Linear(96, 40)
     q = Int8Linear.from_linear(linear).to(dtype)
-    x = torch.randn(2, 5, 96)
+    x = torch.randn(2, rows, 96)
     want = x.double() @ (q.qweight.double() * q.scales.double()[:, None]).T + q.bias.double()
     got = q(x.to(dtype))
-    assert got.shape == (2, 5, 40) and got.dtype == dtype
+    assert got.shape == (2, rows, 40) and got.dtype == dtype
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
     # each weight is off by at most half its row's step: |y - x W^T| <= sum_j |x_j| * s_i / 2
     bound = x.double().abs().sum(-1, keepdim=True) * Int8Linear.from_linear(linear).scales.double() / 2
