@@ -107,7 +107,8 @@ def main() -> None:
             answers = factual_answers(pipe)
             reference = answers if reference is None else reference
             report["dtypes"][name if layout == "stored" else f"{name}+{layout}"] = {
-                "activations": str(dtype).removeprefix("torch."), "llm_weight_mb": round(llm_bytes / 1e6, 1), "bound_tokens_per_s": round(bound, 2), **rates,
+                "activations": str(dtype).removeprefix("torch."), "llm_weight_mb": round(llm_bytes / 1e6, 1),
+                "bound_tokens_per_s": round(bound, 2), **rates,
                 "fraction_of_bound": {k: round(v["tokens_per_s"] / bound, 3) for k, v in rates.items()},
                 "answers_equal_to_reference": sum(a == r for a, r in zip(answers, reference)),
                 "answers_right": sum(any(w.lower() in a.lower() for w in words)
