@@ -9,8 +9,9 @@ at most ``s_i / 2`` per weight. Activations stay in the model's floating dtype.
 The product ``x @ (q * s).T`` is ATen's ``torch._weight_int8pack_mm`` on the CPU for inputs of fewer than
 :data:`KERNEL_MAX_ROWS` rows (decode steps; the kernel torch.compile's weight-only-int8 pattern lowers to;
 vectorized for bf16/fp16 activations, measured ~10x slower with float32 ones on the project's AVX-512 host, so
-pair ``"int8"`` with ``dtype=torch.bfloat16``), and a dequantize + ``F.linear`` for longer inputs and elsewhere. The scales are a floating buffer, so ``module.to(dtype)`` casts them with the activations; the int8
-weights stay int8. A quantized model computes a slightly different function and cannot be saved as a checkpoint
+pair ``"int8"`` with ``dtype=torch.bfloat16``), and a dequantize + ``F.linear`` for longer inputs and elsewhere.
+The scales are a floating buffer, so ``module.to(dtype)`` casts them with the activations; the int8 weights stay
+int8. A quantized model computes a slightly different function and cannot be saved as a checkpoint
 (:func:`check_not_quantized`): quantize after loading, as ``Pipeline.from_pretrained(..., quantize="int8")`` does.
 
 ``"int4"`` (:class:`Int4Linear`) stores each row in groups of 32 input columns, each group with its own scale and
