@@ -5,8 +5,8 @@
   on a 2-core CPU eager attention over exactly the fed keys is cheaper than over a preallocated length.
 - :class:`StaticDecoder` — ``compile=True``: transformers' ``StaticCache`` preallocated once per call, a boolean
   ``(B, L_max)`` "may attend" buffer updated in place, our own 4D masks (no mask building inside transformers),
-  and the one-token decode step compiled with ``torch.compile`` (inductor on CPU, CUDA graphs through
-  ``mode="reduce-overhead"`` on GPU). The compiled step is kept per model (:class:`CompiledSteps`), so its warm-up
+  and the one-token decode step compiled with ``torch.compile`` (inductor on CPU, with batch-1 weight products as
+  streaming reductions (:mod:`taskmllm.model.matvec`); CUDA graphs through ``mode="reduce-overhead"`` on GPU). The compiled step is kept per model (:class:`CompiledSteps`), so its warm-up
   is paid once per batch size and cache length, not per call; cache lengths are rounded up to
   :data:`CACHE_BUCKET` so that calls of similar lengths share one graph.
 """
@@ -21,6 +21,7 @@ import torch
 
 from taskmllm.errors import ConfigError
 from taskmllm.model.attention import is_sdpa
+from taskmllm.model.matvec import compile_options
 
 if TYPE_CHECKING:  # pragma: no cover
     from taskmllm.model.mllm import TaskMLLM
@@ -139,8 +140,10 @@ class CompiledSteps:
                 return run_llm(llm, plain, 1, False, inputs_embeds=emb, attention_mask=mask, position_ids=pos,
                                cache=cache, use_cache=True)
 
-            mode = "reduce-overhead" if model.device.type == "cuda" else None
-            self._steps[key] = torch.compile(step, mode=mode, dynamic=False)
+            if model.device.type == "cuda":  # CUDA graphs (torch.compile takes a mode or options, not both)
+                self._steps[key] = torch.compile(step, mode="reduce-overhead", dynamic=False)
+            else:
+                self._steps[key] = torch.compile(step, dynamic=False, options=compile_options(model.device))
         return self._steps[key]
 
 
