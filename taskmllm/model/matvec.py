@@ -4,10 +4,11 @@ A batch-1 decode step multiplies one row of activations by every weight matrix o
 rate at which the weights stream from memory. On the CPU inductor hands ``mm`` / ``addmm`` to the BLAS, whose
 one-row kernels read weights well below the memory's bandwidth; it decomposes a one-row product into a
 multiply + sum only on other devices. Written as that reduction, inductor generates one vectorized loop per
-product that reads the weight rows at about the bandwidth. Measured on the project's AVX-512 host (one thread,
-SmolLM2-135M's 211 matrices, ``/work/probes``-style microbenchmark quoted in the README): float32 33.1 -> 15.3 ms
-(16 -> 35 GB/s), bfloat16 20.3 -> 9.4 ms. With several rows the BLAS is faster again (the weights would be read
-once per row), so only products with exactly one row are rewritten.
+product that reads the weight rows at near the bandwidth. ``python bench/matvec.py --model smol --threads 1`` on
+the project's AVX-512 host (SmolLM2-135M's 211 matrices): float32 31.1 -> 16.6 ms (17 -> 32 GB/s), bfloat16
+19.4 -> 8.5 ms (14 -> 32 GB/s), 77-79% of the read probe's 41 GB/s. With several rows the BLAS is faster again (the weights would be read
+once per row), so only products with exactly one row are rewritten, and only of weights stored row-major (the
+stored layout; a column-major ``weight_layout="tuned"`` weight stays with the BLAS, for which that layout is made).
 
 :class:`MatVecPass` is an inductor ``post_grad_custom_pre_pass``: ``torch.compile(fn,
 options=compile_options(device))``. The sum runs in the reduction order of inductor's loop, not the BLAS's: the
@@ -24,12 +25,18 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 aten = torch.ops.aten
 
 
-def _rows(node: torch.fx.Node) -> int | None:
-    """The number of rows of a traced ``(M, K)`` operand, if it is static."""
+def _value(node: object) -> torch.Tensor | None:
+    """The traced (fake) value of a 2D graph operand, if there is one."""
     value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    if value is None or value.dim() != 2 or not isinstance(value.shape[0], int):
-        return None
-    return value.shape[0]
+    return value if isinstance(value, torch.Tensor) and value.dim() == 2 else None
+
+
+def _rewritable(a: object, b: object) -> bool:
+    """``a (M, K) @ b (K, N)`` with one static row, ``b``'s columns contiguous (a row-major ``(N, K)`` weight seen
+    through ``.T``): a column-major weight (``weight_layout="tuned"``) would make the sum stride across rows."""
+    a_val, b_val = _value(a), _value(b)
+    return (a_val is not None and b_val is not None and isinstance(a_val.shape[0], int) and a_val.shape[0] == 1
+            and b_val.stride(0) == 1)
 
 
 class MatVecPass(CustomGraphPass):
@@ -40,8 +47,8 @@ class MatVecPass(CustomGraphPass):
             if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
                 continue
             bias, (a, b) = (node.args[0], node.args[1:3]) if node.target is aten.addmm.default else (None, node.args)
-            if node.kwargs or _rows(a) != 1 or (bias is not None and len(node.args) != 3):
-                continue  # addmm with beta/alpha, or more than one row: left to the BLAS
+            if node.kwargs or not _rewritable(a, b) or (bias is not None and len(node.args) != 3):
+                continue  # addmm with beta/alpha, several rows or a column-major weight: left to the BLAS
             with graph.inserting_before(node):
                 out = _matvec(graph, a, b)
                 if bias is not None:

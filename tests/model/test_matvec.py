@@ -32,8 +32,11 @@ def test_one_row_products_become_reductions_equal_to_linear(bias):
     torch.testing.assert_close(gm(x, w, b), F.linear(x, w, b), rtol=1e-6, atol=1e-6)
 
 
-def test_products_of_several_rows_are_left_to_the_blas():
-    gm = make_fx(lambda x, w: F.linear(x, w), tracing_mode="fake")(torch.randn(3, 40), torch.randn(24, 40))
+@pytest.mark.parametrize("rows, column_major", [(3, False), (1, True)])
+def test_several_rows_and_column_major_weights_are_left_to_the_blas(rows, column_major):
+    w = torch.randn(24, 40)
+    w = w.t().contiguous().t() if column_major else w  # weight_layout="tuned"'s column-major storage
+    gm = make_fx(lambda x, w: F.linear(x, w), tracing_mode="fake")(torch.randn(rows, 40), w)
     before = str(gm.graph)
     MatVecPass()(gm.graph)
     assert str(gm.graph) == before
