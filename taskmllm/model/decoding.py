@@ -6,9 +6,10 @@
 - :class:`StaticDecoder` — ``compile=True``: transformers' ``StaticCache`` preallocated once per call, a boolean
   ``(B, L_max)`` "may attend" buffer updated in place, our own 4D masks (no mask building inside transformers),
   and the one-token decode step compiled with ``torch.compile`` (inductor on CPU, with batch-1 weight products as
-  streaming reductions (:mod:`taskmllm.model.matvec`); CUDA graphs through ``mode="reduce-overhead"`` on GPU). The compiled step is kept per model (:class:`CompiledSteps`), so its warm-up
-  is paid once per batch size and cache length, not per call; cache lengths are rounded up to
-  :data:`CACHE_BUCKET` so that calls of similar lengths share one graph.
+  streaming reductions, :mod:`taskmllm.model.matvec`; CUDA graphs through ``mode="reduce-overhead"`` on GPU). The
+  compiled step is kept per model (:class:`CompiledSteps`), so its warm-up is paid once per batch size, not per
+  call; cache lengths are rounded up to :data:`CACHE_BUCKET`, and a second length of a batch size compiles a step
+  whose cache length is dynamic (:meth:`CompiledSteps.mark_length`), which serves every later length.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ class CompiledSteps:
 
     def __init__(self) -> None:
         self._steps: dict[tuple, Callable] = {}
+        self._first_length: dict[tuple, int] = {}
 
     def __deepcopy__(self, memo: dict) -> "CompiledSteps":
         return CompiledSteps()
@@ -145,6 +147,21 @@ class CompiledSteps:
             else:
                 self._steps[key] = torch.compile(step, dynamic=False, options=compile_options(model.device))
         return self._steps[key]
+
+
+    def mark_length(self, model: "TaskMLLM", cache: Any, attend: torch.Tensor) -> None:
+        """Before a compiled step over a new cache: the first cache length of a batch size compiles a step for that
+        length; any other length marks the length dimension of ``attend (B, L)`` and the cache's keys and values
+        ``(B, H, L, D)`` dynamic, so that one more compile serves every later length (without it Dynamo compiles
+        once per length, ~20 s for ``smol`` on a CPU, and runs eagerly after its recompile limit). The
+        dynamic-length step is ~7% slower on ``smol`` (bf16, one thread)."""
+        key = (model.device.type, model.llm.config._attn_implementation, attend.shape[0])
+        if self._first_length.setdefault(key, attend.shape[1]) == attend.shape[1]:
+            return
+        torch._dynamo.maybe_mark_dynamic(attend, 1)
+        for layer in cache.layers:
+            torch._dynamo.maybe_mark_dynamic(layer.keys, 2)
+            torch._dynamo.maybe_mark_dynamic(layer.values, 2)
 
 
 def attention_bias(allowed: torch.Tensor, llm: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -187,7 +204,7 @@ class StaticDecoder:
         self.plain_head = _plain_head(llm)
         self.step = model.decode_steps.get(model) if compiled else None
         self.attend = torch.zeros(batch_size, 0, dtype=torch.bool, device=model.device)
-        self.cache, self.length = None, 0
+        self.cache, self.length, self.marked = None, 0, False
         self._allocate(static_length(capacity, max(capacity, model.processor.max_length)))
 
     def _allocate(self, length: int) -> None:
@@ -204,7 +221,7 @@ class StaticDecoder:
                 new_layer.cumulative_length.fill_(self.fed)
         attend = torch.zeros(self.attend.shape[0], length, dtype=torch.bool, device=self.model.device)
         attend[:, : self.fed] = self.attend[:, : self.fed]
-        self.attend, self.length = attend, length
+        self.attend, self.length, self.marked = attend, length, False
         self.columns = torch.arange(length, device=self.model.device)
 
     def feed(self, emb: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
@@ -215,6 +232,9 @@ class StaticDecoder:
             self._allocate(static_length(max(t + c, 2 * self.length), max(t + c, 2 * self.length)))
         valid = mask.bool()
         if c == 1 and self.step is not None:
+            if not self.marked:  # the cache's tensors exist once the prompt is fed
+                self.model.decode_steps.mark_length(self.model, self.cache, self.attend)
+                self.marked = True
             self.attend[:, t] = True  # this step's own column, for every row
             logits, hidden = self.step(emb, self.attend, pos, self.cache)
             logits, hidden = logits.clone(), hidden.clone()  # the compiled step may reuse its output buffers

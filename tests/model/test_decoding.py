@@ -166,3 +166,21 @@ def test_the_cache_reaches_the_decoder_under_the_installed_name(varied_model, rg
         assert decoder.cache.get_seq_length() == emb.shape[1]
         cached = model.generate(batch, max_new_tokens=6)
     assert cached.sequences == model.generate(batch, max_new_tokens=6, use_cache=False).sequences
+
+
+def test_a_second_cache_length_compiles_once_for_every_later_length(tokenizer):
+    """Three prompts whose caches round to three lengths: the first length and one dynamic-length step are
+    compiled, the third length reuses the second's graph; every call gives the default decoder's tokens."""
+    from torch._dynamo.utils import counters
+
+    model = varied_model(tokenizer, layers=2)
+    lengths, graphs = [], []
+    for words in (0, 20, 38):
+        batch = model.processor(["Describe it." + " Again." * words])
+        want = model.generate(batch, max_new_tokens=6).sequences
+        before = counters["stats"]["unique_graphs"]
+        assert model.generate(batch, max_new_tokens=6, compile=True).sequences == want
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+        lengths.append(static_length(batch.input_ids.shape[1] + 6, model.processor.max_length))
+    assert len(set(lengths)) == 3, lengths
+    assert graphs[0] >= 1 and graphs[1] >= 1 and graphs[2] == 0, graphs
