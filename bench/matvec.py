@@ -70,7 +70,8 @@ def main() -> None:
         report["dtypes"][name] = {
             "matrices": len(weights), "weight_mb": round(nbytes / 1e6, 1),
             **{k: {"ms": round(t * 1e3, 2), "gb_s": round(nbytes / t / 1e9, 1),
-                   "fraction_of_probe": round(nbytes / t / 1e9 / bandwidth, 3), "max_rel_err": float(f"{rel_err[k]:.2g}")}
+                   "fraction_of_probe": round(nbytes / t / 1e9 / bandwidth, 3),
+                   "max_rel_err": float(f"{rel_err[k]:.2g}")}
                for k, t in times.items()},
             "speedup_matvec_over_blas": round(times["blas"] / times["compiled_matvec"], 2)}
     emit(report, args.out)

@@ -148,7 +148,6 @@ class CompiledSteps:
                 self._steps[key] = torch.compile(step, dynamic=False, options=compile_options(model.device))
         return self._steps[key]
 
-
     def mark_length(self, model: "TaskMLLM", cache: Any, attend: torch.Tensor) -> None:
         """Before a compiled step over a new cache: the first cache length of a batch size compiles a step for that
         length; any other length marks the length dimension of ``attend (B, L)`` and the cache's keys and values

@@ -6,9 +6,10 @@ one-row kernels read weights well below the memory's bandwidth; it decomposes a 
 multiply + sum only on other devices. Written as that reduction, inductor generates one vectorized loop per
 product that reads the weight rows at near the bandwidth. ``python bench/matvec.py --model smol --threads 1`` on
 the project's AVX-512 host (SmolLM2-135M's 211 matrices): float32 31.1 -> 16.6 ms (17 -> 32 GB/s), bfloat16
-19.4 -> 8.5 ms (14 -> 32 GB/s), 77-79% of the read probe's 41 GB/s. With several rows the BLAS is faster again (the weights would be read
-once per row), so only products with exactly one row are rewritten, and only of weights stored row-major (the
-stored layout; a column-major ``weight_layout="tuned"`` weight stays with the BLAS, for which that layout is made).
+19.4 -> 8.5 ms (14 -> 32 GB/s), 77-79% of the read probe's 41 GB/s. With several rows the BLAS is faster again
+(the loop would read the weights once per row), so only products with exactly one row are rewritten, and only of
+weights stored row-major (the stored layout; a column-major ``weight_layout="tuned"`` weight stays with the BLAS,
+for which that layout is made).
 
 :class:`MatVecPass` is an inductor ``post_grad_custom_pre_pass``: ``torch.compile(fn,
 options=compile_options(device))``. The sum runs in the reduction order of inductor's loop, not the BLAS's: the
@@ -36,7 +37,7 @@ def _rewritable(a: object, b: object) -> bool:
     through ``.T``): a column-major weight (``weight_layout="tuned"``) would make the sum stride across rows."""
     a_val, b_val = _value(a), _value(b)
     return (a_val is not None and b_val is not None and isinstance(a_val.shape[0], int) and a_val.shape[0] == 1
-            and b_val.stride(0) == 1)
+            and isinstance(b_val.stride(0), int) and b_val.stride(0) == 1)
 
 
 class MatVecPass(CustomGraphPass):
