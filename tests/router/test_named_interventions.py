@@ -52,3 +52,18 @@ def test_a_malformed_interventions_json_fails_before_the_weights_load(tmp_path):
                                      '{"vhr": {"settings": {"alpha": "2"}}}}')
     with pytest.raises(CheckpointError, match="interventions.json.*alpha"):
         Pipeline.from_pretrained(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def shipped_tiny():
+    from taskmllm.router.pipeline import Pipeline
+
+    return Pipeline.from_pretrained("tiny")
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "none"])
+def test_the_shipped_tiny_calibration_fits_its_weights(shipped_tiny, name, rgb_image):
+    """Each intervention of the packaged tiny's ``interventions.json`` is read as calibrated and attaches to the
+    packaged weights (an out-of-range layer or head is a ConfigError at attach); ``tests/smol`` checks smol's."""
+    assert shipped_tiny.intervention_source(name) == "calibrated"
+    assert shipped_tiny(rgb_image, "Is there a red circle?", max_new_tokens=6, intervention=name).text

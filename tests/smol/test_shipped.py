@@ -110,3 +110,19 @@ def test_bf16_compiled_smol_gives_float32_answers(pipe):
     got = [fast(None, q, max_new_tokens=32, compile=True).text for q, _ in FACTS]
     assert fast.model.mllm.decode_steps._steps, "the compiled step ran"
     assert sum(g == w for g, w in zip(got, want)) >= len(FACTS) - 1, list(zip(got, want))
+
+
+@pytest.mark.parametrize("name", ["vhr", "var", "zerotuning"])
+def test_the_shipped_calibration_fits_the_shipped_weights(pipe, name):
+    """Each intervention in the shipped ``interventions.json`` is read as calibrated and attaches to the shipped
+    model (its layers and heads exist: an out-of-range one is a ConfigError at attach), answering an image question
+    with the same expert routing as the plain model."""
+    from taskmllm.data.shapesworld import ShapesWorld, WorldConfig
+
+    assert pipe.intervention_source(name) == "calibrated"
+    sample = ShapesWorld(WorldConfig(image_size=256), seed=5).image(0, "test")
+    obj = sample.objects[-1]
+    prompt = f"Is there a {obj.color} {obj.category} in the image?"
+    plain = pipe(sample.image, prompt, max_new_tokens=8)
+    hooked = pipe(sample.image, prompt, max_new_tokens=8, intervention=name)
+    assert hooked.text and [c.task for c in hooked.calls] == [c.task for c in plain.calls]
