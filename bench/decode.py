@@ -7,8 +7,9 @@ is separated from the prefill as ``(t(N) - t(1)) / (N - 1)`` (N tokens generated
 ``--repeats`` interleaved rounds, with the default decoder and with ``compile=True``. Then the answers to the
 factual questions of ``tests/smol`` (greedy, 32 tokens) in each dtype, from the default and the compiled decoder,
 are compared with the first dtype's default answers (float32 by default): how many are the same text, and how
-many name the right answer (issue #29: ``smol`` decode >= 60% of its dtype's bound, answers equal to float32). Each dtype is timed with the weights as stored and with
-``weight_layout="tuned"`` (each LLM weight shape in the memory order the BLAS streams fastest, timed at load).
+many name the right answer (issue #29: ``smol`` decode >= 60% of its dtype's bound, answers equal to float32).
+Each dtype is timed with the weights as stored and with ``weight_layout="tuned"`` (each LLM weight shape in the
+memory order the BLAS streams fastest, timed at load).
 ``int8`` / ``int4`` are ``Pipeline.from_pretrained(model, dtype=torch.bfloat16, quantize=...)``: integer weights
 (bound: their bytes with the scales) with bfloat16 activations, as stored only.
 

@@ -121,7 +121,8 @@ class DynamicDecoder:
 
 class CompiledSteps:
     """A model's compiled one-token decode steps, built on first use and kept for later calls (the warm-up is
-    paid once per batch size and cache length). A copy of the model starts with none."""
+    paid once per batch size, and once more for its second cache length: :meth:`mark_length`). A copy of the model
+    starts with none."""
 
     def __init__(self) -> None:
         self._steps: dict[tuple, Callable] = {}
@@ -130,10 +131,15 @@ class CompiledSteps:
     def __deepcopy__(self, memo: dict) -> "CompiledSteps":
         return CompiledSteps()
 
+    @staticmethod
+    def _key(model: "TaskMLLM") -> tuple[str, str]:
+        """What a compiled step is specific to: the model's device type and attention implementation."""
+        return model.device.type, model.llm.config._attn_implementation
+
     def get(self, model: "TaskMLLM") -> Callable:
         """The compiled step of ``model`` on its current device and attention implementation."""
         llm = model.llm
-        key = (model.device.type, llm.config._attn_implementation)
+        key = self._key(model)
         if key not in self._steps:
             plain = _plain_head(llm)
 
@@ -154,7 +160,7 @@ class CompiledSteps:
         ``(B, H, L, D)`` dynamic, so that one more compile serves every later length (without it Dynamo compiles
         once per length, ~20 s for ``smol`` on a CPU, and runs eagerly after its recompile limit). The
         dynamic-length step is ~7% slower on ``smol`` (bf16, one thread)."""
-        key = (model.device.type, model.llm.config._attn_implementation, attend.shape[0])
+        key = (*self._key(model), attend.shape[0])
         if self._first_length.setdefault(key, attend.shape[1]) == attend.shape[1]:
             return
         torch._dynamo.maybe_mark_dynamic(attend, 1)

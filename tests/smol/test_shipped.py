@@ -39,23 +39,35 @@ FACTS = [("What is the capital of France?", ["Paris"]), ("Who wrote Romeo and Ju
          ("Who painted the Mona Lisa?", ["Leonardo", "Vinci"])]
 
 
-def _facts_known(pipe) -> int:
-    answers = [pipe(None, q, max_new_tokens=32) for q, _ in FACTS]
+def _answers(pipe, **generation) -> list:
+    """The Results of the factual questions (greedy, 32 tokens); none calls an expert."""
+    answers = [pipe(None, q, max_new_tokens=32, **generation) for q, _ in FACTS]
     for (q, _), a in zip(FACTS, answers):
         print(repr(q), "->", repr(a.raw_text))
         assert not a.calls, "a text-only question must not call an expert"
+    return answers
+
+
+def _known(answers: list) -> int:
+    """How many answers name the right fact."""
     return sum(any(w.lower() in a.text.lower() for w in words) for a, (_, words) in zip(answers, FACTS))
 
 
-def test_text_only_questions_are_answered_as_well_as_by_the_base_llm(pipe):
+@pytest.fixture(scope="module")
+def float32_answers(pipe) -> list:
+    """The shipped (float32) smol's answers to the factual questions, the reference of the tests below."""
+    return _answers(pipe)
+
+
+def test_text_only_questions_are_answered_as_well_as_by_the_base_llm(float32_answers):
     """The LLM's own abilities survive the LoRA stage: the shipped smol answers the factual questions the
     untouched SmolLM2-135M-Instruct (rebuilt from the packages) answers, give or take one greedy flip."""
     from taskmllm.zoo import build_smol
     from taskmllm.router.joint import JointModel
     from taskmllm.router.pipeline import Pipeline
 
-    base = _facts_known(Pipeline(JointModel.build(build_smol()).eval()))
-    tuned = _facts_known(pipe)
+    base = _known(_answers(Pipeline(JointModel.build(build_smol()).eval())))
+    tuned = _known(float32_answers)
     print(f"base {base}/{len(FACTS)}, shipped smol {tuned}/{len(FACTS)}")
     assert base >= 6 and tuned >= base - 1
 
@@ -85,29 +97,29 @@ def test_shapesworld_task_is_routed_to_its_expert(pipe, prompt, task):
         assert ((call.scores > 0) & (call.scores < 1)).all()
 
 
-def test_int8_smol_keeps_its_facts_and_its_routing(pipe):
+def test_int8_smol_keeps_its_facts_and_its_routing(float32_answers):
     """The documented CPU choice (int8 LLM weights, bf16 activations) answers the factual questions float32 smol
     answers, give or take one greedy flip, and still routes a segmentation request to the seg expert."""
     from taskmllm.data.shapesworld import ShapesWorld, WorldConfig
     from taskmllm.router.pipeline import Pipeline
 
     quant = Pipeline.from_pretrained("smol", dtype=torch.bfloat16, quantize="int8")
-    assert _facts_known(quant) >= _facts_known(pipe) - 1
+    assert _known(_answers(quant)) >= _known(float32_answers) - 1
     sample = ShapesWorld(WorldConfig(image_size=256), seed=5).image(0, "test")
     obj = sample.objects[-1]
     result = quant(sample.image, f"Please segment the {obj.color} {obj.category}.", max_new_tokens=32)
     assert [c.task for c in result.calls] == ["seg"] and result.calls[0].mask.shape == sample.image.shape[:2]
 
 
-def test_bf16_compiled_smol_gives_float32_answers(pipe):
+def test_bf16_compiled_smol_gives_float32_answers(float32_answers):
     """The documented CPU choice (bf16, ``compile=True``: the compiled step with its one-row products as inductor
     reductions, float32 decode attention) answers the factual questions as float32 smol's default decoder does
     (8 of 8 on the project's AVX-512 host; one greedy flip allowed for another CPU's vector width)."""
     from taskmllm.router.pipeline import Pipeline
 
-    want = [pipe(None, q, max_new_tokens=32).text for q, _ in FACTS]
+    want = [a.text for a in float32_answers]
     fast = Pipeline.from_pretrained("smol", dtype=torch.bfloat16)
-    got = [fast(None, q, max_new_tokens=32, compile=True).text for q, _ in FACTS]
+    got = [a.text for a in _answers(fast, compile=True)]
     assert fast.model.mllm.decode_steps._steps, "the compiled step ran"
     assert sum(g == w for g, w in zip(got, want)) >= len(FACTS) - 1, list(zip(got, want))
 
