@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
@@ -121,6 +122,12 @@ class MobileNetV2Tower(VisionTower):
     usual frozen-statistics fine-tuning of a pretrained CNN): small batches of synthetic images would
     otherwise overwrite the ImageNet statistics and make training and inference features differ. The
     BatchNorm affine weights still train when the tower does.
+
+    Since every BatchNorm is an affine map of its running statistics, the forward folds each one into the
+    convolution before it (:func:`conv_batch_norm`: one convolution, no pass over the activations; differentiable in
+    the convolution's and the BatchNorm's parameters alike) and runs in the channels-last memory format, which the
+    CPU's oneDNN convolutions (depthwise ones above all) read without reordering: `python bench/vision.py` measures
+    it against torchvision's own forward. The state dict is torchvision's, unchanged.
     """
 
     def __init__(self, config: VisionConfig) -> None:
@@ -151,13 +158,58 @@ class MobileNetV2Tower(VisionTower):
         return self
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.checkpointing and self.training and torch.is_grad_enabled():
-            x = pixel_values
-            for block in self.features:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        x = pixel_values.contiguous(memory_format=torch.channels_last)  # (F, 3, S, S), stored as (F, S, S, 3)
+        checkpoint = self.checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.features:
+            if checkpoint:
+                x = torch.utils.checkpoint.checkpoint(run_folded, block, x, use_reentrant=False)
+            else:
+                x = run_folded(block, x)
+        return x.permute(0, 2, 3, 1).flatten(1, 2)  # (F, C, h, w) -> (F, h*w, C): a view in channels-last
+
+
+def conv_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``norm(conv(x))`` for a BatchNorm in eval mode, as one convolution: with ``s = gamma / sqrt(var + eps)``
+    the weight is ``W * s`` (per output channel) and the bias ``beta + (b - mean) * s``, computed in float32 (or wider) and
+    rounded once to the weights' dtype (a bf16 tower's features stay closer to float32's than through the two
+    modules), from the modules' current tensors on every call: gradients reach the convolution and the BatchNorm
+    affine weights as through the two modules."""
+    dtype = conv.weight.dtype
+    wide = torch.promote_types(dtype, torch.float32)  # float32, or float64 for a float64 tower
+    scale = norm.weight.to(wide) * torch.rsqrt(norm.running_var.to(wide) + norm.eps)  # (C_out,)
+    shift = norm.bias.to(wide) - norm.running_mean.to(wide) * scale
+    if conv.bias is not None:
+        shift = shift + conv.bias.to(wide) * scale
+    weight = conv.weight.to(wide) * scale[:, None, None, None]  # (C_out, C_in / groups, k, k)
+    return F.conv2d(x, weight.to(dtype), shift.to(dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
+    return (isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) and not norm.training
+            and norm.running_var is not None and norm.affine and conv.padding_mode == "zeros")
+
+
+def run_folded(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for torchvision's MobileNetV2 blocks with each Conv2d + eval-mode BatchNorm2d pair of a
+    Sequential run by :func:`conv_batch_norm`; an ``InvertedResidual`` adds its input where torchvision's does
+    (``use_res_connect``); any other module is called as it is."""
+    from torchvision.models.mobilenetv2 import InvertedResidual
+
+    if isinstance(module, InvertedResidual):
+        y = run_folded(module.conv, x)
+        return x + y if module.use_res_connect else y
+    if not isinstance(module, nn.Sequential):
+        return module(x)
+    layers = list(module)
+    i = 0
+    while i < len(layers):
+        if i + 1 < len(layers) and _foldable(layers[i], layers[i + 1]):
+            x = conv_batch_norm(layers[i], layers[i + 1], x)
+            i += 2
         else:
-            x = self.features(pixel_values)  # (F, 1280, h, w)
-        return x.flatten(2).transpose(1, 2)  # (F, h*w, 1280)
+            x = run_folded(layers[i], x)
+            i += 1
+    return x
 
 
 VISION_TOWERS: dict[str, Callable[[VisionConfig], VisionTower]] = {

