@@ -170,10 +170,10 @@ class MobileNetV2Tower(VisionTower):
 
 def conv_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     """``norm(conv(x))`` for a BatchNorm in eval mode, as one convolution: with ``s = gamma / sqrt(var + eps)``
-    the weight is ``W * s`` (per output channel) and the bias ``beta + (b - mean) * s``, computed in float32 (or wider) and
-    rounded once to the weights' dtype (a bf16 tower's features stay closer to float32's than through the two
-    modules), from the modules' current tensors on every call: gradients reach the convolution and the BatchNorm
-    affine weights as through the two modules."""
+    the weight is ``W * s`` (per output channel) and the bias ``beta + (b - mean) * s``, computed in float32 (or
+    wider) and rounded once to the weights' dtype (a bf16 tower's features stay closer to float32's than through
+    the two modules), from the modules' current tensors on every call: gradients reach the convolution and the
+    BatchNorm affine weights as through the two modules."""
     dtype = conv.weight.dtype
     wide = torch.promote_types(dtype, torch.float32)  # float32, or float64 for a float64 tower
     scale = norm.weight.to(wide) * torch.rsqrt(norm.running_var.to(wide) + norm.eps)  # (C_out,)
