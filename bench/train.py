@@ -12,6 +12,9 @@ from the per-step clock of ``metrics.jsonl``.
 - **Tokens/s**: every token the LLM processes (text and visual tokens, no padding), and the supervised ones.
 - **MFU** = FLOPs per sample x samples/s / peak FLOP/s. The peak is ``--peak-tflops`` when given, else measured in
   the same run by a matmul probe (the best of several ``n x n`` matmuls in the training precision's dtype).
+- Data stalls: the time each measured step waited for its batch (``data_wait_s`` of ``metrics.jsonl``) and its
+  share of the step time; ``--data.workers=0`` renders in the training process (the wait is then the loading's
+  whole cost).
 - Peak memory: the process's peak RSS and, on a GPU, the peak CUDA allocation.
 - ``--profile K``: where a step's time goes — ``torch.profiler`` over one forward + backward of the counted
   micro-batch (after one untimed pass), its K ops with the most self time (ms, calls, share), in the report's
@@ -149,6 +152,9 @@ def main() -> None:
         "device": str(device), "threads": torch.get_num_threads(), "precision": precision,
         "batch_size": global_batch, "warmup_steps": args.warmup, "measured_steps": args.steps,
         "step_s": round(measured_s / args.steps, 4),
+        # time blocked on the data loader per measured step (metrics.jsonl's data_wait_s), and its share of the step
+        "data_wait_s": round(sum(r["data_wait_s"] for r in rows[args.warmup:]) / args.steps, 4),
+        "data_wait_share": round(sum(r["data_wait_s"] for r in rows[args.warmup:]) / measured_s, 4),
         "samples_per_s": round(samples_per_s, 2),
         "tokens_per_s": round(samples_per_s * tokens_per_sample, 1),
         "supervised_tokens_per_s": round(samples_per_s * counted["supervised"] / counted["samples"], 1),

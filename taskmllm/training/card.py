@@ -278,6 +278,8 @@ def plot_learning_curves(run: Path, stages: Sequence[str], log: Optional[dict] =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from taskmllm.training.train import CLOCK_KEYS
+
     fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.2), squeeze=False)
     offset, drew = 0.0, False
     for ax, stage in zip(axes[0], stages):
@@ -287,7 +289,7 @@ def plot_learning_curves(run: Path, stages: Sequence[str], log: Optional[dict] =
             offset += ((log or {}).get("stages", {}).get(stage) or {}).get("wall_s", 0.0)
             continue
         minutes = [(offset + r.get("time_s", r["step"])) / 60 for r in rows]
-        skip = {"step", "lr", "grad_norm", "time_s"}
+        skip = {"step", "lr", "grad_norm", *CLOCK_KEYS}
         for key in sorted({k for r in rows for k in r} - skip):
             ax.plot(minutes, _smooth([r.get(key, float("nan")) for r in rows]), label=key, lw=1)
         ax.set_title(stage)

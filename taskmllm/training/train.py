@@ -39,6 +39,10 @@ from taskmllm.training.trainee import LossSettings, Trainee
 
 log = logging.getLogger(__name__)
 
+# metrics.jsonl's clock columns: seconds since the stage started, and this rank's mean time per step blocked on the
+# data loader (a loader that keeps up reads ~0); the other columns of identical runs are identical
+CLOCK_KEYS = ("time_s", "data_wait_s")
+
 
 def train(cfg: TrainConfig) -> Path:
     """Run one stage; returns ``<out_dir>/final`` (a JointModel directory the next stage can ``init`` from)."""
@@ -84,17 +88,21 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                disable=ctx.rank != 0 or not cfg.progress, desc=cfg.stage.name)
     trainee.train()
-    meter, t0 = Meter(), time.perf_counter()
+    meter, t0, waited = Meter(), time.perf_counter(), 0.0
     for step in bar:
         for k in range(cfg.grad_accum):
-            parts = trainer.forward_backward(trainer.prepare(next(batches)), last=k == cfg.grad_accum - 1)
+            asked = time.perf_counter()
+            micro = next(batches)
+            waited += time.perf_counter() - asked  # this rank's time blocked on the data loader
+            parts = trainer.forward_backward(trainer.prepare(micro), last=k == cfg.grad_accum - 1)
             meter.add(parts, 1.0 / cfg.grad_accum)
         position += cfg.grad_accum
         meter.add({"grad_norm": trainer.step()})
         meter.steps += 1
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-            row = {"step": step + 1, "lr": scheduler.get_last_lr()[0], **meter.reduce(ctx),
-                   "time_s": round(time.perf_counter() - t0, 3)}
+            row = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "data_wait_s": round(waited / meter.steps, 4),
+                   **meter.reduce(ctx), "time_s": round(time.perf_counter() - t0, 3)}
+            waited = 0.0
             row["loss_weighted"] = row.pop("total")
             metrics.write(row)
             bar.set_postfix(loss=f"{row['loss_weighted']:.4f}")

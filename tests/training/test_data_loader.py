@@ -11,7 +11,7 @@ import torch
 
 from taskmllm.training.config import load_config
 from taskmllm.training.data_loader import build_loader, micro_batch_indices
-from taskmllm.training.train import build_dataset, build_joint, train
+from taskmllm.training.train import CLOCK_KEYS, build_dataset, build_joint, train
 from tests.training.helpers import RECIPE, overrides
 
 N = 24  # dataset length: 3 micro-batches of 4 per rank and epoch with 2 ranks
@@ -74,5 +74,8 @@ def test_a_resumed_run_reads_on_from_its_checkpoint(tmp_path):
     want = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()][2:]
     got = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in got] == [3, 4]
+    # with the loading in the training process (workers 0) each step waits for its batch: logged, within the step
+    assert all(0 < r["data_wait_s"] <= r["time_s"] for r in got + want)
     for a, b in zip(got, want):
-        assert {k: v for k, v in a.items() if k != "time_s"} == {k: v for k, v in b.items() if k != "time_s"}
+        assert ({k: v for k, v in a.items() if k not in CLOCK_KEYS}
+                == {k: v for k, v in b.items() if k not in CLOCK_KEYS})

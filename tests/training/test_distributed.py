@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from taskmllm.training.config import load_config
 from taskmllm.training.data_loader import micro_batch_indices
-from taskmllm.training.train import build_dataset, train
+from taskmllm.training.train import CLOCK_KEYS, build_dataset, train
 from tests.training.helpers import RECIPE, overrides
 
 STAGE = RECIPE / "joint.yaml"  # projector, LLM, queries and every expert train
@@ -72,7 +72,7 @@ def assert_same_training(got: Path, ref: Path) -> None:
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
     for x, y in zip(a, b):
         assert set(x) == set(y), f"step {y['step']}: logged terms differ"
-        for key in sorted(set(y) - {"step", "time_s"}):
+        for key in sorted(set(y) - {"step", *CLOCK_KEYS}):
             tol = TOL * max(1.0, abs(y[key])) if key == "grad_norm" else TOL
             assert x[key] == pytest.approx(y[key], abs=tol), f"step {y['step']}: {key}"
     wa, wb = weights(got), weights(ref)
@@ -214,7 +214,8 @@ def test_deepspeed_resume_matches_uninterrupted_run(tmp_path, stage):
     full, resumed = rows(tmp_path / "full"), rows(tmp_path / "resumed")
     assert [r["step"] for r in resumed] == [2, 3]
     for x, y in zip(resumed, full[1:]):
-        assert {k: v for k, v in x.items() if k != "time_s"} == {k: v for k, v in y.items() if k != "time_s"}
+        assert ({k: v for k, v in x.items() if k not in CLOCK_KEYS}
+                == {k: v for k, v in y.items() if k not in CLOCK_KEYS})
     wa, wb = weights(tmp_path / "resumed"), weights(tmp_path / "full")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
