@@ -1,11 +1,25 @@
-"""Generation latency of several configurations of one model, timed interleaved (shared by the intervention
-benchmarks): ``bench/interventions.py`` on a random model, ``bench/hallucination.py`` on a shipped one."""
+"""Timing helpers of the benchmarks: the best of several calls (:func:`best_seconds`), and generation latency of
+several configurations of one model, timed interleaved (shared by the intervention benchmarks:
+``bench/interventions.py`` on a random model, ``bench/hallucination.py`` on a shipped one)."""
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+
+def best_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Best wall-clock seconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones (which compile,
+    allocate, warm the caches)."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def time_configs(model: Any, batch: Any, configs: dict[str, tuple[Optional[str], Any]], new_tokens: int,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,23 +19,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import torch.nn.functional as F
 from _bandwidth import machine, read_bandwidth
+from _timing import best_seconds
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
 
 
 def products(weights: list[torch.Tensor], rows: list[torch.Tensor]) -> list[torch.Tensor]:
     """``rows[i] (1, K_i) @ weights[i].T``: every product of one decode step, in one call."""
     return [F.linear(x, w) for x, w in zip(rows, weights)]
-
-
-def best_s(fn, args: tuple, repeats: int) -> float:
-    """Best seconds of ``fn(*args)`` after two warm-up calls (which compile)."""
-    fn(*args), fn(*args)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
@@ -66,7 +55,8 @@ def main() -> None:
             want = products(weights, rows)
             rel_err = {k: max(((g - r).abs().max() / r.abs().max()).item() for g, r in zip(fn(weights, rows), want))
                        for k, fn in variants.items()}
-            times = {k: best_s(fn, (weights, rows), args.repeats) for k, fn in variants.items()}
+            times = {k: best_seconds(lambda fn=fn: fn(weights, rows), args.repeats, warmup=2)
+                     for k, fn in variants.items()}
         report["dtypes"][name] = {
             "matrices": len(weights), "weight_mb": round(nbytes / 1e6, 1),
             **{k: {"ms": round(t * 1e3, 2), "gb_s": round(nbytes / t / 1e9, 1),

@@ -12,23 +12,12 @@ Frames/s, best of ``--repeats`` calls after one warm-up.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 from _bandwidth import machine
+from _timing import best_seconds
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
-
-
-def best_s(fn, repeats: int) -> float:
-    """Best seconds of ``fn()`` after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
@@ -61,9 +50,9 @@ def main() -> None:
     with torch.no_grad():
         want = ways["torchvision"]()
         diff = (ways["tower"]() - want).abs().max().item()
-        frozen = {k: best_s(fn, args.repeats) for k, fn in ways.items()}
+        frozen = {k: best_seconds(fn, args.repeats) for k, fn in ways.items()}
     tower.train()
-    training = {k: best_s(lambda: trained(fn), args.repeats) for k, fn in ways.items()}
+    training = {k: best_seconds(lambda: trained(fn), args.repeats) for k, fn in ways.items()}
     report = {**machine(), "frames": args.frames, "image_size": args.image_size,
               "feature_layer": args.feature_layer, "imagenet_weights": is_installed(MOBILENET_V2),
               "max_abs_diff": float(f"{diff:.2g}"), "feature_max_abs": round(want.abs().max().item(), 3)}
