@@ -185,8 +185,11 @@ def conv_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d, x: torch.Tensor) -> t
 
 
 def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
+    """A Conv2d then an eval-mode affine BatchNorm2d whose tensors are here: DeepSpeed ZeRO-3 leaves a partitioned
+    module's parameters empty until its own forward gathers them, so such a pair runs as its two modules."""
     return (isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) and not norm.training
-            and norm.running_var is not None and norm.affine and conv.padding_mode == "zeros")
+            and norm.running_var is not None and norm.affine and conv.padding_mode == "zeros"
+            and all(t.numel() > 0 for t in (conv.weight, norm.weight, norm.bias)))
 
 
 def run_folded(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

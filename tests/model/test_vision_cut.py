@@ -95,3 +95,27 @@ def test_imagenet_init_needs_a_mobilenet_tower():
     with pytest.raises(ConfigError, match="mobilenet_v2"):
         build_tiny(llm=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1),
                    vision=dict(kind="open_clip", pretrained="imagenet", width=32, layers=1, heads=2, image_size=48))
+
+
+def test_a_pair_with_partitioned_parameters_runs_as_its_modules():
+    # DeepSpeed ZeRO-3 empties a partitioned module's parameters and gathers them in a forward pre-hook of that
+    # module: a pair whose weights are not here is called as modules (the hooks run), with the same features
+    tower = MobileNetV2Tower(VisionConfig(**STRIDE16)).eval()
+    conv, norm = tower.features[0][0], tower.features[0][1]
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        want = tower(x)
+    kept = {m: m.weight.data for m in (conv, norm)}
+    gathered = []
+
+    def gather(module, args):
+        module.weight.data = kept[module]
+        gathered.append(module)
+
+    for m in (conv, norm):
+        m.weight.data = torch.empty(0)
+        m.register_forward_pre_hook(gather)
+    with torch.no_grad():
+        got = tower(x)
+    assert gathered == [conv, norm]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
