@@ -40,7 +40,8 @@ from taskmllm.training.trainee import LossSettings, Trainee
 log = logging.getLogger(__name__)
 
 # metrics.jsonl's clock columns: seconds since the stage started, and this rank's mean time per step blocked on the
-# data loader (a loader that keeps up reads ~0); the other columns of identical runs are identical
+# data loader (in-process loading: the loading itself; with workers that keep up: receiving their batches); the other
+# columns of identical runs are identical
 CLOCK_KEYS = ("time_s", "data_wait_s")
 
 
