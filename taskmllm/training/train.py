@@ -101,8 +101,9 @@ def train(cfg: TrainConfig) -> Path:
         meter.add({"grad_norm": trainer.step()})
         meter.steps += 1
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-            row = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "data_wait_s": round(waited / meter.steps, 4),
-                   **meter.reduce(ctx), "time_s": round(time.perf_counter() - t0, 3)}
+            wait = round(waited / meter.steps, 4)  # before meter.reduce resets its step count
+            row = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "data_wait_s": wait, **meter.reduce(ctx),
+                   "time_s": round(time.perf_counter() - t0, 3)}
             waited = 0.0
             row["loss_weighted"] = row.pop("total")
             metrics.write(row)
