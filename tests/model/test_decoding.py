@@ -39,7 +39,7 @@ def test_static_cache_feeds_like_the_dynamic_cache(varied_model, rgb_image):
         for decoder in (DynamicDecoder(model, True, 3, 64), StaticDecoder(model, 3, 64, compiled=False)):
             outs.append([decoder.feed(emb, mask, positions(mask), last_only=True),
                          decoder.feed(chunk, chunk_mask, chunk_pos), decoder.feed(step, step_mask, step_pos)])
-        assert isinstance(decoder.cache, __import__("transformers").StaticCache) and decoder.length == 128
+        assert isinstance(decoder.cache, __import__("transformers").StaticCache) and decoder.length == 64
     for (dyn_logits, dyn_hidden), (st_logits, st_hidden), real in zip(*outs, (mask, chunk_mask, step_mask)):
         keep = real.bool() if dyn_logits.shape[1] == real.shape[1] else real.bool()[:, -1:]
         assert torch.allclose(st_logits[keep], dyn_logits[keep], atol=1e-4, rtol=1e-5)
@@ -111,9 +111,9 @@ def test_no_repeat_ngram_forbids_a_repeated_id_and_penalty_one_is_the_identity(v
 
 
 def test_static_length_buckets():
-    assert static_length(1, 2048) == 128 and static_length(129, 2048) == 256
+    assert static_length(1, 2048) == 32 and static_length(33, 2048) == 64 and static_length(64, 2048) == 64
     assert static_length(300, 200) == 300  # never below what is needed
-    assert static_length(100, 120) == 120
+    assert static_length(100, 110) == 110  # rounded up to 128, capped at the context
 
 
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
