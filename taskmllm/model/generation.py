@@ -148,9 +148,13 @@ def _attached(intervention: Optional[Intervention], model: "TaskMLLM",
 
 def pick_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
                 generator: Optional[torch.Generator]) -> torch.Tensor:
-    """``(B, V)`` logits -> ``(B,)`` ids: argmax, or sampling with temperature and nucleus (top-p)."""
+    """``(B, V)`` logits -> ``(B,)`` ids: argmax, or sampling with temperature and nucleus (top-p).
+
+    The argmax of half-precision logits is taken on a float32 copy (the same ids, ties included: the cast is
+    exact): PyTorch's CPU argmax is not vectorized for bf16, 158 vs 33 us (cast included) over SmolLM2's 49,152
+    logits at one thread, ~1% of a bf16 decode step."""
     if not do_sample:
-        return logits.argmax(-1)
+        return (logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits).argmax(-1)
     if temperature <= 0:
         raise InputError(f"temperature must be > 0 when sampling, got {temperature}")
     logits = logits.double()  # float64 and the max subtracted first: no NaN at temperatures down to 5e-324

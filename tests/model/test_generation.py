@@ -47,6 +47,18 @@ def test_top_p_restricts_to_nucleus():
     assert picks == {0, 1}
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_greedy_picks_of_half_precision_logits_are_their_own_argmax(dtype):
+    """Greedy decoding takes the argmax on a float32 copy of half-precision logits: the ids of the half-precision
+    argmax itself, a tie resolved to the first index as PyTorch documents it."""
+    from taskmllm.model.generation import pick_tokens
+
+    logits = torch.randn(4, 5000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    logits[1, 100] = logits[1, 4000] = 30.0
+    got = pick_tokens(logits, False, 1.0, 1.0, None)
+    assert torch.equal(got, logits.argmax(-1)) and got[1].item() == 100
+
+
 def test_task_token_in_generation_inserts_queries_and_routes_same_states(overfit, rgb_image):
     """The generated <seg>/<det> get K query ids; their hidden states equal the teacher-forced ones."""
     model, prompts, images, answers = overfit
