@@ -40,10 +40,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from taskmllm.eval.calibration_run import CalibrationOptions, calibrate_model, summary_lines
-    from taskmllm.model.interventions.calibrated import save_calibration
+    from taskmllm.model.interventions.calibrated import save_calibration, weights_fingerprint
     from taskmllm.router.pipeline import Pipeline
     from taskmllm.training.card import update_card_interventions
-    from taskmllm.zoo import calibration_dir
+    from taskmllm.zoo import calibration_dir, resolve_checkpoint
 
     given = {"alphas": args.alphas, "ps": args.ps, "rhos": args.rhos, "taus": args.taus, "gammas": args.gammas}
     grids: dict = {k: tuple(v) for k, v in given.items() if v is not None}
@@ -56,7 +56,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     calibration = calibrate_model(pipe, args.intervention, options)
     dest.mkdir(parents=True, exist_ok=True)
     path = save_calibration(dest, {args.intervention: calibration.result.chosen()},
-                            {args.intervention: calibration.record()})
+                            {args.intervention: calibration.record()},
+                            weights=weights_fingerprint(resolve_checkpoint(args.model)))
     card = update_card_interventions(dest)
     print("\n".join(summary_lines(calibration)))
     print(f"wrote {path}" + (f" and updated {card}" if card is not None else ""))

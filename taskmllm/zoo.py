@@ -75,16 +75,19 @@ def calibration_dir(name_or_path: str | Path) -> Path:
 def model_calibration(name_or_path: str | Path) -> dict[str, dict[str, Any]]:
     """The calibrated intervention settings ``{name: settings}`` a model carries: its directory's
     ``interventions.json``; for a shipped model's name, entries in :func:`user_calibration_dir` replace the packaged
-    ones of the same intervention. ``{}`` when there are none.
+    ones of the same intervention. ``{}`` when there are none. An entry calibrated on other weights than the
+    checkpoint's is left out with a warning (:func:`~taskmllm.model.interventions.calibrated.load_calibration`).
 
     Raises:
-        CheckpointError: a malformed ``interventions.json``.
+        CheckpointError: a malformed ``interventions.json`` or ``checksums.json``.
     """
-    from taskmllm.model.interventions.calibrated import load_calibration
+    from taskmllm.model.interventions.calibrated import load_calibration, weights_fingerprint
 
-    settings = load_calibration(resolve_checkpoint(name_or_path))
+    checkpoint = resolve_checkpoint(name_or_path)
+    weights = weights_fingerprint(checkpoint) or None  # a checkpoint without checksums: nothing to compare
+    settings = load_calibration(checkpoint, weights=weights)
     if str(name_or_path) in SHIPPED:
-        settings.update(load_calibration(user_calibration_dir(str(name_or_path))))
+        settings.update(load_calibration(user_calibration_dir(str(name_or_path)), weights=weights))
     return settings
 
 

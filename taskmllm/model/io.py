@@ -108,6 +108,24 @@ def record_checksums(directory: PathLike) -> Path:
     return out
 
 
+def read_checksums(directory: PathLike) -> dict[str, str]:
+    """``{relative file: SHA-256}`` of ``directory``'s ``checksums.json`` (``{}`` without one).
+
+    Raises:
+        CheckpointError: the file is unreadable or not the format :func:`record_checksums` writes.
+    """
+    sums_file = Path(directory) / CHECKSUMS_FILE
+    if not sums_file.is_file():
+        return {}
+    try:
+        recorded = json.loads(sums_file.read_text())["files"]
+        if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+            raise TypeError("'files' is not a mapping of names to hex digests")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(sums_file, f"unreadable checksum file ({exc})") from exc
+    return recorded
+
+
 def verify_checksums(directory: PathLike, names: Iterable[str]) -> None:
     """Check the files ``names`` (relative to ``directory``) against its ``checksums.json``.
 
@@ -119,15 +137,7 @@ def verify_checksums(directory: PathLike, names: Iterable[str]) -> None:
             saved (the message names the file).
     """
     directory = Path(directory)
-    sums_file = directory / CHECKSUMS_FILE
-    if not sums_file.is_file():
-        return
-    try:
-        recorded = json.loads(sums_file.read_text())["files"]
-        if not isinstance(recorded, dict):
-            raise TypeError("'files' is not a mapping")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(sums_file, f"unreadable checksum file ({exc})") from exc
+    recorded = read_checksums(directory)
     for name in names:
         want = recorded.get(name)
         if want is None:

@@ -17,7 +17,9 @@ from taskmllm.errors import ConfigError
 from taskmllm.eval.calibration_run import CalibrationOptions, ValSuite, answer_prefix_batch
 from taskmllm.eval.suites import DEFAULT_EVAL_SEED, pipeline_answerer, run_chair_shapes, run_pope_shapes
 from taskmllm.model.interventions import VAR, VHR, ZeroTuning
-from taskmllm.model.interventions.calibrated import FILENAME, load_calibration, save_calibration
+from taskmllm.model.interventions.calibrated import (FILENAME, StaleCalibrationWarning, load_calibration,
+                                                     save_calibration)
+from taskmllm.model.io import sha256_file
 from taskmllm.model.mllm import TaskMLLM
 from taskmllm.router.joint import JointModel
 from taskmllm.router.pipeline import Pipeline
@@ -88,6 +90,7 @@ def test_calibrate_writes_every_intervention_with_the_objective_s_choice(calibra
             assert record["baseline"][key] == pytest.approx(value), f"{name}: plain {key} = the val suites'"
         assert entry["settings"] == _chosen_by_hand(record, IDENTITY[name])
         assert record["candidates"] == len(record["table"])
+        assert entry["weights"] == {"model.safetensors": sha256_file(calibrated / "model.safetensors")}
     vhr_rows = raw["vhr"]["calibration"]["table"]
     assert [(r["settings"]["alpha"], r["settings"]["layers"]) for r in vhr_rows] == [(1.5, [1]), (2.0, [1])], \
         "2 layers: every named layer set is [1], deduplicated"
@@ -182,6 +185,23 @@ def test_the_card_shows_a_long_head_list_by_its_size(tmp_path):
     assert "heads=9 heads in 3 layers (2–7; all in interventions.json) (gradient head profile on 106 questions)" \
         in rows["| zerotuning"]
     assert "layers=[1]" in rows["| vhr"]
+
+def test_settings_calibrated_on_other_weights_are_not_used(calibrated, tmp_path, rgb_image):
+    """Another model's ``interventions.json`` copied beside retrained weights: the Pipeline warns, names the
+    changed file, and runs each intervention with its defaults."""
+    retrained = tmp_path / "retrained"
+    model = JointModel.from_pretrained(calibrated)
+    with torch.no_grad():
+        model.mllm.llm.get_input_embeddings().weight[0] += 1.0
+    model.save_pretrained(retrained)
+    shutil.copy(calibrated / FILENAME, retrained / FILENAME)
+    with pytest.warns(StaleCalibrationWarning, match=r"'vhr' settings were calibrated on other weights "
+                                                     r"\(model.safetensors changed\)"):
+        pipe = Pipeline.from_pretrained(retrained)
+    assert pipe.calibration == {} and pipe.intervention_source("vhr") == "defaults"
+    assert sorted(load_calibration(retrained)) == ["var", "vhr", "zerotuning"], "without weights: no check"
+    assert Pipeline.from_pretrained(calibrated).calibration == load_calibration(calibrated), "same weights: used"
+
 
 def test_a_shipped_name_is_calibrated_into_the_user_directory(checkpoint, tmp_path, monkeypatch):
     from taskmllm.zoo import SHIPPED, user_calibration_dir

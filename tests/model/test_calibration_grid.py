@@ -11,6 +11,7 @@ from taskmllm.errors import CheckpointError, ConfigError
 from taskmllm.eval.calibrate import (FILENAME, Objective, build_intervention, grid_search, layer_set, load_calibration,
                                      load_interventions, save_calibration, var_grid, vhr_grid, zerotuning_grid)
 from taskmllm.model.interventions import VAR, VHR, ZeroTuning
+from taskmllm.model.interventions.calibrated import StaleCalibrationWarning
 from taskmllm.model.interventions.vhr import default_layers
 
 # metrics of the stub validation suite per VHR alpha (None = the plain model)
@@ -75,6 +76,18 @@ def test_grids_scale_with_depth():
     assert [(g["gamma"], g["heads"]) for g in zt] == [(2.0, [[0, 1]]), (0.5, [[2, 3]])]
 
 
+def test_entries_record_their_weights_and_other_weights_drop_them(tmp_path):
+    mine, other = {"model.safetensors": "a" * 64}, {"model.safetensors": "b" * 64}
+    save_calibration(tmp_path, {"vhr": {"alpha": 1.5}}, weights=mine)
+    save_calibration(tmp_path, {"var": {"p": 0.2}})  # no weights recorded: kept under any
+    assert load_calibration(tmp_path, raw=True)["vhr"]["weights"] == mine
+    assert sorted(load_calibration(tmp_path, weights=mine)) == ["var", "vhr"]
+    with pytest.warns(StaleCalibrationWarning, match="'vhr' settings.*model.safetensors changed"):
+        assert sorted(load_calibration(tmp_path, weights=other)) == ["var"]
+    with pytest.warns(StaleCalibrationWarning, match=r"adapter.safetensors, model.safetensors changed"):
+        assert sorted(load_calibration(tmp_path, weights={"adapter.safetensors": "a" * 64})) == ["var"]
+
+
 def test_interventions_json_round_trip_merge_and_atomic(tmp_path):
     assert load_calibration(tmp_path) == {} and load_interventions(tmp_path) == {}
     vhr = {"alpha": 1.5, "layers": [2, 3], "remove_outliers": True}
@@ -108,6 +121,8 @@ def test_interventions_json_round_trip_merge_and_atomic(tmp_path):
                  "interventions": {"var": {"settings": {"p": 0.4, "beta": 1}}}}), "unknown VAR settings"),
     (json.dumps({"format": "taskmllm-interventions", "version": 1,
                  "interventions": {"var": {"settings": {}, "notes": 1}}}), "unknown keys"),
+    (json.dumps({"format": "taskmllm-interventions", "version": 1,
+                 "interventions": {"var": {"settings": {}, "weights": ["model.safetensors"]}}}), "'weights' must"),
 ])
 def test_strict_loading(tmp_path, content, match):
     (tmp_path / FILENAME).write_text(content)

@@ -7,7 +7,13 @@ constructor arguments, :meth:`VHR.settings` etc.) and optionally the record of t
 
     {"format": "taskmllm-interventions", "version": 1,
      "interventions": {"vhr": {"settings": {"alpha": 1.25, "layers": [3], "remove_outliers": true},
-                               "calibration": {"objective": {...}, "score": 0.73, ...}}}}
+                               "calibration": {"objective": {...}, "score": 0.73, ...},
+                               "weights": {"model.safetensors": "0daa2343..."}}}}
+
+``weights`` (written by ``taskmllm calibrate``) is the SHA-256 of each weight file the settings were chosen on
+(:func:`weights_fingerprint`: the checkpoint's ``checksums.json`` outside ``experts/``). Settings calibrated on
+other weights are not settings for this model: when the model's files differ, :func:`load_calibration` drops the
+entry with a :class:`StaleCalibrationWarning`, and the intervention runs with its defaults until calibrated again.
 
 :func:`save_calibration` writes it atomically (merging with what is there); :func:`load_calibration` reads it
 strictly (typed errors on a malformed file; unknown names or settings are rejected by constructing each
@@ -18,6 +24,7 @@ settings when it carries them, else VHR's defaults; keyword overrides replace si
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -25,7 +32,7 @@ from taskmllm.errors import CheckpointError, ConfigError
 from taskmllm.model.interventions.var import VAR
 from taskmllm.model.interventions.vhr import VHR
 from taskmllm.model.interventions.zerotuning import ZeroTuning
-from taskmllm.model.io import atomic_write_text
+from taskmllm.model.io import atomic_write_text, read_checksums
 
 FILENAME = "interventions.json"
 FORMAT = "taskmllm-interventions"
@@ -37,6 +44,11 @@ NAMES: tuple[str, ...] = ("none", *INTERVENTION_TYPES)
 IDENTITY: dict[str, dict[str, Any]] = {"vhr": {"alpha": 1.0}, "var": {"p": 0.0}, "zerotuning": {"gamma": 1.0}}
 Intervention = Union[VHR, VAR, ZeroTuning]
 Settings = Mapping[str, Mapping[str, Any]]
+ENTRY_KEYS = ("settings", "calibration", "weights")
+
+
+class StaleCalibrationWarning(UserWarning):
+    """An ``interventions.json`` entry was calibrated on other weights than the model's; it is not used."""
 
 
 def build_intervention(name: str, settings: Mapping[str, Any]) -> Intervention:
@@ -84,9 +96,22 @@ def calibration_path(model_dir: Union[str, Path]) -> Path:
     return Path(model_dir) / FILENAME
 
 
+def weights_fingerprint(model_dir: Union[str, Path]) -> dict[str, str]:
+    """``{file: SHA-256}`` of the weights a calibration of the checkpoint ``model_dir`` is made on: its
+    ``checksums.json`` entries outside ``experts/`` (an intervention acts on the LLM, never on an expert head);
+    ``{}`` for a checkpoint written without checksums.
+
+    Raises:
+        CheckpointError: an unreadable ``checksums.json``.
+    """
+    return {name: digest for name, digest in read_checksums(model_dir).items() if not name.startswith("experts/")}
+
+
 def save_calibration(model_dir: Union[str, Path], settings: Settings,
-                     records: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Path:
-    """Write (merge) ``{name: settings}`` and optional ``{name: record}`` into ``model_dir/interventions.json``.
+                     records: Optional[Mapping[str, Mapping[str, Any]]] = None,
+                     weights: Optional[Mapping[str, str]] = None) -> Path:
+    """Write (merge) ``{name: settings}`` and optional ``{name: record}`` into ``model_dir/interventions.json``,
+    each entry with the ``weights`` (:func:`weights_fingerprint`) it was calibrated on when given.
 
     Settings are checked by building each intervention first; the file is replaced atomically (a temporary
     sibling, fsynced, then renamed), so a crash leaves the old file or the new one, never half of one.
@@ -98,6 +123,9 @@ def save_calibration(model_dir: Union[str, Path], settings: Settings,
     if not model_dir.is_dir():
         raise CheckpointError(model_dir, "is not a model directory")
     entries = {name: {"settings": build_intervention(name, s).settings()} for name, s in settings.items()}
+    if weights:
+        for entry in entries.values():
+            entry["weights"] = {str(k): str(v) for k, v in sorted(weights.items())}
     for name, record in (records or {}).items():
         if name not in entries:
             raise ConfigError(f"a calibration record for {name!r} needs its settings too")
@@ -108,9 +136,13 @@ def save_calibration(model_dir: Union[str, Path], settings: Settings,
     return atomic_write_text(calibration_path(model_dir), json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
-def load_calibration(model_dir: Union[str, Path], raw: bool = False) -> dict[str, Any]:
+def load_calibration(model_dir: Union[str, Path], raw: bool = False,
+                     weights: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
     """The calibrated settings ``{name: settings}`` of a model directory (``{}`` when it has no
-    ``interventions.json``); ``raw=True`` returns the stored entries (settings and calibration records).
+    ``interventions.json``); ``raw=True`` returns the stored entries (settings, calibration records, weights).
+
+    ``weights``: the model's :func:`weights_fingerprint`; an entry calibrated on other weights is left out with a
+    :class:`StaleCalibrationWarning` (an entry that records no weights, or a call without ``weights``, is kept).
 
     Raises:
         CheckpointError: the file is not JSON, of another format or version, or malformed; an unknown
@@ -134,15 +166,32 @@ def load_calibration(model_dir: Union[str, Path], raw: bool = False) -> dict[str
     for name, entry in entries.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("settings"), dict):
             raise CheckpointError(path, f"entry {name!r} must be an object with 'settings'")
-        extra = sorted(set(entry) - {"settings", "calibration"})
+        extra = sorted(set(entry) - set(ENTRY_KEYS))
         if extra:
             raise CheckpointError(path, f"entry {name!r} has unknown keys {extra}")
         try:
             settings = build_intervention(name, entry["settings"]).settings()
         except ConfigError as exc:
             raise CheckpointError(path, f"entry {name!r}: {exc}") from exc
+        if _stale(path, name, entry.get("weights"), weights):
+            continue
         out[name] = dict(entry, settings=settings) if raw else settings
     return out
+
+
+def _stale(path: Path, name: str, stored: Any, current: Optional[Mapping[str, str]]) -> bool:
+    """Whether the entry ``name`` was calibrated on other weights than ``current`` (warned once per call)."""
+    if stored is None:
+        return False
+    if not isinstance(stored, dict) or not all(isinstance(v, str) for v in stored.values()):
+        raise CheckpointError(path, f"entry {name!r}: 'weights' must map file names to SHA-256 hex digests")
+    if current is None or stored == dict(current):
+        return False
+    changed = sorted(set(stored) ^ set(current) | {f for f in stored if current.get(f) not in (None, stored[f])})
+    warnings.warn(f"{path}: the {name!r} settings were calibrated on other weights ({', '.join(changed)} "
+                  f"changed): they are not used, and {name} runs with its defaults until `taskmllm calibrate "
+                  f"--intervention {name}` is run for this model", StaleCalibrationWarning, stacklevel=3)
+    return True
 
 
 def load_interventions(model_dir: Union[str, Path]) -> dict[str, Intervention]:
