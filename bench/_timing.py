@@ -31,7 +31,8 @@ other processes' load does not inflate). The model's EOS is disabled meanwhile, 
     configuration generates exactly ``new_tokens`` tokens (restored afterwards, as is the attention implementation).
 
     Returns:
-        ``{name: {"best_s", "median_s"}}``.
+        ``{name: {"best_s", "median_s", "rounds_s"}}`` (``rounds_s``: every timed round in order, for paired ratios:
+        :func:`paired_ratio`).
     """
     import torch
 
@@ -53,4 +54,23 @@ other processes' load does not inflate). The model's EOS is disabled meanwhile, 
     finally:
         tokenizer.eos_token = eos
         model.llm.set_attn_implementation(attn)
-    return {k: {"best_s": round(min(v), 4), "median_s": round(statistics.median(v), 4)} for k, v in times.items()}
+    return {k: {"best_s": round(min(v), 4), "median_s": round(statistics.median(v), 4),
+                "rounds_s": [round(t, 5) for t in v]} for k, v in times.items()}
+
+
+def paired_ratio(num: list[float], den: list[float], resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """The median of the per-round ratios ``num[r] / den[r]`` of two configurations timed in the same rounds, with
+    a 95% bootstrap interval (rounds resampled with replacement). A ratio within a round cancels what drifts
+    between rounds (the machine's speed, its caches' state), which the ratio of two best rounds does not.
+
+    Returns:
+        ``{"median": float, "ci95": [low, high], "rounds": int}``.
+    """
+    import numpy as np
+
+    ratios = np.asarray(num, dtype=float) / np.asarray(den, dtype=float)
+    rng = np.random.default_rng(seed)
+    medians = np.median(ratios[rng.integers(0, len(ratios), (resamples, len(ratios)))], axis=1)
+    low, high = np.quantile(medians, [0.025, 0.975])
+    return {"median": round(float(np.median(ratios)), 3), "ci95": [round(float(low), 3), round(float(high), 3)],
+            "rounds": len(ratios)}
