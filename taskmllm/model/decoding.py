@@ -111,14 +111,17 @@ class DynamicDecoder:
                       cache=self.cache, use_cache=self.cache is not None)
         return run_llm(self.model.llm, self.plain_head, c, last_only, **kwargs)
 
-    def _attention_mask(self, c: int) -> torch.Tensor:
-        """The 2D mask of everything fed, or for a one-token SDPA decode step on a padded batch the ready
-        ``(B, 1, 1, T)`` boolean mask (one query row attends to every valid key: no causal part to build), which
-        spares transformers rebuilding a 4D mask from the 2D one at every step."""
+    def _attention_mask(self, c: int) -> Optional[torch.Tensor]:
+        """The 2D mask of everything fed; for a one-token SDPA decode step, the ready ``(B, 1, 1, T)`` boolean mask
+        on a padded batch (one query row attends to every valid key: no causal part to build), and no mask at all
+        on a batch that was never padded (the row attends to every key). Either spares transformers rebuilding a 4D
+        mask from the 2D one at every step, and checking the 2D one: that check asks whether a CUDA graph is
+        being captured, which on a CUDA build of torch without a GPU driver raises and catches an error, ~75 us of
+        a ~1.4 ms step of a 4-layer LLM at batch 1 (``bench/interventions.py``'s model: 9% of a 64-token call)."""
         mask = self.buffer[:, : self.length]
-        if self.cache is None or c != 1 or not self.sdpa or not self.padded:
+        if self.cache is None or c != 1 or not self.sdpa:
             return mask
-        return mask.bool()[:, None, None, :]
+        return mask.bool()[:, None, None, :] if self.padded else None
 
 
 class CompiledSteps:

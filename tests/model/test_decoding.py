@@ -110,6 +110,29 @@ def test_no_repeat_ngram_forbids_a_repeated_id_and_penalty_one_is_the_identity(v
         assert len(set(body)) == len(body) and not seen & set(body)  # 1-grams: nothing of prompt + answer twice
 
 
+def test_an_unpadded_sdpa_decode_step_needs_no_mask(varied_model, rgb_image):
+    """A one-token step of a batch that was never padded goes to the LM without a mask; its logits equal those of
+    the same step given the 2D mask of everything fed (transformers' own path)."""
+    from taskmllm.model.decoding import DynamicDecoder
+    from taskmllm.model.processor import positions
+
+    model = varied_model
+    batch = model.processor(PROMPTS[:1], [rgb_image])
+    step = torch.randn(1, 1, model.llm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    outs = []
+    with torch.no_grad():
+        emb = model.embed(batch.input_ids, model.encode_images(batch.pixel_values)[1])
+        for keep_2d in (False, True):
+            decoder = DynamicDecoder(model, True, 1, 64)
+            decoder.feed(emb, batch.attention_mask, positions(batch.attention_mask), last_only=True)
+            assert decoder.sdpa and not decoder.padded and decoder._attention_mask(1) is None
+            decoder.sdpa = not keep_2d  # False: the 2D mask, as for any other attention
+            next_pos = batch.attention_mask.sum(-1, keepdim=True)  # (1, 1)
+            outs.append(decoder.feed(step, torch.ones(1, 1, dtype=torch.long), next_pos))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-5)
+
+
 def test_static_length_buckets():
     assert static_length(1, 2048) == 32 and static_length(33, 2048) == 64 and static_length(64, 2048) == 64
     assert static_length(300, 200) == 300  # never below what is needed
