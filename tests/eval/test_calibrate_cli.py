@@ -186,7 +186,8 @@ def test_the_card_shows_a_long_head_list_by_its_size(tmp_path):
         in rows["| zerotuning"]
     assert "layers=[1]" in rows["| vhr"]
 
-def test_settings_calibrated_on_other_weights_are_not_used(calibrated, tmp_path, rgb_image):
+
+def test_settings_calibrated_on_other_weights_are_not_used(calibrated, tmp_path):
     """Another model's ``interventions.json`` copied beside retrained weights: the Pipeline warns, names the
     changed file, and runs each intervention with its defaults."""
     retrained = tmp_path / "retrained"

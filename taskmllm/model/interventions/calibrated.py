@@ -180,7 +180,8 @@ def load_calibration(model_dir: Union[str, Path], raw: bool = False,
 
 
 def _stale(path: Path, name: str, stored: Any, current: Optional[Mapping[str, str]]) -> bool:
-    """Whether the entry ``name`` was calibrated on other weights than ``current`` (warned once per call)."""
+    """Whether the entry ``name`` was calibrated on other weights than ``current`` (then it warns, naming the
+    files that differ, were added or went missing)."""
     if stored is None:
         return False
     if not isinstance(stored, dict) or not all(isinstance(v, str) for v in stored.values()):
