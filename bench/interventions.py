@@ -10,7 +10,10 @@ round's two runs share the machine's state, so drift between rounds cancels).
 
 Targets (issue #29): VHR <= 1.05 x none; VAR <= 1.25 x none with SDPA (the model's own backend), at batch 1 and 8.
 ZeroTuning (gamma 1.5 on every head, SDPA) is timed beside them. ``--device cuda`` times them on a GPU.
-``--threads 1`` times on the process's CPU clock (a shared machine's other load does not count).
+``--threads 1`` times on the process's CPU clock (a shared machine's other load does not count) with the process
+pinned to one core (``--pin``, the default at one thread), so that the clock reads what a dedicated core takes:
+unpinned, VHR's no-image pass runs in its own thread on a second core beside the image pass and the two slow each
+other through the shared caches (batch 8: +40 ms of CPU time unpinned, +21 ms pinned, its own work ~19 ms).
 
     python bench/interventions.py --out bench/results/interventions.json
 """
@@ -18,6 +21,7 @@ ZeroTuning (gamma 1.5 on every head, SDPA) is timed beside them. ``--device cuda
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 from pathlib import Path
 
@@ -50,6 +54,13 @@ PAIRS = {"vhr_over_none": ("vhr_sdpa", "none_sdpa"), "var_over_none_sdpa": ("var
          "var_over_none_eager": ("var_eager", "none_eager"), "zerotuning_over_none": ("zerotuning_sdpa", "none_sdpa")}
 
 
+def pin_to_one_core() -> int:
+    """Restrict this process (every thread it starts) to the lowest core it may run on; returns that core."""
+    core = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    return core
+
+
 def build_model():
     from taskmllm.model.mllm import TaskMLLM
     from taskmllm.zoo import tiny_config
@@ -72,18 +83,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
+                        help="pin the process to one CPU core (default: at --threads 1 on the CPU)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (each run ends in a host copy of the tokens)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    pinned = pin_to_one_core() if (args.pin if args.pin is not None else
+                                   args.threads == 1 and args.device == "cpu") else None
 
     from taskmllm.model.interventions import VAR, VHR, ZeroTuning
 
     model = build_model().to(args.device)
     rng = np.random.default_rng(0)
     results = {"platform": platform.processor() or platform.machine(), **machine(args.device),
-               "clock": "cpu" if torch.get_num_threads() == 1 and args.device == "cpu" else "wall", "new_tokens": args.new_tokens, "repeats": args.repeats,
+               "clock": "cpu" if torch.get_num_threads() == 1 and args.device == "cpu" else "wall",
+               "new_tokens": args.new_tokens, "repeats": args.repeats, "pinned_core": pinned,
                "model": "tiny recipe (random weights)", "runs": []}
     var = VAR(p=0.6, rho=0.5, tau=8.0, sink_dims=[0], mode="paper")  # official mode: a BOS-only sink is no visual sink
     vhr = VHR(alpha=2.0)
