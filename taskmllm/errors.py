@@ -89,3 +89,8 @@ class MissingPackageError(TaskMLLMError, ImportError):
     def __init__(self, package: str, message: str) -> None:
         self.package = package
         super().__init__(message)
+
+
+class StaleCalibrationWarning(UserWarning):
+    """An ``interventions.json`` entry was calibrated on other weights than the model's, so it is not used (the
+    intervention runs its defaults until ``taskmllm calibrate`` is run for this model)."""

@@ -13,12 +13,11 @@ import torch
 
 from taskmllm.cli import main
 from taskmllm.data.shapesworld import WorldConfig
-from taskmllm.errors import ConfigError
+from taskmllm.errors import ConfigError, StaleCalibrationWarning
 from taskmllm.eval.calibration_run import CalibrationOptions, ValSuite, answer_prefix_batch
 from taskmllm.eval.suites import DEFAULT_EVAL_SEED, pipeline_answerer, run_chair_shapes, run_pope_shapes
 from taskmllm.model.interventions import VAR, VHR, ZeroTuning
-from taskmllm.model.interventions.calibrated import (FILENAME, StaleCalibrationWarning, load_calibration,
-                                                     save_calibration)
+from taskmllm.model.interventions.calibrated import FILENAME, load_calibration, save_calibration
 from taskmllm.model.io import sha256_file
 from taskmllm.model.mllm import TaskMLLM
 from taskmllm.router.joint import JointModel

@@ -7,11 +7,10 @@ import json
 
 import pytest
 
-from taskmllm.errors import CheckpointError, ConfigError
+from taskmllm.errors import CheckpointError, ConfigError, StaleCalibrationWarning
 from taskmllm.eval.calibrate import (FILENAME, Objective, build_intervention, grid_search, layer_set, load_calibration,
                                      load_interventions, save_calibration, var_grid, vhr_grid, zerotuning_grid)
 from taskmllm.model.interventions import VAR, VHR, ZeroTuning
-from taskmllm.model.interventions.calibrated import StaleCalibrationWarning
 from taskmllm.model.interventions.vhr import default_layers
 
 # metrics of the stub validation suite per VHR alpha (None = the plain model)

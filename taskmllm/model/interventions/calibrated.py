@@ -13,7 +13,7 @@ constructor arguments, :meth:`VHR.settings` etc.) and optionally the record of t
 ``weights`` (written by ``taskmllm calibrate``) is the SHA-256 of each weight file the settings were chosen on
 (:func:`weights_fingerprint`: the checkpoint's ``checksums.json`` outside ``experts/``). Settings calibrated on
 other weights are not settings for this model: when the model's files differ, :func:`load_calibration` drops the
-entry with a :class:`StaleCalibrationWarning`, and the intervention runs with its defaults until calibrated again.
+entry with a :class:`~taskmllm.errors.StaleCalibrationWarning`, and the intervention runs with its defaults until calibrated again.
 
 :func:`save_calibration` writes it atomically (merging with what is there); :func:`load_calibration` reads it
 strictly (typed errors on a malformed file; unknown names or settings are rejected by constructing each
@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from taskmllm.errors import CheckpointError, ConfigError
+from taskmllm.errors import CheckpointError, ConfigError, StaleCalibrationWarning
 from taskmllm.model.interventions.var import VAR
 from taskmllm.model.interventions.vhr import VHR
 from taskmllm.model.interventions.zerotuning import ZeroTuning
@@ -45,10 +45,6 @@ IDENTITY: dict[str, dict[str, Any]] = {"vhr": {"alpha": 1.0}, "var": {"p": 0.0},
 Intervention = Union[VHR, VAR, ZeroTuning]
 Settings = Mapping[str, Mapping[str, Any]]
 ENTRY_KEYS = ("settings", "calibration", "weights")
-
-
-class StaleCalibrationWarning(UserWarning):
-    """An ``interventions.json`` entry was calibrated on other weights than the model's; it is not used."""
 
 
 def build_intervention(name: str, settings: Mapping[str, Any]) -> Intervention:
