@@ -13,7 +13,8 @@ constructor arguments, :meth:`VHR.settings` etc.) and optionally the record of t
 ``weights`` (written by ``taskmllm calibrate``) is the SHA-256 of each weight file the settings were chosen on
 (:func:`weights_fingerprint`: the checkpoint's ``checksums.json`` outside ``experts/``). Settings calibrated on
 other weights are not settings for this model: when the model's files differ, :func:`load_calibration` drops the
-entry with a :class:`~taskmllm.errors.StaleCalibrationWarning`, and the intervention runs with its defaults until calibrated again.
+entry with a :class:`~taskmllm.errors.StaleCalibrationWarning`, and the intervention runs with its defaults until
+calibrated again.
 
 :func:`save_calibration` writes it atomically (merging with what is there); :func:`load_calibration` reads it
 strictly (typed errors on a malformed file; unknown names or settings are rejected by constructing each
