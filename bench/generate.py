@@ -4,10 +4,11 @@ A random LLaVA (CLIP vision + Llama, tiny-recipe sized unless --hidden/--layers 
 with ``import_llava_hf``, and both generate ``--new-tokens`` greedy tokens (EOS disabled so lengths match) for
 batch 1 and batch ``--batch``: ours with the default decoder and with ``compile=True`` (after its one-time warm-up,
 reported), transformers' ``generate`` as users call it. Runs alternate within each round; ratios use each one's
-best round. Every run's tokens must equal transformers' (asserted). Prints JSON with tokens/s, the ratios (target
->= 1.5, issue #29), the measured memory-read bandwidth and the fraction of the bound it sets (weights read once per
-step), the torch threads and the load average. ``--device cuda`` runs both on a GPU (fp32; the bandwidth probe then
-reads the GPU's memory).
+best round, and ``paired`` gives the median of the per-round speed-ups (transformers' time / ours in the same round)
+with a 95% bootstrap interval (``_timing.paired_ratio``). Every run's tokens must equal transformers' (asserted).
+Prints JSON with tokens/s, the ratios (target >= 1.5, issue #29), the measured memory-read bandwidth and the
+fraction of the bound it sets (weights read once per step), the torch threads and the load average.
+``--device cuda`` runs both on a GPU (fp32; the bandwidth probe then reads the GPU's memory).
 
     python bench/generate.py --out bench/results/generate.json
     python bench/generate.py --device cuda --batch 32 --out bench/results/generate_cuda.json
@@ -26,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from _bandwidth import machine, read_bandwidth, weight_bytes
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
+from _timing import paired_ratio
 
 
 def build_llava(path: Path, hidden: int, layers: int, vocab: int):
@@ -47,10 +49,10 @@ def build_llava(path: Path, hidden: int, layers: int, vocab: int):
     tok.save_pretrained(path)
 
 
-def timed(fns: dict, repeats: int, clock=time.perf_counter) -> tuple[dict[str, float], dict[str, float]]:
-    """Warm-up time and best time of each function on ``clock``; runs alternate (a, b, c, a, ...) so that machine
-    drift during the measurement affects all alike."""
-    warm, best = {}, {k: float("inf") for k in fns}
+def timed(fns: dict, repeats: int, clock=time.perf_counter) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Warm-up time and every round's time of each function on ``clock``; runs alternate (a, b, c, a, ...) so that
+    machine drift during the measurement affects all alike."""
+    warm, rounds = {}, {k: [] for k in fns}
     for name, fn in fns.items():
         start = clock()
         fn()
@@ -59,8 +61,8 @@ def timed(fns: dict, repeats: int, clock=time.perf_counter) -> tuple[dict[str, f
         for name, fn in fns.items():
             start = clock()
             fn()
-            best[name] = min(best[name], clock() - start)
-    return warm, best
+            rounds[name].append(clock() - start)
+    return warm, rounds
 
 
 def clock_for(threads: int):
@@ -87,14 +89,18 @@ def run_batch(ours, ref, bsz: int, n: int, repeats: int, llm_bytes: int, bandwid
     for name, compile in (("ours", False), ("ours_compiled", True)):
         fns[name] = lambda compile=compile: ours.generate(batch, max_new_tokens=n, compile=compile).sequences
     clock = clock_for(torch.get_num_threads()) if ours.device.type == "cpu" else time.perf_counter
-    warm, best = timed(fns, repeats, clock)
+    warm, rounds = timed(fns, repeats, clock)
+    best = {name: min(times) for name, times in rounds.items()}
     same = {name: fn() == want for name, fn in fns.items() if name != "transformers"}
     assert all(same.values()), f"tokens differ from transformers': {same}"
     rate = {k: round(bsz * n / v, 1) for k, v in best.items()}
     bound = bandwidth * 1e9 / llm_bytes  # steps/s if a step only read the LLM's weights once
-    return {"batch": bsz, "clock": "cpu" if clock is time.process_time else "wall", "tokens_per_s": rate, "identical_tokens": same,
+    return {"batch": bsz, "clock": "cpu" if clock is time.process_time else "wall", "tokens_per_s": rate,
+            "identical_tokens": same,
             "ratio_ours_over_transformers": round(best["transformers"] / best["ours"], 3),
             "ratio_ours_compiled_over_transformers": round(best["transformers"] / best["ours_compiled"], 3),
+            "paired": {f"{name}_over_transformers": paired_ratio(rounds["transformers"], rounds[name])
+                       for name in ("ours", "ours_compiled")},
             "compile_warmup_s": round(warm["ours_compiled"], 1),
             "bandwidth_bound_steps_per_s": round(bound, 1),
             "fraction_of_bound_compiled": round(n / best["ours_compiled"] / bound, 4)}
