@@ -60,17 +60,18 @@ other processes' load does not inflate). The model's EOS is disabled meanwhile, 
 
 def paired_ratio(num: list[float], den: list[float], resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
     """The median of the per-round ratios ``num[r] / den[r]`` of two configurations timed in the same rounds, with
-    a 95% bootstrap interval (rounds resampled with replacement). A ratio within a round cancels what drifts
-    between rounds (the machine's speed, its caches' state), which the ratio of two best rounds does not.
+    a 95% percentile-bootstrap interval (``scipy.stats.bootstrap``: rounds resampled with replacement). A ratio
+    within a round cancels what drifts between rounds (the machine's speed, its caches' state), which the ratio of
+    two best rounds does not.
 
     Returns:
         ``{"median": float, "ci95": [low, high], "rounds": int}``.
     """
     import numpy as np
+    from scipy.stats import bootstrap
 
     ratios = np.asarray(num, dtype=float) / np.asarray(den, dtype=float)
-    rng = np.random.default_rng(seed)
-    medians = np.median(ratios[rng.integers(0, len(ratios), (resamples, len(ratios)))], axis=1)
-    low, high = np.quantile(medians, [0.025, 0.975])
-    return {"median": round(float(np.median(ratios)), 3), "ci95": [round(float(low), 3), round(float(high), 3)],
-            "rounds": len(ratios)}
+    interval = bootstrap((ratios,), np.median, confidence_level=0.95, method="percentile", n_resamples=resamples,
+                         random_state=seed).confidence_interval
+    return {"median": round(float(np.median(ratios)), 3),
+            "ci95": [round(float(interval.low), 3), round(float(interval.high), 3)], "rounds": len(ratios)}
