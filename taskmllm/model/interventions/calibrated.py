@@ -122,7 +122,7 @@ def save_calibration(model_dir: Union[str, Path], settings: Settings,
     entries = {name: {"settings": build_intervention(name, s).settings()} for name, s in settings.items()}
     if weights:
         for entry in entries.values():
-            entry["weights"] = {str(k): str(v) for k, v in sorted(weights.items())}
+            entry["weights"] = dict(weights)  # written with sorted keys, like the rest of the file
     for name, record in (records or {}).items():
         if name not in entries:
             raise ConfigError(f"a calibration record for {name!r} needs its settings too")
@@ -185,7 +185,7 @@ def _stale(path: Path, name: str, stored: Any, current: Optional[Mapping[str, st
         raise CheckpointError(path, f"entry {name!r}: 'weights' must map file names to SHA-256 hex digests")
     if current is None or stored == dict(current):
         return False
-    changed = sorted(set(stored) ^ set(current) | {f for f in stored if current.get(f) not in (None, stored[f])})
+    changed = sorted(f for f in set(stored) | set(current) if stored.get(f) != current.get(f))
     warnings.warn(f"{path}: the {name!r} settings were calibrated on other weights ({', '.join(changed)} "
                   f"changed): they are not used, and {name} runs with its defaults until `taskmllm calibrate "
                   f"--intervention {name}` is run for this model", StaleCalibrationWarning, stacklevel=3)
