@@ -160,6 +160,7 @@ def test_matches_reference_vhd_heads_and_tokens(model):
     vhr = VHR(alpha=alpha, layers=layers)
     out = model.generate(batch, max_new_tokens=10, intervention=vhr)
     assert vhr.layers == layers
+    assert vhr.reused_prefix, "a cached generate reads the prefix's keys from the image pass"
     changed = False
     for b, prompt in enumerate(PROMPTS):
         vhds, selection, single = reference_vhr(model, prompt, ims[b], layers, alpha)
@@ -181,9 +182,14 @@ def test_cache_equals_recompute(model):
     vhr = VHR()
     cached = model.generate(batch, max_new_tokens=10, intervention=vhr)
     heads = {k: v.clone() for k, v in vhr.selected_heads.items()}
+    vhd = {k: v.clone() for k, v in vhr.vhd.items()}
+    assert vhr.reused_prefix
     full = model.generate(batch, max_new_tokens=10, intervention=vhr, use_cache=False)
+    assert not vhr.reused_prefix, "without a cache the no-image pass computes the whole text"
     assert cached.sequences == full.sequences
     assert all(torch.equal(heads[k], vhr.selected_heads[k]) for k in heads)
+    for k in vhd:  # the reused prefix changes only the summation order
+        torch.testing.assert_close(vhd[k], vhr.vhd[k], rtol=1e-10, atol=1e-10)
 
 
 def test_hooks_removed_and_worker_ended_after_exception(model):
@@ -204,6 +210,27 @@ def test_hooks_removed_and_worker_ended_after_exception(model):
     assert not [t for t in threading.enumerate() if t.name == "taskmllm-vhr-no-image"]
     with torch.no_grad():
         assert torch.equal(model(batch).logits, want)
+
+
+def test_an_image_pass_failing_mid_prefill_releases_the_waiting_worker(model):
+    """The image pass raises at layer 2 while the no-image pass waits for that layer's keys: the error surfaces,
+    the worker ends, no hook stays."""
+    batch = model.processor(PROMPTS, images())
+    main = threading.get_ident()
+
+    def fail(module, args):
+        if threading.get_ident() == main:
+            raise KeyError("image pass failed")
+
+    layers = decoder_layers(model.llm)
+    handle = layers[2].register_forward_pre_hook(fail)
+    try:
+        with pytest.raises(KeyError, match="image pass failed"):
+            model.generate(batch, max_new_tokens=3, intervention=VHR(layers=[1, 3]))
+    finally:
+        handle.remove()
+    assert not [t for t in threading.enumerate() if t.name == "taskmllm-vhr-no-image"]
+    assert not any(m._forward_pre_hooks for layer in layers for m in layer.modules())
 
 
 def test_right_padding_reads_each_sample_last_real_token(model):

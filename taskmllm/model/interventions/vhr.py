@@ -1,7 +1,9 @@
 """VHR — Vision-aware Head Reinforcement (arXiv 2412.13949), on any attention backend.
 
 At the first generation step (the prefill), a second forward of the prompt **without its visual tokens** runs
-in lockstep with the real prefill, in a worker thread: at every configured layer both passes stop before
+in lockstep with the real prefill, in a worker thread (when the prefill fills a KV cache, the no-image pass reads
+the keys and values of the text before the first visual token from it and computes only the text after it:
+:mod:`~taskmllm.model.interventions.no_image_pass`): at every configured layer both passes stop before
 ``o_proj``, the per-head outputs at the step's query position (each sample's last real prompt token, found from
 the attention mask, so left, right or no padding all read the right column) give
 
@@ -42,9 +44,13 @@ import torch
 from torch import nn
 
 from taskmllm.errors import ConfigError, InputError
+from taskmllm.model.decoding import cache_keyword
 from taskmllm.model.generation import GenerationContext
-from taskmllm.model.interventions.hooks import (HookSet, as_context, decoder_layers, head_layout,
+from taskmllm.model.interventions.hooks import (HookSet, as_context, attention_module, decoder_layers, head_layout,
                                                 output_projection, resolve_layers)
+from taskmllm.model.interventions.no_image_pass import (TextPass, copy_prefix, is_full_attention_cache,
+                                                        last_real_positions, prefix_cache, prefix_reuse_inputs,
+                                                        whole_pass)
 from taskmllm.model.interventions.validation import check_index_list, check_number, check_settings
 from taskmllm.model.processor import Batch
 
@@ -60,19 +66,6 @@ def default_layers(num_layers: int) -> list[int]:
     """Layer 1 plus the last ``round(14/32 * num_layers)`` layers (``[1] + 18..31`` for 32 layers)."""
     last = max(1, round(LAST_FRACTION * num_layers))
     return sorted({min(1, num_layers - 1)} | set(range(num_layers - last, num_layers)))
-
-
-def last_real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``(B, L)`` attention mask -> ``(B,)`` index of each row's last real (mask 1) token, on any padding side.
-
-    Raises:
-        InputError: a row has no real token.
-    """
-    real = attention_mask.bool()
-    if not bool(real.any(-1).all()):
-        raise InputError("a prompt of the batch has no real token (its attention mask is all zeros)")
-    length = real.shape[-1]
-    return (length - 1) - real.flip(-1).long().argmax(-1)
 
 
 def outlier_threshold(values: torch.Tensor) -> torch.Tensor:
@@ -107,21 +100,6 @@ def select_heads(vhd: torch.Tensor, ta: torch.Tensor, remove_outliers: bool = Tr
     return outliers, kept > median
 
 
-def no_image_inputs(ctx: GenerationContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompt with its visual tokens removed, left padded: embeddings ``(B, L0, H)`` and mask ``(B, L0)``."""
-    keep = ctx.attention_mask.bool() & ~ctx.image_mask
-    lengths = keep.sum(-1)
-    length = int(lengths.max())
-    bsz, _, hidden = ctx.inputs_embeds.shape
-    emb = ctx.inputs_embeds.new_zeros(bsz, length, hidden)
-    mask = torch.zeros(bsz, length, dtype=ctx.attention_mask.dtype, device=ctx.attention_mask.device)
-    for b in range(bsz):
-        n = int(lengths[b])
-        emb[b, length - n:] = ctx.inputs_embeds[b][keep[b]]
-        mask[b, length - n:] = 1
-    return emb, mask
-
-
 class VHR:
     """Vision-aware Head Reinforcement: pass as ``intervention=`` to ``generate``, or ``with vhr.attach(...)``.
 
@@ -136,7 +114,9 @@ class VHR:
 
     After a generation, for inspection (from the most recent attach):
         ``selected_heads``: ``{layer: (B, heads) bool}``; ``vhd``: ``{layer: (B, heads)}`` raw VHD;
-        ``outliers``: ``{layer: (B, heads) bool}``; ``layers``: the layers used.
+        ``outliers``: ``{layer: (B, heads) bool}``; ``layers``: the layers used; ``reused_prefix``: whether the
+        no-image pass read the text before the first visual token from the image pass's KV cache
+        (:mod:`~taskmllm.model.interventions.no_image_pass`) instead of recomputing it.
     """
 
     SETTINGS = ("alpha", "layers", "remove_outliers")
@@ -152,6 +132,7 @@ class VHR:
         self.vhd: dict[int, torch.Tensor] = {}
         self.outliers: dict[int, torch.Tensor] = {}
         self.layers: list[int] = []
+        self.reused_prefix = False
 
     def __repr__(self) -> str:
         return f"VHR(alpha={self.alpha}, layers={self.layer_spec}, remove_outliers={self.remove_outliers})"
@@ -177,16 +158,18 @@ class VHRSession(contextlib.AbstractContextManager):
         self.vhr = vhr
         self.model = model
         self.ctx = ctx
-        layers = decoder_layers(model.llm)
-        spec = vhr.layer_spec if vhr.layer_spec is not None else default_layers(len(layers))
-        self.layers = resolve_layers(spec, len(layers))
-        self.modules = {i: output_projection(layers[i]) for i in self.layers}
+        self.decoder_layers = decoder_layers(model.llm)
+        spec = vhr.layer_spec if vhr.layer_spec is not None else default_layers(len(self.decoder_layers))
+        self.layers = resolve_layers(spec, len(self.decoder_layers))
+        self.modules = {i: output_projection(self.decoder_layers[i]) for i in self.layers}
         self.heads, self.head_dim = head_layout(model.llm)
-        self.hooks = HookSet()
+        self.hooks = HookSet()  # the reinforcement, kept for the whole attach
+        self._pass_hooks = HookSet()  # the selection's (start, prefix reuse), removed once every layer is selected
         self.scales: dict[int, torch.Tensor] = {}  # layer -> (B, 1, heads * head_dim)
         self.vhd: dict[int, torch.Tensor] = {}
         self.outliers: dict[int, torch.Tensor] = {}
         self.selected: dict[int, torch.Tensor] = {}
+        self.reused_prefix = False  # whether the no-image pass read the prefix from the image pass's cache
         self._deposit: dict[str, torch.Tensor] = {}
         self._barrier = threading.Barrier(2, action=self._select)
         self._select_error: Optional[BaseException] = None
@@ -196,6 +179,12 @@ class VHRSession(contextlib.AbstractContextManager):
         self._pending = list(self.layers)  # layers whose selection is still to be made
         self._last = last_real_positions(ctx.attention_mask)  # (B,) the query position of the image pass
         self._threads = torch.get_num_threads()  # the caller's intra-op threads, for the worker (see _no_image_pass)
+        self._kv = threading.Condition()  # guards the two below: the image pass's progress, for the prefix reuse
+        self._kv_ready = -1  # the last layer whose keys and values the image pass has written
+        self._aborted = False
+        self._image_cache: Any = None
+        self._text_cache: Any = None
+        self._text: Optional[TextPass] = None
 
     # ------------------------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "VHRSession":
@@ -203,10 +192,7 @@ class VHRSession(contextlib.AbstractContextManager):
             for i in self.layers:
                 self.hooks.forward_pre(self.modules[i], self._hook(i))
             if self._pending:
-                emb, mask = no_image_inputs(self.ctx)
-                self._worker = threading.Thread(target=self._no_image_pass, args=(emb, mask), daemon=True,
-                                                name="taskmllm-vhr-no-image")
-                self._worker.start()
+                self._pass_hooks.forward_pre(self.model.llm.get_decoder(), self._start, with_kwargs=True)
         except BaseException:
             self._close()
             raise
@@ -218,31 +204,88 @@ class VHRSession(contextlib.AbstractContextManager):
         self.vhr.selected_heads = dict(self.selected)
         self.vhr.vhd = dict(self.vhd)
         self.vhr.outliers = dict(self.outliers)
+        self.vhr.reused_prefix = self.reused_prefix
         return None
 
     def _close(self) -> None:
+        with self._kv:
+            self._aborted = True  # releases a worker waiting for the image pass's keys
+            self._kv.notify_all()
         self._barrier.abort()  # releases a worker still waiting for the image pass
         if self._worker is not None:
             self._worker.join()
             self._worker = None
+        self._pass_hooks.remove()
         self.hooks.remove()
 
     # ------------------------------------------------------------------------------- no-image pass
     class _Done(Exception):
         """Raised inside the worker's forward once the last configured layer has been selected."""
 
-    def _no_image_pass(self, emb: torch.Tensor, mask: torch.Tensor) -> None:
-        from taskmllm.model.processor import positions
+    def _start(self, decoder: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Decoder pre-hook: at the image pass's first forward, start the no-image pass beside it — on the
+        text after the first visual token when the image pass fills an empty full-attention KV cache (the
+        prefix's keys and values are read from it, :mod:`no_image_pass`), else on the whole text."""
+        if self._worker is not None or threading.get_ident() == self._worker_ident:
+            return None
+        first = kwargs.get("inputs_embeds", kwargs.get("input_ids", args[0] if args else None))
+        bsz, length = self.ctx.attention_mask.shape  # the prompt, which the forward may continue (teacher forcing)
+        if first is not None and (first.shape[0] != bsz or first.shape[1] < length):
+            raise InputError(f"VHR was attached for a prompt of shape {tuple(self.ctx.attention_mask.shape)} but "
+                             f"the first forward has {tuple(first.shape[:2])}")
+        cache = kwargs.get(cache_keyword(type(decoder)))
+        needed = self.layers[-1] + 1  # the pass stops at the last selected layer
+        text = prefix_reuse_inputs(self.ctx) if is_full_attention_cache(cache, needed) else None
+        if text is not None:
+            kv_heads = int(getattr(self.model.llm.config, "num_key_value_heads", None) or self.heads)
+            dtype = self.modules[self.layers[0]].weight.dtype
+            self._image_cache, self.reused_prefix = cache, True
+            self._text_cache = prefix_cache(text, needed, kv_heads, self.head_dim, dtype)
+            for i in range(needed):  # o_proj's input is computed after the layer's cache update
+                self._pass_hooks.forward_pre(attention_module(self.decoder_layers[i]), self._before_attention(i))
+                self._pass_hooks.forward_pre(output_projection(self.decoder_layers[i]), self._after_attention(i),
+                                             prepend=True)  # before the selection's rendezvous
+        self._text = text or whole_pass(self.ctx)
+        self._worker = threading.Thread(target=self._no_image_pass, args=(self._text,), daemon=True,
+                                        name="taskmllm-vhr-no-image")
+        self._worker.start()
+        return None
 
+    def _before_attention(self, layer: int):
+        def hook(module: nn.Module, args: tuple) -> None:  # the worker waits for the image pass's keys
+            if threading.get_ident() != self._worker_ident:
+                return None
+            with self._kv:
+                self._kv.wait_for(lambda: self._kv_ready >= layer or self._aborted)
+                if self._aborted:
+                    raise threading.BrokenBarrierError
+            copy_prefix(self._text_cache, self._image_cache, layer, self._text)
+            return None
+
+        return hook
+
+    def _after_attention(self, layer: int):
+        def hook(module: nn.Module, args: tuple) -> None:  # the image pass's keys are in its cache
+            if threading.get_ident() != self._worker_ident:
+                with self._kv:
+                    self._kv_ready = layer
+                    self._kv.notify_all()
+            return None
+
+        return hook
+
+    def _no_image_pass(self, text: TextPass) -> None:
         self._worker_ident = threading.get_ident()
         # OpenMP's thread count is per thread: a new thread would start a pool of every core (whose spin-waiting
         # cost 1.6x the CPU time of a 64-token decode at one thread); run the pass with the caller's count (the
         # value the process already has: nothing changes for other threads)
         torch.set_num_threads(self._threads)
+        decoder = self.model.llm.get_decoder()
+        cache = {cache_keyword(type(decoder)): self._text_cache} if self._text_cache is not None else {}
         try:
             with torch.no_grad():
-                self.model.llm.get_decoder()(inputs_embeds=emb, attention_mask=mask, position_ids=positions(mask),
-                                             use_cache=False)
+                decoder(inputs_embeds=text.inputs_embeds, attention_mask=text.attention_mask,
+                        position_ids=text.position_ids, use_cache=bool(cache), **cache)
         except (VHRSession._Done, threading.BrokenBarrierError):
             pass
         except Exception as exc:  # reported to the image pass, which raises it
@@ -265,11 +308,7 @@ class VHRSession(contextlib.AbstractContextManager):
         if in_worker:
             query = x[:, -1]
         else:
-            bsz, length = self.ctx.attention_mask.shape
-            if x.shape[0] != bsz or x.shape[1] < length:
-                raise InputError(f"VHR was attached for a prompt of shape {(bsz, length)} but the first forward "
-                                 f"has {tuple(x.shape[:2])}")
-            query = x[torch.arange(bsz, device=x.device), self._last.to(x.device)]
+            query = x[torch.arange(x.shape[0], device=x.device), self._last.to(x.device)]
         self._deposit["no_image" if in_worker else "image"] = query.reshape(x.shape[0], self.heads, self.head_dim)
         try:
             self._barrier.wait()
@@ -278,8 +317,10 @@ class VHRSession(contextlib.AbstractContextManager):
                 raise
             cause = self._worker_error or self._select_error
             raise RuntimeError(f"VHR's no-image pass failed at layer {layer}") from (cause or exc)
-        if in_worker and layer == self.layers[-1]:
-            raise VHRSession._Done()
+        if layer == self.layers[-1]:
+            if in_worker:
+                raise VHRSession._Done()
+            self._pass_hooks.remove()  # the worker is past its last attention: later forwards skip them
         return (x * self.scales[layer],) + tuple(args[1:])
 
     def _select(self) -> None:
