@@ -252,3 +252,23 @@ def test_right_padding_reads_each_sample_last_real_token(model):
         with VHR(alpha=alpha, layers=layers).attach(model, single), torch.no_grad():
             want = model(single).logits[0]
         torch.testing.assert_close(logits[b, :n], want, rtol=1e-6, atol=1e-6)
+
+
+def test_the_two_passes_take_turns(model):
+    """No layer's MLP of one pass overlaps another's: the image pass waits while the no-image pass runs a layer
+    (and the reverse), so they never compete for the cores."""
+    events = []
+    handles = []
+    for i, layer in enumerate(decoder_layers(model.llm)):
+        handles.append(layer.mlp.register_forward_pre_hook(
+            lambda m, a, i=i: events.append((threading.get_ident(), i, "in"))))
+        handles.append(layer.mlp.register_forward_hook(
+            lambda m, a, o, i=i: events.append((threading.get_ident(), i, "out"))))
+    try:
+        model.generate(model.processor(PROMPTS, images()), max_new_tokens=2, intervention=VHR(layers=[1, 2, 3]))
+    finally:
+        for h in handles:
+            h.remove()
+    assert len({ident for ident, _, _ in events}) == 2, "both passes ran"
+    for start, end in zip(events[::2], events[1::2]):
+        assert start[2] == "in" and end == (start[0], start[1], "out"), (start, end)

@@ -1,9 +1,12 @@
 """VHR — Vision-aware Head Reinforcement (arXiv 2412.13949), on any attention backend.
 
 At the first generation step (the prefill), a second forward of the prompt **without its visual tokens** runs
-in lockstep with the real prefill, in a worker thread (when the prefill fills a KV cache, the no-image pass reads
-the keys and values of the text before the first visual token from it and computes only the text after it:
-:mod:`~taskmllm.model.interventions.no_image_pass`): at every configured layer both passes stop before
+in lockstep with the real prefill, in a worker thread. The two take turns layer by layer, one running while the
+other waits (no oversubscribed cores, no thread switch inside a layer): the image pass runs a layer's attention
+and hands over at its ``o_proj``; the worker runs that layer (when the prefill fills a KV cache, it reads the keys
+and values of the text before the first visual token from it and computes only the text after it:
+:mod:`~taskmllm.model.interventions.no_image_pass`), selects the layer's heads if it is configured, and hands
+back before its next layer. At every configured layer both passes stop before
 ``o_proj``, the per-head outputs at the step's query position (each sample's last real prompt token, found from
 the attention mask, so left, right or no padding all read the right column) give
 
@@ -37,6 +40,7 @@ calibrated settings is run with those (:meth:`VHR.from_settings`).
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
@@ -46,7 +50,7 @@ from torch import nn
 from taskmllm.errors import ConfigError, InputError
 from taskmllm.model.decoding import cache_keyword
 from taskmllm.model.generation import GenerationContext
-from taskmllm.model.interventions.hooks import (HookSet, as_context, attention_module, decoder_layers, head_layout,
+from taskmllm.model.interventions.hooks import (HookSet, as_context, decoder_layers, head_layout,
                                                 output_projection, resolve_layers)
 from taskmllm.model.interventions.no_image_pass import (TextPass, copy_prefix, is_full_attention_cache,
                                                         last_real_positions, prefix_cache, prefix_reuse_inputs,
@@ -152,7 +156,8 @@ class VHR:
 
 
 class VHRSession(contextlib.AbstractContextManager):
-    """One VHR attach: the lockstep selection at the first forward, then the kept reinforcement."""
+    """One VHR attach: the lockstep selection at the first forward (the two passes take turns), then the kept
+    reinforcement."""
 
     def __init__(self, vhr: VHR, model: "TaskMLLM", ctx: GenerationContext) -> None:
         self.vhr = vhr
@@ -171,16 +176,16 @@ class VHRSession(contextlib.AbstractContextManager):
         self.selected: dict[int, torch.Tensor] = {}
         self.reused_prefix = False  # whether the no-image pass read the prefix from the image pass's cache
         self._deposit: dict[str, torch.Tensor] = {}
-        self._barrier = threading.Barrier(2, action=self._select)
-        self._select_error: Optional[BaseException] = None
         self._worker: Optional[threading.Thread] = None
         self._worker_error: Optional[BaseException] = None
         self._worker_ident: Optional[int] = None
         self._pending = list(self.layers)  # layers whose selection is still to be made
         self._last = last_real_positions(ctx.attention_mask)  # (B,) the query position of the image pass
         self._threads = torch.get_num_threads()  # the caller's intra-op threads, for the worker (see _no_image_pass)
-        self._kv = threading.Condition()  # guards the two below: the image pass's progress, for the prefix reuse
-        self._kv_ready = -1  # the last layer whose keys and values the image pass has written
+        # the two passes take turns (one runs while the other waits), guarded by one condition:
+        self._turn = threading.Condition()
+        self._image_at = -1  # the last layer the image pass has handed over (its attention done, keys cached)
+        self._worker_at = -1  # the layer the worker waits to start (math.inf once it has ended)
         self._aborted = False
         self._image_cache: Any = None
         self._text_cache: Any = None
@@ -208,10 +213,9 @@ class VHRSession(contextlib.AbstractContextManager):
         return None
 
     def _close(self) -> None:
-        with self._kv:
-            self._aborted = True  # releases a worker waiting for the image pass's keys
-            self._kv.notify_all()
-        self._barrier.abort()  # releases a worker still waiting for the image pass
+        with self._turn:
+            self._aborted = True  # releases a worker waiting for its turn
+            self._turn.notify_all()
         if self._worker is not None:
             self._worker.join()
             self._worker = None
@@ -241,35 +245,48 @@ class VHRSession(contextlib.AbstractContextManager):
             dtype = self.modules[self.layers[0]].weight.dtype
             self._image_cache, self.reused_prefix = cache, True
             self._text_cache = prefix_cache(text, needed, kv_heads, self.head_dim, dtype)
-            for i in range(needed):  # o_proj's input is computed after the layer's cache update
-                self._pass_hooks.forward_pre(attention_module(self.decoder_layers[i]), self._before_attention(i))
-                self._pass_hooks.forward_pre(output_projection(self.decoder_layers[i]), self._after_attention(i),
-                                             prepend=True)  # before the selection's rendezvous
+        for i in range(needed):  # the worker runs layer i once the image pass has run its attention (o_proj's input)
+            self._pass_hooks.forward_pre(self.decoder_layers[i], self._worker_turn(i))
+            self._pass_hooks.forward_pre(output_projection(self.decoder_layers[i]), self._image_turn(i),
+                                         prepend=True)  # before the reinforcement's hook
         self._text = text or whole_pass(self.ctx)
         self._worker = threading.Thread(target=self._no_image_pass, args=(self._text,), daemon=True,
                                         name="taskmllm-vhr-no-image")
         self._worker.start()
         return None
 
-    def _before_attention(self, layer: int):
-        def hook(module: nn.Module, args: tuple) -> None:  # the worker waits for the image pass's keys
+    def _worker_turn(self, layer: int):
+        def hook(module: nn.Module, args: tuple) -> None:  # decoder layer pre-hook: the worker waits for its turn
             if threading.get_ident() != self._worker_ident:
                 return None
-            with self._kv:
-                self._kv.wait_for(lambda: self._kv_ready >= layer or self._aborted)
+            with self._turn:
+                self._worker_at = layer
+                self._turn.notify_all()
+                self._turn.wait_for(lambda: self._image_at >= layer or self._aborted)
                 if self._aborted:
-                    raise threading.BrokenBarrierError
-            copy_prefix(self._text_cache, self._image_cache, layer, self._text)
+                    raise VHRSession._Done()
+            if self._text_cache is not None:
+                copy_prefix(self._text_cache, self._image_cache, layer, self._text)
             return None
 
         return hook
 
-    def _after_attention(self, layer: int):
-        def hook(module: nn.Module, args: tuple) -> None:  # the image pass's keys are in its cache
-            if threading.get_ident() != self._worker_ident:
-                with self._kv:
-                    self._kv_ready = layer
-                    self._kv.notify_all()
+    def _image_turn(self, layer: int):
+        def hook(module: nn.Module, args: tuple) -> None:  # o_proj pre-hook: the image pass hands over
+            if threading.get_ident() == self._worker_ident:
+                return None
+            x = args[0]  # (B, T, heads * head_dim): the concatenated head outputs
+            if self._pending and layer == self._pending[0]:
+                query = x[torch.arange(x.shape[0], device=x.device), self._last.to(x.device)]
+                self._deposit["image"] = query.reshape(x.shape[0], self.heads, self.head_dim)
+            with self._turn:
+                self._image_at = layer
+                self._turn.notify_all()
+                self._turn.wait_for(lambda: self._worker_at > layer)
+            if layer in self.modules and layer not in self.scales:
+                raise RuntimeError(f"VHR's no-image pass failed before layer {layer}") from self._worker_error
+            if layer == self.layers[-1]:
+                self._pass_hooks.remove()  # the worker has ended: later forwards skip the turns
             return None
 
         return hook
@@ -286,57 +303,41 @@ class VHRSession(contextlib.AbstractContextManager):
             with torch.no_grad():
                 decoder(inputs_embeds=text.inputs_embeds, attention_mask=text.attention_mask,
                         position_ids=text.position_ids, use_cache=bool(cache), **cache)
-        except (VHRSession._Done, threading.BrokenBarrierError):
+        except VHRSession._Done:
             pass
         except Exception as exc:  # reported to the image pass, which raises it
             self._worker_error = exc
-            self._barrier.abort()
+        finally:
+            with self._turn:
+                self._worker_at = math.inf
+                self._turn.notify_all()
 
     # ---------------------------------------------------------------------------------------- hooks
     def _hook(self, layer: int):
         def hook(module: nn.Module, args: tuple) -> tuple:
             x = args[0]  # (B, T, heads * head_dim): the concatenated head outputs
-            if layer in self.scales:
-                return (x * self.scales[layer],) + tuple(args[1:])
-            return self._rendezvous(layer, x, args)
+            if layer not in self.scales:  # the worker's turn at a layer still to select (the image pass waits)
+                if threading.get_ident() != self._worker_ident:
+                    raise RuntimeError(f"VHR reached layer {layer} before its selection: the prompt's first "
+                                       f"forward did not go through the LM's decoder")
+                self._deposit["no_image"] = x[:, -1].reshape(x.shape[0], self.heads, self.head_dim)
+                self._select(layer)
+                if layer == self.layers[-1]:
+                    raise VHRSession._Done()
+            return (x * self.scales[layer],) + tuple(args[1:])
 
         return hook
 
-    def _rendezvous(self, layer: int, x: torch.Tensor, args: tuple) -> tuple:
-        """Both passes meet at ``layer``: deposit the query-position head outputs, select, reinforce."""
-        in_worker = threading.get_ident() == self._worker_ident
-        if in_worker:
-            query = x[:, -1]
-        else:
-            query = x[torch.arange(x.shape[0], device=x.device), self._last.to(x.device)]
-        self._deposit["no_image" if in_worker else "image"] = query.reshape(x.shape[0], self.heads, self.head_dim)
-        try:
-            self._barrier.wait()
-        except threading.BrokenBarrierError as exc:
-            if in_worker:
-                raise
-            cause = self._worker_error or self._select_error
-            raise RuntimeError(f"VHR's no-image pass failed at layer {layer}") from (cause or exc)
-        if layer == self.layers[-1]:
-            if in_worker:
-                raise VHRSession._Done()
-            self._pass_hooks.remove()  # the worker is past its last attention: later forwards skip them
-        return (x * self.scales[layer],) + tuple(args[1:])
-
-    def _select(self) -> None:
-        """Barrier action (runs once per layer, in one of the two threads)."""
-        try:
-            layer = self._pending.pop(0)
-            img, no = self._deposit["image"].float(), self._deposit["no_image"].float()
-            vhd = (img - no).norm(dim=-1)  # (B, heads)
-            # a sample without visual tokens has VHD 0 by definition (both passes are the same prompt; only
-            # rounding from the different padding differs) -> no head is selected for it
-            vhd = vhd * self.ctx.image_mask.any(-1, keepdim=True).to(vhd.device)
-            ta = no.pow(2).sum(-1)
-            outliers, selected = select_heads(vhd, ta, self.vhr.remove_outliers)
-            self.vhd[layer], self.outliers[layer], self.selected[layer] = vhd, outliers, selected
-            scale = torch.where(selected, self.vhr.alpha, 1.0).to(self._deposit["image"].dtype)  # (B, heads)
-            self.scales[layer] = scale.repeat_interleave(self.head_dim, dim=-1).unsqueeze(1)
-        except Exception as exc:
-            self._select_error = exc
-            raise
+    def _select(self, layer: int) -> None:
+        """The selection at ``layer`` from both passes' deposits (in the worker, while the image pass waits)."""
+        self._pending.remove(layer)
+        img, no = self._deposit["image"].float(), self._deposit["no_image"].float()
+        vhd = (img - no).norm(dim=-1)  # (B, heads)
+        # a sample without visual tokens has VHD 0 by definition (both passes are the same prompt; only
+        # rounding from the different padding differs) -> no head is selected for it
+        vhd = vhd * self.ctx.image_mask.any(-1, keepdim=True).to(vhd.device)
+        ta = no.pow(2).sum(-1)
+        outliers, selected = select_heads(vhd, ta, self.vhr.remove_outliers)
+        self.vhd[layer], self.outliers[layer], self.selected[layer] = vhd, outliers, selected
+        scale = torch.where(selected, self.vhr.alpha, 1.0).to(self._deposit["image"].dtype)  # (B, heads)
+        self.scales[layer] = scale.repeat_interleave(self.head_dim, dim=-1).unsqueeze(1)
