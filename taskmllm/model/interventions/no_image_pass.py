@@ -27,6 +27,7 @@ import torch
 
 from taskmllm.errors import InputError
 from taskmllm.model.generation import GenerationContext
+from taskmllm.model.interventions.masks import first_real_positions, last_real_positions
 from taskmllm.model.processor import positions
 
 
@@ -53,19 +54,6 @@ class TextPass:
     def prefix_length(self) -> int:
         """``P``: the cache columns the pass starts with."""
         return 0 if self.prefix_columns is None else self.prefix_columns.shape[1]
-
-
-def last_real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``(B, L)`` attention mask -> ``(B,)`` index of each row's last real (mask 1) token, on any padding side.
-
-    Raises:
-        InputError: a row has no real token.
-    """
-    real = attention_mask.bool()
-    if not bool(real.any(-1).all()):
-        raise InputError("a prompt of the batch has no real token (its attention mask is all zeros)")
-    length = real.shape[-1]
-    return (length - 1) - real.flip(-1).long().argmax(-1)
 
 
 def _left_pad(embeds: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +103,7 @@ def prefix_reuse_inputs(ctx: GenerationContext) -> Optional[TextPass]:
     pos = (p.unsqueeze(-1) + torch.arange(new.shape[1], device=real.device) - (new.shape[1] - s).unsqueeze(-1))
     pos = pos.clamp(min=0)
     # worker column j of sample b holds the prefix token j - (P - p_b), at image column first_b + that index
-    first = real.long().argmax(-1)  # (B,) the first real column (any padding side)
+    first = first_real_positions(ctx.attention_mask)  # (B,)
     cols = first.unsqueeze(-1) + torch.arange(width, device=real.device) - (width - p).unsqueeze(-1)
     kept = torch.arange(width, device=real.device) >= (width - p).unsqueeze(-1)
     mask = torch.cat([kept, new], dim=-1).to(ctx.attention_mask.dtype)

@@ -52,9 +52,9 @@ from taskmllm.model.decoding import cache_keyword
 from taskmllm.model.generation import GenerationContext
 from taskmllm.model.interventions.hooks import (HookSet, as_context, decoder_layers, head_layout,
                                                 output_projection, resolve_layers)
-from taskmllm.model.interventions.no_image_pass import (TextPass, copy_prefix, is_full_attention_cache,
-                                                        last_real_positions, prefix_cache, prefix_reuse_inputs,
-                                                        whole_pass)
+from taskmllm.model.interventions.masks import last_real_positions
+from taskmllm.model.interventions.no_image_pass import (TextPass, copy_prefix, is_full_attention_cache, prefix_cache,
+                                                        prefix_reuse_inputs, whole_pass)
 from taskmllm.model.interventions.validation import check_index_list, check_number, check_settings
 from taskmllm.model.processor import Batch
 

@@ -34,7 +34,7 @@ from taskmllm.model.attention import ATTN_NAME as SDPA_FLOAT32_DECODE
 from taskmllm.model.generation import GenerationContext
 from taskmllm.model.interventions.hooks import HookSet, as_context, attention_module, decoder_layers, head_layout
 from taskmllm.model.interventions.validation import check_index_list, check_number, check_settings
-from taskmllm.model.interventions.masks import additive_mask
+from taskmllm.model.interventions.masks import additive_mask, first_real_positions
 from taskmllm.model.interventions.var import ATTN_NAME, ATTN_NAME_SDPA
 from taskmllm.model.processor import Batch
 
@@ -46,18 +46,6 @@ Head = tuple[int, int]
 MAX_GAMMA = 1e4
 #: attention implementations that receive the (additive) mask the hook rewrites
 MASK_BACKENDS = ("eager", "sdpa", SDPA_FLOAT32_DECODE, ATTN_NAME, ATTN_NAME_SDPA)
-
-
-def first_real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``(B, L)`` attention mask -> ``(B,)`` index of each row's first real (mask 1) token, on any padding side.
-
-    Raises:
-        InputError: a row has no real token.
-    """
-    real = attention_mask.bool()
-    if not bool(real.any(-1).all()):
-        raise InputError("a prompt of the batch has no real token (its attention mask is all zeros)")
-    return real.long().argmax(-1)
 
 
 def _check_pair(value: Any, what: str) -> Head:

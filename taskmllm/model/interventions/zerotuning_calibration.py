@@ -30,7 +30,7 @@ import torch
 from taskmllm.errors import ConfigError, InputError
 from taskmllm.model.generation import GenerationContext
 from taskmllm.model.interventions.hooks import context_for, decoder_layers, head_layout, resolve_layers
-from taskmllm.model.interventions.no_image_pass import last_real_positions
+from taskmllm.model.interventions.masks import last_real_positions
 from taskmllm.model.interventions.zerotuning import Head, InitialTokenBias, ZeroTuning
 from taskmllm.model.processor import Batch
 
