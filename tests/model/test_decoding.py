@@ -207,3 +207,29 @@ def test_a_second_cache_length_compiles_once_for_every_later_length(tokenizer):
         lengths.append(static_length(batch.input_ids.shape[1] + 6, model.processor.max_length))
     assert len(set(lengths)) == 3, lengths
     assert graphs[0] >= 1 and graphs[1] >= 1 and graphs[2] == 0, graphs
+
+
+def test_each_call_checks_its_first_compiled_step_in_full(tokenizer, monkeypatch):
+    """A call's first compiled step runs Dynamo's guards; its later steps skip all but the differentiating ones.
+    So a model changed between calls (its parameters cast in place to float64) gets a step compiled for it, and
+    the tokens of the eager float64 model (a float32 graph run on it unchecked would not give them)."""
+    from taskmllm.model.decoding import CompiledSteps
+
+    model = varied_model(tokenizer, layers=2)
+    batch = model.processor(["Describe it. Again."])
+    guarded = []
+    run = CompiledSteps.run
+
+    def spy(step, checked, *args):
+        guarded.append(checked)
+        return run(step, checked, *args)
+
+    monkeypatch.setattr(CompiledSteps, "run", staticmethod(spy))
+    want = model.generate(batch, max_new_tokens=6).sequences
+    assert model.generate(batch, max_new_tokens=6, compile=True).sequences == want
+    assert guarded == [True, False, False, False, False], guarded  # 5 one-token steps after the prefill
+    model.to(torch.float64)
+    want = model.generate(batch, max_new_tokens=6).sequences
+    guarded.clear()
+    assert model.generate(batch, max_new_tokens=6, compile=True).sequences == want
+    assert guarded[0] and not any(guarded[1:])
