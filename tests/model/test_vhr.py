@@ -272,3 +272,17 @@ def test_the_two_passes_take_turns(model):
     assert len({ident for ident, _, _ in events}) == 2, "both passes ran"
     for start, end in zip(events[::2], events[1::2]):
         assert start[2] == "in" and end == (start[0], start[1], "out"), (start, end)
+
+
+def test_a_quantized_model_reuses_the_prefix_too(tokenizer):
+    """int8 linear layers (no ``weight``) in bf16: the cached keys come in the activations' dtype; the tokens
+    equal the whole-text pass's (``use_cache=False``)."""
+    from taskmllm.model.quantization import quantize_linears
+
+    model = varied_model(tokenizer).to(torch.bfloat16)
+    quantize_linears(model.llm.get_decoder(), "int8")
+    batch = model.processor(PROMPTS, images())
+    vhr = VHR(layers=[1, 3])
+    cached = model.generate(batch, max_new_tokens=4, intervention=vhr)
+    assert vhr.reused_prefix
+    assert cached.sequences == model.generate(batch, max_new_tokens=4, intervention=vhr, use_cache=False).sequences

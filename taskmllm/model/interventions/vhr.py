@@ -242,9 +242,8 @@ class VHRSession(contextlib.AbstractContextManager):
         text = prefix_reuse_inputs(self.ctx) if is_full_attention_cache(cache, needed) else None
         if text is not None:
             kv_heads = int(getattr(self.model.llm.config, "num_key_value_heads", None) or self.heads)
-            dtype = self.modules[self.layers[0]].weight.dtype
-            self._image_cache, self.reused_prefix = cache, True
-            self._text_cache = prefix_cache(text, needed, kv_heads, self.head_dim, dtype)
+            self._image_cache, self.reused_prefix = cache, True  # keys and values come in the activations' dtype
+            self._text_cache = prefix_cache(text, needed, kv_heads, self.head_dim, self.ctx.inputs_embeds.dtype)
         for i in range(needed):  # the worker runs layer i once the image pass has run its attention (o_proj's input)
             self._pass_hooks.forward_pre(self.decoder_layers[i], self._worker_turn(i))
             self._pass_hooks.forward_pre(output_projection(self.decoder_layers[i]), self._image_turn(i),
