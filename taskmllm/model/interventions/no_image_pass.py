@@ -56,6 +56,11 @@ class TextPass:
         return 0 if self.prefix_columns is None else self.prefix_columns.shape[1]
 
 
+def _left_padding_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """``(B,)`` lengths -> ``(B, width)`` bool, true on each row's last ``lengths[b]`` columns."""
+    return torch.arange(width, device=lengths.device) >= (width - lengths).unsqueeze(-1)
+
+
 def _left_pad(embeds: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, L, H)`` rows and a ``(B, L)`` bool selection -> the selected rows of each sample, left padded to the
     longest: ``(B, N, H)`` and their ``(B, N)`` bool mask."""
@@ -66,8 +71,7 @@ def _left_pad(embeds: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, t
     rows, cols = keep.nonzero(as_tuple=True)
     out = embeds.new_zeros(embeds.shape[0], width, embeds.shape[-1])
     out[rows, dest[rows, cols]] = embeds[rows, cols]
-    mask = torch.arange(width, device=keep.device) >= (width - lengths).unsqueeze(-1)
-    return out, mask
+    return out, _left_padding_mask(lengths, width)
 
 
 def no_image_inputs(ctx: GenerationContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,8 +109,7 @@ def prefix_reuse_inputs(ctx: GenerationContext) -> Optional[TextPass]:
     # worker column j of sample b holds the prefix token j - (P - p_b), at image column first_b + that index
     first = first_real_positions(ctx.attention_mask)  # (B,)
     cols = first.unsqueeze(-1) + torch.arange(width, device=real.device) - (width - p).unsqueeze(-1)
-    kept = torch.arange(width, device=real.device) >= (width - p).unsqueeze(-1)
-    mask = torch.cat([kept, new], dim=-1).to(ctx.attention_mask.dtype)
+    mask = torch.cat([_left_padding_mask(p, width), new], dim=-1).to(ctx.attention_mask.dtype)
     return TextPass(emb, mask, pos, cols.clamp(0, length - 1), length)
 
 
@@ -128,7 +131,7 @@ def prefix_cache(text: TextPass, num_layers: int, kv_heads: int, head_dim: int, 
     :func:`copy_prefix` before that layer's attention runs); its length sets the pass's causal mask."""
     from transformers import DynamicCache
 
-    shape = (*text.prefix_columns.shape[:1], kv_heads, text.prefix_length, head_dim)
+    shape = (text.prefix_columns.shape[0], kv_heads, text.prefix_length, head_dim)
     device = text.inputs_embeds.device
     return DynamicCache(ddp_cache_data=[(torch.zeros(shape, dtype=dtype, device=device),
                                          torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)])
