@@ -10,6 +10,7 @@ import torch
 
 from taskmllm.model.interventions import (VAR, ZeroTuning, all_heads, calibrate_sink_dims, context_for,
                                           likelihood_score, profile_heads)
+from taskmllm.model.interventions.hooks import decoder_layers
 from tests.model.intervention_models import PROMPTS, images, plant_image_sinks, plant_sink, varied_model
 from tests.model.test_var_official import official_port
 
@@ -86,7 +87,15 @@ def test_official_var_with_visual_sinks_is_cache_consistent_and_batch_independen
     ims = images()
     batch = m.processor(PROMPTS, ims)
     var = VAR(sink_dims=[DIM], rho=0.2, min_image_attention=0.05)  # selects more rows
-    cached = m.generate(batch, max_new_tokens=6, intervention=var)
+    layer = decoder_layers(m.llm)[2]
+    hooks_seen = []  # pre-hooks on a VAR layer at each forward: the sink test's runs in the prefill only
+    spy = layer.register_forward_pre_hook(lambda module, args: hooks_seen.append(len(module._forward_pre_hooks)),
+                                          prepend=True)
+    try:
+        cached = m.generate(batch, max_new_tokens=6, intervention=var)
+    finally:
+        spy.remove()
+    assert hooks_seen[0] == 2 and set(hooks_seen[1:]) == {1} and len(hooks_seen) > 2
     assert sum(int(c.sum()) for c in var.selected_counts.values()) > 0
     assert var.sinks[2].shape[1] > batch.input_ids.shape[1] and not var.sinks[2][:, batch.input_ids.shape[1]:].any(), \
         "generated positions are never sinks in official mode"

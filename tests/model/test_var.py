@@ -61,19 +61,22 @@ def check_invariants(before, after, selected, sinks, image, p):
                 torch.testing.assert_close(gain, x[vns] / x[vns].sum() * gain.sum(), atol=1e-6, rtol=1e-4)
 
 
-def test_redistribute_matches_loop_oracle_and_invariants():
+@pytest.mark.parametrize("rho", [RHO, 0.0])
+def test_redistribute_matches_loop_oracle_and_invariants(rho):
     g = torch.Generator().manual_seed(0)
-    weights = torch.softmax(3 * torch.randn(2, 3, 6, 10, generator=g), -1)
-    image = torch.zeros(2, 10, dtype=torch.bool)
+    weights = torch.softmax(3 * torch.randn(3, 3, 6, 10, generator=g), -1)
+    image = torch.zeros(3, 10, dtype=torch.bool)
     image[:, 2:8] = True
-    sinks = torch.zeros(2, 10, dtype=torch.bool)
+    sinks = torch.zeros(3, 10, dtype=torch.bool)
     sinks[0, [0, 3]] = True  # BOS-like text sink + one image sink
     sinks[1, [0, 9]] = True
-    new, selected = redistribute(weights, sinks, image, P, RHO, 0.2)
-    for b in range(2):
+    sinks[2, 2:8] = True  # every image token a sink: nothing to move the attention to, never selected
+    new, selected = redistribute(weights, sinks, image, P, rho, 0.2)
+    assert not selected[2].any()
+    for b in range(3):
         for h in range(3):
             for i in range(6):
-                row, sel = reference_row(weights[b, h, i].tolist(), sinks[b].tolist(), image[b].tolist(), P, RHO, 0.2)
+                row, sel = reference_row(weights[b, h, i].tolist(), sinks[b].tolist(), image[b].tolist(), P, rho, 0.2)
                 assert bool(selected[b, h, i]) == sel
                 torch.testing.assert_close(new[b, h, i], torch.tensor(row), atol=1e-6, rtol=1e-5)
     assert 0 < int(selected.sum()) < selected.numel(), "the case must have selected and unselected rows"

@@ -69,8 +69,12 @@ class HookSet:
     def __init__(self) -> None:
         self.handles: list[RemovableHandle] = []
 
-    def forward_pre(self, module: nn.Module, fn: Callable, with_kwargs: bool = False, prepend: bool = False) -> None:
-        self.handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs, prepend=prepend))
+    def forward_pre(self, module: nn.Module, fn: Callable, with_kwargs: bool = False,
+                    prepend: bool = False) -> RemovableHandle:
+        """Register a forward pre-hook; its handle may also be removed early (removing twice is harmless)."""
+        handle = module.register_forward_pre_hook(fn, with_kwargs=with_kwargs, prepend=prepend)
+        self.handles.append(handle)
+        return handle
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -42,31 +42,37 @@ def redistribute(weights: torch.Tensor, sinks: torch.Tensor, image: torch.Tensor
         raise ConfigError(f"VAR mode must be one of {list(MODES)}, got {mode!r}")
     official = mode == "official"
     gate = (sinks & image).any(-1)[:, None, None] if official else None  # (B, 1, 1): a visual sink in this layer
-    n_img = image.sum(-1).float()[:, None, None] if official else None
-    return redistribute_on_basis(weights, key_basis(sinks, image), p, rho, min_image_attention, gate, n_img, rows)
+    image_eps = OFFICIAL_EPS * image.sum(-1).float()[:, None, None] if official else None
+    return redistribute_on_basis(weights, key_basis(sinks, image), p, rho, min_image_attention, gate, image_eps, rows)
 
 
 def redistribute_on_basis(weights: torch.Tensor, basis: torch.Tensor, p: float, rho: float, min_image_attention: float,
-                  gate: Optional[torch.Tensor], n_img: Optional[torch.Tensor], rows: Optional[torch.Tensor]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                          gate: Optional[torch.Tensor], image_eps: Optional[torch.Tensor], rows: Optional[torch.Tensor]
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`redistribute` on a :func:`key_basis` ``(B, K, 4)``; official mode when ``gate`` ``(B, 1, 1)`` and
-    ``n_img`` ``(B, 1, 1)`` (image tokens per sample) are given. Few kernels: it runs in every decode step."""
-    w = weights.float()
+    ``image_eps`` ``(B, 1, 1)`` (``OFFICIAL_EPS`` times the sample's image tokens) are given.
+
+    It runs in every decode step of every changed layer, where each kernel's dispatch costs more than its
+    arithmetic: ~20 kernels, and none that a setting makes redundant (``a_vns > 0`` follows from the paper rule
+    when ``rho > 0``)."""
+    w = weights if weights.dtype == torch.float32 else weights.float()
     bsz, heads, q_len, k_len = w.shape
+    flat = w.view(bsz, heads * q_len, k_len)  # softmax output: contiguous
     # one batched GEMM per sample over all heads' rows: (B, heads * Q, K) @ (B, K, 4)
-    sums = torch.bmm(w.reshape(bsz, heads * q_len, k_len), basis).view(bsz, heads, q_len, 4)
-    a_img, a_vns, a_snk, a_vsink = sums.unbind(-1)  # each (B, heads, Q)
+    a_img, a_vns, a_snk, a_vsink = torch.bmm(flat, basis).view(bsz, heads, q_len, 4).unbind(-1)  # (B, heads, Q)
     tiny = torch.finfo(torch.float32).tiny
     if gate is not None:
-        portion = a_vsink / (a_img + OFFICIAL_EPS * n_img).clamp_min(tiny)
+        portion = a_vsink / (a_img + image_eps).clamp_min(tiny)
         selected = gate & (a_img >= min_image_attention) & (portion <= 1.0 - rho) & (a_vns > 0)
     else:
-        selected = (a_img >= min_image_attention) & (a_vns / a_img >= rho) & (a_vns > 0)
+        selected = (a_img >= min_image_attention) & (a_vns / a_img >= rho)  # 0 / 0 is NaN: never >= rho
+        if rho <= 0:
+            selected = selected & (a_vns > 0)
     if rows is not None:
         selected = selected & rows[:, None, :]
     gain = p * a_snk / a_vns.clamp_min(tiny)
-    # per row: + gain on non-sink image keys, - p on sinks; 0 on unselected rows, whose factor is then exactly 1
-    coef = torch.stack([gain, torch.full_like(gain, -p)], -1) * selected.unsqueeze(-1)  # (B, heads, Q, 2)
-    delta = torch.bmm(coef.view(bsz, heads * q_len, 2), basis[..., 1:3].transpose(1, 2))  # (B, heads * Q, K)
-    delta = delta.view(bsz, heads, q_len, k_len)
-    return (w * (delta + 1.0)).to(weights.dtype), selected
+    # per selected row: + gain on non-sink image keys, - p on sinks; 0 on the others, which stay exactly as they were
+    coef = torch.stack((torch.where(selected, gain, 0.0), selected * -p), -1).view(bsz, heads * q_len, 2)
+    delta = torch.bmm(coef, basis[..., 1:3].transpose(1, 2))  # (B, heads * Q, K)
+    new = torch.addcmul(flat, flat, delta).view(bsz, heads, q_len, k_len)
+    return (new if weights.dtype == torch.float32 else new.to(weights.dtype)), selected

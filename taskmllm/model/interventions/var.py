@@ -53,13 +53,14 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from taskmllm.errors import ConfigError, InputError
 from taskmllm.model.attention import float32_decode_sdpa, is_sdpa
 from taskmllm.model.generation import GenerationContext
 from taskmllm.model.interventions.hooks import HookSet, as_context, attention_module, decoder_layers, resolve_layers
 from taskmllm.model.interventions.masks import additive_mask
-from taskmllm.model.interventions.redistribution import MODES, key_basis, redistribute_on_basis
+from taskmllm.model.interventions.redistribution import MODES, OFFICIAL_EPS, key_basis, redistribute_on_basis
 from taskmllm.model.interventions.sinks import (calibrate_sink_dims, check_tau, default_tau, sink_flags,
                                                 sink_flags_official)
 from taskmllm.model.interventions.validation import check_choice, check_index_list, check_number, check_settings
@@ -234,7 +235,7 @@ class _VARState:
         cols = torch.arange(length, device=self.image_mask.device)
         self.last_image = torch.where(self.image_mask, cols, -1).amax(-1)  # (B,) -1 without an image
         self.after_image = int(self.last_image.max()) + 1 if length else 0  # rows from here on are all after it
-        self.n_img = self.image_mask.sum(-1).float()[:, None, None]  # (B, 1, 1)
+        self.image_eps = OFFICIAL_EPS * self.image_mask.sum(-1).float()[:, None, None]  # (B, 1, 1), official rule
         self.layer_of = layer_of  # id(attention module) -> layer index
         self.chunk_sinks: dict[int, torch.Tensor] = {}  # paper: layer -> (B, C) flags of the current forward
         self.visual_gate: dict[int, torch.Tensor] = {}  # official: layer -> (B, 1, 1) sample has a visual sink
@@ -288,7 +289,7 @@ class _VARState:
             rows = cols[None, :] > self.last_image.to(weights.device)[:, None]  # (B, Q) after the image
         var = self.var
         new, selected = redistribute_on_basis(weights, basis, var.p, var.rho, var.min_image_attention,
-                                      self.visual_gate.get(layer), self.n_img if self.official else None, rows)
+                                      self.visual_gate.get(layer), self.image_eps if self.official else None, rows)
         self.history.setdefault(layer, []).append(selected)
         return new
 
@@ -317,12 +318,14 @@ class VARSession(contextlib.AbstractContextManager):
         self.attn = {i: attention_module(layers[i]) for i in self.layers}
         self.state = _VARState(var, ctx, {id(m): i for i, m in self.attn.items()})
         self.hooks = HookSet()
+        self._sink_handles: dict[int, RemovableHandle] = {}  # official mode removes each after the prefill
         self._previous: Optional[str] = None
 
     def __enter__(self) -> "VARSession":
         try:
             for i in self.layers:
-                self.hooks.forward_pre(self.decoder_layers[i], self._sink_hook(i), with_kwargs=True)
+                self._sink_handles[i] = self.hooks.forward_pre(self.decoder_layers[i], self._sink_hook(i),
+                                                               with_kwargs=True)
             if self.var.p > 0 and self.layers:
                 previous = self.model.llm.config._attn_implementation
                 name = _register(previous)
@@ -358,13 +361,13 @@ class VARSession(contextlib.AbstractContextManager):
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]  # (B, C, H) entering the layer
-            if official:
-                if layer not in state.sinks:  # the prefill; later forwards reuse its sinks
-                    length = state.prompt_mask.shape[1]
-                    if hidden.shape[1] < length:
-                        raise InputError(f"VAR was attached for a prompt of length {length} but the first forward "
-                                         f"has {hidden.shape[1]} positions")
-                    state.record_prompt_sinks(layer, sink_flags_official(hidden[:, :length], dims, tau))
+            if official:  # the prefill: later forwards reuse its sinks, so the hook removes itself
+                length = state.prompt_mask.shape[1]
+                if hidden.shape[1] < length:
+                    raise InputError(f"VAR was attached for a prompt of length {length} but the first forward "
+                                     f"has {hidden.shape[1]} positions")
+                state.record_prompt_sinks(layer, sink_flags_official(hidden[:, :length], dims, tau))
+                self._sink_handles[layer].remove()
                 return None
             flags = sink_flags(hidden, dims, tau)
             if self.var.p > 0:
