@@ -301,7 +301,7 @@ class _VARState:
 
     def counts(self) -> dict[int, torch.Tensor]:
         """``{layer: (B, heads)}`` rows redistributed over every forward."""
-        return {layer: sum(s.sum(-1) for s in seen) for layer, seen in self.history.items()}
+        return {layer: torch.cat(seen, -1).sum(-1) for layer, seen in self.history.items()}  # rows along Q
 
 
 class VARSession(contextlib.AbstractContextManager):
