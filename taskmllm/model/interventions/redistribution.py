@@ -53,11 +53,11 @@ def redistribute_on_basis(weights: torch.Tensor, basis: torch.Tensor, p: float, 
     ``image_eps`` ``(B, 1, 1)`` (``OFFICIAL_EPS`` times the sample's image tokens) are given.
 
     It runs in every decode step of every changed layer, where each kernel's dispatch costs more than its
-    arithmetic: ~20 kernels, and none that a setting makes redundant (``a_vns > 0`` follows from the paper rule
-    when ``rho > 0``)."""
+    arithmetic, so it keeps to ~20 kernels (the paper rule's ``a_vns > 0`` is tested only when ``rho <= 0``: with
+    ``rho > 0`` the ratio test implies it)."""
     w = weights if weights.dtype == torch.float32 else weights.float()
     bsz, heads, q_len, k_len = w.shape
-    flat = w.view(bsz, heads * q_len, k_len)  # softmax output: contiguous
+    flat = w.reshape(bsz, heads * q_len, k_len)  # a view of a contiguous softmax output
     # one batched GEMM per sample over all heads' rows: (B, heads * Q, K) @ (B, K, 4)
     a_img, a_vns, a_snk, a_vsink = torch.bmm(flat, basis).view(bsz, heads, q_len, 4).unbind(-1)  # (B, heads, Q)
     tiny = torch.finfo(torch.float32).tiny
