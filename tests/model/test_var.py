@@ -209,4 +209,8 @@ def test_sink_flags_equal_phi_rule():
                               for t in range(20)] for b in range(3)])
         torch.testing.assert_close(sink_values(hidden, dims), want)
         assert torch.equal(sink_flags(hidden, dims, TAU), want >= TAU)
+        if dims:  # the dimensions as an index tensor (VAR's hook passes several so), and bf16 states
+            assert torch.equal(sink_flags(hidden, torch.tensor(dims), TAU), want >= TAU)
+            assert torch.equal(sink_flags(hidden.bfloat16(), dims, TAU), sink_flags(hidden.bfloat16().float(), dims,
+                                                                                     TAU))
     assert sink_flags(hidden, [3, 9], TAU).nonzero().tolist() == [[0, 4], [1, 2]]

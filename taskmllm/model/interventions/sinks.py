@@ -54,14 +54,18 @@ def sink_values(hidden: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
 
 
 def sink_flags(hidden: torch.Tensor, dims: Union[Sequence[int], torch.Tensor], tau: float) -> torch.Tensor:
-    """``(..., H)`` -> ``(...)`` bool ``phi(x) >= tau``, computed as ``max_d x[d]^2 >= tau^2 * mean(x^2)``
-    (no square root or division: fewer kernels on the decode path)."""
+    """``(..., H)`` -> ``(...)`` bool ``phi(x) >= tau``, computed as ``max_d x[d]^2 >= max(tau^2 * mean(x^2), t)``
+    with ``t`` the smallest normal float32 (so a zero vector is no sink): no square root or division, ~6 kernels
+    for one sink dimension given as a list — paper-mode VAR runs it on every new position of every changed layer."""
     if len(dims) == 0:
         return torch.zeros(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
-    sq = hidden.float().square()
-    idx = dims if isinstance(dims, torch.Tensor) else torch.as_tensor(list(dims), device=hidden.device)
-    mean = sq.mean(-1)
-    return (sq.index_select(-1, idx).amax(-1) >= (tau * tau) * mean) & (mean > 0)  # a zero vector is no sink
+    sq = (hidden if hidden.dtype == torch.float32 else hidden.float()).square()
+    if not isinstance(dims, torch.Tensor) and len(dims) == 1:
+        peak = sq.select(-1, dims[0])
+    else:
+        idx = dims if isinstance(dims, torch.Tensor) else torch.as_tensor(list(dims), device=hidden.device)
+        peak = sq.index_select(-1, idx).amax(-1)
+    return peak >= ((tau * tau) * sq.mean(-1)).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def sink_flags_official(hidden: torch.Tensor, dims: Union[Sequence[int], torch.Tensor], tau: float) -> torch.Tensor:

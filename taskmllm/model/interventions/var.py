@@ -357,7 +357,9 @@ class VARSession(contextlib.AbstractContextManager):
 
     def _sink_hook(self, layer: int):
         tau, state, official = self.tau, self.state, self.var.mode == "official"
-        dims = torch.as_tensor(self.dims, dtype=torch.long, device=self.model.device)
+        # one dimension as a list (one `select`), several as an index tensor built once
+        dims = self.dims if len(self.dims) == 1 else torch.as_tensor(self.dims, dtype=torch.long,
+                                                                     device=self.model.device)
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]  # (B, C, H) entering the layer
