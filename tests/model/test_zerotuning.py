@@ -86,6 +86,39 @@ def test_sdpa_equals_eager_cache_equals_recompute_batched_equals_single(models):
         batch, max_new_tokens=8).sequences
 
 
+def test_unpadded_decode_steps_take_the_one_row_bias_as_recomputation_does(models, monkeypatch):
+    """A one-prompt batch decodes without a mask: each step's mask is the initial-token bias alone, sliced from a
+    per-layer tensor (rebuilt when the keys outgrow it). Recomputing the whole sequence builds it from the causal
+    mask instead: the same tokens and states."""
+    from taskmllm.model.interventions.zerotuning import ZeroTuningSession
+
+    m = models["sdpa"]
+    zt = ZeroTuning(gammas=GAMMAS)
+    batch = m.processor(PROMPTS[1], images()[0])
+    n = batch.input_ids.shape[1] + 4  # more new tokens than the prompt has: the bias is rebuilt once
+    built, original = [], ZeroTuningSession._one_row_bias
+
+    def spy(self, layer, log_gamma, k_len, hidden):
+        before = self._decode_bias.get(layer)
+        out = original(self, layer, log_gamma, k_len, hidden)
+        built.append(self._decode_bias[layer] is not before)
+        return out
+
+    eos = m.tokenizer.eos_token
+    m.tokenizer.eos_token = None  # exactly n tokens
+    try:
+        monkeypatch.setattr(ZeroTuningSession, "_one_row_bias", spy)
+        cached = m.generate(batch, max_new_tokens=n, intervention=zt)
+        monkeypatch.undo()
+        full = m.generate(batch, max_new_tokens=n, intervention=zt, use_cache=False)
+    finally:
+        m.tokenizer.eos_token = eos
+    layers = len({layer for layer, _ in GAMMAS})
+    assert len(built) == layers * (n - 1) and sum(built) == 2 * layers, "built at the first step and once more"
+    assert cached.sequences == full.sequences
+    torch.testing.assert_close(cached.hidden_states[0], full.hidden_states[0], atol=1e-4, rtol=1e-4)  # cache vs not
+
+
 def test_hooks_are_scoped_and_bad_heads_raise(models):
     m = models["sdpa"]
     batch = m.processor(PROMPTS, images())

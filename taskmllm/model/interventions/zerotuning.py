@@ -194,6 +194,7 @@ class ZeroTuningSession(contextlib.AbstractContextManager):
         self.first = first_real_positions(ctx.attention_mask).to(model.device)  # (B,) the initial token
         self.hooks = HookSet()
         self._shared: Optional[tuple] = None  # (mask, key, base, onehot) of the last forward
+        self._decode_bias: dict[int, torch.Tensor] = {}  # layer -> (B, heads, 1, capacity) bias of one-row steps
 
     def _mask_parts(self, mask: Optional[torch.Tensor], q_len: int, k_len: int, hidden: torch.Tensor):
         """The additive base mask ``(B|1, 1, Q, K)`` and the initial-token one-hot ``(B, 1, 1, K)`` of this forward,
@@ -207,6 +208,18 @@ class ZeroTuningSession(contextlib.AbstractContextManager):
             self._shared = (mask, key, base, onehot[:, None, None, :].to(hidden.dtype))
         return self._shared[2], self._shared[3]
 
+    def _one_row_bias(self, layer: int, log_gamma: torch.Tensor, k_len: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The ``(B, heads, 1, k_len)`` mask of a one-query step without a mask (a decode step of an unpadded
+        batch: the query sees every key, so the mask is the initial-token bias alone), sliced from a per-layer
+        tensor built for twice the keys and rebuilt only when the keys outgrow it: no kernel per step but the
+        slice."""
+        bias = self._decode_bias.get(layer)
+        if bias is None or bias.shape[-1] < k_len or bias.dtype != hidden.dtype or bias.device != hidden.device:
+            onehot = torch.arange(2 * k_len, device=hidden.device)[None] == self.first[:, None]  # (B, 2K)
+            bias = onehot[:, None, None, :].to(hidden.dtype) * log_gamma.to(hidden.dtype)[None, :, None, None]
+            self._decode_bias[layer] = bias
+        return bias[..., :k_len]
+
     def __enter__(self) -> "ZeroTuningSession":
         try:
             for layer, module in self.modules.items():
@@ -219,6 +232,7 @@ class ZeroTuningSession(contextlib.AbstractContextManager):
     def __exit__(self, *exc) -> None:
         self.hooks.remove()
         self._shared = None
+        self._decode_bias = {}
         return None
 
     def _hook(self, layer: int):
@@ -237,6 +251,9 @@ class ZeroTuningSession(contextlib.AbstractContextManager):
             if self.first.shape[0] != bsz:
                 raise InputError(f"ZeroTuning was attached for a batch of {self.first.shape[0]} but a forward "
                                  f"has {bsz}")
+            if mask is None and q_len == 1:
+                kwargs["attention_mask"] = self._one_row_bias(layer, log_gamma, k_len, hidden)  # (B, h, 1, K)
+                return args, kwargs
             base, onehot = self._mask_parts(mask, q_len, k_len, hidden)  # (B|1, 1, Q, K), (B, 1, 1, K)
             kwargs["attention_mask"] = base + onehot * log_gamma.to(hidden.dtype)[None, :, None, None]  # (B, h, Q, K)
             return args, kwargs
