@@ -204,9 +204,13 @@ class ZeroTuningSession(contextlib.AbstractContextManager):
         key = (None if mask is None else mask._version, q_len, k_len, hidden.dtype, hidden.device)
         if self._shared is None or self._shared[0] is not mask or self._shared[1] != key:
             base = additive_mask(mask, q_len, k_len, hidden.dtype, hidden.device)
-            onehot = torch.arange(k_len, device=hidden.device)[None] == self.first[:, None]  # (B, K)
-            self._shared = (mask, key, base, onehot[:, None, None, :].to(hidden.dtype))
+            self._shared = (mask, key, base, self._initial_onehot(k_len, hidden))
         return self._shared[2], self._shared[3]
+
+    def _initial_onehot(self, length: int, hidden: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, 1, length)`` in ``hidden``'s dtype: 1 at each sample's initial token, 0 elsewhere."""
+        onehot = torch.arange(length, device=hidden.device)[None] == self.first[:, None]  # (B, length)
+        return onehot[:, None, None, :].to(hidden.dtype)
 
     def _one_row_bias(self, layer: int, log_gamma: torch.Tensor, k_len: int, hidden: torch.Tensor) -> torch.Tensor:
         """The ``(B, heads, 1, k_len)`` mask of a one-query step without a mask (a decode step of an unpadded
@@ -215,8 +219,7 @@ class ZeroTuningSession(contextlib.AbstractContextManager):
         slice."""
         bias = self._decode_bias.get(layer)
         if bias is None or bias.shape[-1] < k_len or bias.dtype != hidden.dtype or bias.device != hidden.device:
-            onehot = torch.arange(2 * k_len, device=hidden.device)[None] == self.first[:, None]  # (B, 2K)
-            bias = onehot[:, None, None, :].to(hidden.dtype) * log_gamma.to(hidden.dtype)[None, :, None, None]
+            bias = self._initial_onehot(2 * k_len, hidden) * log_gamma.to(hidden.dtype)[None, :, None, None]
             self._decode_bias[layer] = bias
         return bias[..., :k_len]
 
