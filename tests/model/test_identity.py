@@ -50,7 +50,10 @@ def test_identity_settings_are_bit_identical(models, name, attn, padding):
         intervention = IDENTITIES[name]()
         with intervention.attach(m, batch):
             got = m(batch).logits
-    assert torch.equal(got, want)
+    # VHR's no-image columns share the forward: a left-padding row (read by nothing) attends to itself there,
+    # where transformers' eager mask spreads it evenly over every column; every real column is compared
+    compared = batch.attention_mask.bool() if name == "VHR" else torch.ones_like(batch.attention_mask, dtype=bool)
+    assert torch.equal(got[compared], want[compared])
     assert _ran(name, intervention)
     # tokens: the next token of every sample (its last real position), and on the left-padded batch a generation
     last = batch.attention_mask.sum(-1) - 1 if padding == "right" else torch.full((3,), batch.input_ids.shape[1] - 1)

@@ -9,8 +9,13 @@ import threading
 import pytest
 import torch
 
+from transformers import DynamicCache
+
+from taskmllm.errors import InputError
+from taskmllm.model.decoding import cache_keyword
 from taskmllm.model.interventions import VHR, default_layers, select_heads
-from taskmllm.model.interventions.hooks import decoder_layers, output_projection
+from taskmllm.model.interventions.hooks import context_for, decoder_layers, output_projection
+from taskmllm.model.processor import positions
 from tests.model.intervention_models import PROMPTS, images, varied_model
 
 
@@ -150,7 +155,10 @@ def test_alpha_one_is_bit_identical(tokenizer, attn):
         want = m(batch).logits
         with VHR(alpha=1.0).attach(m, batch):
             got = m(batch).logits
-    assert torch.equal(got, want)
+    # the no-image columns packed into the prompt's forward leave its real columns as they were; a padding row
+    # (read by nothing) attends to itself there, where transformers' eager mask spreads it over every column
+    real = batch.attention_mask.bool()
+    assert torch.equal(got[real], want[real])
 
 
 def test_matches_reference_vhd_heads_and_tokens(model):
@@ -185,52 +193,53 @@ def test_cache_equals_recompute(model):
     vhd = {k: v.clone() for k, v in vhr.vhd.items()}
     assert vhr.reused_prefix
     full = model.generate(batch, max_new_tokens=10, intervention=vhr, use_cache=False)
-    assert not vhr.reused_prefix, "without a cache the no-image pass computes the whole text"
+    assert vhr.reused_prefix, "without a cache the no-image columns read the prefix in the same forward"
     assert cached.sequences == full.sequences
     assert all(torch.equal(heads[k], vhr.selected_heads[k]) for k in heads)
-    for k in vhd:  # the reused prefix changes only the summation order
+    for k in vhd:
         torch.testing.assert_close(vhd[k], vhr.vhd[k], rtol=1e-10, atol=1e-10)
 
 
-def test_hooks_removed_and_worker_ended_after_exception(model):
+def test_hooks_removed_after_exception(model):
     batch = model.processor(PROMPTS, images())
     projections = [output_projection(d) for d in decoder_layers(model.llm)]
+    decoder = model.llm.get_decoder()
     with torch.no_grad():
         want = model(batch).logits
     with pytest.raises(KeyError):
         with VHR().attach(model, batch):
-            assert any(p._forward_pre_hooks for p in projections)
+            assert any(p._forward_pre_hooks for p in projections) and decoder._forward_hooks
             raise KeyError("boom")
-    # a first forward that does not match the attached prompt fails clearly instead of hanging
+    # a first forward that does not match the attached prompt fails clearly
     other = model.processor(PROMPTS[:1], images()[:1])
     with pytest.raises(Exception, match="attached for a prompt"):
         with VHR().attach(model, batch), torch.no_grad():
             model(other)
     assert not any(p._forward_pre_hooks for p in projections)
-    assert not [t for t in threading.enumerate() if t.name == "taskmllm-vhr-no-image"]
+    assert not decoder._forward_pre_hooks and not decoder._forward_hooks
     with torch.no_grad():
         assert torch.equal(model(batch).logits, want)
 
 
-def test_an_image_pass_failing_mid_prefill_releases_the_waiting_worker(model):
-    """The image pass raises at layer 2 while the no-image pass waits for that layer's keys: the error surfaces,
-    the worker ends, no hook stays."""
+def test_a_forward_failing_mid_prefill_leaves_no_hook(model):
+    """The prompt's forward raises at layer 2, after layer 1's selection: the error surfaces, no hook stays."""
     batch = model.processor(PROMPTS, images())
-    main = threading.get_ident()
 
     def fail(module, args):
-        if threading.get_ident() == main:
-            raise KeyError("image pass failed")
+        raise KeyError("prefill failed")
 
     layers = decoder_layers(model.llm)
+    def hooks():
+        return [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.llm.modules()]
+
+    before = hooks()
     handle = layers[2].register_forward_pre_hook(fail)
     try:
-        with pytest.raises(KeyError, match="image pass failed"):
+        with pytest.raises(KeyError, match="prefill failed"):
             model.generate(batch, max_new_tokens=3, intervention=VHR(layers=[1, 3]))
     finally:
         handle.remove()
-    assert not [t for t in threading.enumerate() if t.name == "taskmllm-vhr-no-image"]
-    assert not any(m._forward_pre_hooks for layer in layers for m in layer.modules())
+    assert hooks() == before
 
 
 def test_right_padding_reads_each_sample_last_real_token(model):
@@ -254,24 +263,45 @@ def test_right_padding_reads_each_sample_last_real_token(model):
         torch.testing.assert_close(logits[b, :n], want, rtol=1e-6, atol=1e-6)
 
 
-def test_the_two_passes_take_turns(model):
-    """No layer's MLP of one pass overlaps another's: the image pass waits while the no-image pass runs a layer
-    (and the reverse), so they never compete for the cores."""
-    events = []
-    handles = []
-    for i, layer in enumerate(decoder_layers(model.llm)):
-        handles.append(layer.mlp.register_forward_pre_hook(
-            lambda m, a, i=i: events.append((threading.get_ident(), i, "in"))))
-        handles.append(layer.mlp.register_forward_hook(
-            lambda m, a, o, i=i: events.append((threading.get_ident(), i, "out"))))
+def test_one_forward_carries_both_passes_and_the_cache_keeps_the_prompt(model):
+    """The prefill is one decoder forward over the prompt and the no-image columns (the text after the first visual
+    token: fewer than the prompt's), in this thread; the cache it leaves holds the prompt's columns only, so
+    the next step's forward is the same as without VHR."""
+    batch = model.processor(PROMPTS, images())
+    widths, threads = [], set()
+
+    def seen(module, args):
+        widths.append(args[0].shape[1])
+        threads.add(threading.get_ident())
+
+    handle = decoder_layers(model.llm)[0].mlp.register_forward_pre_hook(seen)
     try:
-        model.generate(model.processor(PROMPTS, images()), max_new_tokens=2, intervention=VHR(layers=[1, 2, 3]))
+        model.generate(batch, max_new_tokens=3, intervention=VHR(layers=[1, 2, 3]))
     finally:
-        for h in handles:
-            h.remove()
-    assert len({ident for ident, _, _ in events}) == 2, "both passes ran"
-    for start, end in zip(events[::2], events[1::2]):
-        assert start[2] == "in" and end == (start[0], start[1], "out"), (start, end)
+        handle.remove()
+    prompt = batch.input_ids.shape[1]
+    extra = widths[0] - prompt
+    assert 0 < extra < prompt and widths[1:] == [1, 1], widths
+    assert threads == {threading.get_ident()}
+    # the forward hands back the prompt's columns only: outputs and the caller's cache
+    ctx = context_for(model, batch)
+    decoder = model.llm.get_decoder()
+    cache = DynamicCache()
+    with VHR(layers=[1, 3]).attach(model, ctx), torch.no_grad():
+        out = decoder(inputs_embeds=ctx.inputs_embeds, attention_mask=ctx.attention_mask,
+                      position_ids=positions(ctx.attention_mask), use_cache=True,
+                      **{cache_keyword(type(decoder)): cache})
+    assert out.last_hidden_state.shape[1] == prompt and cache.get_seq_length() == prompt
+    assert out.past_key_values is cache
+    with VHR(layers=[1, 3]).attach(model, ctx), torch.no_grad():  # no cache given: transformers makes one
+        out = decoder(inputs_embeds=ctx.inputs_embeds, attention_mask=ctx.attention_mask,
+                      position_ids=positions(ctx.attention_mask), use_cache=True)
+    assert out.past_key_values.get_seq_length() == prompt
+    with pytest.raises(InputError, match="must start the prompt, but its cache holds"):
+        with VHR(layers=[1, 3]).attach(model, ctx), torch.no_grad():
+            decoder(inputs_embeds=ctx.inputs_embeds, attention_mask=ctx.attention_mask,
+                    position_ids=positions(ctx.attention_mask), use_cache=True,
+                    **{cache_keyword(type(decoder)): cache})
 
 
 def test_a_quantized_model_reuses_the_prefix_too(tokenizer):

@@ -76,6 +76,12 @@ class HookSet:
         self.handles.append(handle)
         return handle
 
+    def forward(self, module: nn.Module, fn: Callable) -> RemovableHandle:
+        """Register a forward hook (it may replace the module's output)."""
+        handle = module.register_forward_hook(fn)
+        self.handles.append(handle)
+        return handle
+
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()

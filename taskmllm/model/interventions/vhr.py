@@ -1,27 +1,29 @@
-"""VHR — Vision-aware Head Reinforcement (arXiv 2412.13949), on any attention backend.
+"""VHR — Vision-aware Head Reinforcement (arXiv 2412.13949), with SDPA or eager attention.
 
-At the first generation step (the prefill), a second forward of the prompt **without its visual tokens** runs
-in lockstep with the real prefill, in a worker thread. The two take turns layer by layer, one running while the
-other waits (no oversubscribed cores, no thread switch inside a layer): the image pass runs a layer's attention
-and hands over at its ``o_proj``; the worker runs that layer (when the prefill fills a KV cache, it reads the keys
-and values of the text before the first visual token from it and computes only the text after it:
-:mod:`~taskmllm.model.interventions.no_image_pass`), selects the layer's heads if it is configured, and hands
-back before its next layer. At every configured layer both passes stop before
-``o_proj``, the per-head outputs at the step's query position (each sample's last real prompt token, found from
-the attention mask, so left, right or no padding all read the right column) give
+At the first generation step (the prefill) the prompt is also run **without its visual tokens**, in the same
+forward: the text after the first visual token is appended to the prompt as extra columns, under a 4D mask that
+leaves the prompt's own attention as it was and lets the extra columns read only their sample's text before the
+first visual token (the prefix, whose keys and values are the same in both passes) and each other
+(:mod:`~taskmllm.model.interventions.no_image_pass`). One pass over the weights serves both; the outputs and the
+KV cache are cut back to the prompt's columns after it. At every configured layer, before ``o_proj``, the
+per-head outputs at the step's query position (the image pass: each sample's last real prompt token, found from
+the attention mask, so left, right or no padding all read the right column; the no-image pass: the last column)
+give
 
     VHD[b, h] = || A_h(image pass)[b] - A_h(no-image pass)[b] ||_2 ,   TA[b, h] = || A_h(no-image pass)[b] ||^2
 
 heads whose VHD **and** TA are both above the layer's mean + std are outliers and get VHD 0; heads with VHD above
 the layer's median are selected; both passes then multiply the selected heads' outputs by ``alpha`` before
-``o_proj`` and continue — so a layer's VHD is computed after the
-earlier layers were reinforced. Each sample has its own heads. The selection is kept for every later forward.
+``o_proj`` and continue — so a layer's VHD is computed after the earlier layers were reinforced. Each sample has
+its own heads. The selection is kept for every later forward.
 
 Reinforcement positions: the selected heads are reinforced at **every position** of every forward (prompt
 included). With a KV cache this equals reinforcing each step's query position, since every cached position was
 a query position once — except the prompt, which the paper's KV-cache reuse also leaves reinforced. Applying
 it everywhere makes the cached path equal to recomputation and lets the real prefill *be* the image pass of
-the selection (the only extra cost is the text-only no-image pass).
+the selection (the only extra cost is the no-image pass's columns in that forward). At ``alpha = 1`` the
+prompt's real columns come out as without VHR (bit for bit in the tests, SDPA and eager; the products have more
+rows, which could change the last bits on another BLAS); a padding column, read by nothing, attends to itself.
 
 Outlier rule, decided: the paper states "mean + standard deviation" of the layer's heads without qualifying the
 standard deviation. We use the **sample** (Bessel-corrected, ``ddof = 1``) standard deviation: it is what an
@@ -40,21 +42,21 @@ calibrated settings is run with those (:meth:`VHR.from_settings`).
 from __future__ import annotations
 
 import contextlib
-import math
-import threading
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from taskmllm.errors import ConfigError, InputError
-from taskmllm.model.decoding import cache_keyword
+from taskmllm.model.attention import is_sdpa
+from taskmllm.model.decoding import attention_bias, cache_keyword
 from taskmllm.model.generation import GenerationContext
 from taskmllm.model.interventions.hooks import (HookSet, as_context, decoder_layers, head_layout,
                                                 output_projection, resolve_layers)
 from taskmllm.model.interventions.masks import last_real_positions
-from taskmllm.model.interventions.no_image_pass import (TextPass, copy_prefix, is_full_attention_cache, prefix_cache,
-                                                        prefix_reuse_inputs, whole_pass)
+from taskmllm.model.interventions.no_image_pass import (full_attention_for, is_empty_cache, keep_prompt_columns,
+                                                        packed_allowed, prefix_reuse_inputs, prompt_allowed,
+                                                        whole_pass)
 from taskmllm.model.interventions.validation import check_index_list, check_number, check_settings
 from taskmllm.model.processor import Batch
 
@@ -114,13 +116,14 @@ class VHR:
 
     Raises:
         ConfigError: a setting of the wrong type or out of range (named with its value); layer indices out of
-            range for the model raise at attach.
+            range for the model, or an attention implementation other than SDPA or eager, raise at attach.
 
     After a generation, for inspection (from the most recent attach):
         ``selected_heads``: ``{layer: (B, heads) bool}``; ``vhd``: ``{layer: (B, heads)}`` raw VHD;
         ``outliers``: ``{layer: (B, heads) bool}``; ``layers``: the layers used; ``reused_prefix``: whether the
-        no-image pass read the text before the first visual token from the image pass's KV cache
-        (:mod:`~taskmllm.model.interventions.no_image_pass`) instead of recomputing it.
+        no-image pass read the text before the first visual token from the image pass's columns
+        (:mod:`~taskmllm.model.interventions.no_image_pass`) instead of recomputing it (false when no sample
+        has text before its first visual token).
     """
 
     SETTINGS = ("alpha", "layers", "remove_outliers")
@@ -156,10 +159,14 @@ class VHR:
 
 
 class VHRSession(contextlib.AbstractContextManager):
-    """One VHR attach: the lockstep selection at the first forward (the two passes take turns), then the kept
-    reinforcement."""
+    """One VHR attach: the selection inside the prompt's first forward (the no-image tokens packed beside the
+    prompt, :mod:`~taskmllm.model.interventions.no_image_pass`), then the kept reinforcement."""
 
     def __init__(self, vhr: VHR, model: "TaskMLLM", ctx: GenerationContext) -> None:
+        backend = model.llm.config._attn_implementation
+        if not (is_sdpa(backend) or backend == "eager"):
+            raise ConfigError(f"VHR runs its no-image pass in the prompt's forward under a 4D mask; the '{backend}' "
+                              f"attention does not take one: use attn_implementation 'sdpa' or 'eager'")
         self.vhr = vhr
         self.model = model
         self.ctx = ctx
@@ -169,27 +176,16 @@ class VHRSession(contextlib.AbstractContextManager):
         self.modules = {i: output_projection(self.decoder_layers[i]) for i in self.layers}
         self.heads, self.head_dim = head_layout(model.llm)
         self.hooks = HookSet()  # the reinforcement, kept for the whole attach
-        self._pass_hooks = HookSet()  # the selection's (start, prefix reuse), removed once every layer is selected
+        self._pass_hooks = HookSet()  # the packing of the first forward, removed once it has run
         self.scales: dict[int, torch.Tensor] = {}  # layer -> (B, 1, heads * head_dim)
         self.vhd: dict[int, torch.Tensor] = {}
         self.outliers: dict[int, torch.Tensor] = {}
         self.selected: dict[int, torch.Tensor] = {}
-        self.reused_prefix = False  # whether the no-image pass read the prefix from the image pass's cache
-        self._deposit: dict[str, torch.Tensor] = {}
-        self._worker: Optional[threading.Thread] = None
-        self._worker_error: Optional[BaseException] = None
-        self._worker_ident: Optional[int] = None
+        self.reused_prefix = False  # whether the no-image tokens read the prompt's prefix instead of computing it
         self._pending = list(self.layers)  # layers whose selection is still to be made
-        self._last = last_real_positions(ctx.attention_mask)  # (B,) the query position of the image pass
-        self._threads = torch.get_num_threads()  # the caller's intra-op threads, for the worker (see _no_image_pass)
-        # the two passes take turns (one runs while the other waits), guarded by one condition:
-        self._turn = threading.Condition()
-        self._image_at = -1  # the last layer the image pass has handed over (its attention done, keys cached)
-        self._worker_at = -1  # the layer the worker waits to start (math.inf once it has ended)
-        self._aborted = False
-        self._image_cache: Any = None
-        self._text_cache: Any = None
-        self._text: Optional[TextPass] = None
+        self._last = last_real_positions(ctx.attention_mask)  # (B,) the image pass's query position
+        self._prompt_columns: Optional[int] = None  # T, while the packed first forward runs
+        self._target_cache: Any = None  # the cache the caller gave the first forward
 
     # ------------------------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "VHRSession":
@@ -197,7 +193,9 @@ class VHRSession(contextlib.AbstractContextManager):
             for i in self.layers:
                 self.hooks.forward_pre(self.modules[i], self._hook(i))
             if self._pending:
-                self._pass_hooks.forward_pre(self.model.llm.get_decoder(), self._start, with_kwargs=True)
+                decoder = self.model.llm.get_decoder()
+                self._pass_hooks.forward_pre(decoder, self._pack, with_kwargs=True)
+                self._pass_hooks.forward(decoder, self._unpack)
         except BaseException:
             self._close()
             raise
@@ -213,130 +211,95 @@ class VHRSession(contextlib.AbstractContextManager):
         return None
 
     def _close(self) -> None:
-        with self._turn:
-            self._aborted = True  # releases a worker waiting for its turn
-            self._turn.notify_all()
-        if self._worker is not None:
-            self._worker.join()
-            self._worker = None
         self._pass_hooks.remove()
         self.hooks.remove()
 
-    # ------------------------------------------------------------------------------- no-image pass
-    class _Done(Exception):
-        """Raised inside the worker's forward once the last configured layer has been selected."""
-
-    def _start(self, decoder: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Decoder pre-hook: at the image pass's first forward, start the no-image pass beside it — on the
-        text after the first visual token when the image pass fills an empty full-attention KV cache (the
-        prefix's keys and values are read from it, :mod:`no_image_pass`), else on the whole text."""
-        if self._worker is not None or threading.get_ident() == self._worker_ident:
-            return None
-        first = kwargs.get("inputs_embeds", kwargs.get("input_ids", args[0] if args else None))
+    # ------------------------------------------------------------------------- the packed first forward
+    def _pack(self, decoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Decoder pre-hook at the prompt's first forward: append the no-image pass's tokens (the text after the
+        first visual token, reading the prompt's prefix; the whole text when there is no prefix) as extra columns,
+        under a 4D mask that keeps the prompt's own attention as it was; a private ``DynamicCache`` takes the
+        forward's keys and values in place of the caller's (:meth:`_unpack` hands it the prompt's columns)."""
+        emb = kwargs.get("inputs_embeds")
         bsz, length = self.ctx.attention_mask.shape  # the prompt, which the forward may continue (teacher forcing)
-        if first is not None and (first.shape[0] != bsz or first.shape[1] < length):
+        if args or emb is None:
+            raise InputError("VHR needs the LM's decoder called with keyword arguments and inputs_embeds")
+        if emb.shape[0] != bsz or emb.shape[1] < length:
             raise InputError(f"VHR was attached for a prompt of shape {tuple(self.ctx.attention_mask.shape)} but "
-                             f"the first forward has {tuple(first.shape[:2])}")
-        cache = kwargs.get(cache_keyword(type(decoder)))
-        needed = self.layers[-1] + 1  # the pass stops at the last selected layer
-        text = prefix_reuse_inputs(self.ctx) if is_full_attention_cache(cache, needed) else None
-        if text is not None:
-            kv_heads = int(getattr(self.model.llm.config, "num_key_value_heads", None) or self.heads)
-            self._image_cache, self.reused_prefix = cache, True  # keys and values come in the activations' dtype
-            self._text_cache = prefix_cache(text, needed, kv_heads, self.head_dim, self.ctx.inputs_embeds.dtype)
-        for i in range(needed):  # the worker runs layer i once the image pass has run its attention (o_proj's input)
-            self._pass_hooks.forward_pre(self.decoder_layers[i], self._worker_turn(i))
-            self._pass_hooks.forward_pre(output_projection(self.decoder_layers[i]), self._image_turn(i),
-                                         prepend=True)  # before the reinforcement's hook
-        self._text = text or whole_pass(self.ctx)
-        self._worker = threading.Thread(target=self._no_image_pass, args=(self._text,), daemon=True,
-                                        name="taskmllm-vhr-no-image")
-        self._worker.start()
-        return None
+                             f"the first forward has {tuple(emb.shape[:2])}")
+        key = cache_keyword(type(decoder))
+        cache = kwargs.get(key)
+        if cache is not None and not is_empty_cache(cache):
+            raise InputError(f"VHR's first forward must start the prompt, but its cache holds "
+                             f"{cache.get_seq_length()} columns")
+        text = prefix_reuse_inputs(self.ctx) or whole_pass(self.ctx)
+        columns = emb.shape[1]
+        if not full_attention_for(self.model.llm.config, columns + text.text_mask.shape[1]):
+            raise ConfigError(f"VHR packs its no-image pass into the prompt's forward, which needs every layer to "
+                              f"see the whole prompt; {type(self.model.llm).__name__} has a shorter sliding window")
+        pos = kwargs.get("position_ids")
+        if pos is None:  # transformers' default: the columns' indices
+            pos = torch.arange(columns, device=emb.device).expand(bsz, -1)
+        allowed = packed_allowed(prompt_allowed(kwargs.get("attention_mask"), bsz, columns, emb.device), text)
+        packed = dict(kwargs, inputs_embeds=torch.cat([emb, text.inputs_embeds.to(emb.dtype)], 1),
+                      position_ids=torch.cat([pos, text.position_ids.to(pos.device)], 1),
+                      attention_mask=attention_bias(allowed, self.model.llm, emb.dtype))
+        packed.pop("cache_position", None)  # transformers numbers the packed columns from the empty cache
+        if cache is not None:
+            from transformers import DynamicCache
 
-    def _worker_turn(self, layer: int):
-        def hook(module: nn.Module, args: tuple) -> None:  # decoder layer pre-hook: the worker waits for its turn
-            if threading.get_ident() != self._worker_ident:
-                return None
-            with self._turn:
-                self._worker_at = layer
-                self._turn.notify_all()
-                self._turn.wait_for(lambda: self._image_at >= layer or self._aborted)
-                if self._aborted:
-                    raise VHRSession._Done()
-            if self._text_cache is not None:
-                copy_prefix(self._text_cache, self._image_cache, layer, self._text)
-            return None
+            packed[key] = DynamicCache()
+        self._prompt_columns, self._target_cache = columns, cache
+        self.reused_prefix = text.reuses_prefix
+        return (), packed
 
-        return hook
+    def _unpack(self, decoder: nn.Module, args: tuple, output: Any) -> Any:
+        """Decoder forward hook after the packed forward: every output back to the prompt's columns (hidden states,
+        attentions, the cache: the caller's gets the prompt's keys and values); later forwards run as they come."""
+        columns, self._prompt_columns = self._prompt_columns, None
+        self._pass_hooks.remove()
+        output.last_hidden_state = output.last_hidden_state[:, :columns]
+        if getattr(output, "hidden_states", None) is not None:
+            output.hidden_states = tuple(h[:, :columns] for h in output.hidden_states)
+        if getattr(output, "attentions", None) is not None:
+            output.attentions = tuple(a[..., :columns, :columns] for a in output.attentions)
+        packed = getattr(output, "past_key_values", None)
+        if packed is not None:  # into the caller's cache, or a new one when transformers made the packed one
+            if self._target_cache is None:
+                from transformers import DynamicCache
 
-    def _image_turn(self, layer: int):
-        def hook(module: nn.Module, args: tuple) -> None:  # o_proj pre-hook: the image pass hands over
-            if threading.get_ident() == self._worker_ident:
-                return None
-            x = args[0]  # (B, T, heads * head_dim): the concatenated head outputs
-            if self._pending and layer == self._pending[0]:
-                query = x[torch.arange(x.shape[0], device=x.device), self._last.to(x.device)]
-                self._deposit["image"] = query.reshape(x.shape[0], self.heads, self.head_dim)
-            with self._turn:
-                self._image_at = layer
-                self._turn.notify_all()
-                self._turn.wait_for(lambda: self._worker_at > layer)
-            if layer in self.modules and layer not in self.scales:
-                raise RuntimeError(f"VHR's no-image pass failed before layer {layer}") from self._worker_error
-            if layer == self.layers[-1]:
-                self._pass_hooks.remove()  # the worker has ended: later forwards skip the turns
-            return None
-
-        return hook
-
-    def _no_image_pass(self, text: TextPass) -> None:
-        self._worker_ident = threading.get_ident()
-        # OpenMP's thread count is per thread: a new thread would start a pool of every core (whose spin-waiting
-        # cost 1.6x the CPU time of a 64-token decode at one thread); run the pass with the caller's count (the
-        # value the process already has: nothing changes for other threads)
-        torch.set_num_threads(self._threads)
-        decoder = self.model.llm.get_decoder()
-        cache = {cache_keyword(type(decoder)): self._text_cache} if self._text_cache is not None else {}
-        try:
-            with torch.no_grad():
-                decoder(inputs_embeds=text.inputs_embeds, attention_mask=text.attention_mask,
-                        position_ids=text.position_ids, use_cache=bool(cache), **cache)
-        except VHRSession._Done:
-            pass
-        except Exception as exc:  # reported to the image pass, which raises it
-            self._worker_error = exc
-        finally:
-            with self._turn:
-                self._worker_at = math.inf
-                self._turn.notify_all()
+                self._target_cache = DynamicCache()
+            keep_prompt_columns(packed, self._target_cache, columns)
+            output.past_key_values = self._target_cache
+        self._target_cache = None
+        return output
 
     # ---------------------------------------------------------------------------------------- hooks
     def _hook(self, layer: int):
         def hook(module: nn.Module, args: tuple) -> tuple:
             x = args[0]  # (B, T, heads * head_dim): the concatenated head outputs
-            if layer not in self.scales:  # the worker's turn at a layer still to select (the image pass waits)
-                if threading.get_ident() != self._worker_ident:
+            if layer not in self.scales:  # the packed first forward: (B, T + S, ...), the selection is made here
+                if self._prompt_columns is None:
                     raise RuntimeError(f"VHR reached layer {layer} before its selection: the prompt's first "
                                        f"forward did not go through the LM's decoder")
-                self._deposit["no_image"] = x[:, -1].reshape(x.shape[0], self.heads, self.head_dim)
-                self._select(layer)
-                if layer == self.layers[-1]:
-                    raise VHRSession._Done()
+                self._select(layer, x)
             return (x * self.scales[layer],) + tuple(args[1:])
 
         return hook
 
-    def _select(self, layer: int) -> None:
-        """The selection at ``layer`` from both passes' deposits (in the worker, while the image pass waits)."""
+    def _select(self, layer: int, x: torch.Tensor) -> None:
+        """The selection at ``layer`` from the packed forward's head outputs ``x`` ``(B, T + S, heads * head_dim)``:
+        the image pass's at each sample's last real prompt token, the no-image pass's at the last column."""
         self._pending.remove(layer)
-        img, no = self._deposit["image"].float(), self._deposit["no_image"].float()
-        vhd = (img - no).norm(dim=-1)  # (B, heads)
+        bsz = x.shape[0]
+        img = x[torch.arange(bsz, device=x.device), self._last.to(x.device)].reshape(bsz, self.heads, self.head_dim)
+        no = x[:, -1].reshape(bsz, self.heads, self.head_dim).float()
+        vhd = (img.float() - no).norm(dim=-1)  # (B, heads)
         # a sample without visual tokens has VHD 0 by definition (both passes are the same prompt; only
         # rounding from the different padding differs) -> no head is selected for it
         vhd = vhd * self.ctx.image_mask.any(-1, keepdim=True).to(vhd.device)
         ta = no.pow(2).sum(-1)
         outliers, selected = select_heads(vhd, ta, self.vhr.remove_outliers)
         self.vhd[layer], self.outliers[layer], self.selected[layer] = vhd, outliers, selected
-        scale = torch.where(selected, self.vhr.alpha, 1.0).to(self._deposit["image"].dtype)  # (B, heads)
+        scale = torch.where(selected, self.vhr.alpha, 1.0).to(x.dtype)  # (B, heads)
         self.scales[layer] = scale.repeat_interleave(self.head_dim, dim=-1).unsqueeze(1)
