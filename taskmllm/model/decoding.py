@@ -23,6 +23,7 @@ import torch
 
 from taskmllm.errors import ConfigError
 from taskmllm.model.attention import is_sdpa
+from taskmllm.model.linear_backend import onednn_linears
 from taskmllm.model.matvec import compile_options
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,10 +53,12 @@ def run_llm(llm: torch.nn.Module, plain_head: bool, keep: int, last_only: bool, 
     decoder = llm.get_decoder()
     if "cache" in kwargs:
         kwargs[cache_keyword(type(decoder))] = kwargs.pop("cache")
-    if plain_head:  # decoder + lm_head on the chunk: no hidden-state capture of every layer
-        hidden = decoder(**kwargs).last_hidden_state[:, -keep:]  # after the final norm
-        return llm.get_output_embeddings()(hidden[:, -1:] if last_only else hidden), hidden
-    out = llm(**kwargs, output_hidden_states=True)
+    emb = kwargs["inputs_embeds"]
+    with onednn_linears(emb.shape[0] * emb.shape[1]):  # a prefill's products; one-token steps run as they are
+        if plain_head:  # decoder + lm_head on the chunk: no hidden-state capture of every layer
+            hidden = decoder(**kwargs).last_hidden_state[:, -keep:]  # after the final norm
+            return llm.get_output_embeddings()(hidden[:, -1:] if last_only else hidden), hidden
+        out = llm(**kwargs, output_hidden_states=True)
     logits = out.logits[:, -keep:]
     return (logits[:, -1:] if last_only else logits), out.hidden_states[-1][:, -keep:]
 

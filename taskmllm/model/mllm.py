@@ -24,6 +24,7 @@ from taskmllm.model.generation import GenerationOutput, check_generation, genera
 from taskmllm.model.devices import check_device
 from taskmllm.model.io import (CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, atomic_directory_write, check_finite_weights,
                                record_checksums, verify_checksums)
+from taskmllm.model.linear_backend import onednn_linears
 from taskmllm.model.processor import IGNORE, Batch, Processor, positions
 from taskmllm.model.projector import Projector
 from taskmllm.model.quantization import check_not_quantized
@@ -183,9 +184,10 @@ class TaskMLLM(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(F, 3, S, S)`` -> vision features ``(F, N, C)`` and projected visual tokens ``(F, N', H)``."""
         dtype = self.projector.linear_1.weight.dtype
-        feats = self.vision(pixel_values.to(dtype))
-        pooled, _ = self.projector.pool(feats, self.vision.grid)
-        return feats, self.projector(pooled)
+        with onednn_linears(pixel_values.shape[0] * self.vision.grid[0] * self.vision.grid[1]):
+            feats = self.vision(pixel_values.to(dtype))
+            pooled, _ = self.projector.pool(feats, self.vision.grid)
+            return feats, self.projector(pooled)
 
     def visual_states(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> Optional[torch.Tensor]:
         """The ``(F, N', H)`` rows of ``hidden (B, L, H)`` at the ``<image>`` positions of ``input_ids``, frame by
@@ -272,8 +274,9 @@ class TaskMLLM(nn.Module):
             kept = (host.labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)  # (K,) t: some row supervises t+1
             keep = kept.to(emb.device, non_blocking=True)
             targets = batch.labels[:, keep + 1]  # (B, K) the token position t predicts
-        out = self.llm(inputs_embeds=emb, attention_mask=batch.attention_mask, logits_to_keep=keep,
-                       position_ids=positions(batch.attention_mask), output_hidden_states=True, use_cache=False)
+        with onednn_linears(emb.shape[0] * emb.shape[1]):  # outside autograd only (a scoring forward)
+            out = self.llm(inputs_embeds=emb, attention_mask=batch.attention_mask, logits_to_keep=keep,
+                           position_ids=positions(batch.attention_mask), output_hidden_states=True, use_cache=False)
         loss = None
         supervised = host.labels is not None and bool((host.labels[:, 1:] != IGNORE).any())
         if targets is not None:

@@ -1,0 +1,100 @@
+"""Float32 linear layers through oneDNN on CPUs where it beats the BLAS, measured once per process.
+
+PyTorch computes a float32 ``F.linear`` on the CPU with its BLAS (MKL in the PyPI wheels) and uses oneDNN, which it
+also ships, for convolutions and half-precision products. Which of the two multiplies float32 matrices faster
+depends on the CPU: on the project's host (AMD EPYC, Zen 5, AVX-512) MKL takes SmolLM2's products of 128-512 rows at
+94-101 GFLOP/s and oneDNN at 180-199 (``python bench/linear_backend.py --model smol --threads 1``; the tiny LLM's
+products of 744 rows 54 -> 32 ms). :func:`onednn_linears` is a context under which float32 CPU
+``F.linear`` calls of at least :data:`MIN_ROWS` rows, outside autograd, run as oneDNN's
+``torch.ops.mkldnn._linear_pointwise`` on the same dense weight: no copy of the weights, nothing to keep in sync
+when they change. The results differ from the BLAS's in the last bits (another summation order).
+
+It is a ``TorchFunctionMode`` (PyTorch's scoped interposition on torch functions), entered around forwards of many
+rows only — a prefill, the vision tower, a teacher-forced scoring forward — since every torch call inside a mode
+pays a Python call; one-token decode steps and compiled code run as they are. Whether oneDNN is faster is timed
+once per process on one product (:func:`onednn_is_faster`, ~20 ms); ``TASKMLLM_ONEDNN_LINEAR=0`` (or ``1``) skips
+the timing and decides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+from typing import Any, Callable, ContextManager
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+#: the fewest rows (leading dimensions multiplied) of a product oneDNN takes: on the project's host the two are
+#: within ~10% at 8 rows (either way, by model and cache state) and oneDNN is ahead from 32 (1.3-2x)
+MIN_ROWS = 16
+#: the fewest rows of a forward around which the mode is entered (below, its per-call cost outweighs the gain)
+MODE_MIN_ROWS = 32
+ENV = "TASKMLLM_ONEDNN_LINEAR"
+
+
+def _best_seconds(fn: Callable[[], Any], repeats: int = 5) -> float:
+    fn()  # warm-up (allocations, kernel selection)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed by oneDNN: ``x (..., K)``, ``weight (N, K)`` -> ``(..., N)``."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_is_faster() -> bool:
+    """Whether oneDNN computes a float32 product of 128 rows by a 1024 x 512 weight at least 10% faster than
+    ``F.linear`` on this CPU (best of 5 each, one thread's worth of work); ``TASKMLLM_ONEDNN_LINEAR`` = ``0`` / ``1``
+    decides without timing. False where PyTorch has no oneDNN."""
+    if os.environ.get(ENV) in ("0", "1"):
+        return os.environ[ENV] == "1" and torch.backends.mkldnn.is_available()
+    if not torch.backends.mkldnn.is_available():
+        return False
+    x, w = torch.randn(128, 512), torch.randn(1024, 512)
+    with torch.no_grad():
+        return _best_seconds(lambda: onednn_linear(x, w)) < 0.9 * _best_seconds(lambda: F.linear(x, w))
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # not a tensor subclass (fake, distributed, quantized tensors)
+
+
+def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """A float32 CPU product of at least :data:`MIN_ROWS` rows by a contiguous 2D weight, outside autograd."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if any(type(t) not in _PLAIN or t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return weight.dim() == 2 and weight.is_contiguous() and x.dim() >= 2 and x.numel() >= MIN_ROWS * weight.shape[1]
+
+
+class _OneDNNLinears(TorchFunctionMode):
+    """Sends eligible ``F.linear`` calls to :func:`onednn_linear`; every other call runs as it is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0] if args else kwargs["input"], args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if _eligible(x, weight, bias):
+                return onednn_linear(x, weight, bias)
+        return func(*args, **kwargs)
+
+
+def onednn_linears(rows: int) -> ContextManager:
+    """The context for a forward whose products have ``rows`` rows: oneDNN's float32 linears where they are faster
+    on this CPU and the forward is large enough (:data:`MODE_MIN_ROWS`); a null context otherwise, and inside code
+    that ``torch.compile`` traces."""
+    if rows < MODE_MIN_ROWS or torch.compiler.is_compiling() or not onednn_is_faster():
+        return contextlib.nullcontext()
+    return _OneDNNLinears()
