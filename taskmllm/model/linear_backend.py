@@ -7,11 +7,14 @@ depends on the CPU: on the project's host (AMD EPYC, Zen 5, AVX-512) MKL takes S
 products of 744 rows 54 -> 32 ms). :func:`onednn_linears` is a context under which float32 CPU
 ``F.linear`` calls of at least :data:`MIN_ROWS` rows, outside autograd, run as oneDNN's
 ``torch.ops.mkldnn._linear_pointwise`` on the same dense weight: no copy of the weights, nothing to keep in sync
-when they change. The results differ from the BLAS's in the last bits (another summation order).
+when they change. Where autograd records the product, its backward's two products are oneDNN's too
+(:class:`_LinearFunction`: a training step of the tiny recipe's joint stage 0.547 -> 0.49 s, ``python
+bench/train.py``). The results differ from the BLAS's in the last bits (another summation order).
 
 It is a ``TorchFunctionMode`` (PyTorch's scoped interposition on torch functions), entered around forwards of many
-rows only — a prefill, the vision tower, a teacher-forced scoring forward — since every torch call inside a mode
-pays a Python call; one-token decode steps and compiled code run as they are. Whether oneDNN is faster is timed
+rows only — a prefill, the vision tower, a teacher-forced forward (training or scoring) — since every torch call
+inside a mode pays a Python call; one-token decode steps, compiled code and checkpointed training forwards (whose
+recomputation in backward runs outside the block) run as they are. Whether oneDNN is faster is timed
 once per process on one product (:func:`onednn_is_faster`, ~20 ms); ``TASKMLLM_ONEDNN_LINEAR=0`` (or ``1``) skips
 the timing and decides.
 """
@@ -26,6 +29,7 @@ from typing import Any, Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
 #: the fewest rows (leading dimensions multiplied) of a product oneDNN takes: on the project's host the two are
@@ -69,17 +73,38 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not a tensor subclass (fake, dist
 
 
 def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """A float32 CPU product of at least :data:`MIN_ROWS` rows by a contiguous 2D weight, outside autograd."""
+    """A float32 CPU product of at least :data:`MIN_ROWS` rows by a contiguous 2D weight."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if any(type(t) not in _PLAIN or t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     return weight.dim() == 2 and weight.is_contiguous() and x.dim() >= 2 and x.numel() >= MIN_ROWS * weight.shape[1]
 
 
+class _LinearFunction(torch.autograd.Function):
+    """``F.linear`` whose forward and backward products are oneDNN's (float32 CPU tensors, first derivatives)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return onednn_linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()  # (..., N)
+        rows = grad.reshape(-1, grad.shape[-1])  # (M, N)
+        grad_x = onednn_linear(grad, weight.t()) if ctx.needs_input_grad[0] else None  # (..., N) @ (N, K)
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # (N, M) @ (M, K)
+            grad_w = onednn_linear(rows.t(), x.reshape(-1, x.shape[-1]).t())
+        grad_b = rows.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
 class _OneDNNLinears(TorchFunctionMode):
-    """Sends eligible ``F.linear`` calls to :func:`onednn_linear`; every other call runs as it is."""
+    """Sends eligible ``F.linear`` calls to oneDNN (through :class:`_LinearFunction` when autograd records them);
+    every other call runs as it is."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -87,6 +112,9 @@ class _OneDNNLinears(TorchFunctionMode):
             x, weight = args[0] if args else kwargs["input"], args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if _eligible(x, weight, bias):
+                tensors = (x, weight) if bias is None else (x, weight, bias)
+                if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+                    return _LinearFunction.apply(x, weight, bias)
                 return onednn_linear(x, weight, bias)
         return func(*args, **kwargs)
 

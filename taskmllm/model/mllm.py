@@ -87,6 +87,7 @@ class TaskMLLM(nn.Module):
         self.config = config
         self.tokenizer = tokenizer
         self.decode_steps = CompiledSteps()  # generate(compile=True)'s compiled steps, kept across calls
+        self.checkpointing = False  # activations recomputed in backward (set_gradient_checkpointing)
         self.vision = vision if vision is not None else build_vision_tower(config.vision)
         self.llm = llm if llm is not None else build_llm(config.llm)
         add_protocol_tokens(tokenizer, config.tokens.tasks)
@@ -171,6 +172,12 @@ class TaskMLLM(nn.Module):
         memory, the same gradients; transformers' and open_clip's own checkpointing, non-reentrant)."""
         hf_checkpointing(self.llm, enabled)
         self.vision.set_gradient_checkpointing(enabled)
+        self.checkpointing = enabled
+
+    def _linear_rows(self, rows: int) -> int:
+        """The rows for :func:`onednn_linears` of a forward: none when autograd records a checkpointed forward
+        (its recomputation in backward runs outside the block, with the BLAS, and must save the same tensors)."""
+        return 0 if self.checkpointing and torch.is_grad_enabled() else rows
 
     @property
     def hidden_size(self) -> int:
@@ -184,7 +191,7 @@ class TaskMLLM(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(F, 3, S, S)`` -> vision features ``(F, N, C)`` and projected visual tokens ``(F, N', H)``."""
         dtype = self.projector.linear_1.weight.dtype
-        with onednn_linears(pixel_values.shape[0] * self.vision.grid[0] * self.vision.grid[1]):
+        with onednn_linears(self._linear_rows(pixel_values.shape[0] * self.vision.grid[0] * self.vision.grid[1])):
             feats = self.vision(pixel_values.to(dtype))
             pooled, _ = self.projector.pool(feats, self.vision.grid)
             return feats, self.projector(pooled)
@@ -274,7 +281,7 @@ class TaskMLLM(nn.Module):
             kept = (host.labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)  # (K,) t: some row supervises t+1
             keep = kept.to(emb.device, non_blocking=True)
             targets = batch.labels[:, keep + 1]  # (B, K) the token position t predicts
-        with onednn_linears(emb.shape[0] * emb.shape[1]):  # outside autograd only (a scoring forward)
+        with onednn_linears(self._linear_rows(emb.shape[0] * emb.shape[1])):
             out = self.llm(inputs_embeds=emb, attention_mask=batch.attention_mask, logits_to_keep=keep,
                            position_ids=positions(batch.attention_mask), output_hidden_states=True, use_cache=False)
         loss = None

@@ -33,11 +33,29 @@ def test_the_mode_takes_eligible_calls_only():
         wide = lin.double()
         xd = x.double()
         assert torch.equal(wide(xd), F.linear(xd, wide.weight, wide.bias)), "float64 stays with the BLAS"
-    lin = torch.nn.Linear(24, 40)
-    with _OneDNNLinears():  # autograd on: the BLAS, whose product has a backward
-        out = lin(x)
-    out.sum().backward()
-    assert lin.weight.grad is not None and torch.equal(out, F.linear(x, lin.weight, lin.bias))
+
+
+@pytest.mark.parametrize("shape", [(48, 256), (3, 16, 256)])
+def test_backward_equals_the_blas_gradients(shape):
+    """Autograd on: forward and both backward products by oneDNN; gradients of x, W and b equal the BLAS's up to
+    rounding; a second derivative is refused."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen, requires_grad=True)
+    w = torch.randn(300, 256, generator=gen, requires_grad=True)
+    b = torch.randn(300, generator=gen, requires_grad=True)
+    up = torch.randn(*shape[:-1], 300, generator=gen)
+    with _OneDNNLinears():
+        out = F.linear(x, w, b)
+    assert type(out.grad_fn).__name__ == "_LinearFunctionBackward"
+    got = torch.autograd.grad(out, (x, w, b), up)
+    want = torch.autograd.grad(F.linear(x, w, b), (x, w, b), up)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-4)
+    with _OneDNNLinears():
+        out = F.linear(x, w, b)
+    (gx,) = torch.autograd.grad(out, x, up, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
 
 
 def test_the_context_enters_only_for_large_forwards(monkeypatch):
