@@ -24,13 +24,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import time
-from typing import Any, Callable, ContextManager
+from typing import ContextManager
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
+
+from taskmllm.model.weight_layout import best_seconds
 
 #: the fewest rows (leading dimensions multiplied) of a product oneDNN takes: on the project's host the two are
 #: within ~10% at 8 rows (either way, by model and cache state) and oneDNN is ahead from 32 (1.3-2x)
@@ -38,16 +39,6 @@ MIN_ROWS = 16
 #: the fewest rows of a forward around which the mode is entered (below, its per-call cost outweighs the gain)
 MODE_MIN_ROWS = 32
 ENV = "TASKMLLM_ONEDNN_LINEAR"
-
-
-def _best_seconds(fn: Callable[[], Any], repeats: int = 5) -> float:
-    fn()  # warm-up (allocations, kernel selection)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,7 +57,7 @@ def onednn_is_faster() -> bool:
         return False
     x, w = torch.randn(128, 512), torch.randn(1024, 512)
     with torch.no_grad():
-        return _best_seconds(lambda: onednn_linear(x, w)) < 0.9 * _best_seconds(lambda: F.linear(x, w))
+        return best_seconds(lambda: onednn_linear(x, w), 5) < 0.9 * best_seconds(lambda: F.linear(x, w), 5)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not a tensor subclass (fake, distributed, quantized tensors)

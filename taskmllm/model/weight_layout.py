@@ -40,8 +40,9 @@ def _in_layout(weight: torch.Tensor, layout: str) -> torch.Tensor:
     return weight.t().contiguous().t()
 
 
-def _best_seconds(fn: Callable[[], None], repeats: int) -> float:
-    fn()  # warm-up (allocations, BLAS dispatch)
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """The best wall time of ``repeats`` calls of ``fn`` after one warm-up call (allocations, kernel selection)."""
+    fn()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -81,7 +82,7 @@ def tune_linear_layout(module: nn.Module, rows: int = 1, repeats: int = 3) -> di
             times = {}
             for layout in LAYOUTS:
                 stored = [_in_layout(w.data, layout) for w in weights]
-                times[layout] = _best_seconds(lambda: [nn.functional.linear(x, w) for w in stored], repeats)
+                times[layout] = best_seconds(lambda: [nn.functional.linear(x, w) for w in stored], repeats)
                 del stored
             chosen = min(LAYOUTS, key=times.__getitem__)
             for w in weights:
