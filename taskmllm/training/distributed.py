@@ -174,8 +174,9 @@ class Trainer:
             report["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(self.ctx.device)
         (out / f"memory.rank{self.ctx.rank}.json").write_text(json.dumps(report, indent=1))
 
-    def gathered(self) -> contextlib.AbstractContextManager:
-        """A context in which every parameter is whole (ZeRO-3 gathers them; the others have them)."""
+    def gathered(self, modified: bool = False) -> contextlib.AbstractContextManager:
+        """A context in which every parameter is whole (ZeRO-3 gathers them; the others have them); ``modified``:
+        what is written into them inside (the same on every rank) is kept (ZeRO-3 repartitions it on exit)."""
         return contextlib.nullcontext()
 
     def finish(self) -> None:
@@ -307,18 +308,20 @@ class DeepSpeedTrainer(Trainer):
         for p in self.trainee.parameters():
             p.data = p.data.clone()
 
-    def gathered(self) -> contextlib.AbstractContextManager:
+    def gathered(self, modified: bool = False) -> contextlib.AbstractContextManager:
         if self.stage != 3:
             return contextlib.nullcontext()
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(self.trainee.parameters()), modifier_rank=None)
+        # modifier_rank: rank 0's whole parameters are written back to every rank's partition on exit
+        return deepspeed.zero.GatheredParameters(list(self.trainee.parameters()), modifier_rank=0 if modified else None)
 
 
 class Zero3OptimizerState:
     """The ZeRO-3 optimizer's state for a checkpoint: its ``state_dict`` (the base optimizer's state over this
     rank's partition) without the loss-scaler object (the engine keeps its own) and the fp32 master partition
-    (refreshed from the weights after loading, as for ZeRO-2); loading follows the engine's own checkpoint events."""
+    (rebuilt from the loaded weights' partition, as ZeRO-2's is refreshed from the weights); loading follows the
+    engine's own checkpoint events."""
 
     DROPPED = ("loss_scaler", "fp32_flat_groups")
 
@@ -330,7 +333,10 @@ class Zero3OptimizerState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.zero.checkpoint_event_prologue()
-        full = {**state, "loss_scaler": self.zero.loss_scaler}
+        # DeepSpeed 0.19 restores the fp32 master partition from the state, then the weights from it: it gets this
+        # rank's partition of the weights just loaded, so the master is refreshed from them (the weights stay)
+        masters = [flat.detach().float().clone() for flat in self.zero.fp16_partitioned_groups_flat]
+        full = {**state, "loss_scaler": self.zero.loss_scaler, "fp32_flat_groups": masters}
         self.zero.load_state_dict([full] * self.world, load_from_fp32_weights=False)  # entry [rank] is read
         self.zero.checkpoint_event_epilogue()
 

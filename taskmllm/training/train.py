@@ -69,7 +69,7 @@ def train(cfg: TrainConfig) -> Path:
     start_step, position = 0, 0
     resume_from = ckpt.resolve(cfg.resume)
     if resume_from is not None:
-        with trainer.gathered():  # ZeRO-3: the whole parameters, to check and load them
+        with trainer.gathered(modified=True):  # ZeRO-3: the whole parameters, to check and load them
             state = ckpt.check(resume_from, trainee)
             ckpt.load_module(resume_from, trainee)
         ckpt.load(resume_from, state, None, trainer.optimizer_state, scheduler)
