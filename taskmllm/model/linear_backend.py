@@ -64,9 +64,9 @@ def onednn_is_faster() -> bool:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not a tensor subclass (fake, distributed, quantized tensors)
 
 
-def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """A float32 CPU product of at least :data:`MIN_ROWS` rows by a contiguous 2D weight."""
-    tensors = (x, weight) if bias is None else (x, weight, bias)
+def _eligible(x: torch.Tensor, weight: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> bool:
+    """A float32 CPU product of at least :data:`MIN_ROWS` rows by a contiguous 2D weight (``tensors``: the
+    product's operands, bias included)."""
     if any(type(t) not in _PLAIN or t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
         return False
     return weight.dim() == 2 and weight.is_contiguous() and x.dim() >= 2 and x.numel() >= MIN_ROWS * weight.shape[1]
@@ -103,8 +103,8 @@ class _OneDNNLinears(TorchFunctionMode):
         if func is F.linear:
             x, weight = args[0] if args else kwargs["input"], args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if _eligible(x, weight, bias):
-                tensors = (x, weight) if bias is None else (x, weight, bias)
+            tensors = (x, weight) if bias is None else (x, weight, bias)
+            if _eligible(x, weight, tensors):
                 if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
                     return _LinearFunction.apply(x, weight, bias)
                 return onednn_linear(x, weight, bias)

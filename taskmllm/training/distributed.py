@@ -313,15 +313,13 @@ class DeepSpeedTrainer(Trainer):
             return contextlib.nullcontext()
         import deepspeed
 
-        # modifier_rank: rank 0's whole parameters are written back to every rank's partition on exit
         return deepspeed.zero.GatheredParameters(list(self.trainee.parameters()), modifier_rank=0 if modified else None)
 
 
 class Zero3OptimizerState:
     """The ZeRO-3 optimizer's state for a checkpoint: its ``state_dict`` (the base optimizer's state over this
     rank's partition) without the loss-scaler object (the engine keeps its own) and the fp32 master partition
-    (rebuilt from the loaded weights' partition, as ZeRO-2's is refreshed from the weights); loading follows the
-    engine's own checkpoint events."""
+    (rebuilt from the loaded weights on loading); loading follows the engine's own checkpoint events."""
 
     DROPPED = ("loss_scaler", "fp32_flat_groups")
 
@@ -333,8 +331,7 @@ class Zero3OptimizerState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.zero.checkpoint_event_prologue()
-        # DeepSpeed 0.19 restores the fp32 master partition from the state, then the weights from it: it gets this
-        # rank's partition of the weights just loaded, so the master is refreshed from them (the weights stay)
+        # DeepSpeed 0.19 sets the fp32 master from these groups, then the weights from it: the weights just loaded
         masters = [flat.detach().float().clone() for flat in self.zero.fp16_partitioned_groups_flat]
         full = {**state, "loss_scaler": self.zero.loss_scaler, "fp32_flat_groups": masters}
         self.zero.load_state_dict([full] * self.world, load_from_fp32_weights=False)  # entry [rank] is read
