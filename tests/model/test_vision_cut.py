@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from taskmllm.errors import ConfigError
 from taskmllm.model.config import VisionConfig
@@ -119,3 +120,89 @@ def test_a_pair_with_partitioned_parameters_runs_as_its_modules():
         got = tower(x)
     assert gathered == [conv, norm]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class _Ops(TorchDispatchMode):
+    """The names of the ATen / oneDNN operators a forward runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("frozen", ["no_grad", "requires_grad_false"])
+def test_a_forward_without_gradients_runs_each_pair_and_relu6_as_one_onednn_convolution(frozen):
+    # inference, or a frozen tower under autograd: every Conv2d + BatchNorm (+ ReLU6) is one oneDNN convolution
+    # with the bias and the clamp in its kernel, and the features are torchvision's modules' (float32)
+    torch.manual_seed(0)
+    tower = MobileNetV2Tower(VisionConfig(**STRIDE16)).eval()
+    _trained_statistics(tower)
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        want = tower.features(x).flatten(2).transpose(1, 2)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in tower.modules())
+    if frozen == "requires_grad_false":
+        tower.requires_grad_(False)
+    with torch.set_grad_enabled(frozen != "no_grad"), _Ops() as ops:
+        got = tower(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert ops.names.count("mkldnn::_convolution_pointwise") == convs
+    assert not [n for n in ops.names if "convolution" in n and not n.startswith("mkldnn::")]
+    assert not [n for n in ops.names if "hardtanh" in n or "clamp" in n]
+
+
+def test_a_training_forward_keeps_differentiable_convolutions():
+    # parameters that want gradients: the folded pairs run as aten convolutions (the fused kernel has no backward)
+    tower = MobileNetV2Tower(VisionConfig(**STRIDE16)).train()
+    with _Ops() as ops:
+        tower(torch.rand(1, 3, 96, 96)).sum().backward()
+    assert "mkldnn::_convolution_pointwise" not in ops.names
+    assert all(p.grad is not None for p in tower.parameters())
+
+
+def test_kept_folded_weights_follow_an_optimizer_step_and_inference_mode():
+    # the gradient-free path keeps its folded weights until a tensor of the pair changes: after a training step the
+    # next frozen forward reads the new weights; weights folded under inference_mode serve a later no_grad call
+    torch.manual_seed(0)
+    tower = MobileNetV2Tower(VisionConfig(**STRIDE16))
+    _trained_statistics(tower)
+    x = torch.rand(2, 3, 96, 96)
+    with torch.inference_mode():
+        tower(x)
+    opt = torch.optim.SGD(tower.parameters(), lr=0.5)
+    tower(x).square().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        got = tower(x)
+        want = tower.features.eval()(x).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tower_made_under_inference_mode_folds_on_every_call():
+    # parameters created under inference_mode have no version counter: nothing is kept, each call folds them
+    with torch.inference_mode():
+        tower = MobileNetV2Tower(VisionConfig(**STRIDE16)).eval()
+        x = torch.rand(1, 3, 96, 96)
+        before = tower(x)
+        tower.features[0][1].weight.mul_(2.0)
+        after = tower(x)
+        torch.testing.assert_close(after, tower.features(x).flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, after)
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN has no bf16 kernels here")
+def test_a_bf16_tower_runs_fused_with_the_features_of_its_differentiable_path():
+    torch.manual_seed(0)
+    tower = MobileNetV2Tower(VisionConfig(**STRIDE16)).eval()
+    _trained_statistics(tower)
+    tower.to(torch.bfloat16)
+    x = torch.rand(2, 3, 96, 96, dtype=torch.bfloat16)
+    want = tower(x).float()  # parameters want gradients: the aten convolutions
+    with torch.no_grad(), _Ops() as ops:
+        got = tower(x).float()
+    assert "mkldnn::_convolution_pointwise" in ops.names
+    assert ((got - want).norm() / want.norm()).item() < 0.01
