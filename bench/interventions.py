@@ -18,8 +18,7 @@ Targets (issue #29): VHR <= 1.05 x none; VAR <= 1.25 x none with SDPA (the model
 ZeroTuning (gamma 1.5 on every head, SDPA) is timed beside them. ``--device cuda`` times them on a GPU.
 ``--threads 1`` times on the process's CPU clock (a shared machine's other load does not count) with the process
 pinned to one core (``--pin``, the default at one thread), so that the clock reads what a dedicated core takes
-(VHR's no-image pass runs in its own thread; it takes turns with the image pass, but unpinned the OS may still move
-either thread to the other core, whose caches are cold).
+(unpinned, the OS may move the process to the other core, whose caches are cold).
 
     python bench/interventions.py --out bench/results/interventions.json
 """
