@@ -206,3 +206,25 @@ def test_a_bf16_tower_runs_fused_with_the_features_of_its_differentiable_path():
         got = tower(x).float()
     assert "mkldnn::_convolution_pointwise" in ops.names
     assert ((got - want).norm() / want.norm()).item() < 0.01
+
+
+def test_a_gradient_free_cpu_forward_runs_in_near_equal_chunks_with_the_same_features(monkeypatch):
+    # frames beyond CPU_CHUNK_BYTES of the widest activation (96 channels at half the side) go in near-equal chunks
+    import taskmllm.model.vision as vision
+
+    torch.manual_seed(0)
+    tower = MobileNetV2Tower(VisionConfig(**STRIDE16)).eval()
+    x = torch.rand(5, 3, 96, 96)
+    frame_bytes = 96 * 48 * 48 * 4
+    with torch.no_grad():
+        want = tower(x)
+        monkeypatch.setattr(vision, "CPU_CHUNK_BYTES", 2 * frame_bytes)
+        assert tower._chunks(x) == 3  # 2 + 2 + 1 frames
+        got = tower(x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert got.shape == (5, 36, 96)
+    assert tower._chunks(x[:2]) == 1
+    monkeypatch.setattr(vision, "CPU_CHUNK_BYTES", 1)
+    with torch.no_grad():
+        assert tower._chunks(x) == 5  # at least one frame per chunk
+    assert tower._chunks(x) == 1  # autograd records the forward: one pass
