@@ -1,7 +1,8 @@
 """How fast a MobileNetV2 tower turns frames into features: torchvision's own forward vs the tower's.
 
 ``MobileNetV2Tower`` (``taskmllm/model/vision.py``) folds each BatchNorm into its convolution and runs
-channels-last; this times it against torchvision's modules (``tower.features``, NCHW, a BatchNorm pass per
+channels-last (frozen: each pair and its ReLU6 as one oneDNN convolution, the frames in cache-sized chunks); this
+times it against torchvision's modules (``tower.features``, NCHW, a BatchNorm pass per
 convolution) on the same weights and frames, frozen (no gradient: every stage of the tiny recipe, and inference)
 and training (forward + backward into the tower's parameters), with the largest difference of the features.
 Frames/s, best of ``--repeats`` calls after one warm-up.
