@@ -135,10 +135,10 @@ class MobileNetV2Tower(VisionTower):
     convolution before it (:func:`conv_batch_norm`: one convolution, no pass over the activations; differentiable in
     the convolution's and the BatchNorm's parameters alike) and runs in the channels-last memory format, which the
     CPU's oneDNN convolutions (depthwise ones above all) read without reordering: `python bench/vision.py` measures
-    it against torchvision's own forward. A float32 CPU forward that wants no gradient (inference, a frozen tower)
-    runs each pair and the ReLU6 after it as one oneDNN convolution (:func:`fused_conv_batch_norm`), with the folded
-    weights kept until a weight changes (:class:`FoldedPairs`), in chunks of frames (:data:`CPU_CHUNK_BYTES`). The
-    state dict is torchvision's, unchanged.
+    it against torchvision's own forward. A float32 (or bf16) CPU forward that wants no gradient (inference, a frozen
+    tower) runs each pair and the ReLU6 after it as one oneDNN convolution (:func:`fused_conv_batch_norm`), with
+    the folded weights kept until a weight changes (:class:`FoldedPairs`), in chunks of frames
+    (:data:`CPU_CHUNK_BYTES`). The state dict is torchvision's, unchanged.
     """
 
     def __init__(self, config: VisionConfig) -> None:
@@ -225,7 +225,7 @@ def conv_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d, x: torch.Tensor) -> t
 class FoldedPairs:
     """The folded weights of a tower's pairs for its gradient-free forwards, folded again when one of the pair's
     tensors changed (its storage or its version counter moved: an optimizer step, ``load_state_dict``, ``.to()``,
-    any in-place write). Folding every pair anew costs ~1 ms per forward, a fifth of a one-frame tiny tower's."""
+    any in-place write). Folding every pair anew cost ~0.5 ms per forward, a tenth of a one-frame tiny tower's."""
 
     def __init__(self) -> None:
         self._pairs: dict[nn.Module, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
@@ -252,7 +252,7 @@ def fused_conv_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d, x: torch.Tensor
     kernel (``mkldnn._convolution_pointwise``), the weights folded by :func:`fold_batch_norm` (kept in ``folded``
     if given). Not differentiable: for :func:`fusable` calls only. On CPUs where PyTorch's own choice for a 1 x 1
     convolution at one thread (a BLAS product) is slow, and with no pass over the activations for the ReLU6, the tiny
-    tower's forward takes up to 1.5x less time at one thread (``python bench/vision.py --threads 1``)."""
+    tower's forward took 1.1-1.6x less time at one thread (README, "Measured")."""
     weight, bias = fold_batch_norm(conv, norm) if folded is None else folded.get(conv, norm)
     attr, scalars = ("none", []) if clamp is None else ("hardtanh", list(clamp))
     return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(conv.padding), list(conv.stride),
