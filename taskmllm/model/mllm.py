@@ -191,8 +191,10 @@ class TaskMLLM(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(F, 3, S, S)`` -> vision features ``(F, N, C)`` and projected visual tokens ``(F, N', H)``."""
         dtype = self.projector.linear_1.weight.dtype
-        with onednn_linears(self._linear_rows(pixel_values.shape[0] * self.vision.grid[0] * self.vision.grid[1])):
+        rows = self._linear_rows(pixel_values.shape[0] * self.vision.grid[0] * self.vision.grid[1])
+        with onednn_linears(rows if self.vision.has_linears else 0):
             feats = self.vision(pixel_values.to(dtype))
+        with onednn_linears(rows):
             pooled, _ = self.projector.pool(feats, self.vision.grid)
             return feats, self.projector(pooled)
 

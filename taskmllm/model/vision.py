@@ -41,6 +41,9 @@ class VisionTower(nn.Module):
     config: VisionConfig
     width: int
     grid: tuple[int, int]
+    #: whether the tower's forward calls ``F.linear`` (a ViT does; a CNN does not, and then runs outside the oneDNN
+    #: linears' mode, whose interposition on every torch call would cost it ~1 ms per forward for nothing)
+    has_linears: bool = True
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -141,6 +144,8 @@ class MobileNetV2Tower(VisionTower):
     (:data:`CPU_CHUNK_BYTES`). The state dict is torchvision's, unchanged.
     """
 
+    has_linears = False
+
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         from torchvision.models import mobilenet_v2
@@ -232,12 +237,12 @@ class FoldedPairs:
 
     def get(self, conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`fold_batch_norm` of the pair's current tensors (without autograd)."""
-        tensors = [t for t in (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
-                   if t is not None]
-        if any(t.is_inference() for t in tensors):  # made under inference_mode: no version counter to follow
+        tensors = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+        try:
+            key = tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
+        except RuntimeError:  # a tensor made under inference_mode: no version counter to follow, nothing kept
             with torch.no_grad():
                 return fold_batch_norm(conv, norm)
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
         kept = self._pairs.get(conv)
         if kept is None or kept[0] != key:
             with torch.no_grad():

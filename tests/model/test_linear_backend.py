@@ -116,3 +116,35 @@ def test_a_prefill_takes_onednn_and_decode_steps_do_not(tokenizer, monkeypatch):
     assert prompt_rows >= MODE_MIN_ROWS and prompt_rows in rows, "the prefill's products"
     assert all(n >= linear_backend.MIN_ROWS for n in rows), "no product of fewer rows"
     assert got == want
+
+
+@pytest.mark.parametrize("kind", ["open_clip", "mobilenet_v2"])
+def test_the_tower_runs_inside_the_mode_only_if_it_has_linears(tokenizer, monkeypatch, kind):
+    """``encode_images``: a ViT tower's products go through the mode, a CNN's forward (no ``F.linear``) runs outside
+    it (the mode would only add a Python call to each of its torch calls); the projector's always go through."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    from taskmllm.model.mllm import TaskMLLM
+    from tests.conftest import tiny_config
+
+    vision = {"kind": kind, "image_size": 96, "feature_layer": 13} if kind == "mobilenet_v2" else {}
+    model = TaskMLLM(tiny_config(tokenizer, **vision), tokenizer).eval()
+    inside = {}
+
+    def record(name):
+        def hook(module, args):
+            inside[name] = any(isinstance(m, _OneDNNLinears) for m in _get_current_function_mode_stack())
+        return hook
+
+    model.vision.register_forward_pre_hook(record("tower"))
+    model.projector.register_forward_pre_hook(record("projector"))
+    monkeypatch.setenv(linear_backend.ENV, "1")
+    onednn_is_faster.cache_clear()
+    try:
+        size = model.config.vision.image_size
+        with torch.no_grad():
+            model.encode_images(torch.rand(4, 3, size, size))
+    finally:
+        monkeypatch.delenv(linear_backend.ENV)
+        onednn_is_faster.cache_clear()
+    assert inside == {"tower": kind != "mobilenet_v2", "projector": True}
