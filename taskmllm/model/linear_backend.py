@@ -12,7 +12,8 @@ when they change. Where autograd records the product, its backward's two product
 bench/train.py``). The results differ from the BLAS's in the last bits (another summation order).
 
 It is a ``TorchFunctionMode`` (PyTorch's scoped interposition on torch functions), entered around forwards of many
-rows only — a prefill, the vision tower, a teacher-forced forward (training or scoring) — since every torch call
+rows only — a prefill, a ViT vision tower (a CNN one has no linears: ``VisionTower.has_linears``), the projector,
+a teacher-forced forward (training or scoring) — since every torch call
 inside a mode pays a Python call; one-token decode steps, compiled code and checkpointed training forwards (whose
 recomputation in backward runs outside the block) run as they are. Whether oneDNN is faster is timed
 once per process on one product (:func:`onednn_is_faster`, ~20 ms); ``TASKMLLM_ONEDNN_LINEAR=0`` (or ``1``) skips
