@@ -175,31 +175,34 @@ class MobileNetV2Tower(VisionTower):
         return self
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        chunks = self._chunks(pixel_values)
+        free = self._gradient_free(pixel_values)
+        folded = self.folded if free and fusable(pixel_values, self.features[0][0].weight) else None
+        chunks = self._chunks(pixel_values, free)
         if chunks > 1:
-            return torch.cat([self._forward(frames) for frames in pixel_values.tensor_split(chunks)])
-        return self._forward(pixel_values)
+            return torch.cat([self._forward(frames, folded) for frames in pixel_values.tensor_split(chunks)])
+        return self._forward(pixel_values, folded)
 
-    def _chunks(self, pixel_values: torch.Tensor) -> int:
-        """How many near-equal chunks of frames a forward runs in (:data:`CPU_CHUNK_BYTES`): 1 off the CPU or
-        where autograd records the forward."""
-        if pixel_values.device.type != "cpu" or self._wants_grad(pixel_values):
+    def _chunks(self, pixel_values: torch.Tensor, gradient_free: Optional[bool] = None) -> int:
+        """How many near-equal chunks of frames a forward runs in (:data:`CPU_CHUNK_BYTES`): 1 unless
+        :meth:`_gradient_free` (``gradient_free``, if the caller has it)."""
+        if not (self._gradient_free(pixel_values) if gradient_free is None else gradient_free):
             return 1
         frame_bytes = 96 * (pixel_values.shape[-1] // 2) * (pixel_values.shape[-2] // 2) * pixel_values.element_size()
         return -(-pixel_values.shape[0] // max(1, CPU_CHUNK_BYTES // frame_bytes))
 
-    def _wants_grad(self, pixel_values: torch.Tensor) -> bool:
-        return torch.is_grad_enabled() and (pixel_values.requires_grad
-                                            or any(p.requires_grad for p in self.parameters()))
+    def _gradient_free(self, pixel_values: torch.Tensor) -> bool:
+        """A CPU forward that autograd does not record (inference, or a frozen tower in training)."""
+        return pixel_values.device.type == "cpu" and not (torch.is_grad_enabled() and (
+            pixel_values.requires_grad or any(p.requires_grad for p in self.parameters())))
 
-    def _forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _forward(self, pixel_values: torch.Tensor, folded: Optional[FoldedPairs]) -> torch.Tensor:
         x = pixel_values.contiguous(memory_format=torch.channels_last)  # (F, 3, S, S), stored as (F, S, S, 3)
         checkpoint = self.checkpointing and self.training and torch.is_grad_enabled()
         for block in self.features:
             if checkpoint:
-                x = torch.utils.checkpoint.checkpoint(run_folded, block, x, self.folded, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(run_folded, block, x, folded, use_reentrant=False)
             else:
-                x = run_folded(block, x, self.folded)
+                x = run_folded(block, x, folded)
         return x.permute(0, 2, 3, 1).flatten(1, 2)  # (F, C, h, w) -> (F, h*w, C): a view in channels-last
 
 
@@ -252,24 +255,22 @@ class FoldedPairs:
 
 
 def fused_conv_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d, x: torch.Tensor,
-                          clamp: Optional[tuple[float, float]], folded: Optional[FoldedPairs] = None) -> torch.Tensor:
+                          clamp: Optional[tuple[float, float]], folded: FoldedPairs) -> torch.Tensor:
     """``clamp(norm(conv(x)))`` (no clamp for None) as one oneDNN convolution with the bias and the clamp in its
-    kernel (``mkldnn._convolution_pointwise``), the weights folded by :func:`fold_batch_norm` (kept in ``folded``
-    if given). Not differentiable: for :func:`fusable` calls only. On CPUs where PyTorch's own choice for a 1 x 1
-    convolution at one thread (a BLAS product) is slow, and with no pass over the activations for the ReLU6, the tiny
-    tower's forward took 1.1-1.6x less time at one thread (README, "Measured")."""
-    weight, bias = fold_batch_norm(conv, norm) if folded is None else folded.get(conv, norm)
+    kernel (``mkldnn._convolution_pointwise``), the weights folded by :func:`fold_batch_norm` and kept in
+    ``folded``. Not differentiable: for gradient-free :func:`fusable` forwards only. On CPUs where PyTorch's own
+    choice for a 1 x 1 convolution at one thread (a BLAS product) is slow, and with no pass over the activations for
+    the ReLU6, the tiny tower's forward took 1.1-1.6x less time at one thread (README, "Measured")."""
+    weight, bias = folded.get(conv, norm)
     attr, scalars = ("none", []) if clamp is None else ("hardtanh", list(clamp))
     return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(conv.padding), list(conv.stride),
                                                    list(conv.dilation), conv.groups, attr, scalars, "")
 
 
-def fusable(conv: nn.Conv2d, norm: nn.BatchNorm2d, x: torch.Tensor) -> bool:
-    """A folded pair :func:`fused_conv_batch_norm` can run: float32 (or bf16 where oneDNN has bf16 kernels) on a
-    CPU with oneDNN, numeric padding, and no gradient wanted (inference, or a frozen tower in training)."""
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, conv.weight, norm.weight, norm.bias))
-    return (not wants_grad and x.device.type == "cpu" and x.dtype == conv.weight.dtype
-            and isinstance(conv.padding, tuple) and torch.backends.mkldnn.is_available()
+def fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a gradient-free CPU forward of ``x`` through convolutions with ``weight``'s dtype can run its folded
+    pairs as :func:`fused_conv_batch_norm`: float32, or bf16 where oneDNN has bf16 kernels, with oneDNN built in."""
+    return (x.dtype == weight.dtype and torch.backends.mkldnn.is_available()
             and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16
                                               and torch.ops.mkldnn._is_mkldnn_bf16_supported())))
 
@@ -289,9 +290,9 @@ def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
 
 def run_folded(module: nn.Module, x: torch.Tensor, folded: Optional[FoldedPairs] = None) -> torch.Tensor:
     """``module(x)`` for torchvision's MobileNetV2 blocks with each Conv2d + eval-mode BatchNorm2d pair of a
-    Sequential run by :func:`conv_batch_norm` (by :func:`fused_conv_batch_norm`, with the ReLU6 after it, where
-    :func:`fusable`, its weights kept in ``folded``); an ``InvertedResidual`` adds its input where torchvision's does
-    (``use_res_connect``); any other module is called as it is."""
+    Sequential run by :func:`conv_batch_norm` (given ``folded``, the tower's kept weights for a gradient-free
+    :func:`fusable` forward: by :func:`fused_conv_batch_norm`, with the ReLU6 after it); an ``InvertedResidual`` adds
+    its input where torchvision's does (``use_res_connect``); any other module is called as it is."""
     from torchvision.models.mobilenetv2 import InvertedResidual
 
     if isinstance(module, InvertedResidual):
@@ -305,7 +306,7 @@ def run_folded(module: nn.Module, x: torch.Tensor, folded: Optional[FoldedPairs]
         if i + 1 < len(layers) and _foldable(layers[i], layers[i + 1]):
             conv, norm = layers[i], layers[i + 1]
             clamp = _clamp(layers[i + 2]) if i + 2 < len(layers) else None
-            if fusable(conv, norm, x):  # the clamp (torchvision's ReLU6) goes into the convolution's kernel
+            if folded is not None and isinstance(conv.padding, tuple):  # the clamp (ReLU6) goes into the kernel
                 x = fused_conv_batch_norm(conv, norm, x, clamp, folded)
                 i += 2 if clamp is None else 3
             else:
