@@ -54,7 +54,8 @@ def run_llm(llm: torch.nn.Module, plain_head: bool, keep: int, last_only: bool, 
     if "cache" in kwargs:
         kwargs[cache_keyword(type(decoder))] = kwargs.pop("cache")
     emb = kwargs["inputs_embeds"]
-    with onednn_linears(emb.shape[0] * emb.shape[1]):  # a prefill's products; one-token steps run as they are
+    # a prefill's products; one-token steps run as they are
+    with onednn_linears(emb.shape[0] * emb.shape[1], emb.device):
         if plain_head:  # decoder + lm_head on the chunk: no hidden-state capture of every layer
             hidden = decoder(**kwargs).last_hidden_state[:, -keep:]  # after the final norm
             return llm.get_output_embeddings()(hidden[:, -1:] if last_only else hidden), hidden

@@ -112,10 +112,12 @@ class _OneDNNLinears(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def onednn_linears(rows: int) -> ContextManager:
-    """The context for a forward whose products have ``rows`` rows: oneDNN's float32 linears where they are faster
-    on this CPU and the forward is large enough (:data:`MODE_MIN_ROWS`); a null context otherwise, and inside code
-    that ``torch.compile`` traces."""
-    if rows < MODE_MIN_ROWS or torch.compiler.is_compiling() or not onednn_is_faster():
+def onednn_linears(rows: int, device: torch.device | str) -> ContextManager:
+    """The context for a forward on ``device`` whose products have ``rows`` rows: oneDNN's float32 linears where
+    they are faster on this CPU and the forward is large enough (:data:`MODE_MIN_ROWS`); a null context otherwise:
+    on another device (where the mode would only add a Python call to every torch call), and inside code that
+    ``torch.compile`` traces."""
+    if (torch.device(device).type != "cpu" or rows < MODE_MIN_ROWS or torch.compiler.is_compiling()
+            or not onednn_is_faster()):
         return contextlib.nullcontext()
     return _OneDNNLinears()

@@ -192,9 +192,9 @@ class TaskMLLM(nn.Module):
         """``(F, 3, S, S)`` -> vision features ``(F, N, C)`` and projected visual tokens ``(F, N', H)``."""
         dtype = self.projector.linear_1.weight.dtype
         rows = self._linear_rows(pixel_values.shape[0] * self.vision.grid[0] * self.vision.grid[1])
-        with onednn_linears(rows if self.vision.has_linears else 0):
+        with onednn_linears(rows if self.vision.has_linears else 0, pixel_values.device):
             feats = self.vision(pixel_values.to(dtype))
-        with onednn_linears(rows):
+        with onednn_linears(rows, pixel_values.device):
             pooled, _ = self.projector.pool(feats, self.vision.grid)
             return feats, self.projector(pooled)
 
@@ -283,7 +283,7 @@ class TaskMLLM(nn.Module):
             kept = (host.labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)  # (K,) t: some row supervises t+1
             keep = kept.to(emb.device, non_blocking=True)
             targets = batch.labels[:, keep + 1]  # (B, K) the token position t predicts
-        with onednn_linears(self._linear_rows(emb.shape[0] * emb.shape[1])):
+        with onednn_linears(self._linear_rows(emb.shape[0] * emb.shape[1]), emb.device):
             out = self.llm(inputs_embeds=emb, attention_mask=batch.attention_mask, logits_to_keep=keep,
                            position_ids=positions(batch.attention_mask), output_hidden_states=True, use_cache=False)
         loss = None

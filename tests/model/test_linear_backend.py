@@ -58,15 +58,17 @@ def test_backward_equals_the_blas_gradients(shape):
         gx.sum().backward()
 
 
-def test_the_context_enters_only_for_large_forwards(monkeypatch):
-    assert isinstance(onednn_linears(MODE_MIN_ROWS - 1), contextlib.nullcontext)
+def test_the_context_enters_only_for_large_cpu_forwards(monkeypatch):
+    assert isinstance(onednn_linears(MODE_MIN_ROWS - 1, "cpu"), contextlib.nullcontext)
     monkeypatch.setenv(linear_backend.ENV, "0")
     onednn_is_faster.cache_clear()
     try:
-        assert not onednn_is_faster() and isinstance(onednn_linears(10_000), contextlib.nullcontext)
+        assert not onednn_is_faster() and isinstance(onednn_linears(10_000, "cpu"), contextlib.nullcontext)
         monkeypatch.setenv(linear_backend.ENV, "1")
         onednn_is_faster.cache_clear()
-        assert onednn_is_faster() and isinstance(onednn_linears(10_000), _OneDNNLinears)
+        assert onednn_is_faster() and isinstance(onednn_linears(10_000, torch.device("cpu")), _OneDNNLinears)
+        for device in ("cuda", "cuda:1", "meta"):  # another device's forward runs without the mode's Python calls
+            assert isinstance(onednn_linears(10_000, device), contextlib.nullcontext)
     finally:
         monkeypatch.delenv(linear_backend.ENV)
         onednn_is_faster.cache_clear()
