@@ -162,6 +162,13 @@ class MobileNetV2Tower(VisionTower):
         self.width = probe.shape[1]
         self.grid = (probe.shape[2], probe.shape[3])
 
+    def _apply(self, fn, recurse: bool = True) -> "MobileNetV2Tower":
+        """``nn.Module``'s hook for ``.to()``, ``.cuda()``, ``.half()``, ...: the kept folded weights are copies of the
+        old tensors (on the old device, in the old dtype), so they are dropped; the next gradient-free CPU forward
+        folds again."""
+        self.folded = FoldedPairs()
+        return super()._apply(fn, recurse)
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Each block's activations recomputed in backward (``torch.utils.checkpoint``, non-reentrant); the
         BatchNorm layers use their running statistics, so the recomputation is exact."""
@@ -252,6 +259,10 @@ class FoldedPairs:
                 kept = (key, *fold_batch_norm(conv, norm))
             self._pairs[conv] = kept
         return kept[1], kept[2]
+
+    def __len__(self) -> int:
+        """How many convolutions' folded weights are kept."""
+        return len(self._pairs)
 
 
 def fused_conv_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d, x: torch.Tensor,

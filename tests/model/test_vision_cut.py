@@ -182,6 +182,26 @@ def test_kept_folded_weights_follow_an_optimizer_step_and_inference_mode():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_moving_or_casting_the_tower_drops_its_kept_folded_weights():
+    # `.to()` / `.double()` / `.cuda()` leave the kept copies behind on the old device or dtype: they are dropped, and
+    # the next gradient-free forward folds the moved tensors
+    torch.manual_seed(0)
+    tower = MobileNetV2Tower(VisionConfig(**STRIDE16)).eval()
+    _trained_statistics(tower)
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        want = tower(x)
+    pairs = sum(isinstance(m, torch.nn.BatchNorm2d) for m in tower.modules())  # each follows its convolution
+    assert pairs == 39 and len(tower.folded) == pairs
+    tower.double()
+    assert len(tower.folded) == 0
+    tower.float()
+    with torch.no_grad():
+        got = tower(x)
+    assert len(tower.folded) == pairs
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_a_tower_made_under_inference_mode_folds_on_every_call():
     # parameters created under inference_mode have no version counter: nothing is kept, each call folds them
     with torch.inference_mode():
