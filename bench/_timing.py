@@ -1,25 +1,14 @@
-"""Timing helpers of the benchmarks: the best of several calls (:func:`best_seconds`), and generation latency of
-several configurations of one model, timed interleaved (shared by the intervention benchmarks:
-``bench/interventions.py`` on a random model, ``bench/hallucination.py`` on a shipped one)."""
+"""Timing helpers of the benchmarks: the best of several calls (:func:`best_seconds`, the package's own), and
+generation latency of several configurations of one model, timed interleaved (shared by the intervention
+benchmarks: ``bench/interventions.py`` on a random model, ``bench/hallucination.py`` on a shipped one)."""
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-
-def best_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    """Best wall-clock seconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones (which compile,
-    allocate, warm the caches)."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+from taskmllm.model.weight_layout import best_seconds  # noqa: F401  (the benchmarks import it from here)
 
 
 def time_configs(model: Any, batch: Any, configs: dict[str, tuple[Optional[str], Any]], new_tokens: int,

@@ -40,9 +40,11 @@ def _in_layout(weight: torch.Tensor, layout: str) -> torch.Tensor:
     return weight.t().contiguous().t()
 
 
-def best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """The best wall time of ``repeats`` calls of ``fn`` after one warm-up call (allocations, kernel selection)."""
-    fn()
+def best_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """The best wall time of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (which compile, allocate,
+    select kernels, warm the caches)."""
+    for _ in range(warmup):
+        fn()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
