@@ -6,10 +6,15 @@ one-row kernels read weights well below the memory's bandwidth; it decomposes a 
 multiply + sum only on other devices. Written as that reduction, inductor generates one vectorized loop per
 product that reads the weight rows at near the bandwidth. ``python bench/matvec.py --model smol --threads 1`` on
 the project's AVX-512 host (SmolLM2-135M's 211 matrices): float32 31.1 -> 16.6 ms (17 -> 32 GB/s), bfloat16
-19.4 -> 8.5 ms (14 -> 32 GB/s), 77-79% of the read probe's 41 GB/s. With several rows the BLAS is faster again
-(the loop would read the weights once per row), so only products with exactly one row are rewritten, and only of
-weights stored row-major (the stored layout; a column-major ``weight_layout="tuned"`` weight stays with the BLAS,
-for which that layout is made).
+19.4 -> 8.5 ms (14 -> 32 GB/s), 77-79% of the read probe's 41 GB/s. With several rows the loop reads the weight
+once per row: that pays only while the weight stays in a core's L2 cache between rows, and against MKL's float32
+GEMM, which packs the weight on every call (bf16's dot-product kernels are faster at several rows). So products of
+one row are rewritten, and products of up to :data:`MAX_ROWS` rows of a float32 weight of at most
+:data:`SMALL_WEIGHT_BYTES` (the tiny LLM's every product; SmolLM2's key / value projections): a compiled batch-8
+call of ``bench/generate.py``'s model 1.067x as fast, batch 4 1.11x, batch 1 unchanged, tokens equal (old and new
+pass alternated in one process); ``smol`` in float32 at batch 8 1.016x. Rewriting bf16 products too made ``smol``'s
+batch-8 call 5% slower. Only weights stored row-major are rewritten (the stored layout; a column-major
+``weight_layout="tuned"`` weight stays with the BLAS, for which that layout is made).
 
 :class:`MatVecPass` is an inductor ``post_grad_custom_pre_pass``: ``torch.compile(fn,
 options=compile_options(device))``. The sum runs in the reduction order of inductor's loop, not the BLAS's: the
@@ -32,16 +37,28 @@ def _value(node: object) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) and value.dim() == 2 else None
 
 
+#: products of up to this many rows are rewritten when their weight is small (:data:`SMALL_WEIGHT_BYTES`)
+MAX_ROWS = 8
+#: a weight the loop may read once per row: it stays in a core's L2 cache (1 MiB per core on the project's Zen 5)
+SMALL_WEIGHT_BYTES = 1 << 20
+
+
 def _rewritable(a: object, b: object) -> bool:
-    """``a (M, K) @ b (K, N)`` with one static row, ``b``'s columns contiguous (a row-major ``(N, K)`` weight seen
-    through ``.T``): a column-major weight (``weight_layout="tuned"``) would make the sum stride across rows."""
+    """``a (M, K) @ b (K, N)`` with one static row (or up to :data:`MAX_ROWS` rows of a weight of at most
+    :data:`SMALL_WEIGHT_BYTES`), ``b``'s columns contiguous (a row-major ``(N, K)`` weight seen through ``.T``): a
+    column-major weight (``weight_layout="tuned"``) would make the sum stride across rows."""
     a_val, b_val = _value(a), _value(b)
-    return (a_val is not None and b_val is not None and isinstance(a_val.shape[0], int) and a_val.shape[0] == 1
-            and isinstance(b_val.stride(0), int) and b_val.stride(0) == 1)
+    if a_val is None or b_val is None or not isinstance(a_val.shape[0], int):
+        return False
+    rows, weight_bytes = a_val.shape[0], b_val.numel() * b_val.element_size()
+    fits = rows == 1 or (rows <= MAX_ROWS and b_val.dtype == torch.float32 and isinstance(weight_bytes, int)
+                         and weight_bytes <= SMALL_WEIGHT_BYTES)
+    return fits and isinstance(b_val.stride(0), int) and b_val.stride(0) == 1
 
 
 class MatVecPass(CustomGraphPass):
-    """Rewrites ``mm(a, b)`` and ``addmm(c, a, b)`` whose ``a`` has one row into ``sum(b.T * a, -1)`` (+ ``c``)."""
+    """Rewrites ``mm(a, b)`` and ``addmm(c, a, b)`` whose ``a`` has one row (or a few, :func:`_rewritable`) into
+    ``sum(b.T * a, -1)`` (+ ``c``)."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         for node in list(graph.nodes):
@@ -59,16 +76,17 @@ class MatVecPass(CustomGraphPass):
             graph.erase_node(node)
 
     def uuid(self) -> Any:
-        return get_hash_for_files((__file__,))
+        """What inductor's caches key the pass by: its source and the limits it reads."""
+        return get_hash_for_files((__file__,)), MAX_ROWS, SMALL_WEIGHT_BYTES
 
 
 def _matvec(graph: torch.fx.Graph, a: torch.fx.Node, b: torch.fx.Node) -> torch.fx.Node:
-    """``a (1, K) @ b (K, N)`` as ``sum(b.T[None] * a[:, None], 2)``: one pass over each of ``b``'s columns
-    (a row of the stored ``(N, K)`` weight of ``F.linear``)."""
+    """``a (M, K) @ b (K, N)`` as ``sum(b.T[None] * a[:, None], 2)``: one pass per row of ``a`` over each of
+    ``b``'s columns (a row of the stored ``(N, K)`` weight of ``F.linear``)."""
     call = graph.call_function
     weight_rows = call(aten.unsqueeze.default, (call(aten.permute.default, (b, [1, 0])), 0))  # (1, N, K)
-    product = call(aten.mul.Tensor, (weight_rows, call(aten.unsqueeze.default, (a, 1))))  # (1, N, K)
-    return call(aten.sum.dim_IntList, (product, [2]))  # (1, N)
+    product = call(aten.mul.Tensor, (weight_rows, call(aten.unsqueeze.default, (a, 1))))  # (M, N, K)
+    return call(aten.sum.dim_IntList, (product, [2]))  # (M, N)
 
 
 def compile_options(device: torch.device | str) -> dict[str, Any]:

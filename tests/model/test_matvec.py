@@ -32,11 +32,26 @@ def test_one_row_products_become_reductions_equal_to_linear(bias):
     torch.testing.assert_close(gm(x, w, b), F.linear(x, w, b), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("rows, column_major", [(3, False), (1, True)])
-def test_several_rows_and_column_major_weights_are_left_to_the_blas(rows, column_major):
-    w = torch.randn(24, 40)
-    w = w.t().contiguous().t() if column_major else w  # weight_layout="tuned"'s column-major storage
-    gm = make_fx(lambda x, w: F.linear(x, w), tracing_mode="fake")(torch.randn(rows, 40), w)
+@pytest.mark.parametrize("rows", [3, 8])
+def test_a_few_rows_of_a_small_float32_weight_become_reductions_equal_to_linear(rows):
+    torch.manual_seed(0)
+    x, w = torch.randn(rows, 40), torch.randn(24, 40)
+    gm = make_fx(lambda x, w: F.linear(x, w), tracing_mode="fake")(x, w)
+    MatVecPass()(gm.graph)
+    gm.recompile()
+    assert not _products(gm)
+    torch.testing.assert_close(gm(x, w), F.linear(x, w), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows, shape, dtype, column_major", [
+    (9, (24, 40), torch.float32, False),  # more rows than MAX_ROWS
+    (2, (1024, 257), torch.float32, False),  # a weight over SMALL_WEIGHT_BYTES (1 MiB + 4 KiB)
+    (2, (24, 40), torch.bfloat16, False),  # several rows in half precision: the BLAS's dot products win (smol)
+    (1, (24, 40), torch.float32, True)])  # weight_layout="tuned"'s column-major storage
+def test_other_products_are_left_to_the_blas(rows, shape, dtype, column_major):
+    w = torch.randn(*shape, dtype=dtype)
+    w = w.t().contiguous().t() if column_major else w
+    gm = make_fx(lambda x, w: F.linear(x, w), tracing_mode="fake")(torch.randn(rows, shape[1], dtype=dtype), w)
     before = str(gm.graph)
     MatVecPass()(gm.graph)
     assert str(gm.graph) == before
@@ -44,11 +59,12 @@ def test_several_rows_and_column_major_weights_are_left_to_the_blas(rows, column
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_inductor_generates_a_loop_instead_of_the_blas_call(dtype, tol):
-    """With the pass the generated code has no extern ``mm``/``addmm`` for one row, and still has it for three."""
+    """With the pass the generated code has no extern ``mm``/``addmm`` for one row (and for three in float32), and
+    still has it for nine (and for three in bfloat16)."""
     torch.manual_seed(0)
     w, b = torch.randn(64, 96, dtype=dtype), torch.randn(64, dtype=dtype)
     fn = torch.compile(lambda x: F.linear(x, w, b), dynamic=False, options=compile_options("cpu"))
-    for rows, rewritten in ((1, True), (3, False)):
+    for rows, rewritten in ((1, True), (3, dtype == torch.float32), (9, False)):
         x = torch.randn(rows, 96, dtype=dtype)
         out, code = run_and_get_code(fn, x)
         torch.testing.assert_close(out.float(), F.linear(x, w, b).float(), rtol=tol, atol=tol)
