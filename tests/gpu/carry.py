@@ -77,6 +77,7 @@ def tree_bytes(repo: Path) -> int:
 
 
 def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (what carrying it adds)."""
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
