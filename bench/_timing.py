@@ -1,14 +1,13 @@
-"""Timing helpers of the benchmarks: the best of several calls (:func:`best_seconds`, the package's own), and
-generation latency of several configurations of one model, timed interleaved (shared by the intervention
-benchmarks: ``bench/interventions.py`` on a random model, ``bench/hallucination.py`` on a shipped one)."""
+"""Timing helpers of the benchmarks: generation latency of several configurations of one model, timed interleaved
+(shared by the intervention benchmarks: ``bench/interventions.py`` on a random model, ``bench/hallucination.py`` on
+a shipped one), and paired ratios of such rounds. The best of several calls is the package's own
+:func:`taskmllm.model.weight_layout.best_seconds`."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from typing import Any, Optional
-
-from taskmllm.model.weight_layout import best_seconds  # noqa: F401  (the benchmarks import it from here)
 
 
 def time_configs(model: Any, batch: Any, configs: dict[str, tuple[Optional[str], Any]], new_tokens: int,

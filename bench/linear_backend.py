@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from _bandwidth import machine
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
-from _timing import best_seconds
+
+from taskmllm.model.weight_layout import best_seconds
 
 
 def main() -> None:

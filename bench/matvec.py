@@ -19,8 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import torch.nn.functional as F
 from _bandwidth import machine, read_bandwidth
-from _timing import best_seconds
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
+
+from taskmllm.model.weight_layout import best_seconds
 
 
 def products(weights: list[torch.Tensor], rows: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 from _bandwidth import machine
-from _timing import best_seconds
 from _report import emit  # bench/_report.py (scripts run as `python bench/<name>.py`)
+
+from taskmllm.model.weight_layout import best_seconds
 
 
 def main() -> None:

@@ -163,9 +163,9 @@ class MobileNetV2Tower(VisionTower):
         self.grid = (probe.shape[2], probe.shape[3])
 
     def _apply(self, fn, recurse: bool = True) -> "MobileNetV2Tower":
-        """``nn.Module``'s hook for ``.to()``, ``.cuda()``, ``.half()``, ...: the kept folded weights are copies of the
-        old tensors (on the old device, in the old dtype), so they are dropped; the next gradient-free CPU forward
-        folds again."""
+        """``nn.Module``'s hook for ``.to(device or dtype)``, ``.half()`` and the like: the kept folded weights are
+        copies of the old tensors (on the old device, in the old dtype), so they are dropped; the next gradient-free
+        CPU forward folds again."""
         self.folded = FoldedPairs()
         return super()._apply(fn, recurse)
 
